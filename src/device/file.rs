@@ -1,0 +1,211 @@
+//! The file device: a local file read and written in page-sized slots with
+//! positioned I/O (`pread`/`pwrite`) and O_DIRECT, so swapped pages bypass the page
+//! cache and do not count against the machine's memory behind our budget.
+//!
+//! No locks: positioned I/O on one descriptor is safe from many threads.
+
+use super::BlockDevice;
+use crate::error::{Error, Result};
+use crate::types::PAGE_SIZE;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+
+/// A swap file.
+#[derive(Debug)]
+pub struct FileDevice {
+    file: File,
+    name: String,
+    path: PathBuf,
+    pages: u64,
+    direct: bool,
+}
+
+impl FileDevice {
+    /// Opens (or creates) `path` as a swap file of `size` bytes (rounded down to
+    /// pages); `None` takes the existing file's size. Space is allocated up front
+    /// with `fallocate` so a full disk shows here and not at page-out time.
+    ///
+    /// Errors: `Error::Config` for a size under one page or a missing file without a
+    /// size; `Error::Io` when the file cannot be created, opened or sized.
+    pub fn open(path: &Path, size: Option<u64>, name: &str) -> Result<FileDevice> {
+        let ctx = |what: &str, e: io::Error| {
+            Error::Io(io::Error::new(
+                e.kind(),
+                format!("{what} swap file {}: {e}", path.display()),
+            ))
+        };
+        let mut opts = OpenOptions::new();
+        opts.read(true).write(true).create(size.is_some());
+        let (file, direct) = match opts.clone().custom_flags(libc::O_DIRECT).open(path) {
+            Ok(f) => (f, true),
+            // tmpfs and some overlay setups refuse O_DIRECT: fall back to buffered I/O.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                (opts.open(path).map_err(|e| ctx("cannot open", e))?, false)
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound && size.is_none() => {
+                return Err(Error::Config(format!(
+                    "swap file {} does not exist; give a size (file:PATH?size=1G) to create it",
+                    path.display()
+                )))
+            }
+            Err(e) => return Err(ctx("cannot open", e)),
+        };
+        let meta = file.metadata().map_err(|e| ctx("cannot stat", e))?;
+        if !meta.is_file() {
+            return Err(Error::Config(format!(
+                "swap file {} is not a regular file",
+                path.display()
+            )));
+        }
+        let bytes = match size {
+            Some(s) => {
+                let s = s / PAGE_SIZE as u64 * PAGE_SIZE as u64;
+                if meta.len() < s {
+                    let len =
+                        i64::try_from(s).map_err(|_| Error::Config("size too large".into()))?;
+                    // SAFETY: plain syscall on a descriptor we own; no memory is passed.
+                    let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len) };
+                    if rc != 0 {
+                        return Err(ctx("cannot allocate", io::Error::from_raw_os_error(rc)));
+                    }
+                }
+                s
+            }
+            None => meta.len() / PAGE_SIZE as u64 * PAGE_SIZE as u64,
+        };
+        let pages = bytes / PAGE_SIZE as u64;
+        if pages == 0 {
+            return Err(Error::Config(format!(
+                "swap file {} is smaller than one page",
+                path.display()
+            )));
+        }
+        Ok(FileDevice {
+            file,
+            name: name.to_string(),
+            path: path.to_path_buf(),
+            pages,
+            direct,
+        })
+    }
+
+    /// Whether the file is used with O_DIRECT.
+    pub fn is_direct(&self) -> bool {
+        self.direct
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn offset(&self, slot: u64) -> io::Result<i64> {
+        if slot >= self.pages {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("slot {slot} beyond the device's {} pages", self.pages),
+            ));
+        }
+        Ok((slot * PAGE_SIZE as u64) as i64)
+    }
+}
+
+fn check_buf(len: usize) -> io::Result<()> {
+    if len != PAGE_SIZE {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "buffer is not one page",
+        ));
+    }
+    Ok(())
+}
+
+impl BlockDevice for FileDevice {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn pages(&self) -> u64 {
+        self.pages
+    }
+    fn read_page(&self, slot: u64, buf: &mut [u8]) -> io::Result<()> {
+        check_buf(buf.len())?;
+        let off = self.offset(slot)?;
+        loop {
+            // SAFETY: `buf` is a live exclusive buffer of PAGE_SIZE bytes; the kernel
+            // writes at most that many bytes into it.
+            let n = unsafe {
+                libc::pread(
+                    self.file.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    PAGE_SIZE,
+                    off,
+                )
+            };
+            match n {
+                n if n == PAGE_SIZE as isize => return Ok(()),
+                -1 => {
+                    let e = io::Error::last_os_error();
+                    if e.kind() != io::ErrorKind::Interrupted {
+                        return Err(e);
+                    }
+                }
+                n => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        format!("short read of {n} bytes at slot {slot}"),
+                    ))
+                }
+            }
+        }
+    }
+    fn write_page(&self, slot: u64, buf: &[u8]) -> io::Result<()> {
+        check_buf(buf.len())?;
+        let off = self.offset(slot)?;
+        loop {
+            // SAFETY: `buf` is a live buffer of PAGE_SIZE bytes; the kernel only reads it.
+            let n =
+                unsafe { libc::pwrite(self.file.as_raw_fd(), buf.as_ptr().cast(), PAGE_SIZE, off) };
+            match n {
+                n if n == PAGE_SIZE as isize => return Ok(()),
+                -1 => {
+                    let e = io::Error::last_os_error();
+                    if e.kind() != io::ErrorKind::Interrupted {
+                        return Err(e);
+                    }
+                }
+                n => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::WriteZero,
+                        format!("short write of {n} bytes at slot {slot}"),
+                    ))
+                }
+            }
+        }
+    }
+    fn flush(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+    fn discard(&self, first: u64, count: u64) -> io::Result<()> {
+        let off = self.offset(first)?;
+        let len = count
+            .saturating_mul(PAGE_SIZE as u64)
+            .min((self.pages - first) * PAGE_SIZE as u64);
+        // SAFETY: plain syscall on a descriptor we own; no memory is passed.
+        let rc = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                off,
+                len as i64,
+            )
+        };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+}

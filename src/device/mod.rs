@@ -1,0 +1,35 @@
+//! Block devices that hold swapped pages.
+//!
+//! A device is the small [`BlockDevice`] trait: read and write one page-sized slot,
+//! flush, discard, size and name. Implementations: [`file::FileDevice`] (a local
+//! file with O_DIRECT) and [`faulty::FaultyDevice`] (a wrapper that injects errors
+//! for tests). NBD, the compressed pool and mirror/stripe plug in here later.
+//!
+//! Devices hold no engine locks; they may be called from any thread at once
+//! (page-I/O threads write, faulting threads read).
+
+pub mod faulty;
+pub mod file;
+
+use std::fmt;
+use std::io;
+
+/// A block device of page-sized slots.
+///
+/// Buffers passed in are exactly `PAGE_SIZE` bytes and aligned to `PAGE_SIZE`
+/// (frames of the arena, or buffers of the request pool), so O_DIRECT works.
+/// Methods must not allocate on the write path (DESIGN.md invariant 2).
+pub trait BlockDevice: Send + Sync + fmt::Debug {
+    /// The device's name, as shown by `swaps()` and in errors (its spec).
+    fn name(&self) -> &str;
+    /// Capacity in page-sized slots.
+    fn pages(&self) -> u64;
+    /// Reads slot `slot` into `buf`.
+    fn read_page(&self, slot: u64, buf: &mut [u8]) -> io::Result<()>;
+    /// Writes `buf` to slot `slot`.
+    fn write_page(&self, slot: u64, buf: &[u8]) -> io::Result<()>;
+    /// Makes completed writes durable.
+    fn flush(&self) -> io::Result<()>;
+    /// Tells the device that `count` slots from `first` hold nothing of value.
+    fn discard(&self, first: u64, count: u64) -> io::Result<()>;
+}

@@ -1,0 +1,210 @@
+//! Page-I/O threads and the preallocated page-out request pool (the kpiod of seed 000).
+//!
+//! Keeps DESIGN.md invariants 1 and 2. Reclaim never writes a page itself: it copies
+//! the page into a request buffer under the frame lock, queues the request and goes
+//! on; a page-I/O thread writes it and runs the completion. Every request and every
+//! buffer is allocated when the Vm starts (`io_requests` of them, one 4 KiB buffer
+//! each, mapped once): taking a request pops a lock-free queue, submitting pushes one,
+//! and neither allocates. When the pool is empty, reclaim skips dirty pages and looks
+//! for clean ones; page-out progresses as long as the device answers.
+//!
+//! The I/O threads never allocate frames and never wait for reclaim, so they cannot
+//! recurse into waiting on themselves.
+//!
+//! ## Locking
+//! `sleep` (Mutex<()>) only pairs with `wake` to park idle I/O threads; a submitter
+//! takes it after pushing, so an idle thread cannot miss work. Leaf lock.
+
+use crate::sync::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Condvar, Mutex, Ordering};
+use crate::types::PAGE_SIZE;
+use crossbeam_queue::ArrayQueue;
+use std::io;
+use std::time::Duration;
+
+/// Page-aligned buffers from one anonymous mapping.
+#[derive(Debug)]
+pub struct AlignedPages {
+    ptr: *mut u8,
+    pages: usize,
+}
+
+// SAFETY: the mapping is owned by this value; shared access goes through `&self`
+// methods that hand out raw pointers, whose users synchronise (one request has one
+// owner at a time, handed over through the request queues).
+unsafe impl Send for AlignedPages {}
+// SAFETY: as above.
+unsafe impl Sync for AlignedPages {}
+
+impl AlignedPages {
+    /// Maps `pages` zeroed, page-aligned pages.
+    pub fn new(pages: usize) -> io::Result<AlignedPages> {
+        let len = pages.max(1) * PAGE_SIZE;
+        // SAFETY: anonymous private mapping; the result is checked.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(AlignedPages {
+            ptr: ptr.cast(),
+            pages: pages.max(1),
+        })
+    }
+    /// Raw pointer to page `i`.
+    pub fn ptr(&self, i: usize) -> *mut u8 {
+        assert!(i < self.pages);
+        // SAFETY: i < pages, inside the mapping.
+        unsafe { self.ptr.add(i * PAGE_SIZE) }
+    }
+    /// Page `i`.
+    pub fn page(&self, i: usize) -> &[u8] {
+        // SAFETY: inside the mapping; `&self` means no `&mut` from `page_mut` is live.
+        unsafe { std::slice::from_raw_parts(self.ptr(i), PAGE_SIZE) }
+    }
+    /// Page `i`, mutable.
+    pub fn page_mut(&mut self, i: usize) -> &mut [u8] {
+        // SAFETY: inside the mapping; `&mut self` makes the borrow exclusive.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr(i), PAGE_SIZE) }
+    }
+    /// Bytes mapped.
+    pub fn bytes(&self) -> usize {
+        self.pages * PAGE_SIZE
+    }
+}
+
+impl Drop for AlignedPages {
+    fn drop(&mut self) {
+        // SAFETY: the mapping created in `new`, unmapped once.
+        let rc = unsafe { libc::munmap(self.ptr.cast(), self.pages * PAGE_SIZE) };
+        assert_eq!(rc, 0, "munmap of a buffer mapping failed");
+    }
+}
+
+/// What a page-out request carries besides its buffer. Written by the submitter
+/// before `submit` and read by the I/O thread after it pops the request: the queue
+/// orders the two.
+#[derive(Debug, Default)]
+pub(crate) struct Request {
+    /// Frame the page was copied from.
+    pub pfn: AtomicU32,
+    /// The frame's epoch at the copy.
+    pub epoch: AtomicU32,
+    /// Encoded swap entry being written (holds one slot reference).
+    pub entry: AtomicU64,
+}
+
+/// The request pool and the queue to the I/O threads.
+#[derive(Debug)]
+pub(crate) struct PageIo {
+    bufs: AlignedPages,
+    pub reqs: Box<[Request]>,
+    free: ArrayQueue<u32>,
+    submit: ArrayQueue<u32>,
+    sleep: Mutex<()>,
+    wake: Condvar,
+    /// Requests taken from the pool and not yet released.
+    inflight: AtomicUsize,
+    shutdown: AtomicBool,
+}
+
+impl PageIo {
+    pub fn new(nreq: usize) -> io::Result<PageIo> {
+        let free = ArrayQueue::new(nreq);
+        for i in 0..nreq as u32 {
+            let _ = free.push(i);
+        }
+        Ok(PageIo {
+            bufs: AlignedPages::new(nreq)?,
+            reqs: (0..nreq).map(|_| Request::default()).collect(),
+            free,
+            submit: ArrayQueue::new(nreq),
+            sleep: Mutex::new(()),
+            wake: Condvar::new(),
+            inflight: AtomicUsize::new(0),
+            shutdown: AtomicBool::new(false),
+        })
+    }
+
+    pub fn metadata_bytes(&self) -> usize {
+        self.bufs.bytes() + self.reqs.len() * (std::mem::size_of::<Request>() + 16)
+    }
+
+    /// Takes a free request, if any.
+    pub fn take(&self) -> Option<u32> {
+        let i = self.free.pop()?;
+        self.inflight.fetch_add(1, Ordering::AcqRel);
+        Some(i)
+    }
+
+    /// Returns a request to the pool.
+    pub fn release(&self, i: u32) {
+        self.inflight.fetch_sub(1, Ordering::AcqRel);
+        // Cannot fail: the queue holds every request and this one is not in it.
+        let _ = self.free.push(i);
+    }
+
+    pub fn inflight(&self) -> usize {
+        self.inflight.load(Ordering::Acquire)
+    }
+
+    pub fn buf(&self, i: u32) -> *mut u8 {
+        self.bufs.ptr(i as usize)
+    }
+
+    /// The buffer of request `i` as a slice.
+    ///
+    /// # Safety
+    /// The caller owns request `i` (took it, or popped it from the submit queue) and
+    /// nobody writes the buffer while the slice lives.
+    pub unsafe fn buf_slice(&self, i: u32) -> &[u8] {
+        // SAFETY: inside the pool mapping; exclusivity is the caller's contract.
+        unsafe { std::slice::from_raw_parts(self.buf(i), PAGE_SIZE) }
+    }
+
+    /// Queues a filled request. Does not wake a thread: call `kick` after a batch.
+    pub fn submit(&self, i: u32) {
+        // Cannot fail: capacity is the pool size.
+        let _ = self.submit.push(i);
+    }
+
+    /// Wakes the I/O threads if work is queued.
+    pub fn kick(&self) {
+        if !self.submit.is_empty() {
+            let _g = self.sleep.lock();
+            self.wake.notify_all();
+        }
+    }
+
+    /// Body of one page-I/O thread: pops requests and hands them to `handle` until
+    /// shutdown, draining the queue before it exits.
+    pub fn run(&self, handle: &dyn Fn(u32)) {
+        loop {
+            if let Some(i) = self.submit.pop() {
+                handle(i);
+                continue;
+            }
+            let mut g = self.sleep.lock();
+            if !self.submit.is_empty() {
+                continue;
+            }
+            if self.shutdown.load(Ordering::Acquire) {
+                return;
+            }
+            self.wake.wait_for(&mut g, Duration::from_millis(200));
+        }
+    }
+
+    pub fn shutdown(&self) {
+        self.shutdown.store(true, Ordering::Release);
+        let _g = self.sleep.lock();
+        self.wake.notify_all();
+    }
+}

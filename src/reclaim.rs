@@ -1,0 +1,364 @@
+//! Reclaim: choosing pages to drop from memory, the background reclaimer, direct
+//! reclaim, and the completion of page-out.
+//!
+//! ## Policy: CLOCK (second chance) over the frame arena
+//! The hand sweeps the arena in frame order. A frame whose reference bit is set gets
+//! the bit cleared and is passed over; an unreferenced clean page whose swap copy is
+//! valid is dropped at once, without I/O; an unreferenced dirty page (or one never
+//! written out) is copied into a page-out request and queued to the page-I/O threads,
+//! and dropped when its write completes if reclaim still wants frames and nobody used
+//! it meanwhile. CLOCK rather than active/inactive lists because it needs no list
+//! lock and no per-page list links: the hit path only sets a bit (no lock, no
+//! store when it is already set), and the scan is a walk of the descriptor array.
+//! What it gives up is the scan-resistance of two lists; the workloads here (random
+//! and skewed access over a working set) are served well by second chance.
+//!
+//! ## Who reclaims
+//! - The background reclaimer (kswapd) wakes when free frames fall below the low
+//!   watermark and works until they reach high.
+//! - An allocation that finds no frame above min reclaims directly: it scans and
+//!   drops clean pages and queues dirty ones, but never writes a page itself and
+//!   never waits on I/O while holding a lock (DESIGN.md invariant 1); when nothing
+//!   can be dropped yet it sleeps until a page-out completes.
+//!
+//! ## Locking
+//! Frame lock (`PageDesc::seq`) → swap map lock (`SwapDevice::map`): `reclaim_frame`
+//! drops a stale slot under the frame lock, `complete_writeback` likewise. The free
+//! list lock is taken only with no frame lock held (`FrameArena::free` after unlock).
+//! Nothing here allocates: the request pool and the swap maps are preallocated
+//! (invariants 2 and 4).
+
+use crate::engine::Engine;
+use crate::error::{Error, Result};
+use crate::frame::{AllocCtx, PageDesc, F_DIRTY, F_INUSE, F_WRITEBACK};
+use crate::pagetable::Pte;
+use crate::stats::Counters;
+use crate::swap::NoSlot;
+use crate::sync::{AtomicU64, Ordering};
+use crate::types::{Pfn, PAGE_SIZE};
+use std::time::Duration;
+
+/// Frames looked at per batch.
+const SCAN_BATCH: usize = 64;
+
+/// What one scan did.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct ScanResult {
+    pub scanned: usize,
+    /// Clean pages dropped (frames freed).
+    pub evicted: usize,
+    /// Dirty pages queued for page-out.
+    pub queued: usize,
+    /// Pages skipped because locked or pinned right now.
+    pub busy: usize,
+    /// Pages whose page-out is in flight.
+    pub writeback: usize,
+    /// The request pool was empty when a dirty page needed it.
+    pub pool_empty: bool,
+    /// No swap slot could be had for a dirty page.
+    pub no_slot: Option<NoSlot>,
+}
+
+impl Engine {
+    /// Scans up to `nr` frames from the clock hand; stops early once `want` frames
+    /// are freed. Queued page-outs are kicked before returning.
+    pub fn shrink(&self, nr: usize, want: usize) -> ScanResult {
+        let n = self.frames.nframes();
+        let nr = nr.min(n);
+        let start = self.hand.fetch_add(nr, Ordering::Relaxed) % n;
+        let mut r = ScanResult::default();
+        for k in 0..nr {
+            let pfn = Pfn(((start + k) % n) as u32);
+            r.scanned += 1;
+            self.reclaim_frame(pfn, &mut r);
+            if r.evicted >= want {
+                break;
+            }
+        }
+        Counters::add(&self.cnt.pgscan, r.scanned as u64);
+        if r.queued > 0 {
+            self.io.kick();
+        }
+        r
+    }
+
+    fn reclaim_frame(&self, pfn: Pfn, r: &mut ScanResult) {
+        let d = self.frames.desc(pfn);
+        let f = d.flags.load(Ordering::Relaxed);
+        if f & F_INUSE == 0 {
+            return;
+        }
+        if f & F_WRITEBACK != 0 {
+            r.writeback += 1;
+            return;
+        }
+        if d.referenced.load(Ordering::Relaxed) {
+            d.referenced.store(false, Ordering::Relaxed);
+            return;
+        }
+        if d.pins.load(Ordering::Relaxed) != 0 {
+            r.busy += 1;
+            return;
+        }
+        let Some(s) = d.try_lock() else {
+            r.busy += 1;
+            return;
+        };
+        let f = d.flags.load(Ordering::Relaxed);
+        let owner = d.owner.load(Ordering::Relaxed);
+        if f & F_INUSE == 0 || f & F_WRITEBACK != 0 || owner.is_null() {
+            d.unlock(s);
+            return;
+        }
+        if d.pins.load(Ordering::Relaxed) != 0 {
+            d.unlock(s);
+            r.busy += 1;
+            return;
+        }
+        let sw = d.swap.load(Ordering::Relaxed);
+        if f & F_DIRTY == 0 && sw != 0 {
+            self.evict_locked(d, pfn, owner, sw);
+            d.unlock(s);
+            self.frames.free(pfn);
+            r.evicted += 1;
+            return;
+        }
+        // Dirty, or never written out: queue a page-out.
+        let Some(req) = self.io.take() else {
+            d.unlock(s);
+            r.pool_empty = true;
+            return;
+        };
+        let e = match self.swap.alloc() {
+            Ok(e) => e,
+            Err(why) => {
+                d.unlock(s);
+                self.io.release(req);
+                r.no_slot = Some(why);
+                return;
+            }
+        };
+        if sw != 0 {
+            // The old copy is stale: give its slot back; the page gets a fresh one,
+            // next to the other pages of this batch.
+            self.swap.put_encoded(sw);
+            d.swap.store(0, Ordering::Relaxed);
+        }
+        // SAFETY: we hold the frame lock, so no writer stores into the frame; the
+        // request buffer is ours (taken from the pool). Concurrent optimistic readers
+        // only load, so reading the frame here is not a race.
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.frames.frame_ptr(pfn), self.io.buf(req), PAGE_SIZE)
+        };
+        d.flags
+            .store((f & !F_DIRTY) | F_WRITEBACK, Ordering::Relaxed);
+        let rq = &self.io.reqs[req as usize];
+        rq.pfn.store(pfn.0, Ordering::Relaxed);
+        rq.epoch
+            .store(d.epoch.load(Ordering::Relaxed), Ordering::Relaxed);
+        rq.entry.store(Pte::swapped(e), Ordering::Relaxed);
+        d.unlock(s);
+        self.io.submit(req);
+        r.queued += 1;
+    }
+
+    /// Drops a clean page with a valid swap copy from memory: its page-table entry
+    /// takes over the slot reference. Preconditions: `d` is locked, owned by `owner`,
+    /// unpinned, not dirty, not under page-out. The caller frees the frame after
+    /// unlocking.
+    fn evict_locked(&self, d: &PageDesc, pfn: Pfn, owner: *mut AtomicU64, sw: u64) {
+        debug_assert_eq!(d.seq.load(Ordering::Relaxed) & 1, 1);
+        debug_assert_eq!(d.flags.load(Ordering::Relaxed) & (F_DIRTY | F_WRITEBACK), 0);
+        debug_assert_eq!(d.pins.load(Ordering::Relaxed), 0);
+        // SAFETY: an owner pointer is valid while its frame is locked and owned: the
+        // space clears it (under this lock) before its page table can be freed.
+        let pte = unsafe { &*owner };
+        debug_assert_eq!(pte.load(Ordering::Relaxed), Pte::present(pfn));
+        pte.store(sw, Ordering::Release);
+        d.swap.store(0, Ordering::Relaxed);
+        d.owner.store(std::ptr::null_mut(), Ordering::Relaxed);
+        Counters::inc(&self.cnt.pgsteal);
+    }
+
+    /// Runs on a page-I/O thread: writes request `i` and completes it.
+    pub fn complete_writeback(&self, i: u32) {
+        let rq = &self.io.reqs[i as usize];
+        let pfn = Pfn(rq.pfn.load(Ordering::Relaxed));
+        let epoch = rq.epoch.load(Ordering::Relaxed);
+        let ev = rq.entry.load(Ordering::Relaxed);
+        let Pte::Swapped(e) = Pte::decode(ev) else {
+            debug_assert!(false, "page-out request without a swap entry");
+            self.io.release(i);
+            return;
+        };
+        let res = match self.swap.get(e.dev) {
+            // SAFETY: request `i` is ours until released; nobody writes its buffer.
+            Some(dev) => dev.write(e.slot, unsafe { self.io.buf_slice(i) }),
+            None => Err(std::io::Error::other("swap device gone")),
+        };
+        match &res {
+            Ok(()) => Counters::inc(&self.cnt.pswpout),
+            Err(_) => {
+                Counters::inc(&self.cnt.write_errors);
+                self.last_write_error_dev.store(e.dev, Ordering::Relaxed);
+            }
+        }
+        let d = self.frames.desc(pfn);
+        let s = d.lock();
+        let f = d.flags.load(Ordering::Relaxed);
+        let owner = d.owner.load(Ordering::Relaxed);
+        let mut freed = false;
+        let mine = f & F_INUSE != 0
+            && f & F_WRITEBACK != 0
+            && d.epoch.load(Ordering::Relaxed) == epoch
+            && !owner.is_null();
+        if mine {
+            d.flags.store(f & !F_WRITEBACK, Ordering::Relaxed);
+            match res {
+                Ok(()) if f & F_DIRTY == 0 => {
+                    debug_assert_eq!(d.swap.load(Ordering::Relaxed), 0);
+                    d.swap.store(ev, Ordering::Relaxed);
+                    // Reclaim chose this page; drop it now unless it was used since or
+                    // memory is no longer short.
+                    if self.frames.free_count() < self.frames.wmark[2]
+                        && !d.referenced.load(Ordering::Relaxed)
+                        && d.pins.load(Ordering::Relaxed) == 0
+                    {
+                        self.evict_locked(d, pfn, owner, ev);
+                        freed = true;
+                    }
+                }
+                // Written again while in flight: the copy is stale already.
+                Ok(()) => self.swap.put(e),
+                Err(_) => {
+                    // The page stays resident and dirty; a later scan retries.
+                    d.flags.store(f & !F_WRITEBACK | F_DIRTY, Ordering::Relaxed);
+                    self.swap.put(e);
+                }
+            }
+        } else {
+            // The page was unmapped while in flight.
+            self.swap.put(e);
+        }
+        d.unlock(s);
+        if freed {
+            self.frames.free(pfn);
+        }
+        self.io.release(i);
+        self.frames.notify_waiters();
+    }
+
+    /// Wakes the background reclaimer.
+    pub fn wake_kswapd(&self) {
+        let mut w = self.kswapd_lock.lock();
+        if !*w {
+            *w = true;
+            self.kswapd_wake.notify_one();
+        }
+    }
+
+    /// Body of the background reclaimer thread.
+    pub fn kswapd(&self) {
+        let n = self.frames.nframes();
+        let [_, low, high] = self.frames.wmark;
+        loop {
+            {
+                let mut w = self.kswapd_lock.lock();
+                while !*w && !self.shutdown.load(Ordering::Acquire) {
+                    if self.frames.free_count() < low {
+                        break;
+                    }
+                    self.kswapd_wake
+                        .wait_for(&mut w, Duration::from_millis(100));
+                }
+                *w = false;
+            }
+            if self.shutdown.load(Ordering::Acquire) {
+                return;
+            }
+            let mut idle_scan = 0usize;
+            while self.frames.free_count() < high && !self.shutdown.load(Ordering::Acquire) {
+                let want = high - self.frames.free_count();
+                let r = self.shrink(SCAN_BATCH, want);
+                if r.evicted > 0 {
+                    idle_scan = 0;
+                    continue;
+                }
+                idle_scan += r.scanned;
+                if r.queued > 0 && !r.pool_empty {
+                    continue;
+                }
+                if self.io.inflight() > 0 {
+                    // Wait for page-outs to finish (their completions free frames).
+                    self.frames.wait_for_free(Duration::from_millis(2));
+                    continue;
+                }
+                if idle_scan > 2 * n {
+                    // Nothing reclaimable (no swap, all pinned, or swap full): sleep
+                    // until woken again.
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Takes a frame for an access, reclaiming directly when none is free. Errors:
+    /// `OutOfMemory` (no swap device, or everything is pinned), `OutOfSwap` (memory
+    /// and swap full), `Device` (page-out keeps failing so no frame can be freed).
+    pub fn alloc_frame(&self) -> Result<Pfn> {
+        let n = self.frames.nframes();
+        let mut fruitless = 0usize;
+        let mut errors_at_start = None;
+        let mut no_slot = None;
+        loop {
+            if let Some(p) = self.frames.alloc(AllocCtx::Normal) {
+                if self.frames.free_count() < self.frames.wmark[1] {
+                    self.wake_kswapd();
+                }
+                return Ok(p);
+            }
+            self.wake_kswapd();
+            Counters::inc(&self.cnt.direct_reclaim);
+            let r = self.shrink(SCAN_BATCH, 1);
+            if r.evicted > 0 {
+                fruitless = 0;
+                continue;
+            }
+            fruitless += r.scanned;
+            no_slot = r.no_slot.or(no_slot);
+            let errs = self.cnt.write_errors.load(Ordering::Relaxed);
+            let errs0 = *errors_at_start.get_or_insert(errs);
+            if errs - errs0 > 64 + 2 * n as u64 {
+                let dev = self.last_write_error_dev.load(Ordering::Relaxed);
+                let name = self
+                    .swap
+                    .get(dev)
+                    .map(|d| d.name().to_string())
+                    .unwrap_or_default();
+                return Err(Error::Device {
+                    dev: name,
+                    source: std::io::Error::other(
+                        "page-out keeps failing: no frame can be freed for this access",
+                    ),
+                });
+            }
+            if r.queued > 0 || self.io.inflight() > 0 {
+                self.frames.wait_for_free(Duration::from_millis(2));
+                continue;
+            }
+            if fruitless < 3 * n || r.busy > 0 {
+                std::thread::yield_now();
+                if fruitless < 8 * n {
+                    continue;
+                }
+            }
+            if self.frames.free_count() > self.frames.wmark[0] {
+                continue;
+            }
+            return Err(match no_slot {
+                Some(NoSlot::Full) => Error::OutOfSwap,
+                _ => Error::OutOfMemory,
+            });
+        }
+    }
+}

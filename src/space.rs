@@ -1,0 +1,210 @@
+//! Address spaces (the kernel's mm): regions, the page table, and tearing pages
+//! down on unmap and exit.
+//!
+//! Owns: `SpaceInner`: its regions (`BTreeMap` start → length) and its page table.
+//!
+//! ## Locking
+//! `regions` (RwLock) is taken for reading by every slow-path access (fault,
+//! zero read, pinning) for as long as it installs a page, and for writing by
+//! `map_anon` and `unmap`. Order: regions → frame lock → swap map lock. Frames are
+//! allocated (and direct reclaim runs) under the regions read lock, never under a
+//! frame lock; reclaim takes no region lock (DESIGN.md invariant 4).
+//! The hit path takes no lock at all (see `fault`).
+//!
+//! `unmap` removes the region under the write lock, so no new fault can start in it,
+//! and then releases its pages with the lock dropped: resident pages under their
+//! frame lock, swapped pages by dropping their slot reference.
+
+use crate::engine::Engine;
+use crate::error::{Error, Result};
+use crate::pagetable::{PageTable, Pte, BUSY, EMPTY};
+use crate::sync::{wait_until, Arc, Ordering, RwLock};
+use crate::types::{VAddr, PAGE_SIZE, VADDR_END};
+use std::collections::BTreeMap;
+
+/// Lowest address handed out: the first 4 GiB stay unmapped, so small integers and
+/// null are bad addresses.
+pub(crate) const MAP_BASE: u64 = 1 << 32;
+
+/// A mapped region of an address space, as returned by `map_anon`.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub struct Region {
+    start: VAddr,
+    len: u64,
+}
+
+impl Region {
+    /// First address.
+    pub fn start(&self) -> VAddr {
+        self.start
+    }
+    /// Length in bytes (a multiple of the page size).
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+    /// Always false: regions are never empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// One past the last address.
+    pub fn end(&self) -> VAddr {
+        VAddr(self.start.0 + self.len)
+    }
+    /// Whether `addr` is inside the region.
+    pub fn contains(&self, addr: VAddr) -> bool {
+        addr >= self.start && addr < self.end()
+    }
+}
+
+#[derive(Debug)]
+pub(crate) struct SpaceInner {
+    pub eng: Arc<Engine>,
+    pub pt: PageTable,
+    /// start → length in bytes.
+    pub regions: RwLock<BTreeMap<u64, u64>>,
+}
+
+impl SpaceInner {
+    pub fn new(eng: Arc<Engine>) -> SpaceInner {
+        SpaceInner {
+            pt: PageTable::new(eng.pt_bytes.clone()),
+            eng,
+            regions: RwLock::new(BTreeMap::new()),
+        }
+    }
+
+    /// Whether `[addr, addr + len)` lies inside mapped regions (contiguous ones count).
+    pub fn range_mapped(regions: &BTreeMap<u64, u64>, addr: u64, len: u64) -> Result<()> {
+        let end = addr
+            .checked_add(len)
+            .filter(|&e| e <= VADDR_END)
+            .ok_or(Error::BadAddress { addr })?;
+        let mut at = addr;
+        while at < end {
+            match regions.range(..=at).next_back() {
+                Some((&s, &l)) if at < s + l => at = s + l,
+                _ => return Err(Error::BadAddress { addr: at }),
+            }
+        }
+        Ok(())
+    }
+
+    pub fn map_anon(&self, len: usize) -> Result<Region> {
+        if len == 0 {
+            return Err(Error::InvalidArgument("map_anon of zero bytes".into()));
+        }
+        let len = (len as u64)
+            .checked_add(PAGE_SIZE as u64 - 1)
+            .map(|l| l & !(PAGE_SIZE as u64 - 1))
+            .filter(|&l| l <= VADDR_END - MAP_BASE)
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "map_anon of {len} bytes exceeds the {} bytes of an address space",
+                    VADDR_END - MAP_BASE
+                ))
+            })?;
+        let mut regions = self.regions.write();
+        // First fit above MAP_BASE.
+        let mut at = MAP_BASE;
+        for (&s, &l) in regions.range(MAP_BASE..) {
+            if s - at >= len {
+                break;
+            }
+            at = s + l;
+        }
+        if VADDR_END - at < len {
+            return Err(Error::OutOfMemory);
+        }
+        regions.insert(at, len);
+        Ok(Region {
+            start: VAddr(at),
+            len,
+        })
+    }
+
+    pub fn regions(&self) -> Vec<Region> {
+        self.regions
+            .read()
+            .iter()
+            .map(|(&s, &l)| Region {
+                start: VAddr(s),
+                len: l,
+            })
+            .collect()
+    }
+
+    pub fn unmap(&self, r: Region) -> Result<()> {
+        {
+            let mut regions = self.regions.write();
+            match regions.get(&r.start.0) {
+                Some(&l) if l == r.len => {
+                    regions.remove(&r.start.0);
+                }
+                _ => return Err(Error::BadAddress { addr: r.start.0 }),
+            }
+        }
+        self.release(r.start.0, r.len);
+        Ok(())
+    }
+
+    /// Frees every page of `[start, start + len)`, which no region covers any more.
+    fn release(&self, start: u64, len: u64) {
+        let eng = &*self.eng;
+        let first = start / PAGE_SIZE as u64;
+        let end = (start + len) / PAGE_SIZE as u64;
+        self.pt.for_each(first, end, |_, pte| loop {
+            let v = pte.load(Ordering::Acquire);
+            match Pte::decode(v) {
+                Pte::Empty => return,
+                Pte::Busy => {
+                    // Faults finish before the region can be removed; be safe anyway.
+                    wait_until(|| pte.load(Ordering::Acquire) != BUSY);
+                }
+                Pte::Swapped(e) => {
+                    if pte
+                        .compare_exchange(v, EMPTY, Ordering::AcqRel, Ordering::Relaxed)
+                        .is_ok()
+                    {
+                        eng.swap.put(e);
+                        return;
+                    }
+                }
+                Pte::Present(pfn) => {
+                    let d = eng.frames.desc(pfn);
+                    let s = d.lock();
+                    if pte.load(Ordering::Acquire) != v {
+                        d.unlock(s);
+                        continue;
+                    }
+                    if d.pins.load(Ordering::Relaxed) != 0 {
+                        // A guard on this page is alive: wait for it to go.
+                        d.unlock(s);
+                        wait_until(|| d.pins.load(Ordering::Acquire) == 0);
+                        continue;
+                    }
+                    eng.swap.put_encoded(d.swap.swap(0, Ordering::Relaxed));
+                    d.owner.store(std::ptr::null_mut(), Ordering::Relaxed);
+                    pte.store(EMPTY, Ordering::Release);
+                    d.unlock(s);
+                    eng.frames.free(pfn);
+                    return;
+                }
+            }
+        });
+    }
+}
+
+impl Drop for SpaceInner {
+    fn drop(&mut self) {
+        let all: Vec<(u64, u64)> = self
+            .regions
+            .get_mut()
+            .iter()
+            .map(|(&s, &l)| (s, l))
+            .collect();
+        self.regions.get_mut().clear();
+        for (s, l) in all {
+            self.release(s, l);
+        }
+    }
+}

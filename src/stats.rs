@@ -1,0 +1,79 @@
+//! vmstat-style counters. Counters are relaxed atomics bumped on slow paths only
+//! (faults, reclaim, I/O); the hit path touches none of them.
+
+use crate::sync::{AtomicU64, Ordering};
+use crate::types::SwapId;
+
+/// Live counters of a Vm.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub pgfault: AtomicU64,
+    pub pgmajfault: AtomicU64,
+    pub pswpin: AtomicU64,
+    pub pswpout: AtomicU64,
+    pub pgscan: AtomicU64,
+    pub pgsteal: AtomicU64,
+    pub direct_reclaim: AtomicU64,
+    pub write_errors: AtomicU64,
+    pub read_errors: AtomicU64,
+}
+
+impl Counters {
+    #[inline]
+    pub fn inc(c: &AtomicU64) {
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn add(c: &AtomicU64, n: u64) {
+        if n > 0 {
+            c.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Use of one swap device, as in `/proc/swaps`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SwapInfo {
+    /// The id `swapon` returned.
+    pub id: SwapId,
+    /// The device's name (its spec).
+    pub name: String,
+    /// Capacity in bytes.
+    pub size: u64,
+    /// Bytes of slots in use.
+    pub used: u64,
+    /// Priority.
+    pub prio: i32,
+    /// "active" for a device in service.
+    pub state: &'static str,
+}
+
+/// A snapshot of a Vm's counters (`Vm::stats`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Faults taken: zero-fill and swap-in (accesses that found no resident page).
+    pub pgfault: u64,
+    /// Faults that read a page from a swap device.
+    pub pgmajfault: u64,
+    /// Pages read from swap devices.
+    pub pswpin: u64,
+    /// Pages written to swap devices.
+    pub pswpout: u64,
+    /// Frames looked at by reclaim.
+    pub pgscan: u64,
+    /// Frames reclaimed (pages dropped from memory).
+    pub pgsteal: u64,
+    /// Times an allocating thread ran reclaim itself (direct reclaim).
+    pub direct_reclaim: u64,
+    /// Page-out writes that failed (the pages stayed resident and dirty).
+    pub write_errors: u64,
+    /// Swap-in reads that failed or did not match their checksum.
+    pub read_errors: u64,
+    /// Free frames now.
+    pub free_frames: u64,
+    /// Frames in the budget.
+    pub total_frames: u64,
+    /// Bytes of metadata: page descriptors, page tables, swap maps, the I/O pool.
+    pub metadata_bytes: u64,
+    /// Bytes in use on each swap device, by `SwapId`.
+    pub swap_used: Vec<(SwapId, u64)>,
+}

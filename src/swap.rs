@@ -1,0 +1,377 @@
+//! Swap devices and their slots: the swap table (priorities, striping), the slot
+//! allocator, per-slot reference counts and per-slot checksums.
+//!
+//! Owns: `SwapTable` (every device of a Vm) and per device a `SlotMap`.
+//!
+//! Slots are handed out a cluster (256 slots, 1 MiB) at a time in increasing order,
+//! so page-out of a batch lands sequentially on the device. A slot's count is the
+//! number of references: a swapped page-table entry, a resident page's swap copy
+//! (`PageDesc::swap`), or a page-out request in flight each hold one; the slot is free
+//! at zero. Each written slot records the CRC32C of what was written; a read whose
+//! data does not match is an error, never data.
+//!
+//! ## Locking
+//! `SwapTable::devs` (RwLock): read on every slot operation, written by swapon.
+//! `SwapDevice::map` (Mutex): a leaf lock around one device's counts and clusters;
+//! nothing is taken under it and nothing allocates under it (all vectors are sized
+//! at swapon). Checksums are atomics, written by the page-I/O thread that wrote the
+//! slot before the slot is published as a page's swap copy.
+
+use crate::device::BlockDevice;
+use crate::error::{Error, Result};
+use crate::pagetable::Pte;
+use crate::sync::{Arc, AtomicU32, AtomicU64, AtomicUsize, Mutex, Ordering, RwLock};
+use crate::types::{SwapEntry, SwapId};
+use std::io;
+
+/// Slots per allocation cluster.
+pub(crate) const CLUSTER: u64 = 256;
+/// At most this many devices (the page-table entry has 6 bits for the device).
+pub(crate) const MAX_DEVICES: usize = 64;
+
+#[derive(Debug)]
+struct SlotMap {
+    /// References per slot.
+    count: Box<[u16]>,
+    /// Slots in use per cluster.
+    cluster_used: Box<[u16]>,
+    /// Empty clusters not being filled (capacity: all clusters, so pushes never allocate).
+    free_clusters: Vec<u32>,
+    in_free: Box<[bool]>,
+    /// Next slot to try in the cluster being filled, and its end.
+    cur: u64,
+    cur_end: u64,
+    /// Where a scan for free slots in partly used clusters resumes.
+    scan: u64,
+    used: u64,
+}
+
+/// One swap device in service.
+#[derive(Debug)]
+pub(crate) struct SwapDevice {
+    pub id: SwapId,
+    pub dev: Arc<dyn BlockDevice>,
+    pub prio: i32,
+    pub pages: u64,
+    map: Mutex<SlotMap>,
+    csum: Box<[AtomicU32]>,
+    used: AtomicU64,
+}
+
+impl SwapDevice {
+    fn new(id: SwapId, dev: Arc<dyn BlockDevice>, prio: i32) -> SwapDevice {
+        let pages = dev.pages();
+        let nclusters = pages.div_ceil(CLUSTER) as usize;
+        let mut free_clusters = Vec::with_capacity(nclusters);
+        free_clusters.extend((0..nclusters as u32).rev());
+        SwapDevice {
+            id,
+            prio,
+            pages,
+            map: Mutex::new(SlotMap {
+                count: vec![0; pages as usize].into_boxed_slice(),
+                cluster_used: vec![0; nclusters].into_boxed_slice(),
+                free_clusters,
+                in_free: vec![true; nclusters].into_boxed_slice(),
+                cur: 0,
+                cur_end: 0,
+                scan: 0,
+                used: 0,
+            }),
+            csum: (0..pages).map(|_| AtomicU32::new(0)).collect(),
+            used: AtomicU64::new(0),
+            dev,
+        }
+    }
+
+    /// Bytes of metadata (counts, checksums, cluster map).
+    pub fn metadata_bytes(&self) -> usize {
+        let n = self.pages as usize;
+        n * 6 + n.div_ceil(CLUSTER as usize) * 7
+    }
+
+    pub fn used(&self) -> u64 {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    pub fn name(&self) -> &str {
+        self.dev.name()
+    }
+
+    fn alloc(&self) -> Option<u64> {
+        let mut m = self.map.lock();
+        if m.used >= self.pages {
+            return None;
+        }
+        let slot = 'found: loop {
+            while m.cur < m.cur_end {
+                let s = m.cur;
+                m.cur += 1;
+                if m.count[s as usize] == 0 {
+                    break 'found s;
+                }
+            }
+            if let Some(c) = m.free_clusters.pop() {
+                m.in_free[c as usize] = false;
+                m.cur = u64::from(c) * CLUSTER;
+                m.cur_end = (m.cur + CLUSTER).min(self.pages);
+                continue;
+            }
+            // No empty cluster: take any free slot, scanning from where we left off.
+            let start = m.scan;
+            let mut s = start;
+            let found = loop {
+                if m.count[s as usize] == 0 {
+                    break Some(s);
+                }
+                s = (s + 1) % self.pages;
+                if s == start {
+                    break None;
+                }
+            };
+            let s = found?;
+            m.scan = (s + 1) % self.pages;
+            break s;
+        };
+        m.count[slot as usize] = 1;
+        m.used += 1;
+        let c = (slot / CLUSTER) as usize;
+        m.cluster_used[c] += 1;
+        if m.in_free[c] {
+            // A scan took a slot of a cluster still listed as empty: unlist it.
+            m.in_free[c] = false;
+            if let Some(i) = m.free_clusters.iter().position(|&x| x as usize == c) {
+                m.free_clusters.swap_remove(i);
+            }
+        }
+        self.used.store(m.used, Ordering::Relaxed);
+        Some(slot)
+    }
+
+    /// Adds a reference to a slot in use (for a copy-on-write share).
+    #[allow(dead_code)]
+    pub fn dup(&self, slot: u64) -> Result<()> {
+        let mut m = self.map.lock();
+        let c = &mut m.count[slot as usize];
+        debug_assert!(*c > 0, "dup of a free slot");
+        *c = c
+            .checked_add(1)
+            .ok_or_else(|| Error::InvalidArgument("swap slot shared too many times".into()))?;
+        Ok(())
+    }
+
+    fn put(&self, slot: u64) {
+        let mut m = self.map.lock();
+        let c = &mut m.count[slot as usize];
+        debug_assert!(*c > 0, "free of a free slot {slot}");
+        if *c == 0 {
+            return;
+        }
+        *c -= 1;
+        if *c > 0 {
+            return;
+        }
+        m.used -= 1;
+        let cl = (slot / CLUSTER) as usize;
+        m.cluster_used[cl] -= 1;
+        let filling = m.cur_end > 0 && (m.cur_end - 1) / CLUSTER == cl as u64;
+        if m.cluster_used[cl] == 0 && !m.in_free[cl] && !filling {
+            m.in_free[cl] = true;
+            m.free_clusters.push(cl as u32);
+        }
+        self.used.store(m.used, Ordering::Relaxed);
+    }
+
+    /// Writes a page to `slot` and records its checksum.
+    pub fn write(&self, slot: u64, buf: &[u8]) -> io::Result<()> {
+        let sum = crc32c::crc32c(buf);
+        self.dev.write_page(slot, buf)?;
+        self.csum[slot as usize].store(sum, Ordering::Release);
+        Ok(())
+    }
+
+    /// Reads `slot` into `buf` and checks it against the recorded checksum.
+    pub fn read(&self, slot: u64, buf: &mut [u8]) -> Result<()> {
+        let dev_err = |source| Error::Device {
+            dev: self.dev.name().to_string(),
+            source,
+        };
+        self.dev.read_page(slot, buf).map_err(dev_err)?;
+        let want = self.csum[slot as usize].load(Ordering::Acquire);
+        let got = crc32c::crc32c(buf);
+        if got != want {
+            return Err(dev_err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("checksum mismatch in slot {slot}: read {got:#010x}, wrote {want:#010x}"),
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Why no slot could be had.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum NoSlot {
+    /// There is no swap device at all.
+    NoDevice,
+    /// Every device is full.
+    Full,
+}
+
+/// Every swap device of a Vm.
+#[derive(Debug, Default)]
+pub(crate) struct SwapTable {
+    /// Indexed by `SwapId`; kept sorted by nothing (see `order`).
+    devs: RwLock<Vec<Arc<SwapDevice>>>,
+    rr: AtomicUsize,
+}
+
+impl SwapTable {
+    pub fn add(&self, dev: Arc<dyn BlockDevice>, prio: i32) -> Result<SwapId> {
+        let mut devs = self.devs.write();
+        if devs.len() >= MAX_DEVICES {
+            return Err(Error::TooManyDevices(MAX_DEVICES));
+        }
+        if dev.pages() == 0 || dev.pages() >= (1 << 40) {
+            return Err(Error::Config(format!(
+                "device {} has {} pages; usable sizes are 1 page to 4 PiB",
+                dev.name(),
+                dev.pages()
+            )));
+        }
+        let id = SwapId(devs.len() as u8);
+        devs.push(Arc::new(SwapDevice::new(id, dev, prio)));
+        Ok(id)
+    }
+
+    pub fn get(&self, id: u8) -> Option<Arc<SwapDevice>> {
+        self.devs.read().get(id as usize).cloned()
+    }
+
+    pub fn all(&self) -> Vec<Arc<SwapDevice>> {
+        self.devs.read().clone()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.devs.read().is_empty()
+    }
+
+    pub fn metadata_bytes(&self) -> usize {
+        self.devs.read().iter().map(|d| d.metadata_bytes()).sum()
+    }
+
+    /// Takes a free slot: from the highest-priority devices with room, round-robin
+    /// among equals. The slot comes with one reference.
+    pub fn alloc(&self) -> std::result::Result<SwapEntry, NoSlot> {
+        let devs = self.devs.read();
+        if devs.is_empty() {
+            return Err(NoSlot::NoDevice);
+        }
+        let n = devs.len();
+        let turn = self.rr.fetch_add(1, Ordering::Relaxed);
+        let mut best_tried = i32::MAX;
+        loop {
+            // The highest priority below the ones already exhausted.
+            let Some(p) = devs
+                .iter()
+                .map(|d| d.prio)
+                .filter(|&p| p < best_tried)
+                .max()
+            else {
+                return Err(NoSlot::Full);
+            };
+            for k in 0..n {
+                let d = &devs[(turn + k) % n];
+                if d.prio == p {
+                    if let Some(slot) = d.alloc() {
+                        return Ok(SwapEntry { dev: d.id.0, slot });
+                    }
+                }
+            }
+            best_tried = p;
+        }
+    }
+
+    /// Drops one reference on a slot.
+    pub fn put(&self, e: SwapEntry) {
+        if let Some(d) = self.devs.read().get(e.dev as usize) {
+            d.put(e.slot);
+        }
+    }
+
+    /// Drops the reference held by an encoded entry (`PageDesc::swap`), if any.
+    pub fn put_encoded(&self, v: u64) {
+        if let Pte::Swapped(e) = Pte::decode(v) {
+            self.put(e);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::file::FileDevice;
+
+    fn dev(pages: u64) -> (tempfile::TempDir, Arc<dyn BlockDevice>) {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("s");
+        let f = FileDevice::open(&p, Some(pages * 4096), "t").unwrap();
+        (d, Arc::new(f))
+    }
+
+    #[test]
+    fn slots_are_sequential_and_recycled() {
+        let (_d, dv) = dev(600);
+        let t = SwapTable::default();
+        t.add(dv, 0).unwrap();
+        let a: Vec<_> = (0..300).map(|_| t.alloc().unwrap().slot).collect();
+        assert_eq!(a[..256], (0..256).collect::<Vec<_>>()[..]);
+        let mut all = a.clone();
+        while let Ok(e) = t.alloc() {
+            all.push(e.slot);
+        }
+        assert_eq!(all.len(), 600);
+        all.sort();
+        all.dedup();
+        assert_eq!(all.len(), 600, "a slot was handed out twice");
+        assert_eq!(t.alloc(), Err(NoSlot::Full));
+        t.put(SwapEntry { dev: 0, slot: 7 });
+        assert_eq!(t.alloc().unwrap().slot, 7);
+    }
+
+    #[test]
+    fn priorities_and_striping() {
+        let (_a, da) = dev(256);
+        let (_b, db) = dev(256);
+        let (_c, dc) = dev(256);
+        let t = SwapTable::default();
+        t.add(da, 0).unwrap();
+        t.add(db, 5).unwrap();
+        t.add(dc, 5).unwrap();
+        let mut per = [0; 3];
+        for _ in 0..512 {
+            per[t.alloc().unwrap().dev as usize] += 1;
+        }
+        assert_eq!(per, [0, 256, 256]);
+        assert_eq!(t.alloc().unwrap().dev, 0);
+        assert_eq!(SwapTable::default().alloc(), Err(NoSlot::NoDevice));
+    }
+
+    #[test]
+    fn checksum_mismatch_is_an_error() {
+        let (_d, dv) = dev(4);
+        let t = SwapTable::default();
+        t.add(dv.clone(), 0).unwrap();
+        let d = t.get(0).unwrap();
+        let mut buf = crate::pageio::AlignedPages::new(1).unwrap();
+        buf.page_mut(0).fill(7);
+        d.write(1, buf.page(0)).unwrap();
+        d.read(1, buf.page_mut(0)).unwrap();
+        buf.page_mut(0)[3] = 8;
+        dv.write_page(1, buf.page(0)).unwrap();
+        assert!(matches!(
+            d.read(1, buf.page_mut(0)),
+            Err(Error::Device { .. })
+        ));
+    }
+}

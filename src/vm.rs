@@ -1,0 +1,300 @@
+//! The public layer: `Vm` (a budget, swap devices, background threads) and
+//! `AddressSpace` (regions of virtual memory in it), plus the page guards.
+//!
+//! Both are cheap `Arc` handles, `Send + Sync`; every call may come from any thread.
+//! The threads a Vm starts (the background reclaimer and the page-I/O threads) run
+//! until the last handle of the Vm and of its spaces is dropped.
+
+use crate::config::{Config, SwapKind, SwapSpec};
+use crate::device::{file::FileDevice, BlockDevice};
+use crate::engine::Engine;
+use crate::error::{Error, Result};
+use crate::fault::Want;
+use crate::space::{Region, SpaceInner};
+use crate::stats::{Stats, SwapInfo};
+use crate::sync::{Arc, Mutex};
+use crate::types::{Pfn, SwapId, VAddr, PAGE_SIZE};
+use std::marker::PhantomData;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+#[derive(Debug)]
+struct VmInner {
+    eng: Arc<Engine>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Drop for VmInner {
+    fn drop(&mut self) {
+        self.eng
+            .shutdown
+            .store(true, crate::sync::Ordering::Release);
+        self.eng.wake_kswapd();
+        self.eng.io.shutdown();
+        for t in self.threads.get_mut().drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A virtual memory manager: a hard budget of page frames and the swap devices
+/// behind it. Clone it freely; it is a handle.
+#[derive(Clone, Debug)]
+pub struct Vm {
+    inner: Arc<VmInner>,
+}
+
+impl Vm {
+    /// Maps the frame arena and the page-out pool and starts the background
+    /// reclaimer and the page-I/O threads.
+    ///
+    /// Errors: `Error::Config` for a budget under 64 KiB (16 frames) or bad
+    /// watermarks, thread counts or pool sizes; `Error::Io` if memory cannot be mapped
+    /// or a thread cannot start.
+    pub fn new(cfg: Config) -> Result<Vm> {
+        let eng = Arc::new(Engine::new(&cfg)?);
+        let mut threads = Vec::new();
+        for i in 0..cfg.io_threads {
+            let e = eng.clone();
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("usermm-pageio-{i}"))
+                    .spawn(move || e.io.run(&|req| e.complete_writeback(req)))?,
+            );
+        }
+        if cfg.background_reclaim {
+            let e = eng.clone();
+            threads.push(
+                std::thread::Builder::new()
+                    .name("usermm-kswapd".into())
+                    .spawn(move || e.kswapd())?,
+            );
+        }
+        Ok(Vm {
+            inner: Arc::new(VmInner {
+                eng,
+                threads: Mutex::new(threads),
+            }),
+        })
+    }
+
+    fn eng(&self) -> &Engine {
+        &self.inner.eng
+    }
+
+    /// Adds a swap device from a spec (`file:PATH?size=…&prio=…`).
+    ///
+    /// Errors: `Error::Config` for a spec the library cannot use (missing size for a
+    /// new file, …), `Error::Io` when the file cannot be created or sized,
+    /// `Error::TooManyDevices` past 64 devices.
+    pub fn swapon(&self, spec: SwapSpec) -> Result<SwapId> {
+        let dev: Arc<dyn BlockDevice> = match &spec.kind {
+            SwapKind::File { path, size } => Arc::new(FileDevice::open(path, *size, &spec.text)?),
+        };
+        self.swapon_device(dev, spec.prio)
+    }
+
+    /// Adds any block device as swap (for devices built in code, such as the
+    /// fault-injecting wrapper used in tests).
+    pub fn swapon_device(&self, dev: Arc<dyn BlockDevice>, prio: i32) -> Result<SwapId> {
+        self.eng().swap.add(dev, prio)
+    }
+
+    /// The swap devices in service, one entry each, like `/proc/swaps`.
+    pub fn swaps(&self) -> Vec<SwapInfo> {
+        self.eng()
+            .swap
+            .all()
+            .iter()
+            .map(|d| SwapInfo {
+                id: d.id,
+                name: d.name().to_string(),
+                size: d.pages * PAGE_SIZE as u64,
+                used: d.used() * PAGE_SIZE as u64,
+                prio: d.prio,
+                state: "active",
+            })
+            .collect()
+    }
+
+    /// A new, empty address space.
+    pub fn new_space(&self) -> AddressSpace {
+        AddressSpace {
+            inner: Arc::new(SpaceInner::new(self.inner.eng.clone())),
+            _vm: self.inner.clone(),
+        }
+    }
+
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> Stats {
+        self.eng().stats()
+    }
+
+    /// The budget in bytes (frames × page size).
+    pub fn memory_budget(&self) -> usize {
+        self.eng().frames.nframes() * PAGE_SIZE
+    }
+
+    /// Reclaims now, like writing to cgroup v2's `memory.reclaim`: drops up to
+    /// `pages` resident pages, writing dirty ones to swap first, and waits for that
+    /// page-out. Returns how many frames it freed (fewer when pages are pinned,
+    /// recently used, or swap is full).
+    pub fn reclaim(&self, pages: usize) -> usize {
+        let eng = self.eng();
+        let n = eng.frames.nframes();
+        let mut freed = 0;
+        let mut scanned = 0;
+        while freed < pages && scanned < 4 * n {
+            let r = eng.shrink(64, pages - freed);
+            freed += r.evicted;
+            scanned += r.scanned;
+            if r.pool_empty || (r.evicted == 0 && eng.io.inflight() > 0 && r.queued == 0) {
+                eng.frames.wait_for_free(Duration::from_millis(1));
+            }
+        }
+        // Let queued page-outs finish so their pages can go.
+        crate::sync::wait_until(|| eng.io.inflight() == 0);
+        freed
+    }
+}
+
+/// An address space: regions of virtual memory whose pages live in the Vm's frames
+/// or on its swap devices. Clone it freely; it is a handle, and the space (with its
+/// pages and slots) is released when the last clone is dropped.
+#[derive(Clone, Debug)]
+pub struct AddressSpace {
+    inner: Arc<SpaceInner>,
+    _vm: Arc<VmInner>,
+}
+
+impl AddressSpace {
+    /// Maps `len` bytes (rounded up to pages) of zero-filled anonymous memory. No
+    /// frame is taken until a page is written.
+    ///
+    /// Errors: `InvalidArgument` for a zero or overflowing length; `OutOfMemory` when
+    /// no gap of that size is left in the 128 TiB address space.
+    pub fn map_anon(&self, len: usize) -> Result<Region> {
+        self.inner.map_anon(len)
+    }
+
+    /// Unmaps a region returned by `map_anon`, freeing its frames and swap slots.
+    /// Waits for guards on its pages to be dropped (so do not call it while holding
+    /// one from the same thread).
+    ///
+    /// Errors: `BadAddress` if `r` is not a mapped region of this space.
+    pub fn unmap(&self, r: Region) -> Result<()> {
+        self.inner.unmap(r)
+    }
+
+    /// The mapped regions, in address order.
+    pub fn regions(&self) -> Vec<Region> {
+        self.inner.regions()
+    }
+
+    /// Reads `buf.len()` bytes at `addr`. Pages never written read as zeros and take
+    /// no frame.
+    ///
+    /// Errors: `BadAddress` if any byte is outside a mapped region (nothing is read
+    /// then); `Device` if a swap device fails the read (or the data fails its
+    /// checksum) — the page stays stored and a later read may succeed; `OutOfMemory` /
+    /// `OutOfSwap` if no frame can be had.
+    pub fn read(&self, addr: VAddr, buf: &mut [u8]) -> Result<()> {
+        self.inner.read(addr, buf)
+    }
+
+    /// Writes `data` at `addr`. Errors as for `read` (a bad range writes nothing).
+    pub fn write(&self, addr: VAddr, data: &[u8]) -> Result<()> {
+        self.inner.write(addr, data)
+    }
+
+    /// Pins the page containing `addr` and returns a guard that reads it as a slice
+    /// of `PAGE_SIZE` bytes (index 0 is the start of the page). A pinned page is never
+    /// evicted; writers of that page wait until the guard is dropped.
+    ///
+    /// Do not hold a `PageMut` of the same page in the same thread (it would wait for
+    /// itself). Errors as for `read`.
+    pub fn page(&self, addr: VAddr) -> Result<PageRef<'_>> {
+        let pfn = self.inner.pin(addr, Want::Shared)?;
+        Ok(PageRef {
+            space: &self.inner,
+            pfn,
+            ptr: self.inner.eng.frames.frame_ptr(pfn),
+            _not_send: PhantomData,
+        })
+    }
+
+    /// Pins the page containing `addr` exclusively and returns a guard that writes
+    /// it. Other accesses to that page wait until the guard is dropped.
+    pub fn page_mut(&self, addr: VAddr) -> Result<PageMut<'_>> {
+        let pfn = self.inner.pin(addr, Want::Exclusive)?;
+        Ok(PageMut {
+            space: &self.inner,
+            pfn,
+            ptr: self.inner.eng.frames.frame_ptr(pfn),
+            _not_send: PhantomData,
+        })
+    }
+}
+
+/// A shared pin of one resident page (see `AddressSpace::page`).
+#[derive(Debug)]
+pub struct PageRef<'a> {
+    space: &'a SpaceInner,
+    pfn: Pfn,
+    ptr: *mut u8,
+    _not_send: PhantomData<*mut u8>,
+}
+
+impl std::ops::Deref for PageRef<'_> {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: the frame is pinned shared: it stays this page's and nobody writes
+        // it (writers and exclusive guards wait for the pin to go) until we drop.
+        unsafe { std::slice::from_raw_parts(self.ptr, PAGE_SIZE) }
+    }
+}
+
+impl Drop for PageRef<'_> {
+    fn drop(&mut self) {
+        self.space.unpin(self.pfn, Want::Shared);
+    }
+}
+
+/// An exclusive pin of one resident page (see `AddressSpace::page_mut`).
+#[derive(Debug)]
+pub struct PageMut<'a> {
+    space: &'a SpaceInner,
+    pfn: Pfn,
+    ptr: *mut u8,
+    _not_send: PhantomData<*mut u8>,
+}
+
+impl std::ops::Deref for PageMut<'_> {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: pinned exclusively: only this guard accesses the frame (optimistic
+        // readers skip exclusively pinned frames) until it is dropped.
+        unsafe { std::slice::from_raw_parts(self.ptr, PAGE_SIZE) }
+    }
+}
+
+impl std::ops::DerefMut for PageMut<'_> {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as for `deref`; `&mut self` makes this borrow unique.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, PAGE_SIZE) }
+    }
+}
+
+impl Drop for PageMut<'_> {
+    fn drop(&mut self) {
+        self.space.unpin(self.pfn, Want::Exclusive);
+    }
+}
+
+#[allow(dead_code)]
+fn assert_send_sync() {
+    fn is<T: Send + Sync>() {}
+    is::<Vm>();
+    is::<AddressSpace>();
+    let _ = Error::OutOfMemory;
+}
