@@ -49,6 +49,7 @@ mod swap;
 pub mod sync;
 pub mod types;
 mod vm;
+pub mod workload;
 
 pub use config::{Config, SwapSpec};
 pub use error::{Error, Result};

@@ -1,0 +1,242 @@
+//! Seeded workload generators shared by `usermm run`, `usermm bench` and the tests:
+//! a small fast PRNG and page samplers for uniform, hot/cold and Zipf access.
+//!
+//! Everything here is deterministic given the seed, so a failing run can be
+//! replayed with the seed it printed. No locks; each thread owns its generator.
+
+/// xoshiro256** seeded through splitmix64.
+#[derive(Clone, Debug)]
+pub struct Rng {
+    s: [u64; 4],
+}
+
+fn splitmix(x: &mut u64) -> u64 {
+    *x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *x;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+impl Rng {
+    /// A generator for `seed`.
+    pub fn new(seed: u64) -> Rng {
+        let mut x = seed;
+        Rng {
+            s: [
+                splitmix(&mut x),
+                splitmix(&mut x),
+                splitmix(&mut x),
+                splitmix(&mut x),
+            ],
+        }
+    }
+    /// The next 64 random bits.
+    #[inline]
+    pub fn next_u64(&mut self) -> u64 {
+        let r = self.s[1].wrapping_mul(5).rotate_left(7).wrapping_mul(9);
+        let t = self.s[1] << 17;
+        self.s[2] ^= self.s[0];
+        self.s[3] ^= self.s[1];
+        self.s[1] ^= self.s[2];
+        self.s[0] ^= self.s[3];
+        self.s[2] ^= t;
+        self.s[3] = self.s[3].rotate_left(45);
+        r
+    }
+    /// Uniform in `0..n` (`n > 0`).
+    #[inline]
+    pub fn below(&mut self, n: u64) -> u64 {
+        ((u128::from(self.next_u64()) * u128::from(n)) >> 64) as u64
+    }
+    /// Uniform in `[0, 1)`.
+    #[inline]
+    pub fn unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+    }
+}
+
+/// Which pages an access goes to.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Pattern {
+    /// Every page equally likely.
+    Uniform,
+    /// `hot_prob` of the accesses go to a hot set of `hot_frac` of the pages.
+    HotCold {
+        /// Fraction of pages that are hot (0.1 = 10 %).
+        hot_frac: f64,
+        /// Fraction of accesses that go to the hot pages (0.9 = 90 %).
+        hot_prob: f64,
+    },
+    /// Zipf-distributed popularity with exponent `theta` (0.99 is YCSB's default),
+    /// popular pages scattered over the range.
+    Zipf {
+        /// The exponent, in (0, 1).
+        theta: f64,
+    },
+}
+
+impl Pattern {
+    /// Parses `uniform`, `hotcold` (90 % of accesses to 10 % of pages), `hotcold:F:P`,
+    /// `zipf` (θ = 0.99) or `zipf:THETA`.
+    pub fn parse(s: &str) -> Result<Pattern, String> {
+        let mut it = s.split(':');
+        let name = it.next().unwrap_or("");
+        let nums: Result<Vec<f64>, _> = it.map(|x| x.parse::<f64>()).collect();
+        let nums = nums.map_err(|_| format!("pattern {s:?}: parameters must be numbers"))?;
+        let p = match (name, nums.as_slice()) {
+            ("uniform", []) => Pattern::Uniform,
+            ("hotcold", []) => Pattern::HotCold {
+                hot_frac: 0.1,
+                hot_prob: 0.9,
+            },
+            ("hotcold", [f, p]) if *f > 0.0 && *f < 1.0 && *p >= 0.0 && *p <= 1.0 => {
+                Pattern::HotCold {
+                    hot_frac: *f,
+                    hot_prob: *p,
+                }
+            }
+            ("zipf", []) => Pattern::Zipf { theta: 0.99 },
+            ("zipf", [t]) if *t > 0.0 && *t < 1.0 => Pattern::Zipf { theta: *t },
+            _ => return Err(format!(
+                "unknown pattern {s:?} (uniform, hotcold[:FRAC:PROB], zipf[:THETA] with 0<THETA<1)"
+            )),
+        };
+        Ok(p)
+    }
+
+    /// A short name for tables.
+    pub fn name(&self) -> String {
+        match self {
+            Pattern::Uniform => "uniform".into(),
+            Pattern::HotCold { hot_frac, hot_prob } => {
+                format!("hotcold{:.0}/{:.0}", hot_prob * 100.0, hot_frac * 100.0)
+            }
+            Pattern::Zipf { theta } => format!("zipf{theta}"),
+        }
+    }
+}
+
+/// Draws page indices in `0..n` following a pattern.
+#[derive(Clone, Debug)]
+pub struct Sampler {
+    pattern: Pattern,
+    n: u64,
+    hot: u64,
+    // Zipf constants (Gray et al., "Quickly generating billion-record synthetic
+    // databases", as used by YCSB).
+    alpha: f64,
+    zetan: f64,
+    eta: f64,
+    theta: f64,
+}
+
+/// A bijection of `0..n` that scatters neighbouring ranks (so hot pages are not
+/// adjacent): multiplication by an odd constant coprime with `n`, modulo `n`.
+fn scatter(i: u64, n: u64) -> u64 {
+    const P: u64 = 2_654_435_761; // prime
+    let p = if n % P == 0 { 1 } else { P };
+    ((u128::from(i) * u128::from(p)) % u128::from(n)) as u64
+}
+
+impl Sampler {
+    /// A sampler over `n > 0` pages.
+    pub fn new(pattern: Pattern, n: u64) -> Sampler {
+        let n = n.max(1);
+        let mut s = Sampler {
+            pattern,
+            n,
+            hot: 1,
+            alpha: 0.0,
+            zetan: 0.0,
+            eta: 0.0,
+            theta: 0.0,
+        };
+        match pattern {
+            Pattern::Uniform => {}
+            Pattern::HotCold { hot_frac, .. } => {
+                s.hot = ((n as f64 * hot_frac) as u64).clamp(1, n);
+            }
+            Pattern::Zipf { theta } => {
+                let zeta = |k: u64| (1..=k).map(|i| 1.0 / (i as f64).powf(theta)).sum::<f64>();
+                let zetan = zeta(n);
+                let zeta2 = zeta(2.min(n));
+                s.theta = theta;
+                s.zetan = zetan;
+                s.alpha = 1.0 / (1.0 - theta);
+                s.eta = (1.0 - (2.0 / n as f64).powf(1.0 - theta)) / (1.0 - zeta2 / zetan);
+            }
+        }
+        s
+    }
+
+    /// The next page index.
+    #[inline]
+    pub fn sample(&self, rng: &mut Rng) -> u64 {
+        match self.pattern {
+            Pattern::Uniform => rng.below(self.n),
+            Pattern::HotCold { hot_prob, .. } => {
+                let rank = if rng.unit() < hot_prob || self.hot == self.n {
+                    rng.below(self.hot)
+                } else {
+                    self.hot + rng.below(self.n - self.hot)
+                };
+                scatter(rank, self.n)
+            }
+            Pattern::Zipf { .. } => {
+                let u = rng.unit();
+                let uz = u * self.zetan;
+                let rank = if uz < 1.0 {
+                    0
+                } else if uz < 1.0 + 0.5f64.powf(self.theta) {
+                    1
+                } else {
+                    ((self.n as f64) * (self.eta * u - self.eta + 1.0).powf(self.alpha)) as u64
+                };
+                scatter(rank.min(self.n - 1), self.n)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deterministic_and_in_range() {
+        for p in ["uniform", "hotcold", "zipf"] {
+            let s = Sampler::new(Pattern::parse(p).unwrap(), 1000);
+            let mut a = Rng::new(7);
+            let mut b = Rng::new(7);
+            for _ in 0..10_000 {
+                let x = s.sample(&mut a);
+                assert!(x < 1000);
+                assert_eq!(x, s.sample(&mut b));
+            }
+        }
+    }
+
+    #[test]
+    fn skew_is_skewed() {
+        let n = 10_000;
+        for p in ["hotcold", "zipf"] {
+            let s = Sampler::new(Pattern::parse(p).unwrap(), n);
+            let mut r = Rng::new(1);
+            let mut hits = vec![0u32; n as usize];
+            for _ in 0..200_000 {
+                hits[s.sample(&mut r) as usize] += 1;
+            }
+            hits.sort_unstable_by(|a, b| b.cmp(a));
+            let top10: u32 = hits[..(n / 10) as usize].iter().sum();
+            assert!(top10 > 200_000 / 2, "{p}: top 10% got {top10}");
+        }
+    }
+
+    #[test]
+    fn parse_errors() {
+        for bad in ["", "zipf:2", "hotcold:0.1", "nope", "zipf:x"] {
+            assert!(Pattern::parse(bad).is_err(), "{bad}");
+        }
+    }
+}
