@@ -52,7 +52,10 @@ pub(crate) const PIN_EXCL: u32 = 1 << 31;
 pub(crate) enum AllocCtx {
     /// An application access: stops at the min watermark.
     Normal,
-    /// Reclaim or page-I/O: may use the reserve below min.
+    /// Reclaim or page-I/O: may use the reserve below min. Today neither needs a
+    /// frame (page-out copies into the preallocated request pool); swapoff and
+    /// swap-in readahead, which pull pages in on reclaim's behalf, will.
+    #[allow(dead_code)]
     Reserve,
 }
 

@@ -218,6 +218,7 @@ impl PageTable {
     }
 
     /// Bytes of nodes this table holds.
+    #[cfg(test)]
     pub fn bytes(&self) -> usize {
         self.own_bytes.load(Ordering::Relaxed)
     }

@@ -252,10 +252,6 @@ impl SwapTable {
         self.devs.read().clone()
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.devs.read().is_empty()
-    }
-
     pub fn metadata_bytes(&self) -> usize {
         self.devs.read().iter().map(|d| d.metadata_bytes()).sum()
     }

@@ -98,9 +98,11 @@ impl Pattern {
             }
             ("zipf", []) => Pattern::Zipf { theta: 0.99 },
             ("zipf", [t]) if *t > 0.0 && *t < 1.0 => Pattern::Zipf { theta: *t },
-            _ => return Err(format!(
+            _ => {
+                return Err(format!(
                 "unknown pattern {s:?} (uniform, hotcold[:FRAC:PROB], zipf[:THETA] with 0<THETA<1)"
-            )),
+            ))
+            }
         };
         Ok(p)
     }
