@@ -25,7 +25,7 @@
 //! lock and the claimed entry held; reclaim needs neither.
 
 use crate::error::{Error, Result};
-use crate::frame::{copy_in, copy_out, zero_frame, F_DIRTY, F_INUSE, PIN_EXCL};
+use crate::frame::{copy_in, copy_out, zero_frame, F_DIRTY, F_INUSE, PIN_EXCL, SEQ_EXCL, SEQ_LOCK};
 use crate::pagetable::{Pte, BUSY, EMPTY};
 use crate::space::SpaceInner;
 use crate::stats::Counters;
@@ -41,7 +41,21 @@ pub(crate) enum Want {
 
 impl SpaceInner {
     /// Copies `buf.len()` bytes at `addr` out of the space.
+    #[inline]
     pub fn read(&self, addr: VAddr, buf: &mut [u8]) -> Result<()> {
+        // The hit path of an access inside one page, kept small enough to inline.
+        if addr.page_offset() + buf.len() <= PAGE_SIZE
+            && addr.0 < VADDR_END
+            && !buf.is_empty()
+            && self.read_fast(addr, buf)
+        {
+            return Ok(());
+        }
+        self.read_general(addr, buf)
+    }
+
+    #[inline(never)]
+    fn read_general(&self, addr: VAddr, buf: &mut [u8]) -> Result<()> {
         self.for_each_page(addr, buf.len(), |this, a, range| {
             let dst = &mut buf[range];
             if this.read_fast(a, dst) {
@@ -105,9 +119,11 @@ impl SpaceInner {
             return false;
         };
         let frames = &self.eng.frames;
-        let d = frames.desc(pfn);
-        let s1 = d.seq.load(Ordering::Acquire);
-        if s1 & 1 != 0 || d.pins.load(Ordering::Relaxed) & PIN_EXCL != 0 {
+        let Some((seq, referenced)) = frames.hot(pfn) else {
+            return false;
+        };
+        let s1 = seq.load(Ordering::Acquire);
+        if s1 & (SEQ_LOCK | SEQ_EXCL) != 0 {
             return false;
         }
         if pte.load(Ordering::Relaxed) != v {
@@ -117,10 +133,12 @@ impl SpaceInner {
         // inside the arena; the copy uses atomic loads (see `copy_out`).
         unsafe { copy_out(frames.frame_ptr(pfn).add(a.page_offset()), dst) };
         fence(Ordering::Acquire);
-        if d.seq.load(Ordering::Relaxed) != s1 {
+        if seq.load(Ordering::Relaxed) != s1 {
             return false;
         }
-        d.touch();
+        if !referenced.load(Ordering::Relaxed) {
+            referenced.store(true, Ordering::Relaxed);
+        }
         true
     }
 
@@ -211,8 +229,7 @@ impl SpaceInner {
                 let d = self.eng.frames.desc(pfn);
                 wait_until(|| {
                     pte.load(Ordering::Acquire) != v
-                        || (d.seq.load(Ordering::Acquire) & 1 == 0
-                            && d.pins.load(Ordering::Acquire) & PIN_EXCL == 0)
+                        || d.seq.load(Ordering::Acquire) & (SEQ_LOCK | SEQ_EXCL) == 0
                 })
             }
             _ => {}

@@ -59,58 +59,81 @@ pub(crate) enum AllocCtx {
     Reserve,
 }
 
-/// The page descriptor of one frame (the kernel's `struct page`).
+/// The page descriptor of one frame (the kernel's `struct page`), minus the two
+/// words the hit path reads, which live in compact arrays of their own (see
+/// `FrameRef`) so that a read of a resident page touches no descriptor.
 #[derive(Debug)]
 pub(crate) struct PageDesc {
-    /// Sequence lock, odd while locked.
-    pub seq: AtomicU32,
-    /// Guard pins: a count of shared guards or `PIN_EXCL`. Raised only under `seq`.
+    /// Guard pins: a count of shared guards or `PIN_EXCL`. Protected by the frame lock.
     pub pins: AtomicU32,
-    /// `F_*` flags. Protected by `seq`.
+    /// `F_*` flags. Protected by the frame lock.
     pub flags: AtomicU32,
     /// Bumped at every allocation, so a page-out completion can tell whether the frame
-    /// still holds the page it copied. Protected by `seq` (written at allocation,
-    /// before the frame is visible to anyone else).
+    /// still holds the page it copied. Protected by the frame lock.
     pub epoch: AtomicU32,
-    /// CLOCK reference bit: set by any access without a lock, cleared by reclaim.
-    pub referenced: AtomicBool,
-    /// The page-table entry that maps this frame (null while unowned). Protected by `seq`.
+    /// The page-table entry that maps this frame (null while unowned). Protected by
+    /// the frame lock.
     pub owner: AtomicPtr<AtomicU64>,
-    /// Encoded swap entry of the page's swap copy (`swap::encode`), 0 if none. The copy
-    /// is valid when the page is not `F_DIRTY`. Holds one slot reference. Protected by `seq`.
+    /// Encoded swap entry of the page's swap copy (`Pte::swapped`), 0 if none. The copy
+    /// is valid when the page is not `F_DIRTY`. Holds one slot reference. Protected by
+    /// the frame lock.
     pub swap: AtomicU64,
 }
 
 impl PageDesc {
     fn new() -> PageDesc {
         PageDesc {
-            seq: AtomicU32::new(0),
             pins: AtomicU32::new(0),
             flags: AtomicU32::new(0),
             epoch: AtomicU32::new(0),
-            referenced: AtomicBool::new(false),
             owner: AtomicPtr::new(std::ptr::null_mut()),
             swap: AtomicU64::new(0),
         }
     }
+}
 
-    /// Takes the sequence lock if it is free; returns the (odd) locked value.
+/// Sequence word: locked.
+pub(crate) const SEQ_LOCK: u32 = 1;
+/// Sequence word: pinned by a mutable guard (optimistic readers stay off).
+pub(crate) const SEQ_EXCL: u32 = 2;
+const SEQ_ONE: u32 = 4;
+
+/// One frame's sequence word, reference bit and descriptor.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct FrameRef<'a> {
+    /// Sequence lock: `SEQ_LOCK` while locked, `SEQ_EXCL` while a mutable guard pins
+    /// the frame, and a count (in steps of `SEQ_ONE`) that moves at every unlock.
+    pub seq: &'a AtomicU32,
+    /// CLOCK reference bit: set by any access without a lock, cleared by reclaim.
+    pub referenced: &'a AtomicBool,
+    desc: &'a PageDesc,
+}
+
+impl std::ops::Deref for FrameRef<'_> {
+    type Target = PageDesc;
+    fn deref(&self) -> &PageDesc {
+        self.desc
+    }
+}
+
+impl FrameRef<'_> {
+    /// Takes the frame lock if it is free; returns the locked sequence value.
     #[inline]
     pub fn try_lock(&self) -> Option<u32> {
         let s = self.seq.load(Ordering::Relaxed);
-        if s & 1 != 0 {
+        if s & SEQ_LOCK != 0 {
             return None;
         }
         self.seq
-            .compare_exchange(s, s + 1, Ordering::Acquire, Ordering::Relaxed)
+            .compare_exchange(s, s | SEQ_LOCK, Ordering::Acquire, Ordering::Relaxed)
             .ok()?;
-        // Seqlock writer side: the odd count must be visible before any store made
+        // Seqlock writer side: the locked value must be visible before any store made
         // under the lock, so a reader that sees such a store also sees the count move.
         crate::sync::fence(Ordering::Release);
-        Some(s + 1)
+        Some(s | SEQ_LOCK)
     }
 
-    /// Takes the sequence lock, waiting for a holder to leave its short section.
+    /// Takes the frame lock, waiting for a holder to leave its short section.
     pub fn lock(&self) -> u32 {
         let mut got = 0;
         crate::sync::wait_until(|| match self.try_lock() {
@@ -124,12 +147,20 @@ impl PageDesc {
     }
 
     /// Releases the lock taken as `locked`, publishing everything written under it.
+    /// The count moves, and `SEQ_EXCL` follows whether a mutable guard holds the pin.
     #[inline]
     pub fn unlock(&self, locked: u32) {
         debug_assert_eq!(self.seq.load(Ordering::Relaxed), locked);
-        self.seq.store(locked.wrapping_add(1), Ordering::Release);
+        let excl = if self.desc.pins.load(Ordering::Relaxed) == PIN_EXCL {
+            SEQ_EXCL
+        } else {
+            0
+        };
+        let next = (locked & !(SEQ_LOCK | SEQ_EXCL)).wrapping_add(SEQ_ONE) | excl;
+        self.seq.store(next, Ordering::Release);
     }
 
+    /// Sets the reference bit (no store when it is set already).
     #[inline]
     pub fn touch(&self) {
         if !self.referenced.load(Ordering::Relaxed) {
@@ -143,7 +174,9 @@ impl PageDesc {
 pub(crate) struct FrameArena {
     base: *mut u8,
     nframes: usize,
-    pub descs: Box<[PageDesc]>,
+    descs: Box<[PageDesc]>,
+    seqs: Box<[AtomicU32]>,
+    refs: Box<[AtomicBool]>,
     /// Free frame numbers (a stack: the most recently freed, cache-warm frame first).
     /// Capacity `nframes`, so pushing never allocates.
     free: Mutex<Vec<u32>>,
@@ -188,6 +221,8 @@ impl FrameArena {
             base: base.cast(),
             nframes,
             descs: (0..nframes).map(|_| PageDesc::new()).collect(),
+            seqs: (0..nframes).map(|_| AtomicU32::new(0)).collect(),
+            refs: (0..nframes).map(|_| AtomicBool::new(false)).collect(),
             free: Mutex::new(free),
             freed: Condvar::new(),
             nfree: AtomicUsize::new(nframes),
@@ -202,12 +237,25 @@ impl FrameArena {
 
     /// Bytes of metadata the arena holds besides the frames.
     pub fn metadata_bytes(&self) -> usize {
-        self.nframes * (std::mem::size_of::<PageDesc>() + 4)
+        self.nframes * (std::mem::size_of::<PageDesc>() + 4 + 4 + 1)
     }
 
     #[inline]
-    pub fn desc(&self, pfn: Pfn) -> &PageDesc {
-        &self.descs[pfn.0 as usize]
+    pub fn desc(&self, pfn: Pfn) -> FrameRef<'_> {
+        let i = pfn.0 as usize;
+        FrameRef {
+            seq: &self.seqs[i],
+            referenced: &self.refs[i],
+            desc: &self.descs[i],
+        }
+    }
+
+    /// The sequence word and reference bit of `pfn` alone (all the hit path looks at).
+    /// `None` for a frame number outside the arena (never stored in an entry).
+    #[inline]
+    pub fn hot(&self, pfn: Pfn) -> Option<(&AtomicU32, &AtomicBool)> {
+        let i = pfn.0 as usize;
+        Some((self.seqs.get(i)?, self.refs.get(i)?))
     }
 
     /// Start of frame `pfn`'s memory.
@@ -238,7 +286,7 @@ impl FrameArena {
             self.nfree.store(free.len(), Ordering::Relaxed);
             p
         };
-        let d = &self.descs[pfn as usize];
+        let d = self.desc(Pfn(pfn));
         let s = d.lock();
         debug_assert_eq!(d.flags.load(Ordering::Relaxed), 0);
         d.flags.store(F_INUSE, Ordering::Relaxed);
@@ -308,6 +356,13 @@ impl Drop for FrameArena {
 /// `src..src + dst.len()` must lie inside the arena mapping.
 #[inline]
 pub(crate) unsafe fn copy_out(src: *const u8, dst: &mut [u8]) {
+    if dst.len() == 8 && (src as usize) % 8 == 0 {
+        // The common case of a word-sized access: one load.
+        // SAFETY: inside the arena (caller's contract) and 8-byte aligned.
+        let w = unsafe { AtomicU64::from_ptr(src as *mut u64) }.load(Ordering::Relaxed);
+        dst.copy_from_slice(&w.to_ne_bytes());
+        return;
+    }
     let mut i = 0;
     let n = dst.len();
     while i < n && (src as usize + i) % 8 != 0 {

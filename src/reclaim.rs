@@ -30,7 +30,7 @@
 
 use crate::engine::Engine;
 use crate::error::{Error, Result};
-use crate::frame::{AllocCtx, PageDesc, F_DIRTY, F_INUSE, F_WRITEBACK};
+use crate::frame::{AllocCtx, FrameRef, F_DIRTY, F_INUSE, F_WRITEBACK};
 use crate::pagetable::Pte;
 use crate::stats::Counters;
 use crate::swap::NoSlot;
@@ -166,8 +166,8 @@ impl Engine {
     /// takes over the slot reference. Preconditions: `d` is locked, owned by `owner`,
     /// unpinned, not dirty, not under page-out. The caller frees the frame after
     /// unlocking.
-    fn evict_locked(&self, d: &PageDesc, pfn: Pfn, owner: *mut AtomicU64, sw: u64) {
-        debug_assert_eq!(d.seq.load(Ordering::Relaxed) & 1, 1);
+    fn evict_locked(&self, d: FrameRef<'_>, pfn: Pfn, owner: *mut AtomicU64, sw: u64) {
+        debug_assert_ne!(d.seq.load(Ordering::Relaxed) & crate::frame::SEQ_LOCK, 0);
         debug_assert_eq!(d.flags.load(Ordering::Relaxed) & (F_DIRTY | F_WRITEBACK), 0);
         debug_assert_eq!(d.pins.load(Ordering::Relaxed), 0);
         // SAFETY: an owner pointer is valid while its frame is locked and owned: the

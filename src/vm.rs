@@ -198,11 +198,13 @@ impl AddressSpace {
     /// then); `Device` if a swap device fails the read (or the data fails its
     /// checksum) — the page stays stored and a later read may succeed; `OutOfMemory` /
     /// `OutOfSwap` if no frame can be had.
+    #[inline]
     pub fn read(&self, addr: VAddr, buf: &mut [u8]) -> Result<()> {
         self.inner.read(addr, buf)
     }
 
     /// Writes `data` at `addr`. Errors as for `read` (a bad range writes nothing).
+    #[inline]
     pub fn write(&self, addr: VAddr, data: &[u8]) -> Result<()> {
         self.inner.write(addr, data)
     }
