@@ -2,11 +2,12 @@
 //! path for the rest (zero-fill, swap-in, waiting for another thread's fault).
 //!
 //! ## Hit path (no lock, no shared store)
-//! Read: load the entry; if `Present(pfn)`, read the frame's sequence count (even, no
-//! exclusive pin), check the entry again, copy with atomic loads, and check the count
-//! did not move. Any failure falls back to the locked path; readers never spin on a
-//! frame lock (DESIGN.md invariant 5). Write: take the frame lock (one CAS), check
-//! the entry and that no guard pins the page, copy in, mark dirty, unlock.
+//! Read: load the entry; if present and neither locked nor pinned exclusively, copy
+//! with atomic loads and load the entry again; the same value means the copy is the
+//! page (the entry is the page's sequence lock, see `pagetable`). Any failure falls
+//! back to the locked path; readers never spin on a lock (DESIGN.md invariant 5).
+//! Write: lock the entry (one CAS), copy in, store the entry back dirty with its
+//! version moved on. Neither touches the frame's descriptor.
 //!
 //! ## Fault path
 //! Under the space's regions read lock (so unmap cannot run under us):
@@ -25,8 +26,11 @@
 //! lock and the claimed entry held; reclaim needs neither.
 
 use crate::error::{Error, Result};
-use crate::frame::{copy_in, copy_out, zero_frame, F_DIRTY, F_INUSE, PIN_EXCL, SEQ_EXCL, SEQ_LOCK};
-use crate::pagetable::{Pte, BUSY, EMPTY};
+use crate::frame::{copy_in, copy_out, zero_frame, F_INUSE};
+use crate::pagetable::{
+    lock_present, try_lock_present, Pte, BUSY, EMPTY, P_ACCESSED, P_DIRTY, P_EXCL, P_LOCK,
+    P_SHARED, TAG_MASK, TAG_PRESENT,
+};
 use crate::space::SpaceInner;
 use crate::stats::Counters;
 use crate::sync::{fence, wait_until, AtomicU64, Ordering};
@@ -73,7 +77,7 @@ impl SpaceInner {
                 if this.write_fast(a, src) {
                     return Ok(());
                 }
-                this.prepare_write(a)?;
+                this.prepare_write(a, P_EXCL | P_SHARED)?;
             }
         })
     }
@@ -115,29 +119,24 @@ impl SpaceInner {
             return false;
         };
         let v = pte.load(Ordering::Acquire);
-        let Pte::Present(pfn) = Pte::decode(v) else {
-            return false;
-        };
-        let frames = &self.eng.frames;
-        let Some((seq, referenced)) = frames.hot(pfn) else {
-            return false;
-        };
-        let s1 = seq.load(Ordering::Acquire);
-        if s1 & (SEQ_LOCK | SEQ_EXCL) != 0 {
+        if v & (TAG_MASK | P_LOCK | P_EXCL) != TAG_PRESENT {
             return false;
         }
-        if pte.load(Ordering::Relaxed) != v {
+        let frames = &self.eng.frames;
+        let pfn = Pte::pfn(v);
+        if pfn.0 as usize >= frames.nframes() {
             return false;
         }
         // SAFETY: the offset plus length stays within frame `pfn` (one page), which is
         // inside the arena; the copy uses atomic loads (see `copy_out`).
         unsafe { copy_out(frames.frame_ptr(pfn).add(a.page_offset()), dst) };
         fence(Ordering::Acquire);
-        if seq.load(Ordering::Relaxed) != s1 {
+        if pte.load(Ordering::Relaxed) != v {
             return false;
         }
-        if !referenced.load(Ordering::Relaxed) {
-            referenced.store(true, Ordering::Relaxed);
+        if v & P_ACCESSED == 0 {
+            // By CAS: the bit must never land on an entry that changed meanwhile.
+            let _ = pte.compare_exchange(v, v | P_ACCESSED, Ordering::Relaxed, Ordering::Relaxed);
         }
         true
     }
@@ -148,27 +147,15 @@ impl SpaceInner {
         let Some(pte) = self.pt.lookup(a.vpn()) else {
             return false;
         };
-        let v = pte.load(Ordering::Acquire);
-        let Pte::Present(pfn) = Pte::decode(v) else {
+        let Some(v) = try_lock_present(pte, P_EXCL | P_SHARED) else {
             return false;
         };
         let frames = &self.eng.frames;
-        let d = frames.desc(pfn);
-        let Some(s) = d.try_lock() else {
-            return false;
-        };
-        if d.pins.load(Ordering::Relaxed) != 0 || pte.load(Ordering::Relaxed) != v {
-            d.unlock(s);
-            return false;
-        }
-        // SAFETY: inside frame `pfn`; we hold its lock, so we are the only writer.
+        let pfn = Pte::pfn(v);
+        debug_assert!((pfn.0 as usize) < frames.nframes());
+        // SAFETY: inside frame `pfn`; we hold the entry lock, so we are the only writer.
         unsafe { copy_in(frames.frame_ptr(pfn).add(a.page_offset()), src) };
-        let f = d.flags.load(Ordering::Relaxed);
-        if f & F_DIRTY == 0 {
-            d.flags.store(f | F_DIRTY, Ordering::Relaxed);
-        }
-        d.touch();
-        d.unlock(s);
+        pte.store(Pte::bump(v) | P_DIRTY | P_ACCESSED, Ordering::Release);
         true
     }
 
@@ -194,13 +181,14 @@ impl SpaceInner {
             if self.read_fast(a, dst) {
                 return Ok(());
             }
-            self.wait_page(a);
+            self.wait_page(a, P_EXCL);
         }
     }
 
     /// Makes the page at `a` resident (for a write or a guard), or waits for whoever
-    /// holds it. Returns when a retry of the fast path may succeed.
-    fn prepare_write(&self, a: VAddr) -> Result<()> {
+    /// holds it (a lock, or a pin in `forbid`). Returns when a retry of the fast path
+    /// may succeed.
+    fn prepare_write(&self, a: VAddr, forbid: u64) -> Result<()> {
         {
             let regions = self.regions.read();
             SpaceInner::range_mapped(&regions, a.0, 1)?;
@@ -212,43 +200,41 @@ impl SpaceInner {
                 Pte::Busy | Pte::Present(_) => {}
             }
         }
-        self.wait_page(a);
+        self.wait_page(a, forbid);
         Ok(())
     }
 
     /// Waits (without locks) until the page at `a` is neither being faulted in nor
-    /// locked or exclusively pinned, or its entry changes.
-    fn wait_page(&self, a: VAddr) {
+    /// locked or pinned in a way `forbid` names, or its entry changes.
+    fn wait_page(&self, a: VAddr, forbid: u64) {
         let Some(pte) = self.pt.lookup(a.vpn()) else {
             return;
         };
         let v = pte.load(Ordering::Acquire);
         match Pte::decode(v) {
             Pte::Busy => wait_until(|| pte.load(Ordering::Acquire) != BUSY),
-            Pte::Present(pfn) => {
-                let d = self.eng.frames.desc(pfn);
-                wait_until(|| {
-                    pte.load(Ordering::Acquire) != v
-                        || d.seq.load(Ordering::Acquire) & (SEQ_LOCK | SEQ_EXCL) == 0
-                })
-            }
+            Pte::Present(_) => wait_until(|| {
+                let now = pte.load(Ordering::Acquire);
+                now != v || now & (P_LOCK | forbid) == 0
+            }),
             _ => {}
         }
     }
 
-    /// Publishes `pfn` (filled) as the page of `pte`. `swap` is the encoded swap copy
-    /// it keeps (0 for none); `dirty` whether it must be written before dropping.
+    /// Publishes `pfn` (filled) as the page of `pte` (which this thread claimed as
+    /// `BUSY`). `swap` is the encoded swap copy it keeps (0 for none); `dirty` whether
+    /// it must be written before it can be dropped.
     fn install(&self, pte: &AtomicU64, pfn: Pfn, swap: u64, dirty: bool) {
         let d = self.eng.frames.desc(pfn);
-        let s = d.lock();
+        d.lock();
         d.owner
             .store(pte as *const AtomicU64 as *mut AtomicU64, Ordering::Relaxed);
         d.swap.store(swap, Ordering::Relaxed);
-        d.flags
-            .store(F_INUSE | if dirty { F_DIRTY } else { 0 }, Ordering::Relaxed);
-        d.referenced.store(true, Ordering::Relaxed);
-        pte.store(Pte::present(pfn), Ordering::Release);
-        d.unlock(s);
+        d.flags.store(F_INUSE, Ordering::Relaxed);
+        let bits = P_ACCESSED | if dirty { P_DIRTY } else { 0 };
+        let epoch = d.epoch.load(Ordering::Relaxed);
+        pte.store(Pte::present(pfn, epoch, bits), Ordering::Release);
+        d.unlock();
     }
 
     /// Zero-fill fault: `pte` was `Empty`.
@@ -319,64 +305,61 @@ impl SpaceInner {
         Ok(())
     }
 
-    /// Pins the page containing `a` for a guard; returns its frame.
-    pub fn pin(&self, a: VAddr, want: Want) -> Result<Pfn> {
+    /// Pins the page containing `a` for a guard; returns its entry and frame.
+    pub fn pin(&self, a: VAddr, want: Want) -> Result<(&AtomicU64, Pfn)> {
         if a.0 >= VADDR_END {
             return Err(Error::BadAddress { addr: a.0 });
         }
+        let forbid = match want {
+            Want::Shared => P_EXCL,
+            Want::Exclusive => P_EXCL | P_SHARED,
+        };
         loop {
-            if let Some(pfn) = self.try_pin(a, want) {
-                return Ok(pfn);
+            if let Some(got) = self.try_pin(a, want, forbid) {
+                return Ok(got);
             }
-            self.prepare_write(a)?;
+            self.prepare_write(a, forbid)?;
         }
     }
 
-    fn try_pin(&self, a: VAddr, want: Want) -> Option<Pfn> {
+    fn try_pin(&self, a: VAddr, want: Want, forbid: u64) -> Option<(&AtomicU64, Pfn)> {
         let pte = self.pt.lookup(a.vpn())?;
-        let v = pte.load(Ordering::Acquire);
-        let Pte::Present(pfn) = Pte::decode(v) else {
-            return None;
-        };
-        let d = self.eng.frames.desc(pfn);
-        let s = d.try_lock()?;
-        let pins = d.pins.load(Ordering::Relaxed);
-        let ok = pte.load(Ordering::Relaxed) == v
-            && match want {
-                Want::Shared => pins & PIN_EXCL == 0,
-                Want::Exclusive => pins == 0,
-            };
-        if ok {
-            match want {
-                Want::Shared => {
-                    d.pins.fetch_add(1, Ordering::Relaxed);
-                }
-                Want::Exclusive => {
-                    d.pins.store(PIN_EXCL, Ordering::Relaxed);
-                    let f = d.flags.load(Ordering::Relaxed);
-                    d.flags.store(f | F_DIRTY, Ordering::Relaxed);
-                }
+        let v = try_lock_present(pte, forbid)?;
+        let pfn = Pte::pfn(v);
+        let new = match want {
+            Want::Shared => {
+                self.eng
+                    .frames
+                    .desc(pfn)
+                    .pins
+                    .fetch_add(1, Ordering::Relaxed);
+                v | P_SHARED | P_ACCESSED
             }
-            d.touch();
-        }
-        d.unlock(s);
-        ok.then_some(pfn)
+            Want::Exclusive => v | P_EXCL | P_DIRTY | P_ACCESSED,
+        };
+        pte.store(new, Ordering::Release);
+        Some((pte, pfn))
     }
 
     /// Gives back a pin taken by `pin`.
-    pub fn unpin(&self, pfn: Pfn, want: Want) {
-        let d = self.eng.frames.desc(pfn);
-        match want {
+    pub fn unpin(&self, pte: &AtomicU64, pfn: Pfn, want: Want) {
+        // A pinned page stays present in `pfn`: neither reclaim nor unmap takes it.
+        let Some(v) = lock_present(pte, pfn) else {
+            debug_assert!(false, "pinned page left its frame");
+            return;
+        };
+        let new = match want {
             Want::Shared => {
-                d.pins.fetch_sub(1, Ordering::Release);
+                let d = self.eng.frames.desc(pfn);
+                if d.pins.fetch_sub(1, Ordering::Relaxed) == 1 {
+                    v & !P_SHARED
+                } else {
+                    v
+                }
             }
-            Want::Exclusive => {
-                // Under the lock, so the sequence count moves and optimistic readers
-                // that overlapped the guard's writes retry.
-                let s = d.lock();
-                d.pins.store(0, Ordering::Relaxed);
-                d.unlock(s);
-            }
-        }
+            // The guard may have written: move the version on.
+            Want::Exclusive => Pte::bump(v) & !P_EXCL,
+        };
+        pte.store(new, Ordering::Release);
     }
 }

@@ -7,21 +7,15 @@
 //! request buffer of the page-I/O pool (preallocated, metadata) or on a device.
 //!
 //! ## The per-frame protocol
-//! Each descriptor carries a sequence lock `seq` (odd = locked). It is held only for
-//! short, bounded critical sections that never block, do I/O or allocate: copying a
-//! page into or out of the frame, changing the frame's owner, its flags or the
-//! page-table entry that maps it. Every transition of a page-table entry to or from
-//! `Present(pfn)` happens with `pfn`'s lock held, so "the entry still says `pfn`"
-//! checked under the lock means the frame holds that page.
+//! Each descriptor has a small spin lock (`PageDesc::lock`) for its ownership: which
+//! page-table entry maps the frame (`owner`), its swap copy, its flags and epoch. It
+//! is held only for short, bounded sections that never block, do I/O or allocate.
+//! An entry becomes present or stops being present only with the frame's lock held,
+//! so reclaim, holding it, can follow `owner` to the entry safely.
 //!
-//! Readers of resident pages do not lock: they read `seq`, check the entry, copy
-//! with atomic loads and check `seq` again (the seqlock pattern, on atomics so it is
-//! not a data race; see `copy_out`). A reader that finds the lock held does not spin
-//! on it: it falls back to the locked path (DESIGN.md invariant 5).
-//!
-//! Long-lived holds are pins (`pins`), taken and given under the lock: a count of
-//! shared guards, or `PIN_EXCL` for a mutable guard. Reclaim and writers skip or wait
-//! for pinned frames; optimistic readers skip frames pinned exclusively.
+//! The page's bytes are guarded by its page-table entry, not by the frame: see
+//! `pagetable` (the entry is the page's sequence lock). Lock order: frame lock, then
+//! entry lock. The hit path takes neither.
 //!
 //! ## Locking
 //! `free` (the free list mutex) is a leaf lock: nothing is taken under it. It is never
@@ -30,22 +24,15 @@
 //! transparent (userfaultfd) region will be a second kind with the same descriptor,
 //! counted against the same budget.
 
-use crate::sync::{
-    AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Condvar, Mutex, Ordering,
-};
+use crate::sync::{AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Condvar, Mutex, Ordering};
 use crate::types::{Pfn, PAGE_SIZE};
 use std::io;
 use std::time::Duration;
 
 /// Frame is allocated (owned by a page, or being filled for one).
 pub(crate) const F_INUSE: u32 = 1;
-/// The page was written since its swap copy was made (or it has none yet).
-pub(crate) const F_DIRTY: u32 = 2;
 /// A page-out request for this page is in flight.
 pub(crate) const F_WRITEBACK: u32 = 4;
-
-/// `pins` value of a mutable guard.
-pub(crate) const PIN_EXCL: u32 = 1 << 31;
 
 /// Who may take a frame below the min watermark.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -59,30 +46,32 @@ pub(crate) enum AllocCtx {
     Reserve,
 }
 
-/// The page descriptor of one frame (the kernel's `struct page`), minus the two
-/// words the hit path reads, which live in compact arrays of their own (see
-/// `FrameRef`) so that a read of a resident page touches no descriptor.
+/// The page descriptor of one frame (the kernel's `struct page`).
 #[derive(Debug)]
 pub(crate) struct PageDesc {
-    /// Guard pins: a count of shared guards or `PIN_EXCL`. Protected by the frame lock.
+    /// The frame lock (1 = held).
+    lock: AtomicU32,
+    /// Shared guards pinning the page. Protected by the page's entry lock.
     pub pins: AtomicU32,
     /// `F_*` flags. Protected by the frame lock.
     pub flags: AtomicU32,
     /// Bumped at every allocation, so a page-out completion can tell whether the frame
-    /// still holds the page it copied. Protected by the frame lock.
+    /// still holds the page it copied, and so entry versions start afresh. Protected
+    /// by the frame lock.
     pub epoch: AtomicU32,
     /// The page-table entry that maps this frame (null while unowned). Protected by
     /// the frame lock.
     pub owner: AtomicPtr<AtomicU64>,
     /// Encoded swap entry of the page's swap copy (`Pte::swapped`), 0 if none. The copy
-    /// is valid when the page is not `F_DIRTY`. Holds one slot reference. Protected by
-    /// the frame lock.
+    /// is valid while the entry is not `P_DIRTY`. Holds one slot reference. Protected
+    /// by the frame lock.
     pub swap: AtomicU64,
 }
 
 impl PageDesc {
     fn new() -> PageDesc {
         PageDesc {
+            lock: AtomicU32::new(0),
             pins: AtomicU32::new(0),
             flags: AtomicU32::new(0),
             epoch: AtomicU32::new(0),
@@ -90,82 +79,32 @@ impl PageDesc {
             swap: AtomicU64::new(0),
         }
     }
-}
 
-/// Sequence word: locked.
-pub(crate) const SEQ_LOCK: u32 = 1;
-/// Sequence word: pinned by a mutable guard (optimistic readers stay off).
-pub(crate) const SEQ_EXCL: u32 = 2;
-const SEQ_ONE: u32 = 4;
-
-/// One frame's sequence word, reference bit and descriptor.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct FrameRef<'a> {
-    /// Sequence lock: `SEQ_LOCK` while locked, `SEQ_EXCL` while a mutable guard pins
-    /// the frame, and a count (in steps of `SEQ_ONE`) that moves at every unlock.
-    pub seq: &'a AtomicU32,
-    /// CLOCK reference bit: set by any access without a lock, cleared by reclaim.
-    pub referenced: &'a AtomicBool,
-    desc: &'a PageDesc,
-}
-
-impl std::ops::Deref for FrameRef<'_> {
-    type Target = PageDesc;
-    fn deref(&self) -> &PageDesc {
-        self.desc
-    }
-}
-
-impl FrameRef<'_> {
-    /// Takes the frame lock if it is free; returns the locked sequence value.
+    /// Takes the frame lock if it is free.
     #[inline]
-    pub fn try_lock(&self) -> Option<u32> {
-        let s = self.seq.load(Ordering::Relaxed);
-        if s & SEQ_LOCK != 0 {
-            return None;
-        }
-        self.seq
-            .compare_exchange(s, s | SEQ_LOCK, Ordering::Acquire, Ordering::Relaxed)
-            .ok()?;
-        // Seqlock writer side: the locked value must be visible before any store made
-        // under the lock, so a reader that sees such a store also sees the count move.
-        crate::sync::fence(Ordering::Release);
-        Some(s | SEQ_LOCK)
+    pub fn try_lock(&self) -> bool {
+        self.lock.load(Ordering::Relaxed) == 0
+            && self
+                .lock
+                .compare_exchange(0, 1, Ordering::Acquire, Ordering::Relaxed)
+                .is_ok()
     }
 
     /// Takes the frame lock, waiting for a holder to leave its short section.
-    pub fn lock(&self) -> u32 {
-        let mut got = 0;
-        crate::sync::wait_until(|| match self.try_lock() {
-            Some(s) => {
-                got = s;
-                true
-            }
-            None => false,
-        });
-        got
+    pub fn lock(&self) {
+        crate::sync::wait_until(|| self.try_lock());
     }
 
-    /// Releases the lock taken as `locked`, publishing everything written under it.
-    /// The count moves, and `SEQ_EXCL` follows whether a mutable guard holds the pin.
+    /// Releases the frame lock.
     #[inline]
-    pub fn unlock(&self, locked: u32) {
-        debug_assert_eq!(self.seq.load(Ordering::Relaxed), locked);
-        let excl = if self.desc.pins.load(Ordering::Relaxed) == PIN_EXCL {
-            SEQ_EXCL
-        } else {
-            0
-        };
-        let next = (locked & !(SEQ_LOCK | SEQ_EXCL)).wrapping_add(SEQ_ONE) | excl;
-        self.seq.store(next, Ordering::Release);
+    pub fn unlock(&self) {
+        debug_assert_eq!(self.lock.load(Ordering::Relaxed), 1);
+        self.lock.store(0, Ordering::Release);
     }
 
-    /// Sets the reference bit (no store when it is set already).
-    #[inline]
-    pub fn touch(&self) {
-        if !self.referenced.load(Ordering::Relaxed) {
-            self.referenced.store(true, Ordering::Relaxed);
-        }
+    /// Whether the lock is held (for assertions).
+    pub fn is_locked(&self) -> bool {
+        self.lock.load(Ordering::Relaxed) != 0
     }
 }
 
@@ -175,13 +114,14 @@ pub(crate) struct FrameArena {
     base: *mut u8,
     nframes: usize,
     descs: Box<[PageDesc]>,
-    seqs: Box<[AtomicU32]>,
-    refs: Box<[AtomicBool]>,
     /// Free frame numbers (a stack: the most recently freed, cache-warm frame first).
     /// Capacity `nframes`, so pushing never allocates.
     free: Mutex<Vec<u32>>,
     freed: Condvar,
     nfree: AtomicUsize,
+    /// Counts frees and page-out completions, so a waiter that saw a value before
+    /// scanning sleeps only if nothing happened since.
+    events: AtomicU64,
     waiters: AtomicUsize,
     /// `[min, low, high]` in frames.
     pub wmark: [usize; 3],
@@ -221,11 +161,10 @@ impl FrameArena {
             base: base.cast(),
             nframes,
             descs: (0..nframes).map(|_| PageDesc::new()).collect(),
-            seqs: (0..nframes).map(|_| AtomicU32::new(0)).collect(),
-            refs: (0..nframes).map(|_| AtomicBool::new(false)).collect(),
             free: Mutex::new(free),
             freed: Condvar::new(),
             nfree: AtomicUsize::new(nframes),
+            events: AtomicU64::new(0),
             waiters: AtomicUsize::new(0),
             wmark,
         })
@@ -237,25 +176,12 @@ impl FrameArena {
 
     /// Bytes of metadata the arena holds besides the frames.
     pub fn metadata_bytes(&self) -> usize {
-        self.nframes * (std::mem::size_of::<PageDesc>() + 4 + 4 + 1)
+        self.nframes * (std::mem::size_of::<PageDesc>() + 4)
     }
 
     #[inline]
-    pub fn desc(&self, pfn: Pfn) -> FrameRef<'_> {
-        let i = pfn.0 as usize;
-        FrameRef {
-            seq: &self.seqs[i],
-            referenced: &self.refs[i],
-            desc: &self.descs[i],
-        }
-    }
-
-    /// The sequence word and reference bit of `pfn` alone (all the hit path looks at).
-    /// `None` for a frame number outside the arena (never stored in an entry).
-    #[inline]
-    pub fn hot(&self, pfn: Pfn) -> Option<(&AtomicU32, &AtomicBool)> {
-        let i = pfn.0 as usize;
-        Some((self.seqs.get(i)?, self.refs.get(i)?))
+    pub fn desc(&self, pfn: Pfn) -> &PageDesc {
+        &self.descs[pfn.0 as usize]
     }
 
     /// Start of frame `pfn`'s memory.
@@ -287,15 +213,14 @@ impl FrameArena {
             p
         };
         let d = self.desc(Pfn(pfn));
-        let s = d.lock();
+        d.lock();
         debug_assert_eq!(d.flags.load(Ordering::Relaxed), 0);
         d.flags.store(F_INUSE, Ordering::Relaxed);
         d.epoch.store(
             d.epoch.load(Ordering::Relaxed).wrapping_add(1),
             Ordering::Relaxed,
         );
-        d.referenced.store(true, Ordering::Relaxed);
-        d.unlock(s);
+        d.unlock();
         Some(Pfn(pfn))
     }
 
@@ -303,38 +228,44 @@ impl FrameArena {
     /// owner and swap entry and holds no reference to its memory.
     pub fn free(&self, pfn: Pfn) {
         let d = self.desc(pfn);
-        let s = d.lock();
+        d.lock();
         debug_assert!(d.owner.load(Ordering::Relaxed).is_null());
         debug_assert_eq!(d.swap.load(Ordering::Relaxed), 0);
         debug_assert_eq!(d.pins.load(Ordering::Relaxed), 0);
         d.flags.store(0, Ordering::Relaxed);
-        d.unlock(s);
-        let mut free = self.free.lock();
-        debug_assert!(free.len() < self.nframes);
-        free.push(pfn.0);
-        self.nfree.store(free.len(), Ordering::Relaxed);
-        if self.waiters.load(Ordering::Relaxed) > 0 {
-            self.freed.notify_all();
+        d.unlock();
+        {
+            let mut free = self.free.lock();
+            debug_assert!(free.len() < self.nframes);
+            free.push(pfn.0);
+            self.nfree.store(free.len(), Ordering::Relaxed);
         }
+        self.notify_waiters();
     }
 
-    /// Wakes threads waiting in `wait_for_free` (after a page-out completed, say).
+    /// The event count to pass to `wait_event`; read it before looking for work.
+    pub fn events(&self) -> u64 {
+        self.events.load(Ordering::SeqCst)
+    }
+
+    /// Records an event (a frame freed, a page-out completed) and wakes waiters.
     pub fn notify_waiters(&self) {
-        if self.waiters.load(Ordering::Relaxed) > 0 {
+        self.events.fetch_add(1, Ordering::SeqCst);
+        // Pairs with the waiter's increment-then-check: one of the two sees the other.
+        if self.waiters.load(Ordering::SeqCst) > 0 {
             let _g = self.free.lock();
             self.freed.notify_all();
         }
     }
 
-    /// Sleeps until a frame is freed or `notify_waiters` is called, at most `timeout`.
-    pub fn wait_for_free(&self, timeout: Duration) {
-        let mut free = self.free.lock();
-        if free.len() > self.wmark[0] {
-            return;
+    /// Sleeps until an event happens after `seen` was read, at most `timeout`.
+    pub fn wait_event(&self, seen: u64, timeout: Duration) {
+        let mut g = self.free.lock();
+        self.waiters.fetch_add(1, Ordering::SeqCst);
+        if self.events.load(Ordering::SeqCst) == seen {
+            self.freed.wait_for(&mut g, timeout);
         }
-        self.waiters.fetch_add(1, Ordering::Relaxed);
-        self.freed.wait_for(&mut free, timeout);
-        self.waiters.fetch_sub(1, Ordering::Relaxed);
+        self.waiters.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

@@ -5,17 +5,33 @@
 //!
 //! Entries (`AtomicU64`) encode one of:
 //! - `EMPTY` (0): never touched (reads as zeros, owns nothing);
-//! - `Present(pfn)`: resident in frame `pfn`;
+//! - `Present`: resident in a frame, with the frame number, a version and the bits
+//!   `P_LOCK`, `P_EXCL`, `P_SHARED`, `P_DIRTY`, `P_ACCESSED` (below);
 //! - `Swapped(entry)`: on a swap device, holding one reference on the slot;
 //! - `BUSY`: a fault is filling the page; others wait until it changes.
 //!
+//! ## A present entry is the page's sequence lock
+//! The page's bytes and its entry change only while the entry is locked (`P_LOCK`,
+//! taken by CAS, held for short sections that never block: a write, a page-out copy,
+//! an eviction). Every unlock after the bytes may have changed bumps the version. A
+//! reader loads the entry, copies the bytes with atomic loads and loads the entry
+//! again: the same value means it read the page as it was at some instant, with no
+//! store of its own. The version starts each time a page is installed from the
+//! frame's allocation count, so a frame that leaves and comes back does not bring
+//! back an old value (ABA) unless 2^25 versions pass during one read.
+//!
+//! Guards are bits too: `P_EXCL` (a mutable guard: readers and writers stay off) and
+//! `P_SHARED` (shared guards, counted in the frame's descriptor under the entry lock:
+//! writers stay off). `P_DIRTY` says the page differs from its swap copy; `P_ACCESSED`
+//! is the CLOCK reference bit, set by any access (by CAS, so it can never land on an
+//! entry that changed meanwhile) and cleared by reclaim.
+//!
 //! Nodes are created with a compare-and-swap and freed only when the table is
 //! dropped, so a lock-free reader can hold `&AtomicU64` for as long as it holds the
-//! address space. Transitions of an entry are made by the fault path (`EMPTY`/
-//! `Swapped` → `BUSY` → `Present`, by CAS), and to or from `Present(pfn)` only
-//! under `pfn`'s frame lock (see `frame`).
+//! address space. An entry goes `EMPTY`/`Swapped` → `BUSY` → present by the fault
+//! path (CAS), and to or from present only under the frame's lock (see `frame`).
 
-use crate::sync::{Arc, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
+use crate::sync::{fence, Arc, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 use crate::types::{Pfn, SwapEntry, PAGE_SHIFT, VADDR_BITS};
 use std::alloc::{alloc_zeroed, dealloc, Layout};
 
@@ -30,9 +46,22 @@ const TOP_LEN: usize = 1 << TOP_BITS;
 pub(crate) const EMPTY: u64 = 0;
 /// Entry value while a fault fills the page.
 pub(crate) const BUSY: u64 = 3;
-const TAG_MASK: u64 = 3;
-const TAG_PRESENT: u64 = 1;
+pub(crate) const TAG_MASK: u64 = 3;
+pub(crate) const TAG_PRESENT: u64 = 1;
 const TAG_SWAP: u64 = 2;
+/// Present entry: locked.
+pub(crate) const P_LOCK: u64 = 1 << 2;
+/// Present entry: pinned by a mutable guard.
+pub(crate) const P_EXCL: u64 = 1 << 3;
+/// Present entry: pinned by one or more shared guards.
+pub(crate) const P_SHARED: u64 = 1 << 4;
+/// Present entry: written since its swap copy was made (or it has none).
+pub(crate) const P_DIRTY: u64 = 1 << 5;
+/// Present entry: used since reclaim last looked (CLOCK reference bit).
+pub(crate) const P_ACCESSED: u64 = 1 << 6;
+const VER_SHIFT: u32 = 7;
+const VER_MASK: u64 = ((1 << 25) - 1) << VER_SHIFT;
+const PFN_SHIFT: u32 = 32;
 
 /// A decoded page-table entry.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -48,7 +77,7 @@ impl Pte {
     pub fn decode(v: u64) -> Pte {
         match v & TAG_MASK {
             0 => Pte::Empty,
-            TAG_PRESENT => Pte::Present(Pfn((v >> 2) as u32)),
+            TAG_PRESENT => Pte::Present(Pfn((v >> PFN_SHIFT) as u32)),
             TAG_SWAP => Pte::Swapped(SwapEntry {
                 dev: ((v >> 2) & 0x3f) as u8,
                 slot: v >> 8,
@@ -56,14 +85,65 @@ impl Pte {
             _ => Pte::Busy,
         }
     }
+    /// A present entry for `pfn` whose version starts from the frame's allocation
+    /// count `epoch`, with `bits` (`P_DIRTY`, `P_ACCESSED`).
     #[inline]
-    pub fn present(pfn: Pfn) -> u64 {
-        (u64::from(pfn.0) << 2) | TAG_PRESENT
+    pub fn present(pfn: Pfn, epoch: u32, bits: u64) -> u64 {
+        (u64::from(pfn.0) << PFN_SHIFT)
+            | ((u64::from(epoch) << (VER_SHIFT + 12)) & VER_MASK)
+            | bits
+            | TAG_PRESENT
     }
     #[inline]
     pub fn swapped(e: SwapEntry) -> u64 {
         debug_assert!(e.dev < 64 && e.slot < (1 << 56));
         (e.slot << 8) | (u64::from(e.dev) << 2) | TAG_SWAP
+    }
+    /// The frame of a present entry.
+    #[inline]
+    pub fn pfn(v: u64) -> Pfn {
+        Pfn((v >> PFN_SHIFT) as u32)
+    }
+    /// `v` (unlocked) with its version moved on.
+    #[inline]
+    pub fn bump(v: u64) -> u64 {
+        let ver = (v & VER_MASK).wrapping_add(1 << VER_SHIFT) & VER_MASK;
+        (v & !VER_MASK & !P_LOCK) | ver
+    }
+}
+
+/// Locks a present entry that has none of the bits in `forbid` (besides `P_LOCK`).
+/// Returns the unlocked value it had. The caller stores the new (unlocked) value.
+#[inline]
+pub(crate) fn try_lock_present(pte: &AtomicU64, forbid: u64) -> Option<u64> {
+    let v = pte.load(Ordering::Relaxed);
+    if v & (TAG_MASK | P_LOCK | forbid) != TAG_PRESENT {
+        return None;
+    }
+    pte.compare_exchange(v, v | P_LOCK, Ordering::Acquire, Ordering::Relaxed)
+        .ok()?;
+    // Seqlock writer side: the locked value must be visible before any store made
+    // under the lock, so a reader that sees such a store also sees the entry move.
+    fence(Ordering::Release);
+    Some(v)
+}
+
+/// Locks a present entry that maps `pfn`, waiting out short holders of `P_LOCK`.
+/// `None` if the entry does not map `pfn` (any more).
+pub(crate) fn lock_present(pte: &AtomicU64, pfn: Pfn) -> Option<u64> {
+    loop {
+        let v = pte.load(Ordering::Acquire);
+        if Pte::decode(v) != Pte::Present(pfn) {
+            return None;
+        }
+        if let Some(v) = try_lock_present(pte, 0) {
+            if Pte::pfn(v) == pfn {
+                return Some(v);
+            }
+            pte.store(v, Ordering::Release);
+            return None;
+        }
+        crate::sync::wait_until(|| pte.load(Ordering::Relaxed) & P_LOCK == 0);
     }
 }
 
@@ -258,10 +338,19 @@ mod tests {
             slot: (1 << 40) + 5,
         };
         assert_eq!(Pte::decode(Pte::swapped(e)), Pte::Swapped(e));
-        assert_eq!(
-            Pte::decode(Pte::present(Pfn(u32::MAX))),
-            Pte::Present(Pfn(u32::MAX))
-        );
+        let p = Pte::present(Pfn(u32::MAX), 77, P_DIRTY);
+        assert_eq!(Pte::decode(p), Pte::Present(Pfn(u32::MAX)));
+        assert_eq!(Pte::decode(Pte::bump(p)), Pte::Present(Pfn(u32::MAX)));
+        assert_ne!(Pte::bump(p), p);
+        assert_eq!(Pte::bump(p) & P_DIRTY, P_DIRTY);
+        assert_eq!(Pte::bump(p | P_LOCK) & P_LOCK, 0);
+        // The version wraps inside its field.
+        let mut q = p;
+        for _ in 0..(1 << 13) {
+            q = Pte::bump(q);
+        }
+        assert_eq!(Pte::pfn(q), Pfn(u32::MAX));
+        assert_eq!(q & (P_DIRTY | TAG_MASK), P_DIRTY | TAG_PRESENT);
         assert_eq!(Pte::decode(EMPTY), Pte::Empty);
         assert_eq!(Pte::decode(BUSY), Pte::Busy);
     }

@@ -30,8 +30,8 @@
 
 use crate::engine::Engine;
 use crate::error::{Error, Result};
-use crate::frame::{AllocCtx, FrameRef, F_DIRTY, F_INUSE, F_WRITEBACK};
-use crate::pagetable::Pte;
+use crate::frame::{AllocCtx, PageDesc, F_INUSE, F_WRITEBACK};
+use crate::pagetable::{lock_present, Pte, P_ACCESSED, P_DIRTY, P_EXCL, P_LOCK, P_SHARED};
 use crate::stats::Counters;
 use crate::swap::NoSlot;
 use crate::sync::{AtomicU64, Ordering};
@@ -61,7 +61,8 @@ pub(crate) struct ScanResult {
 
 impl Engine {
     /// Scans up to `nr` frames from the clock hand; stops early once `want` frames
-    /// are freed. Queued page-outs are kicked before returning.
+    /// are freed or queued for page-out (whose completion frees them). Queued
+    /// page-outs are kicked before returning.
     pub fn shrink(&self, nr: usize, want: usize) -> ScanResult {
         let n = self.frames.nframes();
         let nr = nr.min(n);
@@ -71,7 +72,7 @@ impl Engine {
             let pfn = Pfn(((start + k) % n) as u32);
             r.scanned += 1;
             self.reclaim_frame(pfn, &mut r);
-            if r.evicted >= want {
+            if r.evicted + r.queued >= want {
                 break;
             }
         }
@@ -92,47 +93,58 @@ impl Engine {
             r.writeback += 1;
             return;
         }
-        if d.referenced.load(Ordering::Relaxed) {
-            d.referenced.store(false, Ordering::Relaxed);
-            return;
-        }
-        if d.pins.load(Ordering::Relaxed) != 0 {
+        if !d.try_lock() {
             r.busy += 1;
             return;
         }
-        let Some(s) = d.try_lock() else {
-            r.busy += 1;
-            return;
-        };
         let f = d.flags.load(Ordering::Relaxed);
         let owner = d.owner.load(Ordering::Relaxed);
         if f & F_INUSE == 0 || f & F_WRITEBACK != 0 || owner.is_null() {
-            d.unlock(s);
+            d.unlock();
             return;
         }
-        if d.pins.load(Ordering::Relaxed) != 0 {
-            d.unlock(s);
+        // SAFETY: an owner pointer is valid while its frame is locked and owned: the
+        // space clears it (under this lock) before its page table can be freed.
+        let pte = unsafe { &*owner };
+        let v = pte.load(Ordering::Acquire);
+        debug_assert_eq!(Pte::decode(v), Pte::Present(pfn));
+        if v & P_ACCESSED != 0 {
+            // Second chance. A CAS, so a concurrent writer's store is never undone;
+            // if it fails the page is in use anyway.
+            let _ = pte.compare_exchange(v, v & !P_ACCESSED, Ordering::Relaxed, Ordering::Relaxed);
+            d.unlock();
+            return;
+        }
+        if v & (P_LOCK | P_EXCL | P_SHARED) != 0
+            || pte
+                .compare_exchange(v, v | P_LOCK, Ordering::Acquire, Ordering::Relaxed)
+                .is_err()
+        {
+            d.unlock();
             r.busy += 1;
             return;
         }
+        // Frame lock and entry lock held: the page is ours to drop or copy.
         let sw = d.swap.load(Ordering::Relaxed);
-        if f & F_DIRTY == 0 && sw != 0 {
-            self.evict_locked(d, pfn, owner, sw);
-            d.unlock(s);
+        if v & P_DIRTY == 0 && sw != 0 {
+            self.evict_locked(d, pte, sw);
+            d.unlock();
             self.frames.free(pfn);
             r.evicted += 1;
             return;
         }
         // Dirty, or never written out: queue a page-out.
         let Some(req) = self.io.take() else {
-            d.unlock(s);
+            pte.store(v, Ordering::Release);
+            d.unlock();
             r.pool_empty = true;
             return;
         };
         let e = match self.swap.alloc() {
             Ok(e) => e,
             Err(why) => {
-                d.unlock(s);
+                pte.store(v, Ordering::Release);
+                d.unlock();
                 self.io.release(req);
                 r.no_slot = Some(why);
                 return;
@@ -144,36 +156,34 @@ impl Engine {
             self.swap.put_encoded(sw);
             d.swap.store(0, Ordering::Relaxed);
         }
-        // SAFETY: we hold the frame lock, so no writer stores into the frame; the
+        // SAFETY: we hold the entry lock, so no writer stores into the frame; the
         // request buffer is ours (taken from the pool). Concurrent optimistic readers
         // only load, so reading the frame here is not a race.
         unsafe {
             std::ptr::copy_nonoverlapping(self.frames.frame_ptr(pfn), self.io.buf(req), PAGE_SIZE)
         };
-        d.flags
-            .store((f & !F_DIRTY) | F_WRITEBACK, Ordering::Relaxed);
+        // The bytes did not change: no version bump; clean from now on.
+        pte.store(v & !P_DIRTY, Ordering::Release);
+        d.flags.store(f | F_WRITEBACK, Ordering::Relaxed);
         let rq = &self.io.reqs[req as usize];
         rq.pfn.store(pfn.0, Ordering::Relaxed);
         rq.epoch
             .store(d.epoch.load(Ordering::Relaxed), Ordering::Relaxed);
         rq.entry.store(Pte::swapped(e), Ordering::Relaxed);
-        d.unlock(s);
+        d.unlock();
         self.io.submit(req);
         r.queued += 1;
     }
 
     /// Drops a clean page with a valid swap copy from memory: its page-table entry
-    /// takes over the slot reference. Preconditions: `d` is locked, owned by `owner`,
-    /// unpinned, not dirty, not under page-out. The caller frees the frame after
-    /// unlocking.
-    fn evict_locked(&self, d: FrameRef<'_>, pfn: Pfn, owner: *mut AtomicU64, sw: u64) {
-        debug_assert_ne!(d.seq.load(Ordering::Relaxed) & crate::frame::SEQ_LOCK, 0);
-        debug_assert_eq!(d.flags.load(Ordering::Relaxed) & (F_DIRTY | F_WRITEBACK), 0);
-        debug_assert_eq!(d.pins.load(Ordering::Relaxed), 0);
-        // SAFETY: an owner pointer is valid while its frame is locked and owned: the
-        // space clears it (under this lock) before its page table can be freed.
-        let pte = unsafe { &*owner };
-        debug_assert_eq!(pte.load(Ordering::Relaxed), Pte::present(pfn));
+    /// becomes `Swapped` and takes over the slot reference (which also unlocks it).
+    /// Preconditions: the frame lock and the entry lock are held, the page is not
+    /// dirty, pinned or under page-out. The caller frees the frame after unlocking.
+    fn evict_locked(&self, d: &PageDesc, pte: &AtomicU64, sw: u64) {
+        debug_assert!(d.is_locked());
+        let v = pte.load(Ordering::Relaxed);
+        debug_assert_eq!(v & (P_LOCK | P_DIRTY | P_EXCL | P_SHARED), P_LOCK);
+        debug_assert_eq!(d.flags.load(Ordering::Relaxed) & F_WRITEBACK, 0);
         pte.store(sw, Ordering::Release);
         d.swap.store(0, Ordering::Relaxed);
         d.owner.store(std::ptr::null_mut(), Ordering::Relaxed);
@@ -204,35 +214,43 @@ impl Engine {
             }
         }
         let d = self.frames.desc(pfn);
-        let s = d.lock();
+        d.lock();
         let f = d.flags.load(Ordering::Relaxed);
         let owner = d.owner.load(Ordering::Relaxed);
-        let mut freed = false;
         let mine = f & F_INUSE != 0
             && f & F_WRITEBACK != 0
             && d.epoch.load(Ordering::Relaxed) == epoch
             && !owner.is_null();
+        let mut freed = false;
         if mine {
             d.flags.store(f & !F_WRITEBACK, Ordering::Relaxed);
+            // SAFETY: owner pointers are valid while the frame is locked and owned.
+            let pte = unsafe { &*owner };
+            // The frame is owned and locked, so the entry maps it.
+            let v = lock_present(pte, pfn).unwrap_or_else(|| unreachable!("owner entry moved"));
             match res {
-                Ok(()) if f & F_DIRTY == 0 => {
+                Ok(()) if v & P_DIRTY == 0 => {
                     debug_assert_eq!(d.swap.load(Ordering::Relaxed), 0);
                     d.swap.store(ev, Ordering::Relaxed);
                     // Reclaim chose this page; drop it now unless it was used since or
                     // memory is no longer short.
                     if self.frames.free_count() < self.frames.wmark[2]
-                        && !d.referenced.load(Ordering::Relaxed)
-                        && d.pins.load(Ordering::Relaxed) == 0
+                        && v & (P_ACCESSED | P_EXCL | P_SHARED) == 0
                     {
-                        self.evict_locked(d, pfn, owner, ev);
+                        self.evict_locked(d, pte, ev);
                         freed = true;
+                    } else {
+                        pte.store(v, Ordering::Release);
                     }
                 }
                 // Written again while in flight: the copy is stale already.
-                Ok(()) => self.swap.put(e),
+                Ok(()) => {
+                    pte.store(v, Ordering::Release);
+                    self.swap.put(e);
+                }
                 Err(_) => {
                     // The page stays resident and dirty; a later scan retries.
-                    d.flags.store(f & !F_WRITEBACK | F_DIRTY, Ordering::Relaxed);
+                    pte.store(v | P_DIRTY, Ordering::Release);
                     self.swap.put(e);
                 }
             }
@@ -240,7 +258,7 @@ impl Engine {
             // The page was unmapped while in flight.
             self.swap.put(e);
         }
-        d.unlock(s);
+        d.unlock();
         if freed {
             self.frames.free(pfn);
         }
@@ -279,18 +297,19 @@ impl Engine {
             let mut idle_scan = 0usize;
             while self.frames.free_count() < high && !self.shutdown.load(Ordering::Acquire) {
                 let want = high - self.frames.free_count();
+                let seen = self.frames.events();
                 let r = self.shrink(SCAN_BATCH, want);
                 if r.evicted > 0 {
                     idle_scan = 0;
                     continue;
                 }
                 idle_scan += r.scanned;
-                if r.queued > 0 && !r.pool_empty {
+                if r.queued > 0 && !r.pool_empty && self.io.inflight() < want {
                     continue;
                 }
                 if self.io.inflight() > 0 {
-                    // Wait for page-outs to finish (their completions free frames).
-                    self.frames.wait_for_free(Duration::from_millis(2));
+                    // Page-outs are in flight; their completions free frames.
+                    self.frames.wait_event(seen, Duration::from_millis(10));
                     continue;
                 }
                 if idle_scan > 2 * n {
@@ -311,6 +330,7 @@ impl Engine {
         let mut errors_at_start = None;
         let mut no_slot = None;
         loop {
+            let seen = self.frames.events();
             if let Some(p) = self.frames.alloc(AllocCtx::Normal) {
                 if self.frames.free_count() < self.frames.wmark[1] {
                     self.wake_kswapd();
@@ -324,7 +344,6 @@ impl Engine {
                 fruitless = 0;
                 continue;
             }
-            fruitless += r.scanned;
             no_slot = r.no_slot.or(no_slot);
             let errs = self.cnt.write_errors.load(Ordering::Relaxed);
             let errs0 = *errors_at_start.get_or_insert(errs);
@@ -343,16 +362,21 @@ impl Engine {
                 });
             }
             if r.queued > 0 || self.io.inflight() > 0 {
-                self.frames.wait_for_free(Duration::from_millis(2));
+                // Page-out is under way: its completion frees a frame (or makes a
+                // clean page to drop). Sleep until something happens.
+                self.frames.wait_event(seen, Duration::from_millis(10));
                 continue;
             }
-            if fruitless < 3 * n || r.busy > 0 {
+            fruitless += r.scanned;
+            if fruitless < 3 * n {
+                continue; // still sweeping: reference bits are being cleared
+            }
+            if r.busy > 0 && fruitless < 8 * n {
                 std::thread::yield_now();
-                if fruitless < 8 * n {
-                    continue;
-                }
+                continue;
             }
             if self.frames.free_count() > self.frames.wmark[0] {
+                fruitless = 0;
                 continue;
             }
             return Err(match no_slot {

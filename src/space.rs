@@ -17,7 +17,7 @@
 
 use crate::engine::Engine;
 use crate::error::{Error, Result};
-use crate::pagetable::{PageTable, Pte, BUSY, EMPTY};
+use crate::pagetable::{PageTable, Pte, BUSY, EMPTY, P_EXCL, P_LOCK, P_SHARED};
 use crate::sync::{wait_until, Arc, Ordering, RwLock};
 use crate::types::{VAddr, PAGE_SIZE, VADDR_END};
 use std::collections::BTreeMap;
@@ -171,21 +171,31 @@ impl SpaceInner {
                 }
                 Pte::Present(pfn) => {
                     let d = eng.frames.desc(pfn);
-                    let s = d.lock();
-                    if pte.load(Ordering::Acquire) != v {
-                        d.unlock(s);
+                    d.lock();
+                    let v = pte.load(Ordering::Acquire);
+                    if Pte::decode(v) != Pte::Present(pfn) {
+                        d.unlock();
                         continue;
                     }
-                    if d.pins.load(Ordering::Relaxed) != 0 {
-                        // A guard on this page is alive: wait for it to go.
-                        d.unlock(s);
-                        wait_until(|| d.pins.load(Ordering::Acquire) == 0);
+                    if v & (P_LOCK | P_EXCL | P_SHARED) != 0 {
+                        // A writer (short) or a guard (until dropped): wait unlocked.
+                        d.unlock();
+                        wait_until(|| {
+                            let now = pte.load(Ordering::Acquire);
+                            now != v || now & (P_LOCK | P_EXCL | P_SHARED) == 0
+                        });
+                        continue;
+                    }
+                    if pte
+                        .compare_exchange(v, EMPTY, Ordering::AcqRel, Ordering::Relaxed)
+                        .is_err()
+                    {
+                        d.unlock();
                         continue;
                     }
                     eng.swap.put_encoded(d.swap.swap(0, Ordering::Relaxed));
                     d.owner.store(std::ptr::null_mut(), Ordering::Relaxed);
-                    pte.store(EMPTY, Ordering::Release);
-                    d.unlock(s);
+                    d.unlock();
                     eng.frames.free(pfn);
                     return;
                 }

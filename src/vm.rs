@@ -12,7 +12,7 @@ use crate::error::{Error, Result};
 use crate::fault::Want;
 use crate::space::{Region, SpaceInner};
 use crate::stats::{Stats, SwapInfo};
-use crate::sync::{Arc, Mutex};
+use crate::sync::{Arc, AtomicU64, Mutex};
 use crate::types::{Pfn, SwapId, VAddr, PAGE_SIZE};
 use std::marker::PhantomData;
 use std::thread::JoinHandle;
@@ -143,17 +143,21 @@ impl Vm {
         let eng = self.eng();
         let n = eng.frames.nframes();
         let mut freed = 0;
-        let mut scanned = 0;
-        while freed < pages && scanned < 4 * n {
-            let r = eng.shrink(64, pages - freed);
-            freed += r.evicted;
-            scanned += r.scanned;
-            if r.pool_empty || (r.evicted == 0 && eng.io.inflight() > 0 && r.queued == 0) {
-                eng.frames.wait_for_free(Duration::from_millis(1));
+        // Pass one clears reference bits and queues dirty pages; pass two (after their
+        // page-out) drops them, clean, without I/O.
+        for _ in 0..2 {
+            let mut scanned = 0;
+            while freed < pages && scanned < 3 * n {
+                let seen = eng.frames.events();
+                let r = eng.shrink(64, pages - freed);
+                freed += r.evicted;
+                scanned += r.scanned;
+                if r.pool_empty {
+                    eng.frames.wait_event(seen, Duration::from_millis(10));
+                }
             }
+            crate::sync::wait_until(|| eng.io.inflight() == 0);
         }
-        // Let queued page-outs finish so their pages can go.
-        crate::sync::wait_until(|| eng.io.inflight() == 0);
         freed
     }
 }
@@ -216,9 +220,10 @@ impl AddressSpace {
     /// Do not hold a `PageMut` of the same page in the same thread (it would wait for
     /// itself). Errors as for `read`.
     pub fn page(&self, addr: VAddr) -> Result<PageRef<'_>> {
-        let pfn = self.inner.pin(addr, Want::Shared)?;
+        let (pte, pfn) = self.inner.pin(addr, Want::Shared)?;
         Ok(PageRef {
             space: &self.inner,
+            pte,
             pfn,
             ptr: self.inner.eng.frames.frame_ptr(pfn),
             _not_send: PhantomData,
@@ -228,9 +233,10 @@ impl AddressSpace {
     /// Pins the page containing `addr` exclusively and returns a guard that writes
     /// it. Other accesses to that page wait until the guard is dropped.
     pub fn page_mut(&self, addr: VAddr) -> Result<PageMut<'_>> {
-        let pfn = self.inner.pin(addr, Want::Exclusive)?;
+        let (pte, pfn) = self.inner.pin(addr, Want::Exclusive)?;
         Ok(PageMut {
             space: &self.inner,
+            pte,
             pfn,
             ptr: self.inner.eng.frames.frame_ptr(pfn),
             _not_send: PhantomData,
@@ -242,6 +248,7 @@ impl AddressSpace {
 #[derive(Debug)]
 pub struct PageRef<'a> {
     space: &'a SpaceInner,
+    pte: &'a AtomicU64,
     pfn: Pfn,
     ptr: *mut u8,
     _not_send: PhantomData<*mut u8>,
@@ -258,7 +265,7 @@ impl std::ops::Deref for PageRef<'_> {
 
 impl Drop for PageRef<'_> {
     fn drop(&mut self) {
-        self.space.unpin(self.pfn, Want::Shared);
+        self.space.unpin(self.pte, self.pfn, Want::Shared);
     }
 }
 
@@ -266,6 +273,7 @@ impl Drop for PageRef<'_> {
 #[derive(Debug)]
 pub struct PageMut<'a> {
     space: &'a SpaceInner,
+    pte: &'a AtomicU64,
     pfn: Pfn,
     ptr: *mut u8,
     _not_send: PhantomData<*mut u8>,
@@ -289,7 +297,7 @@ impl std::ops::DerefMut for PageMut<'_> {
 
 impl Drop for PageMut<'_> {
     fn drop(&mut self) {
-        self.space.unpin(self.pfn, Want::Exclusive);
+        self.space.unpin(self.pte, self.pfn, Want::Exclusive);
     }
 }
 
