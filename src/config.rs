@@ -75,8 +75,11 @@ impl Config {
                 MIN_BUDGET_FRAMES
             )));
         }
-        if n > u32::MAX as usize - 1 {
-            return Err(Error::Config("memory budget above 16 TiB".into()));
+        if n > crate::pagetable::MAX_FRAMES {
+            return Err(Error::Config(format!(
+                "memory budget above {} GiB",
+                (crate::pagetable::MAX_FRAMES * PAGE_SIZE) >> 30
+            )));
         }
         Ok(n)
     }

@@ -26,6 +26,12 @@ pub(crate) struct Engine {
     pub kswapd_lock: Mutex<bool>,
     pub kswapd_wake: Condvar,
     pub shutdown: AtomicBool,
+    /// Extra mappings of frames shared copy-on-write (see `rmap`): frame → entries.
+    pub rmap: Mutex<std::collections::HashMap<u32, Vec<usize>>>,
+    /// Every live address space (the kernel's mmlist), for swapoff. A space is added
+    /// before anything can map a slot into it (fork adds the child before copying)
+    /// and drops out when its last handle goes.
+    pub spaces: Mutex<Vec<std::sync::Weak<crate::space::SpaceInner>>>,
     /// Device of the most recent failed page-out (for the error of an allocation
     /// that cannot progress because page-out keeps failing).
     pub last_write_error_dev: AtomicU8,
@@ -47,6 +53,8 @@ impl Engine {
             kswapd_wake: Condvar::new(),
             shutdown: AtomicBool::new(false),
             last_write_error_dev: AtomicU8::new(0),
+            rmap: Mutex::new(Default::default()),
+            spaces: Mutex::new(Vec::new()),
         })
     }
 
@@ -68,6 +76,7 @@ impl Engine {
             pgscan: l(&c.pgscan),
             pgsteal: l(&c.pgsteal),
             direct_reclaim: l(&c.direct_reclaim),
+            cow_faults: l(&c.cow_faults),
             write_errors: l(&c.write_errors),
             read_errors: l(&c.read_errors),
             free_frames: self.frames.free_count() as u64,

@@ -26,10 +26,10 @@
 //! lock and the claimed entry held; reclaim needs neither.
 
 use crate::error::{Error, Result};
-use crate::frame::{copy_in, copy_out, zero_frame, F_INUSE};
+use crate::frame::{copy_in, copy_out, zero_frame, AllocCtx, F_INUSE};
 use crate::pagetable::{
-    lock_present, try_lock_present, Pte, BUSY, EMPTY, P_ACCESSED, P_DIRTY, P_EXCL, P_LOCK,
-    P_SHARED, TAG_MASK, TAG_PRESENT,
+    lock_present, try_lock_present, unlock_entry, Pte, BUSY, EMPTY, P_ACCESSED, P_COW, P_DIRTY,
+    P_EXCL, P_LOCK, P_SHARED, P_SHARED_ONE, TAG_MASK, TAG_PRESENT,
 };
 use crate::space::SpaceInner;
 use crate::stats::Counters;
@@ -77,7 +77,7 @@ impl SpaceInner {
                 if this.write_fast(a, src) {
                     return Ok(());
                 }
-                this.prepare_write(a, P_EXCL | P_SHARED)?;
+                this.prepare_write(a, P_EXCL | P_SHARED | P_COW)?;
             }
         })
     }
@@ -147,7 +147,7 @@ impl SpaceInner {
         let Some(pte) = self.pt.lookup(a.vpn()) else {
             return false;
         };
-        let Some(v) = try_lock_present(pte, P_EXCL | P_SHARED) else {
+        let Some(v) = try_lock_present(pte, P_EXCL | P_SHARED | P_COW) else {
             return false;
         };
         let frames = &self.eng.frames;
@@ -197,10 +197,17 @@ impl SpaceInner {
             match Pte::decode(v) {
                 Pte::Empty => return self.fault_zero(pte),
                 Pte::Swapped(_) => return self.fault_swapin(pte, v),
+                Pte::Present(pfn)
+                    if forbid & P_COW != 0
+                        && v & P_COW != 0
+                        && v & (P_LOCK | P_EXCL | P_SHARED) == 0 =>
+                {
+                    return self.cow_break(pte, pfn)
+                }
                 Pte::Busy | Pte::Present(_) => {}
             }
         }
-        self.wait_page(a, forbid);
+        self.wait_page(a, forbid & !P_COW);
         Ok(())
     }
 
@@ -222,19 +229,80 @@ impl SpaceInner {
     }
 
     /// Publishes `pfn` (filled) as the page of `pte` (which this thread claimed as
-    /// `BUSY`). `swap` is the encoded swap copy it keeps (0 for none); `dirty` whether
-    /// it must be written before it can be dropped.
-    fn install(&self, pte: &AtomicU64, pfn: Pfn, swap: u64, dirty: bool) {
-        let d = self.eng.frames.desc(pfn);
+    /// `BUSY`, or holds locked). `swap` is the encoded swap copy it keeps (0 for none);
+    /// `dirty` whether it must be written before it can be dropped.
+    pub(crate) fn install(&self, pte: &AtomicU64, pfn: Pfn, swap: u64, dirty: bool) {
+        let eng = &*self.eng;
+        let d = eng.frames.desc(pfn);
         d.lock();
-        d.owner
-            .store(pte as *const AtomicU64 as *mut AtomicU64, Ordering::Relaxed);
         d.swap.store(swap, Ordering::Relaxed);
         d.flags.store(F_INUSE, Ordering::Relaxed);
+        eng.rmap_add(d, pfn, pte);
         let bits = P_ACCESSED | if dirty { P_DIRTY } else { 0 };
         let epoch = d.epoch.load(Ordering::Relaxed);
         pte.store(Pte::present(pfn, epoch, bits), Ordering::Release);
         d.unlock();
+    }
+
+    /// Copy-on-write fault: `pte` maps `old` shared with other entries (after a fork).
+    /// Gives this entry a private copy, or, if the other mappings are gone, just takes
+    /// the frame for itself. Returns when a retry of the write may succeed.
+    fn cow_break(&self, pte: &AtomicU64, old: Pfn) -> Result<()> {
+        let eng = &*self.eng;
+        let d = eng.frames.desc(old);
+        d.lock();
+        if d.mapcount.load(Ordering::Relaxed) == 1 {
+            // The last mapping: nothing to copy.
+            if let Some(v) = try_lock_present(pte, P_EXCL | P_SHARED) {
+                if Pte::pfn(v) == old {
+                    unlock_entry(pte, P_COW, 0);
+                } else {
+                    unlock_entry(pte, 0, 0);
+                }
+            }
+            d.unlock();
+            return Ok(());
+        }
+        d.unlock();
+        // Allocating may reclaim: no frame or entry lock is held here.
+        let new = eng.alloc_frame(AllocCtx::Normal)?;
+        d.lock();
+        match try_lock_present(pte, P_EXCL | P_SHARED) {
+            Some(v) if Pte::pfn(v) == old && v & P_COW != 0 => {}
+            Some(_) => {
+                unlock_entry(pte, 0, 0);
+                d.unlock();
+                eng.frames.free(new);
+                return Ok(());
+            }
+            None => {
+                d.unlock();
+                eng.frames.free(new);
+                return Ok(());
+            }
+        };
+        if d.mapcount.load(Ordering::Relaxed) == 1 {
+            unlock_entry(pte, P_COW, 0);
+            d.unlock();
+            eng.frames.free(new);
+            return Ok(());
+        }
+        // SAFETY: `old` is shared copy-on-write, so nobody writes it; `new` is ours and
+        // not yet visible (stale readers only load from it).
+        unsafe {
+            copy_in(
+                eng.frames.frame_ptr(new),
+                std::slice::from_raw_parts(eng.frames.frame_ptr(old), PAGE_SIZE),
+            )
+        };
+        eng.rmap_remove(d, old, pte);
+        d.unlock();
+        // The entry is still locked (and no longer in `old`'s map); `new` is mapped by
+        // nobody, so taking its frame lock here cannot wait on an entry lock.
+        self.install(pte, new, 0, true);
+        Counters::inc(&eng.cnt.pgfault);
+        Counters::inc(&eng.cnt.cow_faults);
+        Ok(())
     }
 
     /// Zero-fill fault: `pte` was `Empty`.
@@ -245,7 +313,7 @@ impl SpaceInner {
         {
             return Ok(()); // someone else is faulting it; the caller retries
         }
-        let pfn = match self.eng.alloc_frame() {
+        let pfn = match self.eng.alloc_frame(AllocCtx::Normal) {
             Ok(p) => p,
             Err(e) => {
                 pte.store(EMPTY, Ordering::Release);
@@ -271,7 +339,7 @@ impl SpaceInner {
             return Ok(());
         }
         let eng = &*self.eng;
-        let pfn = match eng.alloc_frame() {
+        let pfn = match eng.alloc_frame(AllocCtx::Reserve) {
             Ok(p) => p,
             Err(err) => {
                 pte.store(v, Ordering::Release);
@@ -298,7 +366,15 @@ impl SpaceInner {
             Counters::inc(&eng.cnt.read_errors);
             return Err(err);
         }
-        self.install(pte, pfn, v, false);
+        if eng.swap.free_slots() < eng.io.capacity() as u64 {
+            // Swap is (nearly) full: free the slot now, as the kernel does when swap
+            // is full, so reclaim can write another page there. The page is dirty
+            // again (its only copy is in memory).
+            self.install(pte, pfn, 0, true);
+            eng.swap.put(e);
+        } else {
+            self.install(pte, pfn, v, false);
+        }
         Counters::inc(&eng.cnt.pgfault);
         Counters::inc(&eng.cnt.pgmajfault);
         Counters::inc(&eng.cnt.pswpin);
@@ -312,33 +388,35 @@ impl SpaceInner {
         }
         let forbid = match want {
             Want::Shared => P_EXCL,
-            Want::Exclusive => P_EXCL | P_SHARED,
+            Want::Exclusive => P_EXCL | P_SHARED | P_COW,
         };
         loop {
             if let Some(got) = self.try_pin(a, want, forbid) {
                 return Ok(got);
             }
-            self.prepare_write(a, forbid)?;
+            // Shared pins are counted in 4 bits of the entry: when full, wait for one
+            // to go.
+            let full = self
+                .pt
+                .lookup(a.vpn())
+                .is_some_and(|p| p.load(Ordering::Relaxed) & P_SHARED == P_SHARED);
+            self.prepare_write(a, if full { forbid | P_SHARED } else { forbid })?;
         }
     }
 
     fn try_pin(&self, a: VAddr, want: Want, forbid: u64) -> Option<(&AtomicU64, Pfn)> {
         let pte = self.pt.lookup(a.vpn())?;
         let v = try_lock_present(pte, forbid)?;
-        let pfn = Pte::pfn(v);
         let new = match want {
-            Want::Shared => {
-                self.eng
-                    .frames
-                    .desc(pfn)
-                    .pins
-                    .fetch_add(1, Ordering::Relaxed);
-                v | P_SHARED | P_ACCESSED
+            Want::Shared if v & P_SHARED == P_SHARED => {
+                pte.store(v, Ordering::Release);
+                return None;
             }
-            Want::Exclusive => v | P_EXCL | P_DIRTY | P_ACCESSED,
+            Want::Shared => v + P_SHARED_ONE,
+            Want::Exclusive => v | P_EXCL | P_DIRTY,
         };
-        pte.store(new, Ordering::Release);
-        Some((pte, pfn))
+        pte.store(new | P_ACCESSED, Ordering::Release);
+        Some((pte, Pte::pfn(v)))
     }
 
     /// Gives back a pin taken by `pin`.
@@ -350,12 +428,8 @@ impl SpaceInner {
         };
         let new = match want {
             Want::Shared => {
-                let d = self.eng.frames.desc(pfn);
-                if d.pins.fetch_sub(1, Ordering::Relaxed) == 1 {
-                    v & !P_SHARED
-                } else {
-                    v
-                }
+                debug_assert_ne!(v & P_SHARED, 0);
+                v - P_SHARED_ONE
             }
             // The guard may have written: move the version on.
             Want::Exclusive => Pte::bump(v) & !P_EXCL,

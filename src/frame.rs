@@ -39,10 +39,10 @@ pub(crate) const F_WRITEBACK: u32 = 4;
 pub(crate) enum AllocCtx {
     /// An application access: stops at the min watermark.
     Normal,
-    /// Reclaim or page-I/O: may use the reserve below min. Today neither needs a
-    /// frame (page-out copies into the preallocated request pool); swapoff and
-    /// swap-in readahead, which pull pages in on reclaim's behalf, will.
-    #[allow(dead_code)]
+    /// May use the reserve below min: a swap-in when memory and swap are both full,
+    /// whose read frees a slot so reclaim can make progress again (reclaim and
+    /// page-I/O themselves never need a frame: page-out copies into the
+    /// preallocated request pool).
     Reserve,
 }
 
@@ -51,16 +51,17 @@ pub(crate) enum AllocCtx {
 pub(crate) struct PageDesc {
     /// The frame lock (1 = held).
     lock: AtomicU32,
-    /// Shared guards pinning the page. Protected by the page's entry lock.
-    pub pins: AtomicU32,
+    /// Number of page-table entries mapping the frame (see `rmap`). Protected by the
+    /// frame lock.
+    pub mapcount: AtomicU32,
     /// `F_*` flags. Protected by the frame lock.
     pub flags: AtomicU32,
     /// Bumped at every allocation, so a page-out completion can tell whether the frame
     /// still holds the page it copied, and so entry versions start afresh. Protected
     /// by the frame lock.
     pub epoch: AtomicU32,
-    /// The page-table entry that maps this frame (null while unowned). Protected by
-    /// the frame lock.
+    /// The first page-table entry that maps this frame (null while unmapped); others
+    /// are in the reverse map's side table. Protected by the frame lock.
     pub owner: AtomicPtr<AtomicU64>,
     /// Encoded swap entry of the page's swap copy (`Pte::swapped`), 0 if none. The copy
     /// is valid while the entry is not `P_DIRTY`. Holds one slot reference. Protected
@@ -72,7 +73,7 @@ impl PageDesc {
     fn new() -> PageDesc {
         PageDesc {
             lock: AtomicU32::new(0),
-            pins: AtomicU32::new(0),
+            mapcount: AtomicU32::new(0),
             flags: AtomicU32::new(0),
             epoch: AtomicU32::new(0),
             owner: AtomicPtr::new(std::ptr::null_mut()),
@@ -231,7 +232,7 @@ impl FrameArena {
         d.lock();
         debug_assert!(d.owner.load(Ordering::Relaxed).is_null());
         debug_assert_eq!(d.swap.load(Ordering::Relaxed), 0);
-        debug_assert_eq!(d.pins.load(Ordering::Relaxed), 0);
+        debug_assert_eq!(d.mapcount.load(Ordering::Relaxed), 0);
         d.flags.store(0, Ordering::Relaxed);
         d.unlock();
         {

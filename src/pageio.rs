@@ -151,6 +151,11 @@ impl PageIo {
         let _ = self.free.push(i);
     }
 
+    /// Number of requests in the pool.
+    pub fn capacity(&self) -> usize {
+        self.reqs.len()
+    }
+
     pub fn inflight(&self) -> usize {
         self.inflight.load(Ordering::Acquire)
     }

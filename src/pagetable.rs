@@ -6,7 +6,7 @@
 //! Entries (`AtomicU64`) encode one of:
 //! - `EMPTY` (0): never touched (reads as zeros, owns nothing);
 //! - `Present`: resident in a frame, with the frame number, a version and the bits
-//!   `P_LOCK`, `P_EXCL`, `P_SHARED`, `P_DIRTY`, `P_ACCESSED` (below);
+//!   `P_LOCK`, `P_EXCL`, `P_SHARED`, `P_DIRTY`, `P_ACCESSED`, `P_COW` (below);
 //! - `Swapped(entry)`: on a swap device, holding one reference on the slot;
 //! - `BUSY`: a fault is filling the page; others wait until it changes.
 //!
@@ -21,10 +21,11 @@
 //! back an old value (ABA) unless 2^25 versions pass during one read.
 //!
 //! Guards are bits too: `P_EXCL` (a mutable guard: readers and writers stay off) and
-//! `P_SHARED` (shared guards, counted in the frame's descriptor under the entry lock:
-//! writers stay off). `P_DIRTY` says the page differs from its swap copy; `P_ACCESSED`
-//! is the CLOCK reference bit, set by any access (by CAS, so it can never land on an
-//! entry that changed meanwhile) and cleared by reclaim.
+//! `P_SHARED` (a count of shared guards taken through this entry: writers stay off).
+//! `P_DIRTY` says the page differs from its swap copy; `P_ACCESSED` is the CLOCK
+//! reference bit, set by any access (by CAS, so it can never land on an entry that
+//! changed meanwhile) and cleared by reclaim; `P_COW` marks a frame shared with
+//! another entry after a fork, read-only until a write copies it.
 //!
 //! Nodes are created with a compare-and-swap and freed only when the table is
 //! dropped, so a lock-free reader can hold `&AtomicU64` for as long as it holds the
@@ -53,15 +54,23 @@ const TAG_SWAP: u64 = 2;
 pub(crate) const P_LOCK: u64 = 1 << 2;
 /// Present entry: pinned by a mutable guard.
 pub(crate) const P_EXCL: u64 = 1 << 3;
-/// Present entry: pinned by one or more shared guards.
-pub(crate) const P_SHARED: u64 = 1 << 4;
+/// Present entry: the count of shared guards pinning it through this entry (a 4-bit
+/// field; `v & P_SHARED != 0` means "pinned shared").
+pub(crate) const P_SHARED: u64 = 0xf << 4;
+/// One shared guard in `P_SHARED`.
+pub(crate) const P_SHARED_ONE: u64 = 1 << 4;
 /// Present entry: written since its swap copy was made (or it has none).
-pub(crate) const P_DIRTY: u64 = 1 << 5;
+pub(crate) const P_DIRTY: u64 = 1 << 8;
 /// Present entry: used since reclaim last looked (CLOCK reference bit).
-pub(crate) const P_ACCESSED: u64 = 1 << 6;
-const VER_SHIFT: u32 = 7;
+pub(crate) const P_ACCESSED: u64 = 1 << 9;
+/// Present entry: the frame is shared copy-on-write with another entry (after a
+/// fork); a write must first give this entry a copy of its own.
+pub(crate) const P_COW: u64 = 1 << 10;
+const VER_SHIFT: u32 = 11;
 const VER_MASK: u64 = ((1 << 25) - 1) << VER_SHIFT;
-const PFN_SHIFT: u32 = 32;
+const PFN_SHIFT: u32 = 36;
+/// Frames addressable by an entry (2^28: a 1 TiB budget).
+pub(crate) const MAX_FRAMES: usize = 1 << 28;
 
 /// A decoded page-table entry.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -126,6 +135,15 @@ pub(crate) fn try_lock_present(pte: &AtomicU64, forbid: u64) -> Option<u64> {
     // under the lock, so a reader that sees such a store also sees the entry move.
     fence(Ordering::Release);
     Some(v)
+}
+
+/// Unlocks an entry locked by this thread, clearing bits `clear` and setting `set`;
+/// the version stays (the bytes did not change).
+#[inline]
+pub(crate) fn unlock_entry(pte: &AtomicU64, clear: u64, set: u64) {
+    let cur = pte.load(Ordering::Relaxed);
+    debug_assert_ne!(cur & P_LOCK, 0);
+    pte.store((cur & !P_LOCK & !clear) | set, Ordering::Release);
 }
 
 /// Locks a present entry that maps `pfn`, waiting out short holders of `P_LOCK`.
@@ -338,9 +356,12 @@ mod tests {
             slot: (1 << 40) + 5,
         };
         assert_eq!(Pte::decode(Pte::swapped(e)), Pte::Swapped(e));
-        let p = Pte::present(Pfn(u32::MAX), 77, P_DIRTY);
-        assert_eq!(Pte::decode(p), Pte::Present(Pfn(u32::MAX)));
-        assert_eq!(Pte::decode(Pte::bump(p)), Pte::Present(Pfn(u32::MAX)));
+        let p = Pte::present(Pfn((MAX_FRAMES - 1) as u32), 77, P_DIRTY);
+        assert_eq!(Pte::decode(p), Pte::Present(Pfn((MAX_FRAMES - 1) as u32)));
+        assert_eq!(
+            Pte::decode(Pte::bump(p)),
+            Pte::Present(Pfn((MAX_FRAMES - 1) as u32))
+        );
         assert_ne!(Pte::bump(p), p);
         assert_eq!(Pte::bump(p) & P_DIRTY, P_DIRTY);
         assert_eq!(Pte::bump(p | P_LOCK) & P_LOCK, 0);
@@ -349,7 +370,7 @@ mod tests {
         for _ in 0..(1 << 13) {
             q = Pte::bump(q);
         }
-        assert_eq!(Pte::pfn(q), Pfn(u32::MAX));
+        assert_eq!(Pte::pfn(q), Pfn((MAX_FRAMES - 1) as u32));
         assert_eq!(q & (P_DIRTY | TAG_MASK), P_DIRTY | TAG_PRESENT);
         assert_eq!(Pte::decode(EMPTY), Pte::Empty);
         assert_eq!(Pte::decode(BUSY), Pte::Busy);

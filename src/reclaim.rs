@@ -31,10 +31,13 @@
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::frame::{AllocCtx, PageDesc, F_INUSE, F_WRITEBACK};
-use crate::pagetable::{lock_present, Pte, P_ACCESSED, P_DIRTY, P_EXCL, P_LOCK, P_SHARED};
+use crate::pagetable::{
+    lock_present, try_lock_present, unlock_entry, Pte, P_ACCESSED, P_DIRTY, P_EXCL, P_LOCK,
+    P_SHARED,
+};
 use crate::stats::Counters;
 use crate::swap::NoSlot;
-use crate::sync::{AtomicU64, Ordering};
+use crate::sync::Ordering;
 use crate::types::{Pfn, PAGE_SIZE};
 use std::time::Duration;
 
@@ -98,36 +101,35 @@ impl Engine {
             return;
         }
         let f = d.flags.load(Ordering::Relaxed);
-        let owner = d.owner.load(Ordering::Relaxed);
-        if f & F_INUSE == 0 || f & F_WRITEBACK != 0 || owner.is_null() {
+        if f & F_INUSE == 0 || f & F_WRITEBACK != 0 || d.mapcount.load(Ordering::Relaxed) == 0 {
             d.unlock();
             return;
         }
-        // SAFETY: an owner pointer is valid while its frame is locked and owned: the
-        // space clears it (under this lock) before its page table can be freed.
-        let pte = unsafe { &*owner };
-        let v = pte.load(Ordering::Acquire);
-        debug_assert_eq!(Pte::decode(v), Pte::Present(pfn));
-        if v & P_ACCESSED != 0 {
-            // Second chance. A CAS, so a concurrent writer's store is never undone;
-            // if it fails the page is in use anyway.
-            let _ = pte.compare_exchange(v, v & !P_ACCESSED, Ordering::Relaxed, Ordering::Relaxed);
+        // Second chance: a page used through any of its mappings stays.
+        let mut accessed = false;
+        self.rmap_for_each(d, pfn, |pte| {
+            let v = pte.load(Ordering::Relaxed);
+            debug_assert_eq!(Pte::decode(v), Pte::Present(pfn));
+            if v & P_ACCESSED != 0 {
+                accessed = true;
+                // A CAS, so a concurrent writer's store is never undone.
+                let _ =
+                    pte.compare_exchange(v, v & !P_ACCESSED, Ordering::Relaxed, Ordering::Relaxed);
+            }
+            true
+        });
+        if accessed {
             d.unlock();
             return;
         }
-        if v & (P_LOCK | P_EXCL | P_SHARED) != 0
-            || pte
-                .compare_exchange(v, v | P_LOCK, Ordering::Acquire, Ordering::Relaxed)
-                .is_err()
-        {
+        let Some(dirty) = self.try_lock_mappings(d, pfn) else {
             d.unlock();
             r.busy += 1;
             return;
-        }
-        // Frame lock and entry lock held: the page is ours to drop or copy.
+        };
+        // Frame lock and every entry lock held: the page is ours to drop or copy.
         let sw = d.swap.load(Ordering::Relaxed);
-        if v & P_DIRTY == 0 && sw != 0 {
-            self.evict_locked(d, pte, sw);
+        if !dirty && sw != 0 && self.evict_locked(d, pfn, sw) {
             d.unlock();
             self.frames.free(pfn);
             r.evicted += 1;
@@ -135,7 +137,7 @@ impl Engine {
         }
         // Dirty, or never written out: queue a page-out.
         let Some(req) = self.io.take() else {
-            pte.store(v, Ordering::Release);
+            self.unlock_mappings(d, pfn, 0, 0);
             d.unlock();
             r.pool_empty = true;
             return;
@@ -143,7 +145,7 @@ impl Engine {
         let e = match self.swap.alloc() {
             Ok(e) => e,
             Err(why) => {
-                pte.store(v, Ordering::Release);
+                self.unlock_mappings(d, pfn, 0, 0);
                 d.unlock();
                 self.io.release(req);
                 r.no_slot = Some(why);
@@ -156,14 +158,14 @@ impl Engine {
             self.swap.put_encoded(sw);
             d.swap.store(0, Ordering::Relaxed);
         }
-        // SAFETY: we hold the entry lock, so no writer stores into the frame; the
-        // request buffer is ours (taken from the pool). Concurrent optimistic readers
-        // only load, so reading the frame here is not a race.
+        // SAFETY: we hold every entry lock of the page, so no writer stores into the
+        // frame; the request buffer is ours (taken from the pool). Concurrent
+        // optimistic readers only load, so reading the frame here is not a race.
         unsafe {
             std::ptr::copy_nonoverlapping(self.frames.frame_ptr(pfn), self.io.buf(req), PAGE_SIZE)
         };
         // The bytes did not change: no version bump; clean from now on.
-        pte.store(v & !P_DIRTY, Ordering::Release);
+        self.unlock_mappings(d, pfn, P_DIRTY, 0);
         d.flags.store(f | F_WRITEBACK, Ordering::Relaxed);
         let rq = &self.io.reqs[req as usize];
         rq.pfn.store(pfn.0, Ordering::Relaxed);
@@ -175,19 +177,81 @@ impl Engine {
         r.queued += 1;
     }
 
-    /// Drops a clean page with a valid swap copy from memory: its page-table entry
-    /// becomes `Swapped` and takes over the slot reference (which also unlocks it).
-    /// Preconditions: the frame lock and the entry lock are held, the page is not
-    /// dirty, pinned or under page-out. The caller frees the frame after unlocking.
-    fn evict_locked(&self, d: &PageDesc, pte: &AtomicU64, sw: u64) {
+    /// Locks every entry mapping `pfn` unless one is locked or pinned; returns whether
+    /// any is dirty. On failure nothing stays locked. Frame lock held.
+    fn try_lock_mappings(&self, d: &PageDesc, pfn: Pfn) -> Option<bool> {
+        let mut locked = 0u32;
+        let mut dirty = false;
+        let all = self.rmap_for_each(d, pfn, |pte| {
+            match try_lock_present(pte, P_EXCL | P_SHARED) {
+                Some(v) => {
+                    locked += 1;
+                    dirty |= v & P_DIRTY != 0;
+                    true
+                }
+                None => false,
+            }
+        });
+        if !all {
+            let mut n = 0;
+            self.rmap_for_each(d, pfn, |pte| {
+                if n == locked {
+                    return false;
+                }
+                n += 1;
+                unlock_entry(pte, 0, 0);
+                true
+            });
+            return None;
+        }
+        Some(dirty)
+    }
+
+    /// Locks every entry mapping `pfn`, waiting out short lock holders (pins do not
+    /// stop it). Returns the union of their bits. Frame lock held.
+    fn lock_mappings(&self, d: &PageDesc, pfn: Pfn) -> u64 {
+        let mut bits = 0;
+        self.rmap_for_each(d, pfn, |pte| {
+            let v = lock_present(pte, pfn).unwrap_or_else(|| unreachable!("mapping moved"));
+            bits |= v;
+            true
+        });
+        bits
+    }
+
+    /// Unlocks every entry mapping `pfn`, clearing bits `clear` and setting `set`.
+    fn unlock_mappings(&self, d: &PageDesc, pfn: Pfn, clear: u64, set: u64) {
+        self.rmap_for_each(d, pfn, |pte| {
+            unlock_entry(pte, clear, set);
+            true
+        });
+    }
+
+    /// Drops a clean page with a valid swap copy from memory: every entry mapping it
+    /// becomes `Swapped` with a slot reference of its own (which also unlocks it).
+    /// Preconditions: the frame lock and every entry lock are held, the page is not
+    /// dirty, pinned or under page-out. Returns false (nothing changed) if the slot
+    /// cannot take that many more references. The caller frees the frame after
+    /// unlocking.
+    fn evict_locked(&self, d: &PageDesc, pfn: Pfn, sw: u64) -> bool {
         debug_assert!(d.is_locked());
-        let v = pte.load(Ordering::Relaxed);
-        debug_assert_eq!(v & (P_LOCK | P_DIRTY | P_EXCL | P_SHARED), P_LOCK);
         debug_assert_eq!(d.flags.load(Ordering::Relaxed) & F_WRITEBACK, 0);
-        pte.store(sw, Ordering::Release);
+        let n = d.mapcount.load(Ordering::Relaxed);
+        if n > 1 && !self.swap.dup_encoded(sw, n - 1) {
+            return false;
+        }
+        self.rmap_for_each(d, pfn, |pte| {
+            debug_assert_eq!(
+                pte.load(Ordering::Relaxed) & (P_LOCK | P_DIRTY | P_EXCL | P_SHARED),
+                P_LOCK
+            );
+            pte.store(sw, Ordering::Release);
+            true
+        });
+        self.rmap_clear(d, pfn);
         d.swap.store(0, Ordering::Relaxed);
-        d.owner.store(std::ptr::null_mut(), Ordering::Relaxed);
         Counters::inc(&self.cnt.pgsteal);
+        true
     }
 
     /// Runs on a page-I/O thread: writes request `i` and completes it.
@@ -216,41 +280,35 @@ impl Engine {
         let d = self.frames.desc(pfn);
         d.lock();
         let f = d.flags.load(Ordering::Relaxed);
-        let owner = d.owner.load(Ordering::Relaxed);
         let mine = f & F_INUSE != 0
             && f & F_WRITEBACK != 0
             && d.epoch.load(Ordering::Relaxed) == epoch
-            && !owner.is_null();
+            && d.mapcount.load(Ordering::Relaxed) > 0;
         let mut freed = false;
         if mine {
             d.flags.store(f & !F_WRITEBACK, Ordering::Relaxed);
-            // SAFETY: owner pointers are valid while the frame is locked and owned.
-            let pte = unsafe { &*owner };
-            // The frame is owned and locked, so the entry maps it.
-            let v = lock_present(pte, pfn).unwrap_or_else(|| unreachable!("owner entry moved"));
+            let bits = self.lock_mappings(d, pfn);
             match res {
-                Ok(()) if v & P_DIRTY == 0 => {
+                Ok(()) if bits & P_DIRTY == 0 => {
                     debug_assert_eq!(d.swap.load(Ordering::Relaxed), 0);
                     d.swap.store(ev, Ordering::Relaxed);
                     // Reclaim chose this page; drop it now unless it was used since or
                     // memory is no longer short.
-                    if self.frames.free_count() < self.frames.wmark[2]
-                        && v & (P_ACCESSED | P_EXCL | P_SHARED) == 0
-                    {
-                        self.evict_locked(d, pte, ev);
-                        freed = true;
-                    } else {
-                        pte.store(v, Ordering::Release);
+                    freed = self.frames.free_count() < self.frames.wmark[2]
+                        && bits & (P_ACCESSED | P_EXCL | P_SHARED) == 0
+                        && self.evict_locked(d, pfn, ev);
+                    if !freed {
+                        self.unlock_mappings(d, pfn, 0, 0);
                     }
                 }
                 // Written again while in flight: the copy is stale already.
                 Ok(()) => {
-                    pte.store(v, Ordering::Release);
+                    self.unlock_mappings(d, pfn, 0, 0);
                     self.swap.put(e);
                 }
                 Err(_) => {
                     // The page stays resident and dirty; a later scan retries.
-                    pte.store(v | P_DIRTY, Ordering::Release);
+                    self.unlock_mappings(d, pfn, 0, P_DIRTY);
                     self.swap.put(e);
                 }
             }
@@ -324,7 +382,12 @@ impl Engine {
     /// Takes a frame for an access, reclaiming directly when none is free. Errors:
     /// `OutOfMemory` (no swap device, or everything is pinned), `OutOfSwap` (memory
     /// and swap full), `Device` (page-out keeps failing so no frame can be freed).
-    pub fn alloc_frame(&self) -> Result<Pfn> {
+    ///
+    /// `ctx == Reserve` (a swap-in) may take a frame below the min watermark when
+    /// memory and swap are both full: reading a page in frees its slot (see
+    /// `fault_swapin`), which lets reclaim write a dirty page there and give the frame
+    /// back, so stored pages stay readable even then.
+    pub fn alloc_frame(&self, ctx: AllocCtx) -> Result<Pfn> {
         let n = self.frames.nframes();
         let mut fruitless = 0usize;
         let mut errors_at_start = None;
@@ -378,6 +441,11 @@ impl Engine {
             if self.frames.free_count() > self.frames.wmark[0] {
                 fruitless = 0;
                 continue;
+            }
+            if no_slot == Some(NoSlot::Full) && ctx == AllocCtx::Reserve {
+                if let Some(p) = self.frames.alloc(AllocCtx::Reserve) {
+                    return Ok(p);
+                }
             }
             return Err(match no_slot {
                 Some(NoSlot::Full) => Error::OutOfSwap,

@@ -17,8 +17,10 @@
 
 use crate::engine::Engine;
 use crate::error::{Error, Result};
-use crate::pagetable::{PageTable, Pte, BUSY, EMPTY, P_EXCL, P_LOCK, P_SHARED};
-use crate::sync::{wait_until, Arc, Ordering, RwLock};
+use crate::pagetable::{
+    try_lock_present, unlock_entry, PageTable, Pte, BUSY, EMPTY, P_COW, P_EXCL, P_LOCK, P_SHARED,
+};
+use crate::sync::{wait_until, Arc, AtomicU64, Ordering, RwLock};
 use crate::types::{VAddr, PAGE_SIZE, VADDR_END};
 use std::collections::BTreeMap;
 
@@ -193,14 +195,93 @@ impl SpaceInner {
                         d.unlock();
                         continue;
                     }
+                    if eng.rmap_remove(d, pfn, pte) > 0 {
+                        // Still mapped by another space (shared copy-on-write).
+                        d.unlock();
+                        return;
+                    }
                     eng.swap.put_encoded(d.swap.swap(0, Ordering::Relaxed));
-                    d.owner.store(std::ptr::null_mut(), Ordering::Relaxed);
                     d.unlock();
                     eng.frames.free(pfn);
                     return;
                 }
             }
         });
+    }
+}
+
+impl SpaceInner {
+    /// A copy-on-write snapshot of this space (the caller registers it with the Vm
+    /// before calling, so swapoff sees it from the start).
+    ///
+    /// Holds the regions write lock, so no fault, unmap or other fork runs in this
+    /// space meanwhile; hit-path writers are stopped page by page by the entry lock.
+    /// Resident pages become shared (`P_COW` in both entries, one more mapping in the
+    /// frame's reverse map); swapped pages share their slot (one more reference).
+    /// Waits for mutable guards on this space's pages to be dropped.
+    pub fn fork_into(&self, child: &SpaceInner) -> Result<()> {
+        let eng = &*self.eng;
+        let regions = self.regions.write();
+        *child.regions.write() = regions.clone();
+        for (&start, &len) in regions.iter() {
+            let first = start / PAGE_SIZE as u64;
+            let end = (start + len) / PAGE_SIZE as u64;
+            let mut failed = None;
+            self.pt.for_each(first, end, |vpn, pte| {
+                if failed.is_some() {
+                    return;
+                }
+                if let Err(e) = Self::fork_entry(eng, pte, child.pt.entry(vpn)) {
+                    failed = Some(e);
+                }
+            });
+            if let Some(e) = failed {
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    fn fork_entry(eng: &Engine, pte: &AtomicU64, cpte: &AtomicU64) -> Result<()> {
+        loop {
+            let v = pte.load(Ordering::Acquire);
+            match Pte::decode(v) {
+                Pte::Empty => return Ok(()),
+                // Faults run under the regions read lock, which fork holds for writing.
+                Pte::Busy => wait_until(|| pte.load(Ordering::Acquire) != BUSY),
+                Pte::Swapped(e) => {
+                    // Entries only leave `Swapped` by a fault or swapoff, both under
+                    // the regions lock we hold.
+                    if !eng.swap.dup_encoded(v, 1) {
+                        return Err(Error::OutOfSwap);
+                    }
+                    cpte.store(Pte::swapped(e), Ordering::Release);
+                    return Ok(());
+                }
+                Pte::Present(pfn) => {
+                    let d = eng.frames.desc(pfn);
+                    d.lock();
+                    let Some(cur) = try_lock_present(pte, P_EXCL) else {
+                        d.unlock();
+                        // Locked for a moment, or pinned by a mutable guard: wait.
+                        wait_until(|| pte.load(Ordering::Acquire) & (P_LOCK | P_EXCL) == 0);
+                        continue;
+                    };
+                    if Pte::pfn(cur) != pfn {
+                        unlock_entry(pte, 0, 0);
+                        d.unlock();
+                        continue;
+                    }
+                    // The child's entry: same frame and bits, copy-on-write, without
+                    // the parent's guard pins.
+                    cpte.store((cur | P_COW) & !P_SHARED, Ordering::Release);
+                    eng.rmap_add(d, pfn, cpte);
+                    unlock_entry(pte, 0, P_COW);
+                    d.unlock();
+                    return Ok(());
+                }
+            }
+        }
     }
 }
 

@@ -14,6 +14,7 @@ pub(crate) struct Counters {
     pub pgscan: AtomicU64,
     pub pgsteal: AtomicU64,
     pub direct_reclaim: AtomicU64,
+    pub cow_faults: AtomicU64,
     pub write_errors: AtomicU64,
     pub read_errors: AtomicU64,
 }
@@ -64,6 +65,8 @@ pub struct Stats {
     pub pgsteal: u64,
     /// Times an allocating thread ran reclaim itself (direct reclaim).
     pub direct_reclaim: u64,
+    /// Writes that had to copy a page shared copy-on-write after a fork.
+    pub cow_faults: u64,
     /// Page-out writes that failed (the pages stayed resident and dirty).
     pub write_errors: u64,
     /// Swap-in reads that failed or did not match their checksum.

@@ -11,7 +11,8 @@
 //! data does not match is an error, never data.
 //!
 //! ## Locking
-//! `SwapTable::devs` (RwLock): read on every slot operation, written by swapon.
+//! `SwapTable::devs` (RwLock): read on every slot operation, written by swapon and
+//! at the end of swapoff.
 //! `SwapDevice::map` (Mutex): a leaf lock around one device's counts and clusters;
 //! nothing is taken under it and nothing allocates under it (all vectors are sized
 //! at swapon). Checksums are atomics, written by the page-I/O thread that wrote the
@@ -20,7 +21,7 @@
 use crate::device::BlockDevice;
 use crate::error::{Error, Result};
 use crate::pagetable::Pte;
-use crate::sync::{Arc, AtomicU32, AtomicU64, AtomicUsize, Mutex, Ordering, RwLock};
+use crate::sync::{Arc, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Mutex, Ordering, RwLock};
 use crate::types::{SwapEntry, SwapId};
 use std::io;
 
@@ -56,7 +57,12 @@ pub(crate) struct SwapDevice {
     map: Mutex<SlotMap>,
     csum: Box<[AtomicU32]>,
     used: AtomicU64,
+    /// `DEV_ACTIVE` or `DEV_DRAINING` (swapoff running: no new slots).
+    state: AtomicU8,
 }
+
+const DEV_ACTIVE: u8 = 0;
+const DEV_DRAINING: u8 = 1;
 
 impl SwapDevice {
     fn new(id: SwapId, dev: Arc<dyn BlockDevice>, prio: i32) -> SwapDevice {
@@ -80,6 +86,7 @@ impl SwapDevice {
             }),
             csum: (0..pages).map(|_| AtomicU32::new(0)).collect(),
             used: AtomicU64::new(0),
+            state: AtomicU8::new(DEV_ACTIVE),
             dev,
         }
     }
@@ -88,6 +95,65 @@ impl SwapDevice {
     pub fn metadata_bytes(&self) -> usize {
         let n = self.pages as usize;
         n * 6 + n.div_ceil(CLUSTER as usize) * 7
+    }
+
+    pub fn is_active(&self) -> bool {
+        self.state.load(Ordering::Acquire) == DEV_ACTIVE
+    }
+
+    /// "active" or "draining".
+    pub fn state_name(&self) -> &'static str {
+        if self.is_active() {
+            "active"
+        } else {
+            "draining"
+        }
+    }
+
+    /// Stops handing out slots (swapoff begins). False if already draining.
+    pub fn begin_drain(&self) -> bool {
+        self.state
+            .compare_exchange(
+                DEV_ACTIVE,
+                DEV_DRAINING,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
+            .is_ok()
+    }
+
+    /// Puts a device back in service after a failed swapoff.
+    pub fn end_drain(&self) {
+        self.state.store(DEV_ACTIVE, Ordering::Release);
+    }
+
+    /// Reads `buf.len() / PAGE_SIZE` consecutive slots from `first` in one request
+    /// (no checksum check: see `verify`).
+    pub fn read_span(&self, first: u64, buf: &mut [u8]) -> Result<()> {
+        self.dev
+            .read_pages(first, buf)
+            .map_err(|source| Error::Device {
+                dev: self.dev.name().to_string(),
+                source,
+            })
+    }
+
+    /// Checks a page read from `slot` against the checksum recorded when it was written.
+    pub fn verify(&self, slot: u64, page: &[u8]) -> Result<()> {
+        let want = self.csum[slot as usize].load(Ordering::Acquire);
+        let got = crc32c::crc32c(page);
+        if got != want {
+            return Err(Error::Device {
+                dev: self.dev.name().to_string(),
+                source: io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "checksum mismatch in slot {slot}: read {got:#010x}, wrote {want:#010x}"
+                    ),
+                ),
+            });
+        }
+        Ok(())
     }
 
     pub fn used(&self) -> u64 {
@@ -148,16 +214,24 @@ impl SwapDevice {
         Some(slot)
     }
 
-    /// Adds a reference to a slot in use (for a copy-on-write share).
-    #[allow(dead_code)]
-    pub fn dup(&self, slot: u64) -> Result<()> {
+    /// Adds `n` references to a slot in use (copy-on-write shares). False, and
+    /// nothing changed, if the count would overflow.
+    pub fn dup(&self, slot: u64, n: u32) -> bool {
         let mut m = self.map.lock();
         let c = &mut m.count[slot as usize];
         debug_assert!(*c > 0, "dup of a free slot");
-        *c = c
-            .checked_add(1)
-            .ok_or_else(|| Error::InvalidArgument("swap slot shared too many times".into()))?;
-        Ok(())
+        match u16::try_from(u32::from(*c) + n) {
+            Ok(v) => {
+                *c = v;
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Drops one reference on `slot`.
+    pub fn put_slot(&self, slot: u64) {
+        self.put(slot)
     }
 
     fn put(&self, slot: u64) {
@@ -221,17 +295,14 @@ pub(crate) enum NoSlot {
 /// Every swap device of a Vm.
 #[derive(Debug, Default)]
 pub(crate) struct SwapTable {
-    /// Indexed by `SwapId`; kept sorted by nothing (see `order`).
-    devs: RwLock<Vec<Arc<SwapDevice>>>,
+    /// Indexed by `SwapId`; `None` where a device was removed (ids are reused).
+    devs: RwLock<Vec<Option<Arc<SwapDevice>>>>,
     rr: AtomicUsize,
 }
 
 impl SwapTable {
     pub fn add(&self, dev: Arc<dyn BlockDevice>, prio: i32) -> Result<SwapId> {
         let mut devs = self.devs.write();
-        if devs.len() >= MAX_DEVICES {
-            return Err(Error::TooManyDevices(MAX_DEVICES));
-        }
         if dev.pages() == 0 || dev.pages() >= (1 << 40) {
             return Err(Error::Config(format!(
                 "device {} has {} pages; usable sizes are 1 page to 4 PiB",
@@ -239,28 +310,60 @@ impl SwapTable {
                 dev.pages()
             )));
         }
-        let id = SwapId(devs.len() as u8);
-        devs.push(Arc::new(SwapDevice::new(id, dev, prio)));
+        let i = match devs.iter().position(|d| d.is_none()) {
+            Some(i) => i,
+            None if devs.len() < MAX_DEVICES => {
+                devs.push(None);
+                devs.len() - 1
+            }
+            None => return Err(Error::TooManyDevices(MAX_DEVICES)),
+        };
+        let id = SwapId(i as u8);
+        devs[i] = Some(Arc::new(SwapDevice::new(id, dev, prio)));
         Ok(id)
     }
 
+    /// Takes a device out of the table (after swapoff drained it).
+    pub fn remove(&self, id: SwapId) {
+        if let Some(d) = self.devs.write().get_mut(id.0 as usize) {
+            *d = None;
+        }
+    }
+
     pub fn get(&self, id: u8) -> Option<Arc<SwapDevice>> {
-        self.devs.read().get(id as usize).cloned()
+        self.devs.read().get(id as usize).cloned().flatten()
     }
 
     pub fn all(&self) -> Vec<Arc<SwapDevice>> {
-        self.devs.read().clone()
+        self.devs.read().iter().flatten().cloned().collect()
+    }
+
+    /// Free slots on the active devices.
+    pub fn free_slots(&self) -> u64 {
+        self.devs
+            .read()
+            .iter()
+            .flatten()
+            .filter(|d| d.is_active())
+            .map(|d| d.pages - d.used())
+            .sum()
     }
 
     pub fn metadata_bytes(&self) -> usize {
-        self.devs.read().iter().map(|d| d.metadata_bytes()).sum()
+        self.devs
+            .read()
+            .iter()
+            .flatten()
+            .map(|d| d.metadata_bytes())
+            .sum()
     }
 
-    /// Takes a free slot: from the highest-priority devices with room, round-robin
-    /// among equals. The slot comes with one reference.
+    /// Takes a free slot: from the highest-priority active devices with room,
+    /// round-robin among equals. The slot comes with one reference.
     pub fn alloc(&self) -> std::result::Result<SwapEntry, NoSlot> {
         let devs = self.devs.read();
-        if devs.is_empty() {
+        let active = |d: &&Arc<SwapDevice>| d.is_active();
+        if !devs.iter().flatten().any(|d| d.is_active()) {
             return Err(NoSlot::NoDevice);
         }
         let n = devs.len();
@@ -270,6 +373,8 @@ impl SwapTable {
             // The highest priority below the ones already exhausted.
             let Some(p) = devs
                 .iter()
+                .flatten()
+                .filter(active)
                 .map(|d| d.prio)
                 .filter(|&p| p < best_tried)
                 .max()
@@ -277,8 +382,10 @@ impl SwapTable {
                 return Err(NoSlot::Full);
             };
             for k in 0..n {
-                let d = &devs[(turn + k) % n];
-                if d.prio == p {
+                let Some(d) = &devs[(turn + k) % n] else {
+                    continue;
+                };
+                if d.prio == p && d.is_active() {
                     if let Some(slot) = d.alloc() {
                         return Ok(SwapEntry { dev: d.id.0, slot });
                     }
@@ -290,8 +397,21 @@ impl SwapTable {
 
     /// Drops one reference on a slot.
     pub fn put(&self, e: SwapEntry) {
-        if let Some(d) = self.devs.read().get(e.dev as usize) {
+        if let Some(Some(d)) = self.devs.read().get(e.dev as usize) {
             d.put(e.slot);
+        }
+    }
+
+    /// Adds `n` references to the slot of an encoded entry.
+    pub fn dup_encoded(&self, v: u64, n: u32) -> bool {
+        match Pte::decode(v) {
+            Pte::Swapped(e) => self
+                .devs
+                .read()
+                .get(e.dev as usize)
+                .and_then(|d| d.as_ref())
+                .is_some_and(|d| d.dup(e.slot, n)),
+            _ => false,
         }
     }
 

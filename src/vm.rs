@@ -112,17 +112,26 @@ impl Vm {
                 size: d.pages * PAGE_SIZE as u64,
                 used: d.used() * PAGE_SIZE as u64,
                 prio: d.prio,
-                state: "active",
+                state: d.state_name(),
             })
             .collect()
     }
 
     /// A new, empty address space.
     pub fn new_space(&self) -> AddressSpace {
-        AddressSpace {
-            inner: Arc::new(SpaceInner::new(self.inner.eng.clone())),
-            _vm: self.inner.clone(),
-        }
+        AddressSpace::register(&self.inner)
+    }
+
+    /// Takes swap device `id` out of service: every page stored on it comes back to
+    /// memory, or moves to another device when memory is short; then the device is
+    /// closed. Runs while the spaces are in use (faults, forks, exits).
+    ///
+    /// Errors: `InvalidArgument` for an unknown device or one already being removed;
+    /// `OutOfMemory` when neither memory nor another device can take a page (the
+    /// device then stays in service with every page intact); `Device` if the device
+    /// fails a read (likewise).
+    pub fn swapoff(&self, id: SwapId) -> Result<()> {
+        self.eng().swapoff(id)
     }
 
     /// A snapshot of the counters.
@@ -172,6 +181,31 @@ pub struct AddressSpace {
 }
 
 impl AddressSpace {
+    fn register(vm: &Arc<VmInner>) -> AddressSpace {
+        let inner = Arc::new(SpaceInner::new(vm.eng.clone()));
+        let mut list = vm.eng.spaces.lock();
+        list.retain(|w| w.strong_count() > 0);
+        list.push(Arc::downgrade(&inner));
+        drop(list);
+        AddressSpace {
+            inner,
+            _vm: vm.clone(),
+        }
+    }
+
+    /// A copy-on-write snapshot of this space: the child sees every byte as it is now;
+    /// later writes on either side are private to it. Resident pages are shared until
+    /// written (then copied); swapped pages share their slot.
+    ///
+    /// Waits for mutable guards on this space's pages to be dropped (do not fork while
+    /// holding one in the same thread). Errors: `OutOfSwap` if a slot is already
+    /// shared by 65,535 spaces.
+    pub fn fork(&self) -> Result<AddressSpace> {
+        let child = AddressSpace::register(&self._vm);
+        self.inner.fork_into(&child.inner)?;
+        Ok(child)
+    }
+
     /// Maps `len` bytes (rounded up to pages) of zero-filled anonymous memory. No
     /// frame is taken until a page is written.
     ///

@@ -185,6 +185,42 @@ impl BlockDevice for FileDevice {
             }
         }
     }
+    fn read_pages(&self, first: u64, buf: &mut [u8]) -> io::Result<()> {
+        let n = buf.len() / PAGE_SIZE;
+        if n == 0 || buf.len() % PAGE_SIZE != 0 || first.saturating_add(n as u64) > self.pages {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "bad span"));
+        }
+        let mut done = 0usize;
+        while done < buf.len() {
+            let off = self.offset(first)? + done as i64;
+            // SAFETY: `buf[done..]` is a live exclusive buffer; the kernel writes at most
+            // its length.
+            let r = unsafe {
+                libc::pread(
+                    self.file.as_raw_fd(),
+                    buf[done..].as_mut_ptr().cast(),
+                    buf.len() - done,
+                    off,
+                )
+            };
+            match r {
+                0 => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "short span read",
+                    ))
+                }
+                -1 => {
+                    let e = io::Error::last_os_error();
+                    if e.kind() != io::ErrorKind::Interrupted {
+                        return Err(e);
+                    }
+                }
+                r => done += r as usize,
+            }
+        }
+        Ok(())
+    }
     fn flush(&self) -> io::Result<()> {
         self.file.sync_data()
     }

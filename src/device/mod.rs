@@ -28,6 +28,15 @@ pub trait BlockDevice: Send + Sync + fmt::Debug {
     fn read_page(&self, slot: u64, buf: &mut [u8]) -> io::Result<()>;
     /// Writes `buf` to slot `slot`.
     fn write_page(&self, slot: u64, buf: &[u8]) -> io::Result<()>;
+    /// Reads `buf.len() / PAGE_SIZE` consecutive slots from `first` (swapoff's
+    /// sequential drain). The default reads page by page; devices that can do one
+    /// large request override it.
+    fn read_pages(&self, first: u64, buf: &mut [u8]) -> io::Result<()> {
+        for (i, page) in buf.chunks_exact_mut(crate::types::PAGE_SIZE).enumerate() {
+            self.read_page(first + i as u64, page)?;
+        }
+        Ok(())
+    }
     /// Makes completed writes durable.
     fn flush(&self) -> io::Result<()>;
     /// Tells the device that `count` slots from `first` hold nothing of value.

@@ -1,0 +1,240 @@
+//! swapoff: taking a swap device out of service without losing a page (DESIGN.md
+//! invariant 3; seed 002).
+//!
+//! 1. The device stops handing out slots (`begin_drain`); faults may still read it.
+//! 2. Passes repeat until no slot on it is referenced:
+//!    - resident pages whose swap copy is on the device forget it (they become dirty,
+//!      to be written elsewhere when reclaimed); page-outs in flight finish first;
+//!    - every live space (the Vm's list, each held by an `Arc` while it is walked and
+//!      under its regions read lock, so neither unmap nor fork runs in it meanwhile)
+//!      is scanned once for entries on the device; they are sorted by slot and read
+//!      in large sequential requests, verified against their checksums, and each is
+//!      put in a frame (direct reclaim may push other pages to other devices), or,
+//!      when no frame can be had, copied to another device.
+//!    Repeating catches what a pass cannot see: a child forked after its parent was
+//!    scanned (fork registers the child before copying), a page-out that completed
+//!    with a slot on the device, a space that was dropping while we walked.
+//! 3. If a page can go neither to memory nor to another device, swapoff stops with
+//!    `OutOfMemory` and the device returns to service with every page intact.
+//!
+//! Locking: a space's regions read lock, then the claimed (`BUSY`) entry, then frame
+//! locks, as on the fault path. No lock is held across the device reads of a span
+//! except the regions read lock of the space being drained.
+
+use crate::engine::Engine;
+use crate::error::{Error, Result};
+use crate::frame::{copy_in, F_INUSE};
+use crate::pageio::AlignedPages;
+use crate::pagetable::{Pte, BUSY, P_DIRTY};
+use crate::space::SpaceInner;
+use crate::swap::SwapDevice;
+use crate::sync::{wait_until, Arc, Ordering};
+use crate::types::{Pfn, SwapEntry, SwapId, PAGE_SIZE};
+use std::time::{Duration, Instant};
+
+/// Slots read per request while draining (1 MiB).
+const SPAN: usize = 256;
+
+impl Engine {
+    /// Removes swap device `id`; see the module header.
+    pub fn swapoff(&self, id: SwapId) -> Result<()> {
+        let dev = self
+            .swap
+            .get(id.0)
+            .ok_or_else(|| Error::InvalidArgument(format!("no swap device {}", id.0)))?;
+        if !dev.begin_drain() {
+            return Err(Error::InvalidArgument(format!(
+                "swap device {} is already being removed",
+                dev.name()
+            )));
+        }
+        match self.drain(&dev) {
+            Ok(()) => {
+                self.swap.remove(id);
+                Ok(())
+            }
+            Err(e) => {
+                dev.end_drain();
+                Err(e)
+            }
+        }
+    }
+
+    fn drain(&self, dev: &SwapDevice) -> Result<()> {
+        let mut bounce = AlignedPages::new(SPAN)?;
+        let mut last_progress = Instant::now();
+        let mut last_used = u64::MAX;
+        loop {
+            self.forget_copies_on(dev);
+            if dev.used() == 0 {
+                return Ok(());
+            }
+            let spaces: Vec<Arc<SpaceInner>> = {
+                let mut list = self.spaces.lock();
+                list.retain(|w| w.strong_count() > 0);
+                list.iter().filter_map(|w| w.upgrade()).collect()
+            };
+            for sp in &spaces {
+                self.drain_space(sp, dev, &mut bounce)?;
+            }
+            drop(spaces);
+            self.forget_copies_on(dev);
+            let used = dev.used();
+            if used == 0 {
+                return Ok(());
+            }
+            if used < last_used {
+                last_used = used;
+                last_progress = Instant::now();
+            } else if last_progress.elapsed() > Duration::from_secs(30) {
+                return Err(Error::Device {
+                    dev: dev.name().to_string(),
+                    source: std::io::Error::other(format!(
+                        "swapoff made no progress for 30 s: {used} slots still referenced"
+                    )),
+                });
+            } else {
+                // Something is on its way out (a space being dropped, a page-out
+                // completing); give it a moment.
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+    }
+
+    /// Resident pages whose swap copy is on `dev` forget it; waits for page-outs in
+    /// flight first, since their completion may attach a slot on `dev`.
+    fn forget_copies_on(&self, dev: &SwapDevice) {
+        wait_until(|| self.io.inflight() == 0);
+        for i in 0..self.frames.nframes() {
+            let pfn = Pfn(i as u32);
+            let d = self.frames.desc(pfn);
+            if d.flags.load(Ordering::Relaxed) & F_INUSE == 0 {
+                continue;
+            }
+            let on_dev = |v: u64| matches!(Pte::decode(v), Pte::Swapped(e) if e.dev == dev.id.0);
+            if !on_dev(d.swap.load(Ordering::Relaxed)) {
+                continue;
+            }
+            d.lock();
+            let sw = d.swap.load(Ordering::Relaxed);
+            if on_dev(sw) && d.mapcount.load(Ordering::Relaxed) > 0 {
+                // The copy goes: mark every mapping dirty so the page is written
+                // elsewhere before it can be dropped.
+                self.rmap_for_each(d, pfn, |pte| {
+                    let _ = crate::pagetable::lock_present(pte, pfn);
+                    crate::pagetable::unlock_entry(pte, 0, P_DIRTY);
+                    true
+                });
+                d.swap.store(0, Ordering::Relaxed);
+                self.swap.put_encoded(sw);
+            }
+            d.unlock();
+        }
+    }
+
+    fn drain_space(
+        &self,
+        sp: &SpaceInner,
+        dev: &SwapDevice,
+        bounce: &mut AlignedPages,
+    ) -> Result<()> {
+        let regions = sp.regions.read();
+        let mut todo: Vec<(u64, u64)> = Vec::new();
+        for (&start, &len) in regions.iter() {
+            let first = start / PAGE_SIZE as u64;
+            let end = (start + len) / PAGE_SIZE as u64;
+            sp.pt.for_each(first, end, |vpn, pte| {
+                if let Pte::Swapped(e) = Pte::decode(pte.load(Ordering::Acquire)) {
+                    if e.dev == dev.id.0 {
+                        todo.push((e.slot, vpn));
+                    }
+                }
+            });
+        }
+        todo.sort_unstable();
+        let mut i = 0;
+        while i < todo.len() {
+            let first = todo[i].0;
+            let mut j = i + 1;
+            while j < todo.len() && todo[j].0 - first < SPAN as u64 {
+                j += 1;
+            }
+            let span = (todo[j - 1].0 - first + 1) as usize;
+            // One sequential read for the run, unless it is mostly holes.
+            let dense = span <= 4 * (j - i);
+            if dense {
+                // SAFETY: the bounce buffer is ours for the whole swapoff.
+                let buf =
+                    unsafe { std::slice::from_raw_parts_mut(bounce.ptr(0), span * PAGE_SIZE) };
+                dev.read_span(first, buf)?;
+            }
+            for &(slot, vpn) in &todo[i..j] {
+                let k = if dense { (slot - first) as usize } else { 0 };
+                if !dense {
+                    dev.read(slot, bounce.page_mut(0))
+                        .inspect_err(|_| crate::stats::Counters::inc(&self.cnt.read_errors))?;
+                } else {
+                    dev.verify(slot, bounce.page(k))?;
+                }
+                self.bring_back(sp, vpn, dev, slot, bounce.page(k))?;
+            }
+            i = j;
+        }
+        Ok(())
+    }
+
+    /// Moves one swapped page (its verified bytes in `data`) off `dev`: into a frame,
+    /// or to another device when memory cannot take it.
+    fn bring_back(
+        &self,
+        sp: &SpaceInner,
+        vpn: u64,
+        dev: &SwapDevice,
+        slot: u64,
+        data: &[u8],
+    ) -> Result<()> {
+        let Some(pte) = sp.pt.lookup(vpn) else {
+            return Ok(());
+        };
+        let v = Pte::swapped(SwapEntry {
+            dev: dev.id.0,
+            slot,
+        });
+        if pte
+            .compare_exchange(v, BUSY, Ordering::AcqRel, Ordering::Relaxed)
+            .is_err()
+        {
+            return Ok(()); // faulted in or changed meanwhile
+        }
+        match self.alloc_frame(crate::frame::AllocCtx::Normal) {
+            Ok(pfn) => {
+                // SAFETY: the frame is ours and not yet visible.
+                unsafe { copy_in(self.frames.frame_ptr(pfn), data) };
+                sp.install(pte, pfn, 0, true);
+                crate::stats::Counters::inc(&self.cnt.pswpin);
+            }
+            Err(_) => {
+                // Memory is short: move the page to another device instead.
+                let moved = self.swap.alloc().ok().and_then(|e2| {
+                    let d2 = self.swap.get(e2.dev)?;
+                    match d2.write(e2.slot, data) {
+                        Ok(()) => Some(e2),
+                        Err(_) => {
+                            self.swap.put(e2);
+                            None
+                        }
+                    }
+                });
+                match moved {
+                    Some(e2) => pte.store(Pte::swapped(e2), Ordering::Release),
+                    None => {
+                        pte.store(v, Ordering::Release);
+                        return Err(Error::OutOfMemory);
+                    }
+                }
+            }
+        }
+        dev.put_slot(slot);
+        Ok(())
+    }
+}
