@@ -151,22 +151,27 @@ impl Vm {
     pub fn reclaim(&self, pages: usize) -> usize {
         let eng = self.eng();
         let n = eng.frames.nframes();
-        let mut freed = 0;
-        // Pass one clears reference bits and queues dirty pages; pass two (after their
-        // page-out) drops them, clean, without I/O.
-        for _ in 0..2 {
-            let mut scanned = 0;
-            while freed < pages && scanned < 3 * n {
-                let seen = eng.frames.events();
-                let r = eng.shrink(64, pages - freed);
-                freed += r.evicted;
-                scanned += r.scanned;
-                if r.pool_empty {
-                    eng.frames.wait_event(seen, Duration::from_millis(10));
-                }
+        let steal0 = eng.cnt.pgsteal.load(crate::sync::Ordering::Relaxed);
+        let freed = || (eng.cnt.pgsteal.load(crate::sync::Ordering::Relaxed) - steal0) as usize;
+        // Sweeps clear reference bits, queue dirty pages and drop clean ones; a page
+        // queued in one sweep is dropped by its completion or by a later sweep.
+        let mut idle = 0;
+        while freed() < pages {
+            let seen = eng.frames.events();
+            let r = eng.shrink(64, pages - freed());
+            if r.evicted > 0 || r.queued > 0 {
+                idle = 0;
+            } else {
+                idle += r.scanned;
             }
-            crate::sync::wait_until(|| eng.io.inflight() == 0);
+            if r.pool_empty || (r.evicted == 0 && r.queued == 0 && eng.io.inflight() > 0) {
+                eng.frames.wait_event(seen, Duration::from_millis(10));
+            } else if idle > 2 * n && eng.io.inflight() == 0 {
+                break;
+            }
         }
+        crate::sync::wait_until(|| eng.io.inflight() == 0);
+        let freed = freed();
         freed
     }
 }
