@@ -5,6 +5,8 @@ use clap::{Parser, Subcommand};
 
 pub mod bench;
 pub mod run;
+pub mod stress;
+pub mod swaps;
 
 /// usermm — a virtual memory manager in user space: swap per process, inside a hard
 /// RAM budget.
@@ -21,6 +23,10 @@ enum Cmd {
     Run(run::RunArgs),
     /// Measure usermm side by side with plain memory, the device and kernel swap.
     Bench(bench::BenchArgs),
+    /// Bounded stress runs of the races the project grew from (seed 002: swapoff).
+    Stress(stress::StressArgs),
+    /// Open swap specs as swapon would and list them like /proc/swaps.
+    Swaps(swaps::SwapsArgs),
 }
 
 /// Parses the arguments and runs the subcommand; returns the exit code.
@@ -30,5 +36,7 @@ pub fn main() -> i32 {
         None => run::main(run::RunArgs::default_args()),
         Some(Cmd::Run(a)) => run::main(a),
         Some(Cmd::Bench(a)) => bench::main(a),
+        Some(Cmd::Stress(a)) => stress::main(a),
+        Some(Cmd::Swaps(a)) => swaps::main(a),
     }
 }

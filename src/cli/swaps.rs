@@ -1,0 +1,55 @@
+//! `usermm swaps`: opens the given swap specs the way `swapon` would and prints them
+//! like /proc/swaps (name, size, used, priority, state). A quick check that a spec is
+//! usable before a long run.
+
+use usermm::{Config, SwapSpec, Vm};
+
+/// Arguments of `usermm swaps`.
+#[derive(clap::Args, Debug)]
+pub struct SwapsArgs {
+    /// Swap device specs, e.g. `file:/var/tmp/a.swap?size=1G&prio=5` (repeatable).
+    #[arg(long = "swap", required = true)]
+    pub swap: Vec<String>,
+}
+
+/// Prints a table of devices (shared with `run`).
+pub fn print_table(vm: &Vm) {
+    println!(
+        "{:<48} {:>10} {:>10} {:>6}  state",
+        "Filename", "Size(KiB)", "Used(KiB)", "Prio"
+    );
+    for d in vm.swaps() {
+        println!(
+            "{:<48} {:>10} {:>10} {:>6}  {}",
+            d.name,
+            d.size >> 10,
+            d.used >> 10,
+            d.prio,
+            d.state
+        );
+    }
+}
+
+/// Runs the command; returns the exit code.
+pub fn main(a: SwapsArgs) -> i32 {
+    let vm = match Vm::new(
+        Config::default()
+            .memory_budget(1 << 20)
+            .background_reclaim(false),
+    ) {
+        Ok(vm) => vm,
+        Err(e) => {
+            eprintln!("usermm swaps: {e}");
+            return 1;
+        }
+    };
+    for s in &a.swap {
+        let res = SwapSpec::parse(s).and_then(|spec| vm.swapon(spec));
+        if let Err(e) = res {
+            eprintln!("usermm swaps: {s}: {e}");
+            return 2;
+        }
+    }
+    print_table(&vm);
+    0
+}
