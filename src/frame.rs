@@ -63,6 +63,8 @@ pub(crate) struct PageDesc {
     /// The first page-table entry that maps this frame (null while unmapped); others
     /// are in the reverse map's side table. Protected by the frame lock.
     pub owner: AtomicPtr<AtomicU64>,
+    /// The second mapping, after a fork. Protected by the frame lock.
+    pub owner2: AtomicPtr<AtomicU64>,
     /// Encoded swap entry of the page's swap copy (`Pte::swapped`), 0 if none. The copy
     /// is valid while the entry is not `P_DIRTY`. Holds one slot reference. Protected
     /// by the frame lock.
@@ -77,6 +79,7 @@ impl PageDesc {
             flags: AtomicU32::new(0),
             epoch: AtomicU32::new(0),
             owner: AtomicPtr::new(std::ptr::null_mut()),
+            owner2: AtomicPtr::new(std::ptr::null_mut()),
             swap: AtomicU64::new(0),
         }
     }

@@ -1,9 +1,9 @@
 //! Reverse map: which page-table entries map a frame.
 //!
 //! A frame is mapped by one entry, or by several after a fork shares it
-//! copy-on-write. The first mapping lives in the descriptor (`PageDesc::owner`); the
-//! others in a side table keyed by frame number, which stays empty until a fork, so
-//! the common case costs no memory and no lock. Reclaim walks the mappings to
+//! copy-on-write. The first two mappings live in the descriptor (`owner`, `owner2`:
+//! a parent and one child cost no extra memory and no lock); further ones in a side
+//! table keyed by frame number. Reclaim walks the mappings to
 //! unmap a shared page from every entry at once (the kernel's try_to_unmap).
 //!
 //! ## Locking
@@ -19,18 +19,24 @@ use crate::frame::PageDesc;
 use crate::sync::{AtomicU64, Ordering};
 use crate::types::Pfn;
 
+fn as_ptr(pte: &AtomicU64) -> *mut AtomicU64 {
+    pte as *const AtomicU64 as *mut AtomicU64
+}
+
 impl Engine {
     /// Adds `pte` as a mapping of `pfn`.
     pub(crate) fn rmap_add(&self, d: &PageDesc, pfn: Pfn, pte: &AtomicU64) {
         debug_assert!(d.is_locked());
-        let p = pte as *const AtomicU64 as *mut AtomicU64;
         let n = d.mapcount.load(Ordering::Relaxed);
-        if n == 0 {
-            d.owner.store(p, Ordering::Relaxed);
-        } else {
-            let mut m = self.rmap.lock();
-            let v = m.entry(pfn.0).or_default();
-            v.push(p as usize);
+        match n {
+            0 => d.owner.store(as_ptr(pte), Ordering::Relaxed),
+            1 => d.owner2.store(as_ptr(pte), Ordering::Relaxed),
+            _ => self
+                .rmap
+                .lock()
+                .entry(pfn.0)
+                .or_default()
+                .push(as_ptr(pte) as usize),
         }
         d.mapcount.store(n + 1, Ordering::Relaxed);
     }
@@ -38,30 +44,46 @@ impl Engine {
     /// Removes `pte` from the mappings of `pfn`; returns how many remain.
     pub(crate) fn rmap_remove(&self, d: &PageDesc, pfn: Pfn, pte: &AtomicU64) -> u32 {
         debug_assert!(d.is_locked());
-        let p = pte as *const AtomicU64 as *mut AtomicU64;
+        let p = as_ptr(pte);
         let n = d.mapcount.load(Ordering::Relaxed);
         debug_assert!(n > 0);
-        if n > 1 {
-            let mut m = self.rmap.lock();
-            let v = m
-                .get_mut(&pfn.0)
-                .expect("shared frame without side mappings");
+        // The last mapping fills the hole `pte` leaves.
+        let last = match n {
+            1 => d.owner.load(Ordering::Relaxed),
+            2 => d.owner2.load(Ordering::Relaxed),
+            _ => {
+                let mut m = self.rmap.lock();
+                let v = m
+                    .get_mut(&pfn.0)
+                    .expect("shared frame without side mappings");
+                let last = v.pop().expect("shared frame without side mappings") as *mut AtomicU64;
+                if v.is_empty() {
+                    m.remove(&pfn.0);
+                }
+                last
+            }
+        };
+        if last != p {
             if d.owner.load(Ordering::Relaxed) == p {
-                let next = v.pop().expect("shared frame without side mappings");
-                d.owner.store(next as *mut AtomicU64, Ordering::Relaxed);
+                d.owner.store(last, Ordering::Relaxed);
+            } else if n > 2 && d.owner2.load(Ordering::Relaxed) == p {
+                d.owner2.store(last, Ordering::Relaxed);
             } else {
+                let mut m = self.rmap.lock();
+                let v = m
+                    .get_mut(&pfn.0)
+                    .expect("entry is not a mapping of this frame");
                 let i = v
                     .iter()
                     .position(|&x| x == p as usize)
                     .expect("entry is not a mapping of this frame");
-                v.swap_remove(i);
+                v[i] = last as usize;
             }
-            if v.is_empty() {
-                m.remove(&pfn.0);
-            }
-        } else {
-            debug_assert_eq!(d.owner.load(Ordering::Relaxed), p);
-            d.owner.store(std::ptr::null_mut(), Ordering::Relaxed);
+        }
+        match n {
+            1 => d.owner.store(std::ptr::null_mut(), Ordering::Relaxed),
+            2 => d.owner2.store(std::ptr::null_mut(), Ordering::Relaxed),
+            _ => {}
         }
         d.mapcount.store(n - 1, Ordering::Relaxed);
         n - 1
@@ -70,10 +92,11 @@ impl Engine {
     /// Forgets every mapping of `pfn` (after they were all pointed elsewhere).
     pub(crate) fn rmap_clear(&self, d: &PageDesc, pfn: Pfn) {
         debug_assert!(d.is_locked());
-        if d.mapcount.load(Ordering::Relaxed) > 1 {
+        if d.mapcount.load(Ordering::Relaxed) > 2 {
             self.rmap.lock().remove(&pfn.0);
         }
         d.owner.store(std::ptr::null_mut(), Ordering::Relaxed);
+        d.owner2.store(std::ptr::null_mut(), Ordering::Relaxed);
         d.mapcount.store(0, Ordering::Relaxed);
     }
 
@@ -86,16 +109,17 @@ impl Engine {
         mut f: impl FnMut(&AtomicU64) -> bool,
     ) -> bool {
         debug_assert!(d.is_locked());
-        let owner = d.owner.load(Ordering::Relaxed);
-        if owner.is_null() {
-            return true;
+        let n = d.mapcount.load(Ordering::Relaxed);
+        for (k, o) in [&d.owner, &d.owner2].into_iter().enumerate() {
+            if (k as u32) < n {
+                // SAFETY: mapping pointers are valid while the frame is locked and
+                // mapped (module header).
+                if !f(unsafe { &*o.load(Ordering::Relaxed) }) {
+                    return false;
+                }
+            }
         }
-        // SAFETY: mapping pointers are valid while the frame is locked and mapped
-        // (module header).
-        if !f(unsafe { &*owner }) {
-            return false;
-        }
-        if d.mapcount.load(Ordering::Relaxed) > 1 {
+        if n > 2 {
             let m = self.rmap.lock();
             for &p in m.get(&pfn.0).map(|v| v.as_slice()).unwrap_or(&[]) {
                 // SAFETY: as above.
