@@ -2,7 +2,7 @@
 //! device's own random-read rate. `cargo run --release --example quickperf`.
 use std::time::Instant;
 use usermm::workload::Rng;
-use usermm::{Config, SwapSpec, VAddr, Vm};
+use usermm::{Config, SwapSpec, Vm};
 
 fn main() {
     let budget: usize = std::env::var("QP_BUDGET_MB")

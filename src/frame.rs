@@ -291,7 +291,7 @@ impl Drop for FrameArena {
 /// `src..src + dst.len()` must lie inside the arena mapping.
 #[inline]
 pub(crate) unsafe fn copy_out(src: *const u8, dst: &mut [u8]) {
-    if dst.len() == 8 && (src as usize) % 8 == 0 {
+    if dst.len() == 8 && (src as usize).is_multiple_of(8) {
         // The common case of a word-sized access: one load.
         // SAFETY: inside the arena (caller's contract) and 8-byte aligned.
         let w = unsafe { AtomicU64::from_ptr(src as *mut u64) }.load(Ordering::Relaxed);
@@ -300,7 +300,7 @@ pub(crate) unsafe fn copy_out(src: *const u8, dst: &mut [u8]) {
     }
     let mut i = 0;
     let n = dst.len();
-    while i < n && (src as usize + i) % 8 != 0 {
+    while i < n && !(src as usize + i).is_multiple_of(8) {
         // SAFETY: inside the arena (caller's contract); AtomicU8 has alignment 1.
         dst[i] = unsafe { crate::sync::AtomicU8::from_ptr(src.add(i) as *mut u8) }
             .load(Ordering::Relaxed);
@@ -329,7 +329,7 @@ pub(crate) unsafe fn copy_out(src: *const u8, dst: &mut [u8]) {
 pub(crate) unsafe fn copy_in(dst: *mut u8, src: &[u8]) {
     let mut i = 0;
     let n = src.len();
-    while i < n && (dst as usize + i) % 8 != 0 {
+    while i < n && !(dst as usize + i).is_multiple_of(8) {
         // SAFETY: inside the arena (caller's contract); alignment 1.
         unsafe { crate::sync::AtomicU8::from_ptr(dst.add(i)) }.store(src[i], Ordering::Relaxed);
         i += 1;

@@ -11,6 +11,7 @@
 //!      in large sequential requests, verified against their checksums, and each is
 //!      put in a frame (direct reclaim may push other pages to other devices), or,
 //!      when no frame can be had, copied to another device.
+//!
 //!    Repeating catches what a pass cannot see: a child forked after its parent was
 //!    scanned (fork registers the child before copying), a page-out that completed
 //!    with a slot on the device, a space that was dropping while we walked.

@@ -57,7 +57,7 @@ impl std::ops::Add<u64> for VAddr {
     /// Wrapping is never what a caller wants; an overflowing address becomes
     /// `u64::MAX`, which every call rejects as `Error::BadAddress`.
     fn add(self, rhs: u64) -> VAddr {
-        VAddr(self.0.checked_add(rhs).unwrap_or(u64::MAX))
+        VAddr(self.0.saturating_add(rhs))
     }
 }
 

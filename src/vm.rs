@@ -171,8 +171,7 @@ impl Vm {
             }
         }
         crate::sync::wait_until(|| eng.io.inflight() == 0);
-        let freed = freed();
-        freed
+        freed()
     }
 }
 

@@ -137,7 +137,7 @@ pub struct Sampler {
 /// adjacent): multiplication by an odd constant coprime with `n`, modulo `n`.
 fn scatter(i: u64, n: u64) -> u64 {
     const P: u64 = 2_654_435_761; // prime
-    let p = if n % P == 0 { 1 } else { P };
+    let p = if n.is_multiple_of(P) { 1 } else { P };
     ((u128::from(i) * u128::from(p)) % u128::from(n)) as u64
 }
 

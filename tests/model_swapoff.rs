@@ -11,6 +11,7 @@
 //!   of resident pages; walk every live space held by an `Arc`, under its regions
 //!   read lock, pulling entries on the device into frames or onto the other device)
 //!   until no slot on the device is referenced.
+//!
 //! After every schedule: no slot of the removed device is referenced, every page of
 //! every live space reads its value, and the reference counts add up.
 //!

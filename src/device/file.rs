@@ -187,7 +187,10 @@ impl BlockDevice for FileDevice {
     }
     fn read_pages(&self, first: u64, buf: &mut [u8]) -> io::Result<()> {
         let n = buf.len() / PAGE_SIZE;
-        if n == 0 || buf.len() % PAGE_SIZE != 0 || first.saturating_add(n as u64) > self.pages {
+        if n == 0
+            || !buf.len().is_multiple_of(PAGE_SIZE)
+            || first.saturating_add(n as u64) > self.pages
+        {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "bad span"));
         }
         let mut done = 0usize;
