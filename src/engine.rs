@@ -19,8 +19,9 @@ pub(crate) struct Engine {
     pub swap: SwapTable,
     pub io: PageIo,
     pub cnt: Counters,
-    /// Bytes of page tables of every space.
-    pub pt_bytes: Arc<AtomicUsize>,
+    /// Leaves of every page table (type-stable, recycled), and the bytes of all
+    /// page-table nodes.
+    pub leaves: Arc<crate::pagetable::LeafPool>,
     /// CLOCK hand over the frame arena.
     pub hand: AtomicUsize,
     pub kswapd_lock: Mutex<bool>,
@@ -47,7 +48,7 @@ impl Engine {
             swap: SwapTable::default(),
             io: PageIo::new(cfg.io_requests)?,
             cnt: Counters::default(),
-            pt_bytes: Arc::new(AtomicUsize::new(0)),
+            leaves: Arc::new(crate::pagetable::LeafPool::new()),
             hand: AtomicUsize::new(0),
             kswapd_lock: Mutex::new(false),
             kswapd_wake: Condvar::new(),
@@ -62,7 +63,7 @@ impl Engine {
         self.frames.metadata_bytes()
             + self.swap.metadata_bytes()
             + self.io.metadata_bytes()
-            + self.pt_bytes.load(Ordering::Relaxed)
+            + self.leaves.bytes.load(Ordering::Relaxed)
     }
 
     pub fn stats(&self) -> Stats {

@@ -115,9 +115,10 @@ impl SpaceInner {
     /// The hit path of a read inside one page. True if it copied the bytes.
     #[inline]
     fn read_fast(&self, a: VAddr, dst: &mut [u8]) -> bool {
-        let Some(pte) = self.pt.lookup(a.vpn()) else {
+        let Some(hit) = self.pt.hit(a.vpn()) else {
             return false;
         };
+        let pte = hit.pte;
         let v = pte.load(Ordering::Acquire);
         if v & (TAG_MASK | P_LOCK | P_EXCL) != TAG_PRESENT {
             return false;
@@ -131,7 +132,9 @@ impl SpaceInner {
         // inside the arena; the copy uses atomic loads (see `copy_out`).
         unsafe { copy_out(frames.frame_ptr(pfn).add(a.page_offset()), dst) };
         fence(Ordering::Acquire);
-        if pte.load(Ordering::Relaxed) != v {
+        // The entry did not move, and the table still points to its leaf (a leaf
+        // replaced after a fork may have been recycled: see `pagetable::LeafPool`).
+        if pte.load(Ordering::Relaxed) != v || !hit.still(Ordering::Relaxed) {
             return false;
         }
         if v & P_ACCESSED == 0 {
@@ -144,12 +147,23 @@ impl SpaceInner {
     /// The hit path of a write inside one page. True if it stored the bytes.
     #[inline]
     fn write_fast(&self, a: VAddr, src: &[u8]) -> bool {
-        let Some(pte) = self.pt.lookup(a.vpn()) else {
+        let Some(hit) = self.pt.hit(a.vpn()) else {
             return false;
         };
+        if hit.shared() {
+            return false;
+        }
+        let pte = hit.pte;
         let Some(v) = try_lock_present(pte, P_EXCL | P_SHARED | P_COW) else {
             return false;
         };
+        // A fork may have shared the leaf just now: it tags the slot, then looks for
+        // locked entries; we lock the entry, then look at the slot (both SeqCst).
+        fence(Ordering::SeqCst);
+        if !hit.still(Ordering::SeqCst) {
+            unlock_entry(pte, 0, 0);
+            return false;
+        }
         let frames = &self.eng.frames;
         let pfn = Pte::pfn(v);
         debug_assert!((pfn.0 as usize) < frames.nframes());
@@ -189,6 +203,14 @@ impl SpaceInner {
     /// holds it (a lock, or a pin in `forbid`). Returns when a retry of the fast path
     /// may succeed.
     fn prepare_write(&self, a: VAddr, forbid: u64) -> Result<()> {
+        if self.pt.is_shared(a.vpn()) {
+            // Writes and guards need this space's own copy of the leaf. Copying it
+            // changes the table's slots: under the regions write lock.
+            let regions = self.regions.write();
+            SpaceInner::range_mapped(&regions, a.0, 1)?;
+            self.unshare(a.vpn());
+            return Ok(());
+        }
         {
             let regions = self.regions.read();
             SpaceInner::range_mapped(&regions, a.0, 1)?;
@@ -405,8 +427,17 @@ impl SpaceInner {
     }
 
     fn try_pin(&self, a: VAddr, want: Want, forbid: u64) -> Option<(&AtomicU64, Pfn)> {
-        let pte = self.pt.lookup(a.vpn())?;
+        let hit = self.pt.hit(a.vpn())?;
+        if hit.shared() {
+            return None; // guards need a private leaf (see `SpaceInner::fork_into`)
+        }
+        let pte = hit.pte;
         let v = try_lock_present(pte, forbid)?;
+        fence(Ordering::SeqCst);
+        if !hit.still(Ordering::SeqCst) {
+            unlock_entry(pte, 0, 0);
+            return None;
+        }
         let new = match want {
             Want::Shared if v & P_SHARED == P_SHARED => {
                 pte.store(v, Ordering::Release);

@@ -32,7 +32,7 @@
 //! address space. An entry goes `EMPTY`/`Swapped` → `BUSY` → present by the fault
 //! path (CAS), and to or from present only under the frame's lock (see `frame`).
 
-use crate::sync::{fence, Arc, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
+use crate::sync::{fence, Arc, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Mutex, Ordering};
 use crate::types::{Pfn, SwapEntry, PAGE_SHIFT, VADDR_BITS};
 use std::alloc::{alloc_zeroed, dealloc, Layout};
 
@@ -40,6 +40,8 @@ const LEAF_BITS: u32 = 12;
 const MID_BITS: u32 = 12;
 const TOP_BITS: u32 = VADDR_BITS - PAGE_SHIFT - LEAF_BITS - MID_BITS;
 const LEAF_LEN: usize = 1 << LEAF_BITS;
+/// Pages covered by one leaf.
+pub(crate) const LEAF_PAGES: u64 = LEAF_LEN as u64;
 const MID_LEN: usize = 1 << MID_BITS;
 const TOP_LEN: usize = 1 << TOP_BITS;
 
@@ -161,13 +163,20 @@ pub(crate) fn lock_present(pte: &AtomicU64, pfn: Pfn) -> Option<u64> {
             pte.store(v, Ordering::Release);
             return None;
         }
-        crate::sync::wait_until(|| pte.load(Ordering::Relaxed) & P_LOCK == 0);
+        // Only a present entry has a lock bit; other kinds use those bits for data.
+        crate::sync::wait_until(|| {
+            let now = pte.load(Ordering::Relaxed);
+            now & TAG_MASK != TAG_PRESENT || now & P_LOCK == 0
+        });
     }
 }
 
+/// A leaf: 4096 entries (16 MiB of address space) and the number of page tables
+/// whose slot points to it (more than one after a fork shares it).
 #[repr(C)]
-struct Leaf {
+pub(crate) struct Leaf {
     e: [AtomicU64; LEAF_LEN],
+    users: AtomicU32,
 }
 
 #[repr(C)]
@@ -178,7 +187,7 @@ struct Mid {
 fn new_zeroed<T>() -> *mut T {
     let layout = Layout::new::<T>();
     // SAFETY: the layout has non-zero size (both node types are 32 KiB); all-zero bytes
-    // are a valid `T` here (arrays of atomics whose zero is null / EMPTY).
+    // are a valid `T` here (arrays of atomics whose zero is null / EMPTY, a zero count).
     let p = unsafe { alloc_zeroed(layout) } as *mut T;
     if p.is_null() {
         std::alloc::handle_alloc_error(layout);
@@ -186,19 +195,82 @@ fn new_zeroed<T>() -> *mut T {
     p
 }
 
+/// Slot tag: the leaf is shared with another page table (copy-on-write at leaf level).
+const SHARED: usize = 1;
+
+#[inline]
+fn untag(p: *mut Leaf) -> *mut Leaf {
+    (p as usize & !SHARED) as *mut Leaf
+}
+
+/// Leaves of every page table of a Vm, recycled instead of freed while the Vm lives.
+///
+/// Type-stable memory (like the kernel's SLAB_TYPESAFE_BY_RCU): a lock-free reader
+/// may still hold a pointer to a leaf that its table just replaced (after a fork, the
+/// first write into a shared leaf gives the writer's table a copy). The old leaf may
+/// be recycled into another table meanwhile, but its memory stays a leaf, so the
+/// reader's loads are harmless, and the reader notices by checking its table's slot
+/// again after its copy (see `fault::read_fast`).
+#[derive(Debug)]
+pub(crate) struct LeafPool {
+    free: Mutex<Vec<usize>>,
+    /// Bytes of page-table nodes (leaves, mids, tops) of the Vm, for `stats`.
+    pub bytes: AtomicUsize,
+}
+
+impl LeafPool {
+    pub fn new() -> LeafPool {
+        LeafPool {
+            free: Mutex::new(Vec::new()),
+            bytes: AtomicUsize::new(0),
+        }
+    }
+
+    /// A leaf with every entry `EMPTY` and one user.
+    fn get(&self) -> *mut Leaf {
+        let p = match self.free.lock().pop() {
+            Some(p) => p as *mut Leaf,
+            None => {
+                self.bytes
+                    .fetch_add(std::mem::size_of::<Leaf>(), Ordering::Relaxed);
+                new_zeroed::<Leaf>()
+            }
+        };
+        // SAFETY: pooled leaves are live (never deallocated before the pool).
+        unsafe { &*p }.users.store(1, Ordering::Relaxed);
+        p
+    }
+
+    /// Gives a leaf whose entries are all `EMPTY` and which no table points to back.
+    fn put(&self, p: *mut Leaf) {
+        // SAFETY: as in `get`.
+        debug_assert!(unsafe { &*p }
+            .e
+            .iter()
+            .all(|e| e.load(Ordering::Relaxed) == EMPTY));
+        self.free.lock().push(p as usize);
+    }
+}
+
+impl Drop for LeafPool {
+    fn drop(&mut self) {
+        for &p in self.free.get_mut().iter() {
+            // SAFETY: allocated by `new_zeroed::<Leaf>` and pooled; nobody can hold a
+            // pointer once the pool (owned by the engine, outliving every table) goes.
+            unsafe { dealloc(p as *mut u8, Layout::new::<Leaf>()) };
+        }
+    }
+}
+
 /// A page table of one address space.
 pub(crate) struct PageTable {
     top: Box<[AtomicPtr<Mid>]>,
-    /// Bytes of nodes allocated, shared with the Vm's metadata counter.
-    bytes: Arc<AtomicUsize>,
-    own_bytes: AtomicUsize,
+    pool: Arc<LeafPool>,
 }
 
 impl std::fmt::Debug for PageTable {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PageTable")
-            .field("bytes", &self.own_bytes.load(Ordering::Relaxed))
-            .finish()
+        f.debug_struct("PageTable").finish()
     }
 }
 
@@ -211,54 +283,89 @@ fn split(vpn: u64) -> (usize, usize, usize) {
     )
 }
 
+/// What a hit path needs to validate its access: the entry, and the table slot with
+/// the (tagged) leaf pointer it held.
+pub(crate) struct Hit<'a> {
+    pub pte: &'a AtomicU64,
+    pub slot: &'a AtomicPtr<Leaf>,
+    pub leaf: *mut Leaf,
+}
+
+impl Hit<'_> {
+    /// Whether the leaf is shared with another table (writes must copy it first).
+    #[inline]
+    pub fn shared(&self) -> bool {
+        self.leaf as usize & SHARED != 0
+    }
+    /// Whether the table still points to the same leaf.
+    #[inline]
+    pub fn still(&self, order: Ordering) -> bool {
+        self.slot.load(order) == self.leaf
+    }
+}
+
 impl PageTable {
-    /// A new, empty table. `bytes` accumulates the metadata it allocates.
-    pub fn new(bytes: Arc<AtomicUsize>) -> PageTable {
+    /// A new, empty table whose leaves come from `pool`.
+    pub fn new(pool: Arc<LeafPool>) -> PageTable {
         let top: Box<[AtomicPtr<Mid>]> = (0..TOP_LEN)
             .map(|_| AtomicPtr::new(std::ptr::null_mut()))
             .collect();
-        let own = TOP_LEN * std::mem::size_of::<AtomicPtr<Mid>>();
-        bytes.fetch_add(own, Ordering::Relaxed);
-        PageTable {
-            top,
-            bytes,
-            own_bytes: AtomicUsize::new(own),
-        }
+        pool.bytes.fetch_add(
+            TOP_LEN * std::mem::size_of::<AtomicPtr<Mid>>(),
+            Ordering::Relaxed,
+        );
+        PageTable { top, pool }
     }
 
-    fn account(&self, n: usize) {
-        self.bytes.fetch_add(n, Ordering::Relaxed);
-        self.own_bytes.fetch_add(n, Ordering::Relaxed);
+    #[inline]
+    fn slot(&self, vpn: u64) -> Option<&AtomicPtr<Leaf>> {
+        let (t, m, _) = split(vpn);
+        let mid = self.top.get(t)?.load(Ordering::Acquire);
+        if mid.is_null() {
+            return None;
+        }
+        // SAFETY: non-null mid pointers point to live nodes, freed only in `drop`
+        // (which needs `&mut self`).
+        Some(&unsafe { &*mid }.e[m])
+    }
+
+    /// The entry for `vpn` with what the hit path validates against.
+    #[inline]
+    pub fn hit(&self, vpn: u64) -> Option<Hit<'_>> {
+        let slot = self.slot(vpn)?;
+        let leaf = slot.load(Ordering::Acquire);
+        if leaf.is_null() {
+            return None;
+        }
+        // SAFETY: leaves are type-stable (see `LeafPool`): the memory is a live leaf
+        // for as long as the Vm exists, even if this table stops pointing to it.
+        let pte = unsafe { &(*untag(leaf)).e[split(vpn).2] };
+        Some(Hit { pte, slot, leaf })
     }
 
     /// The entry for `vpn` if its leaf exists. `vpn` must be below 2^35.
     #[inline]
     pub fn lookup(&self, vpn: u64) -> Option<&AtomicU64> {
-        let (t, m, l) = split(vpn);
-        let mid = self.top.get(t)?.load(Ordering::Acquire);
-        if mid.is_null() {
-            return None;
-        }
-        // SAFETY: non-null node pointers in the table point to live nodes that are
-        // freed only in `drop`, which needs `&mut self`.
-        let leaf = unsafe { &*mid }.e[m].load(Ordering::Acquire);
-        if leaf.is_null() {
-            return None;
-        }
-        // SAFETY: as above.
-        Some(unsafe { &(*leaf).e[l] })
+        self.hit(vpn).map(|h| h.pte)
     }
 
-    /// The entry for `vpn`, creating the nodes on the way (metadata, not budget).
-    pub fn entry(&self, vpn: u64) -> &AtomicU64 {
-        let (t, m, l) = split(vpn);
+    /// Whether the leaf covering `vpn` is shared with another table.
+    pub fn is_shared(&self, vpn: u64) -> bool {
+        self.hit(vpn).is_some_and(|h| h.shared())
+    }
+
+    /// The leaf slot for `vpn`, creating the mid node on the way.
+    fn ensure_slot(&self, vpn: u64) -> &AtomicPtr<Leaf> {
+        let (t, m, _) = split(vpn);
         let slot = &self.top[t];
         let mut mid = slot.load(Ordering::Acquire);
         if mid.is_null() {
             let new = new_zeroed::<Mid>();
             match slot.compare_exchange(mid, new, Ordering::AcqRel, Ordering::Acquire) {
                 Ok(_) => {
-                    self.account(std::mem::size_of::<Mid>());
+                    self.pool
+                        .bytes
+                        .fetch_add(std::mem::size_of::<Mid>(), Ordering::Relaxed);
                     mid = new;
                 }
                 Err(cur) => {
@@ -268,25 +375,26 @@ impl PageTable {
                 }
             }
         }
-        // SAFETY: live node, see `lookup`.
-        let lslot = &unsafe { &*mid }.e[m];
+        // SAFETY: live node, see `slot`.
+        &unsafe { &*mid }.e[m]
+    }
+
+    /// The entry for `vpn`, creating the nodes on the way (metadata, not budget).
+    pub fn entry(&self, vpn: u64) -> &AtomicU64 {
+        let lslot = self.ensure_slot(vpn);
         let mut leaf = lslot.load(Ordering::Acquire);
         if leaf.is_null() {
-            let new = new_zeroed::<Leaf>();
+            let new = self.pool.get();
             match lslot.compare_exchange(leaf, new, Ordering::AcqRel, Ordering::Acquire) {
-                Ok(_) => {
-                    self.account(std::mem::size_of::<Leaf>());
-                    leaf = new;
-                }
+                Ok(_) => leaf = new,
                 Err(cur) => {
-                    // SAFETY: allocated above, never shared.
-                    unsafe { dealloc(new.cast(), Layout::new::<Leaf>()) };
+                    self.pool.put(new);
                     leaf = cur;
                 }
             }
         }
-        // SAFETY: live node, see `lookup`.
-        unsafe { &(*leaf).e[l] }
+        // SAFETY: type-stable leaf, see `hit`.
+        unsafe { &(*untag(leaf)).e[split(vpn).2] }
     }
 
     /// Calls `f(vpn, entry)` for every existing entry in `[first, end)`, skipping
@@ -294,54 +402,159 @@ impl PageTable {
     pub fn for_each(&self, first: u64, end: u64, mut f: impl FnMut(u64, &AtomicU64)) {
         let mut vpn = first;
         while vpn < end {
-            let (t, m, l) = split(vpn);
-            let mid = self.top[t].load(Ordering::Acquire);
-            if mid.is_null() {
+            let Some(slot) = self.slot(vpn) else {
                 vpn = ((vpn >> (LEAF_BITS + MID_BITS)) + 1) << (LEAF_BITS + MID_BITS);
                 continue;
-            }
-            // SAFETY: live node, see `lookup`.
-            let leaf = unsafe { &*mid }.e[m].load(Ordering::Acquire);
-            if leaf.is_null() {
-                vpn = ((vpn >> LEAF_BITS) + 1) << LEAF_BITS;
-                continue;
-            }
+            };
+            let leaf = untag(slot.load(Ordering::Acquire));
             let stop = (((vpn >> LEAF_BITS) + 1) << LEAF_BITS).min(end);
-            for (i, v) in (l..).zip(vpn..stop) {
-                // SAFETY: live node, see `lookup`.
-                f(v, unsafe { &(*leaf).e[i] });
+            if !leaf.is_null() {
+                for (i, v) in (split(vpn).2..).zip(vpn..stop) {
+                    // SAFETY: type-stable leaf, see `hit`.
+                    f(v, unsafe { &(*leaf).e[i] });
+                }
             }
             vpn = stop;
         }
     }
 
-    /// Bytes of nodes this table holds.
-    #[cfg(test)]
-    pub fn bytes(&self) -> usize {
-        self.own_bytes.load(Ordering::Relaxed)
+    /// Calls `f(first_vpn, slot)` for every leaf slot holding a leaf in `[first, end)`.
+    fn for_each_slot(&self, first: u64, end: u64, mut f: impl FnMut(u64, &AtomicPtr<Leaf>)) {
+        let mut vpn = first & !(LEAF_LEN as u64 - 1);
+        while vpn < end {
+            match self.slot(vpn) {
+                None => vpn = ((vpn >> (LEAF_BITS + MID_BITS)) + 1) << (LEAF_BITS + MID_BITS),
+                Some(slot) => {
+                    if !slot.load(Ordering::Acquire).is_null() {
+                        f(vpn, slot);
+                    }
+                    vpn += LEAF_LEN as u64;
+                }
+            }
+        }
+    }
+
+    /// Shares every leaf covering `[first, end)` with `child` (fork). Precondition:
+    /// nothing else changes this table's slots meanwhile (the space's regions write
+    /// lock), and no entry in them is pinned (the caller checked, after `tag_all`).
+    pub fn share_into(&self, child: &PageTable, first: u64, end: u64) {
+        self.for_each_slot(first, end, |vpn, slot| {
+            let p = slot.load(Ordering::Acquire);
+            debug_assert_ne!(p as usize & SHARED, 0, "share_into without tag_all");
+            // SAFETY: type-stable leaf.
+            unsafe { &*untag(p) }.users.fetch_add(1, Ordering::AcqRel);
+            let own = child.ensure_slot(vpn).swap(p, Ordering::AcqRel);
+            debug_assert!(own.is_null(), "fork into a table that has leaves");
+        });
+    }
+
+    /// Tags every leaf slot covering `[first, end)` as shared; returns the slots that
+    /// were not tagged before (so a failed fork can untag exactly those).
+    pub fn tag_all(&self, first: u64, end: u64, out: &mut Vec<u64>) {
+        self.for_each_slot(first, end, |vpn, slot| {
+            let p = slot.load(Ordering::Acquire);
+            if p as usize & SHARED == 0 {
+                slot.store((p as usize | SHARED) as *mut Leaf, Ordering::SeqCst);
+                out.push(vpn);
+            }
+        });
+        crate::sync::fence(Ordering::SeqCst);
+    }
+
+    /// Undoes `tag_all` for the slots it returned.
+    pub fn untag(&self, vpns: &[u64]) {
+        for &vpn in vpns {
+            if let Some(slot) = self.slot(vpn) {
+                let p = slot.load(Ordering::Acquire);
+                slot.store(untag(p), Ordering::Release);
+            }
+        }
+    }
+
+    /// Makes the leaf covering `vpn` private to this table. `copy(src, dst)` copies
+    /// one entry (taking its own references); `release(entry)` drops one entry's
+    /// references and leaves it `EMPTY`. Precondition: no other thread changes this
+    /// table's slots meanwhile (the space's regions write lock).
+    pub fn unshare(
+        &self,
+        vpn: u64,
+        mut copy: impl FnMut(&AtomicU64, &AtomicU64),
+        mut release: impl FnMut(&AtomicU64),
+    ) {
+        let Some(slot) = self.slot(vpn) else { return };
+        let p = slot.load(Ordering::Acquire);
+        if p as usize & SHARED == 0 {
+            return;
+        }
+        let old = untag(p);
+        // SAFETY: type-stable leaf.
+        let l = unsafe { &*old };
+        if l.users.load(Ordering::Acquire) == 1 {
+            // The other tables let go: it is ours alone.
+            slot.store(old, Ordering::Release);
+            return;
+        }
+        let new = self.pool.get();
+        // SAFETY: a fresh leaf from the pool, not yet visible.
+        let n = unsafe { &*new };
+        for i in 0..LEAF_LEN {
+            copy(&l.e[i], &n.e[i]);
+        }
+        slot.store(new, Ordering::Release);
+        self.drop_use(old, &mut release);
+    }
+
+    /// Drops this table's use of leaf `p` (untagged); the last user releases its
+    /// entries and recycles it.
+    fn drop_use(&self, p: *mut Leaf, release: &mut impl FnMut(&AtomicU64)) {
+        // SAFETY: type-stable leaf.
+        let l = unsafe { &*p };
+        if l.users.fetch_sub(1, Ordering::AcqRel) == 1 {
+            for e in l.e.iter() {
+                release(e);
+            }
+            self.pool.put(p);
+        }
+    }
+
+    /// Lets go of every leaf (the space is being dropped): the last user of each
+    /// releases its entries with `release`.
+    pub fn clear(&mut self, mut release: impl FnMut(&AtomicU64)) {
+        for t in 0..TOP_LEN {
+            let mid = self.top[t].load(Ordering::Acquire);
+            if mid.is_null() {
+                continue;
+            }
+            for m in 0..MID_LEN {
+                // SAFETY: live node (we own the table).
+                let p = unsafe { &*mid }.e[m].swap(std::ptr::null_mut(), Ordering::AcqRel);
+                if !p.is_null() {
+                    self.drop_use(untag(p), &mut release);
+                }
+            }
+        }
     }
 }
 
 impl Drop for PageTable {
     fn drop(&mut self) {
+        // Leaves were handed back by `clear`; only the mids and the top remain.
+        let mut freed = TOP_LEN * std::mem::size_of::<AtomicPtr<Mid>>();
         for slot in self.top.iter() {
             let mid = slot.load(Ordering::Acquire);
             if mid.is_null() {
                 continue;
             }
-            // SAFETY: we have `&mut self`; no reader can hold a node any more.
-            for l in unsafe { &*mid }.e.iter() {
-                let leaf = l.load(Ordering::Acquire);
-                if !leaf.is_null() {
-                    // SAFETY: allocated by `entry` with this layout, freed once here.
-                    unsafe { dealloc(leaf.cast(), Layout::new::<Leaf>()) };
-                }
-            }
+            // SAFETY: we have `&mut self`; nobody holds a node any more.
+            debug_assert!(unsafe { &*mid }
+                .e
+                .iter()
+                .all(|l| l.load(Ordering::Relaxed).is_null()));
             // SAFETY: allocated by `entry` with this layout, freed once here.
             unsafe { dealloc(mid.cast(), Layout::new::<Mid>()) };
+            freed += std::mem::size_of::<Mid>();
         }
-        self.bytes
-            .fetch_sub(self.own_bytes.load(Ordering::Relaxed), Ordering::Relaxed);
+        self.pool.bytes.fetch_sub(freed, Ordering::Relaxed);
     }
 }
 
@@ -378,14 +591,15 @@ mod tests {
 
     #[test]
     fn sparse_and_iterates() {
-        let pt = PageTable::new(Arc::new(AtomicUsize::new(0)));
-        let top_only = pt.bytes();
+        let pool = Arc::new(LeafPool::new());
+        let mut pt = PageTable::new(pool.clone());
+        let top_only = pool.bytes.load(Ordering::Relaxed);
         assert!(pt.lookup(5).is_none());
         let far = (1u64 << 35) - 1;
         pt.entry(5).store(7, Ordering::Relaxed);
         pt.entry(far).store(9, Ordering::Relaxed);
         assert_eq!(pt.lookup(5).unwrap().load(Ordering::Relaxed), 7);
-        assert!(pt.bytes() <= top_only + 4 * 32768);
+        assert!(pool.bytes.load(Ordering::Relaxed) <= top_only + 4 * 32768 + 64);
         let mut seen = vec![];
         pt.for_each(0, 1 << 35, |v, e| {
             if e.load(Ordering::Relaxed) != 0 {
@@ -393,5 +607,53 @@ mod tests {
             }
         });
         assert_eq!(seen, vec![5, far]);
+        pt.clear(|e| e.store(EMPTY, Ordering::Relaxed));
+    }
+
+    #[test]
+    fn shared_leaves_copy_on_unshare() {
+        let pool = Arc::new(LeafPool::new());
+        let mut a = PageTable::new(pool.clone());
+        let mut b = PageTable::new(pool.clone());
+        a.entry(10).store(0x100, Ordering::Relaxed);
+        let mut tagged = vec![];
+        a.tag_all(0, 1 << 20, &mut tagged);
+        assert_eq!(tagged, vec![0]);
+        a.share_into(&b, 0, 1 << 20);
+        assert!(a.is_shared(10) && b.is_shared(10));
+        assert_eq!(b.lookup(10).unwrap().load(Ordering::Relaxed), 0x100);
+        // b copies; a keeps the original.
+        let mut copied = 0;
+        b.unshare(
+            10,
+            |s, d| {
+                let v = s.load(Ordering::Relaxed);
+                if v != 0 {
+                    copied += 1;
+                }
+                d.store(v, Ordering::Relaxed)
+            },
+            |_| panic!("a still uses the leaf"),
+        );
+        assert_eq!(copied, 1);
+        assert!(!b.is_shared(10));
+        b.lookup(10).unwrap().store(0x200, Ordering::Relaxed);
+        assert_eq!(a.lookup(10).unwrap().load(Ordering::Relaxed), 0x100);
+        // a is now the only user: unsharing just drops the tag.
+        a.unshare(
+            10,
+            |_, _| panic!("no copy needed"),
+            |_| panic!("no release"),
+        );
+        assert!(!a.is_shared(10));
+        let mut released = 0;
+        for t in [&mut a, &mut b] {
+            t.clear(|e| {
+                if e.swap(EMPTY, Ordering::Relaxed) != 0 {
+                    released += 1;
+                }
+            });
+        }
+        assert_eq!(released, 2);
     }
 }

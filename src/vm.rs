@@ -155,10 +155,16 @@ impl Vm {
         let freed = || (eng.cnt.pgsteal.load(crate::sync::Ordering::Relaxed) - steal0) as usize;
         // Sweeps clear reference bits, queue dirty pages and drop clean ones; a page
         // queued in one sweep is dropped by its completion or by a later sweep.
+        // Bounded work: a page needs about three visits of the clock hand (clear its
+        // reference bit, queue it, drop it), so this is plenty unless pages cannot go
+        // (pinned, swap full, or page-out failing).
+        let limit = 8 * (n + pages);
+        let mut scanned = 0;
         let mut idle = 0;
-        while freed() < pages {
+        while freed() < pages && scanned < limit {
             let seen = eng.frames.events();
             let r = eng.shrink(64, pages - freed());
+            scanned += r.scanned;
             if r.evicted > 0 || r.queued > 0 {
                 idle = 0;
             } else {
