@@ -68,14 +68,20 @@ impl Engine {
     /// page-outs are kicked before returning.
     pub fn shrink(&self, nr: usize, want: usize) -> ScanResult {
         let n = self.frames.nframes();
-        let nr = nr.min(n);
-        let start = self.hand.fetch_add(nr, Ordering::Relaxed) % n;
         let mut r = ScanResult::default();
-        for k in 0..nr {
-            let pfn = Pfn(((start + k) % n) as u32);
+        while r.scanned < nr.min(n) {
+            // One frame at a time, so that stopping early (below) leaves the hand on
+            // the page that could not be queued, instead of skipping past it.
+            let pfn = Pfn((self.hand.fetch_add(1, Ordering::Relaxed) % n) as u32);
             r.scanned += 1;
             self.reclaim_frame(pfn, &mut r);
             if r.evicted + r.queued >= want {
+                break;
+            }
+            if r.pool_empty {
+                // Every request is in flight: going on would only pass over dirty
+                // pages. The caller waits for a completion.
+                self.hand.fetch_sub(1, Ordering::Relaxed);
                 break;
             }
         }

@@ -161,6 +161,7 @@ impl Vm {
         let limit = 8 * (n + pages);
         let mut scanned = 0;
         let mut idle = 0;
+        let mut progress = 0;
         while freed() < pages && scanned < limit {
             let seen = eng.frames.events();
             let r = eng.shrink(64, pages - freed());
@@ -173,7 +174,13 @@ impl Vm {
             if r.pool_empty || (r.evicted == 0 && r.queued == 0 && eng.io.inflight() > 0) {
                 eng.frames.wait_event(seen, Duration::from_millis(10));
             } else if idle > 2 * n && eng.io.inflight() == 0 {
-                break;
+                // Two sweeps without queueing or dropping anything: stop if they
+                // freed nothing either (completions free pages too).
+                if freed() == progress {
+                    break;
+                }
+                progress = freed();
+                idle = 0;
             }
         }
         crate::sync::wait_until(|| eng.io.inflight() == 0);
