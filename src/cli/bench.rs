@@ -1,11 +1,1143 @@
-//! `usermm bench`: placeholder until the bench command lands.
+//! `usermm bench`: usermm side by side with plain memory, the device's own limit and
+//! the kernel's swap in a memory cgroup, on the same workloads from one seeded
+//! generator (see `access`), interleaved cell by cell.
+//!
+//! Per cell (pattern × W/B × threads × write ratio) it measures, in this order:
+//! the device (random 4 KiB O_DIRECT reads at queue depth = threads), plain memory
+//! (a `Vec` that holds the working set), usermm (a fresh `Vm` with the budget, on a
+//! swap file) and the kernel (a child process in a memory cgroup limited to the
+//! budget, with a swap file of the same size). Each system gets the fill (every page
+//! written once), an untimed warm-up and the timed phase.
+
+use super::access::{self, Measured, RawTarget, Snap, UsermmTarget, WorkSpec};
+use super::device::{Op, ProbeFile, ProbeResult};
+use super::kernel::KernelSwap;
+use super::util::{self, fmt_bytes, fmt_dur, fmt_num, Progress, Undo};
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use usermm::workload::Pattern;
+use usermm::{Config, SwapSpec, Vm, PAGE_SIZE};
 
 /// Arguments of `usermm bench`.
 #[derive(clap::Args, Debug)]
-pub struct BenchArgs {}
+#[command(after_help = "\
+Systems, measured in the same run and interleaved per cell:
+  usermm  the library through its API (read/write of 8-byte words), swap file in --dir
+  kernel  a child process running the identical access sequence on anonymous memory in a
+          memory cgroup limited to the budget, with its own swap file (same size, same file
+          system) enabled by swapon; needs root. Always cleaned up (swapoff, cgroup, file).
+  plain   the same accesses on a Vec<u8> that holds the working set (the ceiling)
+  device  random 4 KiB O_DIRECT reads on a file in --dir at queue depth = threads (the
+          miss-path ceiling); a separate table shows reads and writes at depth 1, threads, 32
+
+Ratios: um/kern and um/plain compare accesses/s; um/dev compares usermm's major faults/s
+with the device's random reads/s at equal queue depth.
+
+Examples:
+  usermm bench --quick --json out.json --plot out.svg
+  usermm bench --budget 256M --patterns uniform,zipf --threads 1,2 --duration 5s")]
+pub struct BenchArgs {
+    /// RAM budget B for usermm and the kernel's cgroup [default: 64M with --quick, else 128M].
+    #[arg(long, value_name = "SIZE", value_parser = util::parse_budget)]
+    budget: Option<u64>,
+    /// A small matrix that runs in under 3 minutes: budget 64M, W/B 1.25 and 4, all
+    /// patterns, write ratio 0 and 0.5, 1 thread (2 threads for the first pattern),
+    /// warm-up up to 1.5 s and 1.5 s timed per cell and system.
+    #[arg(long)]
+    quick: bool,
+    /// Write one record per cell and system as JSON to FILE.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+    /// Draw accesses/s against W/B, one panel per pattern, as SVG to FILE.
+    #[arg(long, value_name = "FILE")]
+    plot: Option<PathBuf>,
+    /// Directory for the swap and probe files (all systems use the same file
+    /// system) [default: the temporary directory].
+    #[arg(long, value_name = "DIR")]
+    dir: Option<PathBuf>,
+    /// Seed of the access generator [default: from the clock; printed].
+    #[arg(long, value_name = "N")]
+    seed: Option<u64>,
+    /// 8-byte words touched per access (1 to 511), at random offsets in the page.
+    #[arg(long, default_value = "1", value_name = "N", value_parser = util::parse_words)]
+    words: u32,
+    /// Thread counts, comma separated [default: 1,2; --quick: 1, and 2 for the first pattern].
+    #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = clap::value_parser!(u32).range(1..=64))]
+    threads: Vec<u32>,
+    /// Patterns, comma separated [default: uniform,hotcold,zipf].
+    #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = util::parse_pattern)]
+    patterns: Vec<Pattern>,
+    /// Working set over budget ratios, comma separated [default: 1.25,2,4; --quick: 1.25,4].
+    #[arg(long = "w-over-b", value_name = "LIST", value_delimiter = ',', value_parser = parse_wb)]
+    w_over_b: Vec<f64>,
+    /// Write ratios, comma separated [default: 0,0.5].
+    #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = util::parse_ratio)]
+    write_ratios: Vec<f64>,
+    /// Timed phase per cell and system [default: 3s; --quick: 1.5s].
+    #[arg(long, value_name = "TIME", value_parser = util::parse_duration)]
+    duration: Option<Duration>,
+    /// Longest untimed warm-up after the fill, per cell and system; the warm-up ends
+    /// earlier after one access per page of the working set [default: 5s; --quick: 1.5s].
+    #[arg(long, value_name = "TIME", value_parser = util::parse_duration)]
+    warmup: Option<Duration>,
+    /// Skip the kernel-swap column.
+    #[arg(long)]
+    no_kernel: bool,
+    /// Page-I/O threads of usermm's engine [default: the library's, 4].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=256))]
+    io_threads: Option<u32>,
+}
+
+fn parse_wb(s: &str) -> Result<f64, String> {
+    let v: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number"))?;
+    if !(0.01..=1000.0).contains(&v) {
+        return Err(format!("W/B of {s} is out of range (0.01 to 1000)"));
+    }
+    Ok(v)
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Cell {
+    pattern: Pattern,
+    w_over_b: f64,
+    threads: u32,
+    write_ratio: f64,
+}
+
+#[derive(Debug)]
+struct CellOut {
+    cell: Cell,
+    usermm: Result<Measured, String>,
+    kernel: Result<Measured, String>,
+    /// Set when the kernel's first attempt was OOM-killed and the cell re-run.
+    kernel_note: Option<String>,
+    plain: Result<Measured, String>,
+    device: Result<ProbeResult, String>,
+}
+
+#[derive(Serialize, Debug)]
+struct Record {
+    system: &'static str,
+    pattern: String,
+    w_over_b: f64,
+    threads: u32,
+    write_ratio: f64,
+    accesses_per_s: Option<f64>,
+    major_faults: Option<u64>,
+    p50_us: Option<f64>,
+    p99_us: Option<f64>,
+    device_reads: Option<u64>,
+    device_writes: Option<u64>,
+    /// Accesses (or device operations) in the timed phase, and its length.
+    accesses: Option<u64>,
+    seconds: Option<f64>,
+    /// Accesses of the untimed warm-up.
+    warmup_accesses: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    queue_depth: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    note: Option<String>,
+}
+
+#[derive(Serialize, Debug)]
+struct ProbeRecord {
+    op: &'static str,
+    queue_depth: u32,
+    iops: f64,
+    p50_us: f64,
+    p99_us: f64,
+}
+
+#[derive(Serialize, Debug)]
+struct HitPath {
+    working_set_bytes: u64,
+    usermm_accesses_per_s: Option<f64>,
+    plain_accesses_per_s: Option<f64>,
+    ratio: Option<f64>,
+    usermm_p50_us: Option<f64>,
+    plain_p50_us: Option<f64>,
+    error: Option<String>,
+}
+
+#[derive(Serialize, Debug)]
+struct Meta {
+    command: String,
+    date_unix: u64,
+    seed: u64,
+    budget_bytes: u64,
+    words_per_access: u32,
+    warmup_s: f64,
+    warmup_rule: String,
+    timed_s: f64,
+    plain_timed_s: f64,
+    dir: String,
+    kernel: String,
+    device_buffered: bool,
+    machine: String,
+}
+
+#[derive(Serialize, Debug)]
+struct JsonOut {
+    meta: Meta,
+    records: Vec<Record>,
+    device_probe: Vec<ProbeRecord>,
+    hit_path: HitPath,
+}
+
+fn pattern_label(p: &Pattern) -> String {
+    match p {
+        Pattern::Uniform => "uniform".into(),
+        Pattern::HotCold { hot_frac, hot_prob } => {
+            if *hot_frac == 0.1 && *hot_prob == 0.9 {
+                "hotcold".into()
+            } else {
+                format!("hotcold:{hot_frac}:{hot_prob}")
+            }
+        }
+        Pattern::Zipf { theta } => format!("zipf{theta}"),
+    }
+}
+
+fn fmt_ratio(r: f64) -> String {
+    if r >= 0.1 {
+        format!("{r:.2}")
+    } else if r >= 0.0001 {
+        format!("{r:.4}")
+    } else {
+        format!("{r:.1e}")
+    }
+}
+
+fn fmt_us(v: f64) -> String {
+    if v < 10.0 {
+        format!("{v:.2}")
+    } else if v < 100.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.0}")
+    }
+}
+
+/// One usermm measurement: a fresh Vm with the budget, on the swap file.
+fn run_usermm(
+    budget: u64,
+    io_threads: Option<u32>,
+    swap: &Path,
+    swap_size: u64,
+    spec: &WorkSpec,
+    warmup: Duration,
+    timed: Duration,
+) -> Result<Measured, String> {
+    let mut cfg = Config::default().memory_budget(budget as usize);
+    if let Some(n) = io_threads {
+        cfg = cfg.io_threads(n as usize);
+    }
+    let vm = Vm::new(cfg).map_err(|e| format!("Vm::new: {e}"))?;
+    vm.swapon(SwapSpec::file(swap, swap_size))
+        .map_err(|e| format!("swapon: {e}"))?;
+    let mm = vm.new_space();
+    let r = mm
+        .map_anon((spec.pages * PAGE_SIZE as u64) as usize)
+        .map_err(|e| format!("map_anon: {e}"))?;
+    let target = UsermmTarget {
+        mm,
+        base: r.start(),
+    };
+    let snap = || {
+        let s = vm.stats();
+        Snap {
+            major_faults: s.pgmajfault,
+            reads: s.pswpin,
+            writes: s.pswpout,
+        }
+    };
+    let m = access::drive(&target, spec, warmup, timed, &snap)?;
+    let s = vm.stats();
+    if s.write_errors + s.read_errors > 0 {
+        return Err(format!(
+            "engine reported {} write and {} read errors",
+            s.write_errors, s.read_errors
+        ));
+    }
+    Ok(m)
+}
+
+/// The hit path: usermm and plain memory, both filled once with a working set that
+/// fits in the budget, then measured alternately (three rounds of `timed / 3`
+/// each, so both see the same machine); the median round of each is kept.
+fn hit_path(
+    budget: u64,
+    io_threads: Option<u32>,
+    swap: &Path,
+    swap_size: u64,
+    plain_buf: &mut [u64],
+    spec: &WorkSpec,
+    timed: Duration,
+) -> Result<(Measured, Measured), String> {
+    let mut cfg = Config::default().memory_budget(budget as usize);
+    if let Some(n) = io_threads {
+        cfg = cfg.io_threads(n as usize);
+    }
+    let vm = Vm::new(cfg).map_err(|e| format!("Vm::new: {e}"))?;
+    vm.swapon(SwapSpec::file(swap, swap_size))
+        .map_err(|e| format!("swapon: {e}"))?;
+    let mm = vm.new_space();
+    let r = mm
+        .map_anon((spec.pages * PAGE_SIZE as u64) as usize)
+        .map_err(|e| format!("map_anon: {e}"))?;
+    let um = UsermmTarget {
+        mm,
+        base: r.start(),
+    };
+    let len = (spec.pages * PAGE_SIZE as u64) as usize;
+    assert!(len <= plain_buf.len() * 8);
+    // SAFETY: `plain_buf` is ours, 8-byte aligned, and borrowed mutably for this call.
+    let plain = unsafe { RawTarget::new(plain_buf.as_mut_ptr().cast(), len) };
+    access::fill(&um, spec)?;
+    access::fill(&plain, spec)?;
+    let snap = || {
+        let s = vm.stats();
+        Snap {
+            major_faults: s.pgmajfault,
+            reads: s.pswpin,
+            writes: s.pswpout,
+        }
+    };
+    let round = (timed / 3).max(Duration::from_millis(200));
+    let warm = Duration::from_millis(100);
+    let (mut us, mut ps) = (Vec::new(), Vec::new());
+    for _ in 0..3 {
+        us.push(access::measure(&um, spec, warm, round, &snap)?);
+        ps.push(access::measure(&plain, spec, warm, round, &Snap::default)?);
+    }
+    let median = |mut v: Vec<Measured>| {
+        v.sort_by(|a, b| a.rate().total_cmp(&b.rate()));
+        v.swap_remove(1)
+    };
+    Ok((median(us), median(ps)))
+}
+
+fn run_plain(
+    buf: &mut [u64],
+    spec: &WorkSpec,
+    warmup: Duration,
+    timed: Duration,
+) -> Result<Measured, String> {
+    let len = (spec.pages * PAGE_SIZE as u64) as usize;
+    assert!(len <= buf.len() * 8);
+    // SAFETY: `buf` is ours, 8-byte aligned, and not touched otherwise while the
+    // target is used (it is borrowed mutably for this call).
+    let target = unsafe { RawTarget::new(buf.as_mut_ptr().cast(), len) };
+    access::drive(&target, spec, warmup, timed, &Snap::default)
+}
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
 
 /// Runs the command; returns the exit code.
-pub fn main(_a: BenchArgs) -> i32 {
-    eprintln!("usermm bench: not built yet");
-    2
+pub fn main(a: BenchArgs) -> i32 {
+    util::install_ctrlc();
+    match bench(a) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("usermm bench: error: {e}");
+            1
+        }
+    }
+}
+
+fn bench(a: BenchArgs) -> Result<i32, String> {
+    if let Some(p) = &a.plot {
+        let ext = p.extension().and_then(|e| e.to_str()).unwrap_or("");
+        if !ext.eq_ignore_ascii_case("svg") {
+            eprintln!("usermm bench: error: --plot writes SVG; give a FILE ending in .svg");
+            return Ok(2);
+        }
+    }
+    let quick = a.quick;
+    let budget = a.budget.unwrap_or(if quick { 64 << 20 } else { 128 << 20 });
+    let budget = budget / PAGE_SIZE as u64 * PAGE_SIZE as u64;
+    let seed = a.seed.unwrap_or_else(util::time_seed);
+    let timed = a
+        .duration
+        .unwrap_or(Duration::from_millis(if quick { 1500 } else { 3000 }));
+    let warmup = a
+        .warmup
+        .unwrap_or(Duration::from_millis(if quick { 1500 } else { 5000 }));
+    // Plain memory does millions of accesses in a fraction of a second.
+    let plain_timed = if quick {
+        timed.min(Duration::from_millis(500))
+    } else {
+        timed
+    };
+    let cell_probe = if quick {
+        Duration::from_millis(400)
+    } else {
+        timed.min(Duration::from_secs(1))
+    };
+    let patterns = if a.patterns.is_empty() {
+        vec![
+            Pattern::Uniform,
+            Pattern::HotCold {
+                hot_frac: 0.1,
+                hot_prob: 0.9,
+            },
+            Pattern::Zipf { theta: 0.99 },
+        ]
+    } else {
+        a.patterns.clone()
+    };
+    let wbs = if a.w_over_b.is_empty() {
+        if quick {
+            vec![1.25, 4.0]
+        } else {
+            vec![1.25, 2.0, 4.0]
+        }
+    } else {
+        a.w_over_b.clone()
+    };
+    let wrs = if a.write_ratios.is_empty() {
+        vec![0.0, 0.5]
+    } else {
+        a.write_ratios.clone()
+    };
+    let mut cells = Vec::new();
+    for (pi, &pattern) in patterns.iter().enumerate() {
+        let threads: Vec<u32> = if !a.threads.is_empty() {
+            a.threads.clone()
+        } else if quick && pi > 0 {
+            vec![1]
+        } else {
+            vec![1, 2]
+        };
+        for &t in &threads {
+            for &wr in &wrs {
+                for &wb in &wbs {
+                    cells.push(Cell {
+                        pattern,
+                        w_over_b: wb,
+                        threads: t,
+                        write_ratio: wr,
+                    });
+                }
+            }
+        }
+    }
+    let pages_of = |wb: f64| ((budget as f64 * wb) as u64 / PAGE_SIZE as u64).max(1);
+    let max_pages = wbs.iter().map(|&w| pages_of(w)).max().unwrap_or(1);
+    let max_ws = max_pages * PAGE_SIZE as u64;
+    let swap_size =
+        (max_ws + max_ws / 4 + (16 << 20)).div_ceil(PAGE_SIZE as u64) * PAGE_SIZE as u64;
+    let dir = a.dir.clone().unwrap_or_else(std::env::temp_dir);
+    if !dir.is_dir() {
+        eprintln!(
+            "usermm bench: error: --dir {} is not a directory",
+            dir.display()
+        );
+        return Ok(2);
+    }
+    let mut depths: Vec<u32> = vec![1, 32];
+    depths.extend(cells.iter().map(|c| c.threads));
+    depths.sort_unstable();
+    depths.dedup();
+
+    eprintln!(
+        "usermm bench: budget {}, W/B {:?}, {} cells x 4 systems, warm-up up to {} + {} timed per cell and \
+         system, {} word{}/access, seed {seed}",
+        fmt_bytes(budget),
+        wbs,
+        cells.len(),
+        fmt_dur(warmup),
+        fmt_dur(timed),
+        a.words,
+        if a.words == 1 { "" } else { "s" }
+    );
+    eprintln!(
+        "files in {} (swap files {} each)",
+        dir.display(),
+        fmt_bytes(swap_size)
+    );
+
+    for l in stale_leftovers() {
+        eprintln!("warning: left over by an earlier run (not touched): {l}");
+    }
+
+    // Set-up: usermm's swap file, the probe file, the kernel's cgroup and swap.
+    let um_swap = tempfile::Builder::new()
+        .prefix("usermm-bench-")
+        .suffix(".swap")
+        .tempfile_in(&dir)
+        .map_err(|e| format!("cannot create a swap file in {}: {e}", dir.display()))?
+        .into_temp_path();
+    let um_swap_undo = util::register(Undo::RemoveFile(um_swap.to_path_buf()));
+    let probe = ProbeFile::create(&dir, swap_size)?;
+    let device_buffered = probe.buffered;
+    if probe.buffered {
+        eprintln!(
+            "warning: {} refuses O_DIRECT: the device probe uses the page cache",
+            dir.display()
+        );
+    }
+    let mut kernel = if a.no_kernel {
+        Err("skipped (--no-kernel)".to_string())
+    } else {
+        KernelSwap::setup(&dir, swap_size, budget)
+    };
+    let kernel_status = match &kernel {
+        Ok(k) => {
+            eprintln!("kernel: {}", k.describe());
+            if !k.others.is_empty() {
+                eprintln!(
+                    "note: other swap areas are active ({}); ours has the highest priority",
+                    k.others.join(", ")
+                );
+            }
+            format!("ok: {}", k.describe())
+        }
+        Err(e) => {
+            eprintln!("kernel column missing: {e}");
+            format!("missing: {e}")
+        }
+    };
+    let mut plain_buf = vec![0u64; (max_ws / 8) as usize];
+
+    let steps = (depths.len() * 2 + 2 + cells.len() * 4) as u64;
+    let mut prog = Progress::new(steps, "bench");
+    let mut step = 0u64;
+    let t_all = Instant::now();
+    let mut tick = |prog: &mut Progress, what: String| {
+        step += 1;
+        prog.set(step, &what);
+        if !util::stderr_is_tty() {
+            eprintln!("[{step}/{steps}] {what}");
+        }
+    };
+
+    // Device table.
+    let probe_dur = if quick {
+        Duration::from_millis(500)
+    } else {
+        Duration::from_secs(1)
+    };
+    let mut probes = Vec::new();
+    for op in [Op::Read, Op::Write] {
+        for &d in &depths {
+            if util::interrupted() {
+                break;
+            }
+            let r = probe.probe(op, d, probe_dur, seed)?;
+            tick(
+                &mut prog,
+                format!("device {} qd {d}: {}/s", op.name(), fmt_num(r.iops())),
+            );
+            probes.push((op, d, r));
+        }
+    }
+
+    // Hit path: a working set that fits, random 8-byte reads, 1 thread.
+    let hit_pages = (budget / 2 / PAGE_SIZE as u64).max(1);
+    let hit_spec = WorkSpec {
+        pages: hit_pages,
+        pattern: Pattern::Uniform,
+        write_ratio: 0.0,
+        threads: 1,
+        words: 1,
+        seed,
+        warm_accesses: hit_pages,
+    };
+    let hit = if util::interrupted() {
+        Err("interrupted".to_string())
+    } else {
+        hit_path(
+            budget,
+            a.io_threads,
+            &um_swap,
+            swap_size,
+            &mut plain_buf,
+            &hit_spec,
+            timed,
+        )
+    };
+    let (hit_um, hit_plain) = match hit {
+        Ok((u, p)) => (Ok(u), Ok(p)),
+        Err(e) => (Err(e.clone()), Err(e)),
+    };
+    if let Ok(m) = &hit_um {
+        if m.major_faults > 0 {
+            prog.println(&format!(
+                "note: the hit-path run took {} major faults (pages were reclaimed although they fit)",
+                m.major_faults
+            ));
+        }
+    }
+    tick(
+        &mut prog,
+        format!(
+            "hit path usermm: {}",
+            hit_um
+                .as_ref()
+                .map(|m| fmt_num(m.rate()) + "/s")
+                .unwrap_or_else(|e| e.clone())
+        ),
+    );
+    tick(
+        &mut prog,
+        format!(
+            "hit path plain: {}",
+            hit_plain
+                .as_ref()
+                .map(|m| fmt_num(m.rate()) + "/s")
+                .unwrap_or_else(|e| e.clone())
+        ),
+    );
+
+    // The matrix.
+    let mut outs: Vec<CellOut> = Vec::new();
+    for c in &cells {
+        if util::interrupted() {
+            break;
+        }
+        let spec = WorkSpec {
+            pages: pages_of(c.w_over_b),
+            pattern: c.pattern,
+            write_ratio: c.write_ratio,
+            threads: c.threads,
+            words: a.words,
+            seed,
+            // One access per page, or the warm-up time, whichever comes first.
+            warm_accesses: pages_of(c.w_over_b),
+        };
+        let name = format!(
+            "{} W/B={} thr={} wr={}",
+            pattern_label(&c.pattern),
+            c.w_over_b,
+            c.threads,
+            c.write_ratio
+        );
+        // Rotate the order of the systems from cell to cell, so none always runs
+        // right after another's write-back (the device and the CPUs are shared).
+        let mut device = Err("not run".to_string());
+        let mut plain = Err("not run".to_string());
+        let mut usermm = Err("not run".to_string());
+        let mut kern = Err("not run".to_string());
+        let mut note = None;
+        for k in 0..4 {
+            if util::interrupted() {
+                break;
+            }
+            match (k + outs.len()) % 4 {
+                0 => {
+                    device = probe.probe(Op::Read, c.threads, cell_probe, seed ^ spec.pages);
+                    tick(
+                        &mut prog,
+                        format!(
+                            "{name} device: {}",
+                            show(&device.as_ref().map(|r| r.iops()))
+                        ),
+                    );
+                }
+                1 => {
+                    plain = run_plain(&mut plain_buf, &spec, warmup, plain_timed);
+                    tick(
+                        &mut prog,
+                        format!("{name} plain: {}", show(&plain.as_ref().map(|m| m.rate()))),
+                    );
+                }
+                2 => {
+                    usermm = run_usermm(
+                        budget,
+                        a.io_threads,
+                        &um_swap,
+                        swap_size,
+                        &spec,
+                        warmup,
+                        timed,
+                    );
+                    tick(
+                        &mut prog,
+                        format!(
+                            "{name} usermm: {}",
+                            show(&usermm.as_ref().map(|m| m.rate()))
+                        ),
+                    );
+                }
+                _ => {
+                    kern = match &kernel {
+                        Ok(k) => k.run_child(&spec, warmup, timed).map(|(m, n)| {
+                            note = n;
+                            m
+                        }),
+                        Err(e) => Err(e.clone()),
+                    };
+                    tick(
+                        &mut prog,
+                        format!("{name} kernel: {}", show(&kern.as_ref().map(|m| m.rate()))),
+                    );
+                }
+            }
+        }
+        if let Some(n) = &note {
+            prog.println(&format!("kernel in {name}: {n}"));
+        }
+        if let Err(e) = &usermm {
+            prog.println(&format!("usermm failed in {name}: {e}"));
+        }
+        outs.push(CellOut {
+            cell: *c,
+            usermm,
+            kernel: kern,
+            kernel_note: note,
+            plain,
+            device,
+        });
+    }
+    prog.finish();
+
+    // Clean-up (also done on drop), then check it.
+    let mut cleanup_ok = true;
+    if let Ok(k) = &mut kernel {
+        if let Err(e) = k.teardown() {
+            eprintln!("usermm bench: cleanup: {e}");
+            cleanup_ok = false;
+        }
+    }
+    drop(kernel);
+    drop(probe);
+    um_swap_undo.forget();
+    if let Err(e) = um_swap.close() {
+        eprintln!("usermm bench: cannot delete the swap file: {e}");
+        cleanup_ok = false;
+    }
+    let leftovers = leftover_check();
+    if !leftovers.is_empty() {
+        eprintln!("usermm bench: cleanup incomplete: {}", leftovers.join("; "));
+        cleanup_ok = false;
+    }
+    let interrupted = util::interrupted();
+
+    // Output.
+    let hit = HitPath {
+        working_set_bytes: hit_pages * PAGE_SIZE as u64,
+        usermm_accesses_per_s: hit_um.as_ref().ok().map(|m| m.rate()),
+        plain_accesses_per_s: hit_plain.as_ref().ok().map(|m| m.rate()),
+        ratio: match (&hit_um, &hit_plain) {
+            (Ok(u), Ok(p)) => Some(u.rate() / p.rate().max(1e-9)),
+            _ => None,
+        },
+        usermm_p50_us: hit_um.as_ref().ok().map(|m| m.hist.quantile_us(0.5)),
+        plain_p50_us: hit_plain.as_ref().ok().map(|m| m.hist.quantile_us(0.5)),
+        error: hit_um.as_ref().err().or(hit_plain.as_ref().err()).cloned(),
+    };
+    print_probes(&probes, device_buffered);
+    print_table(&outs, &probes);
+    match (&hit_um, &hit_plain) {
+        (Ok(u), Ok(p)) => println!(
+            "hit path (W = {} resident, uniform random 8-byte reads, 1 thread): usermm {}/s, plain {}/s, \
+             ratio {:.2}",
+            fmt_bytes(hit.working_set_bytes),
+            fmt_num(u.rate()),
+            fmt_num(p.rate()),
+            u.rate() / p.rate().max(1e-9)
+        ),
+        _ => println!(
+            "hit path: not measured: {}",
+            hit.error.clone().unwrap_or_default()
+        ),
+    }
+    println!(
+        "seed {seed}; total time {}; kernel: {}; cleanup {}",
+        fmt_dur(t_all.elapsed()),
+        kernel_status,
+        if cleanup_ok { "ok" } else { "INCOMPLETE" }
+    );
+
+    if let Some(path) = &a.json {
+        let out = JsonOut {
+            meta: Meta {
+                command: std::env::args().collect::<Vec<_>>().join(" "),
+                date_unix: now_unix(),
+                seed,
+                budget_bytes: budget,
+                words_per_access: a.words,
+                warmup_s: warmup.as_secs_f64(),
+                warmup_rule:
+                    "one access per page of the working set, or warmup_s, whichever ends first"
+                        .into(),
+                plain_timed_s: plain_timed.as_secs_f64(),
+                timed_s: timed.as_secs_f64(),
+                dir: dir.display().to_string(),
+                kernel: kernel_status.clone(),
+                device_buffered,
+                machine: machine_desc(),
+            },
+            records: records(&outs, &probes),
+            device_probe: probes
+                .iter()
+                .map(|(op, d, r)| ProbeRecord {
+                    op: op.name(),
+                    queue_depth: *d,
+                    iops: r.iops(),
+                    p50_us: r.hist.quantile_us(0.5),
+                    p99_us: r.hist.quantile_us(0.99),
+                })
+                .collect(),
+            hit_path: hit,
+        };
+        let text = serde_json::to_string_pretty(&out).expect("serializable");
+        std::fs::write(path, text + "\n")
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        eprintln!("wrote {}", path.display());
+    }
+    if let Some(path) = &a.plot {
+        let series = plot_series(&outs);
+        super::plot::draw(path, &series, budget)
+            .map_err(|e| format!("cannot draw {}: {e}", path.display()))?;
+        eprintln!("wrote {}", path.display());
+    }
+    let failed = outs.iter().any(|o| o.usermm.is_err());
+    Ok(if interrupted {
+        130
+    } else if failed || !cleanup_ok {
+        1
+    } else {
+        0
+    })
+}
+
+fn show(r: &Result<f64, &String>) -> String {
+    match r {
+        Ok(v) => format!("{}/s", fmt_num(*v)),
+        Err(e) => format!("failed: {e}"),
+    }
+}
+
+/// Anything of ours still active: swap areas or cgroups named after this process.
+fn leftover_check() -> Vec<String> {
+    let pid = std::process::id();
+    let mut v = Vec::new();
+    let swaps = std::fs::read_to_string("/proc/swaps").unwrap_or_default();
+    for l in swaps.lines().skip(1) {
+        if let Some(f) = l.split_whitespace().next() {
+            if f.contains(&format!("usermm-kswap-{pid}-")) {
+                v.push(format!("swap {f} still active (swapoff {f})"));
+            }
+        }
+    }
+    for base in ["/sys/fs/cgroup/memory", "/sys/fs/cgroup"] {
+        let p = Path::new(base).join(format!("usermm-bench-{pid}"));
+        if p.exists() {
+            v.push(format!("cgroup {} still exists (rmdir it)", p.display()));
+        }
+    }
+    v
+}
+
+/// Swap areas and cgroups left by an earlier bench that was killed (SIGKILL, power
+/// loss): reported with the commands that remove them, never touched.
+fn stale_leftovers() -> Vec<String> {
+    let alive = |pid: &str| Path::new("/proc").join(pid).exists();
+    let mut v = Vec::new();
+    let swaps = std::fs::read_to_string("/proc/swaps").unwrap_or_default();
+    for l in swaps.lines().skip(1) {
+        let Some(f) = l.split_whitespace().next() else {
+            continue;
+        };
+        let name = Path::new(f)
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("");
+        if let Some(rest) = name.strip_prefix("usermm-kswap-") {
+            let pid = rest.split('-').next().unwrap_or("");
+            if !alive(pid) {
+                v.push(format!(
+                    "swap area {f} of a dead bench (pid {pid}): swapoff {f} && rm {f}"
+                ));
+            }
+        }
+    }
+    for base in ["/sys/fs/cgroup/memory", "/sys/fs/cgroup"] {
+        let Ok(rd) = std::fs::read_dir(base) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            if let Some(pid) = name.strip_prefix("usermm-bench-") {
+                if !alive(pid) {
+                    v.push(format!(
+                        "cgroup {} of a dead bench: rmdir {}",
+                        e.path().display(),
+                        e.path().display()
+                    ));
+                }
+            }
+        }
+    }
+    v
+}
+
+fn machine_desc() -> String {
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .next()
+        .map(|l| l.split_whitespace().nth(1).unwrap_or("?").to_string())
+        .unwrap_or_default();
+    format!("{cpus} CPUs, MemTotal {mem} kB, Linux {}", kernel.trim())
+}
+
+fn print_probes(probes: &[(Op, u32, ProbeResult)], buffered: bool) {
+    println!();
+    println!(
+        "device: random 4 KiB {} I/O on the swap files' file system",
+        if buffered {
+            "buffered (O_DIRECT refused)"
+        } else {
+            "O_DIRECT"
+        }
+    );
+    println!(
+        "  {:<6} {:>5} {:>10} {:>9} {:>9}",
+        "op", "depth", "IOPS", "p50 µs", "p99 µs"
+    );
+    for (op, d, r) in probes {
+        println!(
+            "  {:<6} {:>5} {:>10} {:>9} {:>9}",
+            op.name(),
+            d,
+            fmt_num(r.iops()),
+            fmt_us(r.hist.quantile_us(0.5)),
+            fmt_us(r.hist.quantile_us(0.99))
+        );
+    }
+}
+
+fn print_table(outs: &[CellOut], probes: &[(Op, u32, ProbeResult)]) {
+    println!();
+    let header = [
+        "usermm", "p50µs", "p99µs", "majflt/s", "miss%", "kernel", "p50µs", "p99µs", "majflt/s",
+        "miss%",
+    ];
+    println!(
+        "{:<9} {:>5} {:>3} {:>4} | {:>8} {:>6} {:>6} {:>8} {:>5} | {:>8} {:>6} {:>6} {:>8} {:>5} | {:>7} | {:>8} | {:>7} {:>6} {:>8}",
+        "pattern", "W/B", "thr", "wr", header[0], header[1], header[2], header[3], header[4], header[5],
+        header[6], header[7], header[8], header[9], "plain", "dev rd/s", "um/kern", "um/dev", "um/plain"
+    );
+    println!("{}", "-".repeat(160));
+    let na = || "-".to_string();
+    for o in outs {
+        let c = &o.cell;
+        let sys = |r: &Result<Measured, String>| -> [String; 5] {
+            match r {
+                Ok(m) => [
+                    fmt_num(m.rate()),
+                    fmt_us(m.hist.quantile_us(0.5)),
+                    fmt_us(m.hist.quantile_us(0.99)),
+                    fmt_num(m.major_faults as f64 / m.secs.max(1e-9)),
+                    format!(
+                        "{:.1}",
+                        100.0 * m.major_faults as f64 / m.accesses.max(1) as f64
+                    ),
+                ],
+                Err(_) => [na(), na(), na(), na(), na()],
+            }
+        };
+        let u = sys(&o.usermm);
+        let k = sys(&o.kernel);
+        let plain = o
+            .plain
+            .as_ref()
+            .map(|m| fmt_num(m.rate()))
+            .unwrap_or_else(|_| na());
+        let dev = o
+            .device
+            .as_ref()
+            .map(|d| fmt_num(d.iops()))
+            .unwrap_or_else(|_| na());
+        let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+            (Some(a), Some(b)) if b > 0.0 => fmt_ratio(a / b),
+            _ => na(),
+        };
+        let ur = o.usermm.as_ref().ok().map(|m| m.rate());
+        let umaj = o
+            .usermm
+            .as_ref()
+            .ok()
+            .map(|m| m.major_faults as f64 / m.secs.max(1e-9));
+        println!(
+            "{:<9} {:>5} {:>3} {:>4} | {:>8} {:>6} {:>6} {:>8} {:>5} | {:>8} {:>6} {:>6} {:>8} {:>5} | {:>7} | {:>8} | {:>7} {:>6} {:>8}",
+            pattern_label(&c.pattern),
+            c.w_over_b,
+            c.threads,
+            c.write_ratio,
+            u[0],
+            u[1],
+            u[2],
+            u[3],
+            u[4],
+            k[0],
+            k[1],
+            k[2],
+            k[3],
+            k[4],
+            plain,
+            dev,
+            ratio(ur, o.kernel.as_ref().ok().map(|m| m.rate())),
+            ratio(umaj, o.device.as_ref().ok().map(|d| d.iops())),
+            ratio(ur, o.plain.as_ref().ok().map(|m| m.rate())),
+        );
+    }
+    println!(
+        "usermm, kernel, plain: accesses/s; p50/p99 of every {}th access; majflt/s = major faults per second; \
+         miss% = major faults per access;\n\
+         dev rd/s = random 4 KiB O_DIRECT reads/s at queue depth = thr; um/kern, um/plain = ratio of accesses/s; \
+         um/dev = usermm major faults/s over dev rd/s\n\
+         (the share of the device's random-read limit the miss path reaches). Warm-up before timing: one access \
+         per page of the working set, or the warm-up limit.",
+        access::SAMPLE_EVERY
+    );
+    let mut errs: Vec<String> = Vec::new();
+    for o in outs {
+        let c = &o.cell;
+        let name = format!(
+            "{} W/B={} thr={} wr={}",
+            pattern_label(&c.pattern),
+            c.w_over_b,
+            c.threads,
+            c.write_ratio
+        );
+        for (sys, e) in [
+            ("usermm", o.usermm.as_ref().err()),
+            ("kernel", o.kernel.as_ref().err()),
+            ("plain", o.plain.as_ref().err()),
+            ("device", o.device.as_ref().err()),
+        ] {
+            if let (Some(n), "kernel") = (&o.kernel_note, sys) {
+                println!("  {name}: kernel: {n}");
+            }
+            if let Some(e) = e {
+                let line = format!("{sys}: {e}");
+                if !errs.contains(&line) || sys == "usermm" {
+                    errs.push(line.clone());
+                    println!("  {name}: {line}");
+                }
+            }
+        }
+    }
+    let _ = probes;
+}
+
+fn records(outs: &[CellOut], _probes: &[(Op, u32, ProbeResult)]) -> Vec<Record> {
+    let mut v = Vec::new();
+    for o in outs {
+        let c = &o.cell;
+        let base = |system: &'static str| Record {
+            system,
+            pattern: pattern_label(&c.pattern),
+            w_over_b: c.w_over_b,
+            threads: c.threads,
+            write_ratio: c.write_ratio,
+            accesses_per_s: None,
+            major_faults: None,
+            p50_us: None,
+            p99_us: None,
+            device_reads: None,
+            device_writes: None,
+            accesses: None,
+            seconds: None,
+            warmup_accesses: None,
+            queue_depth: None,
+            error: None,
+            note: None,
+        };
+        for (system, r) in [
+            ("usermm", &o.usermm),
+            ("kernel", &o.kernel),
+            ("plain", &o.plain),
+        ] {
+            let mut rec = base(system);
+            match r {
+                Ok(m) => {
+                    rec.accesses_per_s = Some(m.rate());
+                    rec.major_faults = Some(m.major_faults);
+                    rec.p50_us = Some(m.hist.quantile_us(0.5));
+                    rec.p99_us = Some(m.hist.quantile_us(0.99));
+                    rec.device_reads = Some(m.device_reads);
+                    rec.device_writes = Some(m.device_writes);
+                    rec.accesses = Some(m.accesses);
+                    rec.seconds = Some(m.secs);
+                    rec.warmup_accesses = Some(m.warm_accesses);
+                }
+                Err(e) => rec.error = Some(e.clone()),
+            }
+            if system == "kernel" {
+                rec.note = o.kernel_note.clone();
+            }
+            v.push(rec);
+        }
+        let mut rec = base("device");
+        rec.queue_depth = Some(c.threads);
+        match &o.device {
+            Ok(d) => {
+                rec.accesses_per_s = Some(d.iops());
+                rec.major_faults = Some(0);
+                rec.p50_us = Some(d.hist.quantile_us(0.5));
+                rec.p99_us = Some(d.hist.quantile_us(0.99));
+                rec.device_reads = Some(d.ops);
+                rec.device_writes = Some(0);
+                rec.accesses = Some(d.ops);
+                rec.seconds = Some(d.secs);
+            }
+            Err(e) => rec.error = Some(e.clone()),
+        }
+        v.push(rec);
+    }
+    v
+}
+
+fn plot_series(outs: &[CellOut]) -> Vec<super::plot::Series> {
+    use super::plot::Series;
+    let mut v: Vec<Series> = Vec::new();
+    for o in outs {
+        let c = &o.cell;
+        let variant = format!("wr {} t{}", c.write_ratio, c.threads);
+        for (system, val) in [
+            ("usermm", o.usermm.as_ref().ok().map(|m| m.rate())),
+            ("kernel", o.kernel.as_ref().ok().map(|m| m.rate())),
+            ("plain", o.plain.as_ref().ok().map(|m| m.rate())),
+            ("device rd IOPS", o.device.as_ref().ok().map(|d| d.iops())),
+        ] {
+            let Some(y) = val else { continue };
+            let panel = pattern_label(&c.pattern);
+            match v
+                .iter_mut()
+                .find(|s| s.panel == panel && s.system == system && s.variant == variant)
+            {
+                Some(s) => s.points.push((c.w_over_b, y)),
+                None => v.push(Series {
+                    panel,
+                    system,
+                    variant: variant.clone(),
+                    points: vec![(c.w_over_b, y)],
+                }),
+            }
+        }
+    }
+    for s in &mut v {
+        s.points.sort_by(|a, b| a.0.total_cmp(&b.0));
+    }
+    v
 }

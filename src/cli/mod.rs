@@ -3,15 +3,26 @@
 
 use clap::{Parser, Subcommand};
 
+pub mod access;
 pub mod bench;
+pub mod device;
+pub mod kernel;
+pub mod plot;
 pub mod run;
 pub mod stress;
 pub mod swaps;
+pub mod util;
 
 /// usermm — a virtual memory manager in user space: swap per process, inside a hard
 /// RAM budget.
 #[derive(Parser, Debug)]
-#[command(name = "usermm", version, about, long_about = None)]
+#[command(
+    name = "usermm",
+    version,
+    about,
+    long_about = None,
+    after_help = "Without a subcommand, `usermm` runs `usermm run` with its defaults."
+)]
 pub struct Cli {
     #[command(subcommand)]
     cmd: Option<Cmd>,
@@ -27,6 +38,9 @@ enum Cmd {
     Stress(stress::StressArgs),
     /// Open swap specs as swapon would and list them like /proc/swaps.
     Swaps(swaps::SwapsArgs),
+    /// Internal: the kernel-swap child process of `usermm bench`.
+    #[command(name = "bench-kernel-child", hide = true)]
+    BenchKernelChild(kernel::ChildArgs),
 }
 
 /// Parses the arguments and runs the subcommand; returns the exit code.
@@ -38,5 +52,6 @@ pub fn main() -> i32 {
         Some(Cmd::Bench(a)) => bench::main(a),
         Some(Cmd::Stress(a)) => stress::main(a),
         Some(Cmd::Swaps(a)) => swaps::main(a),
+        Some(Cmd::BenchKernelChild(a)) => kernel::child_main(a),
     }
 }

@@ -54,15 +54,19 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("duration {s:?} is not a number with an optional unit (ms, s, m, h)"))?;
+    let n: f64 = num.parse().map_err(|_| {
+        format!("duration {s:?} is not a number with an optional unit (ms, s, m, h)")
+    })?;
     let secs = match unit.trim() {
         "" | "s" | "sec" | "secs" => n,
         "ms" => n / 1000.0,
         "m" | "min" => n * 60.0,
         "h" => n * 3600.0,
-        u => return Err(format!("duration {s:?} has an unknown unit {u:?} (ms, s, m, h)")),
+        u => {
+            return Err(format!(
+                "duration {s:?} has an unknown unit {u:?} (ms, s, m, h)"
+            ))
+        }
     };
     if !secs.is_finite() || !(0.0..=1e7).contains(&secs) {
         return Err(format!("duration {s:?} is out of range"));
@@ -100,7 +104,9 @@ pub fn parse_words(s: &str) -> Result<u32, String> {
         .parse()
         .map_err(|_| format!("{s:?} is not a whole number"))?;
     if !(1..=511).contains(&v) {
-        return Err(format!("words per access must be between 1 and 511, not {v}"));
+        return Err(format!(
+            "words per access must be between 1 and 511, not {v}"
+        ));
     }
     Ok(v)
 }
@@ -137,7 +143,7 @@ pub fn fmt_count(v: u64) -> String {
     let s = v.to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -172,15 +178,15 @@ pub fn peak_rss() -> Option<u64> {
     proc_status_kb("VmHWM:")
 }
 
-/// The process's current resident set (VmRSS) in bytes, if readable.
-pub fn current_rss() -> Option<u64> {
-    proc_status_kb("VmRSS:")
-}
-
 fn proc_status_kb(key: &str) -> Option<u64> {
     let s = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = s.lines().find(|l| l.starts_with(key))?;
-    let kb: u64 = line[key.len()..].trim().trim_end_matches("kB").trim().parse().ok()?;
+    let kb: u64 = line[key.len()..]
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
     Some(kb * 1024)
 }
 
@@ -211,28 +217,40 @@ impl Progress {
             ProgressDrawTarget::hidden()
         };
         let bar = ProgressBar::with_draw_target(Some(len), target);
-        bar.set_style(
-            ProgressStyle::with_template(
-                "{prefix:>8.bold} [{elapsed_precise}] [{bar:32.cyan/blue}] {pos}/{len} {msg}",
-            )
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
-        );
         bar.set_prefix(prefix.to_string());
-        Progress {
+        let p = Progress {
             bar,
             tty,
             last_plain: Instant::now(),
             every: Duration::from_secs(3),
-        }
+        };
+        p.style(false);
+        p
     }
 
-    /// Changes the bar: new length, label and position 0.
-    pub fn reset(&mut self, len: u64, prefix: &str) {
-        self.bar.set_length(len);
-        self.bar.set_position(0);
-        self.bar.set_prefix(prefix.to_string());
+    fn style(&self, time: bool) {
+        // `wide_msg` takes what is left of the line and is cut to fit, so the bar
+        // never wraps.
+        let t = if time {
+            "{prefix:>8.bold} [{elapsed_precise}] [{bar:24.cyan/blue}] {percent:>3}% {wide_msg}"
+        } else {
+            "{prefix:>8.bold} [{elapsed_precise}] [{bar:24.cyan/blue}] {pos}/{len} {wide_msg}"
+        };
+        self.bar.set_style(
+            ProgressStyle::with_template(t)
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+        );
+    }
+
+    /// Changes the bar: new length (steps, or milliseconds when `time`), label and
+    /// position 0.
+    pub fn reset(&mut self, len: u64, prefix: &str, time: bool) {
         self.bar.set_message("");
+        self.bar.set_position(0);
+        self.style(time);
+        self.bar.set_length(len);
+        self.bar.set_prefix(prefix.to_string());
         self.bar.reset_elapsed();
         self.last_plain = Instant::now();
     }
@@ -246,6 +264,12 @@ impl Progress {
             self.last_plain = Instant::now();
             eprintln!("{}", plain());
         }
+    }
+
+    /// Updates position and message only.
+    pub fn set(&self, pos: u64, msg: &str) {
+        self.bar.set_position(pos);
+        self.bar.set_message(msg.to_string());
     }
 
     /// Prints a line above the bar (or plainly).
@@ -278,7 +302,7 @@ pub fn install_ctrlc() {
             eprintln!("\ninterrupted: stopping and cleaning up (Ctrl-C again to quit at once)");
         } else {
             eprintln!("\ninterrupted again: cleaning up and exiting");
-            run_all_undo();
+            run_all_undo_now();
             std::process::exit(130);
         }
     });
@@ -339,7 +363,8 @@ impl Registered {
     }
 }
 
-fn run_all_undo() {
+/// Performs every registered undo action now (last registered first).
+pub fn run_all_undo_now() {
     let all: Vec<(u64, Undo)> = {
         let mut v = UNDO.lock().unwrap_or_else(|e| e.into_inner());
         std::mem::take(&mut *v)
@@ -365,5 +390,42 @@ fn perform(u: &Undo) -> Result<(), String> {
             Ok(())
         }
         Undo::RemoveCgroup(p) => super::kernel::remove_cgroup(p),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("10s").unwrap(), Duration::from_secs(10));
+        assert_eq!(parse_duration("10").unwrap(), Duration::from_secs(10));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
+        for bad in ["", "s", "5x", "-1s", "1e400", "abc"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn sizes_and_ratios() {
+        assert!(parse_budget("32K").is_err());
+        assert_eq!(parse_budget("64K").unwrap(), 65536);
+        assert!(parse_working_set("0").is_err());
+        assert!(parse_ratio("1.5").is_err());
+        assert!(parse_ratio("-0.1").is_err());
+        assert_eq!(parse_ratio("0.5").unwrap(), 0.5);
+        assert!(parse_words("0").is_err() && parse_words("512").is_err());
+        assert!(parse_pattern("nope").is_err());
+    }
+
+    #[test]
+    fn formatting() {
+        assert_eq!(fmt_count(1234567), "1,234,567");
+        assert_eq!(fmt_count(12), "12");
+        assert_eq!(fmt_num(1_500_000.0), "1.50M");
+        assert_eq!(fmt_num(12_345.0), "12.3k");
     }
 }

@@ -1,0 +1,601 @@
+//! The kernel-swap reference of `usermm bench`: a memory cgroup limited to the
+//! budget, a swap file of our own enabled with `swapon(2)`, and a child process
+//! (`usermm bench-kernel-child`, hidden) that runs the identical workload on
+//! anonymous memory inside the cgroup.
+//!
+//! Cleanup is unconditional: the child is killed, the cgroup removed, the swap file
+//! turned off (only the exact file this process enabled) and deleted — on normal
+//! exit, on error, on panic (Drop) and on Ctrl-C (the undo registry).
+
+use super::access::{self, RawTarget, Snap, WorkSpec};
+use super::util::{self, Registered, Undo};
+use serde::{Deserialize, Serialize};
+use std::ffi::CString;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+use usermm::workload::Pattern;
+use usermm::PAGE_SIZE;
+
+fn cpath(p: &Path) -> Result<CString, String> {
+    CString::new(p.as_os_str().as_bytes())
+        .map_err(|_| format!("{} contains a NUL byte", p.display()))
+}
+
+/// Whether `/proc/swaps` lists `path` as an active swap area.
+pub fn swap_active(path: &Path) -> bool {
+    let Ok(s) = std::fs::read_to_string("/proc/swaps") else {
+        return false;
+    };
+    let want = path.as_os_str().as_bytes();
+    // /proc/swaps escapes spaces etc. as octal; our names have none.
+    s.lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().next())
+        .any(|f| f.as_bytes() == want)
+}
+
+/// Turns off the swap file `path` (which this process enabled).
+pub fn swapoff(path: &Path) -> Result<(), String> {
+    if !swap_active(path) {
+        return Ok(());
+    }
+    let c = cpath(path)?;
+    // SAFETY: plain syscall with a valid C string.
+    if unsafe { libc::swapoff(c.as_ptr()) } != 0 {
+        return Err(format!(
+            "swapoff {}: {} — turn it off by hand: swapoff {}",
+            path.display(),
+            std::io::Error::last_os_error(),
+            path.display()
+        ));
+    }
+    Ok(())
+}
+
+/// Removes a cgroup directory we created, moving any process left in it (only
+/// ever our own child) to the parent first.
+pub fn remove_cgroup(path: &Path) -> Result<(), String> {
+    if !path.exists() {
+        return Ok(());
+    }
+    let procs = std::fs::read_to_string(path.join("cgroup.procs")).unwrap_or_default();
+    if let Some(parent) = path.parent() {
+        for pid in procs.split_whitespace() {
+            let _ = std::fs::write(parent.join("cgroup.procs"), pid);
+        }
+    }
+    let end = Instant::now() + Duration::from_secs(5);
+    loop {
+        match std::fs::remove_dir(path) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) if Instant::now() < end => {
+                let _ = e;
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => {
+                return Err(format!(
+                    "cannot remove cgroup {}: {e} — remove it by hand: rmdir {}",
+                    path.display(),
+                    path.display()
+                ))
+            }
+        }
+    }
+}
+
+/// A pattern as text that `Pattern::parse` reads back exactly.
+pub fn pattern_arg(p: &Pattern) -> String {
+    match p {
+        Pattern::Uniform => "uniform".into(),
+        Pattern::HotCold { hot_frac, hot_prob } => format!("hotcold:{hot_frac}:{hot_prob}"),
+        Pattern::Zipf { theta } => format!("zipf:{theta}"),
+    }
+}
+
+#[derive(Debug)]
+enum CgroupKind {
+    V1,
+    V2,
+}
+
+/// The kernel-swap setup: cgroup + swap file, torn down on drop.
+#[derive(Debug)]
+pub struct KernelSwap {
+    swap_path: PathBuf,
+    cgroup: PathBuf,
+    kind: CgroupKind,
+    budget: u64,
+    undo_file: Registered,
+    undo_swap: Registered,
+    undo_cgroup: Registered,
+    /// Other swap areas that were active before us (the kernel may also use them,
+    /// but ours has the highest priority).
+    pub others: Vec<String>,
+    torn_down: bool,
+}
+
+fn write_file(p: &Path, v: &str) -> Result<(), String> {
+    std::fs::write(p, v).map_err(|e| format!("cannot write {v:?} to {}: {e}", p.display()))
+}
+
+/// Writes a swap header (the format `mkswap` writes: version 1, last page, magic
+/// `SWAPSPACE2` at the end of the first page).
+fn write_swap_header(f: &File, pages: u64) -> Result<(), String> {
+    let mut h = vec![0u8; PAGE_SIZE];
+    h[1024..1028].copy_from_slice(&1u32.to_ne_bytes());
+    let last = u32::try_from(pages - 1).map_err(|_| "swap file too large".to_string())?;
+    h[1028..1032].copy_from_slice(&last.to_ne_bytes());
+    // nr_badpages = 0; a UUID so tools show something sensible.
+    let id = u64::from(std::process::id()) ^ util::time_seed().rotate_left(20);
+    h[1036..1044].copy_from_slice(&id.to_ne_bytes());
+    h[1052..1062].copy_from_slice(b"usermm-kbn");
+    h[PAGE_SIZE - 10..].copy_from_slice(b"SWAPSPACE2");
+    f.write_all_at(&h, 0)
+        .map_err(|e| format!("cannot write the swap header: {e}"))?;
+    f.sync_all()
+        .map_err(|e| format!("cannot sync the swap file: {e}"))
+}
+
+impl KernelSwap {
+    /// Sets up the cgroup (limit `budget`) and a swap file of `swap_bytes` in `dir`.
+    /// `Err` says why the kernel column cannot be filled.
+    pub fn setup(dir: &Path, swap_bytes: u64, budget: u64) -> Result<KernelSwap, String> {
+        // SAFETY: plain syscall.
+        if unsafe { libc::geteuid() } != 0 {
+            return Err("needs root (swapon and a memory cgroup); run as root to fill it".into());
+        }
+        let kind = if std::fs::read_to_string("/sys/fs/cgroup/cgroup.controllers")
+            .map(|s| s.split_whitespace().any(|c| c == "memory"))
+            .unwrap_or(false)
+        {
+            CgroupKind::V2
+        } else if Path::new("/sys/fs/cgroup/memory/memory.limit_in_bytes").exists() {
+            CgroupKind::V1
+        } else {
+            return Err("no memory cgroup controller (neither v2 nor v1 is mounted)".into());
+        };
+        let others: Vec<String> = std::fs::read_to_string("/proc/swaps")
+            .unwrap_or_default()
+            .lines()
+            .skip(1)
+            .filter_map(|l| l.split_whitespace().next().map(String::from))
+            .collect();
+
+        // The swap file.
+        let pages = swap_bytes.div_ceil(PAGE_SIZE as u64);
+        let tmp = tempfile::Builder::new()
+            .prefix(&format!("usermm-kswap-{}-", std::process::id()))
+            .suffix(".swap")
+            .tempfile_in(dir)
+            .map_err(|e| format!("cannot create a swap file in {}: {e}", dir.display()))?;
+        let (file, path) = tmp
+            .keep()
+            .map_err(|e| format!("cannot keep the swap file: {e}"))?;
+        let undo_file = util::register(Undo::RemoveFile(path.clone()));
+        let cleanup_file = |e: String| {
+            let _ = undo_file.run();
+            e
+        };
+        let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
+        let len = i64::try_from(pages * PAGE_SIZE as u64)
+            .map_err(|_| "swap size too large".to_string())?;
+        // SAFETY: plain syscall on a descriptor we own.
+        let rc = unsafe { libc::posix_fallocate(std::os::fd::AsRawFd::as_raw_fd(&file), 0, len) };
+        if rc != 0 {
+            return Err(cleanup_file(format!(
+                "cannot allocate the kernel swap file {}: {}",
+                path.display(),
+                std::io::Error::from_raw_os_error(rc)
+            )));
+        }
+        write_swap_header(&file, pages).map_err(cleanup_file)?;
+        drop(file);
+        let undo_swap = util::register(Undo::Swapoff(path.clone()));
+        let c = cpath(&path).map_err(cleanup_file)?;
+        // Highest priority, so the kernel uses this file first even if the machine
+        // has swap of its own.
+        // SWAP_FLAG_PREFER | priority (linux/swap.h).
+        const SWAP_FLAG_PREFER: libc::c_int = 0x8000;
+        const SWAP_FLAG_PRIO_MASK: libc::c_int = 0x7fff;
+        let flags = SWAP_FLAG_PREFER | (32767 & SWAP_FLAG_PRIO_MASK);
+        // SAFETY: plain syscall with a valid C string.
+        if unsafe { libc::swapon(c.as_ptr(), flags) } != 0 {
+            let e = std::io::Error::last_os_error();
+            undo_swap.forget();
+            return Err(cleanup_file(format!("swapon {}: {e}", path.display())));
+        }
+
+        // The cgroup.
+        let cgroup = match kind {
+            CgroupKind::V1 => PathBuf::from("/sys/fs/cgroup/memory"),
+            CgroupKind::V2 => PathBuf::from("/sys/fs/cgroup"),
+        }
+        .join(format!("usermm-bench-{}", std::process::id()));
+        let mut ks = KernelSwap {
+            swap_path: path,
+            cgroup: cgroup.clone(),
+            kind,
+            budget,
+            undo_file,
+            undo_swap,
+            undo_cgroup: util::register(Undo::RemoveCgroup(cgroup.clone())),
+            others,
+            torn_down: false,
+        };
+        if let CgroupKind::V2 = ks.kind {
+            let sub = std::fs::read_to_string("/sys/fs/cgroup/cgroup.subtree_control")
+                .unwrap_or_default();
+            if !sub.split_whitespace().any(|c| c == "memory") {
+                write_file(
+                    Path::new("/sys/fs/cgroup/cgroup.subtree_control"),
+                    "+memory",
+                )?;
+            }
+        }
+        std::fs::create_dir(&cgroup)
+            .map_err(|e| format!("cannot create cgroup {}: {e}", cgroup.display()))?;
+        ks.set_limit(budget)?;
+        Ok(ks)
+    }
+
+    /// Sets the cgroup's memory limit.
+    pub fn set_limit(&mut self, bytes: u64) -> Result<(), String> {
+        match self.kind {
+            CgroupKind::V1 => write_file(
+                &self.cgroup.join("memory.limit_in_bytes"),
+                &bytes.to_string(),
+            )?,
+            CgroupKind::V2 => {
+                write_file(&self.cgroup.join("memory.max"), &bytes.to_string())?;
+                let _ = write_file(&self.cgroup.join("memory.swap.max"), "max");
+            }
+        }
+        self.budget = bytes;
+        Ok(())
+    }
+
+    /// A short description for the report.
+    pub fn describe(&self) -> String {
+        format!(
+            "cgroup {} {} = {} bytes, swap file {} (priority 32767)",
+            match self.kind {
+                CgroupKind::V1 => "v1",
+                CgroupKind::V2 => "v2",
+            },
+            self.cgroup
+                .join(match self.kind {
+                    CgroupKind::V1 => "memory.limit_in_bytes",
+                    CgroupKind::V2 => "memory.max",
+                })
+                .display(),
+            self.budget,
+            self.swap_path.display()
+        )
+    }
+
+    /// OOM kills in the cgroup so far.
+    fn oom_kills(&self) -> u64 {
+        let file = match self.kind {
+            CgroupKind::V1 => "memory.oom_control",
+            CgroupKind::V2 => "memory.events",
+        };
+        std::fs::read_to_string(self.cgroup.join(file))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("oom_kill ")
+                    .and_then(|v| v.trim().parse().ok())
+            })
+            .unwrap_or(0)
+    }
+
+    /// Runs the workload in a child process inside the cgroup. If the kernel
+    /// OOM-kills it (memcg reclaim sometimes gives up while swap writes are in
+    /// flight), the cell is run once more; the result says so in `note`.
+    pub fn run_child(
+        &self,
+        spec: &WorkSpec,
+        warmup: Duration,
+        timed: Duration,
+    ) -> Result<(access::Measured, Option<String>), String> {
+        let before = self.oom_kills();
+        match self.run_child_once(spec, warmup, timed) {
+            Ok(m) => Ok((m, None)),
+            Err(e) if self.oom_kills() > before && !util::interrupted() => {
+                let note = format!(
+                    "the kernel OOM-killed the first attempt in its memory cgroup ({e}) although \
+                     swap had room; the cell was run again"
+                );
+                let again = self.oom_kills();
+                match self.run_child_once(spec, warmup, timed) {
+                    Ok(m) => Ok((m, Some(note))),
+                    Err(e2) if self.oom_kills() > again => Err(format!(
+                        "OOM-killed by the kernel twice in its memory cgroup (limit = budget, swap free): {e2}"
+                    )),
+                    Err(e2) => Err(e2),
+                }
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn run_child_once(
+        &self,
+        spec: &WorkSpec,
+        warmup: Duration,
+        timed: Duration,
+    ) -> Result<access::Measured, String> {
+        let exe =
+            std::env::current_exe().map_err(|e| format!("cannot find our own binary: {e}"))?;
+        let mut cmd = Command::new(exe);
+        cmd.arg("bench-kernel-child")
+            .arg("--cgroup-procs")
+            .arg(self.cgroup.join("cgroup.procs"))
+            .args(["--pages", &spec.pages.to_string()])
+            .args(["--pattern", &pattern_arg(&spec.pattern)])
+            .args(["--write-ratio", &spec.write_ratio.to_string()])
+            .args(["--threads", &spec.threads.to_string()])
+            .args(["--words", &spec.words.to_string()])
+            .args(["--seed", &spec.seed.to_string()])
+            .args(["--warmup-ms", &warmup.as_millis().to_string()])
+            .args(["--warmup-accesses", &spec.warm_accesses.to_string()])
+            .args(["--timed-ms", &timed.as_millis().to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| format!("cannot start the child: {e}"))?;
+        let kill = util::register(Undo::Kill(child.id() as i32));
+        // Generous: the fill of the working set through swap plus the phases.
+        let limit = Instant::now() + warmup + timed + Duration::from_secs(120);
+        let status = loop {
+            match child.try_wait() {
+                Ok(Some(st)) => break Ok(st),
+                Ok(None) => {}
+                Err(e) => break Err(format!("waiting for the child: {e}")),
+            }
+            if util::interrupted() || Instant::now() > limit {
+                let _ = child.kill();
+                let _ = child.wait();
+                kill.forget();
+                return Err(if util::interrupted() {
+                    "interrupted".into()
+                } else {
+                    "the child did not finish in time (killed)".into()
+                });
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        kill.forget();
+        let status = status?;
+        let mut out = String::new();
+        let mut err = String::new();
+        if let Some(mut o) = child.stdout.take() {
+            let _ = o.read_to_string(&mut out);
+        }
+        if let Some(mut e) = child.stderr.take() {
+            let _ = e.read_to_string(&mut err);
+        }
+        if !status.success() {
+            use std::os::unix::process::ExitStatusExt;
+            let why = match status.signal() {
+                Some(9) => "killed by SIGKILL".to_string(),
+                Some(s) => format!("killed by signal {s}"),
+                None => format!("exited with {status}"),
+            };
+            let err = err.trim();
+            return Err(if err.is_empty() {
+                format!("kernel child {why}")
+            } else {
+                format!("kernel child {why}: {err}")
+            });
+        }
+        let r: ChildReport = serde_json::from_str(out.trim())
+            .map_err(|e| format!("unreadable report from the child ({e}): {out:?} {err:?}"))?;
+        let mut m = access::Measured {
+            accesses: r.accesses,
+            secs: r.secs,
+            fill_secs: r.fill_secs,
+            major_faults: r.major_faults,
+            device_reads: r.device_reads,
+            device_writes: r.device_writes,
+            warm_accesses: r.warm_accesses,
+            ..Default::default()
+        };
+        m.hist = r.hist();
+        Ok(m)
+    }
+
+    /// Removes the cgroup, turns the swap file off and deletes it.
+    pub fn teardown(&mut self) -> Result<(), String> {
+        if self.torn_down {
+            return Ok(());
+        }
+        self.torn_down = true;
+        let mut errs = Vec::new();
+        if let Err(e) = self.undo_cgroup.run() {
+            errs.push(e);
+        }
+        match self.undo_swap.run() {
+            Ok(()) => {
+                if let Err(e) = self.undo_file.run() {
+                    errs.push(e);
+                }
+            }
+            Err(e) => {
+                // Never delete a swap file that is still active.
+                self.undo_file.forget();
+                errs.push(e);
+            }
+        }
+        if errs.is_empty() {
+            Ok(())
+        } else {
+            Err(errs.join("; "))
+        }
+    }
+}
+
+impl Drop for KernelSwap {
+    fn drop(&mut self) {
+        if let Err(e) = self.teardown() {
+            eprintln!("usermm bench: cleanup: {e}");
+        }
+    }
+}
+
+// ------------------------------------------------------------------ the child
+
+/// Arguments of the hidden `bench-kernel-child` command.
+#[derive(clap::Args, Debug)]
+pub struct ChildArgs {
+    /// cgroup.procs file to join before touching memory.
+    #[arg(long)]
+    cgroup_procs: Option<PathBuf>,
+    #[arg(long)]
+    pages: u64,
+    #[arg(long, value_parser = util::parse_pattern)]
+    pattern: Pattern,
+    #[arg(long, value_parser = util::parse_ratio)]
+    write_ratio: f64,
+    #[arg(long)]
+    threads: u32,
+    #[arg(long, value_parser = util::parse_words)]
+    words: u32,
+    #[arg(long)]
+    seed: u64,
+    #[arg(long)]
+    warmup_ms: u64,
+    #[arg(long, default_value_t = u64::MAX)]
+    warmup_accesses: u64,
+    #[arg(long)]
+    timed_ms: u64,
+}
+
+#[derive(Serialize, Deserialize, Debug)]
+struct ChildReport {
+    accesses: u64,
+    secs: f64,
+    fill_secs: f64,
+    major_faults: u64,
+    device_reads: u64,
+    device_writes: u64,
+    warm_accesses: u64,
+    /// Histogram buckets (index, count) with a non-zero count.
+    hist: Vec<(u32, u64)>,
+}
+
+impl ChildReport {
+    fn hist(&self) -> access::LatHist {
+        access::LatHist::from_buckets(&self.hist)
+    }
+}
+
+fn vmstat() -> (u64, u64) {
+    let s = std::fs::read_to_string("/proc/vmstat").unwrap_or_default();
+    let get = |k: &str| {
+        s.lines()
+            .find_map(|l| l.strip_prefix(k).and_then(|r| r.trim().parse().ok()))
+            .unwrap_or(0)
+    };
+    (get("pswpin "), get("pswpout "))
+}
+
+fn majflt() -> u64 {
+    // SAFETY: getrusage fills the zeroed struct we pass.
+    unsafe {
+        let mut ru: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut ru);
+        ru.ru_majflt as u64
+    }
+}
+
+/// The child: joins the cgroup, maps anonymous memory and runs the workload.
+pub fn child_main(a: ChildArgs) -> i32 {
+    match child(a) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("{e}");
+            1
+        }
+    }
+}
+
+fn child(a: ChildArgs) -> Result<(), String> {
+    if let Some(p) = &a.cgroup_procs {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .open(p)
+            .map_err(|e| format!("cannot open {}: {e}", p.display()))?;
+        f.write_all(std::process::id().to_string().as_bytes())
+            .map_err(|e| format!("cannot join the cgroup ({}): {e}", p.display()))?;
+    }
+    let len = (a.pages as usize)
+        .checked_mul(PAGE_SIZE)
+        .ok_or("working set too large")?;
+    // SAFETY: a fresh private anonymous mapping; checked for MAP_FAILED.
+    let ptr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if ptr == libc::MAP_FAILED {
+        return Err(format!(
+            "mmap of {len} bytes: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    // SAFETY: advice on our own mapping; failure is harmless.
+    unsafe { libc::madvise(ptr, len, libc::MADV_NOHUGEPAGE) };
+    // SAFETY: the mapping is ours, page aligned, and lives until the process exits.
+    let target = unsafe { RawTarget::new(ptr.cast(), len) };
+    let spec = WorkSpec {
+        pages: a.pages,
+        pattern: a.pattern,
+        write_ratio: a.write_ratio,
+        threads: a.threads,
+        words: a.words,
+        seed: a.seed,
+        warm_accesses: a.warmup_accesses,
+    };
+    let snap = || {
+        let (i, o) = vmstat();
+        Snap {
+            major_faults: majflt(),
+            reads: i,
+            writes: o,
+        }
+    };
+    let m = access::drive(
+        &target,
+        &spec,
+        Duration::from_millis(a.warmup_ms),
+        Duration::from_millis(a.timed_ms),
+        &snap,
+    )?;
+    let r = ChildReport {
+        accesses: m.accesses,
+        secs: m.secs,
+        fill_secs: m.fill_secs,
+        major_faults: m.major_faults,
+        device_reads: m.device_reads,
+        device_writes: m.device_writes,
+        warm_accesses: m.warm_accesses,
+        hist: m.hist.buckets(),
+    };
+    println!("{}", serde_json::to_string(&r).map_err(|e| e.to_string())?);
+    std::hint::black_box(m.sink);
+    Ok(())
+}
