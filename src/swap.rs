@@ -381,13 +381,17 @@ impl SwapTable {
             else {
                 return Err(NoSlot::Full);
             };
-            for k in 0..n {
-                let Some(d) = &devs[(turn + k) % n] else {
-                    continue;
-                };
-                if d.prio == p && d.is_active() {
-                    if let Some(slot) = d.alloc() {
-                        return Ok(SwapEntry { dev: d.id.0, slot });
+            // Devices that cannot take I/O now (a server reconnecting) are used only
+            // when nothing else has room.
+            for want_available in [true, false] {
+                for k in 0..n {
+                    let Some(d) = &devs[(turn + k) % n] else {
+                        continue;
+                    };
+                    if d.prio == p && d.is_active() && d.dev.available() == want_available {
+                        if let Some(slot) = d.alloc() {
+                            return Ok(SwapEntry { dev: d.id.0, slot });
+                        }
                     }
                 }
             }

@@ -82,7 +82,8 @@ impl Vm {
         &self.inner.eng
     }
 
-    /// Adds a swap device from a spec (`file:PATH?size=…&prio=…`).
+    /// Adds a swap device from a spec: `file:PATH?size=…`, `nbd://host[:port]/export`,
+    /// `nbd+unix:///export?socket=PATH`, `mirror:(A,B)`, each with `prio=…`.
     ///
     /// Errors: `Error::Config` for a spec the library cannot use (missing size for a
     /// new file, …), `Error::Io` when the file cannot be created or sized,
@@ -90,6 +91,10 @@ impl Vm {
     pub fn swapon(&self, spec: SwapSpec) -> Result<SwapId> {
         let dev: Arc<dyn BlockDevice> = match &spec.kind {
             SwapKind::File { path, size } => Arc::new(FileDevice::open(path, *size, &spec.text)?),
+            SwapKind::Nbd { addr, options } => Arc::new(crate::device::nbd::NbdDevice::connect(
+                addr, options, &spec.text,
+            )?),
+            SwapKind::Mirror { .. } => crate::device::mirror::open_spec(&spec)?,
         };
         self.swapon_device(dev, spec.prio)
     }

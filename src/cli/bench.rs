@@ -84,7 +84,7 @@ pub struct BenchArgs {
     /// Skip the kernel-swap column.
     #[arg(long)]
     no_kernel: bool,
-    /// Page-I/O threads of usermm's engine [default: the library's, 4].
+    /// Page-I/O threads of usermm's engine [default: the library's, 16].
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=256))]
     io_threads: Option<u32>,
 }

@@ -77,7 +77,7 @@ pub struct RunArgs {
     /// Also write the summary as JSON to FILE.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
-    /// Page-I/O threads of the engine [default: the library's, 4].
+    /// Page-I/O threads of the engine [default: the library's, 16].
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=256))]
     pub io_threads: Option<u32>,
     /// Testing the checker: after the fill, overwrite one word of page 0 behind the

@@ -1,15 +1,19 @@
 //! Block devices that hold swapped pages.
 //!
 //! A device is the small [`BlockDevice`] trait: read and write one page-sized slot,
-//! flush, discard, size and name. Implementations: [`file::FileDevice`] (a local
-//! file with O_DIRECT) and [`faulty::FaultyDevice`] (a wrapper that injects errors
-//! for tests). NBD, the compressed pool and mirror/stripe plug in here later.
+//! flush, discard, size, name and availability. Implementations: [`file::FileDevice`]
+//! (a local file with O_DIRECT), [`nbd::NbdDevice`] (our NBD client),
+//! [`mirror::MirrorDevice`] (two devices, losing one costs nothing) and
+//! [`faulty::FaultyDevice`] (a wrapper that injects errors, for tests). The
+//! compressed pool plugs in here later.
 //!
 //! Devices hold no engine locks; they may be called from any thread at once
 //! (page-I/O threads write, faulting threads read).
 
 pub mod faulty;
 pub mod file;
+pub mod mirror;
+pub mod nbd;
 
 use std::fmt;
 use std::io;
@@ -39,6 +43,11 @@ pub trait BlockDevice: Send + Sync + fmt::Debug {
     }
     /// Makes completed writes durable.
     fn flush(&self) -> io::Result<()>;
+    /// Whether the device can take I/O now. A network device that lost its server
+    /// says no while it reconnects, so new page-outs go to other devices.
+    fn available(&self) -> bool {
+        true
+    }
     /// Tells the device that `count` slots from `first` hold nothing of value.
     fn discard(&self, first: u64, count: u64) -> io::Result<()>;
 }

@@ -1,0 +1,632 @@
+//! The mirror device, `mirror:(A,B)`: every page is written to both legs and
+//! read from one that holds it; losing one leg costs the application nothing.
+//!
+//! Owns: per slot a state word (which legs hold the slot's current content, a
+//! version, a resync bit) and the checksum of the content last written; per leg a
+//! health state; and the resync thread (`usermm-mirror-resync`) with its one
+//! preallocated page buffer. All of it is allocated in [`MirrorDevice::new`]
+//! (4 + 4 bytes per slot), so the I/O path allocates nothing (DESIGN.md
+//! invariant 2), and the legs are used as they are (no merging either).
+//!
+//! ## When a slot counts as written
+//! `write_page` returns `Ok` exactly when **at least one leg acknowledged the
+//! write**. From then on the slot is readable from every leg that acknowledged it
+//! (its bit in the slot's state word). Writes go to each leg in service, one after
+//! the other. A leg that fails a write is marked *degraded* — unless it is the last
+//! leg in service, in which case only that write fails (the engine keeps the page
+//! dirty and retries). A degraded leg gets no writes and no reads; all its bits are
+//! cleared at that moment (a server that comes back may have lost everything, like
+//! an `nbdkit memory` restarted), so its content counts as stale.
+//!
+//! ## Resync
+//! The resync thread probes a degraded leg with backoff (50 ms doubling to 1 s).
+//! When the leg answers it becomes *syncing*: new writes go to it again, and the
+//! thread copies every slot held by the other leg only, one at a time (setting
+//! the slot's resync bit, so a concurrent write of that slot waits for the copy
+//! instead of racing it). After a full pass without failure the leg is *healthy*.
+//! A slot is redundant again once both bits are set.
+//!
+//! ## Reads
+//! From a leg whose bit is set (alternating between the legs by slot when both
+//! hold it), checked against the slot's checksum; on an error or a mismatch the
+//! other leg is tried. A leg that cannot be reached (not connected, reset, timed
+//! out) is marked degraded like one that failed a write; NBD legs opened from a
+//! spec fail such reads at once instead of waiting for a reconnection. A mismatching leg loses its bit for that slot (the resync
+//! repairs it). Only if no leg returns the content last written is the read an
+//! error — never wrong data.
+//!
+//! ## Locking
+//! None: slot state words and leg states are atomics. A write waits (polling) only
+//! for the resync copy of the same slot, which is bounded by the legs' timeouts.
+
+use super::BlockDevice;
+use crate::error::{Error, Result};
+use crate::pageio::AlignedPages;
+use crate::sync::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::io;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+const RESYNC: u32 = 1 << 2;
+const VSHIFT: u32 = 3;
+
+/// Whether an error means the leg cannot be reached (rather than refused one request).
+fn unreachable(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(
+            libc::ENOTCONN | libc::ECONNRESET | libc::ETIMEDOUT | libc::EPIPE | libc::ECONNREFUSED
+        )
+    )
+}
+
+fn bit(leg: usize) -> u32 {
+    1 << leg
+}
+
+/// Health of one leg.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LegState {
+    /// In service and holding every slot the other leg holds (as far as known).
+    Healthy,
+    /// Failed a write: gets no I/O; probed by the resync thread.
+    Degraded,
+    /// Answering again: gets new writes while the resync copies old slots to it.
+    Syncing,
+}
+
+const HEALTHY: u8 = 0;
+const DEGRADED: u8 = 1;
+const SYNCING: u8 = 2;
+
+fn leg_state(v: u8) -> LegState {
+    match v {
+        HEALTHY => LegState::Healthy,
+        DEGRADED => LegState::Degraded,
+        _ => LegState::Syncing,
+    }
+}
+
+/// Counters of a mirror.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MirrorStats {
+    /// Times a leg was marked degraded.
+    pub degraded: u64,
+    /// Slots copied by the resync.
+    pub resynced_slots: u64,
+    /// Reads served by the second leg tried after the first failed or mismatched.
+    pub read_fallbacks: u64,
+    /// Reads whose data did not match the slot's checksum.
+    pub checksum_mismatches: u64,
+    /// Writes acknowledged by only one leg.
+    pub single_leg_writes: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    degraded: AtomicU64,
+    resynced_slots: AtomicU64,
+    read_fallbacks: AtomicU64,
+    checksum_mismatches: AtomicU64,
+    single_leg_writes: AtomicU64,
+}
+
+#[derive(Debug)]
+struct Shared {
+    name: String,
+    legs: [Arc<dyn BlockDevice>; 2],
+    pages: u64,
+    state: Box<[AtomicU32]>,
+    csum: Box<[AtomicU32]>,
+    health: [AtomicU8; 2],
+    shutdown: AtomicBool,
+    /// A read found a healthy leg missing a slot: the resync thread should look.
+    repair: AtomicBool,
+    cnt: Counters,
+    resync: crate::sync::Mutex<Option<std::thread::Thread>>,
+}
+
+/// Two devices holding the same pages.
+#[derive(Debug)]
+pub struct MirrorDevice {
+    sh: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl MirrorDevice {
+    /// Mirrors `a` and `b` (the size is the smaller of the two). Starts the resync
+    /// thread and allocates the per-slot state.
+    pub fn new(
+        a: Arc<dyn BlockDevice>,
+        b: Arc<dyn BlockDevice>,
+        name: &str,
+    ) -> Result<MirrorDevice> {
+        let pages = a.pages().min(b.pages());
+        if pages == 0 {
+            return Err(Error::Config(format!("mirror {name}: a leg has no pages")));
+        }
+        let n = usize::try_from(pages)
+            .map_err(|_| Error::Config(format!("mirror {name}: too many pages")))?;
+        let sh = Arc::new(Shared {
+            name: name.to_string(),
+            legs: [a, b],
+            pages,
+            state: (0..n).map(|_| AtomicU32::new(0)).collect(),
+            csum: (0..n).map(|_| AtomicU32::new(0)).collect(),
+            health: [AtomicU8::new(HEALTHY), AtomicU8::new(HEALTHY)],
+            shutdown: AtomicBool::new(false),
+            repair: AtomicBool::new(false),
+            cnt: Counters::default(),
+            resync: crate::sync::Mutex::new(None),
+        });
+        let buf = AlignedPages::new(1)?;
+        let s2 = sh.clone();
+        let t = std::thread::Builder::new()
+            .name("usermm-mirror-resync".into())
+            .spawn(move || resync_thread(&s2, buf))?;
+        *sh.resync.lock() = Some(t.thread().clone());
+        Ok(MirrorDevice {
+            sh,
+            thread: Some(t),
+        })
+    }
+
+    /// Health of the two legs.
+    pub fn leg_states(&self) -> [LegState; 2] {
+        [0, 1].map(|i| leg_state(self.sh.health[i].load(Ordering::SeqCst)))
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> MirrorStats {
+        let c = &self.sh.cnt;
+        MirrorStats {
+            degraded: c.degraded.load(Ordering::Relaxed),
+            resynced_slots: c.resynced_slots.load(Ordering::Relaxed),
+            read_fallbacks: c.read_fallbacks.load(Ordering::Relaxed),
+            checksum_mismatches: c.checksum_mismatches.load(Ordering::Relaxed),
+            single_leg_writes: c.single_leg_writes.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Slots held by leg `leg`, and slots held by both.
+    pub fn held(&self, leg: usize) -> (u64, u64) {
+        let mut one = 0;
+        let mut both = 0;
+        for w in self.sh.state.iter() {
+            let w = w.load(Ordering::Relaxed);
+            one += u64::from(w & bit(leg) != 0);
+            both += u64::from(w & 3 == 3);
+        }
+        (one, both)
+    }
+
+    /// The legs.
+    pub fn legs(&self) -> &[Arc<dyn BlockDevice>; 2] {
+        &self.sh.legs
+    }
+}
+
+impl Shared {
+    fn degrade(&self, leg: usize) -> bool {
+        let other = 1 - leg;
+        if self.health[other].load(Ordering::SeqCst) == DEGRADED {
+            return false; // the last leg in service stays in service
+        }
+        let prev = self.health[leg].swap(DEGRADED, Ordering::SeqCst);
+        if prev == DEGRADED {
+            return true;
+        }
+        self.cnt.degraded.fetch_add(1, Ordering::Relaxed);
+        for w in self.state.iter() {
+            w.fetch_and(!bit(leg), Ordering::SeqCst);
+        }
+        if let Some(t) = self.resync.lock().as_ref() {
+            t.unpark();
+        }
+        true
+    }
+
+    /// Sets `leg`'s bit on `slot` if its version is still `v`.
+    fn mark(&self, slot: usize, v: u32, leg: usize) {
+        let _ = self.state[slot].fetch_update(Ordering::SeqCst, Ordering::SeqCst, |w| {
+            (w >> VSHIFT == v).then_some(w | bit(leg))
+        });
+    }
+}
+
+impl BlockDevice for MirrorDevice {
+    fn name(&self) -> &str {
+        &self.sh.name
+    }
+
+    fn pages(&self) -> u64 {
+        self.sh.pages
+    }
+
+    fn read_page(&self, slot: u64, buf: &mut [u8]) -> io::Result<()> {
+        let sh = &*self.sh;
+        if slot >= sh.pages {
+            return Err(io::ErrorKind::InvalidInput.into());
+        }
+        let s = slot as usize;
+        let first = (slot & 1) as usize;
+        let mut last_err = None;
+        let mut tried = 0;
+        for leg in [first, 1 - first] {
+            let w = sh.state[s].load(Ordering::SeqCst);
+            if w & bit(leg) == 0 || sh.health[leg].load(Ordering::SeqCst) == DEGRADED {
+                continue;
+            }
+            tried += 1;
+            match sh.legs[leg].read_page(slot, buf) {
+                Ok(()) => {
+                    if crc32c::crc32c(buf) == sh.csum[s].load(Ordering::SeqCst) {
+                        if tried > 1 {
+                            sh.cnt.read_fallbacks.fetch_add(1, Ordering::Relaxed);
+                        }
+                        return Ok(());
+                    }
+                    sh.cnt.checksum_mismatches.fetch_add(1, Ordering::Relaxed);
+                    // This leg lost the content: drop its bit (the resync repairs it).
+                    let v = w >> VSHIFT;
+                    let _ = sh.state[s].fetch_update(Ordering::SeqCst, Ordering::SeqCst, |x| {
+                        (x >> VSHIFT == v).then_some(x & !bit(leg))
+                    });
+                    sh.repair.store(true, Ordering::SeqCst);
+                    if let Some(t) = sh.resync.lock().as_ref() {
+                        t.unpark();
+                    }
+                    last_err = Some(io::Error::from_raw_os_error(libc::EBADMSG));
+                }
+                Err(e) => {
+                    // An unreachable leg is taken out of service like one that
+                    // failed a write; an error reply (EIO) only fails this read.
+                    if unreachable(&e) {
+                        sh.degrade(leg);
+                    }
+                    last_err = Some(e);
+                }
+            }
+        }
+        Err(last_err.unwrap_or_else(|| io::Error::from_raw_os_error(libc::ENODATA)))
+    }
+
+    fn write_page(&self, slot: u64, buf: &[u8]) -> io::Result<()> {
+        let sh = &*self.sh;
+        if slot >= sh.pages {
+            return Err(io::ErrorKind::InvalidInput.into());
+        }
+        let s = slot as usize;
+        let sum = crc32c::crc32c(buf);
+        // New version, no leg holds it yet; wait out a resync copy of this slot.
+        let mut round = 0u32;
+        let v = loop {
+            let w = sh.state[s].load(Ordering::SeqCst);
+            if w & RESYNC != 0 {
+                round += 1;
+                if round < 64 {
+                    std::thread::yield_now();
+                } else {
+                    std::thread::sleep(Duration::from_micros(100));
+                }
+                continue;
+            }
+            let v = (w >> VSHIFT).wrapping_add(1) & (u32::MAX >> VSHIFT);
+            if sh.state[s]
+                .compare_exchange(w, v << VSHIFT, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
+            {
+                break v;
+            }
+        };
+        sh.csum[s].store(sum, Ordering::SeqCst);
+        let mut ok = 0;
+        let mut last_err = None;
+        for leg in 0..2 {
+            if sh.health[leg].load(Ordering::SeqCst) == DEGRADED {
+                continue;
+            }
+            match sh.legs[leg].write_page(slot, buf) {
+                Ok(()) => {
+                    sh.mark(s, v, leg);
+                    ok += 1;
+                }
+                Err(e) => {
+                    sh.degrade(leg);
+                    last_err = Some(e);
+                }
+            }
+        }
+        match ok {
+            0 => Err(last_err.unwrap_or_else(|| io::Error::from_raw_os_error(libc::ENOTCONN))),
+            1 => {
+                sh.cnt.single_leg_writes.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        let sh = &*self.sh;
+        let mut ok = false;
+        let mut last_err = None;
+        for leg in 0..2 {
+            if sh.health[leg].load(Ordering::SeqCst) == DEGRADED {
+                continue;
+            }
+            match sh.legs[leg].flush() {
+                Ok(()) => ok = true,
+                Err(e) => {
+                    sh.degrade(leg);
+                    last_err = Some(e);
+                }
+            }
+        }
+        if ok {
+            Ok(())
+        } else {
+            Err(last_err.unwrap_or_else(|| io::Error::from_raw_os_error(libc::ENOTCONN)))
+        }
+    }
+
+    fn discard(&self, first: u64, count: u64) -> io::Result<()> {
+        let sh = &*self.sh;
+        let end = first.saturating_add(count).min(sh.pages);
+        for s in first..end {
+            sh.state[s as usize].fetch_and(!3, Ordering::SeqCst);
+        }
+        for leg in 0..2 {
+            if sh.health[leg].load(Ordering::SeqCst) != DEGRADED {
+                let _ = sh.legs[leg].discard(first, count);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for MirrorDevice {
+    fn drop(&mut self) {
+        self.sh.shutdown.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            t.thread().unpark();
+            let _ = t.join();
+        }
+    }
+}
+
+/// Copies slot `s` from leg `src` to leg `dst` if `src` holds it and `dst` does
+/// not. Err when the destination failed (the leg goes back to degraded).
+fn copy_slot(
+    sh: &Shared,
+    s: usize,
+    src: usize,
+    dst: usize,
+    buf: &mut [u8],
+) -> std::result::Result<bool, ()> {
+    let w = sh.state[s].load(Ordering::SeqCst);
+    if w & bit(src) == 0 || w & bit(dst) != 0 || w & RESYNC != 0 {
+        return Ok(false);
+    }
+    if sh.state[s]
+        .compare_exchange(w, w | RESYNC, Ordering::SeqCst, Ordering::SeqCst)
+        .is_err()
+    {
+        return Ok(false); // written meanwhile: the writer takes care of both legs
+    }
+    let slot = s as u64;
+    let good = sh.legs[src].read_page(slot, buf).is_ok()
+        && crc32c::crc32c(buf) == sh.csum[s].load(Ordering::SeqCst);
+    let res = if good {
+        match sh.legs[dst].write_page(slot, buf) {
+            Ok(()) => {
+                sh.state[s].fetch_or(bit(dst), Ordering::SeqCst);
+                sh.cnt.resynced_slots.fetch_add(1, Ordering::Relaxed);
+                Ok(true)
+            }
+            Err(_) => Err(()),
+        }
+    } else {
+        Ok(false)
+    };
+    sh.state[s].fetch_and(!RESYNC, Ordering::SeqCst);
+    res
+}
+
+fn resync_thread(sh: &Shared, mut buf: AlignedPages) {
+    let mut backoff = [Duration::from_millis(50); 2];
+    let mut next_probe = [Instant::now(); 2];
+    while !sh.shutdown.load(Ordering::SeqCst) {
+        let mut wait = Duration::from_millis(500);
+        for leg in 0..2 {
+            let src = 1 - leg;
+            match sh.health[leg].load(Ordering::SeqCst) {
+                DEGRADED => {
+                    let now = Instant::now();
+                    if now < next_probe[leg] {
+                        wait = wait.min(next_probe[leg] - now);
+                        continue;
+                    }
+                    // Probe: a read of slot 0 (any answer but an error will do).
+                    if sh.legs[leg].read_page(0, buf.page_mut(0)).is_ok() {
+                        sh.health[leg].store(SYNCING, Ordering::SeqCst);
+                        backoff[leg] = Duration::from_millis(50);
+                        wait = Duration::ZERO;
+                    } else {
+                        backoff[leg] = (backoff[leg] * 2).min(Duration::from_secs(1));
+                        next_probe[leg] = Instant::now() + backoff[leg];
+                        wait = wait.min(backoff[leg]);
+                    }
+                }
+                SYNCING => {
+                    let mut failed = false;
+                    for s in 0..sh.state.len() {
+                        if sh.shutdown.load(Ordering::Relaxed)
+                            || sh.health[leg].load(Ordering::SeqCst) != SYNCING
+                        {
+                            failed = true;
+                            break;
+                        }
+                        if copy_slot(sh, s, src, leg, buf.page_mut(0)).is_err() {
+                            sh.degrade(leg);
+                            next_probe[leg] = Instant::now() + backoff[leg];
+                            failed = true;
+                            break;
+                        }
+                    }
+                    if !failed {
+                        let _ = sh.health[leg].compare_exchange(
+                            SYNCING,
+                            HEALTHY,
+                            Ordering::SeqCst,
+                            Ordering::SeqCst,
+                        );
+                    }
+                }
+                _ if sh.repair.swap(false, Ordering::SeqCst) => {
+                    // Healthy, but a read found a slot missing here.
+                    sh.repair.store(leg == 0, Ordering::SeqCst); // leg 1 looks next
+                    for s in 0..sh.state.len() {
+                        let w = sh.state[s].load(Ordering::Relaxed);
+                        if w & bit(src) != 0 && w & bit(leg) == 0 && w & RESYNC == 0 {
+                            if sh.shutdown.load(Ordering::Relaxed) {
+                                break;
+                            }
+                            if copy_slot(sh, s, src, leg, buf.page_mut(0)).is_err() {
+                                sh.degrade(leg);
+                                break;
+                            }
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        if !wait.is_zero() {
+            std::thread::park_timeout(wait);
+        }
+    }
+}
+
+/// Opens the device a spec names (the legs of `mirror:(A,B)`, recursively).
+pub(crate) fn open_spec(spec: &crate::config::SwapSpec) -> Result<Arc<dyn BlockDevice>> {
+    use crate::config::SwapKind;
+    #[allow(unreachable_patterns)]
+    Ok(match &spec.kind {
+        SwapKind::File { path, size } => {
+            Arc::new(super::file::FileDevice::open(path, *size, &spec.text)?)
+        }
+        SwapKind::Nbd { addr, options } => {
+            // A leg fails fast when its server is unreachable: the other leg answers.
+            let mut o = options.clone();
+            o.wait_for_reconnect = false;
+            Arc::new(super::nbd::NbdDevice::connect(addr, &o, &spec.text)?)
+        }
+        SwapKind::Mirror { legs } => {
+            let a = open_spec(&legs[0])?;
+            let b = open_spec(&legs[1])?;
+            Arc::new(MirrorDevice::new(a, b, &spec.text)?)
+        }
+        _ => {
+            return Err(Error::Config(format!(
+                "swap spec {:?} cannot be opened as a mirror leg",
+                spec.text
+            )))
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::faulty::FaultyDevice;
+    use crate::device::file::FileDevice;
+
+    fn page(v: u8) -> AlignedPages {
+        let mut p = AlignedPages::new(1).unwrap();
+        p.page_mut(0).fill(v);
+        p
+    }
+
+    fn wait_healthy(m: &MirrorDevice) {
+        let t0 = Instant::now();
+        while m.leg_states() != [LegState::Healthy; 2] {
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "{:?}",
+                m.leg_states()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    #[test]
+    fn written_when_one_leg_acknowledges_then_resynced() {
+        let d = tempfile::tempdir().unwrap();
+        let a: Arc<dyn BlockDevice> =
+            Arc::new(FileDevice::open(&d.path().join("a"), Some(64 * 4096), "a").unwrap());
+        let fb = Arc::new(FaultyDevice::new(Arc::new(
+            FileDevice::open(&d.path().join("b"), Some(64 * 4096), "b").unwrap(),
+        )));
+        let m = MirrorDevice::new(a, fb.clone(), "m").unwrap();
+        let mut buf = page(0);
+        for s in 0..16 {
+            m.write_page(s, page(s as u8 + 1).page(0)).unwrap();
+        }
+        assert_eq!(m.held(1), (16, 16));
+        // B fails a write: the write still counts (A acknowledged), B is degraded
+        // and loses every slot.
+        fb.set_fail_writes(true);
+        m.write_page(3, page(99).page(0)).unwrap();
+        assert_eq!(m.leg_states()[1], LegState::Degraded);
+        assert_eq!(m.held(1).0, 0);
+        assert_eq!(m.stats().single_leg_writes, 1);
+        for s in 0..16 {
+            m.read_page(s, buf.page_mut(0)).unwrap();
+            let want = if s == 3 { 99 } else { s as u8 + 1 };
+            assert!(buf.page(0).iter().all(|&b| b == want), "slot {s}");
+        }
+        // B answers again: the resync copies everything back.
+        fb.set_fail_writes(false);
+        wait_healthy(&m);
+        assert_eq!(m.held(1), (16, 16));
+        assert!(m.stats().resynced_slots >= 16);
+        // A leg that returns wrong data is caught by the checksum; the other answers.
+        fb.set_corrupt_reads(true);
+        for s in 0..16 {
+            m.read_page(s, buf.page_mut(0)).unwrap();
+            let want = if s == 3 { 99 } else { s as u8 + 1 };
+            assert!(buf.page(0).iter().all(|&b| b == want), "slot {s}");
+        }
+        assert!(m.stats().checksum_mismatches >= 8, "{:?}", m.stats());
+        fb.set_corrupt_reads(false);
+        // Never written: an error, not zeroes.
+        assert!(m.read_page(40, buf.page_mut(0)).is_err());
+    }
+
+    #[test]
+    fn last_leg_is_never_degraded() {
+        let d = tempfile::tempdir().unwrap();
+        let fa = Arc::new(FaultyDevice::new(Arc::new(
+            FileDevice::open(&d.path().join("a"), Some(16 * 4096), "a").unwrap(),
+        )));
+        let fb = Arc::new(FaultyDevice::new(Arc::new(
+            FileDevice::open(&d.path().join("b"), Some(16 * 4096), "b").unwrap(),
+        )));
+        let m = MirrorDevice::new(fa.clone(), fb.clone(), "m").unwrap();
+        m.write_page(1, page(7).page(0)).unwrap();
+        fb.set_fail_writes(true);
+        fb.set_fail_reads(true); // the probe fails too: B stays degraded
+        m.write_page(2, page(8).page(0)).unwrap();
+        fa.set_fail_writes(true);
+        assert!(m.write_page(1, page(9).page(0)).is_err(), "no leg took it");
+        assert_eq!(m.leg_states(), [LegState::Healthy, LegState::Degraded]);
+        fa.set_fail_writes(false);
+        // Slot 1 was being rewritten when both failed: no leg holds any version.
+        let mut buf = page(0);
+        assert!(m.read_page(1, buf.page_mut(0)).is_err());
+        m.read_page(2, buf.page_mut(0)).unwrap();
+        assert!(buf.page(0).iter().all(|&b| b == 8));
+    }
+}
