@@ -67,6 +67,17 @@ impl Engine {
     /// are freed or queued for page-out (whose completion frees them). Queued
     /// page-outs are kicked before returning.
     pub fn shrink(&self, nr: usize, want: usize) -> ScanResult {
+        self.shrink_for(nr, want, true)
+    }
+
+    /// `shrink` for direct reclaim: only a frame freed now satisfies the caller, so a
+    /// queued page-out does not end the scan; it goes on looking for a clean page to
+    /// drop (and queues the dirty ones it passes) before anyone has to wait for I/O.
+    pub fn shrink_direct(&self, nr: usize) -> ScanResult {
+        self.shrink_for(nr, 1, false)
+    }
+
+    fn shrink_for(&self, nr: usize, want: usize, queued_counts: bool) -> ScanResult {
         let n = self.frames.nframes();
         let mut r = ScanResult::default();
         while r.scanned < nr.min(n) {
@@ -75,7 +86,7 @@ impl Engine {
             let pfn = Pfn((self.hand.fetch_add(1, Ordering::Relaxed) % n) as u32);
             r.scanned += 1;
             self.reclaim_frame(pfn, &mut r);
-            if r.evicted + r.queued >= want {
+            if r.evicted + if queued_counts { r.queued } else { 0 } >= want {
                 break;
             }
             if r.pool_empty {
@@ -408,7 +419,7 @@ impl Engine {
             }
             self.wake_kswapd();
             Counters::inc(&self.cnt.direct_reclaim);
-            let r = self.shrink(SCAN_BATCH, 1);
+            let r = self.shrink_direct(SCAN_BATCH);
             if r.evicted > 0 {
                 fruitless = 0;
                 continue;
