@@ -234,21 +234,7 @@ fn run_usermm(
     warmup: Duration,
     timed: Duration,
 ) -> Result<Measured, String> {
-    let mut cfg = Config::default().memory_budget(budget as usize);
-    if let Some(n) = io_threads {
-        cfg = cfg.io_threads(n as usize);
-    }
-    let vm = Vm::new(cfg).map_err(|e| format!("Vm::new: {e}"))?;
-    vm.swapon(SwapSpec::file(swap, swap_size))
-        .map_err(|e| format!("swapon: {e}"))?;
-    let mm = vm.new_space();
-    let r = mm
-        .map_anon((spec.pages * PAGE_SIZE as u64) as usize)
-        .map_err(|e| format!("map_anon: {e}"))?;
-    let target = UsermmTarget {
-        mm,
-        base: r.start(),
-    };
+    let (vm, target) = usermm_vm(budget, io_threads, swap, swap_size, spec)?;
     let snap = || {
         let s = vm.stats();
         Snap {
@@ -268,6 +254,35 @@ fn run_usermm(
     Ok(m)
 }
 
+/// A fresh `Vm` with the budget and one swap file, and the workload's region in a
+/// new space.
+fn usermm_vm(
+    budget: u64,
+    io_threads: Option<u32>,
+    swap: &Path,
+    swap_size: u64,
+    spec: &WorkSpec,
+) -> Result<(Vm, UsermmTarget), String> {
+    let mut cfg = Config::default().memory_budget(budget as usize);
+    if let Some(n) = io_threads {
+        cfg = cfg.io_threads(n as usize);
+    }
+    let vm = Vm::new(cfg).map_err(|e| format!("Vm::new: {e}"))?;
+    vm.swapon(SwapSpec::file(swap, swap_size))
+        .map_err(|e| format!("swapon: {e}"))?;
+    let mm = vm.new_space();
+    let r = mm
+        .map_anon((spec.pages * PAGE_SIZE as u64) as usize)
+        .map_err(|e| format!("map_anon: {e}"))?;
+    Ok((
+        vm,
+        UsermmTarget {
+            mm,
+            base: r.start(),
+        },
+    ))
+}
+
 /// The hit path: usermm and plain memory, both filled once with a working set that
 /// fits in the budget, then measured alternately (three rounds of `timed / 3`
 /// each, so both see the same machine); the median round of each is kept.
@@ -280,21 +295,7 @@ fn hit_path(
     spec: &WorkSpec,
     timed: Duration,
 ) -> Result<(Measured, Measured), String> {
-    let mut cfg = Config::default().memory_budget(budget as usize);
-    if let Some(n) = io_threads {
-        cfg = cfg.io_threads(n as usize);
-    }
-    let vm = Vm::new(cfg).map_err(|e| format!("Vm::new: {e}"))?;
-    vm.swapon(SwapSpec::file(swap, swap_size))
-        .map_err(|e| format!("swapon: {e}"))?;
-    let mm = vm.new_space();
-    let r = mm
-        .map_anon((spec.pages * PAGE_SIZE as u64) as usize)
-        .map_err(|e| format!("map_anon: {e}"))?;
-    let um = UsermmTarget {
-        mm,
-        base: r.start(),
-    };
+    let (vm, um) = usermm_vm(budget, io_threads, swap, swap_size, spec)?;
     let len = (spec.pages * PAGE_SIZE as u64) as usize;
     assert!(len <= plain_buf.len() * 8);
     // SAFETY: `plain_buf` is ours, 8-byte aligned, and borrowed mutably for this call.
