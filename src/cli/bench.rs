@@ -24,6 +24,7 @@ use usermm::{Config, SwapSpec, Vm, PAGE_SIZE};
 #[command(after_help = "\
 Systems, measured in the same run and interleaved per cell:
   usermm  the library through its API (read/write of 8-byte words), swap file in --dir
+  usermm-nbd  the same, its swap on a qemu-nbd server (Unix socket) the bench starts and stops
   kernel  a child process running the identical access sequence on anonymous memory in a
           memory cgroup limited to the budget, with its own swap file (same size, same file
           system) enabled by swapon; needs root. Always cleaned up (swapoff, cgroup, file).
@@ -81,6 +82,10 @@ pub struct BenchArgs {
     /// earlier after one access per page of the working set [default: 5s; --quick: 1.5s].
     #[arg(long, value_name = "TIME", value_parser = util::parse_duration)]
     warmup: Option<Duration>,
+    /// Skip the usermm-over-NBD column (usermm swapping to a qemu-nbd server on a
+    /// Unix socket, which the bench starts and stops).
+    #[arg(long)]
+    no_nbd: bool,
     /// Skip the kernel-swap column.
     #[arg(long)]
     no_kernel: bool,
@@ -117,6 +122,8 @@ struct CellOut {
     kernel_note: Option<String>,
     plain: Result<Measured, String>,
     device: Result<ProbeResult, String>,
+    /// usermm with its swap on a qemu-nbd server instead of the file.
+    nbd: Result<Measured, String>,
 }
 
 #[derive(Serialize, Debug)]
@@ -228,13 +235,12 @@ fn fmt_us(v: f64) -> String {
 fn run_usermm(
     budget: u64,
     io_threads: Option<u32>,
-    swap: &Path,
-    swap_size: u64,
+    swap: SwapSpec,
     spec: &WorkSpec,
     warmup: Duration,
     timed: Duration,
 ) -> Result<Measured, String> {
-    let (vm, target) = usermm_vm(budget, io_threads, swap, swap_size, spec)?;
+    let (vm, target) = usermm_vm(budget, io_threads, swap, spec)?;
     let snap = || {
         let s = vm.stats();
         Snap {
@@ -259,8 +265,7 @@ fn run_usermm(
 fn usermm_vm(
     budget: u64,
     io_threads: Option<u32>,
-    swap: &Path,
-    swap_size: u64,
+    swap: SwapSpec,
     spec: &WorkSpec,
 ) -> Result<(Vm, UsermmTarget), String> {
     let mut cfg = Config::default().memory_budget(budget as usize);
@@ -268,8 +273,7 @@ fn usermm_vm(
         cfg = cfg.io_threads(n as usize);
     }
     let vm = Vm::new(cfg).map_err(|e| format!("Vm::new: {e}"))?;
-    vm.swapon(SwapSpec::file(swap, swap_size))
-        .map_err(|e| format!("swapon: {e}"))?;
+    vm.swapon(swap).map_err(|e| format!("swapon: {e}"))?;
     let mm = vm.new_space();
     let r = mm
         .map_anon((spec.pages * PAGE_SIZE as u64) as usize)
@@ -295,7 +299,7 @@ fn hit_path(
     spec: &WorkSpec,
     timed: Duration,
 ) -> Result<(Measured, Measured), String> {
-    let (vm, um) = usermm_vm(budget, io_threads, swap, swap_size, spec)?;
+    let (vm, um) = usermm_vm(budget, io_threads, SwapSpec::file(swap, swap_size), spec)?;
     let len = (spec.pages * PAGE_SIZE as u64) as usize;
     assert!(len <= plain_buf.len() * 8);
     // SAFETY: `plain_buf` is ours, 8-byte aligned, and borrowed mutably for this call.
@@ -482,6 +486,14 @@ fn bench(a: BenchArgs) -> Result<i32, String> {
         .into_temp_path();
     let um_swap_undo = util::register(Undo::RemoveFile(um_swap.to_path_buf()));
     let probe = ProbeFile::create(&dir, swap_size)?;
+    let nbd_server = if a.no_nbd {
+        Err("skipped (--no-nbd)".to_string())
+    } else {
+        super::nbdserver::NbdServer::start(&dir, swap_size)
+    };
+    if let Err(e) = &nbd_server {
+        eprintln!("usermm bench: NBD column: {e}");
+    }
     let device_buffered = probe.buffered;
     if probe.buffered {
         eprintln!(
@@ -658,8 +670,7 @@ fn bench(a: BenchArgs) -> Result<i32, String> {
                     usermm = run_usermm(
                         budget,
                         a.io_threads,
-                        &um_swap,
-                        swap_size,
+                        SwapSpec::file(&um_swap, swap_size),
                         &spec,
                         warmup,
                         timed,
@@ -687,6 +698,17 @@ fn bench(a: BenchArgs) -> Result<i32, String> {
                 }
             }
         }
+        // usermm again, its swap on the NBD server (after the four, not rotated).
+        let nbd = match &nbd_server {
+            Ok(srv) if !util::interrupted() => SwapSpec::parse(&srv.spec())
+                .map_err(|e| e.to_string())
+                .and_then(|sw| run_usermm(budget, a.io_threads, sw, &spec, warmup, timed)),
+            Ok(_) => Err("interrupted".to_string()),
+            Err(e) => Err(e.clone()),
+        };
+        if let Ok(m) = &nbd {
+            prog.println(&format!("{name} usermm over NBD: {}/s", fmt_num(m.rate())));
+        }
         if let Some(n) = &note {
             prog.println(&format!("kernel in {name}: {n}"));
         }
@@ -700,6 +722,7 @@ fn bench(a: BenchArgs) -> Result<i32, String> {
             kernel_note: note,
             plain,
             device,
+            nbd,
         });
     }
     prog.finish();
@@ -714,6 +737,7 @@ fn bench(a: BenchArgs) -> Result<i32, String> {
     }
     drop(kernel);
     drop(probe);
+    drop(nbd_server);
     um_swap_undo.forget();
     if let Err(e) = um_swap.close() {
         eprintln!("usermm bench: cannot delete the swap file: {e}");
@@ -741,6 +765,7 @@ fn bench(a: BenchArgs) -> Result<i32, String> {
     };
     print_probes(&probes, device_buffered);
     print_table(&outs, &probes);
+    print_nbd(&outs);
     match (&hit_um, &hit_plain) {
         (Ok(u), Ok(p)) => println!(
             "hit path (W = {} resident, uniform random 8-byte reads, 1 thread): usermm {}/s, plain {}/s, \
@@ -1041,6 +1066,39 @@ fn print_table(outs: &[CellOut], probes: &[(Op, u32, ProbeResult)]) {
     let _ = probes;
 }
 
+/// The NBD column: usermm with its swap on qemu-nbd, next to usermm on the file.
+fn print_nbd(outs: &[CellOut]) {
+    if outs.iter().all(|o| o.nbd.is_err()) {
+        if let Some(Err(e)) = outs.first().map(|o| &o.nbd) {
+            println!("usermm over NBD: not measured: {e}");
+        }
+        return;
+    }
+    println!(
+        "usermm over NBD (qemu-nbd on a Unix socket, started by the bench): accesses/s, major faults/s, ratio to usermm on the file"
+    );
+    for o in outs {
+        let c = &o.cell;
+        let label = format!(
+            "{:<10} {:>4} {:>3} {:>4}",
+            pattern_label(&c.pattern),
+            c.w_over_b,
+            c.threads,
+            c.write_ratio
+        );
+        match (&o.nbd, &o.usermm) {
+            (Ok(n), Ok(f)) => println!(
+                "  {label} | {:>9}/s {:>8} majflt/s | nbd/file {:.2}",
+                fmt_num(n.rate()),
+                fmt_num(n.major_faults as f64 / n.secs.max(1e-9)),
+                n.rate() / f.rate().max(1e-9)
+            ),
+            (Ok(n), Err(_)) => println!("  {label} | {:>9}/s", fmt_num(n.rate())),
+            (Err(e), _) => println!("  {label} | {e}"),
+        }
+    }
+}
+
 fn records(outs: &[CellOut], _probes: &[(Op, u32, ProbeResult)]) -> Vec<Record> {
     let mut v = Vec::new();
     for o in outs {
@@ -1068,6 +1126,7 @@ fn records(outs: &[CellOut], _probes: &[(Op, u32, ProbeResult)]) -> Vec<Record> 
             ("usermm", &o.usermm),
             ("kernel", &o.kernel),
             ("plain", &o.plain),
+            ("usermm-nbd", &o.nbd),
         ] {
             let mut rec = base(system);
             match r {

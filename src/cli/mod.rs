@@ -7,6 +7,7 @@ pub mod access;
 pub mod bench;
 pub mod device;
 pub mod kernel;
+pub mod nbdserver;
 pub mod plot;
 pub mod run;
 pub mod stress;
