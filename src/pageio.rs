@@ -180,6 +180,11 @@ impl PageIo {
         let _ = self.submit.push(i);
     }
 
+    /// Takes one more queued request, if any (a page-I/O thread gathering a run).
+    pub fn try_pop(&self) -> Option<u32> {
+        self.submit.pop()
+    }
+
     /// Wakes the I/O threads if work is queued.
     pub fn kick(&self) {
         if !self.submit.is_empty() {

@@ -271,28 +271,91 @@ impl Engine {
         true
     }
 
-    /// Runs on a page-I/O thread: writes request `i` and completes it.
+    /// Runs on a page-I/O thread: writes request `i` and completes it. For a device
+    /// that merges writes, it first gathers more queued requests and writes each run
+    /// of adjacent slots in one request (slots are handed out sequentially, so a
+    /// batch of page-outs is mostly one run). No allocation: the batch is on the stack.
     pub fn complete_writeback(&self, i: u32) {
+        const BATCH: usize = 32;
+        let entry = |i: u32| Pte::decode(self.io.reqs[i as usize].entry.load(Ordering::Relaxed));
+        let Pte::Swapped(e) = entry(i) else {
+            debug_assert!(false, "page-out request without a swap entry");
+            self.io.release(i);
+            return;
+        };
+        let Some(dev) = self.swap.get(e.dev) else {
+            self.finish_writeback(i, false);
+            return;
+        };
+        if !dev.dev.merges_writes() {
+            // SAFETY: request `i` is ours until released; nobody writes its buffer.
+            let ok = dev.write(e.slot, unsafe { self.io.buf_slice(i) }).is_ok();
+            self.finish_writeback(i, ok);
+            return;
+        }
+        let mut batch = [(0u64, 0u32); BATCH];
+        batch[0] = (e.slot, i);
+        let mut n = 1;
+        while n < BATCH {
+            let Some(j) = self.io.try_pop() else { break };
+            match entry(j) {
+                Pte::Swapped(f) if f.dev == e.dev => {
+                    batch[n] = (f.slot, j);
+                    n += 1;
+                }
+                // Another device: on its own.
+                _ => self.complete_one(j),
+            }
+        }
+        let batch = &mut batch[..n];
+        batch.sort_unstable_by_key(|b| b.0);
+        let mut k = 0;
+        while k < n {
+            let mut run = 1;
+            while k + run < n && batch[k + run].0 == batch[k].0 + run as u64 {
+                run += 1;
+            }
+            let mut bufs: [&[u8]; BATCH] = [&[]; BATCH];
+            for (b, &(_, j)) in bufs.iter_mut().zip(&batch[k..k + run]) {
+                // SAFETY: request `j` is ours until released; nobody writes its buffer.
+                *b = unsafe { self.io.buf_slice(j) };
+            }
+            let ok = dev.write_run(batch[k].0, &bufs[..run]).is_ok();
+            for &(_, j) in &batch[k..k + run] {
+                self.finish_writeback(j, ok);
+            }
+            k += run;
+        }
+    }
+
+    /// Writes one request on its own and completes it.
+    fn complete_one(&self, i: u32) {
+        let ev = self.io.reqs[i as usize].entry.load(Ordering::Relaxed);
+        let ok = match Pte::decode(ev) {
+            Pte::Swapped(e) => self.swap.get(e.dev).is_some_and(|dev| {
+                // SAFETY: request `i` is ours until released; nobody writes its buffer.
+                dev.write(e.slot, unsafe { self.io.buf_slice(i) }).is_ok()
+            }),
+            _ => false,
+        };
+        self.finish_writeback(i, ok);
+    }
+
+    /// The completion of request `i`, whose write succeeded (`ok`) or failed.
+    fn finish_writeback(&self, i: u32, ok: bool) {
         let rq = &self.io.reqs[i as usize];
         let pfn = Pfn(rq.pfn.load(Ordering::Relaxed));
         let epoch = rq.epoch.load(Ordering::Relaxed);
         let ev = rq.entry.load(Ordering::Relaxed);
         let Pte::Swapped(e) = Pte::decode(ev) else {
-            debug_assert!(false, "page-out request without a swap entry");
             self.io.release(i);
             return;
         };
-        let res = match self.swap.get(e.dev) {
-            // SAFETY: request `i` is ours until released; nobody writes its buffer.
-            Some(dev) => dev.write(e.slot, unsafe { self.io.buf_slice(i) }),
-            None => Err(std::io::Error::other("swap device gone")),
-        };
-        match &res {
-            Ok(()) => Counters::inc(&self.cnt.pswpout),
-            Err(_) => {
-                Counters::inc(&self.cnt.write_errors);
-                self.last_write_error_dev.store(e.dev, Ordering::Relaxed);
-            }
+        if ok {
+            Counters::inc(&self.cnt.pswpout);
+        } else {
+            Counters::inc(&self.cnt.write_errors);
+            self.last_write_error_dev.store(e.dev, Ordering::Relaxed);
         }
         let d = self.frames.desc(pfn);
         d.lock();
@@ -305,8 +368,8 @@ impl Engine {
         if mine {
             d.flags.store(f & !F_WRITEBACK, Ordering::Relaxed);
             let bits = self.lock_mappings(d, pfn);
-            match res {
-                Ok(()) if bits & P_DIRTY == 0 => {
+            match ok {
+                true if bits & P_DIRTY == 0 => {
                     debug_assert_eq!(d.swap.load(Ordering::Relaxed), 0);
                     d.swap.store(ev, Ordering::Relaxed);
                     // Reclaim chose this page; drop it now unless it was used since or
@@ -319,11 +382,11 @@ impl Engine {
                     }
                 }
                 // Written again while in flight: the copy is stale already.
-                Ok(()) => {
+                true => {
                     self.unlock_mappings(d, pfn, 0, 0);
                     self.swap.put(e);
                 }
-                Err(_) => {
+                false => {
                     // The page stays resident and dirty; a later scan retries.
                     self.unlock_mappings(d, pfn, 0, P_DIRTY);
                     self.swap.put(e);

@@ -264,6 +264,16 @@ impl SwapDevice {
         Ok(())
     }
 
+    /// Writes consecutive slots from `first` in one request where the device merges,
+    /// and records their checksums.
+    pub fn write_run(&self, first: u64, bufs: &[&[u8]]) -> io::Result<()> {
+        self.dev.write_pages(first, bufs)?;
+        for (i, b) in bufs.iter().enumerate() {
+            self.csum[(first + i as u64) as usize].store(crc32c::crc32c(b), Ordering::Release);
+        }
+        Ok(())
+    }
+
     /// Reads `slot` into `buf` and checks it against the recorded checksum.
     pub fn read(&self, slot: u64, buf: &mut [u8]) -> Result<()> {
         let dev_err = |source| Error::Device {

@@ -41,6 +41,20 @@ pub trait BlockDevice: Send + Sync + fmt::Debug {
         }
         Ok(())
     }
+    /// Whether `write_pages` merges adjacent slots into one request (a local file
+    /// does; a network client must not: ordering and merging are the server's job,
+    /// DESIGN.md invariant 2). Page-out gathers runs only for devices that say yes.
+    fn merges_writes(&self) -> bool {
+        false
+    }
+    /// Writes `bufs.len()` consecutive slots from `first` (at most 64). The default
+    /// writes page by page.
+    fn write_pages(&self, first: u64, bufs: &[&[u8]]) -> io::Result<()> {
+        for (i, b) in bufs.iter().enumerate() {
+            self.write_page(first + i as u64, b)?;
+        }
+        Ok(())
+    }
     /// Makes completed writes durable.
     fn flush(&self) -> io::Result<()>;
     /// Whether the device can take I/O now. A network device that lost its server
