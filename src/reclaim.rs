@@ -54,8 +54,6 @@ pub(crate) struct ScanResult {
     pub queued: usize,
     /// Pages skipped because locked or pinned right now.
     pub busy: usize,
-    /// Pages whose page-out is in flight.
-    pub writeback: usize,
     /// The request pool was empty when a dirty page needed it.
     pub pool_empty: bool,
     /// No swap slot could be had for a dirty page.
@@ -110,7 +108,6 @@ impl Engine {
             return;
         }
         if f & F_WRITEBACK != 0 {
-            r.writeback += 1;
             return;
         }
         if !d.try_lock() {
@@ -283,16 +280,11 @@ impl Engine {
             self.io.release(i);
             return;
         };
-        let Some(dev) = self.swap.get(e.dev) else {
-            self.finish_writeback(i, false);
-            return;
+        let dev = match self.swap.get(e.dev) {
+            Some(dev) if dev.dev.merges_writes() => dev,
+            // A network device (or one removed meanwhile): one request per page.
+            _ => return self.complete_one(i),
         };
-        if !dev.dev.merges_writes() {
-            // SAFETY: request `i` is ours until released; nobody writes its buffer.
-            let ok = dev.write(e.slot, unsafe { self.io.buf_slice(i) }).is_ok();
-            self.finish_writeback(i, ok);
-            return;
-        }
         let mut batch = [(0u64, 0u32); BATCH];
         batch[0] = (e.slot, i);
         let mut n = 1;
