@@ -3,8 +3,8 @@
 //! `usermm bench`; these isolate one operation each.
 
 use std::sync::OnceLock;
-use usermm::workload::Rng;
 use usermm::{AddressSpace, Config, Region, SwapSpec, Vm, PAGE_SIZE};
+use usermm_testkit::workload::Rng;
 
 fn main() {
     divan::main();

@@ -2,7 +2,7 @@
 //! (threads). `cargo run --release --example devprobe`.
 use std::time::Instant;
 use usermm::device::{file::FileDevice, BlockDevice};
-use usermm::workload::Rng;
+use usermm_testkit::workload::Rng;
 
 fn main() {
     let dir = tempfile::tempdir_in("/var/tmp").unwrap();
@@ -24,7 +24,7 @@ fn main() {
                     let dev = &dev;
                     let next = &next;
                     s.spawn(move || {
-                        let mut b = usermm::pageio::AlignedPages::new(1).unwrap();
+                        let mut b = usermm::device::AlignedPages::new(1).unwrap();
                         let mut rng = Rng::new(th as u64 + 1);
                         for _ in 0..per {
                             let slot = if seq {

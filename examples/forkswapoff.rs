@@ -55,7 +55,7 @@ fn main() {
         // The device's own sequential read rate: 1 MiB O_DIRECT reads of the same file.
         let dev = usermm::device::file::FileDevice::open(&path, None, "probe").unwrap();
         use usermm::device::BlockDevice;
-        let mut buf = usermm::pageio::AlignedPages::new(256).unwrap();
+        let mut buf = usermm::device::AlignedPages::new(256).unwrap();
         let span = 256u64;
         let t = Instant::now();
         let mut s = 0;

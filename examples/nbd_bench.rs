@@ -150,7 +150,7 @@ fn device_rate(dev: &usermm::device::nbd::NbdDevice, depth: usize, dur: Duration
         for t in 0..depth {
             let (stop, n) = (&stop, &n);
             s.spawn(move || {
-                let mut buf = usermm::pageio::AlignedPages::new(1).unwrap();
+                let mut buf = usermm::device::AlignedPages::new(1).unwrap();
                 let mut x =
                     0x9E37_79B9_7F4A_7C15u64 ^ (t as u64 + 1).wrapping_mul(0xD1B5_4A32_D192_ED03);
                 let mut k = 0;

@@ -1,8 +1,8 @@
 //! Quick performance probe: hit path vs plain memory, and swap-in rate vs the
 //! device's own random-read rate. `cargo run --release --example quickperf`.
 use std::time::Instant;
-use usermm::workload::Rng;
 use usermm::{Config, SwapSpec, Vm};
+use usermm_testkit::workload::Rng;
 
 fn main() {
     let budget: usize = std::env::var("QP_BUDGET_MB")
@@ -89,7 +89,7 @@ fn main() {
     let path = dir.path().join("probe");
     let f = usermm::device::file::FileDevice::open(&path, Some(1 << 30), "probe").unwrap();
     use usermm::device::BlockDevice;
-    let mut buf = usermm::pageio::AlignedPages::new(2).unwrap();
+    let mut buf = usermm::device::AlignedPages::new(2).unwrap();
     for s in (0..f.pages()).step_by(64) {
         f.write_page(s, buf.page(0)).unwrap();
     }
@@ -100,7 +100,7 @@ fn main() {
             for th in 0..threads {
                 let f = &f;
                 sc.spawn(move || {
-                    let mut b = usermm::pageio::AlignedPages::new(1).unwrap();
+                    let mut b = usermm::device::AlignedPages::new(1).unwrap();
                     let mut rng = Rng::new(99 + th as u64);
                     for _ in 0..per {
                         f.read_page(rng.below(f.pages()), b.page_mut(0)).unwrap();

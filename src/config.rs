@@ -10,9 +10,9 @@
 //! DESIGN.md (`zpool:`) are recognised and rejected with a clear `Error::Config`
 //! until their devices exist.
 
+use crate::addr::PAGE_SIZE;
 use crate::device::nbd::{NbdAddr, NbdOptions, DEFAULT_PORT, DEFAULT_TIMEOUT, MAX_CONNS};
 use crate::error::{Error, Result};
-use crate::types::PAGE_SIZE;
 use std::path::PathBuf;
 use std::time::Duration;
 

@@ -87,7 +87,7 @@ impl Engine {
                 .swap
                 .all()
                 .iter()
-                .map(|d| (d.id, d.used() * crate::types::PAGE_SIZE as u64))
+                .map(|d| (d.id, d.used() * crate::addr::PAGE_SIZE as u64))
                 .collect(),
         }
     }

@@ -25,6 +25,7 @@
 //! Taking a frame may reclaim directly (see `reclaim`), with only the regions read
 //! lock and the claimed entry held; reclaim needs neither.
 
+use crate::addr::{Pfn, VAddr, PAGE_SIZE, VADDR_END};
 use crate::error::{Error, Result};
 use crate::frame::{copy_in, copy_out, zero_frame, AllocCtx, F_INUSE};
 use crate::pagetable::{
@@ -34,7 +35,6 @@ use crate::pagetable::{
 use crate::space::SpaceInner;
 use crate::stats::Counters;
 use crate::sync::{fence, wait_until, AtomicU64, Ordering};
-use crate::types::{Pfn, VAddr, PAGE_SIZE, VADDR_END};
 
 /// How a page is wanted.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]

@@ -24,8 +24,8 @@
 //! transparent (userfaultfd) region will be a second kind with the same descriptor,
 //! counted against the same budget.
 
+use crate::addr::{Pfn, PAGE_SIZE};
 use crate::sync::{AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Condvar, Mutex, Ordering};
-use crate::types::{Pfn, PAGE_SIZE};
 use std::io;
 use std::time::Duration;
 

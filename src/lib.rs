@@ -34,6 +34,7 @@
 
 #![warn(missing_docs)]
 
+pub mod addr;
 pub mod config;
 pub mod device;
 mod engine;
@@ -49,13 +50,11 @@ pub mod stats;
 mod swap;
 mod swapoff;
 pub mod sync;
-pub mod types;
 mod vm;
-pub mod workload;
 
+pub use addr::{SwapId, VAddr, PAGE_SIZE, VADDR_END};
 pub use config::{Config, SwapSpec};
 pub use error::{Error, Result};
 pub use space::Region;
 pub use stats::{Stats, SwapInfo};
-pub use types::{SwapId, VAddr, PAGE_SIZE};
 pub use vm::{AddressSpace, PageMut, PageRef, Vm};

@@ -32,8 +32,8 @@
 //! address space. An entry goes `EMPTY`/`Swapped` → `BUSY` → present by the fault
 //! path (CAS), and to or from present only under the frame's lock (see `frame`).
 
+use crate::addr::{Pfn, SwapEntry, PAGE_SHIFT, VADDR_BITS};
 use crate::sync::{fence, Arc, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Mutex, Ordering};
-use crate::types::{Pfn, SwapEntry, PAGE_SHIFT, VADDR_BITS};
 use std::alloc::{alloc_zeroed, dealloc, Layout};
 
 const LEAF_BITS: u32 = 12;

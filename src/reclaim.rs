@@ -28,6 +28,7 @@
 //! Nothing here allocates: the request pool and the swap maps are preallocated
 //! (invariants 2 and 4).
 
+use crate::addr::{Pfn, PAGE_SIZE};
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::frame::{AllocCtx, PageDesc, F_INUSE, F_WRITEBACK};
@@ -38,7 +39,6 @@ use crate::pagetable::{
 use crate::stats::Counters;
 use crate::swap::NoSlot;
 use crate::sync::Ordering;
-use crate::types::{Pfn, PAGE_SIZE};
 use std::time::Duration;
 
 /// Frames looked at per batch.

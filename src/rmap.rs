@@ -14,10 +14,10 @@
 //! mapped: an entry leaves the map (under the frame lock) before its page table can
 //! be freed.
 
+use crate::addr::Pfn;
 use crate::engine::Engine;
 use crate::frame::PageDesc;
 use crate::sync::{AtomicU64, Ordering};
-use crate::types::Pfn;
 
 fn as_ptr(pte: &AtomicU64) -> *mut AtomicU64 {
     pte as *const AtomicU64 as *mut AtomicU64

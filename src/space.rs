@@ -15,6 +15,7 @@
 //! and then releases its pages with the lock dropped: resident pages under their
 //! frame lock, swapped pages by dropping their slot reference.
 
+use crate::addr::{VAddr, PAGE_SIZE, VADDR_END};
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::pagetable::{
@@ -22,7 +23,6 @@ use crate::pagetable::{
     P_SHARED, TAG_MASK, TAG_PRESENT,
 };
 use crate::sync::{wait_until, Arc, AtomicU64, Ordering, RwLock};
-use crate::types::{VAddr, PAGE_SIZE, VADDR_END};
 use std::collections::BTreeMap;
 
 /// Lowest address handed out: the first 4 GiB stay unmapped, so small integers and

@@ -1,8 +1,8 @@
 //! vmstat-style counters. Counters are relaxed atomics bumped on slow paths only
 //! (faults, reclaim, I/O); the hit path touches none of them.
 
+use crate::addr::SwapId;
 use crate::sync::{AtomicU64, Ordering};
-use crate::types::SwapId;
 
 /// Live counters of a Vm.
 #[derive(Debug, Default)]

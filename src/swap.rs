@@ -18,11 +18,11 @@
 //! at swapon). Checksums are atomics, written by the page-I/O thread that wrote the
 //! slot before the slot is published as a page's swap copy.
 
+use crate::addr::{SwapEntry, SwapId};
 use crate::device::BlockDevice;
 use crate::error::{Error, Result};
 use crate::pagetable::Pte;
 use crate::sync::{Arc, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Mutex, Ordering, RwLock};
-use crate::types::{SwapEntry, SwapId};
 use std::io;
 
 /// Slots per allocation cluster.
@@ -493,7 +493,7 @@ mod tests {
         let t = SwapTable::default();
         t.add(dv.clone(), 0).unwrap();
         let d = t.get(0).unwrap();
-        let mut buf = crate::pageio::AlignedPages::new(1).unwrap();
+        let mut buf = crate::device::AlignedPages::new(1).unwrap();
         buf.page_mut(0).fill(7);
         d.write(1, buf.page(0)).unwrap();
         d.read(1, buf.page_mut(0)).unwrap();

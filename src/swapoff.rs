@@ -22,15 +22,15 @@
 //! locks, as on the fault path. No lock is held across the device reads of a span
 //! except the regions read lock of the space being drained.
 
+use crate::addr::{Pfn, SwapEntry, SwapId, PAGE_SIZE};
+use crate::device::AlignedPages;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::frame::{copy_in, F_INUSE};
-use crate::pageio::AlignedPages;
 use crate::pagetable::{Pte, BUSY, P_DIRTY};
 use crate::space::SpaceInner;
 use crate::swap::SwapDevice;
 use crate::sync::{wait_until, Arc, Ordering};
-use crate::types::{Pfn, SwapEntry, SwapId, PAGE_SIZE};
 use std::time::{Duration, Instant};
 
 /// Slots read per request while draining (1 MiB).

@@ -5,6 +5,7 @@
 //! The threads a Vm starts (the background reclaimer and the page-I/O threads) run
 //! until the last handle of the Vm and of its spaces is dropped.
 
+use crate::addr::{Pfn, SwapId, VAddr, PAGE_SIZE};
 use crate::config::{Config, SwapKind, SwapSpec};
 use crate::device::{file::FileDevice, BlockDevice};
 use crate::engine::Engine;
@@ -13,7 +14,6 @@ use crate::fault::Want;
 use crate::space::{Region, SpaceInner};
 use crate::stats::{Stats, SwapInfo};
 use crate::sync::{Arc, AtomicU64, Mutex};
-use crate::types::{Pfn, SwapId, VAddr, PAGE_SIZE};
 use std::marker::PhantomData;
 use std::thread::JoinHandle;
 use std::time::Duration;

@@ -8,7 +8,7 @@ use common::*;
 use std::io;
 use std::sync::Arc;
 use usermm::device::BlockDevice;
-use usermm::types::VADDR_END;
+use usermm::VADDR_END;
 use usermm::{AddressSpace, Config, Error, SwapSpec, VAddr, Vm, PAGE_SIZE};
 
 const PS: u64 = PAGE_SIZE as u64;
@@ -137,7 +137,7 @@ fn bad_addresses() {
     assert!(r.start().as_u64() > 0);
     // Fill the region with a pattern to check nothing changes.
     let mut orig = vec![0u8; 8 * PAGE_SIZE];
-    fill_random(&mut usermm::workload::Rng::new(1), &mut orig);
+    fill_random(&mut usermm_testkit::workload::Rng::new(1), &mut orig);
     mm.write(r.start(), &orig).unwrap();
 
     let cases: Vec<(&str, u64, usize, u64)> = vec![

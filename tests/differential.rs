@@ -22,9 +22,9 @@ use common::*;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use usermm::types::VADDR_END;
-use usermm::workload::Rng;
+use usermm::VADDR_END;
 use usermm::{AddressSpace, Config, Error, Region, SwapSpec, VAddr, Vm, PAGE_SIZE};
+use usermm_testkit::workload::Rng;
 
 const THREADS: usize = 4;
 const OPS_PER_THREAD: usize = 10_000;

@@ -2,8 +2,8 @@
 
 use std::sync::Arc;
 use std::time::Duration;
-use usermm::workload::Rng;
 use usermm::{AddressSpace, Config, Error, SwapSpec, VAddr, Vm, PAGE_SIZE};
+use usermm_testkit::workload::Rng;
 
 const PS: u64 = PAGE_SIZE as u64;
 

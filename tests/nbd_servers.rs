@@ -21,7 +21,7 @@ fn small_vm() -> Vm {
 
 /// Device-level checks: direct page I/O, zero pages, flush, discard, bad arguments.
 fn device_ops(dev: &NbdDevice) {
-    let mut a = usermm::pageio::AlignedPages::new(2).unwrap();
+    let mut a = usermm::device::AlignedPages::new(2).unwrap();
     pattern(5, 9, a.page_mut(0));
     dev.write_page(3, a.page(0)).unwrap();
     dev.read_page(3, a.page_mut(1)).unwrap();
@@ -224,8 +224,8 @@ fn client_stress_no_crosstalk() {
         for t in 0..threads {
             let (dev, ops) = (&dev, &ops);
             s.spawn(move || {
-                let mut w = usermm::pageio::AlignedPages::new(1).unwrap();
-                let mut r = usermm::pageio::AlignedPages::new(1).unwrap();
+                let mut w = usermm::device::AlignedPages::new(1).unwrap();
+                let mut r = usermm::device::AlignedPages::new(1).unwrap();
                 let mut ver = vec![0u64; per as usize];
                 let mut x = 0x5851_F42D_4C95_7F2Du64 ^ (t + 1);
                 while t0.elapsed() < std::time::Duration::from_millis(800) {

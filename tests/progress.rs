@@ -12,8 +12,8 @@ mod common;
 
 use common::*;
 use std::time::{Duration, Instant};
-use usermm::workload::Rng;
 use usermm::{AddressSpace, Config, SwapSpec, VAddr, Vm, PAGE_SIZE};
+use usermm_testkit::workload::Rng;
 
 const FRAMES: usize = 32;
 const THREADS: usize = 4;

@@ -5,8 +5,8 @@
 //! No locks: positioned I/O on one descriptor is safe from many threads.
 
 use super::BlockDevice;
+use crate::addr::PAGE_SIZE;
 use crate::error::{Error, Result};
-use crate::types::PAGE_SIZE;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::OpenOptionsExt;

@@ -40,8 +40,8 @@
 //! for the resync copy of the same slot, which is bounded by the legs' timeouts.
 
 use super::BlockDevice;
+use crate::device::AlignedPages;
 use crate::error::{Error, Result};
-use crate::pageio::AlignedPages;
 use crate::sync::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::io;
 use std::sync::Arc;

@@ -10,10 +10,12 @@
 //! Devices hold no engine locks; they may be called from any thread at once
 //! (page-I/O threads write, faulting threads read).
 
+mod buf;
 pub mod faulty;
 pub mod file;
 pub mod mirror;
 pub mod nbd;
+pub use buf::AlignedPages;
 
 use std::fmt;
 use std::io;
@@ -36,7 +38,7 @@ pub trait BlockDevice: Send + Sync + fmt::Debug {
     /// sequential drain). The default reads page by page; devices that can do one
     /// large request override it.
     fn read_pages(&self, first: u64, buf: &mut [u8]) -> io::Result<()> {
-        for (i, page) in buf.chunks_exact_mut(crate::types::PAGE_SIZE).enumerate() {
+        for (i, page) in buf.chunks_exact_mut(crate::addr::PAGE_SIZE).enumerate() {
             self.read_page(first + i as u64, page)?;
         }
         Ok(())

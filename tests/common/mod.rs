@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 use usermm::device::faulty::FaultyDevice;
 use usermm::device::file::FileDevice;
 use usermm::device::BlockDevice;
-use usermm::workload::Rng;
 use usermm::{SwapId, Vm, PAGE_SIZE};
+use usermm_testkit::workload::Rng;
 
 /// The seed of this run: `USERMM_SEED` (decimal or 0x-hex) or `default`.
 pub fn seed(default: u64) -> u64 {

@@ -63,10 +63,10 @@ pub mod proto;
 
 mod conn;
 
+use crate::addr::PAGE_SIZE;
 use crate::device::BlockDevice;
 use crate::error::{Error, Result};
 use crate::sync::{AtomicBool, AtomicU64, Mutex, Ordering};
-use crate::types::PAGE_SIZE;
 use conn::{Conn, Fail};
 use proto::Negotiated;
 use std::io::{self, Read, Write};

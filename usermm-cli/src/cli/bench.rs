@@ -16,8 +16,8 @@ use super::util::{self, fmt_bytes, fmt_dur, fmt_num, Progress, Undo};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
-use usermm::workload::Pattern;
 use usermm::{Config, SwapSpec, Vm, PAGE_SIZE};
+use usermm_testkit::workload::Pattern;
 
 /// Arguments of `usermm bench`.
 #[derive(clap::Args, Debug)]

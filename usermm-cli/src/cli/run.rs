@@ -18,8 +18,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 use usermm::stats::Stats;
-use usermm::workload::{Pattern, Rng, Sampler};
 use usermm::{AddressSpace, Config, SwapSpec, VAddr, Vm, PAGE_SIZE};
+use usermm_testkit::workload::{Pattern, Rng, Sampler};
 
 const WORDS_PER_PAGE: u64 = (PAGE_SIZE / 8) as u64;
 

@@ -10,8 +10,8 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
-use usermm::workload::Rng;
 use usermm::PAGE_SIZE;
+use usermm_testkit::workload::Rng;
 
 /// A page-aligned heap buffer.
 #[derive(Debug)]

@@ -11,8 +11,8 @@
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
-use usermm::workload::{Pattern, Rng, Sampler};
 use usermm::{AddressSpace, VAddr, PAGE_SIZE};
+use usermm_testkit::workload::{Pattern, Rng, Sampler};
 
 const WORDS_PER_PAGE: u64 = (PAGE_SIZE / 8) as u64;
 /// One access in this many is timed.

@@ -18,8 +18,8 @@ use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-use usermm::workload::Pattern;
 use usermm::PAGE_SIZE;
+use usermm_testkit::workload::Pattern;
 
 fn cpath(p: &Path) -> Result<CString, String> {
     CString::new(p.as_os_str().as_bytes())

@@ -10,7 +10,9 @@ pub struct Rng {
     s: [u64; 4],
 }
 
-fn splitmix(x: &mut u64) -> u64 {
+/// One step of splitmix64: advances `x` and returns the next mixed value (the
+/// project's one mixer; seeds, page patterns and the PRNG all use it).
+pub fn splitmix(x: &mut u64) -> u64 {
     *x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
     let mut z = *x;
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);

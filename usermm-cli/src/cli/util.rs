@@ -9,8 +9,8 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
-use usermm::workload::Pattern;
 use usermm::SwapSpec;
+use usermm_testkit::workload::Pattern;
 
 // ---------------------------------------------------------------- flag parsers
 
