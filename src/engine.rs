@@ -1,40 +1,72 @@
-//! The engine a Vm runs: the frame arena, the swap table, the page-I/O pool, the
-//! counters and the reclaim control, shared (`Arc<Engine>`) by the public handles,
-//! the background reclaimer and the page-I/O threads.
+//! The engine a Vm runs (the kernel's pgdat plus the swap table): the frame arena,
+//! the reverse map, the swap table, the page-I/O pool, the counters, the reclaim
+//! control, and the list of address spaces. Shared (`Arc<Engine>`) by the public
+//! handles, the background reclaimer and the page-I/O threads.
 //!
-//! The engine's own lock is `kswapd_lock` (a leaf: pairs with `kswapd_wake` to park
-//! the background reclaimer).
+//! Owns: the struct and what needs all of its parts at once (`install`, `stats`).
+//! The mechanisms that work on it are free functions in their own modules:
+//! `reclaim` (scanning, kswapd, direct reclaim, page-out completion),
+//! `swap::swapoff`, `mm::fault`. It sits below them and above the parts it holds, so
+//! it imports none of `mm`, `reclaim` or `swap::swapoff`: swapoff walks address spaces
+//! through the narrow [`SpaceWalk`] interface that `mm::space` implements.
+//!
+//! ## Locking
+//! `kswapd_lock` (Mutex<bool>, leaf) pairs with `kswapd_wake` to park the background
+//! reclaimer. `spaces` (Mutex, leaf) is held only to add, prune or snapshot the list,
+//! never across a walk. See the crate root for the whole lock order.
 
+use crate::addr::{Pfn, PAGE_SIZE};
 use crate::config::Config;
 use crate::error::Result;
-use crate::frame::FrameArena;
+use crate::frame::rmap::Rmap;
+use crate::frame::{FrameArena, F_INUSE};
 use crate::pageio::PageIo;
+use crate::pte::{Pte, P_ACCESSED, P_DIRTY};
 use crate::stats::{Counters, Stats};
 use crate::swap::SwapTable;
-use crate::sync::{Arc, AtomicBool, AtomicU8, AtomicUsize, Condvar, Mutex, Ordering};
+use crate::sync::{
+    Arc, AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Condvar, Mutex, Ordering, Weak,
+};
+
+/// What swapoff needs from an address space (implemented by `mm::space::SpaceInner`).
+pub(crate) trait SpaceWalk: Send + Sync + std::fmt::Debug {
+    /// Appends `(slot, vpn)` for every entry of a mapped region of this space that
+    /// holds a slot on swap device `dev`. Takes and drops the space's regions read
+    /// lock; the caller holds no lock.
+    fn swapped_on(&self, dev: u8, out: &mut Vec<(u64, u64)>);
+    /// The entry of page `vpn`, if its page table has one. Entries stay valid memory
+    /// while the space lives (page-table nodes are freed only with the table, leaves
+    /// are type-stable), so a caller that holds an `Arc` of the space may CAS it.
+    fn entry(&self, vpn: u64) -> Option<&AtomicU64>;
+}
 
 #[derive(Debug)]
 pub(crate) struct Engine {
+    /// The budget: every frame and its descriptor. Internally locked (see `frame`).
     pub frames: FrameArena,
+    /// Mappings of frames shared copy-on-write beyond the two inline ones. Changed
+    /// for a frame only under that frame's lock.
+    pub rmap: Rmap,
+    /// Swap devices and their slots. `SwapTable::devs` (RwLock) inside.
     pub swap: SwapTable,
+    /// Page-out requests and the queue to the page-I/O threads (lock-free).
     pub io: PageIo,
+    /// vmstat counters (relaxed atomics).
     pub cnt: Counters,
-    /// Leaves of every page table (type-stable, recycled), and the bytes of all
-    /// page-table nodes.
-    pub leaves: Arc<crate::pagetable::LeafPool>,
-    /// CLOCK hand over the frame arena.
+    /// CLOCK hand over the frame arena (relaxed atomic; any reclaimer moves it).
     pub hand: AtomicUsize,
+    /// Whether kswapd was asked to run. Protected by itself (the mutex), paired with
+    /// `kswapd_wake`.
     pub kswapd_lock: Mutex<bool>,
     pub kswapd_wake: Condvar,
+    /// Set once when the Vm is dropped; threads exit when they see it.
     pub shutdown: AtomicBool,
-    /// Extra mappings of frames shared copy-on-write (see `rmap`): frame → entries.
-    pub rmap: Mutex<std::collections::HashMap<u32, Vec<usize>>>,
     /// Every live address space (the kernel's mmlist), for swapoff. A space is added
     /// before anything can map a slot into it (fork adds the child before copying)
-    /// and drops out when its last handle goes.
-    pub spaces: Mutex<Vec<std::sync::Weak<crate::space::SpaceInner>>>,
+    /// and drops out when its last handle goes. Protected by its mutex (a leaf).
+    pub spaces: Mutex<Vec<Weak<dyn SpaceWalk>>>,
     /// Device of the most recent failed page-out (for the error of an allocation
-    /// that cannot progress because page-out keeps failing).
+    /// that cannot progress because page-out keeps failing). Relaxed atomic.
     pub last_write_error_dev: AtomicU8,
 }
 
@@ -45,30 +77,61 @@ impl Engine {
         let wm = cfg.resolved_watermarks(n)?;
         Ok(Engine {
             frames: FrameArena::new(n, wm)?,
+            rmap: Rmap::default(),
             swap: SwapTable::default(),
             io: PageIo::new(cfg.io_requests)?,
             cnt: Counters::default(),
-            leaves: Arc::new(crate::pagetable::LeafPool::new()),
             hand: AtomicUsize::new(0),
             kswapd_lock: Mutex::new(false),
             kswapd_wake: Condvar::new(),
             shutdown: AtomicBool::new(false),
             last_write_error_dev: AtomicU8::new(0),
-            rmap: Mutex::new(Default::default()),
             spaces: Mutex::new(Vec::new()),
         })
     }
 
+    /// Adds a space to the list swapoff walks (pruning dead ones).
+    pub fn register_space(&self, sp: Weak<dyn SpaceWalk>) {
+        let mut list = self.spaces.lock();
+        list.retain(|w| w.strong_count() > 0);
+        list.push(sp);
+    }
+
+    /// The live spaces, each held by an `Arc` (so none is torn down while walked).
+    pub fn live_spaces(&self) -> Vec<Arc<dyn SpaceWalk>> {
+        let mut list = self.spaces.lock();
+        list.retain(|w| w.strong_count() > 0);
+        list.iter().filter_map(|w| w.upgrade()).collect()
+    }
+
+    /// Metadata of the engine's parts (page tables are counted by their pool, see
+    /// `Vm::stats`).
     pub fn metadata_bytes(&self) -> usize {
         self.frames.metadata_bytes()
             + self.swap.metadata_bytes()
             + self.io.metadata_bytes()
-            + self.leaves.bytes.load(Ordering::Relaxed)
+            + self.rmap.metadata_bytes()
     }
 
-    pub fn stats(&self) -> Stats {
+    /// Publishes `pfn` (filled) as the page of `pte`, which the caller claimed as
+    /// `BUSY` (or holds locked). `swap` is the encoded swap copy it keeps (0 for none);
+    /// `dirty` whether it must be written before it can be dropped.
+    pub fn install(&self, pte: &AtomicU64, pfn: Pfn, swap: u64, dirty: bool) {
+        let d = self.frames.desc(pfn);
+        d.lock();
+        d.swap.store(swap, Ordering::Relaxed);
+        d.flags.store(F_INUSE, Ordering::Relaxed);
+        self.rmap.add(d, pfn, pte);
+        let bits = P_ACCESSED | if dirty { P_DIRTY } else { 0 };
+        let epoch = d.epoch.load(Ordering::Relaxed);
+        pte.store(Pte::present(pfn, epoch, bits), Ordering::Release);
+        d.unlock();
+    }
+
+    /// The counters, with `pt_bytes` of page tables added to the metadata.
+    pub fn stats(&self, pt_bytes: usize) -> Stats {
         let c = &self.cnt;
-        let l = |a: &crate::sync::AtomicU64| a.load(Ordering::Relaxed);
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
         Stats {
             pgfault: l(&c.pgfault),
             pgmajfault: l(&c.pgmajfault),
@@ -82,12 +145,12 @@ impl Engine {
             read_errors: l(&c.read_errors),
             free_frames: self.frames.free_count() as u64,
             total_frames: self.frames.nframes() as u64,
-            metadata_bytes: self.metadata_bytes() as u64,
+            metadata_bytes: (self.metadata_bytes() + pt_bytes) as u64,
             swap_used: self
                 .swap
                 .all()
                 .iter()
-                .map(|d| (d.id, d.used() * crate::addr::PAGE_SIZE as u64))
+                .map(|d| (d.id, d.used() * PAGE_SIZE as u64))
                 .collect(),
         }
     }

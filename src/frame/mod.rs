@@ -359,3 +359,4 @@ pub(crate) unsafe fn zero_frame(dst: *mut u8) {
         unsafe { AtomicU64::from_ptr(dst.add(i) as *mut u64) }.store(0, Ordering::Relaxed);
     }
 }
+pub(crate) mod rmap;

@@ -259,7 +259,7 @@ impl SpaceInner {
         d.lock();
         d.swap.store(swap, Ordering::Relaxed);
         d.flags.store(F_INUSE, Ordering::Relaxed);
-        eng.rmap_add(d, pfn, pte);
+        eng.rmap.add(d, pfn, pte);
         let bits = P_ACCESSED | if dirty { P_DIRTY } else { 0 };
         let epoch = d.epoch.load(Ordering::Relaxed);
         pte.store(Pte::present(pfn, epoch, bits), Ordering::Release);
@@ -317,7 +317,7 @@ impl SpaceInner {
                 std::slice::from_raw_parts(eng.frames.frame_ptr(old), PAGE_SIZE),
             )
         };
-        eng.rmap_remove(d, old, pte);
+        eng.rmap.remove(d, old, pte);
         d.unlock();
         // The entry is still locked (and no longer in `old`'s map); `new` is mapped by
         // nobody, so taking its frame lock here cannot wait on an entry lock.

@@ -8,31 +8,48 @@
 //!
 //! ## Locking
 //! Every function here runs with the frame lock held (asserted). The side table's
-//! mutex is a leaf taken under the frame lock; `for_each` calls its closure with the
-//! mutex held, so the closure may only take entry locks (which are short and never
-//! wait for a frame lock). Mapping pointers stay valid while the frame is locked and
+//! mutex is a leaf taken under the frame lock and never held across anything else:
+//! `for_each` drops it before calling its closure (which may wait on entry locks).
+//! The frame lock is what keeps one frame's mappings from changing. Mapping pointers stay valid while the frame is locked and
 //! mapped: an entry leaves the map (under the frame lock) before its page table can
 //! be freed.
 
 use crate::addr::Pfn;
-use crate::engine::Engine;
 use crate::frame::PageDesc;
-use crate::sync::{AtomicU64, Ordering};
+use crate::sync::{AtomicU64, Mutex, Ordering};
+use std::collections::HashMap;
 
 fn as_ptr(pte: &AtomicU64) -> *mut AtomicU64 {
     pte as *const AtomicU64 as *mut AtomicU64
 }
 
-impl Engine {
+/// The side table of mappings beyond the two a descriptor holds inline.
+#[derive(Debug, Default)]
+pub(crate) struct Rmap {
+    /// Frame number → entry addresses of its third and later mappings. Protected by
+    /// its own mutex (a leaf), and changed for a frame only under that frame's lock.
+    side: Mutex<HashMap<u32, Vec<usize>>>,
+}
+
+impl Rmap {
+    /// Bytes the side table holds (counted in `Stats::metadata_bytes`).
+    pub(crate) fn metadata_bytes(&self) -> usize {
+        let m = self.side.lock();
+        m.capacity() * (std::mem::size_of::<(u32, Vec<usize>)>() + 1)
+            + m.values()
+                .map(|v| v.capacity() * std::mem::size_of::<usize>())
+                .sum::<usize>()
+    }
+
     /// Adds `pte` as a mapping of `pfn`.
-    pub(crate) fn rmap_add(&self, d: &PageDesc, pfn: Pfn, pte: &AtomicU64) {
+    pub(crate) fn add(&self, d: &PageDesc, pfn: Pfn, pte: &AtomicU64) {
         debug_assert!(d.is_locked());
         let n = d.mapcount.load(Ordering::Relaxed);
         match n {
             0 => d.owner.store(as_ptr(pte), Ordering::Relaxed),
             1 => d.owner2.store(as_ptr(pte), Ordering::Relaxed),
             _ => self
-                .rmap
+                .side
                 .lock()
                 .entry(pfn.0)
                 .or_default()
@@ -42,7 +59,7 @@ impl Engine {
     }
 
     /// Removes `pte` from the mappings of `pfn`; returns how many remain.
-    pub(crate) fn rmap_remove(&self, d: &PageDesc, pfn: Pfn, pte: &AtomicU64) -> u32 {
+    pub(crate) fn remove(&self, d: &PageDesc, pfn: Pfn, pte: &AtomicU64) -> u32 {
         debug_assert!(d.is_locked());
         let p = as_ptr(pte);
         let n = d.mapcount.load(Ordering::Relaxed);
@@ -52,7 +69,7 @@ impl Engine {
             1 => d.owner.load(Ordering::Relaxed),
             2 => d.owner2.load(Ordering::Relaxed),
             _ => {
-                let mut m = self.rmap.lock();
+                let mut m = self.side.lock();
                 let v = m
                     .get_mut(&pfn.0)
                     .expect("shared frame without side mappings");
@@ -69,7 +86,7 @@ impl Engine {
             } else if n > 2 && d.owner2.load(Ordering::Relaxed) == p {
                 d.owner2.store(last, Ordering::Relaxed);
             } else {
-                let mut m = self.rmap.lock();
+                let mut m = self.side.lock();
                 let v = m
                     .get_mut(&pfn.0)
                     .expect("entry is not a mapping of this frame");
@@ -90,10 +107,10 @@ impl Engine {
     }
 
     /// Forgets every mapping of `pfn` (after they were all pointed elsewhere).
-    pub(crate) fn rmap_clear(&self, d: &PageDesc, pfn: Pfn) {
+    pub(crate) fn clear(&self, d: &PageDesc, pfn: Pfn) {
         debug_assert!(d.is_locked());
         if d.mapcount.load(Ordering::Relaxed) > 2 {
-            self.rmap.lock().remove(&pfn.0);
+            self.side.lock().remove(&pfn.0);
         }
         d.owner.store(std::ptr::null_mut(), Ordering::Relaxed);
         d.owner2.store(std::ptr::null_mut(), Ordering::Relaxed);
@@ -102,7 +119,7 @@ impl Engine {
 
     /// Calls `f` on every mapping of `pfn` until it returns false; returns whether it
     /// went through all of them.
-    pub(crate) fn rmap_for_each(
+    pub(crate) fn for_each(
         &self,
         d: &PageDesc,
         pfn: Pfn,
@@ -119,13 +136,17 @@ impl Engine {
                 }
             }
         }
-        if n > 2 {
-            let m = self.rmap.lock();
-            for &p in m.get(&pfn.0).map(|v| v.as_slice()).unwrap_or(&[]) {
-                // SAFETY: as above.
-                if !f(unsafe { &*(p as *const AtomicU64) }) {
-                    return false;
-                }
+        // The side mutex is not held across `f` (which may wait on entry locks): the
+        // frame lock keeps this frame's list from changing, so it is looked up again
+        // for each element instead.
+        for k in 0..n.saturating_sub(2) as usize {
+            let p = match self.side.lock().get(&pfn.0).and_then(|v| v.get(k)) {
+                Some(&p) => p,
+                None => break,
+            };
+            // SAFETY: as above.
+            if !f(unsafe { &*(p as *const AtomicU64) }) {
+                return false;
             }
         }
         true

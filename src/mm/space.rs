@@ -309,7 +309,7 @@ fn copy_entry(eng: &Engine, src: &AtomicU64, dst: &AtomicU64) {
                     continue;
                 }
                 dst.store((cur | P_COW) & !(P_SHARED | P_EXCL), Ordering::Release);
-                eng.rmap_add(d, pfn, dst);
+                eng.rmap.add(d, pfn, dst);
                 unlock_entry(src, 0, P_COW);
                 d.unlock();
                 return;
@@ -363,7 +363,7 @@ fn release_entry(eng: &Engine, pte: &AtomicU64) {
                     d.unlock();
                     continue;
                 }
-                if eng.rmap_remove(d, pfn, pte) > 0 {
+                if eng.rmap.remove(d, pfn, pte) > 0 {
                     // Still mapped by another space (shared copy-on-write).
                     d.unlock();
                     return;

@@ -121,7 +121,7 @@ impl Engine {
         }
         // Second chance: a page used through any of its mappings stays.
         let mut accessed = false;
-        self.rmap_for_each(d, pfn, |pte| {
+        self.rmap.for_each(d, pfn, |pte| {
             let v = pte.load(Ordering::Relaxed);
             debug_assert_eq!(Pte::decode(v), Pte::Present(pfn));
             if v & P_ACCESSED != 0 {
@@ -196,7 +196,7 @@ impl Engine {
     fn try_lock_mappings(&self, d: &PageDesc, pfn: Pfn) -> Option<bool> {
         let mut locked = 0u32;
         let mut dirty = false;
-        let all = self.rmap_for_each(d, pfn, |pte| {
+        let all = self.rmap.for_each(d, pfn, |pte| {
             match try_lock_present(pte, P_EXCL | P_SHARED) {
                 Some(v) => {
                     locked += 1;
@@ -208,7 +208,7 @@ impl Engine {
         });
         if !all {
             let mut n = 0;
-            self.rmap_for_each(d, pfn, |pte| {
+            self.rmap.for_each(d, pfn, |pte| {
                 if n == locked {
                     return false;
                 }
@@ -225,7 +225,7 @@ impl Engine {
     /// stop it). Returns the union of their bits. Frame lock held.
     fn lock_mappings(&self, d: &PageDesc, pfn: Pfn) -> u64 {
         let mut bits = 0;
-        self.rmap_for_each(d, pfn, |pte| {
+        self.rmap.for_each(d, pfn, |pte| {
             let v = lock_present(pte, pfn).unwrap_or_else(|| unreachable!("mapping moved"));
             bits |= v;
             true
@@ -235,7 +235,7 @@ impl Engine {
 
     /// Unlocks every entry mapping `pfn`, clearing bits `clear` and setting `set`.
     fn unlock_mappings(&self, d: &PageDesc, pfn: Pfn, clear: u64, set: u64) {
-        self.rmap_for_each(d, pfn, |pte| {
+        self.rmap.for_each(d, pfn, |pte| {
             unlock_entry(pte, clear, set);
             true
         });
@@ -254,7 +254,7 @@ impl Engine {
         if n > 1 && !self.swap.dup_encoded(sw, n - 1) {
             return false;
         }
-        self.rmap_for_each(d, pfn, |pte| {
+        self.rmap.for_each(d, pfn, |pte| {
             debug_assert_eq!(
                 pte.load(Ordering::Relaxed) & (P_LOCK | P_DIRTY | P_EXCL | P_SHARED),
                 P_LOCK
@@ -262,7 +262,7 @@ impl Engine {
             pte.store(sw, Ordering::Release);
             true
         });
-        self.rmap_clear(d, pfn);
+        self.rmap.clear(d, pfn);
         d.swap.store(0, Ordering::Relaxed);
         Counters::inc(&self.cnt.pgsteal);
         true

@@ -1,39 +1,24 @@
 //! Sparse page tables: a three-level radix tree over the 35-bit virtual page number
 //! (47-bit addresses), built on demand, so a terabyte region costs nothing until it
 //! is touched. A leaf holds 4096 entries (16 MiB of address space, 32 KiB of
-//! metadata: 0.2 % of the memory it describes when full).
+//! metadata: 0.2 % of the memory it describes when full). What an entry means is
+//! `crate::pte`.
 //!
-//! Entries (`AtomicU64`) encode one of:
-//! - `EMPTY` (0): never touched (reads as zeros, owns nothing);
-//! - `Present`: resident in a frame, with the frame number, a version and the bits
-//!   `P_LOCK`, `P_EXCL`, `P_SHARED`, `P_DIRTY`, `P_ACCESSED`, `P_COW` (below);
-//! - `Swapped(entry)`: on a swap device, holding one reference on the slot;
-//! - `BUSY`: a fault is filling the page; others wait until it changes.
-//!
-//! ## A present entry is the page's sequence lock
-//! The page's bytes and its entry change only while the entry is locked (`P_LOCK`,
-//! taken by CAS, held for short sections that never block: a write, a page-out copy,
-//! an eviction). Every unlock after the bytes may have changed bumps the version. A
-//! reader loads the entry, copies the bytes with atomic loads and loads the entry
-//! again: the same value means it read the page as it was at some instant, with no
-//! store of its own. The version starts each time a page is installed from the
-//! frame's allocation count, so a frame that leaves and comes back does not bring
-//! back an old value (ABA) unless 2^25 versions pass during one read.
-//!
-//! Guards are bits too: `P_EXCL` (a mutable guard: readers and writers stay off) and
-//! `P_SHARED` (a count of shared guards taken through this entry: writers stay off).
-//! `P_DIRTY` says the page differs from its swap copy; `P_ACCESSED` is the CLOCK
-//! reference bit, set by any access (by CAS, so it can never land on an entry that
-//! changed meanwhile) and cleared by reclaim; `P_COW` marks a frame shared with
-//! another entry after a fork, read-only until a write copies it.
+//! Owns: the nodes (top, mids, leaves), the `LeafPool` of recycled leaves.
 //!
 //! Nodes are created with a compare-and-swap and freed only when the table is
 //! dropped, so a lock-free reader can hold `&AtomicU64` for as long as it holds the
-//! address space. An entry goes `EMPTY`/`Swapped` → `BUSY` → present by the fault
-//! path (CAS), and to or from present only under the frame's lock (see `frame`).
+//! address space. Leaves are shared between tables after a fork (a use count in the
+//! leaf) and copied on the first write through them (`unshare`).
+//!
+//! ## Locking
+//! No lock on lookups or node creation (CAS). `LeafPool::free` (Mutex) is a leaf lock
+//! around the recycled-leaf list. `unshare` and `share_into` run under the owning
+//! space's regions write lock (their callers say so).
 
-use crate::addr::{Pfn, SwapEntry, PAGE_SHIFT, VADDR_BITS};
-use crate::sync::{fence, Arc, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Mutex, Ordering};
+use crate::addr::{PAGE_SHIFT, VADDR_BITS};
+use crate::pte::{Pte, BUSY, EMPTY, P_COW, P_EXCL, P_LOCK, P_SHARED, TAG_MASK, TAG_PRESENT};
+use crate::sync::{Arc, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Mutex, Ordering};
 use std::alloc::{alloc_zeroed, dealloc, Layout};
 
 const LEAF_BITS: u32 = 12;
@@ -44,132 +29,6 @@ const LEAF_LEN: usize = 1 << LEAF_BITS;
 pub(crate) const LEAF_PAGES: u64 = LEAF_LEN as u64;
 const MID_LEN: usize = 1 << MID_BITS;
 const TOP_LEN: usize = 1 << TOP_BITS;
-
-/// Entry value of a page never touched.
-pub(crate) const EMPTY: u64 = 0;
-/// Entry value while a fault fills the page.
-pub(crate) const BUSY: u64 = 3;
-pub(crate) const TAG_MASK: u64 = 3;
-pub(crate) const TAG_PRESENT: u64 = 1;
-const TAG_SWAP: u64 = 2;
-/// Present entry: locked.
-pub(crate) const P_LOCK: u64 = 1 << 2;
-/// Present entry: pinned by a mutable guard.
-pub(crate) const P_EXCL: u64 = 1 << 3;
-/// Present entry: the count of shared guards pinning it through this entry (a 4-bit
-/// field; `v & P_SHARED != 0` means "pinned shared").
-pub(crate) const P_SHARED: u64 = 0xf << 4;
-/// One shared guard in `P_SHARED`.
-pub(crate) const P_SHARED_ONE: u64 = 1 << 4;
-/// Present entry: written since its swap copy was made (or it has none).
-pub(crate) const P_DIRTY: u64 = 1 << 8;
-/// Present entry: used since reclaim last looked (CLOCK reference bit).
-pub(crate) const P_ACCESSED: u64 = 1 << 9;
-/// Present entry: the frame is shared copy-on-write with another entry (after a
-/// fork); a write must first give this entry a copy of its own.
-pub(crate) const P_COW: u64 = 1 << 10;
-const VER_SHIFT: u32 = 11;
-const VER_MASK: u64 = ((1 << 25) - 1) << VER_SHIFT;
-const PFN_SHIFT: u32 = 36;
-/// Frames addressable by an entry (2^28: a 1 TiB budget).
-pub(crate) const MAX_FRAMES: usize = 1 << 28;
-
-/// A decoded page-table entry.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub(crate) enum Pte {
-    Empty,
-    Present(Pfn),
-    Swapped(SwapEntry),
-    Busy,
-}
-
-impl Pte {
-    #[inline]
-    pub fn decode(v: u64) -> Pte {
-        match v & TAG_MASK {
-            0 => Pte::Empty,
-            TAG_PRESENT => Pte::Present(Pfn((v >> PFN_SHIFT) as u32)),
-            TAG_SWAP => Pte::Swapped(SwapEntry {
-                dev: ((v >> 2) & 0x3f) as u8,
-                slot: v >> 8,
-            }),
-            _ => Pte::Busy,
-        }
-    }
-    /// A present entry for `pfn` whose version starts from the frame's allocation
-    /// count `epoch`, with `bits` (`P_DIRTY`, `P_ACCESSED`).
-    #[inline]
-    pub fn present(pfn: Pfn, epoch: u32, bits: u64) -> u64 {
-        (u64::from(pfn.0) << PFN_SHIFT)
-            | ((u64::from(epoch) << (VER_SHIFT + 12)) & VER_MASK)
-            | bits
-            | TAG_PRESENT
-    }
-    #[inline]
-    pub fn swapped(e: SwapEntry) -> u64 {
-        debug_assert!(e.dev < 64 && e.slot < (1 << 56));
-        (e.slot << 8) | (u64::from(e.dev) << 2) | TAG_SWAP
-    }
-    /// The frame of a present entry.
-    #[inline]
-    pub fn pfn(v: u64) -> Pfn {
-        Pfn((v >> PFN_SHIFT) as u32)
-    }
-    /// `v` (unlocked) with its version moved on.
-    #[inline]
-    pub fn bump(v: u64) -> u64 {
-        let ver = (v & VER_MASK).wrapping_add(1 << VER_SHIFT) & VER_MASK;
-        (v & !VER_MASK & !P_LOCK) | ver
-    }
-}
-
-/// Locks a present entry that has none of the bits in `forbid` (besides `P_LOCK`).
-/// Returns the unlocked value it had. The caller stores the new (unlocked) value.
-#[inline]
-pub(crate) fn try_lock_present(pte: &AtomicU64, forbid: u64) -> Option<u64> {
-    let v = pte.load(Ordering::Relaxed);
-    if v & (TAG_MASK | P_LOCK | forbid) != TAG_PRESENT {
-        return None;
-    }
-    pte.compare_exchange(v, v | P_LOCK, Ordering::Acquire, Ordering::Relaxed)
-        .ok()?;
-    // Seqlock writer side: the locked value must be visible before any store made
-    // under the lock, so a reader that sees such a store also sees the entry move.
-    fence(Ordering::Release);
-    Some(v)
-}
-
-/// Unlocks an entry locked by this thread, clearing bits `clear` and setting `set`;
-/// the version stays (the bytes did not change).
-#[inline]
-pub(crate) fn unlock_entry(pte: &AtomicU64, clear: u64, set: u64) {
-    let cur = pte.load(Ordering::Relaxed);
-    debug_assert_ne!(cur & P_LOCK, 0);
-    pte.store((cur & !P_LOCK & !clear) | set, Ordering::Release);
-}
-
-/// Locks a present entry that maps `pfn`, waiting out short holders of `P_LOCK`.
-/// `None` if the entry does not map `pfn` (any more).
-pub(crate) fn lock_present(pte: &AtomicU64, pfn: Pfn) -> Option<u64> {
-    loop {
-        let v = pte.load(Ordering::Acquire);
-        if Pte::decode(v) != Pte::Present(pfn) {
-            return None;
-        }
-        if let Some(v) = try_lock_present(pte, 0) {
-            if Pte::pfn(v) == pfn {
-                return Some(v);
-            }
-            pte.store(v, Ordering::Release);
-            return None;
-        }
-        // Only a present entry has a lock bit; other kinds use those bits for data.
-        crate::sync::wait_until(|| {
-            let now = pte.load(Ordering::Relaxed);
-            now & TAG_MASK != TAG_PRESENT || now & P_LOCK == 0
-        });
-    }
-}
 
 /// A leaf: 4096 entries (16 MiB of address space) and the number of page tables
 /// whose slot points to it (more than one after a fork shares it).

@@ -121,7 +121,7 @@ impl Engine {
             if on_dev(sw) && d.mapcount.load(Ordering::Relaxed) > 0 {
                 // The copy goes: mark every mapping dirty so the page is written
                 // elsewhere before it can be dropped.
-                self.rmap_for_each(d, pfn, |pte| {
+                self.rmap.for_each(d, pfn, |pte| {
                     let _ = crate::pagetable::lock_present(pte, pfn);
                     crate::pagetable::unlock_entry(pte, 0, P_DIRTY);
                     true

@@ -9,7 +9,7 @@ pub use parking_lot::{Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLoc
 pub use std::sync::atomic::{
     fence, AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering,
 };
-pub use std::sync::Arc;
+pub use std::sync::{Arc, Weak};
 
 /// Spin, then yield, then sleep in growing steps until `done()` holds.
 ///

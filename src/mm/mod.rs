@@ -1,0 +1,16 @@
+//! Address spaces (the kernel's mm): regions, page tables, faults, fork.
+//!
+//! - `region`: a region of an address space (the kernel's VMA): kind, flags,
+//!   backing and a sequence count, and the public `Region` handle.
+//! - `pagetable`: the sparse radix tree of entries (their meaning is `crate::pte`).
+//! - `space`: `SpaceInner`, one address space: map, unmap, exit, and how swapoff
+//!   walks it (`crate::engine::SpaceWalk`).
+//! - `fault`: resolving an access: the lock-free hit path, zero-fill, swap-in,
+//!   copy-on-write, page pins.
+//! - `fork`: copy-on-write snapshots with shared page-table leaves.
+
+pub(crate) mod fault;
+pub(crate) mod fork;
+pub(crate) mod pagetable;
+pub(crate) mod region;
+pub(crate) mod space;
