@@ -86,10 +86,10 @@ impl Config {
                 MIN_BUDGET_FRAMES
             )));
         }
-        if n > crate::pagetable::MAX_FRAMES {
+        if n > crate::pte::MAX_FRAMES {
             return Err(Error::Config(format!(
                 "memory budget above {} GiB",
-                (crate::pagetable::MAX_FRAMES * PAGE_SIZE) >> 30
+                (crate::pte::MAX_FRAMES * PAGE_SIZE) >> 30
             )));
         }
         Ok(n)

@@ -41,7 +41,6 @@
 use crate::addr::{Pfn, SwapEntry};
 use crate::sync::{fence, AtomicU64, Ordering};
 
-
 /// Entry value of a page never touched.
 pub(crate) const EMPTY: u64 = 0;
 /// Entry value while a fault fills the page.
@@ -168,3 +167,35 @@ pub(crate) fn lock_present(pte: &AtomicU64, pfn: Pfn) -> Option<u64> {
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::addr::{Pfn, SwapEntry};
+
+    #[test]
+    fn encode_decode() {
+        let e = SwapEntry {
+            dev: 63,
+            slot: (1 << 40) + 5,
+        };
+        assert_eq!(Pte::decode(Pte::swapped(e)), Pte::Swapped(e));
+        let p = Pte::present(Pfn((MAX_FRAMES - 1) as u32), 77, P_DIRTY);
+        assert_eq!(Pte::decode(p), Pte::Present(Pfn((MAX_FRAMES - 1) as u32)));
+        assert_eq!(
+            Pte::decode(Pte::bump(p)),
+            Pte::Present(Pfn((MAX_FRAMES - 1) as u32))
+        );
+        assert_ne!(Pte::bump(p), p);
+        assert_eq!(Pte::bump(p) & P_DIRTY, P_DIRTY);
+        assert_eq!(Pte::bump(p | P_LOCK) & P_LOCK, 0);
+        // The version wraps inside its field.
+        let mut q = p;
+        for _ in 0..(1 << 13) {
+            q = Pte::bump(q);
+        }
+        assert_eq!(Pte::pfn(q), Pfn((MAX_FRAMES - 1) as u32));
+        assert_eq!(q & (P_DIRTY | TAG_MASK), P_DIRTY | TAG_PRESENT);
+        assert_eq!(Pte::decode(EMPTY), Pte::Empty);
+        assert_eq!(Pte::decode(BUSY), Pte::Busy);
+    }
+}

@@ -10,10 +10,12 @@ use crate::config::{Config, SwapKind, SwapSpec};
 use crate::device::{file::FileDevice, BlockDevice};
 use crate::engine::Engine;
 use crate::error::{Error, Result};
-use crate::fault::Want;
-use crate::space::{Region, SpaceInner};
+use crate::mm::fault::Want;
+use crate::mm::pagetable::LeafPool;
+use crate::mm::region::Region;
+use crate::mm::space::SpaceInner;
 use crate::stats::{Stats, SwapInfo};
-use crate::sync::{Arc, AtomicU64, Mutex};
+use crate::sync::{Arc, AtomicU64, Mutex, Ordering, Weak};
 use std::marker::PhantomData;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -21,6 +23,11 @@ use std::time::Duration;
 #[derive(Debug)]
 struct VmInner {
     eng: Arc<Engine>,
+    /// Leaves of every page table of this Vm (type-stable, recycled); counts the
+    /// bytes of all page-table nodes.
+    leaves: Arc<LeafPool>,
+    /// The background reclaimer and the page-I/O threads, joined on drop. Protected by
+    /// its mutex (a leaf; taken only at start and drop).
     threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -29,7 +36,7 @@ impl Drop for VmInner {
         self.eng
             .shutdown
             .store(true, crate::sync::Ordering::Release);
-        self.eng.wake_kswapd();
+        crate::reclaim::wake_kswapd(&self.eng);
         self.eng.io.shutdown();
         for t in self.threads.get_mut().drain(..) {
             let _ = t.join();
@@ -59,7 +66,7 @@ impl Vm {
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("usermm-pageio-{i}"))
-                    .spawn(move || e.io.run(&|req| e.complete_writeback(req)))?,
+                    .spawn(move || e.io.run(&|req| crate::reclaim::complete_writeback(&e, req)))?,
             );
         }
         if cfg.background_reclaim {
@@ -67,12 +74,13 @@ impl Vm {
             threads.push(
                 std::thread::Builder::new()
                     .name("usermm-kswapd".into())
-                    .spawn(move || e.kswapd())?,
+                    .spawn(move || crate::reclaim::kswapd(&e))?,
             );
         }
         Ok(Vm {
             inner: Arc::new(VmInner {
                 eng,
+                leaves: Arc::new(LeafPool::new()),
                 threads: Mutex::new(threads),
             }),
         })
@@ -136,12 +144,13 @@ impl Vm {
     /// device then stays in service with every page intact); `Device` if the device
     /// fails a read (likewise).
     pub fn swapoff(&self, id: SwapId) -> Result<()> {
-        self.eng().swapoff(id)
+        crate::swap::swapoff::swapoff(&self.eng(), id)
     }
 
     /// A snapshot of the counters.
     pub fn stats(&self) -> Stats {
-        self.eng().stats()
+        self.eng()
+            .stats(self.inner.leaves.bytes.load(Ordering::Relaxed))
     }
 
     /// The budget in bytes (frames × page size).
@@ -169,7 +178,7 @@ impl Vm {
         let mut progress = 0;
         while freed() < pages && scanned < limit {
             let seen = eng.frames.events();
-            let r = eng.shrink(64, pages - freed());
+            let r = crate::reclaim::shrink(&eng, 64, pages - freed());
             scanned += r.scanned;
             if r.evicted > 0 || r.queued > 0 {
                 idle = 0;
@@ -204,11 +213,9 @@ pub struct AddressSpace {
 
 impl AddressSpace {
     fn register(vm: &Arc<VmInner>) -> AddressSpace {
-        let inner = Arc::new(SpaceInner::new(vm.eng.clone()));
-        let mut list = vm.eng.spaces.lock();
-        list.retain(|w| w.strong_count() > 0);
-        list.push(Arc::downgrade(&inner));
-        drop(list);
+        let inner = Arc::new(SpaceInner::new(vm.eng.clone(), vm.leaves.clone()));
+        let weak: Weak<SpaceInner> = Arc::downgrade(&inner);
+        vm.eng.register_space(weak);
         AddressSpace {
             inner,
             _vm: vm.clone(),
@@ -224,7 +231,7 @@ impl AddressSpace {
     /// shared by 65,535 spaces.
     pub fn fork(&self) -> Result<AddressSpace> {
         let child = AddressSpace::register(&self._vm);
-        self.inner.fork_into(&child.inner)?;
+        crate::mm::fork::fork_into(&self.inner, &child.inner)?;
         Ok(child)
     }
 
@@ -260,13 +267,13 @@ impl AddressSpace {
     /// `OutOfSwap` if no frame can be had.
     #[inline]
     pub fn read(&self, addr: VAddr, buf: &mut [u8]) -> Result<()> {
-        self.inner.read(addr, buf)
+        crate::mm::fault::read(&self.inner, addr, buf)
     }
 
     /// Writes `data` at `addr`. Errors as for `read` (a bad range writes nothing).
     #[inline]
     pub fn write(&self, addr: VAddr, data: &[u8]) -> Result<()> {
-        self.inner.write(addr, data)
+        crate::mm::fault::write(&self.inner, addr, data)
     }
 
     /// Pins the page containing `addr` and returns a guard that reads it as a slice
@@ -276,9 +283,9 @@ impl AddressSpace {
     /// Do not hold a `PageMut` of the same page in the same thread (it would wait for
     /// itself). Errors as for `read`.
     pub fn page(&self, addr: VAddr) -> Result<PageRef<'_>> {
-        let (pte, pfn) = self.inner.pin(addr, Want::Shared)?;
+        let (pte, pfn) = crate::mm::fault::pin(&self.inner, addr, Want::Shared)?;
         Ok(PageRef {
-            space: &self.inner,
+            _space: &self.inner,
             pte,
             pfn,
             ptr: self.inner.eng.frames.frame_ptr(pfn),
@@ -289,9 +296,9 @@ impl AddressSpace {
     /// Pins the page containing `addr` exclusively and returns a guard that writes
     /// it. Other accesses to that page wait until the guard is dropped.
     pub fn page_mut(&self, addr: VAddr) -> Result<PageMut<'_>> {
-        let (pte, pfn) = self.inner.pin(addr, Want::Exclusive)?;
+        let (pte, pfn) = crate::mm::fault::pin(&self.inner, addr, Want::Exclusive)?;
         Ok(PageMut {
-            space: &self.inner,
+            _space: &self.inner,
             pte,
             pfn,
             ptr: self.inner.eng.frames.frame_ptr(pfn),
@@ -303,7 +310,8 @@ impl AddressSpace {
 /// A shared pin of one resident page (see `AddressSpace::page`).
 #[derive(Debug)]
 pub struct PageRef<'a> {
-    space: &'a SpaceInner,
+    /// Ties the guard to the space whose page it pins.
+    _space: &'a SpaceInner,
     pte: &'a AtomicU64,
     pfn: Pfn,
     ptr: *mut u8,
@@ -321,14 +329,15 @@ impl std::ops::Deref for PageRef<'_> {
 
 impl Drop for PageRef<'_> {
     fn drop(&mut self) {
-        self.space.unpin(self.pte, self.pfn, Want::Shared);
+        crate::mm::fault::unpin(self.pte, self.pfn, Want::Shared);
     }
 }
 
 /// An exclusive pin of one resident page (see `AddressSpace::page_mut`).
 #[derive(Debug)]
 pub struct PageMut<'a> {
-    space: &'a SpaceInner,
+    /// Ties the guard to the space whose page it pins.
+    _space: &'a SpaceInner,
     pte: &'a AtomicU64,
     pfn: Pfn,
     ptr: *mut u8,
@@ -353,7 +362,7 @@ impl std::ops::DerefMut for PageMut<'_> {
 
 impl Drop for PageMut<'_> {
     fn drop(&mut self) {
-        self.space.unpin(self.pte, self.pfn, Want::Exclusive);
+        crate::mm::fault::unpin(self.pte, self.pfn, Want::Exclusive);
     }
 }
 

@@ -27,12 +27,12 @@
 
 use crate::addr::{Pfn, VAddr, PAGE_SIZE, VADDR_END};
 use crate::error::{Error, Result};
-use crate::frame::{copy_in, copy_out, zero_frame, AllocCtx, F_INUSE};
-use crate::pagetable::{
+use crate::frame::{copy_in, copy_out, zero_frame, AllocCtx};
+use crate::mm::space::SpaceInner;
+use crate::pte::{
     lock_present, try_lock_present, unlock_entry, Pte, BUSY, EMPTY, P_ACCESSED, P_COW, P_DIRTY,
     P_EXCL, P_LOCK, P_SHARED, P_SHARED_ONE, TAG_MASK, TAG_PRESENT,
 };
-use crate::space::SpaceInner;
 use crate::stats::Counters;
 use crate::sync::{fence, wait_until, AtomicU64, Ordering};
 
@@ -43,428 +43,410 @@ pub(crate) enum Want {
     Exclusive,
 }
 
-impl SpaceInner {
-    /// Copies `buf.len()` bytes at `addr` out of the space.
-    #[inline]
-    pub fn read(&self, addr: VAddr, buf: &mut [u8]) -> Result<()> {
-        // The hit path of an access inside one page, kept small enough to inline.
-        if addr.page_offset() + buf.len() <= PAGE_SIZE
-            && addr.0 < VADDR_END
-            && !buf.is_empty()
-            && self.read_fast(addr, buf)
-        {
+/// Copies `buf.len()` bytes at `addr` out of the space.
+#[inline]
+pub(crate) fn read(sp: &SpaceInner, addr: VAddr, buf: &mut [u8]) -> Result<()> {
+    // The hit path of an access inside one page, kept small enough to inline.
+    if addr.page_offset() + buf.len() <= PAGE_SIZE
+        && addr.0 < VADDR_END
+        && !buf.is_empty()
+        && read_fast(sp, addr, buf)
+    {
+        return Ok(());
+    }
+    read_general(sp, addr, buf)
+}
+
+#[inline(never)]
+fn read_general(sp: &SpaceInner, addr: VAddr, buf: &mut [u8]) -> Result<()> {
+    for_each_page(sp, addr, buf.len(), |this, a, range| {
+        let dst = &mut buf[range];
+        if read_fast(this, a, dst) {
             return Ok(());
         }
-        self.read_general(addr, buf)
-    }
+        read_slow(this, a, dst)
+    })
+}
 
-    #[inline(never)]
-    fn read_general(&self, addr: VAddr, buf: &mut [u8]) -> Result<()> {
-        self.for_each_page(addr, buf.len(), |this, a, range| {
-            let dst = &mut buf[range];
-            if this.read_fast(a, dst) {
-                return Ok(());
-            }
-            this.read_slow(a, dst)
-        })
-    }
-
-    /// Copies `data` into the space at `addr`.
-    pub fn write(&self, addr: VAddr, data: &[u8]) -> Result<()> {
-        self.for_each_page(addr, data.len(), |this, a, range| {
-            let src = &data[range];
-            loop {
-                if this.write_fast(a, src) {
-                    return Ok(());
-                }
-                this.prepare_write(a, P_EXCL | P_SHARED | P_COW)?;
-            }
-        })
-    }
-
-    /// Splits `[addr, addr + len)` at page boundaries. A range of more than one page
-    /// is checked against the regions first, so a bad range fails before any byte moves.
-    #[inline]
-    fn for_each_page(
-        &self,
-        addr: VAddr,
-        len: usize,
-        mut f: impl FnMut(&Self, VAddr, std::ops::Range<usize>) -> Result<()>,
-    ) -> Result<()> {
-        if len == 0 {
-            return Ok(());
-        }
-        let off = addr.page_offset();
-        if off + len <= PAGE_SIZE {
-            if addr.0 >= VADDR_END {
-                return Err(Error::BadAddress { addr: addr.0 });
-            }
-            return f(self, addr, 0..len);
-        }
-        SpaceInner::range_mapped(&self.regions.read(), addr.0, len as u64)?;
-        let mut done = 0;
-        while done < len {
-            let a = VAddr(addr.0 + done as u64);
-            let n = (PAGE_SIZE - a.page_offset()).min(len - done);
-            f(self, a, done..done + n)?;
-            done += n;
-        }
-        Ok(())
-    }
-
-    /// The hit path of a read inside one page. True if it copied the bytes.
-    #[inline]
-    fn read_fast(&self, a: VAddr, dst: &mut [u8]) -> bool {
-        let Some(hit) = self.pt.hit(a.vpn()) else {
-            return false;
-        };
-        let pte = hit.pte;
-        let v = pte.load(Ordering::Acquire);
-        if v & (TAG_MASK | P_LOCK | P_EXCL) != TAG_PRESENT {
-            return false;
-        }
-        let frames = &self.eng.frames;
-        let pfn = Pte::pfn(v);
-        if pfn.0 as usize >= frames.nframes() {
-            return false;
-        }
-        // SAFETY: the offset plus length stays within frame `pfn` (one page), which is
-        // inside the arena; the copy uses atomic loads (see `copy_out`).
-        unsafe { copy_out(frames.frame_ptr(pfn).add(a.page_offset()), dst) };
-        fence(Ordering::Acquire);
-        // The entry did not move, and the table still points to its leaf (a leaf
-        // replaced after a fork may have been recycled: see `pagetable::LeafPool`).
-        if pte.load(Ordering::Relaxed) != v || !hit.still(Ordering::Relaxed) {
-            return false;
-        }
-        if v & P_ACCESSED == 0 {
-            // By CAS: the bit must never land on an entry that changed meanwhile.
-            let _ = pte.compare_exchange(v, v | P_ACCESSED, Ordering::Relaxed, Ordering::Relaxed);
-        }
-        true
-    }
-
-    /// The hit path of a write inside one page. True if it stored the bytes.
-    #[inline]
-    fn write_fast(&self, a: VAddr, src: &[u8]) -> bool {
-        let Some(hit) = self.pt.hit(a.vpn()) else {
-            return false;
-        };
-        if hit.shared() {
-            return false;
-        }
-        let pte = hit.pte;
-        let Some(v) = try_lock_present(pte, P_EXCL | P_SHARED | P_COW) else {
-            return false;
-        };
-        // A fork may have shared the leaf just now: it tags the slot, then looks for
-        // locked entries; we lock the entry, then look at the slot (both SeqCst).
-        fence(Ordering::SeqCst);
-        if !hit.still(Ordering::SeqCst) {
-            unlock_entry(pte, 0, 0);
-            return false;
-        }
-        let frames = &self.eng.frames;
-        let pfn = Pte::pfn(v);
-        debug_assert!((pfn.0 as usize) < frames.nframes());
-        // SAFETY: inside frame `pfn`; we hold the entry lock, so we are the only writer.
-        unsafe { copy_in(frames.frame_ptr(pfn).add(a.page_offset()), src) };
-        pte.store(Pte::bump(v) | P_DIRTY | P_ACCESSED, Ordering::Release);
-        true
-    }
-
-    fn read_slow(&self, a: VAddr, dst: &mut [u8]) -> Result<()> {
+/// Copies `data` into the space at `addr`.
+pub(crate) fn write(sp: &SpaceInner, addr: VAddr, data: &[u8]) -> Result<()> {
+    for_each_page(sp, addr, data.len(), |this, a, range| {
+        let src = &data[range];
         loop {
-            {
-                let regions = self.regions.read();
-                SpaceInner::range_mapped(&regions, a.0, 1)?;
-                let Some(pte) = self.pt.lookup(a.vpn()) else {
-                    dst.fill(0);
-                    return Ok(());
-                };
-                let v = pte.load(Ordering::Acquire);
-                match Pte::decode(v) {
-                    Pte::Empty => {
-                        dst.fill(0);
-                        return Ok(());
-                    }
-                    Pte::Swapped(_) => self.fault_swapin(pte, v)?,
-                    Pte::Busy | Pte::Present(_) => {}
-                }
-            }
-            if self.read_fast(a, dst) {
+            if write_fast(this, a, src) {
                 return Ok(());
             }
-            self.wait_page(a, P_EXCL);
+            prepare_write(this, a, P_EXCL | P_SHARED | P_COW)?;
         }
-    }
+    })
+}
 
-    /// Makes the page at `a` resident (for a write or a guard), or waits for whoever
-    /// holds it (a lock, or a pin in `forbid`). Returns when a retry of the fast path
-    /// may succeed.
-    fn prepare_write(&self, a: VAddr, forbid: u64) -> Result<()> {
-        if self.pt.is_shared(a.vpn()) {
-            // Writes and guards need this space's own copy of the leaf. Copying it
-            // changes the table's slots: under the regions write lock.
-            let regions = self.regions.write();
-            SpaceInner::range_mapped(&regions, a.0, 1)?;
-            self.unshare(a.vpn());
-            return Ok(());
+/// Splits `[addr, addr + len)` at page boundaries. A range of more than one page
+/// is checked against the regions first, so a bad range fails before any byte moves.
+#[inline]
+fn for_each_page(
+    sp: &SpaceInner,
+    addr: VAddr,
+    len: usize,
+    mut f: impl FnMut(&SpaceInner, VAddr, std::ops::Range<usize>) -> Result<()>,
+) -> Result<()> {
+    if len == 0 {
+        return Ok(());
+    }
+    let off = addr.page_offset();
+    if off + len <= PAGE_SIZE {
+        if addr.0 >= VADDR_END {
+            return Err(Error::BadAddress { addr: addr.0 });
         }
+        return f(sp, addr, 0..len);
+    }
+    sp.regions.read().range_mapped(addr.0, len as u64)?;
+    let mut done = 0;
+    while done < len {
+        let a = VAddr(addr.0 + done as u64);
+        let n = (PAGE_SIZE - a.page_offset()).min(len - done);
+        f(sp, a, done..done + n)?;
+        done += n;
+    }
+    Ok(())
+}
+
+/// The hit path of a read inside one page. True if it copied the bytes.
+#[inline]
+fn read_fast(sp: &SpaceInner, a: VAddr, dst: &mut [u8]) -> bool {
+    let Some(hit) = sp.pt.hit(a.vpn()) else {
+        return false;
+    };
+    let pte = hit.pte;
+    let v = pte.load(Ordering::Acquire);
+    if v & (TAG_MASK | P_LOCK | P_EXCL) != TAG_PRESENT {
+        return false;
+    }
+    let frames = &sp.eng.frames;
+    let pfn = Pte::pfn(v);
+    if pfn.0 as usize >= frames.nframes() {
+        return false;
+    }
+    // SAFETY: the offset plus length stays within frame `pfn` (one page), which is
+    // inside the arena; the copy uses atomic loads (see `copy_out`).
+    unsafe { copy_out(frames.frame_ptr(pfn).add(a.page_offset()), dst) };
+    fence(Ordering::Acquire);
+    // The entry did not move, and the table still points to its leaf (a leaf
+    // replaced after a fork may have been recycled: see `pagetable::LeafPool`).
+    if pte.load(Ordering::Relaxed) != v || !hit.still(Ordering::Relaxed) {
+        return false;
+    }
+    if v & P_ACCESSED == 0 {
+        // By CAS: the bit must never land on an entry that changed meanwhile.
+        let _ = pte.compare_exchange(v, v | P_ACCESSED, Ordering::Relaxed, Ordering::Relaxed);
+    }
+    true
+}
+
+/// The hit path of a write inside one page. True if it stored the bytes.
+#[inline]
+fn write_fast(sp: &SpaceInner, a: VAddr, src: &[u8]) -> bool {
+    let Some(hit) = sp.pt.hit(a.vpn()) else {
+        return false;
+    };
+    if hit.shared() {
+        return false;
+    }
+    let pte = hit.pte;
+    let Some(v) = try_lock_present(pte, P_EXCL | P_SHARED | P_COW) else {
+        return false;
+    };
+    // A fork may have shared the leaf just now: it tags the slot, then looks for
+    // locked entries; we lock the entry, then look at the slot (both SeqCst).
+    fence(Ordering::SeqCst);
+    if !hit.still(Ordering::SeqCst) {
+        unlock_entry(pte, 0, 0);
+        return false;
+    }
+    let frames = &sp.eng.frames;
+    let pfn = Pte::pfn(v);
+    debug_assert!((pfn.0 as usize) < frames.nframes());
+    // SAFETY: inside frame `pfn`; we hold the entry lock, so we are the only writer.
+    unsafe { copy_in(frames.frame_ptr(pfn).add(a.page_offset()), src) };
+    pte.store(Pte::bump(v) | P_DIRTY | P_ACCESSED, Ordering::Release);
+    true
+}
+
+fn read_slow(sp: &SpaceInner, a: VAddr, dst: &mut [u8]) -> Result<()> {
+    loop {
         {
-            let regions = self.regions.read();
-            SpaceInner::range_mapped(&regions, a.0, 1)?;
-            let pte = self.pt.entry(a.vpn());
+            let regions = sp.regions.read();
+            regions.range_mapped(a.0, 1)?;
+            let Some(pte) = sp.pt.lookup(a.vpn()) else {
+                dst.fill(0);
+                return Ok(());
+            };
             let v = pte.load(Ordering::Acquire);
             match Pte::decode(v) {
-                Pte::Empty => return self.fault_zero(pte),
-                Pte::Swapped(_) => return self.fault_swapin(pte, v),
-                Pte::Present(pfn)
-                    if forbid & P_COW != 0
-                        && v & P_COW != 0
-                        && v & (P_LOCK | P_EXCL | P_SHARED) == 0 =>
-                {
-                    return self.cow_break(pte, pfn)
+                Pte::Empty => {
+                    dst.fill(0);
+                    return Ok(());
                 }
+                Pte::Swapped(_) => fault_swapin(sp, pte, v)?,
                 Pte::Busy | Pte::Present(_) => {}
             }
         }
-        self.wait_page(a, forbid & !P_COW);
-        Ok(())
-    }
-
-    /// Waits (without locks) until the page at `a` is neither being faulted in nor
-    /// locked or pinned in a way `forbid` names, or its entry changes.
-    fn wait_page(&self, a: VAddr, forbid: u64) {
-        let Some(pte) = self.pt.lookup(a.vpn()) else {
-            return;
-        };
-        let v = pte.load(Ordering::Acquire);
-        match Pte::decode(v) {
-            Pte::Busy => wait_until(|| pte.load(Ordering::Acquire) != BUSY),
-            Pte::Present(_) => wait_until(|| {
-                let now = pte.load(Ordering::Acquire);
-                now != v || now & (P_LOCK | forbid) == 0
-            }),
-            _ => {}
-        }
-    }
-
-    /// Publishes `pfn` (filled) as the page of `pte` (which this thread claimed as
-    /// `BUSY`, or holds locked). `swap` is the encoded swap copy it keeps (0 for none);
-    /// `dirty` whether it must be written before it can be dropped.
-    pub(crate) fn install(&self, pte: &AtomicU64, pfn: Pfn, swap: u64, dirty: bool) {
-        let eng = &*self.eng;
-        let d = eng.frames.desc(pfn);
-        d.lock();
-        d.swap.store(swap, Ordering::Relaxed);
-        d.flags.store(F_INUSE, Ordering::Relaxed);
-        eng.rmap.add(d, pfn, pte);
-        let bits = P_ACCESSED | if dirty { P_DIRTY } else { 0 };
-        let epoch = d.epoch.load(Ordering::Relaxed);
-        pte.store(Pte::present(pfn, epoch, bits), Ordering::Release);
-        d.unlock();
-    }
-
-    /// Copy-on-write fault: `pte` maps `old` shared with other entries (after a fork).
-    /// Gives this entry a private copy, or, if the other mappings are gone, just takes
-    /// the frame for itself. Returns when a retry of the write may succeed.
-    fn cow_break(&self, pte: &AtomicU64, old: Pfn) -> Result<()> {
-        let eng = &*self.eng;
-        let d = eng.frames.desc(old);
-        d.lock();
-        if d.mapcount.load(Ordering::Relaxed) == 1 {
-            // The last mapping: nothing to copy.
-            if let Some(v) = try_lock_present(pte, P_EXCL | P_SHARED) {
-                if Pte::pfn(v) == old {
-                    unlock_entry(pte, P_COW, 0);
-                } else {
-                    unlock_entry(pte, 0, 0);
-                }
-            }
-            d.unlock();
+        if read_fast(sp, a, dst) {
             return Ok(());
         }
-        d.unlock();
-        // Allocating may reclaim: no frame or entry lock is held here.
-        let new = eng.alloc_frame(AllocCtx::Normal)?;
-        d.lock();
-        match try_lock_present(pte, P_EXCL | P_SHARED) {
-            Some(v) if Pte::pfn(v) == old && v & P_COW != 0 => {}
-            Some(_) => {
+        wait_page(sp, a, P_EXCL);
+    }
+}
+
+/// Makes the page at `a` resident (for a write or a guard), or waits for whoever
+/// holds it (a lock, or a pin in `forbid`). Returns when a retry of the fast path
+/// may succeed.
+fn prepare_write(sp: &SpaceInner, a: VAddr, forbid: u64) -> Result<()> {
+    if sp.pt.is_shared(a.vpn()) {
+        // Writes and guards need this space's own copy of the leaf. Copying it
+        // changes the table's slots: under the regions write lock.
+        let regions = sp.regions.write();
+        regions.range_mapped(a.0, 1)?;
+        sp.unshare(a.vpn());
+        return Ok(());
+    }
+    {
+        let regions = sp.regions.read();
+        regions.range_mapped(a.0, 1)?;
+        let pte = sp.pt.entry(a.vpn());
+        let v = pte.load(Ordering::Acquire);
+        match Pte::decode(v) {
+            Pte::Empty => return fault_zero(sp, pte),
+            Pte::Swapped(_) => return fault_swapin(sp, pte, v),
+            Pte::Present(pfn)
+                if forbid & P_COW != 0
+                    && v & P_COW != 0
+                    && v & (P_LOCK | P_EXCL | P_SHARED) == 0 =>
+            {
+                return cow_break(sp, pte, pfn)
+            }
+            Pte::Busy | Pte::Present(_) => {}
+        }
+    }
+    wait_page(sp, a, forbid & !P_COW);
+    Ok(())
+}
+
+/// Waits (without locks) until the page at `a` is neither being faulted in nor
+/// locked or pinned in a way `forbid` names, or its entry changes.
+fn wait_page(sp: &SpaceInner, a: VAddr, forbid: u64) {
+    let Some(pte) = sp.pt.lookup(a.vpn()) else {
+        return;
+    };
+    let v = pte.load(Ordering::Acquire);
+    match Pte::decode(v) {
+        Pte::Busy => wait_until(|| pte.load(Ordering::Acquire) != BUSY),
+        Pte::Present(_) => wait_until(|| {
+            let now = pte.load(Ordering::Acquire);
+            now != v || now & (P_LOCK | forbid) == 0
+        }),
+        _ => {}
+    }
+}
+
+/// Copy-on-write fault: `pte` maps `old` shared with other entries (after a fork).
+/// Gives this entry a private copy, or, if the other mappings are gone, just takes
+/// the frame for itself. Returns when a retry of the write may succeed.
+fn cow_break(sp: &SpaceInner, pte: &AtomicU64, old: Pfn) -> Result<()> {
+    let eng = &*sp.eng;
+    let d = eng.frames.desc(old);
+    d.lock();
+    if d.mapcount.load(Ordering::Relaxed) == 1 {
+        // The last mapping: nothing to copy.
+        if let Some(v) = try_lock_present(pte, P_EXCL | P_SHARED) {
+            if Pte::pfn(v) == old {
+                unlock_entry(pte, P_COW, 0);
+            } else {
                 unlock_entry(pte, 0, 0);
-                d.unlock();
-                eng.frames.free(new);
-                return Ok(());
             }
-            None => {
-                d.unlock();
-                eng.frames.free(new);
-                return Ok(());
-            }
-        };
-        if d.mapcount.load(Ordering::Relaxed) == 1 {
-            unlock_entry(pte, P_COW, 0);
+        }
+        d.unlock();
+        return Ok(());
+    }
+    d.unlock();
+    // Allocating may reclaim: no frame or entry lock is held here.
+    let new = crate::reclaim::alloc_frame(&eng, AllocCtx::Normal)?;
+    d.lock();
+    match try_lock_present(pte, P_EXCL | P_SHARED) {
+        Some(v) if Pte::pfn(v) == old && v & P_COW != 0 => {}
+        Some(_) => {
+            unlock_entry(pte, 0, 0);
             d.unlock();
             eng.frames.free(new);
             return Ok(());
         }
-        // SAFETY: `old` is shared copy-on-write, so nobody writes it; `new` is ours and
-        // not yet visible (stale readers only load from it).
-        unsafe {
-            copy_in(
-                eng.frames.frame_ptr(new),
-                std::slice::from_raw_parts(eng.frames.frame_ptr(old), PAGE_SIZE),
-            )
-        };
-        eng.rmap.remove(d, old, pte);
+        None => {
+            d.unlock();
+            eng.frames.free(new);
+            return Ok(());
+        }
+    };
+    if d.mapcount.load(Ordering::Relaxed) == 1 {
+        unlock_entry(pte, P_COW, 0);
         d.unlock();
-        // The entry is still locked (and no longer in `old`'s map); `new` is mapped by
-        // nobody, so taking its frame lock here cannot wait on an entry lock.
-        self.install(pte, new, 0, true);
-        Counters::inc(&eng.cnt.pgfault);
-        Counters::inc(&eng.cnt.cow_faults);
-        Ok(())
+        eng.frames.free(new);
+        return Ok(());
     }
+    // SAFETY: `old` is shared copy-on-write, so nobody writes it; `new` is ours and
+    // not yet visible (stale readers only load from it).
+    unsafe {
+        copy_in(
+            eng.frames.frame_ptr(new),
+            std::slice::from_raw_parts(eng.frames.frame_ptr(old), PAGE_SIZE),
+        )
+    };
+    eng.rmap.remove(d, old, pte);
+    d.unlock();
+    // The entry is still locked (and no longer in `old`'s map); `new` is mapped by
+    // nobody, so taking its frame lock here cannot wait on an entry lock.
+    sp.eng.install(pte, new, 0, true);
+    Counters::inc(&eng.cnt.pgfault);
+    Counters::inc(&eng.cnt.cow_faults);
+    Ok(())
+}
 
-    /// Zero-fill fault: `pte` was `Empty`.
-    fn fault_zero(&self, pte: &AtomicU64) -> Result<()> {
-        if pte
-            .compare_exchange(EMPTY, BUSY, Ordering::AcqRel, Ordering::Relaxed)
-            .is_err()
-        {
-            return Ok(()); // someone else is faulting it; the caller retries
-        }
-        let pfn = match self.eng.alloc_frame(AllocCtx::Normal) {
-            Ok(p) => p,
-            Err(e) => {
-                pte.store(EMPTY, Ordering::Release);
-                return Err(e);
-            }
-        };
-        // SAFETY: the frame was just allocated to us and is not yet visible.
-        unsafe { zero_frame(self.eng.frames.frame_ptr(pfn)) };
-        self.install(pte, pfn, 0, true);
-        Counters::inc(&self.eng.cnt.pgfault);
-        Ok(())
+/// Zero-fill fault: `pte` was `Empty`.
+fn fault_zero(sp: &SpaceInner, pte: &AtomicU64) -> Result<()> {
+    if pte
+        .compare_exchange(EMPTY, BUSY, Ordering::AcqRel, Ordering::Relaxed)
+        .is_err()
+    {
+        return Ok(()); // someone else is faulting it; the caller retries
     }
-
-    /// Swap-in fault: `pte` held `v` = `Swapped(e)`.
-    fn fault_swapin(&self, pte: &AtomicU64, v: u64) -> Result<()> {
-        let Pte::Swapped(e) = Pte::decode(v) else {
-            return Ok(());
-        };
-        if pte
-            .compare_exchange(v, BUSY, Ordering::AcqRel, Ordering::Relaxed)
-            .is_err()
-        {
-            return Ok(());
+    let pfn = match crate::reclaim::alloc_frame(&sp.eng, AllocCtx::Normal) {
+        Ok(p) => p,
+        Err(e) => {
+            pte.store(EMPTY, Ordering::Release);
+            return Err(e);
         }
-        let eng = &*self.eng;
-        let pfn = match eng.alloc_frame(AllocCtx::Reserve) {
-            Ok(p) => p,
-            Err(err) => {
-                pte.store(v, Ordering::Release);
-                return Err(err);
-            }
-        };
-        let res = match eng.swap.get(e.dev) {
-            Some(dev) => {
-                // SAFETY: the frame is ours (allocated, not yet published); stale
-                // optimistic readers may load from it, but discard what they read
-                // because `install` moves the frame's sequence count.
-                let buf =
-                    unsafe { std::slice::from_raw_parts_mut(eng.frames.frame_ptr(pfn), PAGE_SIZE) };
-                dev.read(e.slot, buf)
-            }
-            None => Err(Error::Device {
-                dev: format!("#{}", e.dev),
-                source: std::io::Error::other("no such swap device"),
-            }),
-        };
-        if let Err(err) = res {
-            eng.frames.free(pfn);
+    };
+    // SAFETY: the frame was just allocated to us and is not yet visible.
+    unsafe { zero_frame(sp.eng.frames.frame_ptr(pfn)) };
+    sp.eng.install(pte, pfn, 0, true);
+    Counters::inc(&sp.eng.cnt.pgfault);
+    Ok(())
+}
+
+/// Swap-in fault: `pte` held `v` = `Swapped(e)`.
+fn fault_swapin(sp: &SpaceInner, pte: &AtomicU64, v: u64) -> Result<()> {
+    let Pte::Swapped(e) = Pte::decode(v) else {
+        return Ok(());
+    };
+    if pte
+        .compare_exchange(v, BUSY, Ordering::AcqRel, Ordering::Relaxed)
+        .is_err()
+    {
+        return Ok(());
+    }
+    let eng = &*sp.eng;
+    let pfn = match crate::reclaim::alloc_frame(&eng, AllocCtx::Reserve) {
+        Ok(p) => p,
+        Err(err) => {
             pte.store(v, Ordering::Release);
-            Counters::inc(&eng.cnt.read_errors);
             return Err(err);
         }
-        if eng.swap.free_slots() < eng.io.capacity() as u64 {
-            // Swap is (nearly) full: free the slot now, as the kernel does when swap
-            // is full, so reclaim can write another page there. The page is dirty
-            // again (its only copy is in memory).
-            self.install(pte, pfn, 0, true);
-            eng.swap.put(e);
-        } else {
-            self.install(pte, pfn, v, false);
+    };
+    let res = match eng.swap.get(e.dev) {
+        Some(dev) => {
+            // SAFETY: the frame is ours (allocated, not yet published); stale
+            // optimistic readers may load from it, but discard what they read
+            // because `install` moves the frame's sequence count.
+            let buf =
+                unsafe { std::slice::from_raw_parts_mut(eng.frames.frame_ptr(pfn), PAGE_SIZE) };
+            dev.read(e.slot, buf)
         }
-        Counters::inc(&eng.cnt.pgfault);
-        Counters::inc(&eng.cnt.pgmajfault);
-        Counters::inc(&eng.cnt.pswpin);
-        Ok(())
+        None => Err(Error::Device {
+            dev: format!("#{}", e.dev),
+            source: std::io::Error::other("no such swap device"),
+        }),
+    };
+    if let Err(err) = res {
+        eng.frames.free(pfn);
+        pte.store(v, Ordering::Release);
+        Counters::inc(&eng.cnt.read_errors);
+        return Err(err);
     }
-
-    /// Pins the page containing `a` for a guard; returns its entry and frame.
-    pub fn pin(&self, a: VAddr, want: Want) -> Result<(&AtomicU64, Pfn)> {
-        if a.0 >= VADDR_END {
-            return Err(Error::BadAddress { addr: a.0 });
-        }
-        let forbid = match want {
-            Want::Shared => P_EXCL,
-            Want::Exclusive => P_EXCL | P_SHARED | P_COW,
-        };
-        loop {
-            if let Some(got) = self.try_pin(a, want, forbid) {
-                return Ok(got);
-            }
-            // Shared pins are counted in 4 bits of the entry: when full, wait for one
-            // to go.
-            let full = self
-                .pt
-                .lookup(a.vpn())
-                .is_some_and(|p| p.load(Ordering::Relaxed) & P_SHARED == P_SHARED);
-            self.prepare_write(a, if full { forbid | P_SHARED } else { forbid })?;
-        }
+    if eng.swap.free_slots() < eng.io.capacity() as u64 {
+        // Swap is (nearly) full: free the slot now, as the kernel does when swap
+        // is full, so reclaim can write another page there. The page is dirty
+        // again (its only copy is in memory).
+        sp.eng.install(pte, pfn, 0, true);
+        eng.swap.put(e);
+    } else {
+        sp.eng.install(pte, pfn, v, false);
     }
+    Counters::inc(&eng.cnt.pgfault);
+    Counters::inc(&eng.cnt.pgmajfault);
+    Counters::inc(&eng.cnt.pswpin);
+    Ok(())
+}
 
-    fn try_pin(&self, a: VAddr, want: Want, forbid: u64) -> Option<(&AtomicU64, Pfn)> {
-        let hit = self.pt.hit(a.vpn())?;
-        if hit.shared() {
-            return None; // guards need a private leaf (see `SpaceInner::fork_into`)
+/// Pins the page containing `a` for a guard; returns its entry and frame.
+pub(crate) fn pin(sp: &SpaceInner, a: VAddr, want: Want) -> Result<(&AtomicU64, Pfn)> {
+    if a.0 >= VADDR_END {
+        return Err(Error::BadAddress { addr: a.0 });
+    }
+    let forbid = match want {
+        Want::Shared => P_EXCL,
+        Want::Exclusive => P_EXCL | P_SHARED | P_COW,
+    };
+    loop {
+        if let Some(got) = try_pin(sp, a, want, forbid) {
+            return Ok(got);
         }
-        let pte = hit.pte;
-        let v = try_lock_present(pte, forbid)?;
-        fence(Ordering::SeqCst);
-        if !hit.still(Ordering::SeqCst) {
-            unlock_entry(pte, 0, 0);
+        // Shared pins are counted in 4 bits of the entry: when full, wait for one
+        // to go.
+        let full = sp
+            .pt
+            .lookup(a.vpn())
+            .is_some_and(|p| p.load(Ordering::Relaxed) & P_SHARED == P_SHARED);
+        prepare_write(sp, a, if full { forbid | P_SHARED } else { forbid })?;
+    }
+}
+
+fn try_pin(sp: &SpaceInner, a: VAddr, want: Want, forbid: u64) -> Option<(&AtomicU64, Pfn)> {
+    let hit = sp.pt.hit(a.vpn())?;
+    if hit.shared() {
+        return None; // guards need a private leaf (see `SpaceInner::fork_into`)
+    }
+    let pte = hit.pte;
+    let v = try_lock_present(pte, forbid)?;
+    fence(Ordering::SeqCst);
+    if !hit.still(Ordering::SeqCst) {
+        unlock_entry(pte, 0, 0);
+        return None;
+    }
+    let new = match want {
+        Want::Shared if v & P_SHARED == P_SHARED => {
+            pte.store(v, Ordering::Release);
             return None;
         }
-        let new = match want {
-            Want::Shared if v & P_SHARED == P_SHARED => {
-                pte.store(v, Ordering::Release);
-                return None;
-            }
-            Want::Shared => v + P_SHARED_ONE,
-            Want::Exclusive => v | P_EXCL | P_DIRTY,
-        };
-        pte.store(new | P_ACCESSED, Ordering::Release);
-        Some((pte, Pte::pfn(v)))
-    }
+        Want::Shared => v + P_SHARED_ONE,
+        Want::Exclusive => v | P_EXCL | P_DIRTY,
+    };
+    pte.store(new | P_ACCESSED, Ordering::Release);
+    Some((pte, Pte::pfn(v)))
+}
 
-    /// Gives back a pin taken by `pin`.
-    pub fn unpin(&self, pte: &AtomicU64, pfn: Pfn, want: Want) {
-        // A pinned page stays present in `pfn`: neither reclaim nor unmap takes it.
-        let Some(v) = lock_present(pte, pfn) else {
-            debug_assert!(false, "pinned page left its frame");
-            return;
-        };
-        let new = match want {
-            Want::Shared => {
-                debug_assert_ne!(v & P_SHARED, 0);
-                v - P_SHARED_ONE
-            }
-            // The guard may have written: move the version on.
-            Want::Exclusive => Pte::bump(v) & !P_EXCL,
-        };
-        pte.store(new, Ordering::Release);
-    }
+/// Gives back a pin taken by `pin`.
+pub(crate) fn unpin(pte: &AtomicU64, pfn: Pfn, want: Want) {
+    // A pinned page stays present in `pfn`: neither reclaim nor unmap takes it.
+    let Some(v) = lock_present(pte, pfn) else {
+        debug_assert!(false, "pinned page left its frame");
+        return;
+    };
+    let new = match want {
+        Want::Shared => {
+            debug_assert_ne!(v & P_SHARED, 0);
+            v - P_SHARED_ONE
+        }
+        // The guard may have written: move the version on.
+        Want::Exclusive => Pte::bump(v) & !P_EXCL,
+    };
+    pte.store(new, Ordering::Release);
 }

@@ -17,7 +17,7 @@
 //! space's regions write lock (their callers say so).
 
 use crate::addr::{PAGE_SHIFT, VADDR_BITS};
-use crate::pte::{Pte, BUSY, EMPTY, P_COW, P_EXCL, P_LOCK, P_SHARED, TAG_MASK, TAG_PRESENT};
+use crate::pte::EMPTY;
 use crate::sync::{Arc, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Mutex, Ordering};
 use std::alloc::{alloc_zeroed, dealloc, Layout};
 
@@ -420,33 +420,6 @@ impl Drop for PageTable {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn encode_decode() {
-        let e = SwapEntry {
-            dev: 63,
-            slot: (1 << 40) + 5,
-        };
-        assert_eq!(Pte::decode(Pte::swapped(e)), Pte::Swapped(e));
-        let p = Pte::present(Pfn((MAX_FRAMES - 1) as u32), 77, P_DIRTY);
-        assert_eq!(Pte::decode(p), Pte::Present(Pfn((MAX_FRAMES - 1) as u32)));
-        assert_eq!(
-            Pte::decode(Pte::bump(p)),
-            Pte::Present(Pfn((MAX_FRAMES - 1) as u32))
-        );
-        assert_ne!(Pte::bump(p), p);
-        assert_eq!(Pte::bump(p) & P_DIRTY, P_DIRTY);
-        assert_eq!(Pte::bump(p | P_LOCK) & P_LOCK, 0);
-        // The version wraps inside its field.
-        let mut q = p;
-        for _ in 0..(1 << 13) {
-            q = Pte::bump(q);
-        }
-        assert_eq!(Pte::pfn(q), Pfn((MAX_FRAMES - 1) as u32));
-        assert_eq!(q & (P_DIRTY | TAG_MASK), P_DIRTY | TAG_PRESENT);
-        assert_eq!(Pte::decode(EMPTY), Pte::Empty);
-        assert_eq!(Pte::decode(BUSY), Pte::Busy);
-    }
 
     #[test]
     fn sparse_and_iterates() {

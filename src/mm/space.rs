@@ -15,56 +15,30 @@
 //! and then releases its pages with the lock dropped: resident pages under their
 //! frame lock, swapped pages by dropping their slot reference.
 
-use crate::addr::{VAddr, PAGE_SIZE, VADDR_END};
-use crate::engine::Engine;
+use crate::addr::{PAGE_SIZE, VADDR_END};
+use crate::engine::{Engine, SpaceWalk};
 use crate::error::{Error, Result};
-use crate::pagetable::{
-    try_lock_present, unlock_entry, PageTable, Pte, BUSY, EMPTY, LEAF_PAGES, P_COW, P_EXCL, P_LOCK,
-    P_SHARED, TAG_MASK, TAG_PRESENT,
-};
-use crate::sync::{wait_until, Arc, AtomicU64, Ordering, RwLock};
+use crate::mm::pagetable::LeafPool;
+use crate::mm::pagetable::{PageTable, LEAF_PAGES};
+use crate::mm::region::{Region, RegionTree, Vma};
+use crate::pte::{Pte, BUSY, EMPTY, P_EXCL, P_LOCK, P_SHARED};
+use crate::sync::{wait_until, Arc, AtomicU64, Ordering, RwLock, SeqCount};
 use std::collections::BTreeMap;
 
 /// Lowest address handed out: the first 4 GiB stay unmapped, so small integers and
 /// null are bad addresses.
 pub(crate) const MAP_BASE: u64 = 1 << 32;
 
-/// A mapped region of an address space, as returned by `map_anon`.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
-pub struct Region {
-    start: VAddr,
-    len: u64,
-}
-
-impl Region {
-    /// First address.
-    pub fn start(&self) -> VAddr {
-        self.start
-    }
-    /// Length in bytes (a multiple of the page size).
-    pub fn len(&self) -> u64 {
-        self.len
-    }
-    /// Always false: regions are never empty.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-    /// One past the last address.
-    pub fn end(&self) -> VAddr {
-        VAddr(self.start.0 + self.len)
-    }
-    /// Whether `addr` is inside the region.
-    pub fn contains(&self, addr: VAddr) -> bool {
-        addr >= self.start && addr < self.end()
-    }
-}
-
 #[derive(Debug)]
 pub(crate) struct SpaceInner {
     pub eng: Arc<Engine>,
     pub pt: PageTable,
-    /// start → length in bytes.
-    pub regions: RwLock<BTreeMap<u64, u64>>,
+    /// The regions. Read-locked by every slow-path access to find its region;
+    /// write-locked by map, unmap and fork.
+    pub regions: RwLock<RegionTree>,
+    /// Moved (under the `regions` write lock) around every change of `regions`, so a
+    /// reader without the lock can validate what it read (see `region`).
+    pub regions_seq: SeqCount,
     /// Ranges being unmapped (start → length): no longer accessible, not yet free to
     /// map again until their pages are released. Protected by `regions`' write lock
     /// for insertion and lookup; removal takes it too.
@@ -72,29 +46,14 @@ pub(crate) struct SpaceInner {
 }
 
 impl SpaceInner {
-    pub fn new(eng: Arc<Engine>) -> SpaceInner {
+    pub fn new(eng: Arc<Engine>, leaves: Arc<LeafPool>) -> SpaceInner {
         SpaceInner {
-            pt: PageTable::new(eng.leaves.clone()),
+            pt: PageTable::new(leaves),
             eng,
-            regions: RwLock::new(BTreeMap::new()),
+            regions: RwLock::new(RegionTree::default()),
+            regions_seq: SeqCount::default(),
             dying: crate::sync::Mutex::new(BTreeMap::new()),
         }
-    }
-
-    /// Whether `[addr, addr + len)` lies inside mapped regions (contiguous ones count).
-    pub fn range_mapped(regions: &BTreeMap<u64, u64>, addr: u64, len: u64) -> Result<()> {
-        let end = addr
-            .checked_add(len)
-            .filter(|&e| e <= VADDR_END)
-            .ok_or(Error::BadAddress { addr })?;
-        let mut at = addr;
-        while at < end {
-            match regions.range(..=at).next_back() {
-                Some((&s, &l)) if at < s + l => at = s + l,
-                _ => return Err(Error::BadAddress { addr: at }),
-            }
-        }
-        Ok(())
     }
 
     pub fn map_anon(&self, len: usize) -> Result<Region> {
@@ -116,9 +75,8 @@ impl SpaceInner {
         // unmapped (their old pages are not all released yet).
         let dying = self.dying.lock();
         let mut taken: Vec<(u64, u64)> = regions
-            .range(MAP_BASE..)
-            .chain(dying.range(MAP_BASE..))
-            .map(|(&s, &l)| (s, l))
+            .spans_from(MAP_BASE)
+            .chain(dying.range(MAP_BASE..).map(|(&s, &l)| (s, l)))
             .collect();
         drop(dying);
         taken.sort_unstable();
@@ -132,30 +90,26 @@ impl SpaceInner {
         if VADDR_END - at < len {
             return Err(Error::OutOfMemory);
         }
-        regions.insert(at, len);
-        Ok(Region {
-            start: VAddr(at),
-            len,
-        })
+        let vma = Vma::anonymous(at, len);
+        let r = vma.handle();
+        self.regions_seq.write_begin();
+        regions.insert(vma);
+        self.regions_seq.write_end();
+        Ok(r)
     }
 
     pub fn regions(&self) -> Vec<Region> {
-        self.regions
-            .read()
-            .iter()
-            .map(|(&s, &l)| Region {
-                start: VAddr(s),
-                len: l,
-            })
-            .collect()
+        self.regions.read().iter().map(Vma::handle).collect()
     }
 
     pub fn unmap(&self, r: Region) -> Result<()> {
         {
             let mut regions = self.regions.write();
-            match regions.get(&r.start.0) {
-                Some(&l) if l == r.len => {
-                    regions.remove(&r.start.0);
+            match regions.get(r.start.0) {
+                Some(v) if v.len == r.len => {
+                    self.regions_seq.write_begin();
+                    regions.remove(r.start.0);
+                    self.regions_seq.write_end();
                     self.dying.lock().insert(r.start.0, r.len);
                 }
                 _ => return Err(Error::BadAddress { addr: r.start.0 }),
@@ -188,140 +142,16 @@ impl SpaceInner {
         let eng = &*self.eng;
         self.pt.unshare(
             vpn,
-            |src, dst| copy_entry(eng, src, dst),
+            |src, dst| crate::mm::fork::copy_entry(eng, src, dst),
             |e| release_entry(eng, e),
         );
-    }
-
-    /// A copy-on-write snapshot of this space into `child` (which the caller has
-    /// registered with the Vm, so swapoff sees it from the start).
-    ///
-    /// The page table's leaves are shared, not copied (the kernel's "on-demand fork"):
-    /// fork costs a few operations per 16 MiB of mapped address space. The first
-    /// write through a shared leaf (in either space) copies that leaf, taking a
-    /// reference on every page and slot in it and marking shared pages
-    /// copy-on-write; see `unshare` and `fault::cow_break`.
-    ///
-    /// Waits for guards on this space's pages to be dropped (a guard pins an entry,
-    /// and a shared leaf holds no pinned entry), without holding any lock meanwhile.
-    pub fn fork_into(&self, child: &SpaceInner) -> Result<()> {
-        loop {
-            let regions = self.regions.write();
-            let mut tagged = Vec::new();
-            for (&start, &len) in regions.iter() {
-                self.pt.tag_all(
-                    start / PAGE_SIZE as u64,
-                    (start + len) / PAGE_SIZE as u64,
-                    &mut tagged,
-                );
-            }
-            // From here, hit-path writers and new pins see the tag (or we see them).
-            let mut pinned = None;
-            for (&start, &len) in regions.iter() {
-                self.pt.for_each(
-                    start / PAGE_SIZE as u64,
-                    (start + len) / PAGE_SIZE as u64,
-                    |_, pte| {
-                        if pinned.is_some() {
-                            return;
-                        }
-                        let present = |v: u64| v & TAG_MASK == TAG_PRESENT;
-                        // A writer that locked before seeing the tag: let it finish.
-                        wait_until(|| {
-                            let v = pte.load(Ordering::Acquire);
-                            !present(v) || v & P_LOCK == 0
-                        });
-                        let v = pte.load(Ordering::Acquire);
-                        if present(v) && v & (P_EXCL | P_SHARED) != 0 {
-                            pinned = Some(pte as *const AtomicU64 as usize);
-                        }
-                    },
-                );
-            }
-            if let Some(p) = pinned {
-                self.pt.untag(&tagged);
-                drop(regions);
-                // SAFETY: entries of this table stay valid while the space lives.
-                let pte = unsafe { &*(p as *const AtomicU64) };
-                wait_until(|| {
-                    let v = pte.load(Ordering::Acquire);
-                    v & TAG_MASK != TAG_PRESENT || v & (P_EXCL | P_SHARED) == 0
-                });
-                continue;
-            }
-            *child.regions.write() = regions.clone();
-            for (&start, &len) in regions.iter() {
-                self.pt.share_into(
-                    &child.pt,
-                    start / PAGE_SIZE as u64,
-                    (start + len) / PAGE_SIZE as u64,
-                );
-            }
-            return Ok(());
-        }
-    }
-}
-
-/// Copies one entry of a shared leaf into a private copy, taking its own references:
-/// a resident page gets one more mapping and both entries become copy-on-write; a
-/// swapped page's slot gets one more reference.
-fn copy_entry(eng: &Engine, src: &AtomicU64, dst: &AtomicU64) {
-    loop {
-        let v = src.load(Ordering::Acquire);
-        match Pte::decode(v) {
-            Pte::Empty => return,
-            // Another space is faulting this page in through the shared leaf.
-            Pte::Busy => wait_until(|| src.load(Ordering::Acquire) != BUSY),
-            Pte::Swapped(_) => {
-                // Claim the entry so nobody frees the slot between our look and our
-                // reference.
-                if src
-                    .compare_exchange(v, BUSY, Ordering::AcqRel, Ordering::Relaxed)
-                    .is_err()
-                {
-                    continue;
-                }
-                let ok = eng.swap.dup_encoded(v, 1);
-                src.store(v, Ordering::Release);
-                if ok {
-                    dst.store(v, Ordering::Release);
-                    return;
-                }
-                // 65,535 references: the copy cannot share the slot. Bring the page in
-                // is not possible here without a frame; wait and retry (another space
-                // dropping its share frees a reference).
-                std::thread::yield_now();
-            }
-            Pte::Present(pfn) => {
-                let d = eng.frames.desc(pfn);
-                d.lock();
-                let Some(cur) = try_lock_present(src, 0) else {
-                    d.unlock();
-                    wait_until(|| {
-                        let now = src.load(Ordering::Acquire);
-                        now & TAG_MASK != TAG_PRESENT || now & P_LOCK == 0
-                    });
-                    continue;
-                };
-                if Pte::pfn(cur) != pfn {
-                    unlock_entry(src, 0, 0);
-                    d.unlock();
-                    continue;
-                }
-                dst.store((cur | P_COW) & !(P_SHARED | P_EXCL), Ordering::Release);
-                eng.rmap.add(d, pfn, dst);
-                unlock_entry(src, 0, P_COW);
-                d.unlock();
-                return;
-            }
-        }
     }
 }
 
 /// Releases one entry: drops its slot reference or its mapping of a frame (freeing
 /// the frame with the last mapping), waiting out short locks and guards. Leaves it
 /// `EMPTY`.
-fn release_entry(eng: &Engine, pte: &AtomicU64) {
+pub(crate) fn release_entry(eng: &Engine, pte: &AtomicU64) {
     loop {
         let v = pte.load(Ordering::Acquire);
         match Pte::decode(v) {
@@ -382,5 +212,26 @@ impl Drop for SpaceInner {
         self.regions.get_mut().clear();
         let eng = self.eng.clone();
         self.pt.clear(|e| release_entry(&eng, e));
+    }
+}
+
+impl SpaceWalk for SpaceInner {
+    fn swapped_on(&self, dev: u8, out: &mut Vec<(u64, u64)>) {
+        let regions = self.regions.read();
+        for v in regions.iter() {
+            let first = v.start / PAGE_SIZE as u64;
+            let end = v.end() / PAGE_SIZE as u64;
+            self.pt.for_each(first, end, |vpn, pte| {
+                if let Pte::Swapped(e) = Pte::decode(pte.load(Ordering::Acquire)) {
+                    if e.dev == dev {
+                        out.push((e.slot, vpn));
+                    }
+                }
+            });
+        }
+    }
+
+    fn entry(&self, vpn: u64) -> Option<&AtomicU64> {
+        self.pt.lookup(vpn)
     }
 }

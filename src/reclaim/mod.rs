@@ -32,7 +32,7 @@ use crate::addr::{Pfn, PAGE_SIZE};
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::frame::{AllocCtx, PageDesc, F_INUSE, F_WRITEBACK};
-use crate::pagetable::{
+use crate::pte::{
     lock_present, try_lock_present, unlock_entry, Pte, P_ACCESSED, P_DIRTY, P_EXCL, P_LOCK,
     P_SHARED,
 };
@@ -60,469 +60,463 @@ pub(crate) struct ScanResult {
     pub no_slot: Option<NoSlot>,
 }
 
-impl Engine {
-    /// Scans up to `nr` frames from the clock hand; stops early once `want` frames
-    /// are freed or queued for page-out (whose completion frees them). Queued
-    /// page-outs are kicked before returning.
-    pub fn shrink(&self, nr: usize, want: usize) -> ScanResult {
-        self.shrink_for(nr, want, true)
-    }
+/// Scans up to `nr` frames from the clock hand; stops early once `want` frames
+/// are freed or queued for page-out (whose completion frees them). Queued
+/// page-outs are kicked before returning.
+pub(crate) fn shrink(eng: &Engine, nr: usize, want: usize) -> ScanResult {
+    shrink_for(eng, nr, want, true)
+}
 
-    /// `shrink` for direct reclaim: only a frame freed now satisfies the caller, so a
-    /// queued page-out does not end the scan; it goes on looking for a clean page to
-    /// drop (and queues the dirty ones it passes) before anyone has to wait for I/O.
-    pub fn shrink_direct(&self, nr: usize) -> ScanResult {
-        self.shrink_for(nr, 1, false)
-    }
+/// `shrink` for direct reclaim: only a frame freed now satisfies the caller, so a
+/// queued page-out does not end the scan; it goes on looking for a clean page to
+/// drop (and queues the dirty ones it passes) before anyone has to wait for I/O.
+pub(crate) fn shrink_direct(eng: &Engine, nr: usize) -> ScanResult {
+    shrink_for(eng, nr, 1, false)
+}
 
-    fn shrink_for(&self, nr: usize, want: usize, queued_counts: bool) -> ScanResult {
-        let n = self.frames.nframes();
-        let mut r = ScanResult::default();
-        while r.scanned < nr.min(n) {
-            // One frame at a time, so that stopping early (below) leaves the hand on
-            // the page that could not be queued, instead of skipping past it.
-            let pfn = Pfn((self.hand.fetch_add(1, Ordering::Relaxed) % n) as u32);
-            r.scanned += 1;
-            self.reclaim_frame(pfn, &mut r);
-            if r.evicted + if queued_counts { r.queued } else { 0 } >= want {
-                break;
-            }
-            if r.pool_empty {
-                // Every request is in flight: going on would only pass over dirty
-                // pages. The caller waits for a completion.
-                self.hand.fetch_sub(1, Ordering::Relaxed);
-                break;
-            }
+fn shrink_for(eng: &Engine, nr: usize, want: usize, queued_counts: bool) -> ScanResult {
+    let n = eng.frames.nframes();
+    let mut r = ScanResult::default();
+    while r.scanned < nr.min(n) {
+        // One frame at a time, so that stopping early (below) leaves the hand on
+        // the page that could not be queued, instead of skipping past it.
+        let pfn = Pfn((eng.hand.fetch_add(1, Ordering::Relaxed) % n) as u32);
+        r.scanned += 1;
+        reclaim_frame(eng, pfn, &mut r);
+        if r.evicted + if queued_counts { r.queued } else { 0 } >= want {
+            break;
         }
-        Counters::add(&self.cnt.pgscan, r.scanned as u64);
-        if r.queued > 0 {
-            self.io.kick();
+        if r.pool_empty {
+            // Every request is in flight: going on would only pass over dirty
+            // pages. The caller waits for a completion.
+            eng.hand.fetch_sub(1, Ordering::Relaxed);
+            break;
         }
-        r
     }
+    Counters::add(&eng.cnt.pgscan, r.scanned as u64);
+    if r.queued > 0 {
+        eng.io.kick();
+    }
+    r
+}
 
-    fn reclaim_frame(&self, pfn: Pfn, r: &mut ScanResult) {
-        let d = self.frames.desc(pfn);
-        let f = d.flags.load(Ordering::Relaxed);
-        if f & F_INUSE == 0 {
-            return;
-        }
-        if f & F_WRITEBACK != 0 {
-            return;
-        }
-        if !d.try_lock() {
-            r.busy += 1;
-            return;
-        }
-        let f = d.flags.load(Ordering::Relaxed);
-        if f & F_INUSE == 0 || f & F_WRITEBACK != 0 || d.mapcount.load(Ordering::Relaxed) == 0 {
-            d.unlock();
-            return;
-        }
-        // Second chance: a page used through any of its mappings stays.
-        let mut accessed = false;
-        self.rmap.for_each(d, pfn, |pte| {
-            let v = pte.load(Ordering::Relaxed);
-            debug_assert_eq!(Pte::decode(v), Pte::Present(pfn));
-            if v & P_ACCESSED != 0 {
-                accessed = true;
-                // A CAS, so a concurrent writer's store is never undone.
-                let _ =
-                    pte.compare_exchange(v, v & !P_ACCESSED, Ordering::Relaxed, Ordering::Relaxed);
-            }
-            true
-        });
-        if accessed {
-            d.unlock();
-            return;
-        }
-        let Some(dirty) = self.try_lock_mappings(d, pfn) else {
-            d.unlock();
-            r.busy += 1;
-            return;
-        };
-        // Frame lock and every entry lock held: the page is ours to drop or copy.
-        let sw = d.swap.load(Ordering::Relaxed);
-        if !dirty && sw != 0 && self.evict_locked(d, pfn, sw) {
-            d.unlock();
-            self.frames.free(pfn);
-            r.evicted += 1;
-            return;
-        }
-        // Dirty, or never written out: queue a page-out.
-        let Some(req) = self.io.take() else {
-            self.unlock_mappings(d, pfn, 0, 0);
-            d.unlock();
-            r.pool_empty = true;
-            return;
-        };
-        let e = match self.swap.alloc() {
-            Ok(e) => e,
-            Err(why) => {
-                self.unlock_mappings(d, pfn, 0, 0);
-                d.unlock();
-                self.io.release(req);
-                r.no_slot = Some(why);
-                return;
-            }
-        };
-        if sw != 0 {
-            // The old copy is stale: give its slot back; the page gets a fresh one,
-            // next to the other pages of this batch.
-            self.swap.put_encoded(sw);
-            d.swap.store(0, Ordering::Relaxed);
-        }
-        // SAFETY: we hold every entry lock of the page, so no writer stores into the
-        // frame; the request buffer is ours (taken from the pool). Concurrent
-        // optimistic readers only load, so reading the frame here is not a race.
-        unsafe {
-            std::ptr::copy_nonoverlapping(self.frames.frame_ptr(pfn), self.io.buf(req), PAGE_SIZE)
-        };
-        // The bytes did not change: no version bump; clean from now on.
-        self.unlock_mappings(d, pfn, P_DIRTY, 0);
-        d.flags.store(f | F_WRITEBACK, Ordering::Relaxed);
-        let rq = &self.io.reqs[req as usize];
-        rq.pfn.store(pfn.0, Ordering::Relaxed);
-        rq.epoch
-            .store(d.epoch.load(Ordering::Relaxed), Ordering::Relaxed);
-        rq.entry.store(Pte::swapped(e), Ordering::Relaxed);
+fn reclaim_frame(eng: &Engine, pfn: Pfn, r: &mut ScanResult) {
+    let d = eng.frames.desc(pfn);
+    let f = d.flags.load(Ordering::Relaxed);
+    if f & F_INUSE == 0 {
+        return;
+    }
+    if f & F_WRITEBACK != 0 {
+        return;
+    }
+    if !d.try_lock() {
+        r.busy += 1;
+        return;
+    }
+    let f = d.flags.load(Ordering::Relaxed);
+    if f & F_INUSE == 0 || f & F_WRITEBACK != 0 || d.mapcount.load(Ordering::Relaxed) == 0 {
         d.unlock();
-        self.io.submit(req);
-        r.queued += 1;
+        return;
     }
-
-    /// Locks every entry mapping `pfn` unless one is locked or pinned; returns whether
-    /// any is dirty. On failure nothing stays locked. Frame lock held.
-    fn try_lock_mappings(&self, d: &PageDesc, pfn: Pfn) -> Option<bool> {
-        let mut locked = 0u32;
-        let mut dirty = false;
-        let all = self.rmap.for_each(d, pfn, |pte| {
-            match try_lock_present(pte, P_EXCL | P_SHARED) {
-                Some(v) => {
-                    locked += 1;
-                    dirty |= v & P_DIRTY != 0;
-                    true
-                }
-                None => false,
-            }
-        });
-        if !all {
-            let mut n = 0;
-            self.rmap.for_each(d, pfn, |pte| {
-                if n == locked {
-                    return false;
-                }
-                n += 1;
-                unlock_entry(pte, 0, 0);
-                true
-            });
-            return None;
+    // Second chance: a page used through any of its mappings stays.
+    let mut accessed = false;
+    eng.rmap.for_each(d, pfn, |pte| {
+        let v = pte.load(Ordering::Relaxed);
+        debug_assert_eq!(Pte::decode(v), Pte::Present(pfn));
+        if v & P_ACCESSED != 0 {
+            accessed = true;
+            // A CAS, so a concurrent writer's store is never undone.
+            let _ = pte.compare_exchange(v, v & !P_ACCESSED, Ordering::Relaxed, Ordering::Relaxed);
         }
-        Some(dirty)
-    }
-
-    /// Locks every entry mapping `pfn`, waiting out short lock holders (pins do not
-    /// stop it). Returns the union of their bits. Frame lock held.
-    fn lock_mappings(&self, d: &PageDesc, pfn: Pfn) -> u64 {
-        let mut bits = 0;
-        self.rmap.for_each(d, pfn, |pte| {
-            let v = lock_present(pte, pfn).unwrap_or_else(|| unreachable!("mapping moved"));
-            bits |= v;
-            true
-        });
-        bits
-    }
-
-    /// Unlocks every entry mapping `pfn`, clearing bits `clear` and setting `set`.
-    fn unlock_mappings(&self, d: &PageDesc, pfn: Pfn, clear: u64, set: u64) {
-        self.rmap.for_each(d, pfn, |pte| {
-            unlock_entry(pte, clear, set);
-            true
-        });
-    }
-
-    /// Drops a clean page with a valid swap copy from memory: every entry mapping it
-    /// becomes `Swapped` with a slot reference of its own (which also unlocks it).
-    /// Preconditions: the frame lock and every entry lock are held, the page is not
-    /// dirty, pinned or under page-out. Returns false (nothing changed) if the slot
-    /// cannot take that many more references. The caller frees the frame after
-    /// unlocking.
-    fn evict_locked(&self, d: &PageDesc, pfn: Pfn, sw: u64) -> bool {
-        debug_assert!(d.is_locked());
-        debug_assert_eq!(d.flags.load(Ordering::Relaxed) & F_WRITEBACK, 0);
-        let n = d.mapcount.load(Ordering::Relaxed);
-        if n > 1 && !self.swap.dup_encoded(sw, n - 1) {
-            return false;
-        }
-        self.rmap.for_each(d, pfn, |pte| {
-            debug_assert_eq!(
-                pte.load(Ordering::Relaxed) & (P_LOCK | P_DIRTY | P_EXCL | P_SHARED),
-                P_LOCK
-            );
-            pte.store(sw, Ordering::Release);
-            true
-        });
-        self.rmap.clear(d, pfn);
-        d.swap.store(0, Ordering::Relaxed);
-        Counters::inc(&self.cnt.pgsteal);
         true
-    }
-
-    /// Runs on a page-I/O thread: writes request `i` and completes it. For a device
-    /// that merges writes, it first gathers more queued requests and writes each run
-    /// of adjacent slots in one request (slots are handed out sequentially, so a
-    /// batch of page-outs is mostly one run). No allocation: the batch is on the stack.
-    pub fn complete_writeback(&self, i: u32) {
-        const BATCH: usize = 32;
-        let entry = |i: u32| Pte::decode(self.io.reqs[i as usize].entry.load(Ordering::Relaxed));
-        let Pte::Swapped(e) = entry(i) else {
-            debug_assert!(false, "page-out request without a swap entry");
-            self.io.release(i);
-            return;
-        };
-        let dev = match self.swap.get(e.dev) {
-            Some(dev) if dev.dev.merges_writes() => dev,
-            // A network device (or one removed meanwhile): one request per page.
-            _ => return self.complete_one(i),
-        };
-        let mut batch = [(0u64, 0u32); BATCH];
-        batch[0] = (e.slot, i);
-        let mut n = 1;
-        while n < BATCH {
-            let Some(j) = self.io.try_pop() else { break };
-            match entry(j) {
-                Pte::Swapped(f) if f.dev == e.dev => {
-                    batch[n] = (f.slot, j);
-                    n += 1;
-                }
-                // Another device: on its own.
-                _ => self.complete_one(j),
-            }
-        }
-        let batch = &mut batch[..n];
-        batch.sort_unstable_by_key(|b| b.0);
-        let mut k = 0;
-        while k < n {
-            let mut run = 1;
-            while k + run < n && batch[k + run].0 == batch[k].0 + run as u64 {
-                run += 1;
-            }
-            let mut bufs: [&[u8]; BATCH] = [&[]; BATCH];
-            for (b, &(_, j)) in bufs.iter_mut().zip(&batch[k..k + run]) {
-                // SAFETY: request `j` is ours until released; nobody writes its buffer.
-                *b = unsafe { self.io.buf_slice(j) };
-            }
-            let ok = dev.write_run(batch[k].0, &bufs[..run]).is_ok();
-            for &(_, j) in &batch[k..k + run] {
-                self.finish_writeback(j, ok);
-            }
-            k += run;
-        }
-    }
-
-    /// Writes one request on its own and completes it.
-    fn complete_one(&self, i: u32) {
-        let ev = self.io.reqs[i as usize].entry.load(Ordering::Relaxed);
-        let ok = match Pte::decode(ev) {
-            Pte::Swapped(e) => self.swap.get(e.dev).is_some_and(|dev| {
-                // SAFETY: request `i` is ours until released; nobody writes its buffer.
-                dev.write(e.slot, unsafe { self.io.buf_slice(i) }).is_ok()
-            }),
-            _ => false,
-        };
-        self.finish_writeback(i, ok);
-    }
-
-    /// The completion of request `i`, whose write succeeded (`ok`) or failed.
-    fn finish_writeback(&self, i: u32, ok: bool) {
-        let rq = &self.io.reqs[i as usize];
-        let pfn = Pfn(rq.pfn.load(Ordering::Relaxed));
-        let epoch = rq.epoch.load(Ordering::Relaxed);
-        let ev = rq.entry.load(Ordering::Relaxed);
-        let Pte::Swapped(e) = Pte::decode(ev) else {
-            self.io.release(i);
-            return;
-        };
-        if ok {
-            Counters::inc(&self.cnt.pswpout);
-        } else {
-            Counters::inc(&self.cnt.write_errors);
-            self.last_write_error_dev.store(e.dev, Ordering::Relaxed);
-        }
-        let d = self.frames.desc(pfn);
-        d.lock();
-        let f = d.flags.load(Ordering::Relaxed);
-        let mine = f & F_INUSE != 0
-            && f & F_WRITEBACK != 0
-            && d.epoch.load(Ordering::Relaxed) == epoch
-            && d.mapcount.load(Ordering::Relaxed) > 0;
-        let mut freed = false;
-        if mine {
-            d.flags.store(f & !F_WRITEBACK, Ordering::Relaxed);
-            let bits = self.lock_mappings(d, pfn);
-            match ok {
-                true if bits & P_DIRTY == 0 => {
-                    debug_assert_eq!(d.swap.load(Ordering::Relaxed), 0);
-                    d.swap.store(ev, Ordering::Relaxed);
-                    // Reclaim chose this page; drop it now unless it was used since or
-                    // memory is no longer short.
-                    freed = self.frames.free_count() < self.frames.wmark[2]
-                        && bits & (P_ACCESSED | P_EXCL | P_SHARED) == 0
-                        && self.evict_locked(d, pfn, ev);
-                    if !freed {
-                        self.unlock_mappings(d, pfn, 0, 0);
-                    }
-                }
-                // Written again while in flight: the copy is stale already.
-                true => {
-                    self.unlock_mappings(d, pfn, 0, 0);
-                    self.swap.put(e);
-                }
-                false => {
-                    // The page stays resident and dirty; a later scan retries.
-                    self.unlock_mappings(d, pfn, 0, P_DIRTY);
-                    self.swap.put(e);
-                }
-            }
-        } else {
-            // The page was unmapped while in flight.
-            self.swap.put(e);
-        }
+    });
+    if accessed {
         d.unlock();
-        if freed {
-            self.frames.free(pfn);
-        }
-        self.io.release(i);
-        self.frames.notify_waiters();
+        return;
     }
+    let Some(dirty) = try_lock_mappings(eng, d, pfn) else {
+        d.unlock();
+        r.busy += 1;
+        return;
+    };
+    // Frame lock and every entry lock held: the page is ours to drop or copy.
+    let sw = d.swap.load(Ordering::Relaxed);
+    if !dirty && sw != 0 && evict_locked(eng, d, pfn, sw) {
+        d.unlock();
+        eng.frames.free(pfn);
+        r.evicted += 1;
+        return;
+    }
+    // Dirty, or never written out: queue a page-out.
+    let Some(req) = eng.io.take() else {
+        unlock_mappings(eng, d, pfn, 0, 0);
+        d.unlock();
+        r.pool_empty = true;
+        return;
+    };
+    let e = match eng.swap.alloc() {
+        Ok(e) => e,
+        Err(why) => {
+            unlock_mappings(eng, d, pfn, 0, 0);
+            d.unlock();
+            eng.io.release(req);
+            r.no_slot = Some(why);
+            return;
+        }
+    };
+    if sw != 0 {
+        // The old copy is stale: give its slot back; the page gets a fresh one,
+        // next to the other pages of this batch.
+        eng.swap.put_encoded(sw);
+        d.swap.store(0, Ordering::Relaxed);
+    }
+    // SAFETY: we hold every entry lock of the page, so no writer stores into the
+    // frame; the request buffer is ours (taken from the pool). Concurrent
+    // optimistic readers only load, so reading the frame here is not a race.
+    unsafe { std::ptr::copy_nonoverlapping(eng.frames.frame_ptr(pfn), eng.io.buf(req), PAGE_SIZE) };
+    // The bytes did not change: no version bump; clean from now on.
+    unlock_mappings(eng, d, pfn, P_DIRTY, 0);
+    d.flags.store(f | F_WRITEBACK, Ordering::Relaxed);
+    let rq = &eng.io.reqs[req as usize];
+    rq.pfn.store(pfn.0, Ordering::Relaxed);
+    rq.epoch
+        .store(d.epoch.load(Ordering::Relaxed), Ordering::Relaxed);
+    rq.entry.store(Pte::swapped(e), Ordering::Relaxed);
+    d.unlock();
+    eng.io.submit(req);
+    r.queued += 1;
+}
 
-    /// Wakes the background reclaimer.
-    pub fn wake_kswapd(&self) {
-        let mut w = self.kswapd_lock.lock();
-        if !*w {
-            *w = true;
-            self.kswapd_wake.notify_one();
+/// Locks every entry mapping `pfn` unless one is locked or pinned; returns whether
+/// any is dirty. On failure nothing stays locked. Frame lock held.
+fn try_lock_mappings(eng: &Engine, d: &PageDesc, pfn: Pfn) -> Option<bool> {
+    let mut locked = 0u32;
+    let mut dirty = false;
+    let all = eng.rmap.for_each(d, pfn, |pte| {
+        match try_lock_present(pte, P_EXCL | P_SHARED) {
+            Some(v) => {
+                locked += 1;
+                dirty |= v & P_DIRTY != 0;
+                true
+            }
+            None => false,
+        }
+    });
+    if !all {
+        let mut n = 0;
+        eng.rmap.for_each(d, pfn, |pte| {
+            if n == locked {
+                return false;
+            }
+            n += 1;
+            unlock_entry(pte, 0, 0);
+            true
+        });
+        return None;
+    }
+    Some(dirty)
+}
+
+/// Locks every entry mapping `pfn`, waiting out short lock holders (pins do not
+/// stop it). Returns the union of their bits. Frame lock held.
+fn lock_mappings(eng: &Engine, d: &PageDesc, pfn: Pfn) -> u64 {
+    let mut bits = 0;
+    eng.rmap.for_each(d, pfn, |pte| {
+        let v = lock_present(pte, pfn).unwrap_or_else(|| unreachable!("mapping moved"));
+        bits |= v;
+        true
+    });
+    bits
+}
+
+/// Unlocks every entry mapping `pfn`, clearing bits `clear` and setting `set`.
+fn unlock_mappings(eng: &Engine, d: &PageDesc, pfn: Pfn, clear: u64, set: u64) {
+    eng.rmap.for_each(d, pfn, |pte| {
+        unlock_entry(pte, clear, set);
+        true
+    });
+}
+
+/// Drops a clean page with a valid swap copy from memory: every entry mapping it
+/// becomes `Swapped` with a slot reference of its own (which also unlocks it).
+/// Preconditions: the frame lock and every entry lock are held, the page is not
+/// dirty, pinned or under page-out. Returns false (nothing changed) if the slot
+/// cannot take that many more references. The caller frees the frame after
+/// unlocking.
+fn evict_locked(eng: &Engine, d: &PageDesc, pfn: Pfn, sw: u64) -> bool {
+    debug_assert!(d.is_locked());
+    debug_assert_eq!(d.flags.load(Ordering::Relaxed) & F_WRITEBACK, 0);
+    let n = d.mapcount.load(Ordering::Relaxed);
+    if n > 1 && !eng.swap.dup_encoded(sw, n - 1) {
+        return false;
+    }
+    eng.rmap.for_each(d, pfn, |pte| {
+        debug_assert_eq!(
+            pte.load(Ordering::Relaxed) & (P_LOCK | P_DIRTY | P_EXCL | P_SHARED),
+            P_LOCK
+        );
+        pte.store(sw, Ordering::Release);
+        true
+    });
+    eng.rmap.clear(d, pfn);
+    d.swap.store(0, Ordering::Relaxed);
+    Counters::inc(&eng.cnt.pgsteal);
+    true
+}
+
+/// Runs on a page-I/O thread: writes request `i` and completes it. For a device
+/// that merges writes, it first gathers more queued requests and writes each run
+/// of adjacent slots in one request (slots are handed out sequentially, so a
+/// batch of page-outs is mostly one run). No allocation: the batch is on the stack.
+pub(crate) fn complete_writeback(eng: &Engine, i: u32) {
+    const BATCH: usize = 32;
+    let entry = |i: u32| Pte::decode(eng.io.reqs[i as usize].entry.load(Ordering::Relaxed));
+    let Pte::Swapped(e) = entry(i) else {
+        debug_assert!(false, "page-out request without a swap entry");
+        eng.io.release(i);
+        return;
+    };
+    let dev = match eng.swap.get(e.dev) {
+        Some(dev) if dev.dev.merges_writes() => dev,
+        // A network device (or one removed meanwhile): one request per page.
+        _ => return complete_one(eng, i),
+    };
+    let mut batch = [(0u64, 0u32); BATCH];
+    batch[0] = (e.slot, i);
+    let mut n = 1;
+    while n < BATCH {
+        let Some(j) = eng.io.try_pop() else { break };
+        match entry(j) {
+            Pte::Swapped(f) if f.dev == e.dev => {
+                batch[n] = (f.slot, j);
+                n += 1;
+            }
+            // Another device: on its own.
+            _ => complete_one(eng, j),
         }
     }
+    let batch = &mut batch[..n];
+    batch.sort_unstable_by_key(|b| b.0);
+    let mut k = 0;
+    while k < n {
+        let mut run = 1;
+        while k + run < n && batch[k + run].0 == batch[k].0 + run as u64 {
+            run += 1;
+        }
+        let mut bufs: [&[u8]; BATCH] = [&[]; BATCH];
+        for (b, &(_, j)) in bufs.iter_mut().zip(&batch[k..k + run]) {
+            // SAFETY: request `j` is ours until released; nobody writes its buffer.
+            *b = unsafe { eng.io.buf_slice(j) };
+        }
+        let ok = dev.write_run(batch[k].0, &bufs[..run]).is_ok();
+        for &(_, j) in &batch[k..k + run] {
+            finish_writeback(eng, j, ok);
+        }
+        k += run;
+    }
+}
 
-    /// Body of the background reclaimer thread.
-    pub fn kswapd(&self) {
-        let n = self.frames.nframes();
-        let [_, low, high] = self.frames.wmark;
-        loop {
-            {
-                let mut w = self.kswapd_lock.lock();
-                while !*w && !self.shutdown.load(Ordering::Acquire) {
-                    if self.frames.free_count() < low {
-                        break;
-                    }
-                    self.kswapd_wake
-                        .wait_for(&mut w, Duration::from_millis(100));
+/// Writes one request on its own and completes it.
+fn complete_one(eng: &Engine, i: u32) {
+    let ev = eng.io.reqs[i as usize].entry.load(Ordering::Relaxed);
+    let ok = match Pte::decode(ev) {
+        Pte::Swapped(e) => eng.swap.get(e.dev).is_some_and(|dev| {
+            // SAFETY: request `i` is ours until released; nobody writes its buffer.
+            dev.write(e.slot, unsafe { eng.io.buf_slice(i) }).is_ok()
+        }),
+        _ => false,
+    };
+    finish_writeback(eng, i, ok);
+}
+
+/// The completion of request `i`, whose write succeeded (`ok`) or failed.
+fn finish_writeback(eng: &Engine, i: u32, ok: bool) {
+    let rq = &eng.io.reqs[i as usize];
+    let pfn = Pfn(rq.pfn.load(Ordering::Relaxed));
+    let epoch = rq.epoch.load(Ordering::Relaxed);
+    let ev = rq.entry.load(Ordering::Relaxed);
+    let Pte::Swapped(e) = Pte::decode(ev) else {
+        eng.io.release(i);
+        return;
+    };
+    if ok {
+        Counters::inc(&eng.cnt.pswpout);
+    } else {
+        Counters::inc(&eng.cnt.write_errors);
+        eng.last_write_error_dev.store(e.dev, Ordering::Relaxed);
+    }
+    let d = eng.frames.desc(pfn);
+    d.lock();
+    let f = d.flags.load(Ordering::Relaxed);
+    let mine = f & F_INUSE != 0
+        && f & F_WRITEBACK != 0
+        && d.epoch.load(Ordering::Relaxed) == epoch
+        && d.mapcount.load(Ordering::Relaxed) > 0;
+    let mut freed = false;
+    if mine {
+        d.flags.store(f & !F_WRITEBACK, Ordering::Relaxed);
+        let bits = lock_mappings(eng, d, pfn);
+        match ok {
+            true if bits & P_DIRTY == 0 => {
+                debug_assert_eq!(d.swap.load(Ordering::Relaxed), 0);
+                d.swap.store(ev, Ordering::Relaxed);
+                // Reclaim chose this page; drop it now unless it was used since or
+                // memory is no longer short.
+                freed = eng.frames.free_count() < eng.frames.wmark[2]
+                    && bits & (P_ACCESSED | P_EXCL | P_SHARED) == 0
+                    && evict_locked(eng, d, pfn, ev);
+                if !freed {
+                    unlock_mappings(eng, d, pfn, 0, 0);
                 }
-                *w = false;
             }
-            if self.shutdown.load(Ordering::Acquire) {
-                return;
+            // Written again while in flight: the copy is stale already.
+            true => {
+                unlock_mappings(eng, d, pfn, 0, 0);
+                eng.swap.put(e);
             }
-            let mut idle_scan = 0usize;
-            while self.frames.free_count() < high && !self.shutdown.load(Ordering::Acquire) {
-                let want = high - self.frames.free_count();
-                let seen = self.frames.events();
-                let r = self.shrink(SCAN_BATCH, want);
-                if r.evicted > 0 {
-                    idle_scan = 0;
-                    continue;
-                }
-                idle_scan += r.scanned;
-                if r.queued > 0 && !r.pool_empty && self.io.inflight() < want {
-                    continue;
-                }
-                if self.io.inflight() > 0 {
-                    // Page-outs are in flight; their completions free frames.
-                    self.frames.wait_event(seen, Duration::from_millis(10));
-                    continue;
-                }
-                if idle_scan > 2 * n {
-                    // Nothing reclaimable (no swap, all pinned, or swap full): sleep
-                    // until woken again.
+            false => {
+                // The page stays resident and dirty; a later scan retries.
+                unlock_mappings(eng, d, pfn, 0, P_DIRTY);
+                eng.swap.put(e);
+            }
+        }
+    } else {
+        // The page was unmapped while in flight.
+        eng.swap.put(e);
+    }
+    d.unlock();
+    if freed {
+        eng.frames.free(pfn);
+    }
+    eng.io.release(i);
+    eng.frames.notify_waiters();
+}
+
+/// Wakes the background reclaimer.
+pub(crate) fn wake_kswapd(eng: &Engine) {
+    let mut w = eng.kswapd_lock.lock();
+    if !*w {
+        *w = true;
+        eng.kswapd_wake.notify_one();
+    }
+}
+
+/// Body of the background reclaimer thread.
+pub(crate) fn kswapd(eng: &Engine) {
+    let n = eng.frames.nframes();
+    let [_, low, high] = eng.frames.wmark;
+    loop {
+        {
+            let mut w = eng.kswapd_lock.lock();
+            while !*w && !eng.shutdown.load(Ordering::Acquire) {
+                if eng.frames.free_count() < low {
                     break;
                 }
+                eng.kswapd_wake.wait_for(&mut w, Duration::from_millis(100));
+            }
+            *w = false;
+        }
+        if eng.shutdown.load(Ordering::Acquire) {
+            return;
+        }
+        let mut idle_scan = 0usize;
+        while eng.frames.free_count() < high && !eng.shutdown.load(Ordering::Acquire) {
+            let want = high - eng.frames.free_count();
+            let seen = eng.frames.events();
+            let r = shrink(eng, SCAN_BATCH, want);
+            if r.evicted > 0 {
+                idle_scan = 0;
+                continue;
+            }
+            idle_scan += r.scanned;
+            if r.queued > 0 && !r.pool_empty && eng.io.inflight() < want {
+                continue;
+            }
+            if eng.io.inflight() > 0 {
+                // Page-outs are in flight; their completions free frames.
+                eng.frames.wait_event(seen, Duration::from_millis(10));
+                continue;
+            }
+            if idle_scan > 2 * n {
+                // Nothing reclaimable (no swap, all pinned, or swap full): sleep
+                // until woken again.
+                break;
             }
         }
     }
+}
 
-    /// Takes a frame for an access, reclaiming directly when none is free. Errors:
-    /// `OutOfMemory` (no swap device, or everything is pinned), `OutOfSwap` (memory
-    /// and swap full), `Device` (page-out keeps failing so no frame can be freed).
-    ///
-    /// `ctx == Reserve` (a swap-in) may take a frame below the min watermark when
-    /// memory and swap are both full: reading a page in frees its slot (see
-    /// `fault_swapin`), which lets reclaim write a dirty page there and give the frame
-    /// back, so stored pages stay readable even then.
-    pub fn alloc_frame(&self, ctx: AllocCtx) -> Result<Pfn> {
-        let n = self.frames.nframes();
-        let mut fruitless = 0usize;
-        let mut errors_at_start = None;
-        let mut no_slot = None;
-        loop {
-            let seen = self.frames.events();
-            if let Some(p) = self.frames.alloc(AllocCtx::Normal) {
-                if self.frames.free_count() < self.frames.wmark[1] {
-                    self.wake_kswapd();
-                }
-                return Ok(p);
+/// Takes a frame for an access, reclaiming directly when none is free. Errors:
+/// `OutOfMemory` (no swap device, or everything is pinned), `OutOfSwap` (memory
+/// and swap full), `Device` (page-out keeps failing so no frame can be freed).
+///
+/// `ctx == Reserve` (a swap-in) may take a frame below the min watermark when
+/// memory and swap are both full: reading a page in frees its slot (see
+/// `fault_swapin`), which lets reclaim write a dirty page there and give the frame
+/// back, so stored pages stay readable even then.
+pub(crate) fn alloc_frame(eng: &Engine, ctx: AllocCtx) -> Result<Pfn> {
+    let n = eng.frames.nframes();
+    let mut fruitless = 0usize;
+    let mut errors_at_start = None;
+    let mut no_slot = None;
+    loop {
+        let seen = eng.frames.events();
+        if let Some(p) = eng.frames.alloc(AllocCtx::Normal) {
+            if eng.frames.free_count() < eng.frames.wmark[1] {
+                wake_kswapd(eng);
             }
-            self.wake_kswapd();
-            Counters::inc(&self.cnt.direct_reclaim);
-            let r = self.shrink_direct(SCAN_BATCH);
-            if r.evicted > 0 {
-                fruitless = 0;
-                continue;
-            }
-            no_slot = r.no_slot.or(no_slot);
-            let errs = self.cnt.write_errors.load(Ordering::Relaxed);
-            let errs0 = *errors_at_start.get_or_insert(errs);
-            if errs - errs0 > 64 + 2 * n as u64 {
-                let dev = self.last_write_error_dev.load(Ordering::Relaxed);
-                let name = self
-                    .swap
-                    .get(dev)
-                    .map(|d| d.name().to_string())
-                    .unwrap_or_default();
-                return Err(Error::Device {
-                    dev: name,
-                    source: std::io::Error::other(
-                        "page-out keeps failing: no frame can be freed for this access",
-                    ),
-                });
-            }
-            if r.queued > 0 || self.io.inflight() > 0 {
-                // Page-out is under way: its completion frees a frame (or makes a
-                // clean page to drop). Sleep until something happens.
-                self.frames.wait_event(seen, Duration::from_millis(10));
-                continue;
-            }
-            fruitless += r.scanned;
-            if fruitless < 3 * n {
-                continue; // still sweeping: reference bits are being cleared
-            }
-            if r.busy > 0 && fruitless < 8 * n {
-                std::thread::yield_now();
-                continue;
-            }
-            if self.frames.free_count() > self.frames.wmark[0] {
-                fruitless = 0;
-                continue;
-            }
-            if no_slot == Some(NoSlot::Full) && ctx == AllocCtx::Reserve {
-                if let Some(p) = self.frames.alloc(AllocCtx::Reserve) {
-                    return Ok(p);
-                }
-            }
-            return Err(match no_slot {
-                Some(NoSlot::Full) => Error::OutOfSwap,
-                _ => Error::OutOfMemory,
+            return Ok(p);
+        }
+        wake_kswapd(eng);
+        Counters::inc(&eng.cnt.direct_reclaim);
+        let r = shrink_direct(eng, SCAN_BATCH);
+        if r.evicted > 0 {
+            fruitless = 0;
+            continue;
+        }
+        no_slot = r.no_slot.or(no_slot);
+        let errs = eng.cnt.write_errors.load(Ordering::Relaxed);
+        let errs0 = *errors_at_start.get_or_insert(errs);
+        if errs - errs0 > 64 + 2 * n as u64 {
+            let dev = eng.last_write_error_dev.load(Ordering::Relaxed);
+            let name = eng
+                .swap
+                .get(dev)
+                .map(|d| d.name().to_string())
+                .unwrap_or_default();
+            return Err(Error::Device {
+                dev: name,
+                source: std::io::Error::other(
+                    "page-out keeps failing: no frame can be freed for this access",
+                ),
             });
         }
+        if r.queued > 0 || eng.io.inflight() > 0 {
+            // Page-out is under way: its completion frees a frame (or makes a
+            // clean page to drop). Sleep until something happens.
+            eng.frames.wait_event(seen, Duration::from_millis(10));
+            continue;
+        }
+        fruitless += r.scanned;
+        if fruitless < 3 * n {
+            continue; // still sweeping: reference bits are being cleared
+        }
+        if r.busy > 0 && fruitless < 8 * n {
+            std::thread::yield_now();
+            continue;
+        }
+        if eng.frames.free_count() > eng.frames.wmark[0] {
+            fruitless = 0;
+            continue;
+        }
+        if no_slot == Some(NoSlot::Full) && ctx == AllocCtx::Reserve {
+            if let Some(p) = eng.frames.alloc(AllocCtx::Reserve) {
+                return Ok(p);
+            }
+        }
+        return Err(match no_slot {
+            Some(NoSlot::Full) => Error::OutOfSwap,
+            _ => Error::OutOfMemory,
+        });
     }
 }

@@ -25,217 +25,203 @@
 use crate::addr::{Pfn, SwapEntry, SwapId, PAGE_SIZE};
 use crate::device::AlignedPages;
 use crate::engine::Engine;
+use crate::engine::SpaceWalk;
 use crate::error::{Error, Result};
 use crate::frame::{copy_in, F_INUSE};
-use crate::pagetable::{Pte, BUSY, P_DIRTY};
-use crate::space::SpaceInner;
+use crate::pte::{Pte, BUSY, P_DIRTY};
 use crate::swap::SwapDevice;
-use crate::sync::{wait_until, Arc, Ordering};
+use crate::sync::{wait_until, Ordering};
 use std::time::{Duration, Instant};
 
 /// Slots read per request while draining (1 MiB).
 const SPAN: usize = 256;
 
-impl Engine {
-    /// Removes swap device `id`; see the module header.
-    pub fn swapoff(&self, id: SwapId) -> Result<()> {
-        let dev = self
-            .swap
-            .get(id.0)
-            .ok_or_else(|| Error::InvalidArgument(format!("no swap device {}", id.0)))?;
-        if !dev.begin_drain() {
-            return Err(Error::InvalidArgument(format!(
-                "swap device {} is already being removed",
-                dev.name()
-            )));
+/// Removes swap device `id`; see the module header.
+pub(crate) fn swapoff(eng: &Engine, id: SwapId) -> Result<()> {
+    let dev = eng
+        .swap
+        .get(id.0)
+        .ok_or_else(|| Error::InvalidArgument(format!("no swap device {}", id.0)))?;
+    if !dev.begin_drain() {
+        return Err(Error::InvalidArgument(format!(
+            "swap device {} is already being removed",
+            dev.name()
+        )));
+    }
+    match drain(eng, &dev) {
+        Ok(()) => {
+            eng.swap.remove(id);
+            Ok(())
         }
-        match self.drain(&dev) {
-            Ok(()) => {
-                self.swap.remove(id);
-                Ok(())
-            }
-            Err(e) => {
-                dev.end_drain();
-                Err(e)
-            }
+        Err(e) => {
+            dev.end_drain();
+            Err(e)
         }
     }
+}
 
-    fn drain(&self, dev: &SwapDevice) -> Result<()> {
-        let mut bounce = AlignedPages::new(SPAN)?;
-        let mut last_progress = Instant::now();
-        let mut last_used = u64::MAX;
-        loop {
-            self.forget_copies_on(dev);
-            if dev.used() == 0 {
-                return Ok(());
-            }
-            let spaces: Vec<Arc<SpaceInner>> = {
-                let mut list = self.spaces.lock();
-                list.retain(|w| w.strong_count() > 0);
-                list.iter().filter_map(|w| w.upgrade()).collect()
-            };
-            for sp in &spaces {
-                self.drain_space(sp, dev, &mut bounce)?;
-            }
-            drop(spaces);
-            self.forget_copies_on(dev);
-            let used = dev.used();
-            if used == 0 {
-                return Ok(());
-            }
-            if used < last_used {
-                last_used = used;
-                last_progress = Instant::now();
-            } else if last_progress.elapsed() > Duration::from_secs(30) {
-                return Err(Error::Device {
-                    dev: dev.name().to_string(),
-                    source: std::io::Error::other(format!(
-                        "swapoff made no progress for 30 s: {used} slots still referenced"
-                    )),
-                });
+fn drain(eng: &Engine, dev: &SwapDevice) -> Result<()> {
+    let mut bounce = AlignedPages::new(SPAN)?;
+    let mut last_progress = Instant::now();
+    let mut last_used = u64::MAX;
+    loop {
+        forget_copies_on(eng, dev);
+        if dev.used() == 0 {
+            return Ok(());
+        }
+        let spaces = eng.live_spaces();
+        for sp in &spaces {
+            drain_space(eng, &**sp, dev, &mut bounce)?;
+        }
+        drop(spaces);
+        forget_copies_on(eng, dev);
+        let used = dev.used();
+        if used == 0 {
+            return Ok(());
+        }
+        if used < last_used {
+            last_used = used;
+            last_progress = Instant::now();
+        } else if last_progress.elapsed() > Duration::from_secs(30) {
+            return Err(Error::Device {
+                dev: dev.name().to_string(),
+                source: std::io::Error::other(format!(
+                    "swapoff made no progress for 30 s: {used} slots still referenced"
+                )),
+            });
+        } else {
+            // Something is on its way out (a space being dropped, a page-out
+            // completing); give it a moment.
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
+/// Resident pages whose swap copy is on `dev` forget it; waits for page-outs in
+/// flight first, since their completion may attach a slot on `dev`.
+fn forget_copies_on(eng: &Engine, dev: &SwapDevice) {
+    wait_until(|| eng.io.inflight() == 0);
+    for i in 0..eng.frames.nframes() {
+        let pfn = Pfn(i as u32);
+        let d = eng.frames.desc(pfn);
+        if d.flags.load(Ordering::Relaxed) & F_INUSE == 0 {
+            continue;
+        }
+        let on_dev = |v: u64| matches!(Pte::decode(v), Pte::Swapped(e) if e.dev == dev.id.0);
+        if !on_dev(d.swap.load(Ordering::Relaxed)) {
+            continue;
+        }
+        d.lock();
+        let sw = d.swap.load(Ordering::Relaxed);
+        if on_dev(sw) && d.mapcount.load(Ordering::Relaxed) > 0 {
+            // The copy goes: mark every mapping dirty so the page is written
+            // elsewhere before it can be dropped.
+            eng.rmap.for_each(d, pfn, |pte| {
+                let _ = crate::pte::lock_present(pte, pfn);
+                crate::pte::unlock_entry(pte, 0, P_DIRTY);
+                true
+            });
+            d.swap.store(0, Ordering::Relaxed);
+            eng.swap.put_encoded(sw);
+        }
+        d.unlock();
+    }
+}
+
+fn drain_space(
+    eng: &Engine,
+    sp: &dyn SpaceWalk,
+    dev: &SwapDevice,
+    bounce: &mut AlignedPages,
+) -> Result<()> {
+    // The walk takes the space's regions read lock and drops it: no lock is held
+    // across the reads below. An entry found here is claimed by value later
+    // (`Swapped(dev, slot)` → `BUSY`), so one that changed meanwhile is skipped and
+    // the next pass sees what it became.
+    let mut todo: Vec<(u64, u64)> = Vec::new();
+    sp.swapped_on(dev.id.0, &mut todo);
+    todo.sort_unstable();
+    let mut i = 0;
+    while i < todo.len() {
+        let first = todo[i].0;
+        let mut j = i + 1;
+        while j < todo.len() && todo[j].0 - first < SPAN as u64 {
+            j += 1;
+        }
+        let span = (todo[j - 1].0 - first + 1) as usize;
+        // One sequential read for the run, unless it is mostly holes.
+        let dense = span <= 4 * (j - i);
+        if dense {
+            // SAFETY: the bounce buffer is ours for the whole swapoff.
+            let buf = unsafe { std::slice::from_raw_parts_mut(bounce.ptr(0), span * PAGE_SIZE) };
+            dev.read_span(first, buf)?;
+        }
+        for &(slot, vpn) in &todo[i..j] {
+            let k = if dense { (slot - first) as usize } else { 0 };
+            if !dense {
+                dev.read(slot, bounce.page_mut(0))
+                    .inspect_err(|_| crate::stats::Counters::inc(&eng.cnt.read_errors))?;
             } else {
-                // Something is on its way out (a space being dropped, a page-out
-                // completing); give it a moment.
-                std::thread::sleep(Duration::from_millis(1));
+                dev.verify(slot, bounce.page(k))?;
             }
+            bring_back(eng, sp, vpn, dev, slot, bounce.page(k))?;
         }
+        i = j;
     }
+    Ok(())
+}
 
-    /// Resident pages whose swap copy is on `dev` forget it; waits for page-outs in
-    /// flight first, since their completion may attach a slot on `dev`.
-    fn forget_copies_on(&self, dev: &SwapDevice) {
-        wait_until(|| self.io.inflight() == 0);
-        for i in 0..self.frames.nframes() {
-            let pfn = Pfn(i as u32);
-            let d = self.frames.desc(pfn);
-            if d.flags.load(Ordering::Relaxed) & F_INUSE == 0 {
-                continue;
-            }
-            let on_dev = |v: u64| matches!(Pte::decode(v), Pte::Swapped(e) if e.dev == dev.id.0);
-            if !on_dev(d.swap.load(Ordering::Relaxed)) {
-                continue;
-            }
-            d.lock();
-            let sw = d.swap.load(Ordering::Relaxed);
-            if on_dev(sw) && d.mapcount.load(Ordering::Relaxed) > 0 {
-                // The copy goes: mark every mapping dirty so the page is written
-                // elsewhere before it can be dropped.
-                self.rmap.for_each(d, pfn, |pte| {
-                    let _ = crate::pagetable::lock_present(pte, pfn);
-                    crate::pagetable::unlock_entry(pte, 0, P_DIRTY);
-                    true
-                });
-                d.swap.store(0, Ordering::Relaxed);
-                self.swap.put_encoded(sw);
-            }
-            d.unlock();
+/// Moves one swapped page (its verified bytes in `data`) off `dev`: into a frame,
+/// or to another device when memory cannot take it.
+fn bring_back(
+    eng: &Engine,
+    sp: &dyn SpaceWalk,
+    vpn: u64,
+    dev: &SwapDevice,
+    slot: u64,
+    data: &[u8],
+) -> Result<()> {
+    let Some(pte) = sp.entry(vpn) else {
+        return Ok(());
+    };
+    let v = Pte::swapped(SwapEntry {
+        dev: dev.id.0,
+        slot,
+    });
+    if pte
+        .compare_exchange(v, BUSY, Ordering::AcqRel, Ordering::Relaxed)
+        .is_err()
+    {
+        return Ok(()); // faulted in or changed meanwhile
+    }
+    match crate::reclaim::alloc_frame(eng, crate::frame::AllocCtx::Normal) {
+        Ok(pfn) => {
+            // SAFETY: the frame is ours and not yet visible.
+            unsafe { copy_in(eng.frames.frame_ptr(pfn), data) };
+            eng.install(pte, pfn, 0, true);
+            crate::stats::Counters::inc(&eng.cnt.pswpin);
         }
-    }
-
-    fn drain_space(
-        &self,
-        sp: &SpaceInner,
-        dev: &SwapDevice,
-        bounce: &mut AlignedPages,
-    ) -> Result<()> {
-        let regions = sp.regions.read();
-        let mut todo: Vec<(u64, u64)> = Vec::new();
-        for (&start, &len) in regions.iter() {
-            let first = start / PAGE_SIZE as u64;
-            let end = (start + len) / PAGE_SIZE as u64;
-            sp.pt.for_each(first, end, |vpn, pte| {
-                if let Pte::Swapped(e) = Pte::decode(pte.load(Ordering::Acquire)) {
-                    if e.dev == dev.id.0 {
-                        todo.push((e.slot, vpn));
+        Err(_) => {
+            // Memory is short: move the page to another device instead.
+            let moved = eng.swap.alloc().ok().and_then(|e2| {
+                let d2 = eng.swap.get(e2.dev)?;
+                match d2.write(e2.slot, data) {
+                    Ok(()) => Some(e2),
+                    Err(_) => {
+                        eng.swap.put(e2);
+                        None
                     }
                 }
             });
-        }
-        todo.sort_unstable();
-        let mut i = 0;
-        while i < todo.len() {
-            let first = todo[i].0;
-            let mut j = i + 1;
-            while j < todo.len() && todo[j].0 - first < SPAN as u64 {
-                j += 1;
-            }
-            let span = (todo[j - 1].0 - first + 1) as usize;
-            // One sequential read for the run, unless it is mostly holes.
-            let dense = span <= 4 * (j - i);
-            if dense {
-                // SAFETY: the bounce buffer is ours for the whole swapoff.
-                let buf =
-                    unsafe { std::slice::from_raw_parts_mut(bounce.ptr(0), span * PAGE_SIZE) };
-                dev.read_span(first, buf)?;
-            }
-            for &(slot, vpn) in &todo[i..j] {
-                let k = if dense { (slot - first) as usize } else { 0 };
-                if !dense {
-                    dev.read(slot, bounce.page_mut(0))
-                        .inspect_err(|_| crate::stats::Counters::inc(&self.cnt.read_errors))?;
-                } else {
-                    dev.verify(slot, bounce.page(k))?;
-                }
-                self.bring_back(sp, vpn, dev, slot, bounce.page(k))?;
-            }
-            i = j;
-        }
-        Ok(())
-    }
-
-    /// Moves one swapped page (its verified bytes in `data`) off `dev`: into a frame,
-    /// or to another device when memory cannot take it.
-    fn bring_back(
-        &self,
-        sp: &SpaceInner,
-        vpn: u64,
-        dev: &SwapDevice,
-        slot: u64,
-        data: &[u8],
-    ) -> Result<()> {
-        let Some(pte) = sp.pt.lookup(vpn) else {
-            return Ok(());
-        };
-        let v = Pte::swapped(SwapEntry {
-            dev: dev.id.0,
-            slot,
-        });
-        if pte
-            .compare_exchange(v, BUSY, Ordering::AcqRel, Ordering::Relaxed)
-            .is_err()
-        {
-            return Ok(()); // faulted in or changed meanwhile
-        }
-        match self.alloc_frame(crate::frame::AllocCtx::Normal) {
-            Ok(pfn) => {
-                // SAFETY: the frame is ours and not yet visible.
-                unsafe { copy_in(self.frames.frame_ptr(pfn), data) };
-                sp.install(pte, pfn, 0, true);
-                crate::stats::Counters::inc(&self.cnt.pswpin);
-            }
-            Err(_) => {
-                // Memory is short: move the page to another device instead.
-                let moved = self.swap.alloc().ok().and_then(|e2| {
-                    let d2 = self.swap.get(e2.dev)?;
-                    match d2.write(e2.slot, data) {
-                        Ok(()) => Some(e2),
-                        Err(_) => {
-                            self.swap.put(e2);
-                            None
-                        }
-                    }
-                });
-                match moved {
-                    Some(e2) => pte.store(Pte::swapped(e2), Ordering::Release),
-                    None => {
-                        pte.store(v, Ordering::Release);
-                        return Err(Error::OutOfMemory);
-                    }
+            match moved {
+                Some(e2) => pte.store(Pte::swapped(e2), Ordering::Release),
+                None => {
+                    pte.store(v, Ordering::Release);
+                    return Err(Error::OutOfMemory);
                 }
             }
         }
-        dev.put_slot(slot);
-        Ok(())
     }
+    dev.put_slot(slot);
+    Ok(())
 }

@@ -21,7 +21,7 @@
 use crate::addr::{SwapEntry, SwapId};
 use crate::device::BlockDevice;
 use crate::error::{Error, Result};
-use crate::pagetable::Pte;
+use crate::pte::Pte;
 use crate::sync::{Arc, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Mutex, Ordering, RwLock};
 use std::io;
 

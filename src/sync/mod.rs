@@ -11,6 +11,9 @@ pub use std::sync::atomic::{
 };
 pub use std::sync::{Arc, Weak};
 
+mod seqcount;
+pub use seqcount::SeqCount;
+
 /// Spin, then yield, then sleep in growing steps until `done()` holds.
 ///
 /// Used for the rare waits on another thread's short critical section (a page being

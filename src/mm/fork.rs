@@ -1,0 +1,152 @@
+//! fork: a copy-on-write snapshot of an address space.
+//!
+//! The page table's leaves are shared, not copied (the kernel's "on-demand fork"):
+//! fork costs a few operations per 16 MiB of mapped address space. The first write
+//! through a shared leaf (in either space) copies that leaf (`SpaceInner::unshare`
+//! with [`copy_entry`]), taking a reference on every page and slot in it and marking
+//! shared pages copy-on-write; the write then breaks the copy-on-write of its page
+//! (`fault::cow_break`).
+//!
+//! ## Locking
+//! The parent's regions write lock for the whole snapshot (so no fault installs or
+//! unmaps meanwhile), then the child's. `copy_entry` takes a frame lock, then the
+//! entry's bit lock, as everywhere; it claims a swapped entry (`BUSY`) to take a
+//! slot reference, and never allocates a frame.
+
+use crate::addr::PAGE_SIZE;
+use crate::engine::Engine;
+use crate::error::Result;
+use crate::mm::space::SpaceInner;
+use crate::pte::{
+    try_lock_present, unlock_entry, Pte, BUSY, P_COW, P_EXCL, P_LOCK, P_SHARED, TAG_MASK,
+    TAG_PRESENT,
+};
+use crate::sync::{wait_until, AtomicU64, Ordering};
+
+/// A copy-on-write snapshot of this space into `child` (which the caller has
+/// registered with the Vm, so swapoff sees it from the start).
+///
+/// The page table's leaves are shared, not copied (the kernel's "on-demand fork"):
+/// fork costs a few operations per 16 MiB of mapped address space. The first
+/// write through a shared leaf (in either space) copies that leaf, taking a
+/// reference on every page and slot in it and marking shared pages
+/// copy-on-write; see `unshare` and `fault::cow_break`.
+///
+/// Waits for guards on this space's pages to be dropped (a guard pins an entry,
+/// and a shared leaf holds no pinned entry), without holding any lock meanwhile.
+pub(crate) fn fork_into(sp: &SpaceInner, child: &SpaceInner) -> Result<()> {
+    loop {
+        let regions = sp.regions.write();
+        let mut tagged = Vec::new();
+        for (start, len) in regions.spans_from(0) {
+            sp.pt.tag_all(
+                start / PAGE_SIZE as u64,
+                (start + len) / PAGE_SIZE as u64,
+                &mut tagged,
+            );
+        }
+        // From here, hit-path writers and new pins see the tag (or we see them).
+        let mut pinned = None;
+        for (start, len) in regions.spans_from(0) {
+            sp.pt.for_each(
+                start / PAGE_SIZE as u64,
+                (start + len) / PAGE_SIZE as u64,
+                |_, pte| {
+                    if pinned.is_some() {
+                        return;
+                    }
+                    let present = |v: u64| v & TAG_MASK == TAG_PRESENT;
+                    // A writer that locked before seeing the tag: let it finish.
+                    wait_until(|| {
+                        let v = pte.load(Ordering::Acquire);
+                        !present(v) || v & P_LOCK == 0
+                    });
+                    let v = pte.load(Ordering::Acquire);
+                    if present(v) && v & (P_EXCL | P_SHARED) != 0 {
+                        pinned = Some(pte as *const AtomicU64 as usize);
+                    }
+                },
+            );
+        }
+        if let Some(p) = pinned {
+            sp.pt.untag(&tagged);
+            drop(regions);
+            // SAFETY: entries of this table stay valid while the space lives.
+            let pte = unsafe { &*(p as *const AtomicU64) };
+            wait_until(|| {
+                let v = pte.load(Ordering::Acquire);
+                v & TAG_MASK != TAG_PRESENT || v & (P_EXCL | P_SHARED) == 0
+            });
+            continue;
+        }
+        let mut theirs = child.regions.write();
+        child.regions_seq.write_begin();
+        *theirs = regions.clone();
+        child.regions_seq.write_end();
+        drop(theirs);
+        for (start, len) in regions.spans_from(0) {
+            sp.pt.share_into(
+                &child.pt,
+                start / PAGE_SIZE as u64,
+                (start + len) / PAGE_SIZE as u64,
+            );
+        }
+        return Ok(());
+    }
+}
+
+/// Copies one entry of a shared leaf into a private copy, taking its own references:
+/// a resident page gets one more mapping and both entries become copy-on-write; a
+/// swapped page's slot gets one more reference.
+pub(crate) fn copy_entry(eng: &Engine, src: &AtomicU64, dst: &AtomicU64) {
+    loop {
+        let v = src.load(Ordering::Acquire);
+        match Pte::decode(v) {
+            Pte::Empty => return,
+            // Another space is faulting this page in through the shared leaf.
+            Pte::Busy => wait_until(|| src.load(Ordering::Acquire) != BUSY),
+            Pte::Swapped(_) => {
+                // Claim the entry so nobody frees the slot between our look and our
+                // reference.
+                if src
+                    .compare_exchange(v, BUSY, Ordering::AcqRel, Ordering::Relaxed)
+                    .is_err()
+                {
+                    continue;
+                }
+                let ok = eng.swap.dup_encoded(v, 1);
+                src.store(v, Ordering::Release);
+                if ok {
+                    dst.store(v, Ordering::Release);
+                    return;
+                }
+                // 65,535 references: the copy cannot share the slot. Bring the page in
+                // is not possible here without a frame; wait and retry (another space
+                // dropping its share frees a reference).
+                std::thread::yield_now();
+            }
+            Pte::Present(pfn) => {
+                let d = eng.frames.desc(pfn);
+                d.lock();
+                let Some(cur) = try_lock_present(src, 0) else {
+                    d.unlock();
+                    wait_until(|| {
+                        let now = src.load(Ordering::Acquire);
+                        now & TAG_MASK != TAG_PRESENT || now & P_LOCK == 0
+                    });
+                    continue;
+                };
+                if Pte::pfn(cur) != pfn {
+                    unlock_entry(src, 0, 0);
+                    d.unlock();
+                    continue;
+                }
+                dst.store((cur | P_COW) & !(P_SHARED | P_EXCL), Ordering::Release);
+                eng.rmap.add(d, pfn, dst);
+                unlock_entry(src, 0, P_COW);
+                d.unlock();
+                return;
+            }
+        }
+    }
+}
