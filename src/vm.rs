@@ -6,8 +6,9 @@
 //! until the last handle of the Vm and of its spaces is dropped.
 
 use crate::addr::{Pfn, SwapId, VAddr, PAGE_SIZE};
-use crate::config::{Config, SwapKind, SwapSpec};
-use crate::device::{file::FileDevice, BlockDevice};
+use crate::config::Config;
+use crate::device::spec::SwapSpec;
+use crate::device::BlockDevice;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::mm::fault::Want;
@@ -97,13 +98,7 @@ impl Vm {
     /// new file, …), `Error::Io` when the file cannot be created or sized,
     /// `Error::TooManyDevices` past 64 devices.
     pub fn swapon(&self, spec: SwapSpec) -> Result<SwapId> {
-        let dev: Arc<dyn BlockDevice> = match &spec.kind {
-            SwapKind::File { path, size } => Arc::new(FileDevice::open(path, *size, &spec.text)?),
-            SwapKind::Nbd { addr, options } => Arc::new(crate::device::nbd::NbdDevice::connect(
-                addr, options, &spec.text,
-            )?),
-            SwapKind::Mirror { .. } => crate::device::mirror::open_spec(&spec)?,
-        };
+        let dev = crate::device::spec::open(&spec, false)?;
         self.swapon_device(dev, spec.prio)
     }
 

@@ -509,34 +509,6 @@ fn resync_thread(sh: &Shared, mut buf: AlignedPages) {
     }
 }
 
-/// Opens the device a spec names (the legs of `mirror:(A,B)`, recursively).
-pub(crate) fn open_spec(spec: &crate::config::SwapSpec) -> Result<Arc<dyn BlockDevice>> {
-    use crate::config::SwapKind;
-    #[allow(unreachable_patterns)]
-    Ok(match &spec.kind {
-        SwapKind::File { path, size } => {
-            Arc::new(super::file::FileDevice::open(path, *size, &spec.text)?)
-        }
-        SwapKind::Nbd { addr, options } => {
-            // A leg fails fast when its server is unreachable: the other leg answers.
-            let mut o = options.clone();
-            o.wait_for_reconnect = false;
-            Arc::new(super::nbd::NbdDevice::connect(addr, &o, &spec.text)?)
-        }
-        SwapKind::Mirror { legs } => {
-            let a = open_spec(&legs[0])?;
-            let b = open_spec(&legs[1])?;
-            Arc::new(MirrorDevice::new(a, b, &spec.text)?)
-        }
-        _ => {
-            return Err(Error::Config(format!(
-                "swap spec {:?} cannot be opened as a mirror leg",
-                spec.text
-            )))
-        }
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -15,6 +15,7 @@ pub mod faulty;
 pub mod file;
 pub mod mirror;
 pub mod nbd;
+pub mod spec;
 pub use buf::AlignedPages;
 
 use std::fmt;

@@ -25,6 +25,7 @@
 //! counted against the same budget.
 
 use crate::addr::{Pfn, PAGE_SIZE};
+use crate::sync::raw::{AtomicU64 as RawU64, AtomicU8 as RawU8};
 use crate::sync::{AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Condvar, Mutex, Ordering};
 use std::io;
 use std::time::Duration;
@@ -294,7 +295,7 @@ pub(crate) unsafe fn copy_out(src: *const u8, dst: &mut [u8]) {
     if dst.len() == 8 && (src as usize).is_multiple_of(8) {
         // The common case of a word-sized access: one load.
         // SAFETY: inside the arena (caller's contract) and 8-byte aligned.
-        let w = unsafe { AtomicU64::from_ptr(src as *mut u64) }.load(Ordering::Relaxed);
+        let w = unsafe { RawU64::from_ptr(src as *mut u64) }.load(Ordering::Relaxed);
         dst.copy_from_slice(&w.to_ne_bytes());
         return;
     }
@@ -302,20 +303,18 @@ pub(crate) unsafe fn copy_out(src: *const u8, dst: &mut [u8]) {
     let n = dst.len();
     while i < n && !(src as usize + i).is_multiple_of(8) {
         // SAFETY: inside the arena (caller's contract); AtomicU8 has alignment 1.
-        dst[i] = unsafe { crate::sync::AtomicU8::from_ptr(src.add(i) as *mut u8) }
-            .load(Ordering::Relaxed);
+        dst[i] = unsafe { RawU8::from_ptr(src.add(i) as *mut u8) }.load(Ordering::Relaxed);
         i += 1;
     }
     while i + 8 <= n {
         // SAFETY: inside the arena and 8-byte aligned (loop above).
-        let w = unsafe { AtomicU64::from_ptr(src.add(i) as *mut u64) }.load(Ordering::Relaxed);
+        let w = unsafe { RawU64::from_ptr(src.add(i) as *mut u64) }.load(Ordering::Relaxed);
         dst[i..i + 8].copy_from_slice(&w.to_ne_bytes());
         i += 8;
     }
     while i < n {
         // SAFETY: inside the arena; alignment 1.
-        dst[i] = unsafe { crate::sync::AtomicU8::from_ptr(src.add(i) as *mut u8) }
-            .load(Ordering::Relaxed);
+        dst[i] = unsafe { RawU8::from_ptr(src.add(i) as *mut u8) }.load(Ordering::Relaxed);
         i += 1;
     }
 }
@@ -331,20 +330,20 @@ pub(crate) unsafe fn copy_in(dst: *mut u8, src: &[u8]) {
     let n = src.len();
     while i < n && !(dst as usize + i).is_multiple_of(8) {
         // SAFETY: inside the arena (caller's contract); alignment 1.
-        unsafe { crate::sync::AtomicU8::from_ptr(dst.add(i)) }.store(src[i], Ordering::Relaxed);
+        unsafe { RawU8::from_ptr(dst.add(i)) }.store(src[i], Ordering::Relaxed);
         i += 1;
     }
     while i + 8 <= n {
         let mut w = [0u8; 8];
         w.copy_from_slice(&src[i..i + 8]);
         // SAFETY: inside the arena and 8-byte aligned.
-        unsafe { AtomicU64::from_ptr(dst.add(i) as *mut u64) }
+        unsafe { RawU64::from_ptr(dst.add(i) as *mut u64) }
             .store(u64::from_ne_bytes(w), Ordering::Relaxed);
         i += 8;
     }
     while i < n {
         // SAFETY: inside the arena; alignment 1.
-        unsafe { crate::sync::AtomicU8::from_ptr(dst.add(i)) }.store(src[i], Ordering::Relaxed);
+        unsafe { RawU8::from_ptr(dst.add(i)) }.store(src[i], Ordering::Relaxed);
         i += 1;
     }
 }
@@ -356,7 +355,7 @@ pub(crate) unsafe fn copy_in(dst: *mut u8, src: &[u8]) {
 pub(crate) unsafe fn zero_frame(dst: *mut u8) {
     for i in (0..PAGE_SIZE).step_by(8) {
         // SAFETY: inside the frame; frames are page aligned.
-        unsafe { AtomicU64::from_ptr(dst.add(i) as *mut u64) }.store(0, Ordering::Relaxed);
+        unsafe { RawU64::from_ptr(dst.add(i) as *mut u64) }.store(0, Ordering::Relaxed);
     }
 }
 pub(crate) mod rmap;

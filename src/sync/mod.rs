@@ -1,14 +1,41 @@
 //! The one place locks and atomics come from.
 //!
-//! Every protocol in the engine (frame sequence locks, page-table entries, the
-//! request pool) uses the types re-exported here, so that a model checker (loom or
-//! shuttle, behind `cfg(loom)`) can replace them without touching the engine. Today
-//! the engine is built on `parking_lot` locks and `std` atomics.
+//! Every protocol in the engine (frame locks, page-table entries, the request pool,
+//! the region sequence counts) uses the types re-exported here, so that a model
+//! checker can replace them without touching the engine (tokio's `loom` module does
+//! the same). Two backends, chosen at build time:
+//!
+//! - default: `parking_lot` locks and `std` atomics;
+//! - `--cfg usermm_shuttle`: `shuttle`'s locks, condition variables and atomics,
+//!   behind wrappers with parking_lot's API (no poisoning; `Condvar::wait_for` on a
+//!   guard in place), so a shuttle test can schedule the engine's own code. Build with
+//!   `RUSTFLAGS="--cfg usermm_shuttle" cargo test --test model_sync`.
+//!
+//! Page-table nodes are allocated zeroed (`mm::pagetable`); shuttle's atomics are
+//! valid when zeroed (a `RefCell` and an `Option` with a null niche), which the
+//! shuttle model test checks before relying on it.
+//!
+//! Threads, sleeps and I/O are not switched: a model test drives the engine's
+//! protocols from shuttle threads of its own.
 
-pub use parking_lot::{Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
-pub use std::sync::atomic::{
-    fence, AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering,
-};
+#[cfg(not(usermm_shuttle))]
+mod imp {
+    pub use parking_lot::{Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+    pub use std::sync::atomic::{
+        fence, AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering,
+    };
+}
+
+#[cfg(usermm_shuttle)]
+mod imp;
+
+pub use imp::*;
+
+/// Atomics laid over raw memory (page bytes in frames): the data the protocols move,
+/// not the protocols themselves, so they stay `std`'s under every backend.
+pub mod raw {
+    pub use std::sync::atomic::{AtomicU64, AtomicU8};
+}
 pub use std::sync::{Arc, Weak};
 
 mod seqcount;
@@ -25,11 +52,19 @@ pub fn wait_until(mut done: impl FnMut() -> bool) {
         if round < 64 {
             std::hint::spin_loop();
         } else if round < 80 {
-            std::thread::yield_now();
+            yield_now();
         } else {
             let us = (20u64 << ((round - 80).min(6))).min(1000);
             std::thread::sleep(std::time::Duration::from_micros(us));
         }
         round = round.saturating_add(1);
     }
+}
+
+/// Gives the CPU (or, under the model checker, the schedule) to another thread.
+pub fn yield_now() {
+    #[cfg(usermm_shuttle)]
+    shuttle::thread::yield_now();
+    #[cfg(not(usermm_shuttle))]
+    std::thread::yield_now();
 }
