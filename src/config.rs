@@ -1,7 +1,9 @@
 //! Configuration of a [`Vm`](crate::Vm) and the swap device specs.
 //!
 //! Specs are URIs: `file:PATH?size=4G&prio=0`. The size takes the suffixes
-//! K, M, G, T (powers of 1024, with or without `iB`). NBD follows the NBD URI
+//! K, M, G, T (powers of 1024, with or without `iB`). A file device uses O_DIRECT and
+//! refuses a file system that does not take it; `direct=0` asks for buffered I/O
+//! instead (its page cache is outside the memory budget). NBD follows the NBD URI
 //! convention: `nbd://host[:port]/export` (port 10809 by default, `[v6addr]` in
 //! brackets) and `nbd+unix:///export?socket=PATH`, with the options `conns=N`
 //! (connections when the server allows multi-conn), `timeout=SECONDS` (per request,
@@ -181,6 +183,16 @@ impl SwapSpec {
         self
     }
 
+    /// Whether the spec asks for buffered I/O: `direct=0` on a file device, or on a
+    /// leg of a mirror. Such a device's page cache is outside the memory budget.
+    pub fn buffered(&self) -> bool {
+        match &self.kind {
+            SwapKind::File { .. } => asks_buffered(&self.text),
+            SwapKind::Mirror { legs } => legs.iter().any(SwapSpec::buffered),
+            _ => false,
+        }
+    }
+
     /// Parses a spec. Errors are `Error::Config` naming the offending part.
     pub fn parse(s: &str) -> Result<SwapSpec> {
         Self::parse_at(s, 0)
@@ -204,6 +216,7 @@ impl SwapSpec {
         let mut conns = None;
         let mut timeout = None;
         let mut fua = None;
+        let mut direct = None;
         for kv in query
             .into_iter()
             .flat_map(|q| q.split('&'))
@@ -242,6 +255,13 @@ impl SwapSpec {
                         })?;
                     timeout = Some(Duration::from_secs_f64(t));
                 }
+                "direct" => {
+                    direct = Some(match v {
+                        "1" => true,
+                        "0" => false,
+                        _ => return Err(bad(format!("direct {v:?} is not 0 or 1"))),
+                    })
+                }
                 "fua" => {
                     fua = Some(match v {
                         "1" | "on" | "true" | "yes" => true,
@@ -251,7 +271,7 @@ impl SwapSpec {
                 }
                 _ => {
                     return Err(bad(format!(
-                        "unknown option {k:?} (known: size, prio; for nbd: socket, conns, timeout, fua)"
+                        "unknown option {k:?} (known: size, prio; for files: direct; for nbd: socket, conns, timeout, fua)"
                     )))
                 }
             }
@@ -276,6 +296,9 @@ impl SwapSpec {
             "nbd" | "nbd+unix" => {
                 if size.is_some() {
                     return Err(bad("an nbd device has the export's size (no size=)".into()));
+                }
+                if direct.is_some() {
+                    return Err(bad("direct= applies to file devices only".into()));
                 }
                 let path = body.strip_prefix("//").ok_or_else(|| {
                     bad(format!("expected {scheme}://HOST[:PORT]/EXPORT (the URI needs //)"))
@@ -392,6 +415,17 @@ impl SwapSpec {
             text: s.to_string(),
         })
     }
+}
+
+/// Whether `text`, a file spec, carries `direct=0` (the file device reads its option
+/// from the spec text it is named by; `SwapKind::File` keeps its two fields).
+pub(crate) fn asks_buffered(text: &str) -> bool {
+    text.starts_with("file:")
+        && text.split_once('?').and_then(|(_, q)| {
+            q.split('&')
+                .filter_map(|kv| kv.strip_prefix("direct="))
+                .last()
+        }) == Some("0")
 }
 
 fn parse_prio(v: &str) -> std::result::Result<i32, String> {

@@ -28,9 +28,29 @@ impl FileDevice {
     /// pages); `None` takes the existing file's size. Space is allocated up front
     /// with `fallocate` so a full disk shows here and not at page-out time.
     ///
+    /// `name` is the device's name, its spec when opened from one: the file is used
+    /// with O_DIRECT unless `name` is a file spec with `direct=0` (see [`open_with`]).
+    ///
     /// Errors: `Error::Config` for a size under one page or a missing file without a
-    /// size; `Error::Io` when the file cannot be created, opened or sized.
+    /// size; `Error::Io` when the file cannot be created, opened or sized, or its
+    /// file system refuses O_DIRECT.
+    ///
+    /// [`open_with`]: FileDevice::open_with
     pub fn open(path: &Path, size: Option<u64>, name: &str) -> Result<FileDevice> {
+        Self::open_with(path, size, name, !crate::config::asks_buffered(name))
+    }
+
+    /// [`open`](FileDevice::open) with the I/O mode given: `direct` opens with
+    /// O_DIRECT and fails (`Error::Io`, kind `InvalidInput`, naming the path) where
+    /// the file system refuses it (ramfs, tmpfs before Linux 6.6, some overlay and
+    /// FUSE setups); `!direct` uses buffered I/O, whose page cache is outside the
+    /// memory budget.
+    pub fn open_with(
+        path: &Path,
+        size: Option<u64>,
+        name: &str,
+        direct: bool,
+    ) -> Result<FileDevice> {
         let ctx = |what: &str, e: io::Error| {
             Error::Io(io::Error::new(
                 e.kind(),
@@ -39,11 +59,22 @@ impl FileDevice {
         };
         let mut opts = OpenOptions::new();
         opts.read(true).write(true).create(size.is_some());
-        let (file, direct) = match opts.clone().custom_flags(libc::O_DIRECT).open(path) {
-            Ok(f) => (f, true),
-            // tmpfs and some overlay setups refuse O_DIRECT: fall back to buffered I/O.
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                (opts.open(path).map_err(|e| ctx("cannot open", e))?, false)
+        if direct {
+            opts.custom_flags(libc::O_DIRECT);
+        }
+        let file = match opts.open(path) {
+            Ok(f) => f,
+            Err(e) if direct && e.raw_os_error() == Some(libc::EINVAL) => {
+                return Err(Error::Io(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!(
+                        "swap file {}: the file system refused O_DIRECT ({e}); buffered I/O \
+                         would keep swapped pages in the page cache, outside the memory \
+                         budget. Put the file on a disk file system, or add direct=0 to \
+                         the spec (file:PATH?size=SIZE&direct=0) to allow buffered I/O",
+                        path.display()
+                    ),
+                )))
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound && size.is_none() => {
                 return Err(Error::Config(format!(
@@ -92,7 +123,8 @@ impl FileDevice {
         })
     }
 
-    /// Whether the file is used with O_DIRECT.
+    /// Whether the file is used with O_DIRECT (false only when buffered I/O was
+    /// asked for).
     pub fn is_direct(&self) -> bool {
         self.direct
     }
