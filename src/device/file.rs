@@ -1,8 +1,12 @@
 //! The file device: a local file read and written in page-sized slots with
 //! positioned I/O (`pread`/`pwrite`) and O_DIRECT, so swapped pages bypass the page
-//! cache and do not count against the machine's memory behind our budget.
+//! cache and do not count against the machine's memory behind our budget. A file
+//! system that refuses O_DIRECT is an error unless the caller asked for buffered I/O
+//! (`direct=0` in the spec): never a silent fallback.
 //!
-//! No locks: positioned I/O on one descriptor is safe from many threads.
+//! No locks: positioned I/O on one descriptor is safe from many threads. No
+//! allocation on the I/O paths, errors included (they run on page-I/O threads):
+//! errors are built from an `ErrorKind` or an errno, never from a formatted message.
 
 use super::BlockDevice;
 use crate::addr::PAGE_SIZE;
@@ -136,10 +140,7 @@ impl FileDevice {
 
     fn offset(&self, slot: u64) -> io::Result<i64> {
         if slot >= self.pages {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("slot {slot} beyond the device's {} pages", self.pages),
-            ));
+            return Err(io::ErrorKind::InvalidInput.into());
         }
         Ok((slot * PAGE_SIZE as u64) as i64)
     }
@@ -147,10 +148,7 @@ impl FileDevice {
 
 fn check_buf(len: usize) -> io::Result<()> {
     if len != PAGE_SIZE {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "buffer is not one page",
-        ));
+        return Err(io::ErrorKind::InvalidInput.into());
     }
     Ok(())
 }
@@ -184,12 +182,8 @@ impl BlockDevice for FileDevice {
                         return Err(e);
                     }
                 }
-                n => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        format!("short read of {n} bytes at slot {slot}"),
-                    ))
-                }
+                // A short read (the file shrank under us): no message, no allocation.
+                _ => return Err(io::ErrorKind::UnexpectedEof.into()),
             }
         }
     }
@@ -208,12 +202,8 @@ impl BlockDevice for FileDevice {
                         return Err(e);
                     }
                 }
-                n => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::WriteZero,
-                        format!("short write of {n} bytes at slot {slot}"),
-                    ))
-                }
+                // A short write (file size limit, full file system): no allocation.
+                _ => return Err(io::ErrorKind::WriteZero.into()),
             }
         }
     }
@@ -223,7 +213,7 @@ impl BlockDevice for FileDevice {
     fn write_pages(&self, first: u64, bufs: &[&[u8]]) -> io::Result<()> {
         const MAX: usize = 64;
         if bufs.is_empty() || bufs.len() > MAX || bufs.iter().any(|b| b.len() != PAGE_SIZE) {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, "bad page run"));
+            return Err(io::ErrorKind::InvalidInput.into());
         }
         let off = self.offset(first)?;
         self.offset(first + bufs.len() as u64 - 1)?;
@@ -267,7 +257,7 @@ impl BlockDevice for FileDevice {
             || !buf.len().is_multiple_of(PAGE_SIZE)
             || first.saturating_add(n as u64) > self.pages
         {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, "bad span"));
+            return Err(io::ErrorKind::InvalidInput.into());
         }
         let mut done = 0usize;
         while done < buf.len() {
@@ -283,12 +273,7 @@ impl BlockDevice for FileDevice {
                 )
             };
             match r {
-                0 => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "short span read",
-                    ))
-                }
+                0 => return Err(io::ErrorKind::UnexpectedEof.into()),
                 -1 => {
                     let e = io::Error::last_os_error();
                     if e.kind() != io::ErrorKind::Interrupted {
