@@ -424,7 +424,7 @@ pub(crate) fn asks_buffered(text: &str) -> bool {
         && text.split_once('?').and_then(|(_, q)| {
             q.split('&')
                 .filter_map(|kv| kv.strip_prefix("direct="))
-                .last()
+                .next_back()
         }) == Some("0")
 }
 
