@@ -139,7 +139,7 @@ impl Vm {
     /// device then stays in service with every page intact); `Device` if the device
     /// fails a read (likewise).
     pub fn swapoff(&self, id: SwapId) -> Result<()> {
-        crate::swap::swapoff::swapoff(&self.eng(), id)
+        crate::swap::swapoff::swapoff(self.eng(), id)
     }
 
     /// A snapshot of the counters.
@@ -173,7 +173,7 @@ impl Vm {
         let mut progress = 0;
         while freed() < pages && scanned < limit {
             let seen = eng.frames.events();
-            let r = crate::reclaim::shrink(&eng, 64, pages - freed());
+            let r = crate::reclaim::shrink(eng, 64, pages - freed());
             scanned += r.scanned;
             if r.evicted > 0 || r.queued > 0 {
                 idle = 0;

@@ -3,7 +3,14 @@
 //! It fails reads or writes on command (the next N, all, or a seeded fraction),
 //! or corrupts the data a read returns, and counts what it injected. It is a test
 //! tool, not a replacement for real devices: the real device underneath does the I/O.
-//! State is atomics only; no locks.
+//! State is atomics only; no locks; injected errors are an errno (EIO, like a failing
+//! disk), so the error paths allocate nothing, as on the real device.
+//!
+//! Batched writes (`write_pages`, the file device's one-`pwritev` page-out path) go
+//! through the same knobs: a batch stands for its page writes in order, the knobs pick
+//! the first that fails, the pages before it reach the inner device (a partial write)
+//! and the whole call fails. The engine sends batches only after
+//! [`FaultyDevice::set_merge_writes`]; by default it writes page by page.
 
 use super::BlockDevice;
 use crate::sync::{AtomicBool, AtomicU64, Ordering};
@@ -20,10 +27,12 @@ pub struct FaultyDevice {
     fail_writes: AtomicBool,
     fail_reads: AtomicBool,
     corrupt_reads: AtomicBool,
+    merge_writes: AtomicBool,
     /// Failure probability in parts per million, applied to reads and writes.
     rate_ppm: AtomicU64,
     rng: AtomicU64,
-    /// Number of failures injected into writes.
+    /// Number of page writes failed by injection (a failed batch counts each of its
+    /// pages, as the engine's `write_errors` does).
     pub injected_write_errors: AtomicU64,
     /// Number of failures injected into reads (corruptions included).
     pub injected_read_errors: AtomicU64,
@@ -40,6 +49,7 @@ impl FaultyDevice {
             fail_writes: AtomicBool::new(false),
             fail_reads: AtomicBool::new(false),
             corrupt_reads: AtomicBool::new(false),
+            merge_writes: AtomicBool::new(false),
             rate_ppm: AtomicU64::new(0),
             rng: AtomicU64::new(0x9E37_79B9_7F4A_7C15),
             injected_write_errors: AtomicU64::new(0),
@@ -66,6 +76,12 @@ impl FaultyDevice {
     pub fn set_corrupt_reads(&self, on: bool) {
         self.corrupt_reads.store(on, Ordering::SeqCst);
     }
+    /// While `on`, says it merges writes when the inner device does, so the engine
+    /// sends runs of adjacent slots through [`BlockDevice::write_pages`] (the batched
+    /// page-out path). Off by default (the engine then writes page by page).
+    pub fn set_merge_writes(&self, on: bool) {
+        self.merge_writes.store(on, Ordering::SeqCst);
+    }
     /// Fails a fraction (parts per million) of all reads and writes, from a seeded generator.
     pub fn set_failure_rate(&self, ppm: u64, seed: u64) {
         self.rng.store(seed | 1, Ordering::SeqCst);
@@ -86,6 +102,11 @@ impl FaultyDevice {
         z % 1_000_000 < ppm
     }
 
+    /// Whether the next page write fails, per the knobs (consumes one of the next-N).
+    fn write_fails(&self) -> bool {
+        self.fail_writes.load(Ordering::SeqCst) || Self::take(&self.fail_writes_next) || self.roll()
+    }
+
     fn take(counter: &AtomicU64) -> bool {
         counter
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
@@ -93,8 +114,10 @@ impl FaultyDevice {
     }
 }
 
-fn injected(what: &str) -> io::Error {
-    io::Error::other(format!("injected {what} failure"))
+/// An injected failure: EIO, built without allocating (the engine calls devices from
+/// page-I/O threads, which must not allocate).
+fn injected() -> io::Error {
+    io::Error::from_raw_os_error(libc::EIO)
 }
 
 impl BlockDevice for FaultyDevice {
@@ -110,7 +133,7 @@ impl BlockDevice for FaultyDevice {
             || self.roll()
         {
             self.injected_read_errors.fetch_add(1, Ordering::SeqCst);
-            return Err(injected("read"));
+            return Err(injected());
         }
         self.inner.read_page(slot, buf)?;
         if self.corrupt_reads.load(Ordering::SeqCst) {
@@ -120,14 +143,27 @@ impl BlockDevice for FaultyDevice {
         Ok(())
     }
     fn write_page(&self, slot: u64, buf: &[u8]) -> io::Result<()> {
-        if self.fail_writes.load(Ordering::SeqCst)
-            || Self::take(&self.fail_writes_next)
-            || self.roll()
-        {
+        if self.write_fails() {
             self.injected_write_errors.fetch_add(1, Ordering::SeqCst);
-            return Err(injected("write"));
+            return Err(injected());
         }
         self.inner.write_page(slot, buf)
+    }
+    fn merges_writes(&self) -> bool {
+        self.merge_writes.load(Ordering::SeqCst) && self.inner.merges_writes()
+    }
+    fn write_pages(&self, first: u64, bufs: &[&[u8]]) -> io::Result<()> {
+        let Some(k) = (0..bufs.len()).find(|_| self.write_fails()) else {
+            return self.inner.write_pages(first, bufs);
+        };
+        self.injected_write_errors
+            .fetch_add(bufs.len() as u64, Ordering::SeqCst);
+        if k > 0 {
+            // The pages before the failing one reach the device, as in a real partial
+            // write; the call fails all the same, so none of them counts as stored.
+            let _ = self.inner.write_pages(first, &bufs[..k]);
+        }
+        Err(injected())
     }
     fn flush(&self) -> io::Result<()> {
         self.inner.flush()

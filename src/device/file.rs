@@ -1,8 +1,12 @@
 //! The file device: a local file read and written in page-sized slots with
 //! positioned I/O (`pread`/`pwrite`) and O_DIRECT, so swapped pages bypass the page
-//! cache and do not count against the machine's memory behind our budget.
+//! cache and do not count against the machine's memory behind our budget. A file
+//! system that refuses O_DIRECT is an error unless the caller asked for buffered I/O
+//! (`direct=0` in the spec): never a silent fallback.
 //!
-//! No locks: positioned I/O on one descriptor is safe from many threads.
+//! No locks: positioned I/O on one descriptor is safe from many threads. No
+//! allocation on the I/O paths, errors included (they run on page-I/O threads):
+//! errors are built from an `ErrorKind` or an errno, never from a formatted message.
 
 use super::BlockDevice;
 use crate::addr::PAGE_SIZE;
@@ -23,14 +27,45 @@ pub struct FileDevice {
     direct: bool,
 }
 
+/// Whether `text`, a file spec, carries `direct=0` (a file device named by its spec
+/// text reads the option from it; `SwapKind::File` keeps its two fields).
+pub(crate) fn asks_buffered(text: &str) -> bool {
+    text.starts_with("file:")
+        && text.split_once('?').and_then(|(_, q)| {
+            q.split('&')
+                .filter_map(|kv| kv.strip_prefix("direct="))
+                .next_back()
+        }) == Some("0")
+}
+
 impl FileDevice {
     /// Opens (or creates) `path` as a swap file of `size` bytes (rounded down to
     /// pages); `None` takes the existing file's size. Space is allocated up front
     /// with `fallocate` so a full disk shows here and not at page-out time.
     ///
+    /// `name` is the device's name, its spec when opened from one: the file is used
+    /// with O_DIRECT unless `name` is a file spec with `direct=0` (see [`open_with`]).
+    ///
     /// Errors: `Error::Config` for a size under one page or a missing file without a
-    /// size; `Error::Io` when the file cannot be created, opened or sized.
+    /// size; `Error::Io` when the file cannot be created, opened or sized, or its
+    /// file system refuses O_DIRECT.
+    ///
+    /// [`open_with`]: FileDevice::open_with
     pub fn open(path: &Path, size: Option<u64>, name: &str) -> Result<FileDevice> {
+        Self::open_with(path, size, name, !asks_buffered(name))
+    }
+
+    /// [`open`](FileDevice::open) with the I/O mode given: `direct` opens with
+    /// O_DIRECT and fails (`Error::Io`, kind `InvalidInput`, naming the path) where
+    /// the file system refuses it (ramfs, tmpfs before Linux 6.6, some overlay and
+    /// FUSE setups); `!direct` uses buffered I/O, whose page cache is outside the
+    /// memory budget.
+    pub fn open_with(
+        path: &Path,
+        size: Option<u64>,
+        name: &str,
+        direct: bool,
+    ) -> Result<FileDevice> {
         let ctx = |what: &str, e: io::Error| {
             Error::Io(io::Error::new(
                 e.kind(),
@@ -39,11 +74,22 @@ impl FileDevice {
         };
         let mut opts = OpenOptions::new();
         opts.read(true).write(true).create(size.is_some());
-        let (file, direct) = match opts.clone().custom_flags(libc::O_DIRECT).open(path) {
-            Ok(f) => (f, true),
-            // tmpfs and some overlay setups refuse O_DIRECT: fall back to buffered I/O.
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                (opts.open(path).map_err(|e| ctx("cannot open", e))?, false)
+        if direct {
+            opts.custom_flags(libc::O_DIRECT);
+        }
+        let file = match opts.open(path) {
+            Ok(f) => f,
+            Err(e) if direct && e.raw_os_error() == Some(libc::EINVAL) => {
+                return Err(Error::Io(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!(
+                        "swap file {}: the file system refused O_DIRECT ({e}); buffered I/O \
+                         would keep swapped pages in the page cache, outside the memory \
+                         budget. Put the file on a disk file system, or add direct=0 to \
+                         the spec (file:PATH?size=SIZE&direct=0) to allow buffered I/O",
+                        path.display()
+                    ),
+                )))
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound && size.is_none() => {
                 return Err(Error::Config(format!(
@@ -92,7 +138,8 @@ impl FileDevice {
         })
     }
 
-    /// Whether the file is used with O_DIRECT.
+    /// Whether the file is used with O_DIRECT (false only when buffered I/O was
+    /// asked for).
     pub fn is_direct(&self) -> bool {
         self.direct
     }
@@ -104,10 +151,7 @@ impl FileDevice {
 
     fn offset(&self, slot: u64) -> io::Result<i64> {
         if slot >= self.pages {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("slot {slot} beyond the device's {} pages", self.pages),
-            ));
+            return Err(io::ErrorKind::InvalidInput.into());
         }
         Ok((slot * PAGE_SIZE as u64) as i64)
     }
@@ -115,10 +159,7 @@ impl FileDevice {
 
 fn check_buf(len: usize) -> io::Result<()> {
     if len != PAGE_SIZE {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "buffer is not one page",
-        ));
+        return Err(io::ErrorKind::InvalidInput.into());
     }
     Ok(())
 }
@@ -152,12 +193,8 @@ impl BlockDevice for FileDevice {
                         return Err(e);
                     }
                 }
-                n => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        format!("short read of {n} bytes at slot {slot}"),
-                    ))
-                }
+                // A short read (the file shrank under us): no message, no allocation.
+                _ => return Err(io::ErrorKind::UnexpectedEof.into()),
             }
         }
     }
@@ -176,12 +213,8 @@ impl BlockDevice for FileDevice {
                         return Err(e);
                     }
                 }
-                n => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::WriteZero,
-                        format!("short write of {n} bytes at slot {slot}"),
-                    ))
-                }
+                // A short write (file size limit, full file system): no allocation.
+                _ => return Err(io::ErrorKind::WriteZero.into()),
             }
         }
     }
@@ -191,7 +224,7 @@ impl BlockDevice for FileDevice {
     fn write_pages(&self, first: u64, bufs: &[&[u8]]) -> io::Result<()> {
         const MAX: usize = 64;
         if bufs.is_empty() || bufs.len() > MAX || bufs.iter().any(|b| b.len() != PAGE_SIZE) {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, "bad page run"));
+            return Err(io::ErrorKind::InvalidInput.into());
         }
         let off = self.offset(first)?;
         self.offset(first + bufs.len() as u64 - 1)?;
@@ -235,7 +268,7 @@ impl BlockDevice for FileDevice {
             || !buf.len().is_multiple_of(PAGE_SIZE)
             || first.saturating_add(n as u64) > self.pages
         {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, "bad span"));
+            return Err(io::ErrorKind::InvalidInput.into());
         }
         let mut done = 0usize;
         while done < buf.len() {
@@ -251,12 +284,7 @@ impl BlockDevice for FileDevice {
                 )
             };
             match r {
-                0 => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "short span read",
-                    ))
-                }
+                0 => return Err(io::ErrorKind::UnexpectedEof.into()),
                 -1 => {
                     let e = io::Error::last_os_error();
                     if e.kind() != io::ErrorKind::Interrupted {

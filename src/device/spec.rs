@@ -2,7 +2,10 @@
 //! `nbd+unix:///export?socket=PATH`, `mirror:(A,B)`) and opening the device a spec
 //! names, in one place (`open`).
 //!
-//! The size takes the suffixes K, M, G, T (powers of 1024, with or without `iB`). NBD
+//! The size takes the suffixes K, M, G, T (powers of 1024, with or without `iB`). A
+//! file device uses O_DIRECT and refuses a file system that does not take it;
+//! `direct=0` asks for buffered I/O instead (its page cache is outside the memory
+//! budget). NBD
 //! follows the NBD URI convention: `nbd://host[:port]/export` (port 10809 by default,
 //! `[v6addr]` in brackets) and `nbd+unix:///export?socket=PATH`, with the options
 //! `conns=N` (connections when the server allows multi-conn), `timeout=SECONDS` (per
@@ -11,7 +14,7 @@
 //! schemes of the design (`zpool:`) are recognised and rejected with a clear
 //! `Error::Config` until their devices exist.
 
-use super::file::FileDevice;
+use super::file::{asks_buffered, FileDevice};
 use super::mirror::MirrorDevice;
 use super::nbd::{NbdAddr, NbdDevice, NbdOptions, DEFAULT_PORT, DEFAULT_TIMEOUT, MAX_CONNS};
 use super::BlockDevice;
@@ -79,6 +82,16 @@ impl SwapSpec {
         self
     }
 
+    /// Whether the spec asks for buffered I/O: `direct=0` on a file device, or on a
+    /// leg of a mirror. Such a device's page cache is outside the memory budget.
+    pub fn buffered(&self) -> bool {
+        match &self.kind {
+            SwapKind::File { .. } => asks_buffered(&self.text),
+            SwapKind::Mirror { legs } => legs.iter().any(SwapSpec::buffered),
+            _ => false,
+        }
+    }
+
     /// Parses a spec. Errors are `Error::Config` naming the offending part.
     pub fn parse(s: &str) -> Result<SwapSpec> {
         Self::parse_at(s, 0)
@@ -102,6 +115,7 @@ impl SwapSpec {
         let mut conns = None;
         let mut timeout = None;
         let mut fua = None;
+        let mut direct = None;
         for kv in query
             .into_iter()
             .flat_map(|q| q.split('&'))
@@ -140,6 +154,13 @@ impl SwapSpec {
                         })?;
                     timeout = Some(Duration::from_secs_f64(t));
                 }
+                "direct" => {
+                    direct = Some(match v {
+                        "1" => true,
+                        "0" => false,
+                        _ => return Err(bad(format!("direct {v:?} is not 0 or 1"))),
+                    })
+                }
                 "fua" => {
                     fua = Some(match v {
                         "1" | "on" | "true" | "yes" => true,
@@ -149,7 +170,7 @@ impl SwapSpec {
                 }
                 _ => {
                     return Err(bad(format!(
-                        "unknown option {k:?} (known: size, prio; for nbd: socket, conns, timeout, fua)"
+                        "unknown option {k:?} (known: size, prio; for files: direct; for nbd: socket, conns, timeout, fua)"
                     )))
                 }
             }
@@ -174,6 +195,9 @@ impl SwapSpec {
             "nbd" | "nbd+unix" => {
                 if size.is_some() {
                     return Err(bad("an nbd device has the export's size (no size=)".into()));
+                }
+                if direct.is_some() {
+                    return Err(bad("direct= applies to file devices only".into()));
                 }
                 let path = body.strip_prefix("//").ok_or_else(|| {
                     bad(format!("expected {scheme}://HOST[:PORT]/EXPORT (the URI needs //)"))
@@ -389,7 +413,12 @@ pub fn parse_size(v: &str) -> std::result::Result<u64, String> {
 /// server is unreachable (the other leg answers) instead of waiting to reconnect.
 pub(crate) fn open(spec: &SwapSpec, leg: bool) -> Result<Arc<dyn BlockDevice>> {
     Ok(match &spec.kind {
-        SwapKind::File { path, size } => Arc::new(FileDevice::open(path, *size, &spec.text)?),
+        SwapKind::File { path, size } => Arc::new(FileDevice::open_with(
+            path,
+            *size,
+            &spec.text,
+            !spec.buffered(),
+        )?),
         SwapKind::Nbd { addr, options } => {
             let mut o = options.clone();
             if leg {

@@ -270,7 +270,7 @@ fn cow_break(sp: &SpaceInner, pte: &AtomicU64, old: Pfn) -> Result<()> {
     }
     d.unlock();
     // Allocating may reclaim: no frame or entry lock is held here.
-    let new = crate::reclaim::alloc_frame(&eng, AllocCtx::Normal)?;
+    let new = crate::reclaim::alloc_frame(eng, AllocCtx::Normal)?;
     d.lock();
     match try_lock_present(pte, P_EXCL | P_SHARED) {
         Some(v) if Pte::pfn(v) == old && v & P_COW != 0 => {}
@@ -344,7 +344,7 @@ fn fault_swapin(sp: &SpaceInner, pte: &AtomicU64, v: u64) -> Result<()> {
         return Ok(());
     }
     let eng = &*sp.eng;
-    let pfn = match crate::reclaim::alloc_frame(&eng, AllocCtx::Reserve) {
+    let pfn = match crate::reclaim::alloc_frame(eng, AllocCtx::Reserve) {
         Ok(p) => p,
         Err(err) => {
             pte.store(v, Ordering::Release);

@@ -30,8 +30,9 @@ Every access is checked: each page carries a header word (page, version) and eve
 word a stamp of the write that last touched it; a final pass reads every page back. \
 A mismatch prints the page, what was expected, what was read and the seed, and exits 1.
 
-Without --swap, a temporary swap file sized for the working set is created in the \
-temporary directory ($TMPDIR or /tmp) and deleted at exit.
+Without --swap, a temporary swap file sized for the working set is created in \
+$TMPDIR (or /tmp), or in /var/tmp when that is a tmpfs (RAM), and deleted at exit; \
+the summary says where.
 
 Exit codes: 0 all data verified, 1 verification or library error, 2 bad flags, \
 130 interrupted.
@@ -585,6 +586,18 @@ struct Report {
 
 // ------------------------------------------------------------------ main
 
+/// Where the default swap file goes: `tmp` (`$TMPDIR` or /tmp) unless it is a tmpfs,
+/// whose pages are RAM outside the budget, else `fallback` (/var/tmp). The reason
+/// comes back when the file was moved.
+fn swap_dir(tmp: PathBuf, fallback: &Path) -> (PathBuf, Option<String>) {
+    if on_tmpfs(&tmp) {
+        let why = format!("{} is a tmpfs (RAM)", tmp.display());
+        (fallback.to_path_buf(), Some(why))
+    } else {
+        (tmp, None)
+    }
+}
+
 fn on_tmpfs(dir: &Path) -> bool {
     let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) else {
         return false;
@@ -659,9 +672,12 @@ fn run(a: RunArgs) -> Result<i32, String> {
     let vm = Vm::new(cfg).map_err(|e| format!("cannot start the Vm: {e}"))?;
 
     // Swap: the given devices, or a temporary file sized for the working set.
-    let mut temp: Option<(tempfile::TempPath, util::Registered)> = None;
+    let mut temp: Option<(tempfile::TempPath, util::Registered, Option<String>)> = None;
     let specs = if a.swap.is_empty() {
-        let dir = std::env::temp_dir();
+        let (dir, why) = swap_dir(std::env::temp_dir(), Path::new("/var/tmp"));
+        if let Some(why) = &why {
+            eprintln!("usermm run: swap file in {}: {why}", dir.display());
+        }
         if on_tmpfs(&dir) {
             eprintln!(
                 "warning: {} is a tmpfs: the swap file lives in RAM. Set TMPDIR to a disk \
@@ -679,7 +695,7 @@ fn run(a: RunArgs) -> Result<i32, String> {
         let path = f.into_temp_path();
         let reg = util::register(Undo::RemoveFile(path.to_path_buf()));
         let spec = SwapSpec::file(path.to_path_buf(), size);
-        temp = Some((path, reg));
+        temp = Some((path, reg, why));
         vec![spec]
     } else {
         a.swap.clone()
@@ -703,7 +719,15 @@ fn run(a: RunArgs) -> Result<i32, String> {
     }
     let result = workload(&a, &vm, seed, pages, duration);
     drop(vm);
-    if let Some((path, reg)) = temp {
+    if let Some((path, reg, why)) = temp {
+        if result.is_ok() {
+            // The last line of the summary: where the default swap file was.
+            println!(
+                "  swap file   {} (temporary, deleted{})",
+                path.display(),
+                why.map(|w| format!("; {w}")).unwrap_or_default()
+            );
+        }
         reg.forget();
         if let Err(e) = path.close() {
             eprintln!("warning: cannot delete the temporary swap file: {e}");
@@ -1028,6 +1052,24 @@ mod tests {
         assert_eq!(w(0), header(11, 1));
         for i in 1..WORDS_PER_PAGE as usize {
             assert!(stamp_ok(11, i as u64, 1, w(i)));
+        }
+    }
+
+    /// The default swap file is not put on a tmpfs: /dev/shm (a tmpfs on Linux) sends
+    /// it to the fallback, a disk directory keeps it.
+    #[test]
+    fn default_swap_file_avoids_tmpfs() {
+        let shm = PathBuf::from("/dev/shm");
+        if !on_tmpfs(&shm) {
+            eprintln!("SKIP default_swap_file_avoids_tmpfs: /dev/shm is not a tmpfs");
+            return;
+        }
+        let (dir, why) = swap_dir(shm, Path::new("/var/tmp"));
+        assert_eq!(dir, Path::new("/var/tmp"));
+        assert!(why.is_some_and(|w| w.contains("/dev/shm") && w.contains("tmpfs")));
+        let disk = std::env::current_dir().unwrap();
+        if !on_tmpfs(&disk) {
+            assert_eq!(swap_dir(disk.clone(), Path::new("/var/tmp")), (disk, None));
         }
     }
 

@@ -12,7 +12,9 @@ pub struct SwapsArgs {
     pub swap: Vec<String>,
 }
 
-/// Prints a table of devices (shared with `run`).
+/// Prints a table of devices (shared with `run`). A device whose spec asks for
+/// buffered I/O (`direct=0`) says so after its state: its page cache is outside the
+/// memory budget.
 pub fn print_table(vm: &Vm) {
     println!(
         "{:<48} {:>10} {:>10} {:>6}  state",
@@ -20,12 +22,17 @@ pub fn print_table(vm: &Vm) {
     );
     for d in vm.swaps() {
         println!(
-            "{:<48} {:>10} {:>10} {:>6}  {}",
+            "{:<48} {:>10} {:>10} {:>6}  {}{}",
             d.name,
             d.size >> 10,
             d.used >> 10,
             d.prio,
-            d.state
+            d.state,
+            if SwapSpec::parse(&d.name).is_ok_and(|s| s.buffered()) {
+                ", buffered"
+            } else {
+                ""
+            }
         );
     }
 }
