@@ -11,7 +11,7 @@
 //! through the narrow [`SpaceWalk`] interface that `mm::space` implements.
 //!
 //! ## Locking
-//! `kswapd_lock` (Mutex<bool>, leaf) pairs with `kswapd_wake` to park the background
+//! `kswapd_lock` (`Mutex<bool>`, leaf) pairs with `kswapd_wake` to park the background
 //! reclaimer. `spaces` (Mutex, leaf) is held only to add, prune or snapshot the list,
 //! never across a walk. See the crate root for the whole lock order.
 

@@ -2,8 +2,8 @@
 //!
 //! A [`Vm`] owns a hard budget of page frames and the swap devices behind it; an
 //! [`AddressSpace`] maps regions of virtual memory whose pages live in those frames
-//! and move to swap when memory is short. See `DESIGN.md` for the architecture and
-//! the five invariants; each module's header says which it keeps.
+//! and move to swap when memory is short. `docs/design.md` describes the architecture
+//! and the five invariants; each module's header says which it keeps.
 //!
 //! ```no_run
 //! use usermm::{Config, SwapSpec, Vm, VAddr};
@@ -19,18 +19,61 @@
 //! # Ok(()) }
 //! ```
 //!
-//! # Lock ordering
+//! # Layers
+//! `vm` (the public handles) → `mm` (spaces, regions, page tables, faults, fork) →
+//! `swap::swapoff` and `reclaim` → `engine` (the struct of parts) → `swap::table`,
+//! `pageio`, `frame` (arena, reverse map), `pte` (entry encoding and bit locks) →
+//! `device` (trait, spec and `open`, file, nbd, mirror, faulty), `sync`, `addr`,
+//! `error`, `stats`. Nothing imports upward (`scripts/check-cycles.py src` checks
+//! that no two modules import each other, directly or through others). The
+//! architecture, the life of a page and the invariants: `docs/design.md`.
+//!
+//! # Lock order
+//! The one tree for the crate. A lock may be taken while holding the locks above it
+//! on its path, never the other way round; the function named is where that nesting
+//! happens. "leaf" means nothing is taken under it; "(claim)" is not a lock anyone
+//! blocks on but a state others wait out with bounded polling (`sync::wait_until`).
+//! `[may-reclaim]` is the pseudo-lock of DESIGN invariant 5: every call that may
+//! allocate a frame (`reclaim::alloc_frame`) is a point where reclaim may run, so
+//! whatever reclaim takes below it must not be held above it.
 //! ```text
-//! space.regions (RwLock, read on faults, write on map/unmap)     space.rs, fault.rs
-//!   -> frame lock (PageDesc::seq, short, never held across I/O)  frame.rs
-//!        -> swap map lock (SwapDevice::map, leaf)                 reclaim_frame, complete_writeback, unmap
-//!   -> free list lock (FrameArena::free, leaf; never under a frame lock)
-//! kswapd_lock, PageIo::sleep: leaves used only to park threads.
+//! SpaceInner::regions (RwLock; read: slow-path access; write: map, unmap, fork)
+//! │   mm::fault::{read_slow, prepare_write, try_pin}, mm::space::{map_anon, unmap}, mm::fork::fork_into
+//! ├── SpaceInner::dying (Mutex, leaf)                  map_anon, unmap
+//! ├── LeafPool::free (Mutex, leaf)                     PageTable::{entry, unshare} (leaf alloc/recycle)
+//! ├── entry claim BUSY (claim; held across a frame allocation and one device read)
+//! │   │   mm::fault::{fault_zero, fault_swapin}, mm::fork::copy_entry, swap::swapoff::bring_back
+//! │   └── [may-reclaim]                               reclaim::alloc_frame
+//! │       ├── frame lock (PageDesc spin lock; try-lock only inside reclaim)
+//! │       │   │   reclaim::reclaim_frame, reclaim::finish_writeback, Engine::install,
+//! │       │   │   mm::fault::cow_break, mm::space::release_entry, swap::swapoff::forget_copies_on
+//! │       │   ├── entry bit lock P_LOCK (spin; try-lock inside reclaim)
+//! │       │   │                                       reclaim::try_lock_mappings, pte::lock_present
+//! │       │   ├── Rmap::side (Mutex, leaf; dropped before any callback)  Rmap::{add, remove, for_each}
+//! │       │   └── SwapTable::devs (read) → SwapDevice::map (Mutex, leaf)
+//! │       │                                           SwapTable::{alloc, put}, SwapDevice::dup
+//! │       └── FrameArena::free (Mutex, leaf; `freed` Condvar)  FrameArena::{alloc, free, wait_event}
+//! └── (the same frame-lock subtree, without a claim)  mm::fault::cow_break, mm::space::release_entry
+//!
+//! Entry bit lock P_LOCK alone (no frame lock): the hit path's write       mm::fault::write_fast
+//! SwapTable::devs (write; nothing allocated under it)                     SwapTable::{add, remove}
+//! Engine::spaces (Mutex, leaf)                  Engine::{register_space, live_spaces}
+//! Engine::kswapd_lock (Mutex<bool>, leaf; `kswapd_wake`)  reclaim::{kswapd, wake_kswapd}
+//! PageIo::sleep (Mutex<()>, leaf; `wake`)       PageIo::{run, kick}
+//! VmInner::threads (Mutex, leaf)                Vm::new, VmInner::drop
+//! device internals (nbd send/parked/broke/reconnector, mirror resync): leaves under
+//!   nothing of the engine's: a device is called with at most a BUSY claim held.
 //! ```
-//! Frames are allocated (and direct reclaim runs) with at most the regions read
-//! lock and a claimed (`BUSY`) page-table entry held; reclaim and page-I/O take
-//! neither (invariant 4). Reclaim never does I/O; page-I/O threads never allocate
-//! frames (invariants 1 and 2).
+//! Rules that keep the tree a tree:
+//! - No lock is held across device I/O: a fault holds only its `BUSY` claim (and the
+//!   regions read lock, until the speculative fault path lands) while it reads a
+//!   slot; swapoff holds none while it reads (`SpaceWalk::swapped_on` drops the
+//!   regions lock before the reads); page-I/O threads hold none while they write.
+//! - Reclaim and the page-I/O threads never take a regions lock, never wait on a
+//!   `BUSY` claim and never allocate a frame (invariants 1 and 2); they only
+//!   try-lock frames and entries, so they cannot wait on a fault that waits on them.
+//! - Nothing allocates from the budget under a frame lock or an entry lock
+//!   (invariant 4).
 
 #![warn(missing_docs)]
 

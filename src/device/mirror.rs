@@ -5,7 +5,7 @@
 //! version, a resync bit) and the checksum of the content last written; per leg a
 //! health state; and the resync thread (`usermm-mirror-resync`) with its one
 //! preallocated page buffer. All of it is allocated in [`MirrorDevice::new`]
-//! (4 + 4 bytes per slot), so the I/O path allocates nothing (DESIGN.md
+//! (4 + 4 bytes per slot), so the I/O path allocates nothing (docs/design.md
 //! invariant 2), and the legs are used as they are (no merging either).
 //!
 //! ## When a slot counts as written

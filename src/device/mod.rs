@@ -25,7 +25,7 @@ use std::io;
 ///
 /// Buffers passed in are exactly `PAGE_SIZE` bytes and aligned to `PAGE_SIZE`
 /// (frames of the arena, or buffers of the request pool), so O_DIRECT works.
-/// Methods must not allocate on the write path (DESIGN.md invariant 2).
+/// Methods must not allocate on the write path (docs/design.md invariant 2).
 pub trait BlockDevice: Send + Sync + fmt::Debug {
     /// The device's name, as shown by `swaps()` and in errors (its spec).
     fn name(&self) -> &str;
@@ -46,7 +46,7 @@ pub trait BlockDevice: Send + Sync + fmt::Debug {
     }
     /// Whether `write_pages` merges adjacent slots into one request (a local file
     /// does; a network client must not: ordering and merging are the server's job,
-    /// DESIGN.md invariant 2). Page-out gathers runs only for devices that say yes.
+    /// docs/design.md invariant 2). Page-out gathers runs only for devices that say yes.
     fn merges_writes(&self) -> bool {
         false
     }

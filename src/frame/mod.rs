@@ -2,7 +2,7 @@
 //! start-up, their page descriptors, the free list, the watermarks and the reserve.
 //!
 //! Owns: the arena mapping, `PageDesc` for every frame, the free list.
-//! Keeps: the budget (DESIGN.md "memory discipline"): nothing else in the engine
+//! Keeps: the budget (docs/design.md "memory discipline"): nothing else in the engine
 //! holds page data; every page a space shows lives in one of these frames, in a
 //! request buffer of the page-I/O pool (preallocated, metadata) or on a device.
 //!

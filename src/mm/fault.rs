@@ -5,7 +5,7 @@
 //! Read: load the entry; if present and neither locked nor pinned exclusively, copy
 //! with atomic loads and load the entry again; the same value means the copy is the
 //! page (the entry is the page's sequence lock, see `pagetable`). Any failure falls
-//! back to the locked path; readers never spin on a lock (DESIGN.md invariant 5).
+//! back to the locked path; readers never spin on a lock (docs/design.md invariant 5).
 //! Write: lock the entry (one CAS), copy in, store the entry back dirty with its
 //! version moved on. Neither touches the frame's descriptor.
 //!
@@ -14,7 +14,7 @@
 //! - `Empty`: a read returns zeros and takes no frame; a write (or a guard) claims the
 //!   entry (`Empty` → `BUSY` by CAS), takes a frame, zeroes it and installs it.
 //! - `Swapped(e)`: claim the entry (`BUSY`), take a frame, read the slot *in this
-//!   thread* (a handoff to another thread costs more than the read, see DESIGN.md),
+//!   thread* (a handoff to another thread costs more than the read, see docs/design.md),
 //!   check its checksum and install the page clean with its swap copy kept, so it can
 //!   be dropped again without I/O. The claim is the swap cache: a concurrent fault on
 //!   the same page sees `BUSY` and waits for the one read, instead of reading again.

@@ -8,7 +8,7 @@
 //! zero read, pinning) for as long as it installs a page, and for writing by
 //! `map_anon` and `unmap`. Order: regions → frame lock → swap map lock. Frames are
 //! allocated (and direct reclaim runs) under the regions read lock, never under a
-//! frame lock; reclaim takes no region lock (DESIGN.md invariant 4).
+//! frame lock; reclaim takes no region lock (docs/design.md invariant 4).
 //! The hit path takes no lock at all (see `fault`).
 //!
 //! `unmap` removes the region under the write lock, so no new fault can start in it,

@@ -1,6 +1,6 @@
 //! Page-I/O threads and the preallocated page-out request pool (the kpiod of seed 000).
 //!
-//! Keeps DESIGN.md invariants 1 and 2. Reclaim never writes a page itself: it copies
+//! Keeps docs/design.md invariants 1 and 2. Reclaim never writes a page itself: it copies
 //! the page into a request buffer under the frame lock, queues the request and goes
 //! on; a page-I/O thread writes it and runs the completion. Every request and every
 //! buffer is allocated when the Vm starts (`io_requests` of them, one 4 KiB buffer

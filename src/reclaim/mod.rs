@@ -18,7 +18,7 @@
 //!   watermark and works until they reach high.
 //! - An allocation that finds no frame above min reclaims directly: it scans and
 //!   drops clean pages and queues dirty ones, but never writes a page itself and
-//!   never waits on I/O while holding a lock (DESIGN.md invariant 1); when nothing
+//!   never waits on I/O while holding a lock (docs/design.md invariant 1); when nothing
 //!   can be dropped yet it sleeps until a page-out completes.
 //!
 //! ## Locking

@@ -1,4 +1,4 @@
-//! swapoff: taking a swap device out of service without losing a page (DESIGN.md
+//! swapoff: taking a swap device out of service without losing a page (docs/design.md
 //! invariant 3; seed 002).
 //!
 //! 1. The device stops handing out slots (`begin_drain`); faults may still read it.

@@ -303,16 +303,29 @@ pub(crate) enum NoSlot {
 }
 
 /// Every swap device of a Vm.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct SwapTable {
     /// Indexed by `SwapId`; `None` where a device was removed (ids are reused).
+    /// Read-locked by every slot operation (reclaim and page-I/O included),
+    /// write-locked only to publish or remove a device, with nothing allocated under
+    /// it: the vector's capacity is `MAX_DEVICES` from the start and a device's slot
+    /// map is built before the lock is taken (DESIGN invariant 4).
     devs: RwLock<Vec<Option<Arc<SwapDevice>>>>,
+    /// Round-robin cursor for striping equal priorities (relaxed atomic).
     rr: AtomicUsize,
+}
+
+impl Default for SwapTable {
+    fn default() -> SwapTable {
+        SwapTable {
+            devs: RwLock::new(Vec::with_capacity(MAX_DEVICES)),
+            rr: AtomicUsize::new(0),
+        }
+    }
 }
 
 impl SwapTable {
     pub fn add(&self, dev: Arc<dyn BlockDevice>, prio: i32) -> Result<SwapId> {
-        let mut devs = self.devs.write();
         if dev.pages() == 0 || dev.pages() >= (1 << 40) {
             return Err(Error::Config(format!(
                 "device {} has {} pages; usable sizes are 1 page to 4 PiB",
@@ -320,17 +333,31 @@ impl SwapTable {
                 dev.pages()
             )));
         }
-        let i = match devs.iter().position(|d| d.is_none()) {
-            Some(i) => i,
-            None if devs.len() < MAX_DEVICES => {
-                devs.push(None);
-                devs.len() - 1
+        loop {
+            // Pick an id under the read lock, build the device (its slot map is the
+            // allocation) with no lock held, publish it under the write lock if the
+            // id is still free; another swapon that took it meanwhile means a retry.
+            let i = {
+                let devs = self.devs.read();
+                match devs.iter().position(|d| d.is_none()) {
+                    Some(i) => i,
+                    None if devs.len() < MAX_DEVICES => devs.len(),
+                    None => return Err(Error::TooManyDevices(MAX_DEVICES)),
+                }
+            };
+            let id = SwapId(i as u8);
+            let sd = Arc::new(SwapDevice::new(id, dev.clone(), prio));
+            let mut devs = self.devs.write();
+            if i == devs.len() {
+                debug_assert!(devs.len() < devs.capacity(), "reserved at MAX_DEVICES");
+                devs.push(Some(sd));
+                return Ok(id);
             }
-            None => return Err(Error::TooManyDevices(MAX_DEVICES)),
-        };
-        let id = SwapId(i as u8);
-        devs[i] = Some(Arc::new(SwapDevice::new(id, dev, prio)));
-        Ok(id)
+            if devs[i].is_none() {
+                devs[i] = Some(sd);
+                return Ok(id);
+            }
+        }
     }
 
     /// Takes a device out of the table (after swapoff drained it).

@@ -3,7 +3,7 @@
 //!
 //! Owns: the socket descriptor of the connection (opened by the device, closed
 //! here by the reconnector), the slot table, the receive buffer and the scratch
-//! buffer of the reply parser — all allocated when the device is built (DESIGN.md
+//! buffer of the reply parser — all allocated when the device is built (docs/design.md
 //! invariant 2): sending a request and receiving its reply allocate nothing.
 //!
 //! ## Requests and replies

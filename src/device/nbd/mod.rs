@@ -7,7 +7,7 @@
 //! Owns: the connections to one export (`conn::Conn`), their sockets, and the
 //! reconnector thread (`usermm-nbd-reconnect`).
 //!
-//! Keeps DESIGN.md invariant 2 (seed 001, swap over NBD): every request slot,
+//! Keeps docs/design.md invariant 2 (seed 001, swap over NBD): every request slot,
 //! receive buffer and parser scratch buffer is allocated in [`NbdDevice::connect`]
 //! (at swapon). Reading or writing a page allocates nothing: a write sends the
 //! page from the caller's buffer, a read receives it straight into the caller's

@@ -7,7 +7,7 @@
 //! protocol description (NetworkBlockDevice `doc/proto.md`), not from any
 //! implementation.
 //!
-//! Keeps DESIGN.md invariant 2 on the transmission path: the reply parser
+//! Keeps docs/design.md invariant 2 on the transmission path: the reply parser
 //! allocates nothing. It reads headers into stack arrays, payloads straight into
 //! the buffer of the request they answer (handed out by a [`Table`]), and error
 //! messages into a caller-provided scratch buffer; a length that does not fit is a
