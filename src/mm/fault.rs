@@ -213,6 +213,11 @@ fn prepare_write(sp: &SpaceInner, a: VAddr, forbid: u64) -> Result<()> {
     {
         let regions = sp.regions.read();
         regions.range_mapped(a.0, 1)?;
+        if sp.pt.is_shared(a.vpn()) {
+            // A fork shared the leaf after the check above: a page installed now
+            // would show this write to the child. Retry, to copy the leaf first.
+            return Ok(());
+        }
         let pte = sp.pt.entry(a.vpn());
         let v = pte.load(Ordering::Acquire);
         match Pte::decode(v) {

@@ -3,7 +3,7 @@
 //! The page table's leaves are shared, not copied (the kernel's "on-demand fork"):
 //! fork costs a few operations per 16 MiB of mapped address space. The first write
 //! through a shared leaf (in either space) copies that leaf (`SpaceInner::unshare`
-//! with [`copy_entry`]), taking a reference on every page and slot in it and marking
+//! with `entry::copy_entry`), taking a reference on every page and slot in it and marking
 //! shared pages copy-on-write; the write then breaks the copy-on-write of its page
 //! (`fault::cow_break`).
 //!
@@ -14,13 +14,9 @@
 //! slot reference, and never allocates a frame.
 
 use crate::addr::PAGE_SIZE;
-use crate::engine::Engine;
 use crate::error::Result;
 use crate::mm::space::SpaceInner;
-use crate::pte::{
-    try_lock_present, unlock_entry, Pte, BUSY, P_COW, P_EXCL, P_LOCK, P_SHARED, TAG_MASK,
-    TAG_PRESENT,
-};
+use crate::pte::{P_EXCL, P_LOCK, P_SHARED, TAG_MASK, TAG_PRESENT};
 use crate::sync::{wait_until, AtomicU64, Ordering};
 
 /// A copy-on-write snapshot of this space into `child` (which the caller has
@@ -37,6 +33,17 @@ use crate::sync::{wait_until, AtomicU64, Ordering};
 pub(crate) fn fork_into(sp: &SpaceInner, child: &SpaceInner) -> Result<()> {
     loop {
         let regions = sp.regions.write();
+        if !sp.dying.lock().is_empty() {
+            // An unmap is releasing entries with the lock dropped. Its leaves may
+            // also cover a live region (a leaf spans 16 MiB), so sharing them now
+            // would hand the child entries it has no region for — and, once it maps
+            // that range, the parent's old pages (issue 9 item 1). Wait it out: the
+            // release takes no lock and ends when the guards on its pages are
+            // dropped (a guard held by this thread is refused before we get here).
+            drop(regions);
+            wait_until(|| sp.dying.lock().is_empty());
+            continue;
+        }
         let mut tagged = Vec::new();
         for (start, len) in regions.spans_from(0) {
             sp.pt.tag_all(
@@ -92,61 +99,5 @@ pub(crate) fn fork_into(sp: &SpaceInner, child: &SpaceInner) -> Result<()> {
             );
         }
         return Ok(());
-    }
-}
-
-/// Copies one entry of a shared leaf into a private copy, taking its own references:
-/// a resident page gets one more mapping and both entries become copy-on-write; a
-/// swapped page's slot gets one more reference.
-pub(crate) fn copy_entry(eng: &Engine, src: &AtomicU64, dst: &AtomicU64) {
-    loop {
-        let v = src.load(Ordering::Acquire);
-        match Pte::decode(v) {
-            Pte::Empty => return,
-            // Another space is faulting this page in through the shared leaf.
-            Pte::Busy => wait_until(|| src.load(Ordering::Acquire) != BUSY),
-            Pte::Swapped(_) => {
-                // Claim the entry so nobody frees the slot between our look and our
-                // reference.
-                if src
-                    .compare_exchange(v, BUSY, Ordering::AcqRel, Ordering::Relaxed)
-                    .is_err()
-                {
-                    continue;
-                }
-                let ok = eng.swap.dup_encoded(v, 1);
-                src.store(v, Ordering::Release);
-                if ok {
-                    dst.store(v, Ordering::Release);
-                    return;
-                }
-                // 65,535 references: the copy cannot share the slot. Bring the page in
-                // is not possible here without a frame; wait and retry (another space
-                // dropping its share frees a reference).
-                std::thread::yield_now();
-            }
-            Pte::Present(pfn) => {
-                let d = eng.frames.desc(pfn);
-                d.lock();
-                let Some(cur) = try_lock_present(src, 0) else {
-                    d.unlock();
-                    wait_until(|| {
-                        let now = src.load(Ordering::Acquire);
-                        now & TAG_MASK != TAG_PRESENT || now & P_LOCK == 0
-                    });
-                    continue;
-                };
-                if Pte::pfn(cur) != pfn {
-                    unlock_entry(src, 0, 0);
-                    d.unlock();
-                    continue;
-                }
-                dst.store((cur | P_COW) & !(P_SHARED | P_EXCL), Ordering::Release);
-                eng.rmap.add(d, pfn, dst);
-                unlock_entry(src, 0, P_COW);
-                d.unlock();
-                return;
-            }
-        }
     }
 }

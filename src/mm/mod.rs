@@ -8,7 +8,9 @@
 //! - `fault`: resolving an access: the lock-free hit path, zero-fill, swap-in,
 //!   copy-on-write, page pins.
 //! - `fork`: copy-on-write snapshots with shared page-table leaves.
+//! - `entry`: copying and releasing one entry (used by `space` and `fork`).
 
+pub(crate) mod entry;
 pub(crate) mod fault;
 pub(crate) mod fork;
 pub(crate) mod pagetable;

@@ -18,11 +18,11 @@
 use crate::addr::{PAGE_SIZE, VADDR_END};
 use crate::engine::{Engine, SpaceWalk};
 use crate::error::{Error, Result};
-use crate::mm::pagetable::LeafPool;
-use crate::mm::pagetable::{PageTable, LEAF_PAGES};
+use crate::mm::entry::{copy_entry, release_entry};
+use crate::mm::pagetable::{LeafPool, PageTable, LEAF_PAGES};
 use crate::mm::region::{Region, RegionTree, Vma};
-use crate::pte::{Pte, BUSY, EMPTY, P_EXCL, P_LOCK, P_SHARED};
-use crate::sync::{wait_until, Arc, AtomicU64, Ordering, RwLock, SeqCount};
+use crate::pte::Pte;
+use crate::sync::{Arc, AtomicU64, Ordering, RwLock, SeqCount};
 use std::collections::BTreeMap;
 
 /// Lowest address handed out: the first 4 GiB stay unmapped, so small integers and
@@ -42,7 +42,7 @@ pub(crate) struct SpaceInner {
     /// Ranges being unmapped (start → length): no longer accessible, not yet free to
     /// map again until their pages are released. Protected by `regions`' write lock
     /// for insertion and lookup; removal takes it too.
-    dying: crate::sync::Mutex<BTreeMap<u64, u64>>,
+    pub dying: crate::sync::Mutex<BTreeMap<u64, u64>>,
 }
 
 impl SpaceInner {
@@ -142,68 +142,9 @@ impl SpaceInner {
         let eng = &*self.eng;
         self.pt.unshare(
             vpn,
-            |src, dst| crate::mm::fork::copy_entry(eng, src, dst),
+            |src, dst| copy_entry(eng, src, dst),
             |e| release_entry(eng, e),
         );
-    }
-}
-
-/// Releases one entry: drops its slot reference or its mapping of a frame (freeing
-/// the frame with the last mapping), waiting out short locks and guards. Leaves it
-/// `EMPTY`.
-pub(crate) fn release_entry(eng: &Engine, pte: &AtomicU64) {
-    loop {
-        let v = pte.load(Ordering::Acquire);
-        match Pte::decode(v) {
-            Pte::Empty => return,
-            Pte::Busy => {
-                // A fault in a space that shares this leaf; let it finish.
-                wait_until(|| pte.load(Ordering::Acquire) != BUSY);
-            }
-            Pte::Swapped(e) => {
-                if pte
-                    .compare_exchange(v, EMPTY, Ordering::AcqRel, Ordering::Relaxed)
-                    .is_ok()
-                {
-                    eng.swap.put(e);
-                    return;
-                }
-            }
-            Pte::Present(pfn) => {
-                let d = eng.frames.desc(pfn);
-                d.lock();
-                let v = pte.load(Ordering::Acquire);
-                if Pte::decode(v) != Pte::Present(pfn) {
-                    d.unlock();
-                    continue;
-                }
-                if v & (P_LOCK | P_EXCL | P_SHARED) != 0 {
-                    // A writer (short) or a guard (until dropped): wait unlocked.
-                    d.unlock();
-                    wait_until(|| {
-                        let now = pte.load(Ordering::Acquire);
-                        now != v || now & (P_LOCK | P_EXCL | P_SHARED) == 0
-                    });
-                    continue;
-                }
-                if pte
-                    .compare_exchange(v, EMPTY, Ordering::AcqRel, Ordering::Relaxed)
-                    .is_err()
-                {
-                    d.unlock();
-                    continue;
-                }
-                if eng.rmap.remove(d, pfn, pte) > 0 {
-                    // Still mapped by another space (shared copy-on-write).
-                    d.unlock();
-                    return;
-                }
-                eng.swap.put_encoded(d.swap.swap(0, Ordering::Relaxed));
-                d.unlock();
-                eng.frames.free(pfn);
-                return;
-            }
-        }
     }
 }
 
