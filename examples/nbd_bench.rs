@@ -8,14 +8,12 @@
 //! depth -s 4096` with a large prime step (scattered 4 KiB reads over the whole,
 //! pre-written export). The two alternate, five rounds each; medians compared.
 
-#[path = "../tests/nbd_support/mod.rs"]
-mod nbd_support;
-
-use nbd_support::*;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use usermm::{AddressSpace, Config, Region, SwapSpec, Vm, PAGE_SIZE};
+use usermm_testkit::nbd::{disk, nbdkit, qemu_nbd, skip_without, Endpoint};
+use usermm_testkit::pattern::write_page;
 
 const EXPORT: u64 = 64 << 20;
 const REGION_PAGES: u64 = 12288; // 48 MiB
@@ -108,7 +106,7 @@ fn compare(server: &str, uri: &str, spec: &str) {
 }
 
 fn swapin_vs_raw_random_read() {
-    if skip_without("qemu-nbd") {
+    if skip_without("swapin_vs_raw_random_read", "qemu-nbd") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -123,7 +121,7 @@ fn swapin_vs_raw_random_read() {
         &q.spec(""),
     );
     drop(q);
-    if skip_without("nbdkit") {
+    if skip_without("swapin_vs_raw_random_read", "nbdkit") {
         return;
     }
     let k = nbdkit(
@@ -171,7 +169,7 @@ fn device_rate(dev: &usermm::device::nbd::NbdDevice, depth: usize, dur: Duration
 }
 
 fn client_vs_raw_random_read() {
-    if skip_without("nbdkit") {
+    if skip_without("client_vs_raw_random_read", "nbdkit") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

@@ -53,6 +53,17 @@ pub fn skip_without(test: &str, bin: &str) -> bool {
     true
 }
 
+/// Runs the test `name` as `f` on a thread under the [`watchdog`](crate::watchdog)
+/// with stall limit `stall`: a hang fails with what the thread was waiting on, a
+/// panic with its message; on either, every server still running is killed (the
+/// stuck thread would never drop its [`Server`]s).
+pub fn run_test(name: &str, stall: Duration, f: impl FnOnce() + Send + 'static) {
+    crate::watchdog::Watchdog::new(stall)
+        .on_failure(kill_all)
+        .thread(name, move |_| f())
+        .run();
+}
+
 /// A loopback port nobody listens on right now.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")

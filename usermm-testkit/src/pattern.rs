@@ -92,14 +92,19 @@ pub fn at(r: &Region, p: u64) -> VAddr {
 }
 
 /// Writes page `p` of `r` with version `ver` ([`versioned_page`]).
+/// Announces the write to the calling thread's [`watchdog`] slot, if any.
 pub fn write_page(mm: &AddressSpace, r: &Region, p: u64, ver: u64) -> usermm::Result<()> {
     let mut b = vec![0u8; PAGE_SIZE];
     versioned_page(p, ver, &mut b);
-    mm.write(at(r, p), &b)
+    watchdog::begin(|| format!("write page {p} version {ver}"));
+    mm.write(at(r, p), &b)?;
+    watchdog::done();
+    Ok(())
 }
 
 /// Reads page `p` of `r` and compares it with version `ver`: `Ok(None)` if it
-/// matches, `Ok(Some(description))` of the first difference otherwise.
+/// matches, `Ok(Some(description))` of the first difference otherwise. Announces
+/// the read to the calling thread's [`watchdog`] slot, if any.
 pub fn diff_page(
     mm: &AddressSpace,
     r: &Region,
@@ -108,7 +113,9 @@ pub fn diff_page(
 ) -> usermm::Result<Option<String>> {
     let mut got = vec![0u8; PAGE_SIZE];
     let mut want = vec![0u8; PAGE_SIZE];
+    watchdog::begin(|| format!("read page {p} (expect version {ver})"));
     mm.read(at(r, p), &mut got)?;
+    watchdog::done();
     versioned_page(p, ver, &mut want);
     Ok(first_diff(&got, &want))
 }
@@ -280,13 +287,18 @@ fn gen_addr(base: VAddr, page: u64) -> VAddr {
 }
 
 /// Writes the generation stamp of `page` (of the region at `base`).
+/// Announces the write to the calling thread's [`watchdog`] slot, if any.
 pub fn write_gen(mm: &AddressSpace, base: VAddr, page: u64, gen: u64) -> Result<(), String> {
+    watchdog::begin(|| format!("write generation {gen} to page {page}"));
     mm.write(gen_addr(base, page), &gen_stamp(page, gen))
-        .map_err(|e| format!("write of page {page} failed: {e}"))
+        .map_err(|e| format!("write of page {page} failed: {e}"))?;
+    watchdog::done();
+    Ok(())
 }
 
 /// Checks that `page` holds generation `gen`; the error names `who`, the page, what
-/// it holds and what was expected.
+/// it holds and what was expected. Announces the read to the calling thread's
+/// [`watchdog`] slot, if any.
 pub fn check_gen(
     mm: &AddressSpace,
     base: VAddr,
@@ -295,8 +307,10 @@ pub fn check_gen(
     who: &str,
 ) -> Result<(), String> {
     let mut b = [0u8; 16];
+    watchdog::begin(|| format!("{who}: read page {page} (expect generation {gen})"));
     mm.read(gen_addr(base, page), &mut b)
         .map_err(|e| format!("{who}: read of page {page} failed: {e}"))?;
+    watchdog::done();
     if b == gen_stamp(page, gen) {
         return Ok(());
     }

@@ -129,6 +129,11 @@ impl Board {
             .max_by_key(|&(_, d)| d)
     }
 
+    /// The slot named `name`.
+    pub fn slot_of(&self, name: &str) -> Option<usize> {
+        self.slots.iter().position(|s| s.name == name)
+    }
+
     /// The name of slot `tid`.
     pub fn name(&self, tid: usize) -> &str {
         &self.slots[tid].name
@@ -302,6 +307,7 @@ pub struct Watchdog {
     extra: Box<dyn Fn() -> String>,
     on_failure: Box<dyn Fn()>,
     jobs: Vec<(String, Job)>,
+    helpers: Vec<String>,
 }
 
 impl std::fmt::Debug for Watchdog {
@@ -321,6 +327,7 @@ impl Watchdog {
             extra: Box::new(String::new),
             on_failure: Box::new(|| {}),
             jobs: Vec::new(),
+            helpers: Vec::new(),
         }
     }
 
@@ -343,11 +350,29 @@ impl Watchdog {
         self
     }
 
+    /// Reserves a slot named `name` for a helper thread that the watched threads
+    /// spawn themselves: it enters the slot with
+    /// `me.board().enter(me.board().slot_of(name))`, and is watched while it holds it.
+    pub fn helper(mut self, name: impl Into<String>) -> Self {
+        self.helpers.push(name.into());
+        self
+    }
+
     /// Runs every thread and watches them until all have finished; a stall or a
     /// panic returns the failure (after asking the others to stop and giving them
     /// five seconds).
     pub fn try_run(self) -> Result<(), Failure> {
-        let board = Board::new(self.jobs.iter().map(|j| j.0.clone()));
+        let njobs = self.jobs.len();
+        let board = Board::new(
+            self.jobs
+                .iter()
+                .map(|j| j.0.clone())
+                .chain(self.helpers.iter().cloned()),
+        );
+        for s in &board.slots[njobs..] {
+            s.finished.store(true, Ordering::SeqCst);
+            *s.current.lock().unwrap_or_else(|e| e.into_inner()) = "not started".into();
+        }
         let mut handles: Vec<Option<JoinHandle<Result<(), String>>>> = self
             .jobs
             .into_iter()
