@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 use usermm::{AddressSpace, VAddr, PAGE_SIZE};
-use usermm_testkit::workload::{Pattern, Rng, Sampler};
+use usermm_testkit::workload::{splitmix, Pattern, Rng, Sampler, GOLDEN};
 
 const WORDS_PER_PAGE: u64 = (PAGE_SIZE / 8) as u64;
 /// One access in this many is timed.
@@ -251,21 +251,18 @@ impl LatHist {
     }
 }
 
-/// Contents of page `page` for the fill: pseudo-random, never all zero.
+/// Contents of page `page` for the fill: pseudo-random (splitmix64 from a key of
+/// the seed and the page), never all zero.
 pub fn fill_data(page: u64, seed: u64, buf: &mut [u8]) {
-    let mut x = seed ^ page.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0x5851_F42D_4C95_7F2D;
+    let mut x = seed ^ page.wrapping_mul(GOLDEN) ^ 0x5851_F42D_4C95_7F2D;
     for c in buf.chunks_exact_mut(8) {
-        x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = x;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        c.copy_from_slice(&(z ^ (z >> 31) | 1).to_le_bytes());
+        c.copy_from_slice(&(splitmix(&mut x) | 1).to_le_bytes());
     }
 }
 
 /// The generator of thread `t`.
 pub fn thread_rng(seed: u64, t: u32) -> Rng {
-    Rng::new(seed.wrapping_add(u64::from(t + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)))
+    Rng::for_thread(seed, u64::from(t))
 }
 
 /// How long the workload may make no progress at all before the run is declared

@@ -12,6 +12,7 @@ pub mod plot;
 pub mod run;
 pub mod stress;
 pub mod swaps;
+pub mod sys;
 pub mod util;
 
 /// usermm — a virtual memory manager in user space: swap per process, inside a hard

@@ -383,13 +383,13 @@ fn perform(u: &Undo) -> Result<(), String> {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(format!("cannot remove {}: {e}", p.display())),
         },
-        Undo::Swapoff(p) => super::kernel::swapoff(p),
+        Undo::Swapoff(p) => super::sys::swapoff(p),
         Undo::Kill(pid) => {
             // SAFETY: plain syscall; `pid` is a child we started and have not reaped.
             unsafe { libc::kill(*pid, libc::SIGKILL) };
             Ok(())
         }
-        Undo::RemoveCgroup(p) => super::kernel::remove_cgroup(p),
+        Undo::RemoveCgroup(p) => super::sys::remove_cgroup(p),
     }
 }
 
