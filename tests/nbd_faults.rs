@@ -7,6 +7,7 @@
 
 use usermm_testkit::nbd::{disk, nbdkit, qemu_nbd, run_test, skip_without, Endpoint};
 use usermm_testkit::pattern::{check_page, write_page};
+use usermm_testkit::workload::Rng;
 
 /// How long the test may make no progress before the watchdog fails it.
 const STALL: std::time::Duration = std::time::Duration::from_secs(60);
@@ -49,16 +50,13 @@ fn churn(
     part: (u64, u64),
 ) {
     let (tid, nthreads) = part;
-    let mut x = seed | 1;
+    let mut rng = Rng::for_thread(seed, tid);
     let n = model.len() as u64 / nthreads;
     while !stop.load(Ordering::Relaxed) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
         // Each thread owns the pages p ≡ tid (mod nthreads): the model stays exact.
-        let p = (x >> 8) % n * nthreads + tid;
+        let p = rng.below(n) * nthreads + tid;
         let cur = model[p as usize].load(Ordering::Relaxed);
-        let res = if x & 1 == 0 {
+        let res = if rng.below(2) == 0 {
             let v = cur + 1;
             write_page(mm, r, p, v).map(|()| model[p as usize].store(v, Ordering::Relaxed))
         } else {
@@ -108,7 +106,7 @@ fn qemu_nbd_killed_and_restarted() {
         std::thread::scope(|s| {
             for t in 0..2 {
                 let (mm, r, model, stop, tally) = (&mm, &r, &model, &stop, &tally);
-                s.spawn(move || churn(mm, r, model, stop, tally, 0x9E37_79B9 + t, (t, 2)));
+                s.spawn(move || churn(mm, r, model, stop, tally, 0x9E37, (t, 2)));
             }
             std::thread::sleep(Duration::from_millis(300));
             let before = tally.ok.load(Ordering::Relaxed);

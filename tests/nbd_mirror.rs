@@ -6,6 +6,7 @@
 
 use usermm_testkit::nbd::{disk, qemu_nbd, run_test, skip_without, Endpoint};
 use usermm_testkit::pattern::{check_page, verified_workload, write_page};
+use usermm_testkit::workload::Rng;
 
 /// How long the test may make no progress before the watchdog fails it.
 const STALL: std::time::Duration = std::time::Duration::from_secs(60);
@@ -42,15 +43,12 @@ fn churn(
     tid: u64,
     ops: &AtomicU64,
 ) {
-    let mut x = 0x1234_5678_9ABC_DEF1u64 ^ tid;
+    let mut rng = Rng::for_thread(0x1234_5678_9ABC_DEF1, tid);
     let n = model.len() as u64 / 2;
     while !stop.load(Ordering::Relaxed) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        let p = (x >> 8) % n * 2 + tid;
+        let p = rng.below(n) * 2 + tid;
         let cur = model[p as usize].load(Ordering::Relaxed);
-        if x & 1 == 0 {
+        if rng.below(2) == 0 {
             write_page(mm, r, p, cur + 1).unwrap_or_else(|e| panic!("write page {p}: {e}"));
             model[p as usize].store(cur + 1, Ordering::Relaxed);
         } else {

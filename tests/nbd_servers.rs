@@ -10,6 +10,7 @@ use usermm_testkit::nbd::{
     disk, free_port, nbd_server, nbdkit, qemu_nbd, run_test, skip_without, Endpoint,
 };
 use usermm_testkit::pattern::{check_page, verified_workload, versioned_page, write_page};
+use usermm_testkit::workload::Rng;
 
 /// How long the test may make no progress before the watchdog fails it.
 const STALL: std::time::Duration = std::time::Duration::from_secs(60);
@@ -240,14 +241,11 @@ fn client_stress_no_crosstalk() {
                     let mut w = usermm::device::AlignedPages::new(1).unwrap();
                     let mut r = usermm::device::AlignedPages::new(1).unwrap();
                     let mut ver = vec![0u64; per as usize];
-                    let mut x = 0x5851_F42D_4C95_7F2Du64 ^ (t + 1);
+                    let mut rng = Rng::for_thread(0x5851_F42D_4C95_7F2D, t);
                     while t0.elapsed() < std::time::Duration::from_millis(800) {
-                        x ^= x << 13;
-                        x ^= x >> 7;
-                        x ^= x << 17;
-                        let i = (x >> 4) % per;
+                        let i = rng.below(per);
                         let slot = t * per + i;
-                        if x & 1 == 0 || ver[i as usize] == 0 {
+                        if rng.below(2) == 0 || ver[i as usize] == 0 {
                             ver[i as usize] += 1;
                             versioned_page(slot, ver[i as usize], w.page_mut(0));
                             dev.write_page(slot, w.page(0)).unwrap();
