@@ -8,11 +8,14 @@
 //!   generation stamps) and their verifiers.
 //! - [`watchdog`]: threads announce what they do; a stall fails with what each one
 //!   waits on, a panic with its message.
+//! - [`driver`]: the benchmark workload (fill, warm-up, timed phase with a latency
+//!   histogram) over any [`driver::Target`]: usermm, plain memory, or kernel swap.
 //! - [`nbd`]: qemu-nbd, nbdkit and nbd-server started on a socket or port and
 //!   stopped by pid; the skip-or-fail rule for a missing server.
 
 #![warn(missing_docs)]
 
+pub mod driver;
 pub mod nbd;
 pub mod pattern;
 pub mod watchdog;

@@ -7,7 +7,6 @@
 //! turned off (only the exact file this process enabled) and deleted — on normal
 //! exit, on error, on panic (Drop) and on Ctrl-C (the undo registry).
 
-use super::access::{self, RawTarget, Snap, WorkSpec};
 use super::sys::cpath;
 use super::util::{self, Registered, Undo};
 use serde::{Deserialize, Serialize};
@@ -18,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use usermm::PAGE_SIZE;
+use usermm_testkit::driver::{self as access, RawTarget, Snap, WorkSpec};
 use usermm_testkit::workload::Pattern;
 
 /// A pattern as text that `Pattern::parse` reads back exactly.

@@ -3,7 +3,6 @@
 
 use clap::{Parser, Subcommand};
 
-pub mod access;
 pub mod bench;
 pub mod device;
 pub mod kernel;

@@ -293,8 +293,14 @@ static SIGNALS: AtomicUsize = AtomicUsize::new(0);
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
 /// Installs the Ctrl-C handler (once): the first Ctrl-C asks the command to stop
-/// and clean up; the second undoes everything registered and exits with 130.
+/// and clean up; the second undoes everything registered and exits with 130. Also
+/// gives the test kit's workload driver the same notion of "interrupted".
 pub fn install_ctrlc() {
+    // The workload driver stops on Ctrl-C, and cleans up before a stuck run exits.
+    usermm_testkit::driver::set_hooks(usermm_testkit::driver::Hooks {
+        interrupted,
+        before_exit: run_all_undo_now,
+    });
     let _ = ctrlc::set_handler(|| {
         let n = SIGNALS.fetch_add(1, Ordering::SeqCst) + 1;
         INTERRUPTED.store(true, Ordering::SeqCst);

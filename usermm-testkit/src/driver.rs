@@ -7,12 +7,41 @@
 //! write_ratio`) and `words` word offsets. A read loads an 8-byte word; a write
 //! stores one. Before timing, every page is written once, whole (the fill), and the
 //! workload runs untimed for a warm-up. Every 64th access is timed with `Instant`.
+//!
+//! The driver knows nothing of the program that runs it: a program with a Ctrl-C
+//! handler and things to clean up installs [`Hooks`] (`usermm bench` does), so
+//! that the workload stops when interrupted and a stuck run cleans up before the
+//! process exits.
 
+use crate::workload::{splitmix, Pattern, Rng, Sampler, GOLDEN};
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 use usermm::{AddressSpace, VAddr, PAGE_SIZE};
-use usermm_testkit::workload::{splitmix, Pattern, Rng, Sampler, GOLDEN};
+
+/// What the program running the driver adds: how to tell it was interrupted, and
+/// what to do before the process exits when the system under test is stuck.
+#[derive(Debug, Clone, Copy)]
+pub struct Hooks {
+    /// Whether the user asked to stop (Ctrl-C): the workload stops early and the
+    /// driver returns `Err("interrupted")`.
+    pub interrupted: fn() -> bool,
+    /// Called once before the process exits (status 1) because the workload made
+    /// no progress for [`STALL_LIMIT`] (stuck threads cannot be joined).
+    pub before_exit: fn(),
+}
+
+static HOOKS: OnceLock<Hooks> = OnceLock::new();
+
+/// Installs the hooks (once; later calls are ignored). Without hooks, nothing
+/// interrupts the workload and nothing runs before a stall exits.
+pub fn set_hooks(h: Hooks) {
+    let _ = HOOKS.set(h);
+}
+
+fn interrupted() -> bool {
+    HOOKS.get().is_some_and(|h| (h.interrupted)())
+}
 
 const WORDS_PER_PAGE: u64 = (PAGE_SIZE / 8) as u64;
 /// One access in this many is timed.
@@ -297,7 +326,9 @@ impl Stall {
                 STALL_LIMIT.as_secs(),
                 self.what
             );
-            super::util::run_all_undo_now();
+            if let Some(h) = HOOKS.get() {
+                (h.before_exit)();
+            }
             std::process::exit(1);
         }
     }
@@ -337,9 +368,7 @@ pub fn fill<T: Target>(target: &T, spec: &WorkSpec) -> Result<(), String> {
                     let mut buf = vec![0u8; PAGE_SIZE];
                     let mut p = t;
                     while p < spec.pages {
-                        if super::util::interrupted()
-                            || err.lock().map(|e| e.is_some()).unwrap_or(true)
-                        {
+                        if interrupted() || err.lock().map(|e| e.is_some()).unwrap_or(true) {
                             return;
                         }
                         fill_data(p, spec.seed, &mut buf);
@@ -359,7 +388,7 @@ pub fn fill<T: Target>(target: &T, spec: &WorkSpec) -> Result<(), String> {
     if let Some(e) = err.into_inner().unwrap_or_else(|e| e.into_inner()) {
         return Err(e);
     }
-    if super::util::interrupted() {
+    if interrupted() {
         return Err("interrupted".into());
     }
     Ok(())
@@ -463,7 +492,7 @@ pub fn measure<T: Target>(
             if phase.load(Ordering::Relaxed) == STOP {
                 return false;
             }
-            if super::util::interrupted() {
+            if interrupted() {
                 phase.store(STOP, Ordering::Relaxed);
                 return false;
             }
@@ -514,7 +543,7 @@ pub fn measure<T: Target>(
     if let Some(e) = err.into_inner().unwrap_or_else(|e| e.into_inner()) {
         return Err(e);
     }
-    if super::util::interrupted() {
+    if interrupted() {
         return Err("interrupted".into());
     }
     Ok(m)
