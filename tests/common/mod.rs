@@ -1,11 +1,11 @@
 //! Helpers shared by the integration tests: seeds, a fault-injecting swap device on
 //! a real file, leak checks. Page patterns and the watchdog come from the test kit
-//! (`usermm_testkit::pattern`, `usermm_testkit::watchdog`), re-exported here.
+//! (`usermm_testkit::pattern`, `usermm_testkit::watchdog`): tests import them there.
 #![allow(dead_code)]
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use usermm::device::faulty::FaultyDevice;
 use usermm::device::file::FileDevice;
@@ -45,29 +45,10 @@ pub fn faulty_swap(vm: &Vm, dir: &Path, name: &str, bytes: u64) -> (Arc<FaultyDe
     (faulty, id)
 }
 
-/// Waits until every frame is free and every swap device is empty (page-outs still
-/// in flight when the last space went away give their slots back when they finish),
-/// then returns; panics with the stats if that does not happen within `limit`.
+/// [`usermm_testkit::check::wait_no_leak`], panicking with `ctx` and the counters.
 pub fn assert_no_leak(vm: &Vm, limit: Duration, ctx: &str) {
-    let t0 = Instant::now();
-    loop {
-        let s = vm.stats();
-        let swap_free = s.swap_used.iter().all(|&(_, u)| u == 0);
-        let swaps_free = vm.swaps().iter().all(|d| d.used == 0);
-        if s.free_frames == s.total_frames && swap_free && swaps_free {
-            return;
-        }
-        if t0.elapsed() > limit {
-            panic!(
-                "{ctx}: leak after dropping every space: free_frames {} of {}, swap_used {:?}, \
-                 swaps {:?}, stats {s:?}",
-                s.free_frames,
-                s.total_frames,
-                s.swap_used,
-                vm.swaps()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(5));
+    if let Err(e) = usermm_testkit::check::wait_no_leak(vm, limit) {
+        panic!("{ctx}: {e}");
     }
 }
 

@@ -8,6 +8,7 @@
 //!   generation stamps) and their verifiers.
 //! - [`watchdog`]: threads announce what they do; a stall fails with what each one
 //!   waits on, a panic with its message.
+//! - [`check`]: whole-`Vm` checks (no frame or slot leaked).
 //! - [`driver`]: the benchmark workload (fill, warm-up, timed phase with a latency
 //!   histogram) over any [`driver::Target`]: usermm, plain memory, or kernel swap.
 //! - [`nbd`]: qemu-nbd, nbdkit and nbd-server started on a socket or port and
@@ -15,6 +16,7 @@
 
 #![warn(missing_docs)]
 
+pub mod check;
 pub mod driver;
 pub mod nbd;
 pub mod pattern;

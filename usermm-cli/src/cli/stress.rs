@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use usermm::{Config, SwapSpec, Vm, PAGE_SIZE};
+use usermm_testkit::check::wait_no_leak;
 use usermm_testkit::pattern::{fill_gens, verify_gens};
 use usermm_testkit::watchdog::{Failure, Me, Watchdog};
 
@@ -213,18 +214,7 @@ pub fn main(a: StressArgs) -> i32 {
     );
     let error = error.lock().unwrap_or_else(|p| p.into_inner()).take();
     // Leak check: every space is gone, so every slot and frame must be free.
-    let t = Instant::now();
-    let leak = loop {
-        let s = vm.stats();
-        let used: u64 = s.swap_used.iter().map(|x| x.1).sum();
-        if s.free_frames == s.total_frames && used == 0 {
-            break None;
-        }
-        if t.elapsed() > Duration::from_secs(10) {
-            break Some(format!("leak after all spaces were dropped: {s:?}"));
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    let leak = wait_no_leak(&vm, Duration::from_secs(10)).err();
     let s = vm.stats();
     println!(
         "done in {:.1}s: {cycles} swapoff/swapon cycles ({failed_swapoffs} refused for lack of room), {rounds} fork rounds, pswpin {} pswpout {} cow faults {}",
