@@ -8,14 +8,13 @@
 //! depth -s 4096` with a large prime step (scattered 4 KiB reads over the whole,
 //! pre-written export). The two alternate, five rounds each; medians compared.
 
-#[path = "../tests/nbd_support/mod.rs"]
-mod nbd_support;
-
-use nbd_support::*;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use usermm::{AddressSpace, Config, Region, SwapSpec, Vm, PAGE_SIZE};
+use usermm_testkit::nbd::{disk, nbdkit, qemu_nbd, skip_without, Endpoint};
+use usermm_testkit::pattern::write_page;
+use usermm_testkit::workload::Rng;
 
 const EXPORT: u64 = 64 << 20;
 const REGION_PAGES: u64 = 12288; // 48 MiB
@@ -56,14 +55,10 @@ fn swapin_rate(vm: &Vm, mm: &AddressSpace, r: &Region, depth: usize, dur: Durati
         for t in 0..depth {
             let (stop, mm, r) = (&stop, mm, r);
             s.spawn(move || {
-                let mut x =
-                    0x9E37_79B9_7F4A_7C15u64 ^ (t as u64 + 1).wrapping_mul(0xD1B5_4A32_D192_ED03);
+                let mut rng = Rng::for_thread(1, t as u64);
                 let mut b = [0u8; 8];
                 while !stop.load(Ordering::Relaxed) {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    let p = x % REGION_PAGES;
+                    let p = rng.below(REGION_PAGES);
                     mm.read(r.start() + p * PAGE_SIZE as u64, &mut b).unwrap();
                 }
             });
@@ -108,7 +103,7 @@ fn compare(server: &str, uri: &str, spec: &str) {
 }
 
 fn swapin_vs_raw_random_read() {
-    if skip_without("qemu-nbd") {
+    if skip_without("swapin_vs_raw_random_read", "qemu-nbd") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -123,7 +118,7 @@ fn swapin_vs_raw_random_read() {
         &q.spec(""),
     );
     drop(q);
-    if skip_without("nbdkit") {
+    if skip_without("swapin_vs_raw_random_read", "nbdkit") {
         return;
     }
     let k = nbdkit(
@@ -151,14 +146,11 @@ fn device_rate(dev: &usermm::device::nbd::NbdDevice, depth: usize, dur: Duration
             let (stop, n) = (&stop, &n);
             s.spawn(move || {
                 let mut buf = usermm::device::AlignedPages::new(1).unwrap();
-                let mut x =
-                    0x9E37_79B9_7F4A_7C15u64 ^ (t as u64 + 1).wrapping_mul(0xD1B5_4A32_D192_ED03);
+                let mut rng = Rng::for_thread(2, t as u64);
                 let mut k = 0;
                 while !stop.load(Ordering::Relaxed) {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    dev.read_page(x % REGION_PAGES, buf.page_mut(0)).unwrap();
+                    dev.read_page(rng.below(REGION_PAGES), buf.page_mut(0))
+                        .unwrap();
                     k += 1;
                 }
                 n.fetch_add(k, Ordering::Relaxed);
@@ -171,7 +163,7 @@ fn device_rate(dev: &usermm::device::nbd::NbdDevice, depth: usize, dur: Duration
 }
 
 fn client_vs_raw_random_read() {
-    if skip_without("nbdkit") {
+    if skip_without("client_vs_raw_random_read", "nbdkit") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use usermm::device::BlockDevice;
 use usermm::VADDR_END;
 use usermm::{AddressSpace, Config, Error, SwapSpec, VAddr, Vm, PAGE_SIZE};
+use usermm_testkit::pattern::{fill_random, first_diff, page_pattern};
 
 const PS: u64 = PAGE_SIZE as u64;
 

@@ -13,6 +13,7 @@ use common::*;
 use std::process::Command;
 use std::time::Instant;
 use usermm::{Config, SwapSpec, Vm, PAGE_SIZE};
+use usermm_testkit::pattern::{first_diff, page_pattern};
 
 const ENV: &str = "USERMM_BUDGET_CHILD";
 const BUDGET: usize = 64 << 20;

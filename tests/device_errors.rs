@@ -15,6 +15,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use usermm::device::faulty::FaultyDevice;
 use usermm::{AddressSpace, Config, Error, Region, VAddr, Vm, PAGE_SIZE};
+use usermm_testkit::pattern::{fill_random, first_diff, page_pattern};
+use usermm_testkit::watchdog::run_workers;
 
 const PS: u64 = PAGE_SIZE as u64;
 const FRAMES: usize = 64;
@@ -378,7 +380,7 @@ fn random_failures_never_give_wrong_data() {
         Duration::from_secs(30),
         move || format!("stats: {:?}\n", vm.stats()),
         move |me| {
-            let tid = me.tid;
+            let tid = me.tid();
             let s = &*s2;
             let mut rng = thread_rng(seed, tid);
             let first = tid as u64 * PAGES;

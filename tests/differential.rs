@@ -24,6 +24,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use usermm::VADDR_END;
 use usermm::{AddressSpace, Config, Error, Region, SwapSpec, VAddr, Vm, PAGE_SIZE};
+use usermm_testkit::pattern::{fill_random, first_diff};
+use usermm_testkit::watchdog::run_workers;
 use usermm_testkit::workload::Rng;
 
 const THREADS: usize = 4;
@@ -435,7 +437,7 @@ fn random_ops_match_model() {
         Duration::from_secs(60),
         move || format!("stats: {:?}\n", vm2.stats()),
         move |me| {
-            let tid = me.tid;
+            let tid = me.tid();
             let (mm, own_space) = spaces.lock().unwrap()[tid].take().unwrap();
             let mut w = Worker {
                 tid,

@@ -15,10 +15,12 @@
 //! After every schedule: no slot of the removed device is referenced, every page of
 //! every live space reads its value, and the reference counts add up.
 //!
-//! `planted_bug_is_found` makes swapoff trust one walk over the spaces (registering
-//! the child after copying, and not re-checking the counts: the race of seed 002,
-//! where a fork copies a swap entry into a child that the walk has passed) and checks
-//! the model catches it, so the model is known to have teeth.
+//! `planted_bug_is_found` plants one bug — exactly one line, switched by
+//! [`Model::PlantedBug`] in `swapoff`: swapoff trusts a single walk over the spaces
+//! instead of re-checking the slot counts (the race of seed 002, where a fork copies
+//! a swap entry into a child that the walk has already passed) — and checks that the
+//! model catches it with the invariant that bug breaks, so the model is known to
+//! have teeth.
 
 use shuttle::sync::{Mutex, RwLock};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -156,11 +158,9 @@ impl Space {
     }
 
     /// fork: the child is registered before anything is copied into it.
-    fn fork(self: &Arc<Self>, register_first: bool) -> Arc<Space> {
+    fn fork(self: &Arc<Self>) -> Arc<Space> {
         let child = Arc::new(Space::new(&self.world));
-        if register_first {
-            self.world.register(&child);
-        }
+        self.world.register(&child);
         {
             let _w = self.regions.write().unwrap();
             for i in 0..PAGES {
@@ -179,9 +179,6 @@ impl Space {
                 }
                 shuttle::thread::yield_now();
             }
-        }
-        if !register_first {
-            self.world.register(&child);
         }
         child
     }
@@ -213,12 +210,23 @@ impl Drop for Space {
     }
 }
 
+/// The engine's protocol, or the protocol with the planted bug.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Model {
+    Correct,
+    /// swapoff trusts a single walk over the spaces (the one line that reads this).
+    PlantedBug,
+}
+
+/// The assertion the planted bug breaks (checked after every schedule).
+const LEAK_AFTER_SWAPOFF: &str = "swapoff finished with slots of the device still referenced";
+
 /// swapoff of device `dev`; false if it had to give up (the device stays).
-fn swapoff(world: &Arc<World>, dev: usize, one_walk: bool) -> bool {
+fn swapoff(world: &Arc<World>, dev: usize, model: Model) -> bool {
     world.devs[dev].draining.store(true, Ordering::SeqCst);
     for pass in 0..20 {
-        if one_walk && pass == 1 {
-            return true; // the planted bug: trust a single walk
+        if model == Model::PlantedBug && pass == 1 {
+            return true; // THE PLANTED BUG: trust a single walk
         }
         // Resident pages forget their swap copy on the device.
         {
@@ -302,8 +310,7 @@ fn value(sp: &Space, i: usize) -> u64 {
     }
 }
 
-fn scenario(correct: bool) {
-    let register_first = correct;
+fn scenario(model: Model) {
     let world = Arc::new(World {
         devs: [0, 1].map(|_| Dev {
             draining: AtomicBool::new(false),
@@ -337,15 +344,15 @@ fn scenario(correct: bool) {
         let p = parent.clone();
         let survivor = survivor.clone();
         shuttle::thread::spawn(move || {
-            let a = p.fork(register_first);
-            let b = p.fork(register_first);
+            let a = p.fork();
+            let b = p.fork();
             drop(a); // exit of one child
             *survivor.lock().unwrap() = Some(b);
         })
     };
     let t_off = {
         let w = world.clone();
-        shuttle::thread::spawn(move || swapoff(&w, 0, !correct))
+        shuttle::thread::spawn(move || swapoff(&w, 0, model))
     };
     t_fault.join().unwrap();
     t_fork.join().unwrap();
@@ -359,7 +366,7 @@ fn scenario(correct: bool) {
     if removed {
         assert!(
             world.devs[0].count.lock().unwrap().iter().all(|&c| c == 0),
-            "swapoff finished with slots of the device still referenced"
+            "{LEAK_AFTER_SWAPOFF}"
         );
         for sp in [&parent, &child] {
             for i in 0..PAGES {
@@ -387,12 +394,19 @@ fn scenario(correct: bool) {
 
 #[test]
 fn fault_fork_exit_swapoff() {
-    shuttle::check_random(|| scenario(true), 3000);
-    shuttle::check_pct(|| scenario(true), 3000, 3);
+    shuttle::check_random(|| scenario(Model::Correct), 3000);
+    shuttle::check_pct(|| scenario(Model::Correct), 3000, 3);
 }
 
 #[test]
-#[should_panic]
 fn planted_bug_is_found() {
-    shuttle::check_random(|| scenario(false), 3000);
+    let r = std::panic::catch_unwind(|| {
+        shuttle::check_random(|| scenario(Model::PlantedBug), 3000);
+    });
+    let payload = r.expect_err("the model must catch the planted bug");
+    let msg = usermm_testkit::watchdog::panic_message(&*payload);
+    assert!(
+        msg.contains(LEAK_AFTER_SWAPOFF),
+        "the model failed, but not with the planted bug's invariant: {msg:?}"
+    );
 }

@@ -15,8 +15,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-mod nbd_support;
-use nbd_support::*;
+use usermm_testkit::nbd::{disk, nbdkit, qemu_nbd, run_test, skip_without, Endpoint};
+use usermm_testkit::pattern::{check_page, write_page};
+
+/// How long the test may make no progress before the watchdog fails it.
+const STALL: std::time::Duration = std::time::Duration::from_secs(60);
 
 use usermm::device::nbd::{NbdAddr, NbdDevice, NbdOptions};
 use usermm::device::BlockDevice;
@@ -136,80 +139,95 @@ fn storm(name: &str, dev: Arc<dyn BlockDevice>, pages: u64) -> (u64, u64) {
 
 #[test]
 fn page_out_storm_allocates_nothing_on_page_io_threads() {
-    // The detector works: a pageio-named thread that allocates is counted.
-    COUNTING.store(true, Ordering::SeqCst);
-    std::thread::Builder::new()
-        .name("usermm-pageio-x".into())
-        .spawn(|| std::hint::black_box(vec![1u8; 100]).len())
-        .unwrap()
-        .join()
-        .unwrap();
-    COUNTING.store(false, Ordering::SeqCst);
-    assert!(
-        PAGEIO_ALLOCS.load(Ordering::SeqCst) >= 1,
-        "the counter must see a planted allocation"
-    );
+    run_test(
+        "page_out_storm_allocates_nothing_on_page_io_threads",
+        STALL,
+        || {
+            // The detector works: a pageio-named thread that allocates is counted.
+            COUNTING.store(true, Ordering::SeqCst);
+            std::thread::Builder::new()
+                .name("usermm-pageio-x".into())
+                .spawn(|| std::hint::black_box(vec![1u8; 100]).len())
+                .unwrap()
+                .join()
+                .unwrap();
+            COUNTING.store(false, Ordering::SeqCst);
+            assert!(
+                PAGEIO_ALLOCS.load(Ordering::SeqCst) >= 1,
+                "the counter must see a planted allocation"
+            );
 
-    let dir = tempfile::tempdir().unwrap();
-    let pages = 4096u64;
+            let dir = tempfile::tempdir().unwrap();
+            let pages = 4096u64;
 
-    // Baseline: the engine with a file device.
-    let f =
-        usermm::device::file::FileDevice::open(&dir.path().join("f.swap"), Some(64 << 20), "file")
+            // Baseline: the engine with a file device.
+            let f = usermm::device::file::FileDevice::open(
+                &dir.path().join("f.swap"),
+                Some(64 << 20),
+                "file",
+            )
             .unwrap();
-    let (outs, allocs) = storm("file", Arc::new(f), pages);
-    assert!(outs > pages, "a storm: {outs} page-outs");
-    assert_eq!(allocs, 0, "the engine's page-out path allocated");
+            let (outs, allocs) = storm("file", Arc::new(f), pages);
+            assert!(outs > pages, "a storm: {outs} page-outs");
+            assert_eq!(allocs, 0, "the engine's page-out path allocated");
 
-    if skip_without("qemu-nbd") {
-        return;
-    }
-    let img = disk(dir.path(), "q.img", 64 << 20);
-    let q = qemu_nbd(&img, Endpoint::Unix(dir.path().join("q.sock")));
-    let Endpoint::Unix(qs) = &q.endpoint else {
-        unreachable!()
-    };
-    let dev = NbdDevice::connect(
-        &NbdAddr::Unix(qs.clone()),
-        &NbdOptions {
-            export: "swap".into(),
-            ..NbdOptions::default()
-        },
-        "qemu-nbd",
-    )
-    .unwrap();
-    let (outs, allocs) = storm("qemu-nbd", Arc::new(dev), pages);
-    assert!(outs > pages, "a storm: {outs} page-outs");
-    assert_eq!(
-        allocs, 0,
-        "page-out to qemu-nbd allocated on page-I/O threads"
-    );
+            if skip_without(
+                "page_out_storm_allocates_nothing_on_page_io_threads",
+                "qemu-nbd",
+            ) {
+                return;
+            }
+            let img = disk(dir.path(), "q.img", 64 << 20);
+            let q = qemu_nbd(&img, Endpoint::Unix(dir.path().join("q.sock")));
+            let Endpoint::Unix(qs) = &q.endpoint else {
+                unreachable!()
+            };
+            let dev = NbdDevice::connect(
+                &NbdAddr::Unix(qs.clone()),
+                &NbdOptions {
+                    export: "swap".into(),
+                    ..NbdOptions::default()
+                },
+                "qemu-nbd",
+            )
+            .unwrap();
+            let (outs, allocs) = storm("qemu-nbd", Arc::new(dev), pages);
+            assert!(outs > pages, "a storm: {outs} page-outs");
+            assert_eq!(
+                allocs, 0,
+                "page-out to qemu-nbd allocated on page-I/O threads"
+            );
 
-    if skip_without("nbdkit") {
-        return;
-    }
-    let k = nbdkit(
-        &["memory", "64M"],
-        Endpoint::Unix(dir.path().join("k.sock")),
-    );
-    let Endpoint::Unix(ks) = &k.endpoint else {
-        unreachable!()
-    };
-    let dev = NbdDevice::connect(
-        &NbdAddr::Unix(ks.clone()),
-        &NbdOptions {
-            export: "swap".into(),
-            conns: Some(3),
-            ..NbdOptions::default()
+            if skip_without(
+                "page_out_storm_allocates_nothing_on_page_io_threads",
+                "nbdkit",
+            ) {
+                return;
+            }
+            let k = nbdkit(
+                &["memory", "64M"],
+                Endpoint::Unix(dir.path().join("k.sock")),
+            );
+            let Endpoint::Unix(ks) = &k.endpoint else {
+                unreachable!()
+            };
+            let dev = NbdDevice::connect(
+                &NbdAddr::Unix(ks.clone()),
+                &NbdOptions {
+                    export: "swap".into(),
+                    conns: Some(3),
+                    ..NbdOptions::default()
+                },
+                "nbdkit",
+            )
+            .unwrap();
+            assert_eq!(dev.info().conns, 3);
+            let (outs, allocs) = storm("nbdkit (3 connections)", Arc::new(dev), pages);
+            assert!(outs > pages, "a storm: {outs} page-outs");
+            assert_eq!(
+                allocs, 0,
+                "page-out to nbdkit allocated on page-I/O threads"
+            );
         },
-        "nbdkit",
-    )
-    .unwrap();
-    assert_eq!(dev.info().conns, 3);
-    let (outs, allocs) = storm("nbdkit (3 connections)", Arc::new(dev), pages);
-    assert!(outs > pages, "a storm: {outs} page-outs");
-    assert_eq!(
-        allocs, 0,
-        "page-out to nbdkit allocated on page-I/O threads"
     );
 }

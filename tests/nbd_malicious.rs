@@ -4,6 +4,7 @@
 //! silence. Every case must end in a clear error (the message names the fault),
 //! within the timeout, with no panic and no unbounded allocation: a counting
 //! global allocator checks that no scenario allocates more than 2 MiB in total.
+//! Each test runs under the test kit's watchdog.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::io::{Read, Write};
@@ -17,6 +18,10 @@ use usermm::device::nbd::proto::*;
 use usermm::device::nbd::{NbdAddr, NbdDevice, NbdOptions};
 use usermm::device::BlockDevice;
 use usermm::Error;
+use usermm_testkit::watchdog::watched;
+
+/// How long a test may make no progress before the watchdog fails it.
+const STALL: Duration = Duration::from_secs(60);
 
 struct Counting;
 static ALLOCATED: AtomicU64 = AtomicU64::new(0);
@@ -332,113 +337,131 @@ fn read_error(evil: Evil, needle: &str) {
 
 #[test]
 fn handshake_violations_are_clear_errors() {
-    connect_error(Evil::GreetingMagic, "not an NBD server");
-    connect_error(Evil::OldStyle, "oldstyle");
-    connect_error(Evil::OptionReplyMagic, "wrong magic");
-    connect_error(Evil::OversizedOptionReply, "oversized option reply");
-    connect_error(Evil::EndlessInfo, "too many option replies");
-    connect_error(Evil::NoExportInfo, "NBD_INFO_EXPORT");
-    connect_error(Evil::ReadOnly, "read-only");
+    watched("handshake_violations_are_clear_errors", STALL, |_| {
+        connect_error(Evil::GreetingMagic, "not an NBD server");
+        connect_error(Evil::OldStyle, "oldstyle");
+        connect_error(Evil::OptionReplyMagic, "wrong magic");
+        connect_error(Evil::OversizedOptionReply, "oversized option reply");
+        connect_error(Evil::EndlessInfo, "too many option replies");
+        connect_error(Evil::NoExportInfo, "NBD_INFO_EXPORT");
+        connect_error(Evil::ReadOnly, "read-only");
+    });
 }
 
 #[test]
 fn garbage_after_go() {
-    scenario(Evil::GarbageAfterGo, |p| match connect(p) {
-        Err(e) => {
-            let m = e.to_string();
-            println!("    -> {m}");
-            assert!(m.contains("garbage after the handshake"), "{m}");
-        }
-        Ok(d) => {
-            // The garbage arrived after the check: the first reply read sees it.
-            let e = d.read_page(0, &mut [0u8; 4096]).unwrap_err().to_string();
-            assert!(e.contains("wrong magic"), "{e}");
-        }
+    watched("garbage_after_go", STALL, |_| {
+        scenario(Evil::GarbageAfterGo, |p| match connect(p) {
+            Err(e) => {
+                let m = e.to_string();
+                println!("    -> {m}");
+                assert!(m.contains("garbage after the handshake"), "{m}");
+            }
+            Ok(d) => {
+                // The garbage arrived after the check: the first reply read sees it.
+                let e = d.read_page(0, &mut [0u8; 4096]).unwrap_err().to_string();
+                assert!(e.contains("wrong magic"), "{e}");
+            }
+        });
     });
 }
 
 #[test]
 fn transmission_violations_are_clear_errors() {
-    read_error(Evil::ReplyMagic, "wrong magic");
-    read_error(Evil::UnknownHandle, "unknown handle");
-    read_error(Evil::OversizedChunk, "oversized reply chunk");
-    read_error(Evil::OversizedErrorChunk, "oversized reply chunk");
-    read_error(
-        Evil::DoneWithoutData,
-        "claimed success after 1024 of 4096 bytes",
-    );
-    read_error(Evil::StructuredNotNegotiated, "not negotiated");
-    read_error(Evil::ShortRead, "short read");
-}
-
-#[test]
-fn duplicate_reply_is_a_reply_to_a_request_never_sent() {
-    scenario(Evil::DuplicateReply, |p| {
-        let d = connect(p).unwrap();
-        let mut buf = vec![0u8; 4096];
-        d.read_page(1, &mut buf).unwrap();
-        assert!(buf.iter().all(|&b| b == 0x42));
-        buf.fill(0);
-        // The second (duplicate) reply is read before the answer to this request.
-        let e = d.read_page(2, &mut buf).unwrap_err().to_string();
-        println!("    -> {e}");
-        assert!(e.contains("unknown handle"), "{e}");
-        assert!(buf.iter().all(|&b| b == 0), "no data from a stray reply");
+    watched("transmission_violations_are_clear_errors", STALL, |_| {
+        read_error(Evil::ReplyMagic, "wrong magic");
+        read_error(Evil::UnknownHandle, "unknown handle");
+        read_error(Evil::OversizedChunk, "oversized reply chunk");
+        read_error(Evil::OversizedErrorChunk, "oversized reply chunk");
+        read_error(
+            Evil::DoneWithoutData,
+            "claimed success after 1024 of 4096 bytes",
+        );
+        read_error(Evil::StructuredNotNegotiated, "not negotiated");
+        read_error(Evil::ShortRead, "short read");
     });
 }
 
 #[test]
+fn duplicate_reply_is_a_reply_to_a_request_never_sent() {
+    watched(
+        "duplicate_reply_is_a_reply_to_a_request_never_sent",
+        STALL,
+        |_| {
+            scenario(Evil::DuplicateReply, |p| {
+                let d = connect(p).unwrap();
+                let mut buf = vec![0u8; 4096];
+                d.read_page(1, &mut buf).unwrap();
+                assert!(buf.iter().all(|&b| b == 0x42));
+                buf.fill(0);
+                // The second (duplicate) reply is read before the answer to this request.
+                let e = d.read_page(2, &mut buf).unwrap_err().to_string();
+                println!("    -> {e}");
+                assert!(e.contains("unknown handle"), "{e}");
+                assert!(buf.iter().all(|&b| b == 0), "no data from a stray reply");
+            });
+        },
+    );
+}
+
+#[test]
 fn silent_server_times_out() {
-    scenario(Evil::Silent, |p| {
-        let d = connect(p).unwrap();
-        let t = Instant::now();
-        let e = d.read_page(0, &mut [0u8; 4096]).unwrap_err();
-        println!("    -> {e} after {:?}", t.elapsed());
-        assert_eq!(e.raw_os_error(), Some(libc::ETIMEDOUT), "{e}");
-        assert!(t.elapsed() >= Duration::from_millis(700));
-        let e = d.write_page(0, &[0u8; 4096]).unwrap_err();
-        println!("    -> write: {e}");
-        assert!(d.stats().timeouts >= 1);
+    watched("silent_server_times_out", STALL, |_| {
+        scenario(Evil::Silent, |p| {
+            let d = connect(p).unwrap();
+            let t = Instant::now();
+            let e = d.read_page(0, &mut [0u8; 4096]).unwrap_err();
+            println!("    -> {e} after {:?}", t.elapsed());
+            assert_eq!(e.raw_os_error(), Some(libc::ETIMEDOUT), "{e}");
+            assert!(t.elapsed() >= Duration::from_millis(700));
+            let e = d.write_page(0, &[0u8; 4096]).unwrap_err();
+            println!("    -> write: {e}");
+            assert!(d.stats().timeouts >= 1);
+        });
     });
 }
 
 #[test]
 fn server_errors_fail_one_request_only() {
-    scenario(Evil::Eio, |p| {
-        let d = connect(p).unwrap();
-        for i in 0..10 {
-            let e = d.read_page(i, &mut [0u8; 4096]).unwrap_err();
-            assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
-        }
-        let s = d.stats();
-        assert_eq!(s.server_errors, 10);
-        assert_eq!(s.reconnects, 0, "an error reply keeps the connection");
-        assert_eq!(d.conns_up(), 1);
+    watched("server_errors_fail_one_request_only", STALL, |_| {
+        scenario(Evil::Eio, |p| {
+            let d = connect(p).unwrap();
+            for i in 0..10 {
+                let e = d.read_page(i, &mut [0u8; 4096]).unwrap_err();
+                assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+            }
+            let s = d.stats();
+            assert_eq!(s.server_errors, 10);
+            assert_eq!(s.reconnects, 0, "an error reply keeps the connection");
+            assert_eq!(d.conns_up(), 1);
+        });
     });
 }
 
 #[test]
 fn through_a_vm_the_error_is_a_device_error() {
-    scenario(Evil::UnknownHandle, |p| {
-        let vm = usermm::Vm::new(usermm::Config::default().memory_budget(1 << 20)).unwrap();
-        vm.swapon_device(Arc::new(connect(p).unwrap()), 0).unwrap();
-        let mm = vm.new_space();
-        let r = mm.map_anon(4 << 20).unwrap();
-        // Page-out fails (unknown handle) so the pages stay resident; the access
-        // that needs a frame eventually gets the device error, never a panic.
-        let mut saw = None;
-        for i in 0..1024u64 {
-            if let Err(e) = mm.write(r.start() + i * 4096, &[1u8; 64]) {
-                saw = Some(e);
-                break;
+    watched("through_a_vm_the_error_is_a_device_error", STALL, |_| {
+        scenario(Evil::UnknownHandle, |p| {
+            let vm = usermm::Vm::new(usermm::Config::default().memory_budget(1 << 20)).unwrap();
+            vm.swapon_device(Arc::new(connect(p).unwrap()), 0).unwrap();
+            let mm = vm.new_space();
+            let r = mm.map_anon(4 << 20).unwrap();
+            // Page-out fails (unknown handle) so the pages stay resident; the access
+            // that needs a frame eventually gets the device error, never a panic.
+            let mut saw = None;
+            for i in 0..1024u64 {
+                if let Err(e) = mm.write(r.start() + i * 4096, &[1u8; 64]) {
+                    saw = Some(e);
+                    break;
+                }
             }
-        }
-        let e = saw.expect("memory cannot be freed: an access must fail");
-        println!("    -> {e}");
-        assert!(matches!(e, Error::Device { .. }), "{e:?}");
-        // What was written is still there.
-        let mut b = [0u8; 64];
-        mm.read(r.start(), &mut b).unwrap();
-        assert_eq!(b, [1u8; 64]);
+            let e = saw.expect("memory cannot be freed: an access must fail");
+            println!("    -> {e}");
+            assert!(matches!(e, Error::Device { .. }), "{e:?}");
+            // What was written is still there.
+            let mut b = [0u8; 64];
+            mm.read(r.start(), &mut b).unwrap();
+            assert_eq!(b, [1u8; 64]);
+        });
     });
 }

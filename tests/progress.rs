@@ -13,6 +13,8 @@ mod common;
 use common::*;
 use std::time::{Duration, Instant};
 use usermm::{AddressSpace, Config, SwapSpec, VAddr, Vm, PAGE_SIZE};
+use usermm_testkit::pattern::{first_diff, page_pattern};
+use usermm_testkit::watchdog::{run_workers, Me};
 use usermm_testkit::workload::Rng;
 
 const FRAMES: usize = 32;
@@ -36,7 +38,7 @@ fn tiny_vm(dir: &std::path::Path) -> Vm {
 
 struct T<'a> {
     seed: u64,
-    me: &'a Me<'a>,
+    me: &'a Me,
     mm: AddressSpace,
     base: VAddr,
     /// Version last written to each page (0: never written).
@@ -54,7 +56,7 @@ impl T<'_> {
         if self.ver[p as usize] == 0 {
             self.want.fill(0);
         } else {
-            page_pattern(key(self.me.tid, p, self.ver[p as usize]), &mut self.want);
+            page_pattern(key(self.me.tid(), p, self.ver[p as usize]), &mut self.want);
         }
     }
     fn write(&mut self, p: u64) {
@@ -62,11 +64,12 @@ impl T<'_> {
         let a = self.addr(p);
         self.me
             .begin(|| format!("write page {p} ({a:?}) version {v}"));
-        page_pattern(key(self.me.tid, p, v), &mut self.want);
+        page_pattern(key(self.me.tid(), p, v), &mut self.want);
         if let Err(e) = self.mm.write(a, &self.want) {
             panic!(
                 "seed={} thread={} write of page {p}: {e:?}",
-                self.seed, self.me.tid
+                self.seed,
+                self.me.tid()
             );
         }
         self.ver[p as usize] = v;
@@ -79,13 +82,16 @@ impl T<'_> {
         if let Err(e) = self.mm.read(a, &mut self.got) {
             panic!(
                 "seed={} thread={} {what} read of page {p}: {e:?}",
-                self.seed, self.me.tid
+                self.seed,
+                self.me.tid()
             );
         }
         if let Some(d) = first_diff(&self.got, &self.want) {
             panic!(
                 "seed={} thread={} {what}: page {p} version {} reads back wrong: {d}",
-                self.seed, self.me.tid, self.ver[p as usize]
+                self.seed,
+                self.me.tid(),
+                self.ver[p as usize]
             );
         }
         self.me.done();
@@ -100,17 +106,19 @@ impl T<'_> {
         let mut g = mm.page_mut(a).unwrap_or_else(|e| {
             panic!(
                 "seed={} thread={} page_mut of page {p}: {e:?}",
-                self.seed, self.me.tid
+                self.seed,
+                self.me.tid()
             )
         });
         if let Some(d) = first_diff(&g, &self.want) {
             panic!(
                 "seed={} thread={} page_mut of page {p} shows the wrong page: {d}",
-                self.seed, self.me.tid
+                self.seed,
+                self.me.tid()
             );
         }
         let v = self.ver[p as usize] + 1;
-        page_pattern(key(self.me.tid, p, v), &mut self.want);
+        page_pattern(key(self.me.tid(), p, v), &mut self.want);
         g.copy_from_slice(&self.want);
         self.ver[p as usize] = v;
         self.me.done();
@@ -132,13 +140,15 @@ impl T<'_> {
         let g = mm.page(a).unwrap_or_else(|e| {
             panic!(
                 "seed={} thread={} page of page {p}: {e:?}",
-                self.seed, self.me.tid
+                self.seed,
+                self.me.tid()
             )
         });
         if let Some(d) = first_diff(&g, &self.want) {
             panic!(
                 "seed={} thread={} page guard of page {p} shows the wrong page: {d}",
-                self.seed, self.me.tid
+                self.seed,
+                self.me.tid()
             );
         }
         self.me.done();
@@ -175,7 +185,7 @@ fn run(seed: u64, shared_space: bool, guards: bool) {
         STALL,
         move || format!("stats: {:?}\n", vm2.stats()),
         move |me| {
-            let tid = me.tid;
+            let tid = me.tid();
             let mm = spaces.lock().unwrap()[tid].take().unwrap();
             let mut t = T {
                 seed,

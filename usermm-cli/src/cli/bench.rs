@@ -9,7 +9,6 @@
 //! budget, with a swap file of the same size). Each system gets the fill (every page
 //! written once), an untimed warm-up and the timed phase.
 
-use super::access::{self, Measured, RawTarget, Snap, UsermmTarget, WorkSpec};
 use super::device::{Op, ProbeFile, ProbeResult};
 use super::kernel::KernelSwap;
 use super::util::{self, fmt_bytes, fmt_dur, fmt_num, Progress, Undo};
@@ -17,6 +16,7 @@ use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use usermm::{Config, SwapSpec, Vm, PAGE_SIZE};
+use usermm_testkit::driver::{self as access, Measured, RawTarget, Snap, UsermmTarget, WorkSpec};
 use usermm_testkit::workload::Pattern;
 
 /// Arguments of `usermm bench`.

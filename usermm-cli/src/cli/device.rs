@@ -3,7 +3,6 @@
 //! swap files, at a given queue depth (that many threads, each with one request in
 //! flight).
 
-use super::access::LatHist;
 use super::util::{self, Registered, Undo};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
@@ -11,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use usermm::PAGE_SIZE;
+use usermm_testkit::driver::LatHist;
 use usermm_testkit::workload::Rng;
 
 /// A page-aligned heap buffer.

@@ -7,87 +7,18 @@
 //! turned off (only the exact file this process enabled) and deleted — on normal
 //! exit, on error, on panic (Drop) and on Ctrl-C (the undo registry).
 
-use super::access::{self, RawTarget, Snap, WorkSpec};
+use super::sys::cpath;
 use super::util::{self, Registered, Undo};
 use serde::{Deserialize, Serialize};
-use std::ffi::CString;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use usermm::PAGE_SIZE;
+use usermm_testkit::driver::{self as access, RawTarget, Snap, WorkSpec};
 use usermm_testkit::workload::Pattern;
-
-fn cpath(p: &Path) -> Result<CString, String> {
-    CString::new(p.as_os_str().as_bytes())
-        .map_err(|_| format!("{} contains a NUL byte", p.display()))
-}
-
-/// Whether `/proc/swaps` lists `path` as an active swap area.
-pub fn swap_active(path: &Path) -> bool {
-    let Ok(s) = std::fs::read_to_string("/proc/swaps") else {
-        return false;
-    };
-    let want = path.as_os_str().as_bytes();
-    // /proc/swaps escapes spaces etc. as octal; our names have none.
-    s.lines()
-        .skip(1)
-        .filter_map(|l| l.split_whitespace().next())
-        .any(|f| f.as_bytes() == want)
-}
-
-/// Turns off the swap file `path` (which this process enabled).
-pub fn swapoff(path: &Path) -> Result<(), String> {
-    if !swap_active(path) {
-        return Ok(());
-    }
-    let c = cpath(path)?;
-    // SAFETY: plain syscall with a valid C string.
-    if unsafe { libc::swapoff(c.as_ptr()) } != 0 {
-        return Err(format!(
-            "swapoff {}: {} — turn it off by hand: swapoff {}",
-            path.display(),
-            std::io::Error::last_os_error(),
-            path.display()
-        ));
-    }
-    Ok(())
-}
-
-/// Removes a cgroup directory we created, moving any process left in it (only
-/// ever our own child) to the parent first.
-pub fn remove_cgroup(path: &Path) -> Result<(), String> {
-    if !path.exists() {
-        return Ok(());
-    }
-    let procs = std::fs::read_to_string(path.join("cgroup.procs")).unwrap_or_default();
-    if let Some(parent) = path.parent() {
-        for pid in procs.split_whitespace() {
-            let _ = std::fs::write(parent.join("cgroup.procs"), pid);
-        }
-    }
-    let end = Instant::now() + Duration::from_secs(5);
-    loop {
-        match std::fs::remove_dir(path) {
-            Ok(()) => return Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-            Err(e) if Instant::now() < end => {
-                let _ = e;
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            Err(e) => {
-                return Err(format!(
-                    "cannot remove cgroup {}: {e} — remove it by hand: rmdir {}",
-                    path.display(),
-                    path.display()
-                ))
-            }
-        }
-    }
-}
 
 /// A pattern as text that `Pattern::parse` reads back exactly.
 pub fn pattern_arg(p: &Pattern) -> String {

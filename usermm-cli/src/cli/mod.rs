@@ -3,7 +3,6 @@
 
 use clap::{Parser, Subcommand};
 
-pub mod access;
 pub mod bench;
 pub mod device;
 pub mod kernel;
@@ -12,6 +11,7 @@ pub mod plot;
 pub mod run;
 pub mod stress;
 pub mod swaps;
+pub mod sys;
 pub mod util;
 
 /// usermm — a virtual memory manager in user space: swap per process, inside a hard

@@ -1,16 +1,16 @@
 //! A `qemu-nbd` server for `usermm bench`'s NBD column: an image file in the bench's
-//! directory exported on a Unix socket, started here and stopped by its pid (also on
-//! Ctrl-C, through the undo registry).
+//! directory exported on a Unix socket. Started and stopped (by pid, on drop) by the
+//! test kit's [`usermm_testkit::nbd`]; this wrapper adds the image file and the undo
+//! registry, so Ctrl-C also kills the server and removes its files.
 
 use super::util::{self, Registered, Undo};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use usermm_testkit::nbd::{try_qemu_nbd, Endpoint, Server};
 
 /// A running qemu-nbd.
 #[derive(Debug)]
 pub struct NbdServer {
-    child: Child,
+    server: Server,
     image: PathBuf,
     socket: PathBuf,
     undo: Vec<Registered>,
@@ -28,46 +28,36 @@ impl NbdServer {
         f.set_len(size)
             .map_err(|e| format!("cannot size {}: {e}", image.display()))?;
         drop(f);
-        let child = Command::new("qemu-nbd")
-            .args(["-f", "raw", "-t", "-x", "swap", "--cache=none", "-k"])
-            .arg(&socket)
-            .arg(&image)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(|e| format!("cannot start qemu-nbd: {e}"))?;
-        undo.push(util::register(Undo::Kill(child.id() as i32)));
         undo.push(util::register(Undo::RemoveFile(socket.clone())));
-        let mut s = NbdServer {
-            child,
+        let server = match try_qemu_nbd(&image, Endpoint::Unix(socket.clone()), &[]) {
+            Ok(s) => s,
+            Err(e) => {
+                for u in &undo {
+                    let _ = u.run();
+                }
+                return Err(e);
+            }
+        };
+        if let Some(pid) = server.pid() {
+            undo.push(util::register(Undo::Kill(pid)));
+        }
+        Ok(NbdServer {
+            server,
             image,
             socket,
             undo,
-        };
-        let t = Instant::now();
-        while !s.socket.exists() {
-            if let Ok(Some(st)) = s.child.try_wait() {
-                return Err(format!("qemu-nbd exited at start ({st})"));
-            }
-            if t.elapsed() > Duration::from_secs(10) {
-                return Err("qemu-nbd did not open its socket within 10 s".into());
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Ok(s)
+        })
     }
 
     /// The swap spec that reaches this server.
     pub fn spec(&self) -> String {
-        format!("nbd+unix:///swap?socket={}", self.socket.display())
+        self.server.spec("")
     }
 }
 
 impl Drop for NbdServer {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.server.kill();
         let _ = std::fs::remove_file(&self.socket);
         let _ = std::fs::remove_file(&self.image);
         for u in &self.undo {

@@ -9,6 +9,9 @@
 //! exactly and checks that each touched word is a stamp of this page and word with
 //! a version between 1 and the current one. The fill writes every word of every
 //! page (version 1), and a final pass reads every page whole and checks all of it.
+//! The stamps and their checks are the test kit's (`usermm_testkit::pattern`); the
+//! worker threads announce their steps on a `usermm_testkit::watchdog::Board`, which
+//! says what each one waits on if the run stalls.
 
 use super::util::{self, fmt_bytes, fmt_count, fmt_dur, fmt_num, Progress, Undo};
 use clap::Parser;
@@ -19,9 +22,12 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 use usermm::stats::Stats;
 use usermm::{AddressSpace, Config, SwapSpec, VAddr, Vm, PAGE_SIZE};
+use usermm_testkit::pattern::{
+    check_header, check_stamp, check_stamped, fill_stamped, header, stamp, WordMismatch,
+    WORDS_PER_PAGE,
+};
+use usermm_testkit::watchdog::{Board, Me};
 use usermm_testkit::workload::{Pattern, Rng, Sampler};
-
-const WORDS_PER_PAGE: u64 = (PAGE_SIZE / 8) as u64;
 
 /// Arguments of `usermm run`.
 #[derive(clap::Args, Debug, Clone)]
@@ -97,43 +103,6 @@ impl RunArgs {
     /// The defaults, as if `usermm run` was given no flags.
     pub fn default_args() -> RunArgs {
         Defaults::parse_from(["usermm"]).a
-    }
-}
-
-// ------------------------------------------------------------------ page stamps
-
-#[inline]
-fn header(p: u64, v: u32) -> u64 {
-    p << 32 | u64::from(v)
-}
-
-#[inline]
-fn mix(p: u64, w: u64, v: u32) -> u32 {
-    let mut x = p.wrapping_mul(0x9E37_79B9_7F4A_7C15)
-        ^ w.wrapping_mul(0xC2B2_AE3D_27D4_EB4F)
-        ^ u64::from(v).wrapping_mul(0x1656_67B1_9E37_79F9);
-    x ^= x >> 29;
-    x = x.wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    x ^= x >> 32;
-    x as u32
-}
-
-#[inline]
-fn stamp(p: u64, w: u64, v: u32) -> u64 {
-    u64::from(v) << 32 | u64::from(mix(p, w, v))
-}
-
-#[inline]
-fn stamp_ok(p: u64, w: u64, cur: u32, got: u64) -> bool {
-    let v = (got >> 32) as u32;
-    v >= 1 && v <= cur && got as u32 == mix(p, w, v)
-}
-
-fn fill_page(buf: &mut [u8], p: u64, v: u32) {
-    buf[..8].copy_from_slice(&header(p, v).to_le_bytes());
-    for w in 1..WORDS_PER_PAGE {
-        let o = w as usize * 8;
-        buf[o..o + 8].copy_from_slice(&stamp(p, w, v).to_le_bytes());
     }
 }
 
@@ -218,6 +187,16 @@ struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
+    fn mismatch(&self, phase: &'static str, page: u64, m: WordMismatch) {
+        self.fail(Failure::Mismatch {
+            phase,
+            page,
+            addr: self.addr(page) + m.word * 8,
+            word: m.word,
+            expected: m.expected,
+            got: m.got,
+        });
+    }
     fn fail(&self, f: Failure) {
         let mut g = self.failure.lock().unwrap_or_else(|e| e.into_inner());
         if g.is_none() {
@@ -259,19 +238,21 @@ impl Ctx<'_> {
 
 // ------------------------------------------------------------------ phases
 
-fn fill_thread(ctx: &Ctx, t: u64, versions: &mut [u32]) {
+fn fill_thread(ctx: &Ctx, t: u64, versions: &mut [u32], me: &Me) {
     let mut buf = vec![0u8; PAGE_SIZE];
     for (i, ver) in versions.iter_mut().enumerate() {
         if ctx.stop.load(Ordering::Relaxed) {
             return;
         }
         let p = i as u64 * ctx.threads + t;
-        fill_page(&mut buf, p, 1);
+        fill_stamped(&mut buf, p, 1);
         let a = ctx.addr(p);
+        me.begin(|| format!("fill: write of page {p}"));
         if let Err(e) = ctx.mm.write(a, &buf) {
             ctx.lib("fill", "write", p, a, e);
             return;
         }
+        me.done();
         *ver = 1;
         ctx.done[t as usize]
             .0
@@ -279,14 +260,11 @@ fn fill_thread(ctx: &Ctx, t: u64, versions: &mut [u32]) {
     }
 }
 
-fn access_thread(ctx: &Ctx, t: u64, versions: &mut [u32], quota: Option<u64>) -> Tally {
+fn access_thread(ctx: &Ctx, t: u64, versions: &mut [u32], quota: Option<u64>, me: &Me) -> Tally {
     let mut tally = Tally::default();
     let n = versions.len() as u64;
     let sampler = Sampler::new(ctx.pattern, n);
-    let mut rng = Rng::new(
-        ctx.seed
-            .wrapping_add((t + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)),
-    );
+    let mut rng = Rng::for_thread(ctx.seed, t);
     let mut touched = vec![0u64; ctx.words as usize];
     let quota = quota.unwrap_or(u64::MAX);
     let mut b = [0u8; 8];
@@ -298,6 +276,12 @@ fn access_thread(ctx: &Ctx, t: u64, versions: &mut [u32], quota: Option<u64>) ->
             if ctx.stop.load(Ordering::Relaxed) {
                 break;
             }
+            // Announced per batch of 64 accesses, so the hot path stays cheap.
+            if tally.accesses > 0 {
+                me.done();
+            }
+            let first = tally.accesses;
+            me.begin(|| format!("accesses {first}..{}", first + 64));
         }
         let i = sampler.sample(&mut rng);
         let p = i * ctx.threads + t;
@@ -328,16 +312,8 @@ fn access_thread(ctx: &Ctx, t: u64, versions: &mut [u32], quota: Option<u64>) ->
                 ctx.lib("timed phase", "read", p, a, e);
                 break;
             }
-            let got = u64::from_le_bytes(b);
-            if got != header(p, cur) {
-                ctx.fail(Failure::Mismatch {
-                    phase: "timed phase",
-                    page: p,
-                    addr: a,
-                    word: 0,
-                    expected: format!("header {:#018x} (page {p}, version {cur})", header(p, cur)),
-                    got,
-                });
+            if let Err(m) = check_header(p, cur, u64::from_le_bytes(b)) {
+                ctx.mismatch("timed phase", p, m);
                 break;
             }
             for &w in &touched {
@@ -346,20 +322,8 @@ fn access_thread(ctx: &Ctx, t: u64, versions: &mut [u32], quota: Option<u64>) ->
                     ctx.lib("timed phase", "read", p, wa, e);
                     return tally;
                 }
-                let got = u64::from_le_bytes(b);
-                if !stamp_ok(p, w, cur, got) {
-                    ctx.fail(Failure::Mismatch {
-                        phase: "timed phase",
-                        page: p,
-                        addr: wa,
-                        word: w,
-                        expected: format!(
-                            "a stamp of page {p} word {w} with version 1..={cur} \
-                             (e.g. {:#018x} for version {cur})",
-                            stamp(p, w, cur)
-                        ),
-                        got,
-                    });
+                if let Err(m) = check_stamp(p, w, cur, u64::from_le_bytes(b)) {
+                    ctx.mismatch("timed phase", p, m);
                     return tally;
                 }
             }
@@ -374,7 +338,7 @@ fn access_thread(ctx: &Ctx, t: u64, versions: &mut [u32], quota: Option<u64>) ->
     tally
 }
 
-fn verify_thread(ctx: &Ctx, t: u64, versions: &[u32]) -> u64 {
+fn verify_thread(ctx: &Ctx, t: u64, versions: &[u32], me: &Me) -> u64 {
     let mut buf = vec![0u8; PAGE_SIZE];
     let mut verified = 0;
     for (i, &cur) in versions.iter().enumerate() {
@@ -383,34 +347,14 @@ fn verify_thread(ctx: &Ctx, t: u64, versions: &[u32]) -> u64 {
         }
         let p = i as u64 * ctx.threads + t;
         let a = ctx.addr(p);
+        me.begin(|| format!("final verification: read of page {p}"));
         if let Err(e) = ctx.mm.read(a, &mut buf) {
             ctx.lib("final verification", "read", p, a, e);
             break;
         }
-        let word = |w: u64| {
-            let o = w as usize * 8;
-            u64::from_le_bytes(buf[o..o + 8].try_into().expect("8 bytes"))
-        };
-        if word(0) != header(p, cur) {
-            ctx.fail(Failure::Mismatch {
-                phase: "final verification",
-                page: p,
-                addr: a,
-                word: 0,
-                expected: format!("header {:#018x} (page {p}, version {cur})", header(p, cur)),
-                got: word(0),
-            });
-            break;
-        }
-        if let Some(w) = (1..WORDS_PER_PAGE).find(|&w| !stamp_ok(p, w, cur, word(w))) {
-            ctx.fail(Failure::Mismatch {
-                phase: "final verification",
-                page: p,
-                addr: a + w * 8,
-                word: w,
-                expected: format!("a stamp of page {p} word {w} with version 1..={cur}"),
-                got: word(w),
-            });
+        me.done();
+        if let Err(m) = check_stamped(&buf, p, cur) {
+            ctx.mismatch("final verification", p, m);
             break;
         }
         verified += 1;
@@ -423,6 +367,8 @@ fn verify_thread(ctx: &Ctx, t: u64, versions: &[u32]) -> u64 {
 /// deadline or on Ctrl-C, and detects a stall (no progress at all for a long time).
 struct Watch<'a> {
     ctx: &'a Ctx<'a>,
+    /// What each worker of the phase is doing.
+    board: &'a Board,
     vm: &'a Vm,
     phase: &'static str,
     deadline: Option<Instant>,
@@ -433,8 +379,6 @@ struct Watch<'a> {
 impl Watch<'_> {
     fn run<T>(&self, prog: &mut Progress, handles: &[std::thread::ScopedJoinHandle<'_, T>]) {
         let start = Instant::now();
-        let mut last_total = 0;
-        let mut last_change = Instant::now();
         let mut last_rate_t = Instant::now();
         let mut last_rate_n = 0u64;
         let mut rate = 0.0;
@@ -496,25 +440,32 @@ impl Watch<'_> {
                     self.ctx.stop.store(true, Ordering::Relaxed);
                 }
             }
-            if total != last_total {
-                last_total = total;
-                last_change = now;
-                warned = false;
-            } else if !warned && now.duration_since(last_change) >= Duration::from_secs(20) {
-                warned = true;
-                prog.println(&format!(
-                    "warning: no progress for 20 s in the {} (possible deadlock in the library); stats: {:?}",
-                    self.phase, s
-                ));
-            } else if now.duration_since(last_change) >= Duration::from_secs(120) {
-                prog.finish();
-                eprintln!(
-                    "usermm run: error: no progress for 120 s in the {}: the library appears \
-                     deadlocked (seed {}); stats: {:?}",
-                    self.phase, self.ctx.seed, s
-                );
-                util::run_all_undo_now();
-                std::process::exit(1);
+            match self.board.idle() {
+                Some((_, idle)) if idle >= Duration::from_secs(120) => {
+                    prog.finish();
+                    eprintln!(
+                        "usermm run: error: no progress for 120 s in the {}: the library appears \
+                         deadlocked (seed {}); stats: {:?}\nthreads:\n{}",
+                        self.phase,
+                        self.ctx.seed,
+                        s,
+                        self.board.report()
+                    );
+                    util::run_all_undo_now();
+                    std::process::exit(1);
+                }
+                Some((_, idle)) if idle >= Duration::from_secs(20) && !warned => {
+                    warned = true;
+                    prog.println(&format!(
+                        "warning: no progress for 20 s in the {} (possible deadlock in the library); \
+                         stats: {:?}\nthreads:\n{}",
+                        self.phase,
+                        s,
+                        self.board.report()
+                    ));
+                }
+                Some((_, idle)) if idle < Duration::from_secs(20) => warned = false,
+                _ => {}
             }
         }
     }
@@ -770,17 +721,21 @@ fn workload(
 
     // 1. Fill: every page written once, whole.
     let mut prog = Progress::new(pages, "fill");
+    let names = || (0..threads).map(|t| format!("thread {t}"));
+    let board = Board::new(names());
     std::thread::scope(|s| {
         let hs: Vec<_> = versions
             .iter_mut()
             .enumerate()
             .map(|(t, v)| {
                 let ctx = &ctx;
-                s.spawn(move || fill_thread(ctx, t as u64, v))
+                let board = &board;
+                s.spawn(move || fill_thread(ctx, t as u64, v, &board.enter(t)))
             })
             .collect();
         Watch {
             ctx: &ctx,
+            board: &board,
             vm,
             phase: "fill",
             deadline: None,
@@ -819,6 +774,7 @@ fn workload(
             (None, None) => unreachable!(),
         };
         prog.reset(len, "accesses", by_time);
+        let board = Board::new(names());
         let quota = |t: u64| a.accesses.map(|n| n / threads + u64::from(t < n % threads));
         let tallies: Vec<Tally> = std::thread::scope(|s| {
             let hs: Vec<_> = versions
@@ -827,11 +783,13 @@ fn workload(
                 .map(|(t, v)| {
                     let ctx = &ctx;
                     let q = quota(t as u64);
-                    s.spawn(move || access_thread(ctx, t as u64, v, q))
+                    let board = &board;
+                    s.spawn(move || access_thread(ctx, t as u64, v, q, &board.enter(t)))
                 })
                 .collect();
             Watch {
                 ctx: &ctx,
+                board: &board,
                 vm,
                 phase: "accesses",
                 deadline: duration.map(|d| t_timed + d),
@@ -861,17 +819,20 @@ fn workload(
         ctx.reset_done();
         ctx.stop.store(false, Ordering::Relaxed);
         prog.reset(pages, "verify", false);
+        let board = Board::new(names());
         let counts: Vec<u64> = std::thread::scope(|s| {
             let hs: Vec<_> = versions
                 .iter()
                 .enumerate()
                 .map(|(t, v)| {
                     let ctx = &ctx;
-                    s.spawn(move || verify_thread(ctx, t as u64, v))
+                    let board = &board;
+                    s.spawn(move || verify_thread(ctx, t as u64, v, &board.enter(t)))
                 })
                 .collect();
             Watch {
                 ctx: &ctx,
+                board: &board,
                 vm,
                 phase: "verify",
                 deadline: None,
@@ -1030,30 +991,6 @@ fn workload(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn stamps_check_page_word_and_version() {
-        let s = stamp(7, 3, 5);
-        assert!(stamp_ok(7, 3, 5, s));
-        assert!(stamp_ok(7, 3, 9, s), "an older version is allowed");
-        assert!(!stamp_ok(7, 3, 4, s), "a version from the future is not");
-        assert!(!stamp_ok(8, 3, 5, s), "another page's stamp");
-        assert!(!stamp_ok(7, 4, 5, s), "another word's stamp");
-        assert!(!stamp_ok(7, 3, 5, 0), "zeros");
-        assert!(!stamp_ok(7, 3, 5, 0xdead_beef));
-        assert_eq!(header(3, 2), 3 << 32 | 2);
-    }
-
-    #[test]
-    fn fill_page_is_checkable() {
-        let mut b = vec![0u8; PAGE_SIZE];
-        fill_page(&mut b, 11, 1);
-        let w = |i: usize| u64::from_le_bytes(b[i * 8..i * 8 + 8].try_into().unwrap());
-        assert_eq!(w(0), header(11, 1));
-        for i in 1..WORDS_PER_PAGE as usize {
-            assert!(stamp_ok(11, i as u64, 1, w(i)));
-        }
-    }
 
     /// The default swap file is not put on a tmpfs: /dev/shm (a tmpfs on Linux) sends
     /// it to the fallback, a disk directory keeps it.

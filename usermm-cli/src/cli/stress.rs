@@ -3,15 +3,20 @@
 //! Three swap devices; one of them is removed (`swapoff`) and a fresh one added in a
 //! loop, while workers map memory larger than the budget, fork, write, verify in
 //! parent and child, and let children exit. Every page is checked against the
-//! generation its owner last wrote. A watchdog prints what each thread was doing and
-//! fails the run if any thread makes no progress for `--stall` seconds. At the end
+//! generation its owner last wrote (the test kit's generation stamps). The test
+//! kit's watchdog prints what each thread was waiting on and fails the run if any
+//! thread makes no progress for `--stall` seconds. At the end
 //! every space is dropped and the run checks that no slot and no frame leaked.
 //! Exit codes: 0 clean, 1 mismatch or error, 3 stall.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use super::util::parse_duration;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use usermm::{AddressSpace, Config, SwapSpec, VAddr, Vm, PAGE_SIZE};
+use usermm::{Config, SwapSpec, Vm, PAGE_SIZE};
+use usermm_testkit::check::wait_no_leak;
+use usermm_testkit::pattern::{fill_gens, verify_gens};
+use usermm_testkit::watchdog::{Failure, Me, Watchdog};
 
 /// Arguments of `usermm stress`.
 #[derive(clap::Args, Debug)]
@@ -39,104 +44,35 @@ pub struct StressArgs {
     pub dir: Option<std::path::PathBuf>,
 }
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let (num, unit) = s.split_at(
-        s.find(|c: char| !c.is_ascii_digit() && c != '.')
-            .unwrap_or(s.len()),
-    );
-    let v: f64 = num
-        .parse()
-        .map_err(|_| format!("bad duration {s:?} (e.g. 30s, 2m)"))?;
-    let secs = match unit {
-        "" | "s" => v,
-        "ms" => v / 1000.0,
-        "m" => v * 60.0,
-        "h" => v * 3600.0,
-        _ => return Err(format!("bad duration unit in {s:?} (ms, s, m, h)")),
-    };
-    Ok(Duration::from_secs_f64(secs))
-}
-
 fn parse_bytes(s: &str) -> Result<u64, String> {
     usermm::config::parse_size(s)
 }
 
-/// What one thread is doing, for the watchdog.
-struct Progress {
-    name: String,
-    ops: AtomicU64,
-    doing: Mutex<&'static str>,
-}
-
-impl Progress {
-    fn step(&self, what: &'static str) {
-        *self.doing.lock().unwrap() = what;
-        self.ops.fetch_add(1, Ordering::Relaxed);
-    }
-}
-
-fn stamp(page: u64, gen: u64) -> [u8; 16] {
-    let mut b = [0u8; 16];
-    b[..8].copy_from_slice(&page.to_le_bytes());
-    b[8..].copy_from_slice(&gen.to_le_bytes());
-    b
-}
-
-fn verify(mm: &AddressSpace, base: VAddr, pages: u64, gen: u64, who: &str) -> Result<(), String> {
-    for p in 0..pages {
-        let mut b = [0u8; 16];
-        mm.read(base + p * PAGE_SIZE as u64 + 64, &mut b)
-            .map_err(|e| format!("{who}: read of page {p} failed: {e}"))?;
-        if b != stamp(p, gen) {
-            return Err(format!(
-                "{who}: page {p} holds {:?}, expected generation {gen}",
-                (
-                    u64::from_le_bytes(b[..8].try_into().unwrap()),
-                    u64::from_le_bytes(b[8..].try_into().unwrap())
-                )
-            ));
-        }
-    }
-    Ok(())
-}
-
-fn fill(mm: &AddressSpace, base: VAddr, pages: u64, gen: u64) -> Result<(), String> {
-    for p in 0..pages {
-        mm.write(base + p * PAGE_SIZE as u64 + 64, &stamp(p, gen))
-            .map_err(|e| format!("write of page {p} failed: {e}"))?;
-    }
-    Ok(())
-}
-
-/// One worker: fork, write on both sides, verify both, let the child exit.
-fn worker(vm: Vm, pages: u64, stop: Arc<AtomicBool>, prog: Arc<Progress>) -> Result<u64, String> {
+/// One worker: fork, write on both sides, verify both, let the child exit. The page
+/// reads and writes announce themselves to the watchdog.
+fn worker(vm: &Vm, pages: u64, me: &Me) -> Result<u64, String> {
     let mm = vm.new_space();
     let r = mm
         .map_anon((pages * PAGE_SIZE as u64) as usize)
         .map_err(|e| e.to_string())?;
     let mut gen = 1;
-    prog.step("initial fill");
-    fill(&mm, r.start(), pages, gen)?;
+    fill_gens(&mm, r.start(), pages, gen)?;
     let mut rounds = 0;
-    while !stop.load(Ordering::Relaxed) {
-        prog.step("fork");
+    while !me.should_stop() {
+        me.begin(|| "fork".into());
         let child = mm.fork().map_err(|e| format!("fork: {e}"))?;
-        prog.step("verify child");
-        verify(&child, r.start(), pages, gen, "child after fork")?;
-        prog.step("write child");
-        fill(&child, r.start(), pages / 2, gen + 1000)?;
-        prog.step("write parent");
+        me.done();
+        verify_gens(&child, r.start(), pages, gen, "child after fork")?;
+        fill_gens(&child, r.start(), pages / 2, gen + 1000)?;
         gen += 1;
-        fill(&mm, r.start(), pages, gen)?;
-        prog.step("verify parent");
-        verify(&mm, r.start(), pages, gen, "parent")?;
-        prog.step("verify child again");
-        verify(&child, r.start(), pages / 2, gen - 1 + 1000, "child")?;
-        prog.step("exit child");
+        fill_gens(&mm, r.start(), pages, gen)?;
+        verify_gens(&mm, r.start(), pages, gen, "parent")?;
+        verify_gens(&child, r.start(), pages / 2, gen - 1 + 1000, "child")?;
+        me.begin(|| "exit child".into());
         drop(child);
+        me.done();
         rounds += 1;
     }
-    prog.step("done");
     Ok(rounds)
 }
 
@@ -183,125 +119,102 @@ pub fn main(a: StressArgs) -> i32 {
         dev_bytes >> 20,
         a.duration
     );
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut progs = Vec::new();
-    let mut handles = Vec::new();
+    let rounds = Arc::new(AtomicU64::new(0));
+    let error: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
+    let fail = |error: &Mutex<Option<String>>, e: String| {
+        let mut g = error.lock().unwrap_or_else(|p| p.into_inner());
+        g.get_or_insert(e);
+    };
+    let stats_vm = vm.clone();
+    let mut wd = Watchdog::new(Duration::from_secs(a.stall))
+        .extra(move || format!("  stats: {:?}\n", stats_vm.stats()));
     for w in 0..a.workers {
-        let prog = Arc::new(Progress {
-            name: format!("worker {w}"),
-            ops: AtomicU64::new(0),
-            doing: Mutex::new("starting"),
+        let (vm, rounds, error, pages) = (vm.clone(), rounds.clone(), error.clone(), a.pages);
+        wd = wd.thread(format!("worker {w}"), move |me| {
+            match worker(&vm, pages, me) {
+                Ok(r) => {
+                    rounds.fetch_add(r, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    fail(&error, e);
+                    me.board().stop();
+                }
+            }
         });
-        progs.push(prog.clone());
-        let (vm, stop, pages) = (vm.clone(), stop.clone(), a.pages);
-        handles.push(std::thread::spawn(move || worker(vm, pages, stop, prog)));
     }
-    let off = Arc::new(Progress {
-        name: "swapoff loop".into(),
-        ops: AtomicU64::new(0),
-        doing: Mutex::new("starting"),
-    });
-    progs.push(off.clone());
-    // Watchdog.
-    let stalled = Arc::new(AtomicBool::new(false));
-    let watchdog = {
-        let (progs, stop, stalled) = (progs.clone(), stop.clone(), stalled.clone());
-        let limit = Duration::from_secs(a.stall);
-        let vm = vm.clone();
-        std::thread::spawn(move || {
-            let mut last: Vec<(u64, Instant)> = progs.iter().map(|_| (0, Instant::now())).collect();
-            while !stop.load(Ordering::Relaxed) {
-                std::thread::sleep(Duration::from_millis(200));
-                for (i, p) in progs.iter().enumerate() {
-                    let ops = p.ops.load(Ordering::Relaxed);
-                    if ops != last[i].0 {
-                        last[i] = (ops, Instant::now());
-                    } else if last[i].1.elapsed() > limit {
-                        eprintln!("STALL: no progress for {limit:?}. Threads:");
-                        for q in &progs {
-                            eprintln!(
-                                "  {:<14} {:>8} ops, now: {}",
-                                q.name,
-                                q.ops.load(Ordering::Relaxed),
-                                q.doing.lock().unwrap()
-                            );
-                        }
-                        eprintln!("  stats: {:?}", vm.stats());
-                        stalled.store(true, Ordering::SeqCst);
-                        std::process::exit(3);
-                    }
-                }
-            }
-        })
-    };
     let t0 = Instant::now();
-    let mut cycles = 0u64;
-    let mut failed_swapoffs = 0u64;
-    let mut victim_idx = 0usize;
-    let mut error = None;
-    let mut next_report = Instant::now() + Duration::from_secs(5);
-    while t0.elapsed() < a.duration && error.is_none() {
-        if handles.iter().any(|h| h.is_finished()) {
-            break; // a worker stopped early: collect its error below
-        }
-        let victim = ids[victim_idx];
-        off.step("swapoff");
-        match vm.swapoff(victim) {
-            Ok(()) => {
-                let path = dir.path().join(format!("dev{victim_idx}"));
-                let _ = std::fs::remove_file(&path);
-                off.step("swapon");
-                match vm.swapon(SwapSpec::file(&path, dev_bytes)) {
-                    Ok(id) => ids[victim_idx] = id,
-                    Err(e) => error = Some(format!("swapon: {e}")),
+    let cycles = Arc::new(AtomicU64::new(0));
+    let failed_swapoffs = Arc::new(AtomicU64::new(0));
+    {
+        let (vm, error, cycles, failed_swapoffs) = (
+            vm.clone(),
+            error.clone(),
+            cycles.clone(),
+            failed_swapoffs.clone(),
+        );
+        let (dir, duration) = (dir.path().to_path_buf(), a.duration);
+        wd = wd.thread("swapoff loop", move |me| {
+            let mut victim_idx = 0usize;
+            let mut next_report = Instant::now() + Duration::from_secs(5);
+            while t0.elapsed() < duration && !me.should_stop() {
+                let victim = ids[victim_idx];
+                me.begin(|| format!("swapoff of {victim:?}"));
+                match vm.swapoff(victim) {
+                    Ok(()) => {
+                        let path = dir.join(format!("dev{victim_idx}"));
+                        let _ = std::fs::remove_file(&path);
+                        me.begin(|| format!("swapon of {}", path.display()));
+                        match vm.swapon(SwapSpec::file(&path, dev_bytes)) {
+                            Ok(id) => ids[victim_idx] = id,
+                            Err(e) => fail(&error, format!("swapon: {e}")),
+                        }
+                        cycles.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(usermm::Error::OutOfMemory) => {
+                        failed_swapoffs.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => fail(&error, format!("swapoff: {e}")),
                 }
-                cycles += 1;
+                me.done();
+                if error.lock().map(|e| e.is_some()).unwrap_or(true) {
+                    break;
+                }
+                victim_idx = (victim_idx + 1) % 3;
+                if Instant::now() >= next_report {
+                    let s = vm.stats();
+                    println!(
+                        "  {:>5.1}s: {} swapoff cycles, pswpin {} pswpout {} cow {} free {}/{}",
+                        t0.elapsed().as_secs_f64(),
+                        cycles.load(Ordering::Relaxed),
+                        s.pswpin,
+                        s.pswpout,
+                        s.cow_faults,
+                        s.free_frames,
+                        s.total_frames
+                    );
+                    next_report += Duration::from_secs(5);
+                }
             }
-            Err(usermm::Error::OutOfMemory) => failed_swapoffs += 1,
-            Err(e) => error = Some(format!("swapoff: {e}")),
-        }
-        victim_idx = (victim_idx + 1) % 3;
-        if Instant::now() >= next_report {
-            let s = vm.stats();
-            println!(
-                "  {:>5.1}s: {cycles} swapoff cycles, pswpin {} pswpout {} cow {} free {}/{}",
-                t0.elapsed().as_secs_f64(),
-                s.pswpin,
-                s.pswpout,
-                s.cow_faults,
-                s.free_frames,
-                s.total_frames
-            );
-            next_report += Duration::from_secs(5);
-        }
+            // The workers finish their round and stop.
+            me.board().stop();
+        });
     }
-    stop.store(true, Ordering::Relaxed);
-    off.step("joining");
-    let mut rounds = 0;
-    for h in handles {
-        match h.join() {
-            Ok(Ok(r)) => rounds += r,
-            Ok(Err(e)) => error = error.or(Some(e)),
-            Err(_) => error = error.or(Some("a worker panicked".into())),
+    match wd.try_run() {
+        Ok(()) => {}
+        Err(f @ Failure::Stalled { .. }) => {
+            eprintln!("STALL: {f}");
+            return 3;
         }
+        Err(f @ Failure::Panicked { .. }) => fail(&error, f.to_string()),
     }
-    let _ = watchdog.join();
-    if stalled.load(Ordering::SeqCst) {
-        return 3;
-    }
+    let (cycles, failed_swapoffs, rounds) = (
+        cycles.load(Ordering::Relaxed),
+        failed_swapoffs.load(Ordering::Relaxed),
+        rounds.load(Ordering::Relaxed),
+    );
+    let error = error.lock().unwrap_or_else(|p| p.into_inner()).take();
     // Leak check: every space is gone, so every slot and frame must be free.
-    let t = Instant::now();
-    let leak = loop {
-        let s = vm.stats();
-        let used: u64 = s.swap_used.iter().map(|x| x.1).sum();
-        if s.free_frames == s.total_frames && used == 0 {
-            break None;
-        }
-        if t.elapsed() > Duration::from_secs(10) {
-            break Some(format!("leak after all spaces were dropped: {s:?}"));
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    let leak = wait_no_leak(&vm, Duration::from_secs(10)).err();
     let s = vm.stats();
     println!(
         "done in {:.1}s: {cycles} swapoff/swapon cycles ({failed_swapoffs} refused for lack of room), {rounds} fork rounds, pswpin {} pswpout {} cow faults {}",

@@ -293,8 +293,14 @@ static SIGNALS: AtomicUsize = AtomicUsize::new(0);
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
 /// Installs the Ctrl-C handler (once): the first Ctrl-C asks the command to stop
-/// and clean up; the second undoes everything registered and exits with 130.
+/// and clean up; the second undoes everything registered and exits with 130. Also
+/// gives the test kit's workload driver the same notion of "interrupted".
 pub fn install_ctrlc() {
+    // The workload driver stops on Ctrl-C, and cleans up before a stuck run exits.
+    usermm_testkit::driver::set_hooks(usermm_testkit::driver::Hooks {
+        interrupted,
+        before_exit: run_all_undo_now,
+    });
     let _ = ctrlc::set_handler(|| {
         let n = SIGNALS.fetch_add(1, Ordering::SeqCst) + 1;
         INTERRUPTED.store(true, Ordering::SeqCst);
@@ -383,13 +389,13 @@ fn perform(u: &Undo) -> Result<(), String> {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(format!("cannot remove {}: {e}", p.display())),
         },
-        Undo::Swapoff(p) => super::kernel::swapoff(p),
+        Undo::Swapoff(p) => super::sys::swapoff(p),
         Undo::Kill(pid) => {
             // SAFETY: plain syscall; `pid` is a child we started and have not reaped.
             unsafe { libc::kill(*pid, libc::SIGKILL) };
             Ok(())
         }
-        Undo::RemoveCgroup(p) => super::kernel::remove_cgroup(p),
+        Undo::RemoveCgroup(p) => super::sys::remove_cgroup(p),
     }
 }
 

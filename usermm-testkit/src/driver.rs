@@ -7,12 +7,41 @@
 //! write_ratio`) and `words` word offsets. A read loads an 8-byte word; a write
 //! stores one. Before timing, every page is written once, whole (the fill), and the
 //! workload runs untimed for a warm-up. Every 64th access is timed with `Instant`.
+//!
+//! The driver knows nothing of the program that runs it: a program with a Ctrl-C
+//! handler and things to clean up installs [`Hooks`] (`usermm bench` does), so
+//! that the workload stops when interrupted and a stuck run cleans up before the
+//! process exits.
 
+use crate::workload::{splitmix, Pattern, Rng, Sampler, GOLDEN};
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 use usermm::{AddressSpace, VAddr, PAGE_SIZE};
-use usermm_testkit::workload::{Pattern, Rng, Sampler};
+
+/// What the program running the driver adds: how to tell it was interrupted, and
+/// what to do before the process exits when the system under test is stuck.
+#[derive(Debug, Clone, Copy)]
+pub struct Hooks {
+    /// Whether the user asked to stop (Ctrl-C): the workload stops early and the
+    /// driver returns `Err("interrupted")`.
+    pub interrupted: fn() -> bool,
+    /// Called once before the process exits (status 1) because the workload made
+    /// no progress for [`STALL_LIMIT`] (stuck threads cannot be joined).
+    pub before_exit: fn(),
+}
+
+static HOOKS: OnceLock<Hooks> = OnceLock::new();
+
+/// Installs the hooks (once; later calls are ignored). Without hooks, nothing
+/// interrupts the workload and nothing runs before a stall exits.
+pub fn set_hooks(h: Hooks) {
+    let _ = HOOKS.set(h);
+}
+
+fn interrupted() -> bool {
+    HOOKS.get().is_some_and(|h| (h.interrupted)())
+}
 
 const WORDS_PER_PAGE: u64 = (PAGE_SIZE / 8) as u64;
 /// One access in this many is timed.
@@ -251,21 +280,18 @@ impl LatHist {
     }
 }
 
-/// Contents of page `page` for the fill: pseudo-random, never all zero.
+/// Contents of page `page` for the fill: pseudo-random (splitmix64 from a key of
+/// the seed and the page), never all zero.
 pub fn fill_data(page: u64, seed: u64, buf: &mut [u8]) {
-    let mut x = seed ^ page.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0x5851_F42D_4C95_7F2D;
+    let mut x = seed ^ page.wrapping_mul(GOLDEN) ^ 0x5851_F42D_4C95_7F2D;
     for c in buf.chunks_exact_mut(8) {
-        x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = x;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        c.copy_from_slice(&(z ^ (z >> 31) | 1).to_le_bytes());
+        c.copy_from_slice(&(splitmix(&mut x) | 1).to_le_bytes());
     }
 }
 
 /// The generator of thread `t`.
 pub fn thread_rng(seed: u64, t: u32) -> Rng {
-    Rng::new(seed.wrapping_add(u64::from(t + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)))
+    Rng::for_thread(seed, u64::from(t))
 }
 
 /// How long the workload may make no progress at all before the run is declared
@@ -300,7 +326,9 @@ impl Stall {
                 STALL_LIMIT.as_secs(),
                 self.what
             );
-            super::util::run_all_undo_now();
+            if let Some(h) = HOOKS.get() {
+                (h.before_exit)();
+            }
             std::process::exit(1);
         }
     }
@@ -340,9 +368,7 @@ pub fn fill<T: Target>(target: &T, spec: &WorkSpec) -> Result<(), String> {
                     let mut buf = vec![0u8; PAGE_SIZE];
                     let mut p = t;
                     while p < spec.pages {
-                        if super::util::interrupted()
-                            || err.lock().map(|e| e.is_some()).unwrap_or(true)
-                        {
+                        if interrupted() || err.lock().map(|e| e.is_some()).unwrap_or(true) {
                             return;
                         }
                         fill_data(p, spec.seed, &mut buf);
@@ -362,7 +388,7 @@ pub fn fill<T: Target>(target: &T, spec: &WorkSpec) -> Result<(), String> {
     if let Some(e) = err.into_inner().unwrap_or_else(|e| e.into_inner()) {
         return Err(e);
     }
-    if super::util::interrupted() {
+    if interrupted() {
         return Err("interrupted".into());
     }
     Ok(())
@@ -466,7 +492,7 @@ pub fn measure<T: Target>(
             if phase.load(Ordering::Relaxed) == STOP {
                 return false;
             }
-            if super::util::interrupted() {
+            if interrupted() {
                 phase.store(STOP, Ordering::Relaxed);
                 return false;
             }
@@ -517,7 +543,7 @@ pub fn measure<T: Target>(
     if let Some(e) = err.into_inner().unwrap_or_else(|e| e.into_inner()) {
         return Err(e);
     }
-    if super::util::interrupted() {
+    if interrupted() {
         return Err("interrupted".into());
     }
     Ok(m)
