@@ -300,9 +300,16 @@ impl PageTable {
         self.for_each_slot(first, end, |vpn, slot| {
             let p = slot.load(Ordering::Acquire);
             debug_assert_ne!(p as usize & SHARED, 0, "share_into without tag_all");
+            let cslot = child.ensure_slot(vpn);
+            // Two regions in one leaf (a leaf spans 16 MiB) reach it twice: the child
+            // holds one use of it, not one per region (else the leaf is never freed
+            // and every page and slot in it leaks; issue 9 item 1).
+            if cslot.load(Ordering::Acquire) == p {
+                return;
+            }
             // SAFETY: type-stable leaf.
             unsafe { &*untag(p) }.users.fetch_add(1, Ordering::AcqRel);
-            let own = child.ensure_slot(vpn).swap(p, Ordering::AcqRel);
+            let own = cslot.swap(p, Ordering::AcqRel);
             debug_assert!(own.is_null(), "fork into a table that has leaves");
         });
     }
