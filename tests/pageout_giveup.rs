@@ -221,6 +221,62 @@ fn access_gives_up_within_bounded_time_at_256_mib() {
     );
 }
 
+/// Failures that take long to report (100 ms each, two page-I/O threads: 20 a
+/// second): the give-up by count would take half a minute, the one by time answers
+/// in about 2 s.
+#[test]
+fn slow_failures_give_up_within_bounded_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = Config::default()
+        .memory_budget(256 * PAGE_SIZE)
+        .io_threads(2)
+        .io_requests(8);
+    let vm = Vm::new(cfg).unwrap();
+    let file = FileDevice::open(&dir.path().join("swap"), Some(16 << 20), "swap").unwrap();
+    let faulty = Arc::new(FaultyDevice::new(Arc::new(file)));
+    let slow = SlowFailures {
+        inner: faulty.clone(),
+        latency: Duration::from_millis(100),
+    };
+    vm.swapon_device(Arc::new(slow), 0).unwrap();
+    let vm2 = vm.clone();
+    under_watchdog(
+        WATCHDOG,
+        "give-up with slow failures",
+        move || format!("stats {:?}", vm2.stats()),
+        move || {
+            let _dir = dir;
+            faulty.set_fail_writes(true);
+            let mm = vm.new_space();
+            let r = mm.map_anon(1024 * PAGE_SIZE).unwrap();
+            let mut buf = vec![0u8; PAGE_SIZE];
+            for p in 0..1024 {
+                fill(p, 1, &mut buf);
+                let t = Instant::now();
+                let res = mm.write(r.start() + p * PS, &buf);
+                let dt = t.elapsed();
+                let st = vm.stats();
+                assert!(
+                    dt < GIVE_UP_LIMIT,
+                    "write of page {p} took {dt:?} (limit {GIVE_UP_LIMIT:?}): {res:?}; {st:?}"
+                );
+                if let Err(e) = res {
+                    assert!(
+                        matches!(&e, Error::Device { dev, .. } if dev.contains("faulty")),
+                        "write of page {p}: got {e:?}, want Error::Device naming the device"
+                    );
+                    println!("write of page {p} gave up after {dt:?}: {e}; {st:?}");
+                    // The page-outs still queued complete at once (the Vm waits
+                    // for them when dropped).
+                    faulty.set_fail_writes(false);
+                    return;
+                }
+            }
+            panic!("1024 pages written through 256 frames with every page-out failing");
+        },
+    );
+}
+
 // ---------------------------------------------------------------------------------
 // b, c. Two devices of equal priority, one failing.
 
