@@ -597,6 +597,43 @@ mod tests {
     }
 
     #[test]
+    fn failing_device_is_avoided_then_probed() {
+        let (_a, da) = dev(512);
+        let (_b, db) = dev(512);
+        let t = SwapTable::default();
+        t.add(da, 5).unwrap();
+        t.add(db, 0).unwrap();
+        assert_eq!(t.alloc().unwrap().dev, 0);
+        for _ in 0..FAILING_AFTER - 1 {
+            t.note_write(0, false);
+        }
+        assert_eq!(
+            t.alloc().unwrap().dev,
+            0,
+            "failing only after FAILING_AFTER"
+        );
+        t.note_write(0, false);
+        // Failing: even a lower priority with room comes first.
+        for _ in 0..100 {
+            assert_eq!(t.alloc().unwrap().dev, 1);
+        }
+        // Past the back-off, one probe slot, then the lower priority again.
+        std::thread::sleep(PROBE_EVERY + Duration::from_millis(50));
+        assert_eq!(t.alloc().unwrap().dev, 0, "probe");
+        assert_eq!(t.alloc().unwrap().dev, 1);
+        // No other room: the failing device is still used.
+        while t.get(1).unwrap().used() < 512 {
+            t.alloc().unwrap();
+        }
+        assert_eq!(t.alloc().unwrap().dev, 0);
+        // A write that succeeds puts it back in front.
+        t.put(SwapEntry { dev: 1, slot: 3 });
+        t.note_write(0, true);
+        assert_eq!(t.alloc().unwrap().dev, 0);
+        assert_eq!(t.alloc().unwrap().dev, 0);
+    }
+
+    #[test]
     fn checksum_mismatch_is_an_error() {
         let (_d, dv) = dev(4);
         let t = SwapTable::default();
