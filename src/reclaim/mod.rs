@@ -39,10 +39,17 @@ use crate::pte::{
 use crate::stats::Counters;
 use crate::swap::NoSlot;
 use crate::sync::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Frames looked at per batch.
 const SCAN_BATCH: usize = 64;
+
+/// Direct reclaim gives up (`Error::Device`) once it has seen this many page-outs
+/// fail with none succeeding since it began waiting on failures (see `alloc_frame`).
+/// Two full request pools' worth at the default size; not tied to the budget.
+const GIVE_UP_FAILURES: u64 = 512;
+/// ... or once page-outs have kept failing, none succeeding, for this long.
+const GIVE_UP_AFTER: Duration = Duration::from_secs(2);
 
 /// What one scan did.
 #[derive(Debug, Default, Clone, Copy)]
@@ -345,6 +352,8 @@ fn finish_writeback(eng: &Engine, i: u32, ok: bool) {
         Counters::inc(&eng.cnt.write_errors);
         eng.last_write_error_dev.store(e.dev, Ordering::Relaxed);
     }
+    // Per-device run of failures, so new slots avoid a failing device.
+    eng.swap.note_write(e.dev, ok);
     let d = eng.frames.desc(pfn);
     d.lock();
     let f = d.flags.load(Ordering::Relaxed);
@@ -446,6 +455,16 @@ pub(crate) fn kswapd(eng: &Engine) {
     }
 }
 
+/// Page-out failures seen by one access, for its give-up (`alloc_frame`).
+#[derive(Clone, Copy)]
+struct Failing {
+    /// When this access first saw a page-out fail with none succeeding since.
+    since: Instant,
+    /// `write_errors` just before that failure, and `pswpout` then.
+    errs0: u64,
+    outs0: u64,
+}
+
 /// Takes a frame for an access, reclaiming directly when none is free. Errors:
 /// `OutOfMemory` (no swap device, or everything is pinned), `OutOfSwap` (memory
 /// and swap full), `Device` (page-out keeps failing so no frame can be freed).
@@ -454,10 +473,31 @@ pub(crate) fn kswapd(eng: &Engine) {
 /// memory and swap are both full: reading a page in frees its slot (see
 /// `fault_swapin`), which lets reclaim write a dirty page there and give the frame
 /// back, so stored pages stay readable even then.
+///
+/// ## Giving up when page-out keeps failing
+/// Each access decides for itself, from what it sees while it waits, and the bound
+/// does not grow with the budget. A window opens when this access first sees the
+/// failure counter move with no page-out succeeding; any successful page-out (from
+/// any thread: frames are being freed, so waiting is making progress) closes it.
+/// The access gives up, naming the device that failed last, when in one window
+/// - `GIVE_UP_FAILURES` page-outs have failed: more failures than two full request
+///   pools, with not one success, is a device that does not take writes, not a
+///   transient error; or
+/// - `GIVE_UP_AFTER` has passed and failures went on after the window opened: the
+///   bound for a device whose failures are slow to report (a disk retrying, a server
+///   timing out), where the count would take long to reach.
+///
+/// Failures of other threads' page-outs count too: they are evidence about the same
+/// devices, and any success resets the window, so a device that works part of the
+/// time (a failure rate) never makes an access give up. A frame freed for this
+/// access ends the loop (it returns the frame). Every wait in the loop is bounded
+/// (`wait_event` at most 10 ms); a device that neither completes nor fails a write
+/// keeps `inflight` up and the access waits for it, as before.
 pub(crate) fn alloc_frame(eng: &Engine, ctx: AllocCtx) -> Result<Pfn> {
     let n = eng.frames.nframes();
     let mut fruitless = 0usize;
-    let mut errors_at_start = None;
+    let mut errs_seen = None;
+    let mut failing: Option<Failing> = None;
     let mut no_slot = None;
     loop {
         let seen = eng.frames.events();
@@ -476,8 +516,25 @@ pub(crate) fn alloc_frame(eng: &Engine, ctx: AllocCtx) -> Result<Pfn> {
         }
         no_slot = r.no_slot.or(no_slot);
         let errs = eng.cnt.write_errors.load(Ordering::Relaxed);
-        let errs0 = *errors_at_start.get_or_insert(errs);
-        if errs - errs0 > 64 + 2 * n as u64 {
+        let outs = eng.cnt.pswpout.load(Ordering::Relaxed);
+        let before = errs_seen.replace(errs).unwrap_or(errs);
+        match failing {
+            Some(f) if outs != f.outs0 => failing = None,
+            None if errs != before => {
+                failing = Some(Failing {
+                    since: Instant::now(),
+                    errs0: before,
+                    outs0: outs,
+                })
+            }
+            _ => {}
+        }
+        let give_up = failing.is_some_and(|f| {
+            let failed = errs - f.errs0;
+            failed >= GIVE_UP_FAILURES
+                || (errs != before && failed > 1 && f.since.elapsed() >= GIVE_UP_AFTER)
+        });
+        if give_up {
             let dev = eng.last_write_error_dev.load(Ordering::Relaxed);
             let name = eng
                 .swap

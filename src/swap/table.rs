@@ -24,11 +24,18 @@ use crate::error::{Error, Result};
 use crate::pte::Pte;
 use crate::sync::{Arc, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Mutex, Ordering, RwLock};
 use std::io;
+use std::time::{Duration, Instant};
 
 /// Slots per allocation cluster.
 pub(crate) const CLUSTER: u64 = 256;
 /// At most this many devices (the page-table entry has 6 bits for the device).
 pub(crate) const MAX_DEVICES: usize = 64;
+/// A device whose last this many page writes all failed is failing: it gets new slots
+/// only when no other device has room, or as a probe (below).
+pub(crate) const FAILING_AFTER: u64 = 8;
+/// A failing device may take one new slot (a probe) this often, so it comes back into
+/// service once its writes succeed again.
+pub(crate) const PROBE_EVERY: Duration = Duration::from_secs(1);
 
 #[derive(Debug)]
 struct SlotMap {
@@ -59,6 +66,13 @@ pub(crate) struct SwapDevice {
     used: AtomicU64,
     /// `DEV_ACTIVE` or `DEV_DRAINING` (swapoff running: no new slots).
     state: AtomicU8,
+    /// Page writes that failed in a row (reset by a write that succeeds), counted by
+    /// page-out completion (`note_write`). Relaxed atomic: a hint for `alloc`.
+    write_fails: AtomicU64,
+    /// When a failing device may next take a probe slot, in milliseconds since
+    /// `born`. Relaxed atomic; claimed by a CAS so one allocation gets the probe.
+    next_probe_ms: AtomicU64,
+    born: Instant,
 }
 
 const DEV_ACTIVE: u8 = 0;
@@ -87,6 +101,9 @@ impl SwapDevice {
             csum: (0..pages).map(|_| AtomicU32::new(0)).collect(),
             used: AtomicU64::new(0),
             state: AtomicU8::new(DEV_ACTIVE),
+            write_fails: AtomicU64::new(0),
+            next_probe_ms: AtomicU64::new(0),
+            born: Instant::now(),
             dev,
         }
     }
@@ -154,6 +171,56 @@ impl SwapDevice {
             });
         }
         Ok(())
+    }
+
+    /// Records the outcome of one page write (page-out completion, on a page-I/O
+    /// thread: atomics only, no allocation, no lock).
+    pub fn note_write(&self, ok: bool) {
+        if ok {
+            // Load first: the common case (healthy) stores nothing.
+            if self.write_fails.load(Ordering::Relaxed) != 0 {
+                self.write_fails.store(0, Ordering::Relaxed);
+            }
+        } else if self.write_fails.fetch_add(1, Ordering::Relaxed) + 1 == FAILING_AFTER {
+            // Just became failing: the first probe waits a full back-off.
+            self.next_probe_ms.store(
+                self.now_ms() + PROBE_EVERY.as_millis() as u64,
+                Ordering::Relaxed,
+            );
+        }
+    }
+
+    /// Whether the last `FAILING_AFTER` page writes to this device all failed.
+    pub fn is_failing(&self) -> bool {
+        self.write_fails.load(Ordering::Relaxed) >= FAILING_AFTER
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.born.elapsed().as_millis() as u64
+    }
+
+    /// Whether a new slot should prefer this device: it can take I/O now and its
+    /// writes are not failing, or it is failing and its back-off has passed (the
+    /// caller's slot is the probe; the next one is allowed `PROBE_EVERY` later).
+    fn preferred(&self) -> bool {
+        if !self.dev.available() {
+            return false;
+        }
+        if !self.is_failing() {
+            return true;
+        }
+        let now = self.now_ms();
+        let at = self.next_probe_ms.load(Ordering::Relaxed);
+        now >= at
+            && self
+                .next_probe_ms
+                .compare_exchange(
+                    at,
+                    now + PROBE_EVERY.as_millis() as u64,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
     }
 
     pub fn used(&self) -> u64 {
@@ -397,6 +464,14 @@ impl SwapTable {
 
     /// Takes a free slot: from the highest-priority active devices with room,
     /// round-robin among equals. The slot comes with one reference.
+    ///
+    /// Devices that cannot take I/O now (a server reconnecting) or whose writes keep
+    /// failing (`SwapDevice::is_failing`) are used only when no other device, of any
+    /// priority, has room: sending page-out there only turns it into failed writes
+    /// while a working device could store the page. A failing device still gets one
+    /// slot per `PROBE_EVERY` in the first pass, so a write there shows when it works
+    /// again (a success resets its failure count). No allocation: page-out and
+    /// swapoff call this with frame locks held.
     pub fn alloc(&self) -> std::result::Result<SwapEntry, NoSlot> {
         let devs = self.devs.read();
         let active = |d: &&Arc<SwapDevice>| d.is_active();
@@ -405,34 +480,41 @@ impl SwapTable {
         }
         let n = devs.len();
         let turn = self.rr.fetch_add(1, Ordering::Relaxed);
-        let mut best_tried = i32::MAX;
-        loop {
+        for preferred_only in [true, false] {
+            let mut best_tried = i32::MAX;
             // The highest priority below the ones already exhausted.
-            let Some(p) = devs
+            while let Some(p) = devs
                 .iter()
                 .flatten()
                 .filter(active)
                 .map(|d| d.prio)
                 .filter(|&p| p < best_tried)
                 .max()
-            else {
-                return Err(NoSlot::Full);
-            };
-            // Devices that cannot take I/O now (a server reconnecting) are used only
-            // when nothing else has room.
-            for want_available in [true, false] {
+            {
                 for k in 0..n {
                     let Some(d) = &devs[(turn + k) % n] else {
                         continue;
                     };
-                    if d.prio == p && d.is_active() && d.dev.available() == want_available {
+                    // The second pass tries every device (one that had room in the
+                    // first was taken then; a state that changed meanwhile does not
+                    // make a device with room look full).
+                    if d.prio == p && d.is_active() && (!preferred_only || d.preferred()) {
                         if let Some(slot) = d.alloc() {
                             return Ok(SwapEntry { dev: d.id.0, slot });
                         }
                     }
                 }
+                best_tried = p;
             }
-            best_tried = p;
+        }
+        Err(NoSlot::Full)
+    }
+
+    /// Records the outcome of a page write to device `dev` (see
+    /// `SwapDevice::note_write`).
+    pub fn note_write(&self, dev: u8, ok: bool) {
+        if let Some(Some(d)) = self.devs.read().get(dev as usize) {
+            d.note_write(ok);
         }
     }
 
@@ -512,6 +594,43 @@ mod tests {
         assert_eq!(per, [0, 256, 256]);
         assert_eq!(t.alloc().unwrap().dev, 0);
         assert_eq!(SwapTable::default().alloc(), Err(NoSlot::NoDevice));
+    }
+
+    #[test]
+    fn failing_device_is_avoided_then_probed() {
+        let (_a, da) = dev(512);
+        let (_b, db) = dev(512);
+        let t = SwapTable::default();
+        t.add(da, 5).unwrap();
+        t.add(db, 0).unwrap();
+        assert_eq!(t.alloc().unwrap().dev, 0);
+        for _ in 0..FAILING_AFTER - 1 {
+            t.note_write(0, false);
+        }
+        assert_eq!(
+            t.alloc().unwrap().dev,
+            0,
+            "failing only after FAILING_AFTER"
+        );
+        t.note_write(0, false);
+        // Failing: even a lower priority with room comes first.
+        for _ in 0..100 {
+            assert_eq!(t.alloc().unwrap().dev, 1);
+        }
+        // Past the back-off, one probe slot, then the lower priority again.
+        std::thread::sleep(PROBE_EVERY + Duration::from_millis(50));
+        assert_eq!(t.alloc().unwrap().dev, 0, "probe");
+        assert_eq!(t.alloc().unwrap().dev, 1);
+        // No other room: the failing device is still used.
+        while t.get(1).unwrap().used() < 512 {
+            t.alloc().unwrap();
+        }
+        assert_eq!(t.alloc().unwrap().dev, 0);
+        // A write that succeeds puts it back in front.
+        t.put(SwapEntry { dev: 1, slot: 3 });
+        t.note_write(0, true);
+        assert_eq!(t.alloc().unwrap().dev, 0);
+        assert_eq!(t.alloc().unwrap().dev, 0);
     }
 
     #[test]
