@@ -39,8 +39,18 @@ impl Drop for VmInner {
             .store(true, crate::sync::Ordering::Release);
         crate::reclaim::wake_kswapd(&self.eng);
         self.eng.io.shutdown();
-        for t in self.threads.get_mut().drain(..) {
-            let _ = t.join();
+        // Threads finish their current request and exit. One stuck in a device that
+        // never answers must not hang the last `drop`: after the bound it is left
+        // to finish on its own (it holds its own `Arc` of the engine, so nothing it
+        // touches goes away).
+        let threads: Vec<JoinHandle<()>> = self.threads.get_mut().drain(..).collect();
+        crate::sync::wait_until_for(Duration::from_secs(10), || {
+            threads.iter().all(|t| t.is_finished())
+        });
+        for t in threads {
+            if t.is_finished() {
+                let _ = t.join();
+            }
         }
     }
 }
@@ -192,7 +202,9 @@ impl Vm {
                 idle = 0;
             }
         }
-        crate::sync::wait_until(|| eng.io.inflight() == 0);
+        // Bounded: a device that never completes a write must not hang the caller
+        // (what completes later is freed by then or by background reclaim).
+        crate::sync::wait_until_for(Duration::from_secs(10), || eng.io.inflight() == 0);
         freed()
     }
 }

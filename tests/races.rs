@@ -166,3 +166,229 @@ fn fork_of_two_regions_in_one_leaf_leaks_nothing() {
         }
     });
 }
+
+/// A file device whose reads of spans (swapoff's sequential drain), single-page
+/// reads, or writes can be held at a gate, to open race windows on purpose.
+#[derive(Debug)]
+struct GateDevice {
+    inner: usermm::device::file::FileDevice,
+    hold_spans: AtomicBool,
+    hold_reads: AtomicBool,
+    hold_writes: AtomicBool,
+    /// Calls currently held at a gate.
+    held: AtomicU64,
+}
+
+impl GateDevice {
+    fn new(dir: &std::path::Path, name: &str, bytes: u64) -> Arc<GateDevice> {
+        let path = dir.join(name);
+        let inner = usermm::device::file::FileDevice::open(&path, Some(bytes), name).unwrap();
+        Arc::new(GateDevice {
+            inner,
+            hold_spans: AtomicBool::new(false),
+            hold_reads: AtomicBool::new(false),
+            hold_writes: AtomicBool::new(false),
+            held: AtomicU64::new(0),
+        })
+    }
+    fn gate(&self, g: &AtomicBool) {
+        if g.load(Ordering::SeqCst) {
+            self.held.fetch_add(1, Ordering::SeqCst);
+            // Bounded: a test that forgets to open its gate fails by its watchdog,
+            // and this returns after a minute anyway.
+            let t = Instant::now();
+            while g.load(Ordering::SeqCst) && t.elapsed() < Duration::from_secs(60) {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            self.held.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+    fn wait_held(&self, n: u64) {
+        let t = Instant::now();
+        while self.held.load(Ordering::SeqCst) < n {
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "nothing reached the gate"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
+impl usermm::device::BlockDevice for GateDevice {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    fn pages(&self) -> u64 {
+        self.inner.pages()
+    }
+    fn read_page(&self, slot: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.gate(&self.hold_reads);
+        self.inner.read_page(slot, buf)
+    }
+    fn read_pages(&self, first: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.gate(&self.hold_spans);
+        self.inner.read_pages(first, buf)
+    }
+    fn write_page(&self, slot: u64, buf: &[u8]) -> std::io::Result<()> {
+        self.gate(&self.hold_writes);
+        self.inner.write_page(slot, buf)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+    fn discard(&self, first: u64, count: u64) -> std::io::Result<()> {
+        self.inner.discard(first, count)
+    }
+}
+
+fn used_on(vm: &Vm, id: usermm::SwapId) -> u64 {
+    vm.swaps().iter().find(|s| s.id == id).map_or(0, |s| s.used)
+}
+
+/// Item 2: a page read back from a device being drained must lose its copy there;
+/// otherwise reclaim drops the clean page back onto that device without I/O and
+/// undoes the swapoff.
+#[test]
+fn swap_in_from_a_draining_device_drops_its_copy_there() {
+    watchdog(Duration::from_secs(90), |note| {
+        let dir = tempfile::tempdir().unwrap();
+        let vm = Vm::new(Config::default().memory_budget(1 << 20)).unwrap();
+        let a = GateDevice::new(dir.path(), "a", 64 << 20);
+        let ida = vm.swapon_device(a.clone(), 10).unwrap();
+        let idb = vm
+            .swapon(SwapSpec::file(dir.path().join("b"), 64 << 20))
+            .unwrap();
+        let mm = vm.new_space();
+        let r = mm.map_anon(64 * PAGE_SIZE).unwrap();
+        for p in 0..64u64 {
+            mm.write(r.start() + p * PS, &[p as u8 + 1; 64]).unwrap();
+        }
+        note.set("reclaim to a");
+        vm.reclaim(64);
+        assert!(
+            used_on(&vm, ida) >= 64 * PS,
+            "pages did not go to a: {:?}",
+            vm.swaps()
+        );
+        // Swapoff of `a` stops at its first sequential read.
+        a.hold_spans.store(true, Ordering::SeqCst);
+        let swapoff = {
+            let vm = vm.clone();
+            std::thread::spawn(move || vm.swapoff(ida))
+        };
+        note.set("wait for swapoff to reach the gate");
+        a.wait_held(1);
+        let before = used_on(&vm, ida);
+        // A fault reads page 63 from `a` (single-page reads are not held).
+        let mut b = [0u8; 64];
+        mm.read(r.start() + 63 * PS, &mut b).unwrap();
+        assert_eq!(b, [64u8; 64]);
+        let after = used_on(&vm, ida);
+        assert_eq!(
+            after,
+            before - PS,
+            "the swap-in kept its copy on the device being drained"
+        );
+        // Reclaim must write the page elsewhere, not drop it back onto `a`.
+        note.set("reclaim again");
+        vm.reclaim(64);
+        assert_eq!(used_on(&vm, ida), after, "reclaim put a page back on a");
+        assert!(
+            used_on(&vm, idb) >= PS,
+            "the page did not go to b: {:?}",
+            vm.swaps()
+        );
+        a.hold_spans.store(false, Ordering::SeqCst);
+        note.set("swapoff finishing");
+        swapoff.join().unwrap().unwrap();
+        for p in 0..64u64 {
+            mm.read(r.start() + p * PS, &mut b).unwrap();
+            assert_eq!(b, [p as u8 + 1; 64], "page {p}");
+        }
+    });
+}
+
+/// Item 3: swapoff waits only for page-outs to the device it drains, and for those
+/// only for a bounded time; a device whose writes hang elsewhere does not hang it.
+#[test]
+fn swapoff_is_not_hung_by_another_devices_stuck_writes() {
+    watchdog(Duration::from_secs(90), |note| {
+        let dir = tempfile::tempdir().unwrap();
+        let vm = Vm::new(Config::default().memory_budget(1 << 20)).unwrap();
+        let stuck = GateDevice::new(dir.path(), "stuck", 64 << 20);
+        stuck.hold_writes.store(true, Ordering::SeqCst);
+        vm.swapon_device(stuck.clone(), 10).unwrap();
+        let other = vm
+            .swapon(SwapSpec::file(dir.path().join("other"), 64 << 20))
+            .unwrap();
+        let mm = vm.new_space();
+        let r = mm.map_anon(64 * PAGE_SIZE).unwrap();
+        for p in 0..64u64 {
+            mm.write(r.start() + p * PS, &[7; 8]).unwrap();
+        }
+        // Page-outs to `stuck` start and hang there.
+        let reclaimer = {
+            let vm = vm.clone();
+            std::thread::spawn(move || vm.reclaim(64))
+        };
+        note.set("wait for a page-out to hang");
+        stuck.wait_held(1);
+        note.set("swapoff of the other device");
+        let t = Instant::now();
+        vm.swapoff(other).unwrap();
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "swapoff waited {:?} for another device's writes",
+            t.elapsed()
+        );
+        stuck.hold_writes.store(false, Ordering::SeqCst);
+        reclaimer.join().unwrap();
+        let mut b = [0u8; 8];
+        for p in 0..64u64 {
+            mm.read(r.start() + p * PS, &mut b).unwrap();
+            assert_eq!(b, [7; 8]);
+        }
+    });
+}
+
+/// Item 4: no lock is held across a device read on the fault path: while a fault
+/// waits for its read, map and unmap in the same space go on.
+#[test]
+fn a_slow_swap_in_does_not_stall_map_and_unmap() {
+    watchdog(Duration::from_secs(90), |note| {
+        let dir = tempfile::tempdir().unwrap();
+        let vm = Vm::new(Config::default().memory_budget(1 << 20)).unwrap();
+        let slow = GateDevice::new(dir.path(), "slow", 64 << 20);
+        vm.swapon_device(slow.clone(), 0).unwrap();
+        let mm = vm.new_space();
+        let r = mm.map_anon(64 * PAGE_SIZE).unwrap();
+        for p in 0..64u64 {
+            mm.write(r.start() + p * PS, &[9; 8]).unwrap();
+        }
+        vm.reclaim(64);
+        slow.hold_reads.store(true, Ordering::SeqCst);
+        let reader = {
+            let mm = mm.clone();
+            let at = r.start();
+            std::thread::spawn(move || {
+                let mut b = [0u8; 8];
+                mm.read(at, &mut b).map(|_| b)
+            })
+        };
+        note.set("wait for the fault to reach the device");
+        slow.wait_held(1);
+        note.set("map and unmap while the read is held");
+        let t = Instant::now();
+        let other = mm.map_anon(16 * PAGE_SIZE).unwrap();
+        mm.write(other.start(), &[1]).unwrap();
+        mm.unmap(other).unwrap();
+        let took = t.elapsed();
+        slow.hold_reads.store(false, Ordering::SeqCst);
+        assert_eq!(reader.join().unwrap().unwrap(), [9; 8]);
+        assert!(
+            took < Duration::from_secs(5),
+            "map/unmap waited {took:?} for another thread's device read"
+        );
+    });
+}

@@ -28,13 +28,14 @@
 use crate::addr::{Pfn, VAddr, PAGE_SIZE, VADDR_END};
 use crate::error::{Error, Result};
 use crate::frame::{copy_in, copy_out, zero_frame, AllocCtx};
+use crate::mm::region::RegionTree;
 use crate::mm::space::SpaceInner;
 use crate::pte::{
     lock_present, try_lock_present, unlock_entry, Pte, BUSY, EMPTY, P_ACCESSED, P_COW, P_DIRTY,
     P_EXCL, P_LOCK, P_SHARED, P_SHARED_ONE, TAG_MASK, TAG_PRESENT,
 };
 use crate::stats::Counters;
-use crate::sync::{fence, wait_until, AtomicU64, Ordering};
+use crate::sync::{fence, wait_until, AtomicU64, Ordering, RwLockReadGuard};
 
 /// How a page is wanted.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -187,7 +188,7 @@ fn read_slow(sp: &SpaceInner, a: VAddr, dst: &mut [u8]) -> Result<()> {
                     dst.fill(0);
                     return Ok(());
                 }
-                Pte::Swapped(_) => fault_swapin(sp, pte, v)?,
+                Pte::Swapped(_) => fault_swapin(sp, pte, v, regions)?,
                 Pte::Busy | Pte::Present(_) => {}
             }
         }
@@ -221,14 +222,14 @@ fn prepare_write(sp: &SpaceInner, a: VAddr, forbid: u64) -> Result<()> {
         let pte = sp.pt.entry(a.vpn());
         let v = pte.load(Ordering::Acquire);
         match Pte::decode(v) {
-            Pte::Empty => return fault_zero(sp, pte),
-            Pte::Swapped(_) => return fault_swapin(sp, pte, v),
+            Pte::Empty => return fault_zero(sp, pte, regions),
+            Pte::Swapped(_) => return fault_swapin(sp, pte, v, regions),
             Pte::Present(pfn)
                 if forbid & P_COW != 0
                     && v & P_COW != 0
                     && v & (P_LOCK | P_EXCL | P_SHARED) == 0 =>
             {
-                return cow_break(sp, pte, pfn)
+                return cow_break(sp, a, pte, pfn, regions)
             }
             Pte::Busy | Pte::Present(_) => {}
         }
@@ -257,7 +258,13 @@ fn wait_page(sp: &SpaceInner, a: VAddr, forbid: u64) {
 /// Copy-on-write fault: `pte` maps `old` shared with other entries (after a fork).
 /// Gives this entry a private copy, or, if the other mappings are gone, just takes
 /// the frame for itself. Returns when a retry of the write may succeed.
-fn cow_break(sp: &SpaceInner, pte: &AtomicU64, old: Pfn) -> Result<()> {
+fn cow_break(
+    sp: &SpaceInner,
+    a: VAddr,
+    pte: &AtomicU64,
+    old: Pfn,
+    regions: RwLockReadGuard<'_, RegionTree>,
+) -> Result<()> {
     let eng = &*sp.eng;
     let d = eng.frames.desc(old);
     d.lock();
@@ -274,8 +281,23 @@ fn cow_break(sp: &SpaceInner, pte: &AtomicU64, old: Pfn) -> Result<()> {
         return Ok(());
     }
     d.unlock();
-    // Allocating may reclaim: no frame or entry lock is held here.
+    // Allocating may reclaim (and sleep): no lock at all is held here, not even the
+    // regions lock. Without it the leaf may have been copied (fork's `unshare`) or
+    // the region unmapped meanwhile, so `pte` is looked up again under the lock
+    // before it is trusted: the same entry of a private leaf of a mapped region.
+    drop(regions);
     let new = crate::reclaim::alloc_frame(eng, AllocCtx::Normal)?;
+    let regions = sp.regions.read();
+    let same = regions.range_mapped(a.0, 1).is_ok()
+        && sp
+            .pt
+            .hit(a.vpn())
+            .is_some_and(|h| !h.shared() && std::ptr::eq(h.pte, pte));
+    if !same {
+        drop(regions);
+        eng.frames.free(new);
+        return Ok(()); // the caller retries from the start
+    }
     d.lock();
     match try_lock_present(pte, P_EXCL | P_SHARED) {
         Some(v) if Pte::pfn(v) == old && v & P_COW != 0 => {}
@@ -316,13 +338,23 @@ fn cow_break(sp: &SpaceInner, pte: &AtomicU64, old: Pfn) -> Result<()> {
 }
 
 /// Zero-fill fault: `pte` was `Empty`.
-fn fault_zero(sp: &SpaceInner, pte: &AtomicU64) -> Result<()> {
+///
+/// Called with the regions read lock, which it drops once the entry is claimed: the
+/// `BUSY` claim keeps unmap (its release waits for the claim) and fork (a copy of
+/// the leaf waits for it) from going past this page, so the allocation below, which
+/// may reclaim and sleep, holds no lock.
+fn fault_zero(
+    sp: &SpaceInner,
+    pte: &AtomicU64,
+    regions: RwLockReadGuard<'_, RegionTree>,
+) -> Result<()> {
     if pte
         .compare_exchange(EMPTY, BUSY, Ordering::AcqRel, Ordering::Relaxed)
         .is_err()
     {
         return Ok(()); // someone else is faulting it; the caller retries
     }
+    drop(regions);
     let pfn = match crate::reclaim::alloc_frame(&sp.eng, AllocCtx::Normal) {
         Ok(p) => p,
         Err(e) => {
@@ -338,7 +370,15 @@ fn fault_zero(sp: &SpaceInner, pte: &AtomicU64) -> Result<()> {
 }
 
 /// Swap-in fault: `pte` held `v` = `Swapped(e)`.
-fn fault_swapin(sp: &SpaceInner, pte: &AtomicU64, v: u64) -> Result<()> {
+///
+/// Called with the regions read lock, dropped once the entry is claimed (as in
+/// `fault_zero`): neither the frame allocation nor the device read holds a lock.
+fn fault_swapin(
+    sp: &SpaceInner,
+    pte: &AtomicU64,
+    v: u64,
+    regions: RwLockReadGuard<'_, RegionTree>,
+) -> Result<()> {
     let Pte::Swapped(e) = Pte::decode(v) else {
         return Ok(());
     };
@@ -348,6 +388,7 @@ fn fault_swapin(sp: &SpaceInner, pte: &AtomicU64, v: u64) -> Result<()> {
     {
         return Ok(());
     }
+    drop(regions);
     let eng = &*sp.eng;
     let pfn = match crate::reclaim::alloc_frame(eng, AllocCtx::Reserve) {
         Ok(p) => p,
@@ -356,7 +397,8 @@ fn fault_swapin(sp: &SpaceInner, pte: &AtomicU64, v: u64) -> Result<()> {
             return Err(err);
         }
     };
-    let res = match eng.swap.get(e.dev) {
+    let dev = eng.swap.get(e.dev);
+    let res = match &dev {
         Some(dev) => {
             // SAFETY: the frame is ours (allocated, not yet published); stale
             // optimistic readers may load from it, but discard what they read
@@ -376,10 +418,13 @@ fn fault_swapin(sp: &SpaceInner, pte: &AtomicU64, v: u64) -> Result<()> {
         Counters::inc(&eng.cnt.read_errors);
         return Err(err);
     }
-    if eng.swap.free_slots() < eng.io.capacity() as u64 {
-        // Swap is (nearly) full: free the slot now, as the kernel does when swap
-        // is full, so reclaim can write another page there. The page is dirty
-        // again (its only copy is in memory).
+    let draining = dev.as_ref().is_some_and(|d| !d.is_active());
+    if draining || eng.swap.free_slots() < eng.io.capacity() as u64 {
+        // The slot goes now and the page is dirty again (its only copy is in
+        // memory), when its device is being removed — a copy kept there would let
+        // reclaim drop the clean page back onto it and undo swapoff (invariant 3) —
+        // or when swap is (nearly) full, as the kernel does, so reclaim can write
+        // another page there.
         sp.eng.install(pte, pfn, 0, true);
         eng.swap.put(e);
     } else {

@@ -189,6 +189,9 @@ fn reclaim_frame(eng: &Engine, pfn: Pfn, r: &mut ScanResult) {
     rq.epoch
         .store(d.epoch.load(Ordering::Relaxed), Ordering::Relaxed);
     rq.entry.store(Pte::swapped(e), Ordering::Relaxed);
+    if let Some(dev) = eng.swap.get(e.dev) {
+        dev.inflight.fetch_add(1, Ordering::Relaxed);
+    }
     d.unlock();
     eng.io.submit(req);
     r.queued += 1;
@@ -346,6 +349,11 @@ fn finish_writeback(eng: &Engine, i: u32, ok: bool) {
         eng.io.release(i);
         return;
     };
+    let done = || {
+        if let Some(dev) = eng.swap.get(e.dev) {
+            dev.inflight.fetch_sub(1, Ordering::Relaxed);
+        }
+    };
     if ok {
         Counters::inc(&eng.cnt.pswpout);
     } else {
@@ -397,6 +405,7 @@ fn finish_writeback(eng: &Engine, i: u32, ok: bool) {
     if freed {
         eng.frames.free(pfn);
     }
+    done();
     eng.io.release(i);
     eng.frames.notify_waiters();
 }

@@ -30,7 +30,7 @@ use crate::error::{Error, Result};
 use crate::frame::{copy_in, F_INUSE};
 use crate::pte::{Pte, BUSY, P_DIRTY};
 use crate::swap::SwapDevice;
-use crate::sync::{wait_until, Ordering};
+use crate::sync::{wait_until_for, Ordering};
 use std::time::{Duration, Instant};
 
 /// Slots read per request while draining (1 MiB).
@@ -65,7 +65,7 @@ fn drain(eng: &Engine, dev: &SwapDevice) -> Result<()> {
     let mut last_progress = Instant::now();
     let mut last_used = u64::MAX;
     loop {
-        forget_copies_on(eng, dev);
+        forget_copies_on(eng, dev)?;
         if dev.used() == 0 {
             return Ok(());
         }
@@ -74,7 +74,7 @@ fn drain(eng: &Engine, dev: &SwapDevice) -> Result<()> {
             drain_space(eng, &**sp, dev, &mut bounce)?;
         }
         drop(spaces);
-        forget_copies_on(eng, dev);
+        forget_copies_on(eng, dev)?;
         let used = dev.used();
         if used == 0 {
             return Ok(());
@@ -97,10 +97,23 @@ fn drain(eng: &Engine, dev: &SwapDevice) -> Result<()> {
     }
 }
 
+/// How long swapoff waits for page-outs in flight to the device it drains.
+const INFLIGHT_LIMIT: Duration = Duration::from_secs(30);
+
 /// Resident pages whose swap copy is on `dev` forget it; waits for page-outs in
-/// flight first, since their completion may attach a slot on `dev`.
-fn forget_copies_on(eng: &Engine, dev: &SwapDevice) {
-    wait_until(|| eng.io.inflight() == 0);
+/// flight to `dev` first, since their completion may attach a slot on it. The wait
+/// is bounded: a device that never completes a write fails the swapoff (the device
+/// stays in service). Page-outs to other devices are not waited for.
+fn forget_copies_on(eng: &Engine, dev: &SwapDevice) -> Result<()> {
+    if !wait_until_for(INFLIGHT_LIMIT, || dev.inflight.load(Ordering::Relaxed) == 0) {
+        return Err(Error::Device {
+            dev: dev.name().to_string(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "swapoff: page-outs to this device did not complete within 30 s",
+            ),
+        });
+    }
     for i in 0..eng.frames.nframes() {
         let pfn = Pfn(i as u32);
         let d = eng.frames.desc(pfn);
@@ -117,8 +130,12 @@ fn forget_copies_on(eng: &Engine, dev: &SwapDevice) {
             // The copy goes: mark every mapping dirty so the page is written
             // elsewhere before it can be dropped.
             eng.rmap.for_each(d, pfn, |pte| {
-                let _ = crate::pte::lock_present(pte, pfn);
-                crate::pte::unlock_entry(pte, 0, P_DIRTY);
+                // Under the frame lock every mapping maps `pfn`, so this locks; an
+                // entry that did not would be left alone, not unlocked by us.
+                match crate::pte::lock_present(pte, pfn) {
+                    Some(_) => crate::pte::unlock_entry(pte, 0, P_DIRTY),
+                    None => debug_assert!(false, "a mapping of a locked frame moved"),
+                }
                 true
             });
             d.swap.store(0, Ordering::Relaxed);
@@ -126,6 +143,7 @@ fn forget_copies_on(eng: &Engine, dev: &SwapDevice) {
         }
         d.unlock();
     }
+    Ok(())
 }
 
 fn drain_space(

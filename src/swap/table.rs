@@ -73,6 +73,10 @@ pub(crate) struct SwapDevice {
     /// `born`. Relaxed atomic; claimed by a CAS so one allocation gets the probe.
     next_probe_ms: AtomicU64,
     born: Instant,
+    /// Page-outs queued to this device and not yet completed (reclaim bumps it when
+    /// it queues one, completion drops it). Relaxed atomic; swapoff waits for it to
+    /// reach zero on the device it drains, not for page-outs to other devices.
+    pub inflight: AtomicU64,
 }
 
 const DEV_ACTIVE: u8 = 0;
@@ -104,6 +108,7 @@ impl SwapDevice {
             write_fails: AtomicU64::new(0),
             next_probe_ms: AtomicU64::new(0),
             born: Instant::now(),
+            inflight: AtomicU64::new(0),
             dev,
         }
     }

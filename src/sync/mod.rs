@@ -61,6 +61,20 @@ pub fn wait_until(mut done: impl FnMut() -> bool) {
     }
 }
 
+/// `wait_until` with a bound: false if `done()` still does not hold after `limit`.
+pub fn wait_until_for(limit: std::time::Duration, mut done: impl FnMut() -> bool) -> bool {
+    let end = std::time::Instant::now() + limit;
+    let mut timed_out = false;
+    wait_until(|| {
+        if done() {
+            return true;
+        }
+        timed_out = std::time::Instant::now() >= end;
+        timed_out
+    });
+    !timed_out
+}
+
 /// Gives the CPU (or, under the model checker, the schedule) to another thread.
 pub fn yield_now() {
     #[cfg(usermm_shuttle)]
