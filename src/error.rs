@@ -41,6 +41,10 @@ pub enum Error {
     /// The configuration or a spec is invalid; the message says which part.
     #[error("configuration error: {0}")]
     Config(String),
+    /// The call would wait for a page guard (`PageRef`/`PageMut`) that this same
+    /// thread holds, and so wait forever: drop the guard first. Nothing was changed.
+    #[error("would deadlock: {0} while this thread holds a guard on the page(s) it needs")]
+    WouldDeadlock(&'static str),
     /// Too many swap devices (the table holds 64).
     #[error("too many swap devices (at most {0})")]
     TooManyDevices(usize),

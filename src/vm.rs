@@ -237,6 +237,9 @@ impl AddressSpace {
     /// holding one in the same thread). Errors: `OutOfSwap` if a slot is already
     /// shared by 65,535 spaces.
     pub fn fork(&self) -> Result<AddressSpace> {
+        if crate::mm::fault::holds_pin(&self.inner, 0, u64::MAX, false) {
+            return Err(Error::WouldDeadlock("fork"));
+        }
         let child = AddressSpace::register(&self._vm);
         crate::mm::fork::fork_into(&self.inner, &child.inner)?;
         Ok(child)
@@ -257,6 +260,10 @@ impl AddressSpace {
     ///
     /// Errors: `BadAddress` if `r` is not a mapped region of this space.
     pub fn unmap(&self, r: Region) -> Result<()> {
+        let (first, end) = (r.start().vpn(), r.end().vpn());
+        if crate::mm::fault::holds_pin(&self.inner, first, end, false) {
+            return Err(Error::WouldDeadlock("unmap"));
+        }
         self.inner.unmap(r)
     }
 
@@ -287,12 +294,14 @@ impl AddressSpace {
     /// of `PAGE_SIZE` bytes (index 0 is the start of the page). A pinned page is never
     /// evicted; writers of that page wait until the guard is dropped.
     ///
-    /// Do not hold a `PageMut` of the same page in the same thread (it would wait for
-    /// itself). Errors as for `read`.
+    /// Errors as for `read`, and `WouldDeadlock` if this thread holds a `PageMut`
+    /// of the same page (it would wait for itself).
     pub fn page(&self, addr: VAddr) -> Result<PageRef<'_>> {
         let (pte, pfn) = crate::mm::fault::pin(&self.inner, addr, Want::Shared)?;
+        crate::mm::fault::note_pin(&self.inner, addr.vpn(), false);
         Ok(PageRef {
-            _space: &self.inner,
+            space: &self.inner,
+            vpn: addr.vpn(),
             pte,
             pfn,
             ptr: self.inner.eng.frames.frame_ptr(pfn),
@@ -302,13 +311,26 @@ impl AddressSpace {
 
     /// Pins the page containing `addr` exclusively and returns a guard that writes
     /// it. Other accesses to that page wait until the guard is dropped.
+    ///
+    /// The guard works on a copy of the page, written back when it is dropped (so
+    /// the frame is only ever written with atomic stores, which optimistic readers
+    /// of other threads may be loading concurrently). Errors as for `read`, and
+    /// `WouldDeadlock` if this thread holds any guard on the same page.
     pub fn page_mut(&self, addr: VAddr) -> Result<PageMut<'_>> {
         let (pte, pfn) = crate::mm::fault::pin(&self.inner, addr, Want::Exclusive)?;
+        crate::mm::fault::note_pin(&self.inner, addr.vpn(), true);
+        let ptr = self.inner.eng.frames.frame_ptr(pfn);
+        let mut copy = Box::new(PageBuf([0; PAGE_SIZE]));
+        // SAFETY: `ptr` is the pinned frame (PAGE_SIZE bytes in the arena); we hold
+        // it exclusively, so nobody writes it while we copy.
+        unsafe { crate::frame::copy_out(ptr, &mut copy.0) };
         Ok(PageMut {
-            _space: &self.inner,
+            space: &self.inner,
+            vpn: addr.vpn(),
             pte,
             pfn,
-            ptr: self.inner.eng.frames.frame_ptr(pfn),
+            ptr,
+            copy,
             _not_send: PhantomData,
         })
     }
@@ -317,8 +339,9 @@ impl AddressSpace {
 /// A shared pin of one resident page (see `AddressSpace::page`).
 #[derive(Debug)]
 pub struct PageRef<'a> {
-    /// Ties the guard to the space whose page it pins.
-    _space: &'a SpaceInner,
+    /// The space whose page it pins.
+    space: &'a SpaceInner,
+    vpn: u64,
     pte: &'a AtomicU64,
     pfn: Pfn,
     ptr: *mut u8,
@@ -336,6 +359,7 @@ impl std::ops::Deref for PageRef<'_> {
 
 impl Drop for PageRef<'_> {
     fn drop(&mut self) {
+        crate::mm::fault::note_unpin(self.space, self.vpn, false);
         crate::mm::fault::unpin(self.pte, self.pfn, Want::Shared);
     }
 }
@@ -343,32 +367,42 @@ impl Drop for PageRef<'_> {
 /// An exclusive pin of one resident page (see `AddressSpace::page_mut`).
 #[derive(Debug)]
 pub struct PageMut<'a> {
-    /// Ties the guard to the space whose page it pins.
-    _space: &'a SpaceInner,
+    /// The space whose page it pins.
+    space: &'a SpaceInner,
+    vpn: u64,
     pte: &'a AtomicU64,
     pfn: Pfn,
     ptr: *mut u8,
+    /// The copy the guard hands out; written back on drop.
+    copy: Box<PageBuf>,
     _not_send: PhantomData<*mut u8>,
 }
+
+/// One page of bytes.
+#[derive(Debug)]
+struct PageBuf([u8; PAGE_SIZE]);
 
 impl std::ops::Deref for PageMut<'_> {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
-        // SAFETY: pinned exclusively: only this guard accesses the frame (optimistic
-        // readers skip exclusively pinned frames) until it is dropped.
-        unsafe { std::slice::from_raw_parts(self.ptr, PAGE_SIZE) }
+        &self.copy.0
     }
 }
 
 impl std::ops::DerefMut for PageMut<'_> {
     fn deref_mut(&mut self) -> &mut [u8] {
-        // SAFETY: as for `deref`; `&mut self` makes this borrow unique.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr, PAGE_SIZE) }
+        &mut self.copy.0
     }
 }
 
 impl Drop for PageMut<'_> {
     fn drop(&mut self) {
+        // SAFETY: the frame is still pinned exclusively by us (nobody else writes it
+        // or maps it elsewhere); `copy_in` stores atomically, so a stale optimistic
+        // reader loading it concurrently is not a data race, and it will discard
+        // what it read because `unpin` moves the entry's version.
+        unsafe { crate::frame::copy_in(self.ptr, &self.copy.0) };
+        crate::mm::fault::note_unpin(self.space, self.vpn, true);
         crate::mm::fault::unpin(self.pte, self.pfn, Want::Exclusive);
     }
 }

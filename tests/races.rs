@@ -392,3 +392,56 @@ fn a_slow_swap_in_does_not_stall_map_and_unmap() {
         );
     });
 }
+
+/// Item 7: nothing a caller does with its own guards may hang it: an access that
+/// would wait for a guard the same thread holds gets `WouldDeadlock`, and the
+/// guard, the page and the space are unharmed.
+#[test]
+fn waiting_for_ones_own_guard_is_an_error_not_a_hang() {
+    watchdog(Duration::from_secs(60), |note| {
+        let (_dir, vm) = vm_with_swap(4 << 20, 64 << 20);
+        let mm = vm.new_space();
+        let r = mm.map_anon(4 * PAGE_SIZE).unwrap();
+        let (p0, p1) = (r.start(), r.start() + PS);
+        mm.write(p0, &[1; 8]).unwrap();
+        mm.write(p1, &[2; 8]).unwrap();
+        let dl = |e: usermm::Result<()>, what: &str| match e {
+            Err(usermm::Error::WouldDeadlock(_)) => {}
+            other => panic!("{what}: expected WouldDeadlock, got {other:?}"),
+        };
+        let mut b = [0u8; 8];
+        {
+            note.set("PageMut, then read/write/page of the same page");
+            let mut g = mm.page_mut(p0).unwrap();
+            g[0] = 9;
+            dl(mm.read(p0, &mut b), "read under own PageMut");
+            dl(mm.write(p0, &[3]), "write under own PageMut");
+            dl(mm.page(p0).map(drop), "page under own PageMut");
+            dl(mm.page_mut(p0).map(drop), "page_mut under own PageMut");
+            dl(mm.fork().map(drop), "fork under own PageMut");
+            dl(mm.unmap(r), "unmap under own PageMut");
+            // Another page is fine.
+            mm.read(p1, &mut b).unwrap();
+            assert_eq!(b, [2; 8]);
+        }
+        mm.read(p0, &mut b).unwrap();
+        assert_eq!(b[0], 9, "the guard's write was lost");
+        {
+            note.set("PageRef, then write of the same page; reads are fine");
+            let g = mm.page(p0).unwrap();
+            let g2 = mm.page(p0).unwrap();
+            assert_eq!(g[0], 9);
+            assert_eq!(g2[1], 1);
+            mm.read(p0, &mut b).unwrap();
+            dl(mm.write(p0, &[3]), "write under own PageRef");
+            dl(mm.page_mut(p0).map(drop), "page_mut under own PageRef");
+            dl(mm.fork().map(drop), "fork under own PageRef");
+        }
+        note.set("after the guards");
+        mm.write(p0, &[4]).unwrap();
+        let child = mm.fork().unwrap();
+        child.read(p0, &mut b).unwrap();
+        assert_eq!(b[0], 4);
+        mm.unmap(r).unwrap();
+    });
+}

@@ -26,6 +26,7 @@
 //! lock and the claimed entry held; reclaim needs neither.
 
 use crate::addr::{Pfn, VAddr, PAGE_SIZE, VADDR_END};
+use crate::device::AlignedPages;
 use crate::error::{Error, Result};
 use crate::frame::{copy_in, copy_out, zero_frame, AllocCtx};
 use crate::mm::region::RegionTree;
@@ -36,6 +37,49 @@ use crate::pte::{
 };
 use crate::stats::Counters;
 use crate::sync::{fence, wait_until, AtomicU64, Ordering, RwLockReadGuard};
+use std::cell::RefCell;
+
+thread_local! {
+    /// The pins this thread's guards hold: (space, page number, exclusive). Guards
+    /// are `!Send`, so a pin belongs to the thread that took it, and an access that
+    /// would wait for one of them can tell it would wait for itself (issue 9 item 7).
+    static HELD: RefCell<Vec<(usize, u64, bool)>> = const { RefCell::new(Vec::new()) };
+    /// A page-aligned buffer per faulting thread: swap-in reads the device into it
+    /// and copies into the frame with atomic stores, so no non-atomic write ever
+    /// lands in a frame that a stale optimistic reader may be loading (item 8).
+    static BOUNCE: RefCell<Option<AlignedPages>> = const { RefCell::new(None) };
+}
+
+fn space_key(sp: &SpaceInner) -> usize {
+    sp as *const SpaceInner as usize
+}
+
+/// Records a pin taken by a guard of this thread.
+pub(crate) fn note_pin(sp: &SpaceInner, vpn: u64, exclusive: bool) {
+    HELD.with(|h| h.borrow_mut().push((space_key(sp), vpn, exclusive)));
+}
+
+/// Forgets a pin recorded by `note_pin`.
+pub(crate) fn note_unpin(sp: &SpaceInner, vpn: u64, exclusive: bool) {
+    let k = (space_key(sp), vpn, exclusive);
+    HELD.with(|h| {
+        let mut h = h.borrow_mut();
+        if let Some(i) = h.iter().rposition(|&x| x == k) {
+            h.swap_remove(i);
+        }
+    });
+}
+
+/// Whether this thread holds a pin in `sp` on a page in `[first, end)`: any pin, or
+/// only exclusive ones.
+pub(crate) fn holds_pin(sp: &SpaceInner, first: u64, end: u64, exclusive_only: bool) -> bool {
+    let key = space_key(sp);
+    HELD.with(|h| {
+        h.borrow()
+            .iter()
+            .any(|&(s, v, x)| s == key && v >= first && v < end && (x || !exclusive_only))
+    })
+}
 
 /// How a page is wanted.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -174,6 +218,9 @@ fn write_fast(sp: &SpaceInner, a: VAddr, src: &[u8]) -> bool {
 }
 
 fn read_slow(sp: &SpaceInner, a: VAddr, dst: &mut [u8]) -> Result<()> {
+    if holds_pin(sp, a.vpn(), a.vpn() + 1, true) {
+        return Err(Error::WouldDeadlock("reading a page"));
+    }
     loop {
         {
             let regions = sp.regions.read();
@@ -202,7 +249,18 @@ fn read_slow(sp: &SpaceInner, a: VAddr, dst: &mut [u8]) -> Result<()> {
 /// Makes the page at `a` resident (for a write or a guard), or waits for whoever
 /// holds it (a lock, or a pin in `forbid`). Returns when a retry of the fast path
 /// may succeed.
+///
+/// Errors: `WouldDeadlock` if what it would wait for is a guard of this thread (a
+/// write or exclusive pin conflicts with any of our pins on the page; a shared pin
+/// with our exclusive ones, or with our shared ones when the shared count is full).
 fn prepare_write(sp: &SpaceInner, a: VAddr, forbid: u64) -> Result<()> {
+    if holds_pin(sp, a.vpn(), a.vpn() + 1, forbid & P_SHARED == 0) {
+        return Err(Error::WouldDeadlock(if forbid & P_SHARED == 0 {
+            "pinning a page shared"
+        } else {
+            "writing or pinning a page"
+        }));
+    }
     if sp.pt.is_shared(a.vpn()) {
         // Writes and guards need this space's own copy of the leaf. Copying it
         // changes the table's slots: under the regions write lock.
@@ -399,14 +457,20 @@ fn fault_swapin(
     };
     let dev = eng.swap.get(e.dev);
     let res = match &dev {
-        Some(dev) => {
-            // SAFETY: the frame is ours (allocated, not yet published); stale
-            // optimistic readers may load from it, but discard what they read
-            // because `install` moves the frame's sequence count.
-            let buf =
-                unsafe { std::slice::from_raw_parts_mut(eng.frames.frame_ptr(pfn), PAGE_SIZE) };
-            dev.read(e.slot, buf)
-        }
+        Some(dev) => BOUNCE.with(|b| {
+            let mut b = b.borrow_mut();
+            if b.is_none() {
+                *b = Some(AlignedPages::new(1)?);
+            }
+            let buf = b.as_mut().expect("set above").page_mut(0);
+            dev.read(e.slot, buf)?;
+            // SAFETY: the frame is ours (allocated, not yet published). Stale
+            // optimistic readers may still load from it (and discard what they read,
+            // since `install` moves the entry's version), so it is written only with
+            // atomic stores (`copy_in`); the device wrote into our own buffer.
+            unsafe { copy_in(eng.frames.frame_ptr(pfn), buf) };
+            Ok(())
+        }),
         None => Err(Error::Device {
             dev: format!("#{}", e.dev),
             source: std::io::Error::other("no such swap device"),
