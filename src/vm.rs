@@ -414,3 +414,50 @@ fn assert_send_sync() {
     is::<AddressSpace>();
     let _ = Error::OutOfMemory;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 9 item 3: a slot whose reference count is full used to make the copy of
+    /// a shared leaf yield forever under the regions write lock. Now the write that
+    /// needed the copy fails with `OutOfSwap`, and the page is intact.
+    #[test]
+    fn full_slot_count_fails_the_copy_instead_of_spinning() {
+        let dir = std::env::temp_dir().join(format!("usermm-vm-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let vm = Vm::new(Config::default().memory_budget(1 << 20)).unwrap();
+        let id = vm
+            .swapon(crate::SwapSpec::file(dir.join("swap"), 16 << 20))
+            .unwrap();
+        let mm = vm.new_space();
+        let r = mm.map_anon(PAGE_SIZE).unwrap();
+        mm.write(r.start(), &[5; 8]).unwrap();
+        assert_eq!(vm.reclaim(1), 1);
+        let dev = vm.eng().swap.get(id.0).unwrap();
+        assert_eq!(dev.used(), 1);
+        // The first slot handed out is slot 0; fill its count.
+        assert!(dev.dup(0, u32::from(u16::MAX) - 1));
+        assert!(!dev.dup(0, 1), "the count is full");
+        let child = mm.fork().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let c2 = child.clone();
+        let at = r.start();
+        std::thread::spawn(move || tx.send(c2.write(at, &[6; 8])).unwrap());
+        let got = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the write hung on a full slot count");
+        assert!(matches!(got, Err(Error::OutOfSwap)), "{got:?}");
+        let mut b = [0u8; 8];
+        child.read(r.start(), &mut b).unwrap();
+        assert_eq!(b, [5; 8]);
+        mm.read(r.start(), &mut b).unwrap();
+        assert_eq!(b, [5; 8]);
+        // Give the extra references back so teardown balances.
+        for _ in 0..u16::MAX - 1 {
+            dev.put_slot(0);
+        }
+        drop((child, mm));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

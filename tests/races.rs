@@ -175,6 +175,8 @@ struct GateDevice {
     hold_spans: AtomicBool,
     hold_reads: AtomicBool,
     hold_writes: AtomicBool,
+    /// Reads by this thread are held (while `hold_spans` is set) whatever their size.
+    hold_thread: Mutex<Option<std::thread::ThreadId>>,
     /// Calls currently held at a gate.
     held: AtomicU64,
 }
@@ -188,6 +190,7 @@ impl GateDevice {
             hold_spans: AtomicBool::new(false),
             hold_reads: AtomicBool::new(false),
             hold_writes: AtomicBool::new(false),
+            hold_thread: Mutex::new(None),
             held: AtomicU64::new(0),
         })
     }
@@ -223,6 +226,9 @@ impl usermm::device::BlockDevice for GateDevice {
         self.inner.pages()
     }
     fn read_page(&self, slot: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        if *self.hold_thread.lock().unwrap() == Some(std::thread::current().id()) {
+            self.gate(&self.hold_spans);
+        }
         self.gate(&self.hold_reads);
         self.inner.read_page(slot, buf)
     }
@@ -271,11 +277,14 @@ fn swap_in_from_a_draining_device_drops_its_copy_there() {
             "pages did not go to a: {:?}",
             vm.swaps()
         );
-        // Swapoff of `a` stops at its first sequential read.
+        // Swapoff of `a` stops at its first read, before it moved any page.
         a.hold_spans.store(true, Ordering::SeqCst);
         let swapoff = {
-            let vm = vm.clone();
-            std::thread::spawn(move || vm.swapoff(ida))
+            let (vm, a) = (vm.clone(), a.clone());
+            std::thread::spawn(move || {
+                *a.hold_thread.lock().unwrap() = Some(std::thread::current().id());
+                vm.swapoff(ida)
+            })
         };
         note.set("wait for swapoff to reach the gate");
         a.wait_held(1);

@@ -41,7 +41,29 @@ impl Rmap {
                 .sum::<usize>()
     }
 
-    /// Adds `pte` as a mapping of `pfn`.
+    /// Makes room for one more side mapping of `pfn` (allocates; call it with no
+    /// frame lock held). The room is checked with `has_room` under the frame lock.
+    pub(crate) fn reserve(&self, pfn: Pfn) {
+        let mut m = self.side.lock();
+        m.reserve(1);
+        let v = m.entry(pfn.0).or_default();
+        if v.len() == v.capacity() {
+            v.reserve(1);
+        }
+    }
+
+    /// Whether `add` of a side mapping of `pfn` would not allocate.
+    pub(crate) fn has_room(&self, pfn: Pfn) -> bool {
+        let m = self.side.lock();
+        match m.get(&pfn.0) {
+            Some(v) => v.len() < v.capacity(),
+            None => m.len() < m.capacity(),
+        }
+    }
+
+    /// Adds `pte` as a mapping of `pfn`. Precondition: the frame is locked, and a
+    /// third or later mapping was made room for (`reserve`, checked by `has_room`),
+    /// so nothing allocates here.
     pub(crate) fn add(&self, d: &PageDesc, pfn: Pfn, pte: &AtomicU64) {
         debug_assert!(d.is_locked());
         let n = d.mapcount.load(Ordering::Relaxed);

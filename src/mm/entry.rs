@@ -19,12 +19,14 @@ use crate::sync::{wait_until, AtomicU64, Ordering};
 
 /// Copies one entry of a shared leaf into a private copy, taking its own references:
 /// a resident page gets one more mapping and both entries become copy-on-write; a
-/// swapped page's slot gets one more reference.
-pub(crate) fn copy_entry(eng: &Engine, src: &AtomicU64, dst: &AtomicU64) {
+/// swapped page's slot gets one more reference. Returns false (nothing taken) when
+/// the slot already has the most references a count holds (65,535): the caller
+/// fails with `OutOfSwap` instead of waiting for another space to let go.
+pub(crate) fn copy_entry(eng: &Engine, src: &AtomicU64, dst: &AtomicU64) -> bool {
     loop {
         let v = src.load(Ordering::Acquire);
         match Pte::decode(v) {
-            Pte::Empty => return,
+            Pte::Empty => return true,
             // Another space is faulting this page in through the shared leaf.
             Pte::Busy => wait_until(|| src.load(Ordering::Acquire) != BUSY),
             Pte::Swapped(_) => {
@@ -40,16 +42,22 @@ pub(crate) fn copy_entry(eng: &Engine, src: &AtomicU64, dst: &AtomicU64) {
                 src.store(v, Ordering::Release);
                 if ok {
                     dst.store(v, Ordering::Release);
-                    return;
                 }
-                // 65,535 references: the copy cannot share the slot. Bring the page in
-                // is not possible here without a frame; wait and retry (another space
-                // dropping its share frees a reference).
-                std::thread::yield_now();
+                return ok;
             }
             Pte::Present(pfn) => {
                 let d = eng.frames.desc(pfn);
+                // A third mapping goes to the reverse map's side table, which may
+                // allocate: room is made before the frame lock is taken, and checked
+                // under it (invariant 4: no allocation under a frame lock).
+                if d.mapcount.load(Ordering::Relaxed) >= 2 {
+                    eng.rmap.reserve(pfn);
+                }
                 d.lock();
+                if d.mapcount.load(Ordering::Relaxed) >= 2 && !eng.rmap.has_room(pfn) {
+                    d.unlock();
+                    continue;
+                }
                 let Some(cur) = try_lock_present(src, 0) else {
                     d.unlock();
                     wait_until(|| {
@@ -67,7 +75,7 @@ pub(crate) fn copy_entry(eng: &Engine, src: &AtomicU64, dst: &AtomicU64) {
                 eng.rmap.add(d, pfn, dst);
                 unlock_entry(src, 0, P_COW);
                 d.unlock();
-                return;
+                return true;
             }
         }
     }

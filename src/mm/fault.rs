@@ -266,7 +266,7 @@ fn prepare_write(sp: &SpaceInner, a: VAddr, forbid: u64) -> Result<()> {
         // changes the table's slots: under the regions write lock.
         let regions = sp.regions.write();
         regions.range_mapped(a.0, 1)?;
-        sp.unshare(a.vpn());
+        sp.unshare(a.vpn())?;
         return Ok(());
     }
     {

@@ -338,19 +338,23 @@ impl PageTable {
     }
 
     /// Makes the leaf covering `vpn` private to this table. `copy(src, dst)` copies
-    /// one entry (taking its own references); `release(entry)` drops one entry's
-    /// references and leaves it `EMPTY`. Precondition: no other thread changes this
+    /// one entry (taking its own references) or returns false when it cannot (a
+    /// reference count is full); `release(entry)` drops one entry's references and
+    /// leaves it `EMPTY`. Returns false, with the leaf still shared and the partial
+    /// copy released, when a copy failed. Precondition: no other thread changes this
     /// table's slots meanwhile (the space's regions write lock).
     pub fn unshare(
         &self,
         vpn: u64,
-        mut copy: impl FnMut(&AtomicU64, &AtomicU64),
+        mut copy: impl FnMut(&AtomicU64, &AtomicU64) -> bool,
         mut release: impl FnMut(&AtomicU64),
-    ) {
-        let Some(slot) = self.slot(vpn) else { return };
+    ) -> bool {
+        let Some(slot) = self.slot(vpn) else {
+            return true;
+        };
         let p = slot.load(Ordering::Acquire);
         if p as usize & SHARED == 0 {
-            return;
+            return true;
         }
         let old = untag(p);
         // SAFETY: type-stable leaf.
@@ -358,16 +362,23 @@ impl PageTable {
         if l.users.load(Ordering::Acquire) == 1 {
             // The other tables let go: it is ours alone.
             slot.store(old, Ordering::Release);
-            return;
+            return true;
         }
         let new = self.pool.get();
         // SAFETY: a fresh leaf from the pool, not yet visible.
         let n = unsafe { &*new };
         for i in 0..LEAF_LEN {
-            copy(&l.e[i], &n.e[i]);
+            if !copy(&l.e[i], &n.e[i]) {
+                for e in &n.e[..i] {
+                    release(e);
+                }
+                self.pool.put(new);
+                return false;
+            }
         }
         slot.store(new, Ordering::Release);
         self.drop_use(old, &mut release);
+        true
     }
 
     /// Drops this table's use of leaf `p` (untagged); the last user releases its
@@ -470,7 +481,8 @@ mod tests {
                 if v != 0 {
                     copied += 1;
                 }
-                d.store(v, Ordering::Relaxed)
+                d.store(v, Ordering::Relaxed);
+                true
             },
             |_| panic!("a still uses the leaf"),
         );

@@ -106,24 +106,24 @@ impl SpaceInner {
         {
             let mut regions = self.regions.write();
             match regions.get(r.start.0) {
-                Some(v) if v.len == r.len => {
-                    self.regions_seq.write_begin();
-                    regions.remove(r.start.0);
-                    self.regions_seq.write_end();
-                    self.dying.lock().insert(r.start.0, r.len);
-                }
+                Some(v) if v.len == r.len => {}
                 _ => return Err(Error::BadAddress { addr: r.start.0 }),
             }
             // Leaves shared with a fork are copied before their entries are cleared,
             // so the other space keeps its pages. Under the write lock: nothing else
-            // changes this table's slots meanwhile.
+            // changes this table's slots meanwhile. A copy that cannot take a slot
+            // reference fails the unmap before anything changed.
             let first = r.start.0 / PAGE_SIZE as u64;
             let end = r.end().0 / PAGE_SIZE as u64;
             let mut vpn = first;
             while vpn < end {
-                self.unshare(vpn);
+                self.unshare(vpn)?;
                 vpn = (vpn | (LEAF_PAGES - 1)) + 1;
             }
+            self.regions_seq.write_begin();
+            regions.remove(r.start.0);
+            self.regions_seq.write_end();
+            self.dying.lock().insert(r.start.0, r.len);
         }
         let eng = &*self.eng;
         self.pt.for_each(
@@ -138,13 +138,20 @@ impl SpaceInner {
 
     /// Makes the leaf covering `vpn` private to this space (copying it if another
     /// space shares it). Precondition: the regions write lock is held.
-    pub fn unshare(&self, vpn: u64) {
+    ///
+    /// Errors: `OutOfSwap` when a swapped page in it is already shared by 65,535
+    /// entries (its slot's count is full); the leaf stays shared, nothing changed.
+    pub fn unshare(&self, vpn: u64) -> Result<()> {
         let eng = &*self.eng;
-        self.pt.unshare(
+        if self.pt.unshare(
             vpn,
             |src, dst| copy_entry(eng, src, dst),
             |e| release_entry(eng, e),
-        );
+        ) {
+            Ok(())
+        } else {
+            Err(Error::OutOfSwap)
+        }
     }
 }
 
