@@ -298,6 +298,9 @@ struct Counters {
     refused_oom: AtomicU64,
     refused_other: AtomicU64,
     nbd_restarts: AtomicU64,
+    /// Pages stored on the NBD device when its server was killed, summed over the
+    /// kills (each must read back after the restart).
+    nbd_pages_at_kill: AtomicU64,
 }
 
 fn get(c: &AtomicU64) -> u64 {
@@ -837,6 +840,17 @@ struct Nbd {
     sock: std::path::PathBuf,
     srv: Arc<Mutex<Option<Server>>>,
     dev: Arc<NbdDevice>,
+    id: usermm::SwapId,
+}
+
+impl Nbd {
+    /// Pages stored on the device now.
+    fn used_pages(&self, vm: &Vm) -> u64 {
+        vm.swaps()
+            .iter()
+            .find(|d| d.id == self.id)
+            .map_or(0, |d| d.used / PS)
+    }
 }
 
 fn start_nbd(vm: &Vm, dir: &std::path::Path, bytes: u64) -> Result<Nbd, String> {
@@ -851,20 +865,22 @@ fn start_nbd(vm: &Vm, dir: &std::path::Path, bytes: u64) -> Result<Nbd, String> 
         NbdDevice::connect(addr, options, &spec.text)
             .map_err(|e| format!("connect to {}: {e}", spec.text))?,
     );
-    vm.swapon_device(dev.clone(), spec.prio)
+    let id = vm
+        .swapon_device(dev.clone(), spec.prio)
         .map_err(|e| format!("swapon {}: {e}", spec.text))?;
     Ok(Nbd {
         img,
         sock,
         srv: Arc::new(Mutex::new(Some(srv))),
         dev,
+        id,
     })
 }
 
 /// Kills the server (SIGKILL, by pid) every `every`, leaves it down for
 /// [`NBD_DOWN`], restarts it on the same socket and backing file. The server is up
 /// when this returns.
-fn nbd_restarter(nbd: &Nbd, every: Duration, sh: &Shared, me: &Me) -> Result<(), Stop> {
+fn nbd_restarter(vm: &Vm, nbd: &Nbd, every: Duration, sh: &Shared, me: &Me) -> Result<(), Stop> {
     let mut next = Instant::now() + every;
     while !sh.ending() && !me.should_stop() {
         std::thread::sleep(
@@ -878,6 +894,7 @@ fn nbd_restarter(nbd: &Nbd, every: Duration, sh: &Shared, me: &Me) -> Result<(),
         let pid = g.as_ref().and_then(|s| s.pid());
         me.begin(|| format!("kill qemu-nbd (pid {pid:?})"));
         if let Some(mut s) = g.take() {
+            bump(&sh.c.nbd_pages_at_kill, nbd.used_pages(vm));
             s.kill();
         }
         std::thread::sleep(NBD_DOWN);
@@ -1064,9 +1081,9 @@ pub fn main_all(a: StressArgs) -> i32 {
         });
     }
     if let Some(n) = &nbd {
-        let (n, sh, every) = (n.clone(), sh.clone(), a.nbd_restart);
+        let (vm, n, sh, every) = (vm.clone(), n.clone(), sh.clone(), a.nbd_restart);
         wd = wd.thread("nbd restarter", move |me| {
-            if let Err(s) = nbd_restarter(&n, every, &sh, me) {
+            if let Err(s) = nbd_restarter(&vm, &n, every, &sh, me) {
                 sh.fail(me, s);
             }
         });
@@ -1117,7 +1134,11 @@ pub fn main_all(a: StressArgs) -> i32 {
                         get(&c.cycles),
                         get(&c.nbd_restarts),
                         nbd.as_ref()
-                            .map(|n| format!(" ({} reconnects)", n.dev.stats().reconnects))
+                            .map(|n| format!(
+                                " ({} reconnects, {} pages on nbd)",
+                                n.dev.stats().reconnects,
+                                n.used_pages(&vm)
+                            ))
                             .unwrap_or_default(),
                         s.pswpin,
                         s.pswpout,
@@ -1180,8 +1201,9 @@ pub fn main_all(a: StressArgs) -> i32 {
         Some(n) => {
             let ns = n.dev.stats();
             println!(
-                "  nbd: {} restarts, {} reconnects, {} writes refused while down, {} timeouts, {} server errors",
+                "  nbd: {} restarts ({} pages stored on it at the kills), {} reconnects, {} writes refused while down, {} timeouts, {} server errors",
                 get(&c.nbd_restarts),
+                get(&c.nbd_pages_at_kill),
                 ns.reconnects,
                 ns.fast_failed_writes,
                 ns.timeouts,
