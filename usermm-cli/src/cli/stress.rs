@@ -263,8 +263,13 @@ pub fn main(a: StressArgs) -> i32 {
 
 // ------------------------------------------------------------------ stress all
 
-/// How long the NBD server stays down at each restart.
+/// How long the NBD server stays down at a restart: shorter than the request
+/// timeout (reads wait for the restarted server)…
 const NBD_DOWN: Duration = Duration::from_millis(300);
+/// … except at every [`NBD_LONG_EVERY`]th restart: longer than the timeout, so the
+/// accesses that need the server fail with `Error::Device` and are retried.
+const NBD_LONG_DOWN: Duration = Duration::from_millis(2500);
+const NBD_LONG_EVERY: u64 = 5;
 /// The NBD options of `stress all`: a request (a read waiting for the restarted
 /// server) may take 2 s, well over an outage.
 const NBD_OPTS: &str = "timeout=2";
@@ -878,8 +883,8 @@ fn start_nbd(vm: &Vm, dir: &std::path::Path, bytes: u64) -> Result<Nbd, String> 
 }
 
 /// Kills the server (SIGKILL, by pid) every `every`, leaves it down for
-/// [`NBD_DOWN`], restarts it on the same socket and backing file. The server is up
-/// when this returns.
+/// [`NBD_DOWN`] (or [`NBD_LONG_DOWN`]), restarts it on the same socket and backing
+/// file. The server is up when this returns.
 fn nbd_restarter(vm: &Vm, nbd: &Nbd, every: Duration, sh: &Shared, me: &Me) -> Result<(), Stop> {
     let mut next = Instant::now() + every;
     while !sh.ending() && !me.should_stop() {
@@ -897,7 +902,12 @@ fn nbd_restarter(vm: &Vm, nbd: &Nbd, every: Duration, sh: &Shared, me: &Me) -> R
             bump(&sh.c.nbd_pages_at_kill, nbd.used_pages(vm));
             s.kill();
         }
-        std::thread::sleep(NBD_DOWN);
+        let n = get(&sh.c.nbd_restarts) + 1;
+        std::thread::sleep(if n % NBD_LONG_EVERY == 0 {
+            NBD_LONG_DOWN
+        } else {
+            NBD_DOWN
+        });
         let mut tries = 0;
         loop {
             me.begin(|| format!("restart qemu-nbd on {}", nbd.sock.display()));
@@ -1006,7 +1016,7 @@ pub fn main_all(a: StressArgs) -> i32 {
     };
     let nbd_line = match &nbd {
         Some(n) => format!(
-            "nbd: qemu-nbd on {} ({NBD_OPTS}), {} MiB, killed and restarted every {:?}",
+            "nbd: qemu-nbd on {} ({NBD_OPTS}), {} MiB, killed and restarted every {:?}, down {NBD_DOWN:?} (every {NBD_LONG_EVERY}th time {NBD_LONG_DOWN:?})",
             n.sock.display(),
             dev_bytes >> 20,
             a.nbd_restart
