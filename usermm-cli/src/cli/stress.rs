@@ -903,7 +903,7 @@ fn nbd_restarter(vm: &Vm, nbd: &Nbd, every: Duration, sh: &Shared, me: &Me) -> R
             s.kill();
         }
         let n = get(&sh.c.nbd_restarts) + 1;
-        std::thread::sleep(if n % NBD_LONG_EVERY == 0 {
+        std::thread::sleep(if n.is_multiple_of(NBD_LONG_EVERY) {
             NBD_LONG_DOWN
         } else {
             NBD_DOWN
