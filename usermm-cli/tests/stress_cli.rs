@@ -49,3 +49,89 @@ fn swaps_lists_devices_and_rejects_bad_specs() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("nonexistent-dir"));
 }
+
+/// The first number on the line of the final summary (after `done in`) that starts
+/// with `prefix` (e.g. `  swapoff: 12 swapoff/swapon cycles`).
+fn summary_count(stdout: &str, prefix: &str) -> Option<u64> {
+    stdout
+        .lines()
+        .skip_while(|l| !l.starts_with("done in "))
+        .find_map(|l| l.strip_prefix(prefix))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+}
+
+/// `usermm stress all`, shortened for CI: the differential workload, fork/exit,
+/// swapoff/swapon and (with qemu-nbd) an NBD server killed and restarted, all at
+/// once. It must exit 0, complete a swapoff cycle and, with qemu-nbd, an NBD restart.
+#[test]
+fn stress_all_short_run_is_clean() {
+    let out = Command::new(env!("CARGO_BIN_EXE_usermm"))
+        .args([
+            "stress",
+            "all",
+            "--duration",
+            "5s",
+            "--stall",
+            "30",
+            "--nbd-restart",
+            "1500ms",
+        ])
+        .output()
+        .expect("run usermm");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "usermm stress all failed ({:?})\nstdout:\n{stdout}\nstderr:\n{stderr}",
+        out.status
+    );
+    assert!(stdout.contains("OK: every page verified"), "{stdout}");
+    for (prefix, what) in [
+        ("  mismatches: ", "mismatches"),
+        ("  leaks: ", "leaks"),
+        ("  stalls: ", "stalls"),
+    ] {
+        assert_eq!(summary_count(&stdout, prefix), Some(0), "{what}:\n{stdout}");
+    }
+    let cycles = summary_count(&stdout, "  swapoff: ").unwrap_or(0);
+    assert!(cycles > 0, "no swapoff cycle completed:\n{stdout}");
+    let ops = summary_count(&stdout, "  differential: ").unwrap_or(0);
+    assert!(ops > 0, "no differential operation:\n{stdout}");
+    if usermm_testkit::nbd::skip_without("stress_all_short_run_is_clean (nbd part)", "qemu-nbd") {
+        assert!(
+            stdout.contains("nbd: skipped (qemu-nbd not found; apt-get install qemu-utils)"),
+            "{stdout}"
+        );
+        return;
+    }
+    let restarts = summary_count(&stdout, "  nbd: ").unwrap_or(0);
+    assert!(restarts > 0, "no NBD restart:\n{stdout}");
+}
+
+/// Without qemu-nbd `stress all` runs without its NBD part and says so; with
+/// `USERMM_REQUIRE_SERVERS=1` it fails at once.
+#[test]
+fn stress_all_without_qemu_nbd_skips_or_fails_as_required() {
+    let empty = tempfile::tempdir().unwrap();
+    let run = |required: &str| {
+        Command::new(env!("CARGO_BIN_EXE_usermm"))
+            .args(["stress", "all", "--duration", "1s", "--stall", "30"])
+            .env("PATH", empty.path())
+            .env("USERMM_REQUIRE_SERVERS", required)
+            .output()
+            .expect("run usermm")
+    };
+    let out = run("1");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("apt-get install qemu-utils"), "{stderr}");
+    let out = run("0");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("nbd: skipped (qemu-nbd not found; apt-get install qemu-utils)"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("OK: every page verified"), "{stdout}");
+}

@@ -35,7 +35,8 @@ enum Cmd {
     Run(run::RunArgs),
     /// Measure usermm side by side with plain memory, the device and kernel swap.
     Bench(bench::BenchArgs),
-    /// Bounded stress runs of the races the project grew from (seed 002: swapoff).
+    /// Bounded stress runs: `swapoff` (seed 002's races) or `all` (differential
+    /// workload, fork/exit, swapoff/swapon and an NBD server restarted, at once).
     Stress(stress::StressArgs),
     /// Open swap specs as swapon would and list them like /proc/swaps.
     Swaps(swaps::SwapsArgs),
