@@ -17,9 +17,24 @@
 //! an eviction). Every unlock after the bytes may have changed bumps the version. A
 //! reader loads the entry, copies the bytes with atomic loads and loads the entry
 //! again: the same value means it read the page as it was at some instant, with no
-//! store of its own. The version starts each time a page is installed from the
-//! frame's allocation count, so a frame that leaves and comes back does not bring
-//! back an old value (ABA) unless 2^25 versions pass during one read.
+//! store of its own.
+//!
+//! The version is 25 bits: its top 13 bits start, each time a page is installed,
+//! from the low 13 bits of the frame's allocation count (`PageDesc::epoch`), and its
+//! low 12 bits count the writes since (a 4097th write carries into the top bits).
+//! So a reader is fooled (ABA) only if, between its two loads of the entry, the
+//! entry comes back to exactly the value it first read: the same frame, the same
+//! bits and the same version. The version moves by 4,096 per install and by 1 per
+//! write, so it comes back only after installs × 4,096 + writes reach a multiple of
+//! 2^25: at least 8,191 frees and installs of that frame in between (8,192 with no
+//! write), or some 2^25 writes to the page. Each install is a fault (a zero-fill or a device
+//! read, microseconds at least) and the reader copies at most one page (tens of
+//! nanoseconds), so it takes the reader being descheduled for several milliseconds
+//! in that window while one frame cycles 8,192 times through faults of this very
+//! entry's page table position and evictions, and then the page's bits and write
+//! count lining up again. We accept that bound; it is the same kind of bound the
+//! kernel's seqcount readers live with. (The bits would not fit more: 28 go to the
+//! frame number, 11 to the tag and flags.)
 //!
 //! Guards are bits too: `P_EXCL` (a mutable guard: readers and writers stay off) and
 //! `P_SHARED` (a count of shared guards taken through this entry: writers stay off).
@@ -197,5 +212,24 @@ mod tests {
         assert_eq!(q & (P_DIRTY | TAG_MASK), P_DIRTY | TAG_PRESENT);
         assert_eq!(Pte::decode(EMPTY), Pte::Empty);
         assert_eq!(Pte::decode(BUSY), Pte::Busy);
+    }
+
+    /// The real ABA bound of the module header: installs of the same frame repeat
+    /// an entry value only 8,192 allocations apart, and 4,096 writes carry into the
+    /// part that comes from the allocation count.
+    #[test]
+    fn version_bound_is_what_the_header_says() {
+        let pfn = Pfn(7);
+        let at = |epoch: u32| Pte::present(pfn, epoch, P_DIRTY);
+        for e in [0u32, 1, 4095, 8191, 123_456] {
+            assert_ne!(at(e), at(e + 1), "consecutive installs must differ");
+            assert_ne!(at(e), at(e + 4096));
+            assert_eq!(at(e), at(e + 8192), "the bound is 2^13 installs");
+        }
+        let mut v = at(0);
+        for _ in 0..4096 {
+            v = Pte::bump(v);
+        }
+        assert_eq!(v, at(1), "4,096 writes carry into the install count");
     }
 }

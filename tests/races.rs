@@ -288,12 +288,21 @@ fn swap_in_from_a_draining_device_drops_its_copy_there() {
         };
         note.set("wait for swapoff to reach the gate");
         a.wait_held(1);
-        let before = used_on(&vm, ida);
-        // A fault reads page 63 from `a` (single-page reads are not held).
+        // A fault reads a page from `a` (single-page reads of this thread are not
+        // held). Pages reclaim left resident are skipped: the first read that is a
+        // swap-in (pswpin moves) is the one under test.
         let mut b = [0u8; 64];
-        mm.read(r.start() + 63 * PS, &mut b).unwrap();
-        assert_eq!(b, [64u8; 64]);
-        let after = used_on(&vm, ida);
+        let mut swapped_in = None;
+        for p in (0..64u64).rev() {
+            let (before, in0) = (used_on(&vm, ida), vm.stats().pswpin);
+            mm.read(r.start() + p * PS, &mut b).unwrap();
+            assert_eq!(b, [p as u8 + 1; 64], "page {p}");
+            if vm.stats().pswpin > in0 {
+                swapped_in = Some((before, used_on(&vm, ida)));
+                break;
+            }
+        }
+        let (before, after) = swapped_in.expect("no page was on the device");
         assert_eq!(
             after,
             before - PS,

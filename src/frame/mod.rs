@@ -50,7 +50,8 @@ pub(crate) enum AllocCtx {
 /// The page descriptor of one frame (the kernel's `struct page`).
 #[derive(Debug)]
 pub(crate) struct PageDesc {
-    /// The frame lock (1 = held).
+    /// The frame lock itself (1 = held): a spin lock taken by CAS, held only for
+    /// short sections that never block, allocate or do I/O.
     lock: AtomicU32,
     /// Number of page-table entries mapping the frame (see `rmap`). Protected by the
     /// frame lock.
@@ -116,19 +117,28 @@ impl PageDesc {
 /// The frame arena.
 #[derive(Debug)]
 pub(crate) struct FrameArena {
+    /// The arena mapping (immutable after `new`; frame bytes follow the entry
+    /// protocol of `crate::pte`).
     base: *mut u8,
+    /// Frames in the arena (immutable).
     nframes: usize,
+    /// One descriptor per frame; each protected by its own frame lock.
     descs: Box<[PageDesc]>,
     /// Free frame numbers (a stack: the most recently freed, cache-warm frame first).
-    /// Capacity `nframes`, so pushing never allocates.
+    /// Capacity `nframes`, so pushing never allocates. Protected by its mutex (a
+    /// leaf, never taken under a frame lock).
     free: Mutex<Vec<u32>>,
+    /// Signalled (with `free` held) when frames are freed or a page-out completes,
+    /// for allocators waiting in direct reclaim.
     freed: Condvar,
+    /// Length of `free`, readable without the lock (relaxed; exact under it).
     nfree: AtomicUsize,
     /// Counts frees and page-out completions, so a waiter that saw a value before
-    /// scanning sleeps only if nothing happened since.
+    /// scanning sleeps only if nothing happened since (relaxed atomic).
     events: AtomicU64,
+    /// Threads sleeping on `freed` (relaxed; lets `free` skip the notify).
     waiters: AtomicUsize,
-    /// `[min, low, high]` in frames.
+    /// `[min, low, high]` in frames (immutable).
     pub wmark: [usize; 3],
 }
 

@@ -72,6 +72,8 @@ fn untag(p: *mut Leaf) -> *mut Leaf {
 /// again after its copy (see `fault::read_fast`).
 #[derive(Debug)]
 pub(crate) struct LeafPool {
+    /// Recycled leaves (all entries `EMPTY`, no users). Protected by its mutex (a
+    /// leaf lock).
     free: Mutex<Vec<usize>>,
     /// Bytes of page-table nodes (leaves, mids, tops) of the Vm, for `stats`.
     pub bytes: AtomicUsize,

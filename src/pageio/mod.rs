@@ -38,14 +38,21 @@ pub(crate) struct Request {
 /// The request pool and the queue to the I/O threads.
 #[derive(Debug)]
 pub(crate) struct PageIo {
+    /// One page buffer per request, mapped at start; buffer `i` belongs to whoever
+    /// holds request `i` (taken from `free`, handed over through `submit`).
     bufs: AlignedPages,
+    /// Per-request metadata; owned like the buffers (the queues order the handover).
     pub reqs: Box<[Request]>,
+    /// Requests not in use (lock-free queue, sized at start).
     free: ArrayQueue<u32>,
+    /// Requests queued for the I/O threads (lock-free queue, sized at start).
     submit: ArrayQueue<u32>,
+    /// Pairs with `wake` to park idle I/O threads (a leaf; guards nothing else).
     sleep: Mutex<()>,
     wake: Condvar,
-    /// Requests taken from the pool and not yet released.
+    /// Requests taken from the pool and not yet released (relaxed atomic).
     inflight: AtomicUsize,
+    /// Set once when the Vm is dropped.
     shutdown: AtomicBool,
 }
 

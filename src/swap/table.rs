@@ -37,6 +37,7 @@ pub(crate) const FAILING_AFTER: u64 = 8;
 /// service once its writes succeed again.
 pub(crate) const PROBE_EVERY: Duration = Duration::from_secs(1);
 
+/// One device's slot bookkeeping; every field is protected by `SwapDevice::map`.
 #[derive(Debug)]
 struct SlotMap {
     /// References per slot.
@@ -57,12 +58,18 @@ struct SlotMap {
 /// One swap device in service.
 #[derive(Debug)]
 pub(crate) struct SwapDevice {
+    /// Immutable after swapon.
     pub id: SwapId,
     pub dev: Arc<dyn BlockDevice>,
     pub prio: i32,
     pub pages: u64,
+    /// Counts and clusters. Protected by this mutex (a leaf: nothing is taken or
+    /// allocated under it).
     map: Mutex<SlotMap>,
+    /// CRC32C of what was last written to each slot: stored (release) by the thread
+    /// that wrote the slot before the slot is published, loaded (acquire) by readers.
     csum: Box<[AtomicU32]>,
+    /// Slots in use, readable without `map` (relaxed; exact under it).
     used: AtomicU64,
     /// `DEV_ACTIVE` or `DEV_DRAINING` (swapoff running: no new slots).
     state: AtomicU8,
