@@ -1,19 +1,24 @@
 //! Address spaces (the kernel's mm): regions, the page table, and tearing pages
 //! down on unmap and exit.
 //!
-//! Owns: `SpaceInner`: its regions (`BTreeMap` start → length) and its page table.
+//! Owns: `SpaceInner`: its regions (a `RegionTree` of `Vma`s, see `region`), their
+//! sequence count, the ranges being unmapped (`dying`) and its page table; and how
+//! swapoff walks a space (`SpaceWalk`).
 //!
 //! ## Locking
-//! `regions` (RwLock) is taken for reading by every slow-path access (fault,
-//! zero read, pinning) for as long as it installs a page, and for writing by
-//! `map_anon` and `unmap`. Order: regions → frame lock → swap map lock. Frames are
-//! allocated (and direct reclaim runs) under the regions read lock, never under a
-//! frame lock; reclaim takes no region lock (docs/design.md invariant 4).
-//! The hit path takes no lock at all (see `fault`).
+//! `regions` (RwLock) is taken for reading by every slow-path access (fault, zero
+//! read, pinning) until it has claimed the entry it fills (`BUSY`) or found the page
+//! present, and for writing by `map_anon`, `unmap` and fork. Frames are allocated
+//! (and direct reclaim runs) with no regions lock held: the claim keeps unmap and
+//! fork from going past the page meanwhile. Order: regions → frame lock → entry
+//! lock → swap map lock; reclaim takes no region lock (invariant 4). The hit path
+//! takes no lock at all (see `fault`).
 //!
 //! `unmap` removes the region under the write lock, so no new fault can start in it,
 //! and then releases its pages with the lock dropped: resident pages under their
-//! frame lock, swapped pages by dropping their slot reference.
+//! frame lock, swapped pages by dropping their slot reference. Until that is done
+//! the range is in `dying`: `map_anon` does not hand it out and fork waits for it
+//! (a fork in that window would share leaves that still hold the dying entries).
 
 use crate::addr::{PAGE_SIZE, VADDR_END};
 use crate::engine::{Engine, SpaceWalk};

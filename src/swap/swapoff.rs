@@ -4,13 +4,19 @@
 //! 1. The device stops handing out slots (`begin_drain`); faults may still read it.
 //! 2. Passes repeat until no slot on it is referenced:
 //!    - resident pages whose swap copy is on the device forget it (they become dirty,
-//!      to be written elsewhere when reclaimed); page-outs in flight finish first;
-//!    - every live space (the Vm's list, each held by an `Arc` while it is walked and
-//!      under its regions read lock, so neither unmap nor fork runs in it meanwhile)
-//!      is scanned once for entries on the device; they are sorted by slot and read
+//!      to be written elsewhere when reclaimed); page-outs in flight to the device
+//!      finish first (waited for at most 30 s: a device that never completes a write
+//!      fails the swapoff, and stays in service);
+//!    - every live space (the Vm's list, each held by an `Arc` while it is walked)
+//!      is scanned once for entries on the device, through `SpaceWalk`, under its
+//!      regions read lock for the scan only; the entries are sorted by slot and read
 //!      in large sequential requests, verified against their checksums, and each is
-//!      put in a frame (direct reclaim may push other pages to other devices), or,
-//!      when no frame can be had, copied to another device.
+//!      claimed by value (`Swapped(dev, slot)` → `BUSY`; one that changed meanwhile
+//!      is left to the next pass) and put in a frame (direct reclaim may push other
+//!      pages to other devices), or, when no frame can be had, copied to another
+//!      device.
+//!    - a fault that reads a page from the device meanwhile drops its slot there
+//!      (`fault_swapin`), so reclaim cannot put the page back on it.
 //!
 //!    Repeating catches what a pass cannot see: a child forked after its parent was
 //!    scanned (fork registers the child before copying), a page-out that completed
@@ -18,9 +24,9 @@
 //! 3. If a page can go neither to memory nor to another device, swapoff stops with
 //!    `OutOfMemory` and the device returns to service with every page intact.
 //!
-//! Locking: a space's regions read lock, then the claimed (`BUSY`) entry, then frame
-//! locks, as on the fault path. No lock is held across the device reads of a span
-//! except the regions read lock of the space being drained.
+//! Locking: a space's regions read lock only while `SpaceWalk::swapped_on` scans it;
+//! then the claimed (`BUSY`) entry, then frame locks, as on the fault path. No lock is
+//! held across a device read or write.
 
 use crate::addr::{Pfn, SwapEntry, SwapId, PAGE_SIZE};
 use crate::device::AlignedPages;
