@@ -113,19 +113,8 @@ fn unmap_racing_fork_never_shows_another_spaces_data() {
         );
         // Only the kept page remains: nothing leaked to an unreachable entry.
         drop(mm);
-        let t = Instant::now();
-        loop {
-            let s = vm.stats();
-            let used: u64 = s.swap_used.iter().map(|x| x.1).sum();
-            if s.free_frames == s.total_frames && used == 0 {
-                break;
-            }
-            assert!(
-                t.elapsed() < Duration::from_secs(10),
-                "frames or slots leaked after every space is gone: {s:?}"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        usermm_testkit::check::wait_no_leak(&vm, Duration::from_secs(10))
+            .unwrap_or_else(|e| panic!("after every space is gone: {e}"));
     });
 }
 
@@ -150,20 +139,8 @@ fn fork_of_two_regions_in_one_leaf_leaks_nothing() {
             mm.unmap(b).unwrap();
         }
         note.set("leak check");
-        let t = Instant::now();
-        loop {
-            let s = vm.stats();
-            let used: u64 = s.swap_used.iter().map(|x| x.1).sum();
-            if s.free_frames == s.total_frames && used == 0 {
-                break;
-            }
-            assert!(
-                t.elapsed() < Duration::from_secs(5),
-                "pages or slots outlived every space: {} frames, {used} bytes of swap",
-                s.total_frames - s.free_frames
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        usermm_testkit::check::wait_no_leak(&vm, Duration::from_secs(5))
+            .unwrap_or_else(|e| panic!("pages or slots outlived every space: {e}"));
     });
 }
 

@@ -104,23 +104,9 @@ pub fn main(a: StressArgs) -> i32 {
     if a.which == "all" {
         return main_all(a);
     }
-    let dir = match &a.dir {
-        Some(d) => tempfile::tempdir_in(d),
-        None => tempfile::tempdir(),
-    };
-    let dir = match dir {
-        Ok(d) => d,
-        Err(e) => {
-            eprintln!("usermm stress: cannot create a directory for swap files: {e}");
-            return 1;
-        }
-    };
-    let vm = match Vm::new(Config::default().memory_budget(a.budget as usize)) {
-        Ok(vm) => vm,
-        Err(e) => {
-            eprintln!("usermm stress: {e}");
-            return 2;
-        }
+    let (dir, vm) = match setup(&a.dir, a.budget) {
+        Ok(x) => x,
+        Err(code) => return code,
     };
     // Each device can hold every worker's pages twice over, so any two suffice.
     let dev_bytes = (a.workers as u64 * a.pages * 4 + 1024) * PAGE_SIZE as u64;
@@ -966,23 +952,9 @@ pub fn main_all(a: StressArgs) -> i32 {
         );
         return 1;
     }
-    let dir = match &a.dir {
-        Some(d) => tempfile::tempdir_in(d),
-        None => tempfile::tempdir(),
-    };
-    let dir = match dir {
-        Ok(d) => d,
-        Err(e) => {
-            eprintln!("usermm stress: cannot create a directory for swap files: {e}");
-            return 1;
-        }
-    };
-    let vm = match Vm::new(Config::default().memory_budget(a.budget as usize)) {
-        Ok(vm) => vm,
-        Err(e) => {
-            eprintln!("usermm stress: {e}");
-            return 2;
-        }
+    let (dir, vm) = match setup(&a.dir, a.budget) {
+        Ok(x) => x,
+        Err(code) => return code,
     };
     // What can be stored at once: each fork worker's parent and child, each
     // differential worker's spaces. Every device can hold it all twice over, so
@@ -1262,4 +1234,22 @@ pub fn main_all(a: StressArgs) -> i32 {
             0
         }
     }
+}
+
+/// The swap-file directory and the Vm of a stress run; `Err(exit code)` after saying
+/// why on stderr.
+fn setup(dir: &Option<std::path::PathBuf>, budget: u64) -> Result<(tempfile::TempDir, Vm), i32> {
+    let dir = match dir {
+        Some(d) => tempfile::tempdir_in(d),
+        None => tempfile::tempdir(),
+    }
+    .map_err(|e| {
+        eprintln!("usermm stress: cannot create a directory for swap files: {e}");
+        1
+    })?;
+    let vm = Vm::new(Config::default().memory_budget(budget as usize)).map_err(|e| {
+        eprintln!("usermm stress: {e}");
+        2
+    })?;
+    Ok((dir, vm))
 }
