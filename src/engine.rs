@@ -19,7 +19,7 @@ use crate::addr::{Pfn, PAGE_SIZE};
 use crate::config::Config;
 use crate::error::Result;
 use crate::frame::rmap::Rmap;
-use crate::frame::{FrameArena, F_INUSE};
+use crate::frame::{FrameArena, F_INUSE, F_TRANSPARENT};
 use crate::pageio::PageIo;
 use crate::pte::{Pte, P_ACCESSED, P_DIRTY};
 use crate::stats::{Counters, Stats};
@@ -65,6 +65,10 @@ pub(crate) struct Engine {
     /// before anything can map a slot into it (fork adds the child before copying)
     /// and drops out when its last handle goes. Protected by its mutex (a leaf).
     pub spaces: Mutex<Vec<Weak<dyn SpaceWalk>>>,
+    /// The userfaultfd descriptor of the Vm's transparent regions, once one exists
+    /// (set once, then read-only): reclaim write-protects a transparent page through
+    /// it before copying it out.
+    pub uffd: std::sync::OnceLock<Arc<crate::uffd::Uffd>>,
     /// Device of the most recent failed page-out (for the error of an allocation
     /// that cannot progress because page-out keeps failing). Relaxed atomic.
     pub last_write_error_dev: AtomicU8,
@@ -86,6 +90,7 @@ impl Engine {
             kswapd_wake: Condvar::new(),
             shutdown: AtomicBool::new(false),
             last_write_error_dev: AtomicU8::new(0),
+            uffd: std::sync::OnceLock::new(),
             spaces: Mutex::new(Vec::new()),
         })
     }
@@ -121,6 +126,29 @@ impl Engine {
         d.lock();
         d.swap.store(swap, Ordering::Relaxed);
         d.flags.store(F_INUSE, Ordering::Relaxed);
+        self.rmap.add(d, pfn, pte);
+        let bits = P_ACCESSED | if dirty { P_DIRTY } else { 0 };
+        let epoch = d.epoch.load(Ordering::Relaxed);
+        pte.store(Pte::present(pfn, epoch, bits), Ordering::Release);
+        d.unlock();
+    }
+
+    /// Publishes `pfn` as the budget token of the transparent page at `addr`, whose
+    /// entry `pte` the caller claimed (`BUSY`) and whose bytes it has just mapped
+    /// (`UFFDIO_COPY`). As `install`, with the frame marked `F_TRANSPARENT`.
+    pub fn install_transparent(
+        &self,
+        pte: &AtomicU64,
+        pfn: Pfn,
+        addr: u64,
+        swap: u64,
+        dirty: bool,
+    ) {
+        let d = self.frames.desc(pfn);
+        d.lock();
+        d.swap.store(swap, Ordering::Relaxed);
+        d.flags.store(F_INUSE | F_TRANSPARENT, Ordering::Relaxed);
+        d.owner2.store(addr as *mut AtomicU64, Ordering::Relaxed);
         self.rmap.add(d, pfn, pte);
         let bits = P_ACCESSED | if dirty { P_DIRTY } else { 0 };
         let epoch = d.epoch.load(Ordering::Relaxed);

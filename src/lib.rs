@@ -90,11 +90,13 @@ mod reclaim;
 pub mod stats;
 mod swap;
 pub mod sync;
+pub mod uffd;
 mod vm;
 
 pub use addr::{SwapId, VAddr, PAGE_SIZE, VADDR_END};
 pub use config::{Config, SwapSpec};
 pub use error::{Error, Result};
 pub use mm::region::Region;
+pub use mm::transparent::TransparentRegion;
 pub use stats::{Stats, SwapInfo};
 pub use vm::{AddressSpace, PageMut, PageRef, Vm};

@@ -30,10 +30,17 @@ struct VmInner {
     /// The background reclaimer and the page-I/O threads, joined on drop. Protected by
     /// its mutex (a leaf; taken only at start and drop).
     threads: Mutex<Vec<JoinHandle<()>>>,
+    /// The userfaultfd host of transparent regions, made with the first one.
+    /// Protected by its mutex (a leaf; taken by `map_transparent` and drop).
+    transparent: Mutex<Option<Arc<crate::mm::transparent::Host>>>,
 }
 
 impl Drop for VmInner {
     fn drop(&mut self) {
+        // Every transparent region holds the Vm, so none is left: stop its handler.
+        if let Some(h) = self.transparent.get_mut().take() {
+            h.shutdown();
+        }
         self.eng
             .shutdown
             .store(true, crate::sync::Ordering::Release);
@@ -93,6 +100,7 @@ impl Vm {
                 eng,
                 leaves: Arc::new(LeafPool::new()),
                 threads: Mutex::new(threads),
+                transparent: Mutex::new(None),
             }),
         })
     }
@@ -116,6 +124,31 @@ impl Vm {
     /// fault-injecting wrapper used in tests).
     pub fn swapon_device(&self, dev: Arc<dyn BlockDevice>, prio: i32) -> Result<SwapId> {
         self.eng().swap.add(dev, prio)
+    }
+
+    /// Maps `len` bytes (rounded up to pages) of ordinary memory in this Vm's budget:
+    /// plain loads and stores through `as_ptr()` from any thread, and system calls
+    /// (`read(2)` into it, …), with pages that go to this Vm's swap devices like any
+    /// other (userfaultfd; see `mm::transparent`). Untouched pages read as zeros and
+    /// take no frame. Dropping the region unmaps it.
+    ///
+    /// Errors: `InvalidArgument` for a zero or huge length; `Io` with
+    /// `PermissionDenied` and what to do when this process may not open
+    /// `/dev/userfaultfd` (see the README, "Transparent memory"); `Config` on a kernel
+    /// without userfaultfd write-protect.
+    pub fn map_transparent(&self, len: usize) -> Result<crate::TransparentRegion> {
+        let host = {
+            let mut t = self.inner.transparent.lock();
+            match &*t {
+                Some(h) => h.clone(),
+                None => {
+                    let h = crate::mm::transparent::Host::start(self.inner.eng.clone())?;
+                    *t = Some(h.clone());
+                    h
+                }
+            }
+        };
+        host.map(len, self.inner.clone())
     }
 
     /// The swap devices in service, one entry each, like `/proc/swaps`.

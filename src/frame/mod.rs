@@ -34,6 +34,10 @@ use std::time::Duration;
 pub(crate) const F_INUSE: u32 = 1;
 /// A page-out request for this page is in flight.
 pub(crate) const F_WRITEBACK: u32 = 4;
+/// The frame is the budget token of a resident page of a transparent region: the
+/// page's bytes live in the region's own mapping at `PageDesc::owner2` (its address),
+/// not in the arena. See `mm::transparent`.
+pub(crate) const F_TRANSPARENT: u32 = 8;
 
 /// Who may take a frame below the min watermark.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]

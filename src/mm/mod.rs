@@ -16,3 +16,4 @@ pub(crate) mod fork;
 pub(crate) mod pagetable;
 pub(crate) mod region;
 pub(crate) mod space;
+pub(crate) mod transparent;

@@ -31,7 +31,7 @@
 use crate::addr::{Pfn, PAGE_SIZE};
 use crate::engine::Engine;
 use crate::error::{Error, Result};
-use crate::frame::{AllocCtx, PageDesc, F_INUSE, F_WRITEBACK};
+use crate::frame::{AllocCtx, PageDesc, F_INUSE, F_TRANSPARENT, F_WRITEBACK};
 use crate::pte::{
     lock_present, try_lock_present, unlock_entry, Pte, P_ACCESSED, P_DIRTY, P_EXCL, P_LOCK,
     P_SHARED,
@@ -39,6 +39,7 @@ use crate::pte::{
 use crate::stats::Counters;
 use crate::swap::NoSlot;
 use crate::sync::Ordering;
+use crate::uffd::WP_SET;
 use std::time::{Duration, Instant};
 
 /// Frames looked at per batch.
@@ -154,7 +155,26 @@ fn reclaim_frame(eng: &Engine, pfn: Pfn, r: &mut ScanResult) {
         r.evicted += 1;
         return;
     }
-    // Dirty, or never written out: queue a page-out.
+    // Dirty, or never written out: queue a page-out. A transparent page is
+    // write-protected first, so the program cannot change it while it is copied
+    // out (its next write faults and marks it dirty again, see `mm::transparent`).
+    let transparent = f & F_TRANSPARENT != 0;
+    let src = if transparent {
+        let addr = d.owner2.load(Ordering::Relaxed) as u64;
+        let wp = eng
+            .uffd
+            .get()
+            .map(|u| u.writeprotect(addr, PAGE_SIZE as u64, WP_SET));
+        if !matches!(wp, Some(Ok(()))) {
+            unlock_mappings(eng, d, pfn, 0, 0);
+            d.unlock();
+            r.busy += 1;
+            return;
+        }
+        addr as *const u8
+    } else {
+        eng.frames.frame_ptr(pfn).cast_const()
+    };
     let Some(req) = eng.io.take() else {
         unlock_mappings(eng, d, pfn, 0, 0);
         d.unlock();
@@ -178,9 +198,10 @@ fn reclaim_frame(eng: &Engine, pfn: Pfn, r: &mut ScanResult) {
         d.swap.store(0, Ordering::Relaxed);
     }
     // SAFETY: we hold every entry lock of the page, so no writer stores into the
-    // frame; the request buffer is ours (taken from the pool). Concurrent
-    // optimistic readers only load, so reading the frame here is not a race.
-    unsafe { std::ptr::copy_nonoverlapping(eng.frames.frame_ptr(pfn), eng.io.buf(req), PAGE_SIZE) };
+    // frame (a transparent page: it is write-protected, and mapped while its entry
+    // is present and locked); the request buffer is ours (taken from the pool).
+    // Concurrent optimistic readers only load, so reading here is not a race.
+    unsafe { std::ptr::copy_nonoverlapping(src, eng.io.buf(req), PAGE_SIZE) };
     // The bytes did not change: no version bump; clean from now on.
     unlock_mappings(eng, d, pfn, P_DIRTY, 0);
     d.flags.store(f | F_WRITEBACK, Ordering::Relaxed);
@@ -259,6 +280,16 @@ fn evict_locked(eng: &Engine, d: &PageDesc, pfn: Pfn, sw: u64) -> bool {
     let n = d.mapcount.load(Ordering::Relaxed);
     if n > 1 && !eng.swap.dup_encoded(sw, n - 1) {
         return false;
+    }
+    if d.flags.load(Ordering::Relaxed) & F_TRANSPARENT != 0 {
+        // The page leaves the program's mapping before its entry says so: a fault on
+        // it meanwhile waits for the entry lock, then finds it swapped.
+        let addr = d.owner2.load(Ordering::Relaxed);
+        // SAFETY: `addr` is the page of a live transparent region (its entry is
+        // locked by us, and a region releases its entries before it is unmapped).
+        if unsafe { libc::madvise(addr.cast(), PAGE_SIZE, libc::MADV_DONTNEED) } != 0 {
+            return false;
+        }
     }
     eng.rmap.for_each(d, pfn, |pte| {
         debug_assert_eq!(

@@ -1,0 +1,179 @@
+//! Transparent regions (`Vm::map_transparent`): ordinary memory through userfaultfd,
+//! inside the budget, paged to swap like the rest. Plain loads and stores from
+//! several threads against a model, many threads on one page, system calls into
+//! evicted pages, and no leak when a region goes.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use usermm::{Config, SwapSpec, TransparentRegion, Vm, PAGE_SIZE};
+use usermm_testkit::workload::Rng;
+
+const PS: usize = PAGE_SIZE;
+
+/// A Vm with a file swap device, or None (SKIP) where this process may not open a
+/// userfaultfd that serves kernel-mode faults.
+fn setup(budget: usize, swap: u64) -> Option<(tempfile::TempDir, Vm)> {
+    let dir = tempfile::tempdir().unwrap();
+    let vm = Vm::new(Config::default().memory_budget(budget)).unwrap();
+    vm.swapon(SwapSpec::file(dir.path().join("swap"), swap))
+        .unwrap();
+    match vm.map_transparent(PS) {
+        Ok(_) => Some((dir, vm)),
+        Err(e) if std::env::var("USERMM_REQUIRE_UFFD").as_deref() == Ok("1") => {
+            panic!("userfaultfd required but unavailable: {e}")
+        }
+        Err(e) => {
+            eprintln!("SKIP: transparent memory unavailable here: {e}");
+            None
+        }
+    }
+}
+
+fn word(r: &TransparentRegion, i: usize) -> &AtomicU64 {
+    assert!(i * 8 < r.len());
+    // SAFETY: inside the region, 8-byte aligned; the region outlives the reference
+    // and is shared memory accessed only atomically by these tests.
+    unsafe { &*(r.as_ptr().add(i * 8) as *const AtomicU64) }
+}
+
+/// 4 threads, each with its own pages, do random loads and stores through plain
+/// pointers (atomic words) over 32 MiB with a 4 MiB budget (1/8), against a model.
+#[test]
+fn differential_plain_loads_and_stores_under_pressure() {
+    let Some((_d, vm)) = setup(4 << 20, 256 << 20) else {
+        return;
+    };
+    let bytes = 32 << 20;
+    let r = Arc::new(vm.map_transparent(bytes).unwrap());
+    let threads = 4;
+    let words = bytes / 8;
+    let per = words / threads;
+    let seed = 0x5eed;
+    let hs: Vec<_> = (0..threads)
+        .map(|t| {
+            let r = r.clone();
+            std::thread::spawn(move || {
+                let mut rng = Rng::new(seed + t as u64);
+                let mut model = vec![0u64; per];
+                let base = t * per;
+                for op in 0..30_000u64 {
+                    let i = rng.below(per as u64) as usize;
+                    if rng.below(2) == 0 {
+                        let v = rng.next_u64() | 1;
+                        word(&r, base + i).store(v, Ordering::Relaxed);
+                        model[i] = v;
+                    } else {
+                        let got = word(&r, base + i).load(Ordering::Relaxed);
+                        assert_eq!(got, model[i], "thread {t} op {op} word {i}");
+                    }
+                }
+                for (i, &m) in model.iter().enumerate() {
+                    assert_eq!(
+                        word(&r, base + i).load(Ordering::Relaxed),
+                        m,
+                        "final {t}/{i}"
+                    );
+                }
+            })
+        })
+        .collect();
+    for h in hs {
+        h.join().unwrap();
+    }
+    let s = vm.stats();
+    assert!(s.pswpout > 0 && s.pswpin > 0, "no paging happened: {s:?}");
+    drop(r);
+    usermm_testkit::check::wait_no_leak(&vm, Duration::from_secs(10)).unwrap();
+}
+
+/// Many threads touch the same evicted page at once: one read, every thread sees it.
+#[test]
+fn many_threads_fault_the_same_page() {
+    let Some((_d, vm)) = setup(1 << 20, 64 << 20) else {
+        return;
+    };
+    let r = Arc::new(vm.map_transparent(8 << 20).unwrap());
+    for p in 0..(8 << 20) / PS {
+        word(&r, p * PS / 8).store(p as u64 + 7, Ordering::Relaxed);
+    }
+    vm.reclaim(1 << 20);
+    for round in 0..20 {
+        let target = (round * 37) % ((8 << 20) / PS);
+        let hs: Vec<_> = (0..8)
+            .map(|_| {
+                let r = r.clone();
+                std::thread::spawn(move || word(&r, target * PS / 8).load(Ordering::Relaxed))
+            })
+            .collect();
+        for h in hs {
+            assert_eq!(h.join().unwrap(), target as u64 + 7);
+        }
+        vm.reclaim(1 << 20);
+    }
+}
+
+/// System calls into and out of evicted pages: `read(2)` fills evicted memory from
+/// a file, `write(2)` sends evicted memory to a file; both must work (not EFAULT).
+#[test]
+fn read_and_write_syscalls_on_evicted_pages() {
+    use std::io::{Read, Seek, Write};
+    let Some((d, vm)) = setup(1 << 20, 64 << 20) else {
+        return;
+    };
+    let len = 4 << 20;
+    let r = vm.map_transparent(len).unwrap();
+    let mut rng = Rng::new(42);
+    let mut data = vec![0u8; len];
+    usermm_testkit::pattern::fill_random(&mut rng, &mut data);
+    let path = d.path().join("data");
+    std::fs::write(&path, &data).unwrap();
+    // Touch every page, then push them all out.
+    for p in 0..len / PS {
+        word(&r, p * PS / 8).store(1, Ordering::Relaxed);
+    }
+    vm.reclaim(1 << 20);
+    // SAFETY: the region is ours, `len` bytes, alive for the whole test; no other
+    // thread touches it meanwhile.
+    let buf = unsafe { std::slice::from_raw_parts_mut(r.as_ptr(), len) };
+    let mut f = std::fs::File::open(&path).unwrap();
+    f.read_exact(buf)
+        .expect("read(2) into evicted transparent memory");
+    assert!(buf == &data[..], "read(2) put the wrong bytes");
+    vm.reclaim(1 << 20);
+    let out = d.path().join("out");
+    let mut g = std::fs::File::create(&out).unwrap();
+    g.write_all(buf)
+        .expect("write(2) from evicted transparent memory");
+    g.flush().unwrap();
+    g.rewind().unwrap();
+    assert!(
+        std::fs::read(&out).unwrap() == data,
+        "write(2) sent the wrong bytes"
+    );
+    let s = vm.stats();
+    assert!(s.pswpin > 0, "nothing was swapped in: {s:?}");
+}
+
+/// Untouched pages read as zeros and take no frame; a region's frames and slots go
+/// back when it is dropped.
+#[test]
+fn untouched_pages_are_zero_and_dropping_frees_everything() {
+    let Some((_d, vm)) = setup(2 << 20, 64 << 20) else {
+        return;
+    };
+    let total = vm.stats().total_frames;
+    let r = vm.map_transparent(1 << 30).unwrap();
+    assert_eq!(r.len(), 1 << 30);
+    assert_eq!(word(&r, 12345).load(Ordering::Relaxed), 0);
+    for p in 0..2048 {
+        word(&r, p * PS / 8).store(p as u64 + 1, Ordering::Relaxed);
+    }
+    for p in 0..2048 {
+        assert_eq!(word(&r, p * PS / 8).load(Ordering::Relaxed), p as u64 + 1);
+    }
+    let s = vm.stats();
+    assert!(s.total_frames - s.free_frames <= total, "{s:?}");
+    drop(r);
+    usermm_testkit::check::wait_no_leak(&vm, Duration::from_secs(10)).unwrap();
+}
