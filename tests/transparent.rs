@@ -177,3 +177,82 @@ fn untouched_pages_are_zero_and_dropping_frees_everything() {
     drop(r);
     usermm_testkit::check::wait_no_leak(&vm, Duration::from_secs(10)).unwrap();
 }
+
+/// When neither a frame nor a slot can be had, the faulting thread gets SIGBUS with
+/// a line on stderr, never silent zeros. Runs in a child process (this test binary,
+/// re-run with an environment variable) so the signal kills only the child.
+#[test]
+fn no_frame_and_no_swap_is_sigbus_not_zeros() {
+    if std::env::var("USERMM_SIGBUS_CHILD").is_ok() {
+        let vm = Vm::new(Config::default().memory_budget(1 << 20)).unwrap();
+        let r = vm.map_transparent(8 << 20).unwrap();
+        for p in 0..(8 << 20) / PS {
+            word(&r, p * PS / 8).store(1, Ordering::Relaxed);
+        }
+        println!("CHILD: all pages written without swap (should not happen)");
+        return;
+    }
+    if setup(1 << 20, 16 << 20).is_none() {
+        return;
+    }
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "no_frame_and_no_swap_is_sigbus_not_zeros", "--nocapture"])
+        .env("USERMM_SIGBUS_CHILD", "1")
+        .output()
+        .unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGBUS),
+        "child status {:?}\nstdout: {}\nstderr: {stderr}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(
+        stderr.contains("usermm: transparent page fault failed"),
+        "no line on stderr: {stderr}"
+    );
+}
+
+/// Without access to /dev/userfaultfd (an unprivileged user, the device root-only as
+/// by default), `map_transparent` refuses and says what to do. Runs this test binary
+/// as `nobody` through `setpriv` when we are root; SKIP otherwise.
+#[test]
+fn unprivileged_without_the_device_is_refused_clearly() {
+    if std::env::var("USERMM_UNPRIV_CHILD").is_ok() {
+        let vm = Vm::new(Config::default().memory_budget(1 << 20)).unwrap();
+        match vm.map_transparent(PS) {
+            Ok(_) => println!("CHILD: mapped"),
+            Err(e) => println!("CHILD: refused: {e}"),
+        }
+        return;
+    }
+    // SAFETY: getuid has no preconditions.
+    let root = unsafe { libc::getuid() } == 0;
+    let dev_open_to_all = std::fs::metadata("/dev/userfaultfd")
+        .map(|m| {
+            use std::os::unix::fs::PermissionsExt;
+            m.permissions().mode() & 0o006 != 0
+        })
+        .unwrap_or(false);
+    if !root || dev_open_to_all || std::process::Command::new("setpriv").arg("--help").output().is_err() {
+        eprintln!("SKIP: needs root, setpriv and a root-only /dev/userfaultfd");
+        return;
+    }
+    let exe = std::env::current_exe().unwrap();
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(&exe)
+        .args(["--exact", "unprivileged_without_the_device_is_refused_clearly", "--nocapture"])
+        .env("USERMM_UNPRIV_CHILD", "1")
+        .env("TMPDIR", "/tmp")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("CHILD: refused") && stdout.contains("/dev/userfaultfd") && stdout.contains("chmod"),
+        "expected a refusal that says how to grant the device; got\nstdout: {stdout}\nstderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
