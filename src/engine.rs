@@ -69,6 +69,14 @@ pub(crate) struct Engine {
     /// (set once, then read-only): reclaim write-protects a transparent page through
     /// it before copying it out.
     pub uffd: std::sync::OnceLock<Arc<crate::uffd::Uffd>>,
+    /// Transparent pages evicted (their entry `Swapped`, the page gone from the
+    /// mapping); relaxed counter, see `Vm::transparent_pages_out`.
+    pub transparent_out: AtomicU64,
+    /// Set while a process fork must see no transparent page leave its mapping
+    /// (`Vm::freeze_transparent_eviction`); `transparent_evicting` counts evictions
+    /// past that check, so the freezer can wait for them.
+    pub transparent_frozen: AtomicBool,
+    pub transparent_evicting: AtomicU64,
     /// Device of the most recent failed page-out (for the error of an allocation
     /// that cannot progress because page-out keeps failing). Relaxed atomic.
     pub last_write_error_dev: AtomicU8,
@@ -91,6 +99,9 @@ impl Engine {
             shutdown: AtomicBool::new(false),
             last_write_error_dev: AtomicU8::new(0),
             uffd: std::sync::OnceLock::new(),
+            transparent_out: AtomicU64::new(0),
+            transparent_frozen: AtomicBool::new(false),
+            transparent_evicting: AtomicU64::new(0),
             spaces: Mutex::new(Vec::new()),
         })
     }

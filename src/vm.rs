@@ -84,7 +84,10 @@ impl Vm {
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("usermm-pageio-{i}"))
-                    .spawn(move || e.io.run(&|req| crate::reclaim::complete_writeback(&e, req)))?,
+                    .spawn(move || {
+                        crate::sync::mark_engine_thread();
+                        e.io.run(&|req| crate::reclaim::complete_writeback(&e, req))
+                    })?,
             );
         }
         if cfg.background_reclaim {
@@ -92,7 +95,10 @@ impl Vm {
             threads.push(
                 std::thread::Builder::new()
                     .name("usermm-kswapd".into())
-                    .spawn(move || crate::reclaim::kswapd(&e))?,
+                    .spawn(move || {
+                        crate::sync::mark_engine_thread();
+                        crate::reclaim::kswapd(&e)
+                    })?,
             );
         }
         Ok(Vm {
@@ -149,6 +155,31 @@ impl Vm {
             }
         };
         host.map(len, self.inner.clone())
+    }
+
+    /// Pages of this Vm's transparent regions that are evicted now (on a swap device,
+    /// absent from the mapping). A process fork copies a transparent region as it is
+    /// mapped, so a child sees an evicted page as zeros: `usermm exec` forks only
+    /// while this is 0, under `freeze_transparent_eviction`.
+    #[doc(hidden)]
+    pub fn transparent_pages_out(&self) -> u64 {
+        self.eng()
+            .transparent_out
+            .load(crate::sync::Ordering::Relaxed)
+    }
+
+    /// Stops transparent pages from leaving their mappings until the guard is dropped
+    /// (page-outs may still be written; the pages stay mapped), and waits for
+    /// evictions already under way. For a process fork (see `transparent_pages_out`).
+    #[doc(hidden)]
+    pub fn freeze_transparent_eviction(&self) -> TransparentFreeze<'_> {
+        let eng = self.eng();
+        eng.transparent_frozen
+            .store(true, crate::sync::Ordering::SeqCst);
+        crate::sync::wait_until(|| {
+            eng.transparent_evicting.load(crate::sync::Ordering::SeqCst) == 0
+        });
+        TransparentFreeze { vm: self }
     }
 
     /// The swap devices in service, one entry each, like `/proc/swaps`.
@@ -239,6 +270,22 @@ impl Vm {
         // (what completes later is freed by then or by background reclaim).
         crate::sync::wait_until_for(Duration::from_secs(10), || eng.io.inflight() == 0);
         freed()
+    }
+}
+
+/// See `Vm::freeze_transparent_eviction`.
+#[doc(hidden)]
+#[derive(Debug)]
+pub struct TransparentFreeze<'a> {
+    vm: &'a Vm,
+}
+
+impl Drop for TransparentFreeze<'_> {
+    fn drop(&mut self) {
+        self.vm
+            .eng()
+            .transparent_frozen
+            .store(false, crate::sync::Ordering::SeqCst);
     }
 }
 

@@ -196,7 +196,11 @@ fn no_frame_and_no_swap_is_sigbus_not_zeros() {
         return;
     }
     let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "no_frame_and_no_swap_is_sigbus_not_zeros", "--nocapture"])
+        .args([
+            "--exact",
+            "no_frame_and_no_swap_is_sigbus_not_zeros",
+            "--nocapture",
+        ])
         .env("USERMM_SIGBUS_CHILD", "1")
         .output()
         .unwrap();
@@ -236,7 +240,13 @@ fn unprivileged_without_the_device_is_refused_clearly() {
             m.permissions().mode() & 0o006 != 0
         })
         .unwrap_or(false);
-    if !root || dev_open_to_all || std::process::Command::new("setpriv").arg("--help").output().is_err() {
+    if !root
+        || dev_open_to_all
+        || std::process::Command::new("setpriv")
+            .arg("--help")
+            .output()
+            .is_err()
+    {
         eprintln!("SKIP: needs root, setpriv and a root-only /dev/userfaultfd");
         return;
     }
@@ -244,14 +254,20 @@ fn unprivileged_without_the_device_is_refused_clearly() {
     let out = std::process::Command::new("setpriv")
         .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
         .arg(&exe)
-        .args(["--exact", "unprivileged_without_the_device_is_refused_clearly", "--nocapture"])
+        .args([
+            "--exact",
+            "unprivileged_without_the_device_is_refused_clearly",
+            "--nocapture",
+        ])
         .env("USERMM_UNPRIV_CHILD", "1")
         .env("TMPDIR", "/tmp")
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
-        stdout.contains("CHILD: refused") && stdout.contains("/dev/userfaultfd") && stdout.contains("chmod"),
+        stdout.contains("CHILD: refused")
+            && stdout.contains("/dev/userfaultfd")
+            && stdout.contains("chmod"),
         "expected a refusal that says how to grant the device; got\nstdout: {stdout}\nstderr: {}",
         String::from_utf8_lossy(&out.stderr)
     );

@@ -29,6 +29,16 @@ pub struct FileDevice {
 
 /// Whether `text`, a file spec, carries `direct=0` (a file device named by its spec
 /// text reads the option from it; `SwapKind::File` keeps its two fields).
+pub(crate) fn asks_sparse(text: &str) -> bool {
+    text.starts_with("file:")
+        && text.split_once('?').and_then(|(_, q)| {
+            q.split('&')
+                .filter_map(|kv| kv.strip_prefix("sparse="))
+                .next_back()
+        }) == Some("1")
+}
+
+/// Whether `text`, a file spec, carries `direct=0`.
 pub(crate) fn asks_buffered(text: &str) -> bool {
     text.starts_with("file:")
         && text.split_once('?').and_then(|(_, q)| {
@@ -112,10 +122,18 @@ impl FileDevice {
                 if meta.len() < s {
                     let len =
                         i64::try_from(s).map_err(|_| Error::Config("size too large".into()))?;
-                    // SAFETY: plain syscall on a descriptor we own; no memory is passed.
-                    let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len) };
-                    if rc != 0 {
-                        return Err(ctx("cannot allocate", io::Error::from_raw_os_error(rc)));
+                    if asks_sparse(name) {
+                        // `sparse=1`: blocks are allocated as pages are written; a
+                        // full disk then shows as a failed page-out (the page stays
+                        // resident), not here.
+                        file.set_len(s).map_err(|e| ctx("cannot size", e))?;
+                    } else {
+                        // SAFETY: plain syscall on a descriptor we own; no memory is
+                        // passed.
+                        let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len) };
+                        if rc != 0 {
+                            return Err(ctx("cannot allocate", io::Error::from_raw_os_error(rc)));
+                        }
                     }
                 }
                 s

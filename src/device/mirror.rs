@@ -164,7 +164,10 @@ impl MirrorDevice {
         let s2 = sh.clone();
         let t = std::thread::Builder::new()
             .name("usermm-mirror-resync".into())
-            .spawn(move || resync_thread(&s2, buf))?;
+            .spawn(move || {
+                crate::sync::mark_engine_thread();
+                resync_thread(&s2, buf)
+            })?;
         *sh.resync.lock() = Some(t.thread().clone());
         Ok(MirrorDevice {
             sh,

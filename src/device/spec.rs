@@ -154,6 +154,14 @@ impl SwapSpec {
                         })?;
                     timeout = Some(Duration::from_secs_f64(t));
                 }
+                "sparse" => {
+                    if v != "0" && v != "1" {
+                        return Err(bad(format!("sparse {v:?} is not 0 or 1")));
+                    }
+                    if scheme != "file" {
+                        return Err(bad("sparse= applies to file devices only".into()));
+                    }
+                }
                 "direct" => {
                     direct = Some(match v {
                         "1" => true,
@@ -170,7 +178,7 @@ impl SwapSpec {
                 }
                 _ => {
                     return Err(bad(format!(
-                        "unknown option {k:?} (known: size, prio; for files: direct; for nbd: socket, conns, timeout, fua)"
+                        "unknown option {k:?} (known: size, prio; for files: direct, sparse; for nbd: socket, conns, timeout, fua)"
                     )))
                 }
             }

@@ -78,9 +78,12 @@ pub(crate) struct Host {
 pub(crate) struct TRegion {
     base: u64,
     len: u64,
-    /// One entry per page (`crate::pte` encoding). Each entry is protected by its own
+    /// One entry per page (`crate::pte` encoding), in a mapping of their own: zeroed
+    /// (`EMPTY`) by the kernel and resident only where touched, so a 64 GiB region
+    /// costs metadata only for the pages it uses. Each entry is protected by its own
     /// bit lock / claim.
-    entries: Box<[AtomicU64]>,
+    entries: AlignedPages,
+    npages: usize,
     eng: Arc<Engine>,
     uffd: Arc<Uffd>,
 }
@@ -119,7 +122,10 @@ impl Host {
         let bounce = AlignedPages::new(1)?;
         let t = std::thread::Builder::new()
             .name("usermm-uffd".into())
-            .spawn(move || h.run(zero, bounce))?;
+            .spawn(move || {
+                crate::sync::mark_engine_thread();
+                h.run(zero, bounce)
+            })?;
         *host.thread.lock() = Some(t);
         Ok(host)
     }
@@ -154,11 +160,7 @@ impl Host {
             })?;
         // Entries first (metadata, 8 bytes a page), then the mapping.
         let pages = (len / PS) as usize;
-        let mut entries = Vec::new();
-        entries
-            .try_reserve_exact(pages)
-            .map_err(|_| Error::OutOfMemory)?;
-        entries.extend((0..pages).map(|_| AtomicU64::new(EMPTY)));
+        let entries = AlignedPages::new((pages * 8).div_ceil(PAGE_SIZE))?;
         // SAFETY: a fresh private anonymous mapping; checked below.
         let p = unsafe {
             libc::mmap(
@@ -189,7 +191,8 @@ impl Host {
         let r = Arc::new(TRegion {
             base,
             len,
-            entries: entries.into_boxed_slice(),
+            entries,
+            npages: pages,
             eng: self.eng.clone(),
             uffd: self.uffd.clone(),
         });
@@ -274,8 +277,15 @@ fn sigbus(tid: u32, _page: u64, e: &Error) {
 }
 
 impl TRegion {
+    fn entries(&self) -> &[AtomicU64] {
+        // SAFETY: the mapping holds `npages` 8-byte, 8-aligned words, zeroed by the
+        // kernel (a valid `AtomicU64` holding `EMPTY`), and lives as long as `self`;
+        // it is only ever accessed atomically.
+        unsafe { std::slice::from_raw_parts(self.entries.ptr(0).cast::<AtomicU64>(), self.npages) }
+    }
+
     fn entry(&self, page: u64) -> &AtomicU64 {
-        &self.entries[((page - self.base) / PS) as usize]
+        &self.entries()[((page - self.base) / PS) as usize]
     }
 
     /// A write to a clean (write-protected) page: mark it dirty and lift the
@@ -392,6 +402,7 @@ impl TRegion {
                         pte.store(v, Ordering::Release);
                         return Err(Error::Io(err));
                     }
+                    eng.transparent_out.fetch_sub(1, Ordering::Relaxed);
                     if keep {
                         eng.install_transparent(pte, pfn, page, v, false);
                     } else {
@@ -426,8 +437,14 @@ impl Drop for TRegion {
     fn drop(&mut self) {
         // Entries first (frames back to the budget, slots back to their devices),
         // so reclaim never touches the mapping after it is gone; then the mapping.
-        for e in self.entries.iter() {
-            crate::mm::entry::release_entry(&self.eng, e);
+        for e in self.entries() {
+            let v = e.load(Ordering::Acquire);
+            if v != EMPTY {
+                if matches!(Pte::decode(v), Pte::Swapped(_)) {
+                    self.eng.transparent_out.fetch_sub(1, Ordering::Relaxed);
+                }
+                crate::mm::entry::release_entry(&self.eng, e);
+            }
         }
         let _ = self.uffd.unregister(self.base, self.len);
         // SAFETY: the mapping made in `Host::map`; nothing refers to it any more.

@@ -282,12 +282,24 @@ fn evict_locked(eng: &Engine, d: &PageDesc, pfn: Pfn, sw: u64) -> bool {
         return false;
     }
     if d.flags.load(Ordering::Relaxed) & F_TRANSPARENT != 0 {
+        // Announce the eviction, then look at the freeze (the freezer sets it, then
+        // waits for announced evictions to finish): either it sees us or we see it.
+        eng.transparent_evicting.fetch_add(1, Ordering::SeqCst);
+        if eng.transparent_frozen.load(Ordering::SeqCst) {
+            eng.transparent_evicting.fetch_sub(1, Ordering::SeqCst);
+            return false;
+        }
         // The page leaves the program's mapping before its entry says so: a fault on
         // it meanwhile waits for the entry lock, then finds it swapped.
         let addr = d.owner2.load(Ordering::Relaxed);
         // SAFETY: `addr` is the page of a live transparent region (its entry is
         // locked by us, and a region releases its entries before it is unmapped).
-        if unsafe { libc::madvise(addr.cast(), PAGE_SIZE, libc::MADV_DONTNEED) } != 0 {
+        let zapped = unsafe { libc::madvise(addr.cast(), PAGE_SIZE, libc::MADV_DONTNEED) } == 0;
+        if zapped {
+            eng.transparent_out.fetch_add(1, Ordering::Relaxed);
+        }
+        eng.transparent_evicting.fetch_sub(1, Ordering::SeqCst);
+        if !zapped {
             return false;
         }
     }

@@ -75,6 +75,24 @@ pub fn wait_until_for(limit: std::time::Duration, mut done: impl FnMut() -> bool
     !timed_out
 }
 
+thread_local! {
+    static ENGINE_THREAD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Marks the calling thread as one of usermm's own (page-I/O, reclaim, fault
+/// handler, device helpers). Called first thing by every thread the library starts.
+pub fn mark_engine_thread() {
+    ENGINE_THREAD.with(|c| c.set(true));
+}
+
+/// Whether the calling thread is one of usermm's own. An allocator that serves a
+/// program from transparent memory (`usermm exec`'s) must send such a thread's
+/// allocations elsewhere: a thread that serves faults must never fault on the memory
+/// it serves. Static TLS with a constant initializer: no allocation, no destructor.
+pub fn is_engine_thread() -> bool {
+    ENGINE_THREAD.with(|c| c.get())
+}
+
 /// Gives the CPU (or, under the model checker, the schedule) to another thread.
 pub fn yield_now() {
     #[cfg(usermm_shuttle)]

@@ -362,7 +362,10 @@ impl NbdDevice {
         let s2 = sh.clone();
         let h = std::thread::Builder::new()
             .name("usermm-nbd-reconnect".into())
-            .spawn(move || reconnector(&s2))
+            .spawn(move || {
+                crate::sync::mark_engine_thread();
+                reconnector(&s2)
+            })
             .map_err(Error::Io)?;
         for c in sh.conns.iter() {
             *c.reconnector.lock() = Some(h.thread().clone());

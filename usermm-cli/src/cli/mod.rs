@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 
 pub mod bench;
 pub mod device;
+pub mod exec;
 pub mod kernel;
 pub mod nbdserver;
 pub mod plot;
@@ -40,6 +41,8 @@ enum Cmd {
     Stress(stress::StressArgs),
     /// Open swap specs as swapon would and list them like /proc/swaps.
     Swaps(swaps::SwapsArgs),
+    /// Run an unmodified program with its heap in a budget (LD_PRELOAD + userfaultfd).
+    Exec(exec::ExecArgs),
     /// Internal: the kernel-swap child process of `usermm bench`.
     #[command(name = "bench-kernel-child", hide = true)]
     BenchKernelChild(kernel::ChildArgs),
@@ -54,6 +57,7 @@ pub fn main() -> i32 {
         Some(Cmd::Bench(a)) => bench::main(a),
         Some(Cmd::Stress(a)) => stress::main(a),
         Some(Cmd::Swaps(a)) => swaps::main(a),
+        Some(Cmd::Exec(a)) => exec::main(a),
         Some(Cmd::BenchKernelChild(a)) => kernel::child_main(a),
     }
 }

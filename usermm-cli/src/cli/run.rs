@@ -549,7 +549,7 @@ fn swap_dir(tmp: PathBuf, fallback: &Path) -> (PathBuf, Option<String>) {
     }
 }
 
-fn on_tmpfs(dir: &Path) -> bool {
+pub(crate) fn on_tmpfs(dir: &Path) -> bool {
     let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) else {
         return false;
     };

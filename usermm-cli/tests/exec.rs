@@ -1,0 +1,210 @@
+//! `usermm exec`: unmodified programs with their heap in a usermm budget (through
+//! the LD_PRELOAD library built beside the binary). Output and exit status are the
+//! program's own; the heap stays inside the budget; refusals are clear.
+
+use std::io::Read;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const USERMM: &str = env!("CARGO_BIN_EXE_usermm");
+
+fn python() -> Option<&'static str> {
+    ["/usr/bin/python3", "/usr/local/bin/python3"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+}
+
+/// Skips (or, with USERMM_REQUIRE_UFFD=1, fails) where /dev/userfaultfd is closed
+/// to us or the preload library was not built.
+fn can_run() -> bool {
+    let dev = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/userfaultfd")
+        .is_ok();
+    let lib = std::path::Path::new(USERMM)
+        .parent()
+        .map(|d| d.join("libusermm_preload.so").exists())
+        .unwrap_or(false);
+    if dev && lib && python().is_some() {
+        return true;
+    }
+    let why = format!(
+        "userfaultfd device {dev}, preload library {lib}, python {:?}",
+        python()
+    );
+    if std::env::var("USERMM_REQUIRE_UFFD").as_deref() == Ok("1") {
+        panic!("usermm exec test cannot run: {why}");
+    }
+    eprintln!("SKIP: usermm exec test: {why}");
+    false
+}
+
+/// Runs `cmd`, sampling its RssAnon; returns (stdout, stderr, status, peak KiB).
+fn run_sampled(mut cmd: Command, limit: Duration) -> (String, String, i32, u64) {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let pid = child.id();
+    let t = Instant::now();
+    let mut peak = 0u64;
+    loop {
+        if let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
+            if let Some(kb) = s
+                .lines()
+                .find_map(|l| l.strip_prefix("RssAnon:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            {
+                peak = peak.max(kb);
+            }
+        }
+        if let Ok(Some(_)) = child.try_wait() {
+            break;
+        }
+        if t.elapsed() > limit {
+            let _ = child.kill();
+            panic!("the program did not finish within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut out = String::new();
+    let mut err = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    let status = child.wait().unwrap().code().unwrap_or(-1);
+    (out, err, status, peak)
+}
+
+const BUILD_1G: &str = "
+import hashlib
+b = bytearray(1 << 30)
+for i in range(0, len(b), 4096):
+    b[i] = (i >> 12) % 251
+    b[i + 4095] = (i >> 13) % 241
+print(hashlib.sha256(b).hexdigest())
+";
+
+/// A Python program builds and checksums 1 GiB under a 64 MiB budget: the same
+/// output as without usermm, and its anonymous memory stays within the budget plus
+/// metadata plus 32 MiB.
+#[test]
+fn python_builds_and_checksums_1g_under_64m() {
+    if !can_run() {
+        return;
+    }
+    let py = python().unwrap();
+    let native = Command::new(py).args(["-c", BUILD_1G]).output().unwrap();
+    assert!(native.status.success());
+    let mut cmd = Command::new(USERMM);
+    cmd.args(["exec", "--budget", "64M", "--", py, "-c", BUILD_1G]);
+    let (out, err, status, peak_kib) = run_sampled(cmd, Duration::from_secs(600));
+    assert_eq!(status, 0, "stderr: {err}");
+    assert_eq!(
+        out,
+        String::from_utf8_lossy(&native.stdout),
+        "stderr: {err}"
+    );
+    // Budget 64 MiB + metadata (arena descriptors, request pool, page tables, the
+    // region's entries: a few MiB) + 32 MiB.
+    let limit_kib = (64 + 8 + 32) << 10;
+    assert!(
+        peak_kib <= limit_kib,
+        "peak RssAnon {peak_kib} KiB exceeds {limit_kib} KiB"
+    );
+    eprintln!("peak RssAnon under usermm exec: {} MiB", peak_kib >> 10);
+}
+
+/// fork: while nothing of the heap is on swap, a child sees exactly its parent's
+/// memory; when part of it is on swap, fork fails with ENOMEM and a line on stderr
+/// (never a child that reads zeros).
+#[test]
+fn fork_sees_the_parents_heap_or_is_refused() {
+    if !can_run() {
+        return;
+    }
+    let py = python().unwrap();
+    let prog = "
+import os, hashlib, sys
+small = bytearray(8 << 20)
+for i in range(0, len(small), 4096): small[i] = (i >> 12) % 199
+want = hashlib.sha256(small).hexdigest()
+pid = os.fork()
+if pid == 0:
+    os._exit(0 if hashlib.sha256(small).hexdigest() == want else 3)
+_, st = os.waitpid(pid, 0)
+print('child', os.waitstatus_to_exitcode(st))
+big = bytearray(256 << 20)
+for i in range(0, len(big), 4096): big[i] = 1
+try:
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0 if hashlib.sha256(small).hexdigest() == want else 3)
+    _, st = os.waitpid(pid, 0)
+    print('child2', os.waitstatus_to_exitcode(st))
+except OSError as e:
+    print('refused', e.errno)
+";
+    let out = Command::new(USERMM)
+        .args(["exec", "--budget", "32M", "--", py, "-c", prog])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "stdout: {stdout}\nstderr: {stderr}");
+    assert!(
+        stdout.contains("child 0"),
+        "the child did not see its parent's heap: {stdout}"
+    );
+    let refused = stdout.contains("refused 12") && stderr.contains("fork");
+    let fine = stdout.contains("child2 0");
+    assert!(refused || fine, "stdout: {stdout}\nstderr: {stderr}");
+}
+
+/// Refusals: a static program, a setuid one, a budget beyond the machine.
+#[test]
+fn refuses_what_it_cannot_budget_with_a_clear_message() {
+    let run = |args: &[&str]| {
+        let o = Command::new(USERMM).args(args).output().unwrap();
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    let (code, err) = run(&["exec", "--budget", "64M", "--", "/nonexistent/prog"]);
+    assert_eq!(code, Some(126));
+    assert!(err.contains("not found"), "{err}");
+    let (code, err) = run(&["exec", "--budget", "1T", "--", "true"]);
+    assert_eq!(code, Some(126));
+    assert!(err.contains("more than this process may use"), "{err}");
+    // A static program, if the machine has one (ldconfig is static on glibc systems).
+    if let Some(st) = ["/sbin/ldconfig", "/usr/sbin/ldconfig"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+    {
+        let (code, err) = run(&["exec", "--budget", "64M", "--", st, "-p"]);
+        assert_eq!(code, Some(126), "{err}");
+        assert!(err.contains("statically linked"), "{err}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let suid = dir.path().join("suid-true");
+    std::fs::copy("/bin/true", &suid).unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&suid, std::fs::Permissions::from_mode(0o4755)).unwrap();
+    }
+    let (code, err) = run(&["exec", "--budget", "64M", "--", suid.to_str().unwrap()]);
+    assert_eq!(code, Some(126));
+    assert!(err.contains("setuid"), "{err}");
+}

@@ -1,0 +1,535 @@
+//! The LD_PRELOAD library of `usermm exec`: an unmodified program's heap (the malloc
+//! family) in a transparent region of a usermm Vm, inside a hard budget, with its
+//! pages paged to usermm's swap devices.
+//!
+//! ## How
+//! - At load (a constructor, after libc's), it reads its settings from the
+//!   environment `usermm exec` prepared (`USERMM_BUDGET`, `USERMM_SWAP`,
+//!   `USERMM_SWAP_DIR`, `USERMM_HEAP`), makes a Vm, adds the swap devices (or a
+//!   temporary swap file, created 0600 and unlinked at once), maps one transparent
+//!   region for the heap and hands it to `talc`, a maintained allocator that works
+//!   over a given span of memory.
+//! - `malloc`, `free`, `calloc`, `realloc`, `reallocarray`, `memalign`,
+//!   `posix_memalign`, `aligned_alloc`, `valloc`, `pvalloc` and `malloc_usable_size`
+//!   are ours. Each block carries a 16-byte header (its size and the offset back to
+//!   what talc gave), so `free` needs no size. Pointers from outside the heap (made
+//!   before the constructor ran, by glibc's allocator) go back to glibc.
+//! - usermm's own allocations (page tables, the handler's bookkeeping) do not come
+//!   from the program's heap: this library's Rust global allocator calls glibc's
+//!   `__libc_malloc` family directly. So the fault handler never waits for the lock
+//!   of the allocator whose page faulted (seeds 003 and 004 in a new form).
+//! - `fork()` without exec is refused (ENOMEM, with a line on stderr): the kernel does
+//!   not carry userfaultfd registration into a child, so the child would read zeros
+//!   where its parent's pages were on swap. `posix_spawn`/`vfork` (the child shares
+//!   the parent's memory, then execs) work; a child that execs gets its own usermm
+//!   (the budget is per process: each process of the tree has its own).
+//! - Not yet: anonymous `mmap`/`munmap`/`mremap` are not interposed (a program that
+//!   maps its own memory, e.g. CPython's small-object arenas, has that memory outside
+//!   the budget).
+//!
+//! ## Locking
+//! The heap (`HEAP`) is one mutex around talc; a thread may fault on heap memory
+//! while holding it, which is fine: the fault handler never takes it.
+
+use std::alloc::{GlobalAlloc, Layout};
+use std::ffi::c_void;
+use std::ptr::{null_mut, NonNull};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+
+extern "C" {
+    fn __libc_malloc(size: usize) -> *mut c_void;
+    fn __libc_free(p: *mut c_void);
+    fn __libc_realloc(p: *mut c_void, size: usize) -> *mut c_void;
+    fn __libc_memalign(align: usize, size: usize) -> *mut c_void;
+    fn __libc_calloc(n: usize, size: usize) -> *mut c_void;
+}
+
+/// usermm's own memory: glibc's allocator, never the program's heap.
+struct Glibc;
+
+// SAFETY: forwards to glibc's allocator, which meets GlobalAlloc's contract for
+// alignments it is asked for through memalign.
+unsafe impl GlobalAlloc for Glibc {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        // SAFETY: glibc allocation with a valid alignment (a power of two).
+        unsafe {
+            if l.align() <= 16 {
+                __libc_malloc(l.size()).cast()
+            } else {
+                __libc_memalign(l.align(), l.size()).cast()
+            }
+        }
+    }
+    unsafe fn dealloc(&self, p: *mut u8, _: Layout) {
+        // SAFETY: `p` came from `alloc` above.
+        unsafe { __libc_free(p.cast()) }
+    }
+    unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
+        // SAFETY: as for alloc.
+        unsafe {
+            if l.align() <= 16 {
+                __libc_calloc(1, l.size()).cast()
+            } else {
+                let p: *mut u8 = __libc_memalign(l.align(), l.size()).cast();
+                if !p.is_null() {
+                    p.write_bytes(0, l.size());
+                }
+                p
+            }
+        }
+    }
+    unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
+        // SAFETY: `p` came from `alloc` with layout `l`.
+        unsafe {
+            if l.align() <= 16 {
+                __libc_realloc(p.cast(), new).cast()
+            } else {
+                let q = self.alloc(Layout::from_size_align_unchecked(new, l.align()));
+                if !q.is_null() {
+                    std::ptr::copy_nonoverlapping(p, q, l.size().min(new));
+                    self.dealloc(p, l);
+                }
+                q
+            }
+        }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Glibc = Glibc;
+
+/// 0: not set up (glibc serves), 1: setting up, 2: ready, 3: failed.
+static STATE: AtomicU8 = AtomicU8::new(0);
+static BASE: AtomicUsize = AtomicUsize::new(0);
+static END: AtomicUsize = AtomicUsize::new(0);
+static HEAP: parking_lot::Mutex<Option<talc::Talc<talc::ErrOnOom>>> = parking_lot::Mutex::new(None);
+/// The Vm of the heap (kept for `fork`).
+static VM: std::sync::OnceLock<usermm::Vm> = std::sync::OnceLock::new();
+
+const HDR: usize = 16;
+
+fn ours(p: *mut c_void) -> bool {
+    let a = p as usize;
+    a >= BASE.load(Ordering::Acquire) && a < END.load(Ordering::Acquire)
+}
+
+fn say(msg: &str) {
+    let line = format!("usermm exec: {msg}\n");
+    // SAFETY: writing our buffer to stderr.
+    unsafe { libc::write(2, line.as_ptr().cast(), line.len()) };
+}
+
+fn parse_size(v: &str) -> Option<u64> {
+    usermm::config::parse_size(v).ok()
+}
+
+/// Sets the heap up from the environment; see the module header.
+fn setup() -> Result<(), String> {
+    let env = |k: &str| std::env::var(k).ok();
+    let budget = env("USERMM_BUDGET")
+        .and_then(|v| parse_size(&v))
+        .ok_or("USERMM_BUDGET is not set (run the program through `usermm exec`)")?;
+    let heap = env("USERMM_HEAP")
+        .and_then(|v| parse_size(&v))
+        .unwrap_or(64 << 30);
+    let vm = usermm::Vm::new(usermm::Config::default().memory_budget(budget as usize))
+        .map_err(|e| e.to_string())?;
+    let specs: Vec<String> = env("USERMM_SWAP")
+        .map(|s| {
+            s.split('\n')
+                .filter(|x| !x.is_empty())
+                .map(String::from)
+                .collect()
+        })
+        .unwrap_or_default();
+    for s in &specs {
+        let spec = usermm::SwapSpec::parse(s).map_err(|e| e.to_string())?;
+        vm.swapon(spec).map_err(|e| e.to_string())?;
+    }
+    if specs.is_empty() {
+        let dir = env("USERMM_SWAP_DIR").unwrap_or_else(|| "/var/tmp".into());
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let path = std::path::Path::new(&dir)
+            .join(format!("usermm-exec-{}-{nanos}.swap", std::process::id()));
+        // Created 0600, sparse, and unlinked at once: nothing is left after a kill.
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+                .map_err(|e| format!("cannot create the swap file {}: {e}", path.display()))?;
+        }
+        let spec = format!("file:{}?size={heap}&sparse=1", path.display());
+        let r = usermm::SwapSpec::parse(&spec).and_then(|s| vm.swapon(s));
+        let _ = std::fs::remove_file(&path);
+        r.map_err(|e| e.to_string())?;
+    }
+    let region = vm
+        .map_transparent(heap as usize)
+        .map_err(|e| e.to_string())?;
+    let base = region.as_ptr() as usize;
+    let len = region.len();
+    let mut t = talc::Talc::new(talc::ErrOnOom);
+    // SAFETY: the region is ours for the life of the process (leaked below) and
+    // nothing else uses it.
+    unsafe {
+        t.claim(talc::Span::from_base_size(base as *mut u8, len))
+            .map_err(|_| "the allocator could not take the heap region".to_string())?;
+    }
+    *HEAP.lock() = Some(t);
+    BASE.store(base, Ordering::Release);
+    END.store(base + len, Ordering::Release);
+    std::mem::forget(region);
+    let _ = VM.set(vm);
+    Ok(())
+}
+
+extern "C" fn init() {
+    if STATE
+        .compare_exchange(0, 1, Ordering::AcqRel, Ordering::Acquire)
+        .is_err()
+    {
+        return;
+    }
+    match setup() {
+        Ok(()) => STATE.store(2, Ordering::Release),
+        Err(e) => {
+            STATE.store(3, Ordering::Release);
+            say(&format!("cannot set up the heap: {e}"));
+            // The program must not run outside its budget without saying so.
+            // SAFETY: ending the process.
+            unsafe { libc::_exit(125) };
+        }
+    }
+}
+
+#[used]
+#[link_section = ".init_array"]
+static INIT: extern "C" fn() = init;
+
+/// Whether this call is served from the budgeted heap: set up, and not from one of
+/// usermm's own threads (a fault handler must never fault on what it serves; glibc
+/// calls malloc for such a thread's TLS destructors, for instance).
+fn ready() -> bool {
+    STATE.load(Ordering::Acquire) == 2 && !usermm::sync::is_engine_thread()
+}
+
+/// Allocates `size` bytes aligned to `align` (≥ 16) from the heap.
+fn heap_alloc(size: usize, align: usize) -> *mut c_void {
+    let align = align.max(HDR);
+    let Some(total) = size.checked_add(align) else {
+        return null_mut();
+    };
+    let Ok(layout) = Layout::from_size_align(total.max(1), align) else {
+        return null_mut();
+    };
+    let raw = {
+        let mut h = HEAP.lock();
+        let Some(t) = h.as_mut() else {
+            return null_mut();
+        };
+        // SAFETY: a nonzero layout.
+        match unsafe { t.malloc(layout) } {
+            Ok(p) => p.as_ptr(),
+            Err(()) => return null_mut(),
+        }
+    };
+    // The block starts `align` bytes in, so the header fits before it.
+    // SAFETY: `raw` has `total` ≥ align + size bytes.
+    let p = unsafe { raw.add(align) };
+    // SAFETY: the header lies inside the block: [p - 16, p).
+    unsafe {
+        (p.sub(16) as *mut usize).write(size);
+        (p.sub(8) as *mut usize).write(align);
+    }
+    p.cast()
+}
+
+/// Size and alignment recorded for a heap block.
+///
+/// # Safety
+/// `p` must be a live block from `heap_alloc`.
+unsafe fn header(p: *mut c_void) -> (usize, usize) {
+    let p = p as *mut u8;
+    // SAFETY: per the contract, the header precedes `p`.
+    unsafe {
+        (
+            (p.sub(16) as *const usize).read(),
+            (p.sub(8) as *const usize).read(),
+        )
+    }
+}
+
+/// # Safety
+/// `p` must be a live block from `heap_alloc`.
+unsafe fn heap_free(p: *mut c_void) {
+    // SAFETY: per the contract.
+    let (size, align) = unsafe { header(p) };
+    // SAFETY: the block began `align` bytes before `p`, with this layout.
+    unsafe {
+        let raw = (p as *mut u8).sub(align);
+        let layout = Layout::from_size_align_unchecked(size + align, align);
+        if let Some(t) = HEAP.lock().as_mut() {
+            t.free(NonNull::new_unchecked(raw), layout);
+        }
+    }
+}
+
+/// `malloc(3)`.
+#[no_mangle]
+pub extern "C" fn malloc(size: usize) -> *mut c_void {
+    if !ready() {
+        // SAFETY: glibc's allocator.
+        return unsafe { __libc_malloc(size) };
+    }
+    let p = heap_alloc(size, 16);
+    if p.is_null() {
+        // SAFETY: setting errno for this thread.
+        unsafe { *libc::__errno_location() = libc::ENOMEM };
+    }
+    p
+}
+
+/// `free(3)`.
+///
+/// # Safety
+/// `p` is null or a live block of this allocator or glibc's.
+#[no_mangle]
+pub unsafe extern "C" fn free(p: *mut c_void) {
+    if p.is_null() {
+        return;
+    }
+    if ours(p) {
+        // SAFETY: a block of our heap, per the caller.
+        unsafe { heap_free(p) }
+    } else {
+        // SAFETY: a block of glibc's, per the caller.
+        unsafe { __libc_free(p) }
+    }
+}
+
+/// `cfree`, an old alias of `free`.
+///
+/// # Safety
+/// As `free`.
+#[no_mangle]
+pub unsafe extern "C" fn cfree(p: *mut c_void) {
+    // SAFETY: as free.
+    unsafe { free(p) }
+}
+
+/// `calloc(3)`.
+#[no_mangle]
+pub extern "C" fn calloc(n: usize, size: usize) -> *mut c_void {
+    if !ready() {
+        // SAFETY: glibc's allocator.
+        return unsafe { __libc_calloc(n, size) };
+    }
+    let Some(total) = n.checked_mul(size) else {
+        // SAFETY: setting errno.
+        unsafe { *libc::__errno_location() = libc::ENOMEM };
+        return null_mut();
+    };
+    let p = malloc(total);
+    if !p.is_null() {
+        // SAFETY: a fresh block of `total` bytes.
+        unsafe { (p as *mut u8).write_bytes(0, total) };
+    }
+    p
+}
+
+/// `realloc(3)`.
+///
+/// # Safety
+/// `p` is null or a live block of this allocator or glibc's.
+#[no_mangle]
+pub unsafe extern "C" fn realloc(p: *mut c_void, size: usize) -> *mut c_void {
+    if p.is_null() {
+        return malloc(size);
+    }
+    if !ours(p) {
+        if !ready() {
+            // SAFETY: glibc's block, glibc's allocator.
+            return unsafe { __libc_realloc(p, size) };
+        }
+        // A block glibc made before the heap was set up: move it into the heap.
+        // SAFETY: glibc's block.
+        let old = unsafe { glibc_usable_size(p) };
+        let q = malloc(size);
+        if !q.is_null() {
+            // SAFETY: both blocks hold at least the bytes copied.
+            unsafe {
+                std::ptr::copy_nonoverlapping(p as *const u8, q as *mut u8, old.min(size));
+                __libc_free(p);
+            }
+        }
+        return q;
+    }
+    if size == 0 {
+        // SAFETY: our block.
+        unsafe { heap_free(p) };
+        return null_mut();
+    }
+    // SAFETY: our block.
+    let (old, align) = unsafe { header(p) };
+    let q = heap_alloc(size, align);
+    if !q.is_null() {
+        // SAFETY: both blocks hold at least the bytes copied; `p` is freed after.
+        unsafe {
+            std::ptr::copy_nonoverlapping(p as *const u8, q as *mut u8, old.min(size));
+            heap_free(p);
+        }
+    }
+    q
+}
+
+/// `reallocarray(3)`.
+///
+/// # Safety
+/// As `realloc`.
+#[no_mangle]
+pub unsafe extern "C" fn reallocarray(p: *mut c_void, n: usize, size: usize) -> *mut c_void {
+    match n.checked_mul(size) {
+        // SAFETY: as realloc.
+        Some(t) => unsafe { realloc(p, t) },
+        None => {
+            // SAFETY: setting errno.
+            unsafe { *libc::__errno_location() = libc::ENOMEM };
+            null_mut()
+        }
+    }
+}
+
+/// `memalign(3)`.
+#[no_mangle]
+pub extern "C" fn memalign(align: usize, size: usize) -> *mut c_void {
+    if !align.is_power_of_two() {
+        // SAFETY: setting errno.
+        unsafe { *libc::__errno_location() = libc::EINVAL };
+        return null_mut();
+    }
+    if !ready() {
+        // SAFETY: glibc's allocator.
+        return unsafe { __libc_memalign(align, size) };
+    }
+    heap_alloc(size, align)
+}
+
+/// `aligned_alloc(3)`.
+#[no_mangle]
+pub extern "C" fn aligned_alloc(align: usize, size: usize) -> *mut c_void {
+    memalign(align, size)
+}
+
+/// `posix_memalign(3)`.
+///
+/// # Safety
+/// `out` must be writable.
+#[no_mangle]
+pub unsafe extern "C" fn posix_memalign(out: *mut *mut c_void, align: usize, size: usize) -> i32 {
+    if !align.is_power_of_two() || !align.is_multiple_of(std::mem::size_of::<usize>()) {
+        return libc::EINVAL;
+    }
+    let p = memalign(align, size);
+    if p.is_null() {
+        return libc::ENOMEM;
+    }
+    // SAFETY: per the caller.
+    unsafe { *out = p };
+    0
+}
+
+/// `valloc(3)`.
+#[no_mangle]
+pub extern "C" fn valloc(size: usize) -> *mut c_void {
+    memalign(4096, size)
+}
+
+/// `pvalloc(3)`.
+#[no_mangle]
+pub extern "C" fn pvalloc(size: usize) -> *mut c_void {
+    memalign(4096, size.div_ceil(4096).max(1) * 4096)
+}
+
+/// `malloc_usable_size(3)`.
+///
+/// # Safety
+/// `p` is null or a live block.
+#[no_mangle]
+pub unsafe extern "C" fn malloc_usable_size(p: *mut c_void) -> usize {
+    if p.is_null() {
+        return 0;
+    }
+    if ours(p) {
+        // SAFETY: our block.
+        unsafe { header(p).0 }
+    } else {
+        // SAFETY: glibc's block; ask glibc through its own symbol.
+        unsafe { glibc_usable_size(p) }
+    }
+}
+
+/// glibc's `malloc_usable_size`, found past ours.
+///
+/// # Safety
+/// `p` is a live glibc block.
+unsafe fn glibc_usable_size(p: *mut c_void) -> usize {
+    type F = unsafe extern "C" fn(*mut c_void) -> usize;
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let mut f = NEXT.load(Ordering::Relaxed);
+    if f == 0 {
+        // SAFETY: looking up the next definition of a libc symbol.
+        f = unsafe { libc::dlsym(libc::RTLD_NEXT, c"malloc_usable_size".as_ptr()) } as usize;
+        NEXT.store(f, Ordering::Relaxed);
+    }
+    if f == 0 {
+        return 0;
+    }
+    // SAFETY: the symbol has this signature.
+    unsafe { std::mem::transmute::<usize, F>(f)(p) }
+}
+
+/// libc's `fork`.
+fn real_fork() -> libc::pid_t {
+    type F = unsafe extern "C" fn() -> libc::pid_t;
+    // SAFETY: looking up and calling libc's fork.
+    unsafe {
+        let f = libc::dlsym(libc::RTLD_NEXT, c"fork".as_ptr());
+        if f.is_null() {
+            return -1;
+        }
+        std::mem::transmute::<*mut c_void, F>(f)()
+    }
+}
+
+/// `fork(2)`. The child gets a copy of the heap as it is mapped; the kernel does not
+/// carry the userfaultfd registration into it, so a page that is on swap at that
+/// moment would read as zeros there. So the fork happens with evictions frozen and
+/// only while no heap page is on swap; otherwise it fails with ENOMEM and a line on
+/// stderr (see the module header). The child runs on without a budget (its heap is
+/// plain memory); if it execs, the new program gets a usermm of its own.
+#[no_mangle]
+pub extern "C" fn fork() -> libc::pid_t {
+    let Some(vm) = VM.get().filter(|_| ready()) else {
+        return real_fork();
+    };
+    let freeze = vm.freeze_transparent_eviction();
+    if vm.transparent_pages_out() > 0 {
+        drop(freeze);
+        say(
+            "this program called fork() while part of its heap is on swap; a child would \
+             not see those pages, so fork fails with ENOMEM (fork without exec under \
+             pressure is not supported yet)",
+        );
+        // SAFETY: setting errno.
+        unsafe { *libc::__errno_location() = libc::ENOMEM };
+        return -1;
+    }
+    let pid = real_fork();
+    drop(freeze);
+    pid
+}
