@@ -77,6 +77,9 @@ pub(crate) struct Engine {
     /// past that check, so the freezer can wait for them.
     pub transparent_frozen: AtomicBool,
     pub transparent_evicting: AtomicU64,
+    /// Set once a frame has held a page in the arena's own memory (`install`); until
+    /// then a transparent page's token frame need not be given back to the kernel.
+    pub arena_used: AtomicBool,
     /// Device of the most recent failed page-out (for the error of an allocation
     /// that cannot progress because page-out keeps failing). Relaxed atomic.
     pub last_write_error_dev: AtomicU8,
@@ -102,6 +105,7 @@ impl Engine {
             transparent_out: AtomicU64::new(0),
             transparent_frozen: AtomicBool::new(false),
             transparent_evicting: AtomicU64::new(0),
+            arena_used: AtomicBool::new(false),
             spaces: Mutex::new(Vec::new()),
         })
     }
@@ -133,6 +137,9 @@ impl Engine {
     /// `BUSY` (or holds locked). `swap` is the encoded swap copy it keeps (0 for none);
     /// `dirty` whether it must be written before it can be dropped.
     pub fn install(&self, pte: &AtomicU64, pfn: Pfn, swap: u64, dirty: bool) {
+        if !self.arena_used.load(Ordering::Relaxed) {
+            self.arena_used.store(true, Ordering::Relaxed);
+        }
         let d = self.frames.desc(pfn);
         d.lock();
         d.swap.store(swap, Ordering::Relaxed);

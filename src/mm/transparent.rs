@@ -241,7 +241,7 @@ impl Host {
             r.write_fault(page);
             Ok(())
         } else {
-            r.missing_fault(page, zero, bounce)
+            r.missing_fault(page, f.flags & uffd::FLAG_WRITE != 0, zero, bounce)
         };
         if let Err(e) = res {
             sigbus(f.tid, page, &e);
@@ -318,9 +318,14 @@ impl TRegion {
     }
 
     /// A missing page: zero-fill or swap-in.
+    ///
+    /// A write fault (`write`) brings a swapped page in dirty, without its copy, as
+    /// the kernel does: it is about to be written, and a clean, protected page would
+    /// cost a second fault (write-protect) right away.
     fn missing_fault(
         &self,
         page: u64,
+        write: bool,
         zero: &AlignedPages,
         bounce: &mut AlignedPages,
     ) -> Result<()> {
@@ -392,7 +397,8 @@ impl TRegion {
                     }
                     // Keep the copy (map it protected, clean) unless the device is
                     // being removed or swap is nearly full (as `fault_swapin`).
-                    let keep = dev.as_ref().is_some_and(|d| d.is_active())
+                    let keep = !write
+                        && dev.as_ref().is_some_and(|d| d.is_active())
                         && eng.swap.free_slots() >= eng.io.capacity() as u64;
                     let mode = if keep { uffd::COPY_WP } else { 0 };
                     // SAFETY: the bounce page is ours and PAGE_SIZE long.
@@ -423,6 +429,11 @@ impl TRegion {
 /// not used, so whatever an earlier page left there is given back to the kernel (the
 /// process's resident memory must not count the page twice).
 fn token_only(eng: &Engine, pfn: crate::addr::Pfn) {
+    if !eng.arena_used.load(Ordering::Relaxed) {
+        // No frame ever held a page in the arena's own memory (only transparent pages
+        // so far, as under `usermm exec`): its memory was never touched.
+        return;
+    }
     // SAFETY: the frame is ours (just allocated) and lies in the arena mapping.
     unsafe {
         libc::madvise(
