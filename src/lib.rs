@@ -33,7 +33,7 @@
 //! on its path, never the other way round; the function named is where that nesting
 //! happens. "leaf" means nothing is taken under it; "(claim)" is not a lock anyone
 //! blocks on but a state others wait out with bounded polling (`sync::wait_until`).
-//! `[may-reclaim]` is the pseudo-lock of DESIGN invariant 5: every call that may
+//! `[may-reclaim]` is the pseudo-lock of docs/design.md invariant 5: every call that may
 //! allocate a frame (`reclaim::alloc_frame`) is a point where reclaim may run, so
 //! whatever reclaim takes below it must not be held above it.
 //! ```text

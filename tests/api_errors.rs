@@ -1,4 +1,4 @@
-//! Bad input never panics and gets a clear error (DESIGN.md: "Nothing the caller
+//! Bad input never panics and gets a clear error (the API contract: "Nothing the caller
 //! passes can make the library panic"), and running out of memory or swap fails the
 //! access that needed a frame, with every page already stored intact.
 

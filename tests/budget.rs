@@ -1,5 +1,5 @@
 //! The resident memory of a process using usermm stays within budget + metadata + a
-//! constant, whatever it stores (DESIGN.md, "Memory discipline").
+//! constant, whatever it stores (the memory discipline of docs/design.md).
 //!
 //! The measurement needs a fresh process (the peak RSS of a test binary that ran
 //! other tests means nothing), so the test re-executes its own binary to run

@@ -1,6 +1,6 @@
 //! Swap device failures, injected by `FaultyDevice` around a real swap file.
 //!
-//! The contract (DESIGN.md, error handling): a device failure is an error for the
+//! The contract (docs/design.md, error handling): a device failure is an error for the
 //! access that needed it, never silent corruption and never a lost page.
 //! - A failed page-out leaves the page resident and dirty; a later page-out retries.
 //! - A failed swap-in is `Error::Device` for that access only; the page stays stored.

@@ -1,4 +1,4 @@
-//! DESIGN.md invariant 2 (seed 001): the page-out path to an NBD device allocates
+//! docs/design.md invariant 2 (seed 001): the page-out path to an NBD device allocates
 //! nothing. A counting global allocator counts heap allocations made on the
 //! page-I/O threads (threads named `usermm-pageio-*`) during a page-out storm to
 //! NBD servers (qemu-nbd; nbdkit with structured replies and several connections

@@ -250,7 +250,7 @@ fn writers_and_guards_progress_with_32_frames() {
 // ---------------------------------------------------------------------------------
 // Waiting for a guard: the waiter must wait (not run through the guard) and must
 // sleep rather than spin: on a 2-core machine a spinning waiter takes the CPU the
-// guard's holder needs to finish (DESIGN.md: "where a thread must wait for another,
+// guard's holder needs to finish (the project design rule: "where a thread must wait for another,
 // spin briefly before sleeping").
 
 /// CPU time used by the calling thread so far, in ns.

@@ -1,6 +1,6 @@
 //! Swap: the table of devices (priorities, striping), the slot allocator with
 //! per-slot reference counts and checksums (`table`), and taking a device out of
-//! service (`swapoff`, DESIGN invariant 3).
+//! service (`swapoff`, docs/design.md invariant 3).
 //!
 //! The swap cache of the kernel has no table of its own here: a page being read in
 //! is a `BUSY` page-table entry (see `crate::pte`), so a concurrent fault on the same

@@ -388,7 +388,7 @@ pub(crate) struct SwapTable {
     /// Read-locked by every slot operation (reclaim and page-I/O included),
     /// write-locked only to publish or remove a device, with nothing allocated under
     /// it: the vector's capacity is `MAX_DEVICES` from the start and a device's slot
-    /// map is built before the lock is taken (DESIGN invariant 4).
+    /// map is built before the lock is taken (docs/design.md invariant 4).
     devs: RwLock<Vec<Option<Arc<SwapDevice>>>>,
     /// Round-robin cursor for striping equal priorities (relaxed atomic).
     rr: AtomicUsize,

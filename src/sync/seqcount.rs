@@ -3,7 +3,7 @@
 //! again after; a reader samples it before and after an optimistic read and retries
 //! (or falls back to the lock) when it moved or was odd. Readers never spin on it:
 //! `read_begin` returns `None` while a write is in progress, and the caller takes
-//! its locked path instead (DESIGN invariant 5).
+//! its locked path instead (docs/design.md invariant 5).
 
 use super::{fence, AtomicU64, Ordering};
 
