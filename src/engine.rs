@@ -133,6 +133,14 @@ impl Engine {
             + self.rmap.metadata_bytes()
     }
 
+    /// Whether a page just read from `dev` keeps its slot there as a clean copy. Not
+    /// when the device is being removed — a copy kept there would let reclaim drop
+    /// the clean page back onto it and undo swapoff (invariant 3) — nor when swap is
+    /// (nearly) full, as the kernel does, so reclaim can write another page there.
+    pub fn keeps_swap_copy(&self, dev: &crate::swap::SwapDevice) -> bool {
+        dev.is_active() && self.swap.free_slots() >= self.io.capacity() as u64
+    }
+
     /// Publishes `pfn` (filled) as the page of `pte`, which the caller claimed as
     /// `BUSY` (or holds locked). `swap` is the encoded swap copy it keeps (0 for none);
     /// `dirty` whether it must be written before it can be dropped.
@@ -140,15 +148,7 @@ impl Engine {
         if !self.arena_used.load(Ordering::Relaxed) {
             self.arena_used.store(true, Ordering::Relaxed);
         }
-        let d = self.frames.desc(pfn);
-        d.lock();
-        d.swap.store(swap, Ordering::Relaxed);
-        d.flags.store(F_INUSE, Ordering::Relaxed);
-        self.rmap.add(d, pfn, pte);
-        let bits = P_ACCESSED | if dirty { P_DIRTY } else { 0 };
-        let epoch = d.epoch.load(Ordering::Relaxed);
-        pte.store(Pte::present(pfn, epoch, bits), Ordering::Release);
-        d.unlock();
+        self.publish(pte, pfn, swap, dirty, None);
     }
 
     /// Publishes `pfn` as the budget token of the transparent page at `addr`, whose
@@ -162,11 +162,20 @@ impl Engine {
         swap: u64,
         dirty: bool,
     ) {
+        self.publish(pte, pfn, swap, dirty, Some(addr));
+    }
+
+    fn publish(&self, pte: &AtomicU64, pfn: Pfn, swap: u64, dirty: bool, transparent: Option<u64>) {
         let d = self.frames.desc(pfn);
         d.lock();
         d.swap.store(swap, Ordering::Relaxed);
-        d.flags.store(F_INUSE | F_TRANSPARENT, Ordering::Relaxed);
-        d.owner2.store(addr as *mut AtomicU64, Ordering::Relaxed);
+        match transparent {
+            None => d.flags.store(F_INUSE, Ordering::Relaxed),
+            Some(addr) => {
+                d.flags.store(F_INUSE | F_TRANSPARENT, Ordering::Relaxed);
+                d.owner2.store(addr as *mut AtomicU64, Ordering::Relaxed);
+            }
+        }
         self.rmap.add(d, pfn, pte);
         let bits = P_ACCESSED | if dirty { P_DIRTY } else { 0 };
         let epoch = d.epoch.load(Ordering::Relaxed);

@@ -152,75 +152,80 @@ fn ioctl(fd: RawFd, req: u64, arg: *mut libc::c_void) -> io::Result<()> {
     }
 }
 
+/// A new descriptor (non-blocking, close-on-exec) that serves kernel-mode faults:
+/// through /dev/userfaultfd, else the system call if it gives a full descriptor.
+fn new_descriptor() -> io::Result<OwnedFd> {
+    let flags = libc::O_CLOEXEC | libc::O_NONBLOCK;
+    let fd = match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/userfaultfd")
+    {
+        Ok(dev) => {
+            // SAFETY: a plain ioctl on the device we just opened; the argument is the
+            // flags of the new descriptor, passed by value.
+            let r = unsafe {
+                libc::ioctl(
+                    dev.as_raw_fd(),
+                    USERFAULTFD_IOC_NEW as libc::c_ulong,
+                    flags as libc::c_long,
+                )
+            };
+            if r < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            r
+        }
+        Err(e) => {
+            // Without the device only the system call is left; it gives a full
+            // descriptor to root, or with unprivileged_userfaultfd = 1.
+            // SAFETY: the userfaultfd system call with plain flags.
+            let r = unsafe { libc::syscall(libc::SYS_userfaultfd, flags) };
+            if r < 0 {
+                let e2 = io::Error::last_os_error();
+                // SAFETY: as above, asking only for a user-mode descriptor.
+                let um =
+                    unsafe { libc::syscall(libc::SYS_userfaultfd, flags | UFFD_USER_MODE_ONLY) };
+                if um >= 0 {
+                    // SAFETY: a descriptor we own; closed at once.
+                    drop(unsafe { OwnedFd::from_raw_fd(um as RawFd) });
+                }
+                return Err(io::Error::new(
+                    io::ErrorKind::PermissionDenied,
+                    format!(
+                        "userfaultfd: cannot open /dev/userfaultfd ({e}) and the system \
+                         call gives {} ({e2}); transparent memory needs a descriptor \
+                         that serves faults inside system calls. Grant the device once \
+                         (as root): `groupadd -f userfaultfd && chgrp userfaultfd \
+                         /dev/userfaultfd && chmod 660 /dev/userfaultfd && usermod -aG \
+                         userfaultfd $USER` (see README, \"Transparent memory\")",
+                        if um >= 0 {
+                            "only UFFD_USER_MODE_ONLY"
+                        } else {
+                            "nothing"
+                        }
+                    ),
+                ));
+            }
+            r as RawFd
+        }
+    };
+    // SAFETY: `fd` is a new descriptor we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
 impl Uffd {
     /// Opens a descriptor that serves kernel-mode faults too, in non-blocking mode,
     /// and negotiates `want` features (those the kernel lacks are left out; see
     /// `features`). Errors: `PermissionDenied` with what to do when only a user-mode
     /// descriptor can be had.
     pub fn open(want: u64) -> io::Result<Uffd> {
-        let flags = libc::O_CLOEXEC | libc::O_NONBLOCK;
-        let fd = match std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open("/dev/userfaultfd")
-        {
-            Ok(dev) => {
-                // SAFETY: a plain ioctl on the device we just opened; the argument is
-                // the flags of the new descriptor, passed by value.
-                let r = unsafe {
-                    libc::ioctl(
-                        dev.as_raw_fd(),
-                        USERFAULTFD_IOC_NEW as libc::c_ulong,
-                        flags as libc::c_long,
-                    )
-                };
-                if r < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                r
-            }
-            Err(e) => {
-                // Without the device only the system call is left; find out whether
-                // it gives a full descriptor (root, or unprivileged_userfaultfd = 1).
-                // SAFETY: the userfaultfd system call with plain flags.
-                let r = unsafe { libc::syscall(libc::SYS_userfaultfd, flags) };
-                if r < 0 {
-                    let e2 = io::Error::last_os_error();
-                    // SAFETY: as above, asking only for a user-mode descriptor.
-                    let um = unsafe {
-                        libc::syscall(libc::SYS_userfaultfd, flags | UFFD_USER_MODE_ONLY)
-                    };
-                    if um >= 0 {
-                        // SAFETY: a descriptor we own; closed at once.
-                        drop(unsafe { OwnedFd::from_raw_fd(um as RawFd) });
-                    }
-                    return Err(io::Error::new(
-                        io::ErrorKind::PermissionDenied,
-                        format!(
-                            "userfaultfd: cannot open /dev/userfaultfd ({e}) and the system \
-                             call gives {} ({e2}); transparent memory needs a descriptor \
-                             that serves faults inside system calls. Grant the device once \
-                             (as root): `groupadd -f userfaultfd && chgrp userfaultfd \
-                             /dev/userfaultfd && chmod 660 /dev/userfaultfd && usermod -aG \
-                             userfaultfd $USER` (see README, \"Transparent memory\")",
-                            if um >= 0 {
-                                "only UFFD_USER_MODE_ONLY"
-                            } else {
-                                "nothing"
-                            }
-                        ),
-                    ));
-                }
-                r as RawFd
-            }
-        };
-        // SAFETY: `fd` is a new descriptor we own.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let fd = new_descriptor()?;
         // The handshake: ask for nothing first to learn what the kernel offers, then
         // for what we want of it (a descriptor takes one successful UFFDIO_API; the
         // probe uses a second descriptor).
         let offered = {
-            let probe = Self::raw_dup_new(&fd)?;
+            let probe = new_descriptor()?;
             let mut api = UffdioApi {
                 api: UFFD_API,
                 features: 0,
@@ -239,32 +244,6 @@ impl Uffd {
             fd,
             features: want & offered,
         })
-    }
-
-    /// A second fresh descriptor of the same kind, for the feature probe.
-    fn raw_dup_new(_like: &OwnedFd) -> io::Result<OwnedFd> {
-        let flags = libc::O_CLOEXEC | libc::O_NONBLOCK;
-        let r = match std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open("/dev/userfaultfd")
-        {
-            // SAFETY: as in `open`.
-            Ok(dev) => unsafe {
-                libc::ioctl(
-                    dev.as_raw_fd(),
-                    USERFAULTFD_IOC_NEW as libc::c_ulong,
-                    flags as libc::c_long,
-                )
-            },
-            // SAFETY: as in `open`.
-            Err(_) => unsafe { libc::syscall(libc::SYS_userfaultfd, flags) as i32 },
-        };
-        if r < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: a new descriptor we own.
-        Ok(unsafe { OwnedFd::from_raw_fd(r) })
     }
 
     /// The features in force.

@@ -119,27 +119,10 @@ impl Worker {
         });
     }
 
-    /// Picks a length for an access: small, up to a page, straddling a page boundary,
-    /// or several pages.
+    /// A range for an access (see `usermm_testkit::workload::pick_range`).
     fn pick_range(&mut self, ri: usize) -> (u64, usize) {
         let rlen = self.regs[ri].r.len();
-        let kind = self.rng.below(10);
-        let len = match kind {
-            0..=3 => 1 + self.rng.below(64),
-            4..=6 => 1 + self.rng.below(PS),
-            7..=8 => {
-                // Straddle a boundary: end `k` bytes before a page end, run past it.
-                let page = self.rng.below(rlen / PS);
-                let k = 1 + self.rng.below(PS - 1);
-                let len = (k + 1 + self.rng.below(PS)).min(rlen);
-                let off = ((page + 1) * PS).saturating_sub(k).min(rlen - len);
-                return (off, len as usize);
-            }
-            _ => PS + self.rng.below(4 * PS),
-        }
-        .min(rlen);
-        let off = self.rng.below(rlen - len + 1);
-        (off, len as usize)
+        usermm_testkit::workload::pick_range(&mut self.rng, rlen)
     }
 
     fn check_read(&mut self, ri: usize, off: u64, len: usize) {

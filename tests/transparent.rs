@@ -247,7 +247,11 @@ fn unprivileged_without_the_device_is_refused_clearly() {
             .output()
             .is_err()
     {
-        eprintln!("SKIP: needs root, setpriv and a root-only /dev/userfaultfd");
+        let why = "needs root, setpriv and a root-only /dev/userfaultfd";
+        if std::env::var("USERMM_REQUIRE_UFFD").as_deref() == Ok("1") {
+            panic!("required but cannot run: {why}");
+        }
+        eprintln!("SKIP: {why}");
         return;
     }
     let exe = std::env::current_exe().unwrap();

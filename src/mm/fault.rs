@@ -482,13 +482,8 @@ fn fault_swapin(
         Counters::inc(&eng.cnt.read_errors);
         return Err(err);
     }
-    let draining = dev.as_ref().is_some_and(|d| !d.is_active());
-    if draining || eng.swap.free_slots() < eng.io.capacity() as u64 {
-        // The slot goes now and the page is dirty again (its only copy is in
-        // memory), when its device is being removed — a copy kept there would let
-        // reclaim drop the clean page back onto it and undo swapoff (invariant 3) —
-        // or when swap is (nearly) full, as the kernel does, so reclaim can write
-        // another page there.
+    if !dev.as_ref().is_some_and(|d| eng.keeps_swap_copy(d)) {
+        // The slot goes now and the page is dirty again (see `keeps_swap_copy`).
         sp.eng.install(pte, pfn, 0, true);
         eng.swap.put(e);
     } else {

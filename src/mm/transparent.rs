@@ -244,7 +244,7 @@ impl Host {
             r.missing_fault(page, f.flags & uffd::FLAG_WRITE != 0, zero, bounce)
         };
         if let Err(e) = res {
-            sigbus(f.tid, page, &e);
+            sigbus(f.tid, &e);
             let _ = self.uffd.wake(page, PS);
         }
     }
@@ -252,7 +252,7 @@ impl Host {
 
 /// Tells the faulting thread its fault failed: a line on stderr (no allocation: a
 /// fixed message) and SIGBUS, as the kernel does when it cannot fill a page.
-fn sigbus(tid: u32, _page: u64, e: &Error) {
+fn sigbus(tid: u32, e: &Error) {
     let msg: &[u8] = match e {
         Error::OutOfMemory => b"usermm: transparent page fault failed: out of memory (no frame can be reclaimed); SIGBUS\n",
         Error::OutOfSwap => b"usermm: transparent page fault failed: memory and every swap device are full; SIGBUS\n",
@@ -397,9 +397,7 @@ impl TRegion {
                     }
                     // Keep the copy (map it protected, clean) unless the device is
                     // being removed or swap is nearly full (as `fault_swapin`).
-                    let keep = !write
-                        && dev.as_ref().is_some_and(|d| d.is_active())
-                        && eng.swap.free_slots() >= eng.io.capacity() as u64;
+                    let keep = !write && dev.as_ref().is_some_and(|d| eng.keeps_swap_copy(d));
                     let mode = if keep { uffd::COPY_WP } else { 0 };
                     // SAFETY: the bounce page is ours and PAGE_SIZE long.
                     let mapped = unsafe { self.uffd.copy(page, bounce.ptr(0), PS, mode) };

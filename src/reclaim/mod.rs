@@ -210,9 +210,7 @@ fn reclaim_frame(eng: &Engine, pfn: Pfn, r: &mut ScanResult) {
     rq.epoch
         .store(d.epoch.load(Ordering::Relaxed), Ordering::Relaxed);
     rq.entry.store(Pte::swapped(e), Ordering::Relaxed);
-    if let Some(dev) = eng.swap.get(e.dev) {
-        dev.inflight.fetch_add(1, Ordering::Relaxed);
-    }
+    eng.swap.page_out_begun(e.dev);
     d.unlock();
     eng.io.submit(req);
     r.queued += 1;
@@ -392,19 +390,12 @@ fn finish_writeback(eng: &Engine, i: u32, ok: bool) {
         eng.io.release(i);
         return;
     };
-    let done = || {
-        if let Some(dev) = eng.swap.get(e.dev) {
-            dev.inflight.fetch_sub(1, Ordering::Relaxed);
-        }
-    };
     if ok {
         Counters::inc(&eng.cnt.pswpout);
     } else {
         Counters::inc(&eng.cnt.write_errors);
         eng.last_write_error_dev.store(e.dev, Ordering::Relaxed);
     }
-    // Per-device run of failures, so new slots avoid a failing device.
-    eng.swap.note_write(e.dev, ok);
     let d = eng.frames.desc(pfn);
     d.lock();
     let f = d.flags.load(Ordering::Relaxed);
@@ -448,7 +439,9 @@ fn finish_writeback(eng: &Engine, i: u32, ok: bool) {
     if freed {
         eng.frames.free(pfn);
     }
-    done();
+    // Per device: the run of failures (new slots avoid a failing device) and the
+    // page-outs swapoff waits for; counted done after the slot was attached above.
+    eng.swap.page_out_done(e.dev, ok);
     eng.io.release(i);
     eng.frames.notify_waiters();
 }

@@ -524,9 +524,19 @@ impl SwapTable {
 
     /// Records the outcome of a page write to device `dev` (see
     /// `SwapDevice::note_write`).
-    pub fn note_write(&self, dev: u8, ok: bool) {
+    /// A page-out to `dev` was queued (counted until `page_out_done`).
+    pub fn page_out_begun(&self, dev: u8) {
+        if let Some(Some(d)) = self.devs.read().get(dev as usize) {
+            d.inflight.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// A page-out to `dev` completed, its write having succeeded (`ok`) or not: one
+    /// lookup for both the in-flight count and the run of failures.
+    pub fn page_out_done(&self, dev: u8, ok: bool) {
         if let Some(Some(d)) = self.devs.read().get(dev as usize) {
             d.note_write(ok);
+            d.inflight.fetch_sub(1, Ordering::Relaxed);
         }
     }
 
@@ -617,14 +627,14 @@ mod tests {
         t.add(db, 0).unwrap();
         assert_eq!(t.alloc().unwrap().dev, 0);
         for _ in 0..FAILING_AFTER - 1 {
-            t.note_write(0, false);
+            t.get(0).unwrap().note_write(false);
         }
         assert_eq!(
             t.alloc().unwrap().dev,
             0,
             "failing only after FAILING_AFTER"
         );
-        t.note_write(0, false);
+        t.get(0).unwrap().note_write(false);
         // Failing: even a lower priority with room comes first.
         for _ in 0..100 {
             assert_eq!(t.alloc().unwrap().dev, 1);
@@ -640,7 +650,7 @@ mod tests {
         assert_eq!(t.alloc().unwrap().dev, 0);
         // A write that succeeds puts it back in front.
         t.put(SwapEntry { dev: 1, slot: 3 });
-        t.note_write(0, true);
+        t.get(0).unwrap().note_write(true);
         assert_eq!(t.alloc().unwrap().dev, 0);
         assert_eq!(t.alloc().unwrap().dev, 0);
     }

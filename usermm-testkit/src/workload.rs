@@ -217,6 +217,29 @@ impl Sampler {
     }
 }
 
+/// A byte range `(offset, len)` of a region of `rlen` bytes for a random access:
+/// small (≤ 64 bytes), up to a page, straddling a page boundary, or several pages.
+/// Shared by the differential test and `usermm stress all`.
+pub fn pick_range(rng: &mut Rng, rlen: u64) -> (u64, usize) {
+    const PS: u64 = 4096;
+    let len = match rng.below(10) {
+        0..=3 => 1 + rng.below(64),
+        4..=6 => 1 + rng.below(PS),
+        7..=8 => {
+            // Straddle a boundary: end `k` bytes before a page end, run past it.
+            let page = rng.below(rlen / PS);
+            let k = 1 + rng.below(PS - 1);
+            let len = (k + 1 + rng.below(PS)).min(rlen);
+            let off = ((page + 1) * PS).saturating_sub(k).min(rlen - len);
+            return (off, len as usize);
+        }
+        _ => PS + rng.below(4 * PS),
+    }
+    .min(rlen);
+    let off = rng.below(rlen - len + 1);
+    (off, len as usize)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

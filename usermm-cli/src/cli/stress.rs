@@ -110,19 +110,10 @@ pub fn main(a: StressArgs) -> i32 {
     };
     // Each device can hold every worker's pages twice over, so any two suffice.
     let dev_bytes = (a.workers as u64 * a.pages * 4 + 1024) * PAGE_SIZE as u64;
-    let mut ids = Vec::new();
-    for i in 0..3 {
-        match vm.swapon(SwapSpec::file(
-            dir.path().join(format!("dev{i}")),
-            dev_bytes,
-        )) {
-            Ok(id) => ids.push(id),
-            Err(e) => {
-                eprintln!("usermm stress: swapon: {e}");
-                return 1;
-            }
-        }
-    }
+    let mut ids = match add_devices(&vm, dir.path(), dev_bytes) {
+        Ok(ids) => ids,
+        Err(code) => return code,
+    };
     println!(
         "stress swapoff: {} workers x {} pages, budget {} KiB, 3 devices of {} MiB, for {:?}",
         a.workers,
@@ -169,23 +160,18 @@ pub fn main(a: StressArgs) -> i32 {
             let mut victim_idx = 0usize;
             let mut next_report = Instant::now() + Duration::from_secs(5);
             while t0.elapsed() < duration && !me.should_stop() {
-                let victim = ids[victim_idx];
-                me.begin(|| format!("swapoff of {victim:?}"));
-                match vm.swapoff(victim) {
-                    Ok(()) => {
-                        let path = dir.join(format!("dev{victim_idx}"));
-                        let _ = std::fs::remove_file(&path);
-                        me.begin(|| format!("swapon of {}", path.display()));
-                        match vm.swapon(SwapSpec::file(&path, dev_bytes)) {
-                            Ok(id) => ids[victim_idx] = id,
-                            Err(e) => fail(&error, format!("swapon: {e}")),
-                        }
+                match cycle_device(&vm, &mut ids, victim_idx, &dir, dev_bytes, me) {
+                    Ok(Ok(())) => {
                         cycles.fetch_add(1, Ordering::Relaxed);
                     }
-                    Err(usermm::Error::OutOfMemory) => {
+                    Ok(Err(usermm::Error::OutOfMemory)) => {
                         failed_swapoffs.fetch_add(1, Ordering::Relaxed);
                     }
-                    Err(e) => fail(&error, format!("swapoff: {e}")),
+                    Ok(Err(e)) => fail(&error, format!("swapoff: {e}")),
+                    Err(e) => {
+                        fail(&error, e);
+                        cycles.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
                 me.done();
                 if error.lock().map(|e| e.is_some()).unwrap_or(true) {
@@ -610,25 +596,10 @@ impl Diff<'_> {
         self.check_read(si, ri, off, len)
     }
 
-    /// A range of region `ri`: small, up to a page, straddling a page boundary, or
-    /// several pages.
+    /// A range of region `ri` (see `usermm_testkit::workload::pick_range`).
     fn pick_range(&mut self, si: usize, ri: usize) -> (u64, usize) {
         let rlen = self.spaces[si].regs[ri].r.len();
-        let len = match self.rng.below(10) {
-            0..=3 => 1 + self.rng.below(64),
-            4..=6 => 1 + self.rng.below(PS),
-            7..=8 => {
-                let page = self.rng.below(rlen / PS);
-                let k = 1 + self.rng.below(PS - 1);
-                let len = (k + 1 + self.rng.below(PS)).min(rlen);
-                let off = ((page + 1) * PS).saturating_sub(k).min(rlen - len);
-                return (off, len as usize);
-            }
-            _ => PS + self.rng.below(4 * PS),
-        }
-        .min(rlen);
-        let off = self.rng.below(rlen - len + 1);
-        (off, len as usize)
+        usermm_testkit::workload::pick_range(&mut self.rng, rlen)
     }
 
     fn check_read(&mut self, si: usize, ri: usize, off: u64, len: usize) -> Result<(), Stop> {
@@ -962,19 +933,10 @@ pub fn main_all(a: StressArgs) -> i32 {
     let data = a.workers as u64 * a.pages * 2 * PS
         + a.diff_workers as u64 * DIFF_MAX_SPACES as u64 * (DIFF_MAX_LIVE + (512 << 10));
     let dev_bytes = (2 * data + (4 << 20)).div_ceil(1 << 20) << 20;
-    let mut ids = Vec::new();
-    for i in 0..3 {
-        match vm.swapon(SwapSpec::file(
-            dir.path().join(format!("dev{i}")),
-            dev_bytes,
-        )) {
-            Ok(id) => ids.push(id),
-            Err(e) => {
-                eprintln!("usermm stress: swapon: {e}");
-                return 1;
-            }
-        }
-    }
+    let mut ids = match add_devices(&vm, dir.path(), dev_bytes) {
+        Ok(ids) => ids,
+        Err(code) => return code,
+    };
     let nbd = if have_nbd {
         match start_nbd(&vm, dir.path(), dev_bytes) {
             Ok(n) => Some(Arc::new(n)),
@@ -1077,28 +1039,18 @@ pub fn main_all(a: StressArgs) -> i32 {
             let mut victim_idx = 0usize;
             let mut next_report = Instant::now() + Duration::from_secs(5);
             while !sh.ending() && !me.should_stop() {
-                let victim = ids[victim_idx];
-                me.begin(|| format!("swapoff of {victim:?}"));
-                match vm.swapoff(victim) {
-                    Ok(()) => {
-                        let path = dir.join(format!("dev{victim_idx}"));
-                        let _ = std::fs::remove_file(&path);
-                        me.begin(|| format!("swapon of {}", path.display()));
-                        match vm.swapon(SwapSpec::file(&path, dev_bytes)) {
-                            Ok(id) => ids[victim_idx] = id,
-                            Err(e) => {
-                                sh.fail(me, Stop::Error(format!("swapon: {e}")));
-                                break;
-                            }
-                        }
-                        bump(&sh.c.cycles, 1);
+                match cycle_device(&vm, &mut ids, victim_idx, &dir, dev_bytes, me) {
+                    Ok(Ok(())) => bump(&sh.c.cycles, 1),
+                    Err(e) => {
+                        sh.fail(me, Stop::Error(e));
+                        break;
                     }
                     // No room for its pages right now (memory and the other
                     // devices full, or page-outs to the NBD device refused while
                     // its server is down): the device stays, intact.
-                    Err(usermm::Error::OutOfMemory) => bump(&sh.c.refused_oom, 1),
-                    Err(usermm::Error::Device { .. }) => bump(&sh.c.refused_other, 1),
-                    Err(e) => {
+                    Ok(Err(usermm::Error::OutOfMemory)) => bump(&sh.c.refused_oom, 1),
+                    Ok(Err(usermm::Error::Device { .. })) => bump(&sh.c.refused_other, 1),
+                    Ok(Err(e)) => {
                         sh.fail(me, Stop::Error(format!("swapoff: {e}")));
                         break;
                     }
@@ -1252,4 +1204,44 @@ fn setup(dir: &Option<std::path::PathBuf>, budget: u64) -> Result<(tempfile::Tem
         2
     })?;
     Ok((dir, vm))
+}
+
+/// The three swap files of a stress run, `dev_bytes` each; `Err(exit code)` after
+/// saying why on stderr.
+fn add_devices(vm: &Vm, dir: &std::path::Path, dev_bytes: u64) -> Result<Vec<usermm::SwapId>, i32> {
+    (0..3)
+        .map(|i| {
+            vm.swapon(SwapSpec::file(dir.join(format!("dev{i}")), dev_bytes))
+                .map_err(|e| {
+                    eprintln!("usermm stress: swapon: {e}");
+                    1
+                })
+        })
+        .collect()
+}
+
+/// One cycle of a swapoff loop: takes device `idx` out of service and puts a fresh
+/// swap file in its place (`ids[idx]` follows). `Ok(Ok(()))` when both happened,
+/// `Ok(Err(e))` when swapoff refused (the device stays in service), `Err(message)`
+/// when the new device could not be added.
+fn cycle_device(
+    vm: &Vm,
+    ids: &mut [usermm::SwapId],
+    idx: usize,
+    dir: &std::path::Path,
+    dev_bytes: u64,
+    me: &Me,
+) -> Result<usermm::Result<()>, String> {
+    let victim = ids[idx];
+    me.begin(|| format!("swapoff of {victim:?}"));
+    if let Err(e) = vm.swapoff(victim) {
+        return Ok(Err(e));
+    }
+    let path = dir.join(format!("dev{idx}"));
+    let _ = std::fs::remove_file(&path);
+    me.begin(|| format!("swapon of {}", path.display()));
+    ids[idx] = vm
+        .swapon(SwapSpec::file(&path, dev_bytes))
+        .map_err(|e| format!("swapon: {e}"))?;
+    Ok(Ok(()))
 }
