@@ -190,6 +190,7 @@ impl Engine {
         Stats {
             pgfault: l(&c.pgfault),
             pgmajfault: l(&c.pgmajfault),
+            wp_faults: l(&c.wp_faults),
             pswpin: l(&c.pswpin),
             pswpout: l(&c.pswpout),
             pgscan: l(&c.pgscan),

@@ -15,6 +15,7 @@ pub(crate) struct Counters {
     pub pgsteal: AtomicU64,
     pub direct_reclaim: AtomicU64,
     pub cow_faults: AtomicU64,
+    pub wp_faults: AtomicU64,
     pub write_errors: AtomicU64,
     pub read_errors: AtomicU64,
 }
@@ -67,6 +68,9 @@ pub struct Stats {
     pub direct_reclaim: u64,
     /// Writes that had to copy a page shared copy-on-write after a fork.
     pub cow_faults: u64,
+    /// First writes to clean transparent pages (write-protect faults: how usermm
+    /// learns that such a page is dirty).
+    pub wp_faults: u64,
     /// Page-out writes that failed (the pages stayed resident and dirty).
     pub write_errors: u64,
     /// Swap-in reads that failed or did not match their checksum.

@@ -305,6 +305,7 @@ impl TRegion {
                     };
                     let _ = self.uffd.writeprotect(page, PS, 0);
                     unlock_entry(pte, 0, P_DIRTY);
+                    Counters::inc(&self.eng.cnt.wp_faults);
                     return;
                 }
                 // Evicted meanwhile (or being filled): the retry faults MISSING.

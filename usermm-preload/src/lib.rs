@@ -185,7 +185,50 @@ fn setup() -> Result<(), String> {
     END.store(base + len, Ordering::Release);
     std::mem::forget(region);
     let _ = VM.set(vm);
+    if env("USERMM_STATS").is_some_and(|v| !v.is_empty()) {
+        // Programs close stderr before exit (coreutils do): keep a copy.
+        // SAFETY: duplicating a descriptor; registering a plain function.
+        unsafe {
+            STATS_FD.store(libc::fcntl(2, libc::F_DUPFD_CLOEXEC, 64), Ordering::Relaxed);
+            libc::atexit(print_stats);
+        }
+    }
     Ok(())
+}
+
+/// Where `--stats` writes (a copy of stderr made at start).
+static STATS_FD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
+
+/// `usermm exec --stats`: the heap's counters, one line, at exit.
+extern "C" fn print_stats() {
+    let Some(vm) = VM.get() else { return };
+    let s = vm.stats();
+    let line = format!(
+        "usermm exec: pid {} budget {} frames: faults {} (major {}), write-protect faults {}, \
+         pswpin {}, pswpout {}, scanned {}, reclaimed {}, direct reclaim {}, \
+         read errors {}, write errors {}\n",
+        std::process::id(),
+        s.total_frames,
+        s.pgfault,
+        s.pgmajfault,
+        s.wp_faults,
+        s.pswpin,
+        s.pswpout,
+        s.pgscan,
+        s.pgsteal,
+        s.direct_reclaim,
+        s.read_errors,
+        s.write_errors
+    );
+    let fd = STATS_FD.load(Ordering::Relaxed);
+    // SAFETY: writing our buffer to our copy of stderr.
+    unsafe {
+        libc::write(
+            if fd >= 0 { fd } else { 2 },
+            line.as_ptr().cast(),
+            line.len(),
+        )
+    };
 }
 
 extern "C" fn init() {

@@ -28,6 +28,10 @@ pub struct ExecArgs {
     /// Virtual size of the heap region (its swap file is this size, sparse).
     #[arg(long, default_value = "64G", value_parser = parse_budget)]
     pub heap: u64,
+    /// Print the heap's counters (faults, page I/O, reclaim) on stderr when the
+    /// program exits.
+    #[arg(long)]
+    pub stats: bool,
     /// The program and its arguments (after `--`).
     #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
     pub command: Vec<String>,
@@ -209,6 +213,7 @@ pub fn main(a: ExecArgs) -> i32 {
         .env("USERMM_HEAP", a.heap.to_string())
         .env("USERMM_SWAP", a.swap.join("\n"))
         .env("USERMM_SWAP_DIR", swap_dir())
+        .env("USERMM_STATS", if a.stats { "1" } else { "" })
         .exec();
     eprintln!("usermm exec: cannot run {}: {err}", path.display());
     127
