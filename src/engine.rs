@@ -77,6 +77,10 @@ pub(crate) struct Engine {
     /// past that check, so the freezer can wait for them.
     pub transparent_frozen: AtomicBool,
     pub transparent_evicting: AtomicU64,
+    /// Base of the staging area of transparent pages (one page per frame, at
+    /// `staging + pfn * PAGE_SIZE`), or 0 without `UFFDIO_MOVE`. Set once, before
+    /// the first transparent region exists.
+    pub staging: AtomicU64,
     /// Set once a frame has held a page in the arena's own memory (`install`); until
     /// then a transparent page's token frame need not be given back to the kernel.
     pub arena_used: AtomicBool,
@@ -86,6 +90,13 @@ pub(crate) struct Engine {
 }
 
 impl Engine {
+    /// The staging page of frame `pfn` (see `staging`), if there is a staging area.
+    #[inline]
+    pub fn staging_addr(&self, pfn: Pfn) -> Option<u64> {
+        let base = self.staging.load(Ordering::Relaxed);
+        (base != 0).then(|| base + u64::from(pfn.0) * PAGE_SIZE as u64)
+    }
+
     pub fn new(cfg: &Config) -> Result<Engine> {
         cfg.check()?;
         let n = cfg.frames()?;
@@ -105,6 +116,7 @@ impl Engine {
             transparent_out: AtomicU64::new(0),
             transparent_frozen: AtomicBool::new(false),
             transparent_evicting: AtomicU64::new(0),
+            staging: AtomicU64::new(0),
             arena_used: AtomicBool::new(false),
             spaces: Mutex::new(Vec::new()),
         })
@@ -191,6 +203,8 @@ impl Engine {
             pgfault: l(&c.pgfault),
             pgmajfault: l(&c.pgmajfault),
             wp_faults: l(&c.wp_faults),
+            staged: l(&c.staged),
+            staged_refaults: l(&c.staged_refaults),
             pswpin: l(&c.pswpin),
             pswpout: l(&c.pswpout),
             pgscan: l(&c.pgscan),

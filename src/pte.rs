@@ -79,6 +79,10 @@ pub(crate) const P_ACCESSED: u64 = 1 << 9;
 /// Present entry: the frame is shared copy-on-write with another entry (after a
 /// fork); a write must first give this entry a copy of its own.
 pub(crate) const P_COW: u64 = 1 << 10;
+/// Present entry of a transparent page (never shared copy-on-write, so the bit of
+/// `P_COW` is free there): the page is out of the program's mapping, in its frame's
+/// slot of the staging area, to see whether it is used (see `mm::transparent`).
+pub(crate) const P_STAGED: u64 = P_COW;
 const VER_SHIFT: u32 = 11;
 const VER_MASK: u64 = ((1 << 25) - 1) << VER_SHIFT;
 const PFN_SHIFT: u32 = 36;

@@ -16,6 +16,8 @@ pub(crate) struct Counters {
     pub direct_reclaim: AtomicU64,
     pub cow_faults: AtomicU64,
     pub wp_faults: AtomicU64,
+    pub staged_refaults: AtomicU64,
+    pub staged: AtomicU64,
     pub write_errors: AtomicU64,
     pub read_errors: AtomicU64,
 }
@@ -71,6 +73,11 @@ pub struct Stats {
     /// First writes to clean transparent pages (write-protect faults: how usermm
     /// learns that such a page is dirty).
     pub wp_faults: u64,
+    /// Transparent pages moved out of their mapping to see whether they are used
+    /// (their frame kept; see `mm::transparent`, "Knowing what is hot").
+    pub staged: u64,
+    /// Faults on staged pages (used again: moved back, no I/O).
+    pub staged_refaults: u64,
     /// Page-out writes that failed (the pages stayed resident and dirty).
     pub write_errors: u64,
     /// Swap-in reads that failed or did not match their checksum.

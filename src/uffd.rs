@@ -42,6 +42,7 @@ const UFFDIO_WAKE: u64 = ior(0x02, 16);
 const UFFDIO_COPY: u64 = iowr(0x03, 40);
 const UFFDIO_ZEROPAGE: u64 = iowr(0x04, 32);
 const UFFDIO_WRITEPROTECT: u64 = iowr(0x06, 24);
+const UFFDIO_MOVE: u64 = iowr(0x05, 40);
 /// `USERFAULTFD_IOC_NEW` on /dev/userfaultfd.
 const USERFAULTFD_IOC_NEW: u64 = 0xAA00;
 /// `userfaultfd(2)` flag: only faults taken in user mode are reported.
@@ -62,6 +63,10 @@ pub const WP_SET: u64 = 1;
 pub const FEATURE_PAGEFAULT_FLAG_WP: u64 = 1 << 0;
 /// Fault messages carry the faulting thread's id.
 pub const FEATURE_THREAD_ID: u64 = 1 << 8;
+/// `UFFDIO_MOVE` (Linux 6.8): moves pages between anonymous mappings without a copy.
+pub const FEATURE_MOVE: u64 = 1 << 10;
+/// MOVE mode: leave the faulting thread asleep.
+pub const MOVE_DONTWAKE: u64 = 1;
 
 /// A page fault message's flags.
 pub const FLAG_WRITE: u64 = 1;
@@ -97,6 +102,15 @@ struct UffdioCopy {
     len: u64,
     mode: u64,
     copy: i64,
+}
+
+#[repr(C)]
+struct UffdioMove {
+    dst: u64,
+    src: u64,
+    len: u64,
+    mode: u64,
+    moved: i64,
 }
 
 #[repr(C)]
@@ -300,6 +314,28 @@ impl Uffd {
             }
             Err(e) => Err(e),
         }
+    }
+
+    /// Moves the page(s) `[src, src + len)` to the missing page(s) at `dst`, both in
+    /// anonymous private mappings of this process, `dst` registered with this
+    /// descriptor: the page itself changes place (no copy), `src` is left missing,
+    /// and the faulting threads at `dst` are woken (unless `MOVE_DONTWAKE`).
+    /// Hazards: EEXIST when `dst` is already mapped, EBUSY for a page shared with
+    /// another process (after a fork) or pinned, ENOENT when `src` is missing; the
+    /// caller falls back to copying.
+    ///
+    /// # Safety
+    /// Both ranges must be pages the caller owns exclusively for the call (nobody
+    /// else may rely on `src` staying mapped).
+    pub unsafe fn move_pages(&self, dst: u64, src: u64, len: u64, mode: u64) -> io::Result<()> {
+        let mut m = UffdioMove {
+            dst,
+            src,
+            len,
+            mode,
+            moved: 0,
+        };
+        ioctl(self.raw_fd(), UFFDIO_MOVE, (&raw mut m).cast())
     }
 
     /// Maps the zero page at the missing page(s) `[start, start + len)`.

@@ -179,6 +179,10 @@ impl Vm {
         crate::sync::wait_until(|| {
             eng.transparent_evicting.load(crate::sync::Ordering::SeqCst) == 0
         });
+        // Staged pages are out of their mappings too: bring them back.
+        if let Some(h) = self.inner.transparent.lock().clone() {
+            h.unstage_all();
+        }
         TransparentFreeze { vm: self }
     }
 
@@ -239,7 +243,8 @@ impl Vm {
         // Sweeps clear reference bits, queue dirty pages and drop clean ones; a page
         // queued in one sweep is dropped by its completion or by a later sweep.
         // Bounded work: a page needs about three visits of the clock hand (clear its
-        // reference bit, queue it, drop it), so this is plenty unless pages cannot go
+        // reference bit, queue it, drop it; a transparent page one more, to stage
+        // it), so this is plenty unless pages cannot go
         // (pinned, swap full, or page-out failing).
         let limit = 8 * (n + pages);
         let mut scanned = 0;
@@ -249,7 +254,7 @@ impl Vm {
             let seen = eng.frames.events();
             let r = crate::reclaim::shrink(eng, 64, pages - freed());
             scanned += r.scanned;
-            if r.evicted > 0 || r.queued > 0 {
+            if r.evicted > 0 || r.queued > 0 || r.staged > 0 {
                 idle = 0;
             } else {
                 idle += r.scanned;

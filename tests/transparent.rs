@@ -276,3 +276,52 @@ fn unprivileged_without_the_device_is_refused_clearly() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Staging (how usermm learns that a transparent page is still used): a page moved
+/// out of the mapping and touched again comes back without I/O; a clean one comes
+/// back write-protected, so a write after that is still noticed and survives the
+/// page's eviction (moved back writable, the write would be lost).
+#[test]
+fn a_staged_page_used_again_keeps_its_later_writes() {
+    let Some((_d, vm)) = setup(1 << 20, 16 << 20) else {
+        return;
+    };
+    let pages = 128;
+    let r = vm.map_transparent(pages * PS).unwrap();
+    let at = |p: usize| word(&r, p * PS / 8);
+    for p in 0..pages {
+        at(p).store(p as u64 + 1, Ordering::Relaxed);
+    }
+    // Out to swap and back: every page resident, clean, its copy kept.
+    assert!(vm.reclaim(pages) >= pages / 2, "{:?}", vm.stats());
+    for p in 0..pages {
+        assert_eq!(at(p).load(Ordering::Relaxed), p as u64 + 1);
+    }
+    let before = vm.stats();
+    // One eviction's worth of scanning stages the pages it passes.
+    vm.reclaim(1);
+    let mid = vm.stats();
+    assert!(mid.staged > before.staged, "nothing staged: {mid:?}");
+    for p in 0..pages {
+        assert_eq!(at(p).load(Ordering::Relaxed), p as u64 + 1, "page {p}");
+        at(p).store(p as u64 + 1000, Ordering::Relaxed);
+    }
+    let after = vm.stats();
+    assert!(
+        after.staged_refaults > mid.staged_refaults,
+        "no staged page was used again: {after:?}"
+    );
+    // Staged pages come back without I/O; only the few evicted ones are read.
+    assert!(
+        after.pgmajfault - mid.pgmajfault < pages as u64 / 4,
+        "staged pages were read from swap: {after:?}"
+    );
+    assert!(vm.reclaim(pages) >= pages / 2, "{:?}", vm.stats());
+    for p in 0..pages {
+        assert_eq!(
+            at(p).load(Ordering::Relaxed),
+            p as u64 + 1000,
+            "page {p} lost its write"
+        );
+    }
+}

@@ -11,9 +11,10 @@
 //! a guard (ends when its holder drops it).
 
 use crate::engine::Engine;
+use crate::frame::F_TRANSPARENT;
 use crate::pte::{
-    try_lock_present, unlock_entry, Pte, BUSY, EMPTY, P_COW, P_EXCL, P_LOCK, P_SHARED, TAG_MASK,
-    TAG_PRESENT,
+    try_lock_present, unlock_entry, Pte, BUSY, EMPTY, P_COW, P_EXCL, P_LOCK, P_SHARED, P_STAGED,
+    TAG_MASK, TAG_PRESENT,
 };
 use crate::sync::{wait_until, AtomicU64, Ordering};
 
@@ -132,6 +133,9 @@ pub(crate) fn release_entry(eng: &Engine, pte: &AtomicU64) {
                     return;
                 }
                 eng.swap.put_encoded(d.swap.swap(0, Ordering::Relaxed));
+                if v & P_STAGED != 0 && d.flags.load(Ordering::Relaxed) & F_TRANSPARENT != 0 {
+                    crate::reclaim::drop_staged(eng, pfn);
+                }
                 d.unlock();
                 eng.frames.free(pfn);
                 return;

@@ -51,14 +51,23 @@ use crate::device::AlignedPages;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::frame::AllocCtx;
-use crate::pte::{try_lock_present, unlock_entry, Pte, BUSY, EMPTY, P_DIRTY, P_LOCK};
+use crate::pte::{
+    try_lock_present, unlock_entry, Pte, BUSY, EMPTY, P_ACCESSED, P_DIRTY, P_LOCK, P_STAGED,
+};
 use crate::stats::Counters;
+use crate::sync::raw::AtomicU8;
 use crate::sync::{wait_until, Arc, AtomicU64, Mutex, Ordering};
 use crate::uffd::{self, Fault, Uffd};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::thread::JoinHandle;
 
 const PS: u64 = PAGE_SIZE as u64;
+
+/// A write to a clean transparent page sets its hint to this: the next this-many
+/// swap-ins map it writable and dirty (no write-protect fault; its swap copy is let
+/// go), the one after maps it clean and protected again, to notice a page that is
+/// no longer written.
+const WRITE_HINT: u8 = 3;
 
 /// The per-Vm part: one descriptor and one handler thread for all regions.
 #[derive(Debug)]
@@ -67,10 +76,62 @@ pub(crate) struct Host {
     uffd: Arc<Uffd>,
     /// Live regions, by start address. Protected by its mutex (a leaf).
     regions: Mutex<Vec<Arc<TRegion>>>,
-    /// Written once to stop the handler.
+    /// Written once to stop the handlers.
     stop: OwnedFd,
-    /// The handler thread (joined when the Vm goes).
-    thread: Mutex<Option<JoinHandle<()>>>,
+    /// The handler threads (joined when the Vm goes).
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    /// The staging area (unmapped when the Vm goes), if the kernel has UFFDIO_MOVE.
+    _staging: Option<Staging>,
+}
+
+/// The staging area: one page per frame of the budget (virtual; a page is resident
+/// only while a staged page is in it), registered with the descriptor because
+/// `UFFDIO_MOVE` moves pages only into registered ranges. Nothing but `UFFDIO_MOVE`,
+/// page-out copies of staged pages and `MADV_DONTNEED` ever touch it, always with
+/// the page's entry locked and `P_STAGED`, so no access of ours faults there.
+#[derive(Debug)]
+struct Staging {
+    base: u64,
+    len: u64,
+}
+
+impl Staging {
+    fn map(u: &Uffd, frames: usize) -> Option<Staging> {
+        let len = frames as u64 * PS;
+        // SAFETY: a fresh private anonymous mapping; checked below.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return None;
+        }
+        // SAFETY: advice on the mapping just made.
+        unsafe { libc::madvise(p, len as usize, libc::MADV_NOHUGEPAGE) };
+        if u.register(p as u64, len, uffd::MODE_MISSING).is_err() {
+            // SAFETY: unmapping what we mapped above.
+            unsafe { libc::munmap(p, len as usize) };
+            return None;
+        }
+        Some(Staging {
+            base: p as u64,
+            len,
+        })
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `Staging::map`; the handlers and reclaim are
+        // gone (the Host goes with its Vm).
+        unsafe { libc::munmap(self.base as *mut libc::c_void, self.len as usize) };
+    }
 }
 
 /// One transparent region.
@@ -83,15 +144,20 @@ pub(crate) struct TRegion {
     /// costs metadata only for the pages it uses. Each entry is protected by its own
     /// bit lock / claim.
     entries: AlignedPages,
+    /// One byte per page, in a mapping of its own like `entries`: how many more
+    /// swap-ins of this page map it writable and dirty at once, because it was
+    /// written in a recent residency (see "Knowing what is hot").
+    hints: AlignedPages,
     npages: usize,
     eng: Arc<Engine>,
     uffd: Arc<Uffd>,
 }
 
 impl Host {
-    /// Opens the descriptor and starts the handler thread.
+    /// Opens the descriptor and starts the handler threads (one per CPU this process
+    /// may run on, each pinned to its CPU; see "Who serves faults").
     pub fn start(eng: Arc<Engine>) -> Result<Arc<Host>> {
-        let want = uffd::FEATURE_PAGEFAULT_FLAG_WP | uffd::FEATURE_THREAD_ID;
+        let want = uffd::FEATURE_PAGEFAULT_FLAG_WP | uffd::FEATURE_THREAD_ID | uffd::FEATURE_MOVE;
         let u = Uffd::open(want).map_err(Error::Io)?;
         if u.features() & uffd::FEATURE_PAGEFAULT_FLAG_WP == 0 {
             return Err(Error::Config(
@@ -109,33 +175,53 @@ impl Host {
         // SAFETY: a descriptor we own.
         let stop = unsafe { OwnedFd::from_raw_fd(efd) };
         let _ = eng.uffd.set(u.clone());
+        let staging = if u.features() & uffd::FEATURE_MOVE != 0 {
+            Staging::map(&u, eng.frames.nframes())
+        } else {
+            None
+        };
+        if let Some(st) = &staging {
+            eng.staging.store(st.base, Ordering::Relaxed);
+        }
         let host = Arc::new(Host {
             eng,
             uffd: u,
             regions: Mutex::new(Vec::new()),
             stop,
-            thread: Mutex::new(None),
+            threads: Mutex::new(Vec::new()),
+            _staging: staging,
         });
-        let h = host.clone();
-        // Preallocated here: the zero page and the read buffer of the handler.
-        let zero = AlignedPages::new(1)?;
-        let bounce = AlignedPages::new(1)?;
-        let t = std::thread::Builder::new()
-            .name("usermm-uffd".into())
-            .spawn(move || {
-                crate::sync::mark_engine_thread();
-                h.run(zero, bounce)
-            })?;
-        *host.thread.lock() = Some(t);
+        for cpu in handler_cpus() {
+            let h = host.clone();
+            // Preallocated here: the zero page and the read buffer of each handler.
+            let zero = AlignedPages::new(1)?;
+            let bounce = AlignedPages::new(1)?;
+            let spawned = std::thread::Builder::new()
+                .name(format!("usermm-uffd-{cpu}"))
+                .spawn(move || {
+                    crate::sync::mark_engine_thread();
+                    pin_to(cpu);
+                    h.run(zero, bounce)
+                });
+            match spawned {
+                Ok(t) => host.threads.lock().push(t),
+                Err(e) => {
+                    host.shutdown();
+                    return Err(Error::Io(e));
+                }
+            }
+        }
         Ok(host)
     }
 
-    /// Stops the handler thread (the Vm is going away).
+    /// Stops the handler threads (the Vm is going away).
     pub fn shutdown(&self) {
         let one: u64 = 1;
-        // SAFETY: writing 8 bytes to our eventfd.
+        // SAFETY: writing 8 bytes to our eventfd; it stays readable (nobody reads
+        // it), so every handler sees it.
         unsafe { libc::write(self.stop.as_raw_fd(), (&raw const one).cast(), 8) };
-        if let Some(t) = self.thread.lock().take() {
+        let threads = std::mem::take(&mut *self.threads.lock());
+        for t in threads {
             let _ = t.join();
         }
     }
@@ -161,6 +247,7 @@ impl Host {
         // Entries first (metadata, 8 bytes a page), then the mapping.
         let pages = (len / PS) as usize;
         let entries = AlignedPages::new((pages * 8).div_ceil(PAGE_SIZE))?;
+        let hints = AlignedPages::new(pages.div_ceil(PAGE_SIZE))?;
         // SAFETY: a fresh private anonymous mapping; checked below.
         let p = unsafe {
             libc::mmap(
@@ -192,6 +279,7 @@ impl Host {
             base,
             len,
             entries,
+            hints,
             npages: pages,
             eng: self.eng.clone(),
             uffd: self.uffd.clone(),
@@ -206,6 +294,29 @@ impl Host {
             region: r,
             _vm: vm,
         })
+    }
+
+    /// Moves every staged page back into its mapping (for a process fork, with
+    /// staging frozen: see `Vm::freeze_transparent_eviction`).
+    pub fn unstage_all(&self) {
+        let list = self.regions.lock().clone();
+        for r in list {
+            for (i, pte) in r.entries().iter().enumerate() {
+                if pte.load(Ordering::Acquire) & (P_STAGED | crate::pte::TAG_MASK)
+                    != (P_STAGED | crate::pte::TAG_PRESENT)
+                {
+                    continue;
+                }
+                let page = r.base + i as u64 * PS;
+                // A missing-page fault does just this; failures leave the page
+                // staged, where the child will find it missing (and zero): say so.
+                if r.missing_fault_staged(pte, page).is_err() {
+                    let msg = b"usermm: a staged page could not be brought back before fork\n";
+                    // SAFETY: writing a static buffer to stderr.
+                    unsafe { libc::write(2, msg.as_ptr().cast(), msg.len()) };
+                }
+            }
+        }
     }
 
     fn find(&self, addr: u64) -> Option<Arc<TRegion>> {
@@ -250,6 +361,42 @@ impl Host {
     }
 }
 
+/// The CPUs to serve faults on: those this thread may run on (a cpuset or `taskset`
+/// narrows them), at most `MAX_HANDLERS`.
+fn handler_cpus() -> Vec<usize> {
+    const MAX_HANDLERS: usize = 64;
+    // SAFETY: a zeroed cpu_set_t is an empty set; sched_getaffinity fills it.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: asking for this thread's mask into a set of the size given.
+    let r = unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+    let mut cpus: Vec<usize> = if r == 0 {
+        (0..libc::CPU_SETSIZE as usize)
+            // SAFETY: reading a bit of a valid set.
+            .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
+            .take(MAX_HANDLERS)
+            .collect()
+    } else {
+        Vec::new()
+    };
+    if cpus.is_empty() {
+        cpus.push(usize::MAX);
+    }
+    cpus
+}
+
+/// Pins the calling thread to `cpu` (`usize::MAX`: leaves it where it is).
+fn pin_to(cpu: usize) {
+    if cpu == usize::MAX {
+        return;
+    }
+    // SAFETY: an empty set with one CPU added, for this thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
 /// Tells the faulting thread its fault failed: a line on stderr (no allocation: a
 /// fixed message) and SIGBUS, as the kernel does when it cannot fill a page.
 fn sigbus(tid: u32, e: &Error) {
@@ -288,6 +435,16 @@ impl TRegion {
         &self.entries()[((page - self.base) / PS) as usize]
     }
 
+    /// The page's write hint (see `hints`).
+    fn hint(&self, page: u64) -> &AtomicU8 {
+        let i = ((page - self.base) / PS) as usize;
+        debug_assert!(i < self.npages);
+        // SAFETY: the hints mapping holds at least `npages` bytes, zeroed by the
+        // kernel and only ever accessed atomically; `i` is in range because `page`
+        // lies in the region.
+        unsafe { &*self.hints.ptr(0).add(i).cast::<AtomicU8>() }
+    }
+
     /// A write to a clean (write-protected) page: mark it dirty and lift the
     /// protection, both under the entry's lock, so reclaim (which copies a page only
     /// with that lock held and the page protected) never takes a writable page for a
@@ -305,6 +462,7 @@ impl TRegion {
                     };
                     let _ = self.uffd.writeprotect(page, PS, 0);
                     unlock_entry(pte, 0, P_DIRTY);
+                    self.hint(page).store(WRITE_HINT, Ordering::Relaxed);
                     Counters::inc(&self.eng.cnt.wp_faults);
                     return;
                 }
@@ -316,6 +474,63 @@ impl TRegion {
                 }
             }
         }
+    }
+
+    /// Brings a staged page back, if it still is staged.
+    fn missing_fault_staged(&self, pte: &AtomicU64, page: u64) -> Result<()> {
+        loop {
+            let v = pte.load(Ordering::Acquire);
+            if v & (P_STAGED | crate::pte::TAG_MASK) != (P_STAGED | crate::pte::TAG_PRESENT) {
+                return Ok(());
+            }
+            let Some(v) = try_lock_present(pte, 0) else {
+                wait_until(|| pte.load(Ordering::Acquire) & P_LOCK == 0);
+                continue;
+            };
+            if v & P_STAGED == 0 {
+                unlock_entry(pte, 0, 0);
+                return Ok(());
+            }
+            return self.unstage(pte, v, page, false);
+        }
+    }
+
+    /// A staged page is used again: back into the mapping, no I/O, marked
+    /// referenced. A dirty page (or any page on a write fault, which dirties it) is
+    /// moved back (`UFFDIO_MOVE`, no copy). A clean page is copied back
+    /// write-protected (`UFFDIO_COPY_MODE_WP`) and its staging page dropped: moved
+    /// back, it would be writable for a moment before it could be protected, and a
+    /// write by another thread in that moment would go unnoticed. Called with the
+    /// entry locked (its unlocked value `v`); unlocks it.
+    fn unstage(&self, pte: &AtomicU64, v: u64, page: u64, write: bool) -> Result<()> {
+        let eng = &*self.eng;
+        let st = eng
+            .staging_addr(Pte::pfn(v))
+            .expect("a staged page implies a staging area");
+        let dirty = write || v & P_DIRTY != 0;
+        let done = if dirty {
+            // SAFETY: the staged page is ours (entry locked, `P_STAGED`) and the
+            // program's page is missing (that is why it faulted).
+            unsafe { self.uffd.move_pages(page, st, PS, 0) }
+        } else {
+            // SAFETY: as above; the staged page is readable for PS bytes.
+            unsafe { self.uffd.copy(page, st as *const u8, PS, uffd::COPY_WP) }.map(|_| {
+                // SAFETY: the staging page of a frame whose entry we hold locked.
+                unsafe { libc::madvise(st as *mut libc::c_void, PAGE_SIZE, libc::MADV_DONTNEED) };
+            })
+        };
+        if let Err(e) = done {
+            unlock_entry(pte, 0, 0);
+            return Err(Error::Io(e));
+        }
+        let set = P_ACCESSED | if write { P_DIRTY } else { 0 };
+        unlock_entry(pte, P_STAGED, set);
+        if write {
+            self.hint(page).store(WRITE_HINT, Ordering::Relaxed);
+        }
+        Counters::inc(&eng.cnt.pgfault);
+        Counters::inc(&eng.cnt.staged_refaults);
+        Ok(())
     }
 
     /// A missing page: zero-fill or swap-in.
@@ -335,6 +550,17 @@ impl TRegion {
         loop {
             let v = pte.load(Ordering::Acquire);
             match Pte::decode(v) {
+                Pte::Present(pfn) if v & P_STAGED != 0 => {
+                    let Some(v) = try_lock_present(pte, 0) else {
+                        wait_until(|| pte.load(Ordering::Acquire) & P_LOCK == 0);
+                        continue;
+                    };
+                    if v & P_STAGED == 0 || Pte::pfn(v) != pfn {
+                        unlock_entry(pte, 0, 0);
+                        continue;
+                    }
+                    return self.unstage(pte, v, page, write);
+                }
                 Pte::Present(_) => {
                     // Served already (two threads faulted the same page).
                     let _ = self.uffd.wake(page, PS);
@@ -396,9 +622,19 @@ impl TRegion {
                         Counters::inc(&eng.cnt.read_errors);
                         return Err(err);
                     }
-                    // Keep the copy (map it protected, clean) unless the device is
+                    // Keep the copy (map it protected, clean) unless the page is
+                    // being written, or was written in its recent residencies (a
+                    // write-protect fault would follow at once), or the device is
                     // being removed or swap is nearly full (as `fault_swapin`).
-                    let keep = !write && dev.as_ref().is_some_and(|d| eng.keeps_swap_copy(d));
+                    let hint = self.hint(page);
+                    let h = hint.load(Ordering::Relaxed);
+                    let written = write || h > 0;
+                    if write {
+                        hint.store(WRITE_HINT, Ordering::Relaxed);
+                    } else if h > 0 {
+                        hint.store(h - 1, Ordering::Relaxed);
+                    }
+                    let keep = !written && dev.as_ref().is_some_and(|d| eng.keeps_swap_copy(d));
                     let mode = if keep { uffd::COPY_WP } else { 0 };
                     // SAFETY: the bounce page is ours and PAGE_SIZE long.
                     let mapped = unsafe { self.uffd.copy(page, bounce.ptr(0), PS, mode) };

@@ -34,12 +34,12 @@ use crate::error::{Error, Result};
 use crate::frame::{AllocCtx, PageDesc, F_INUSE, F_TRANSPARENT, F_WRITEBACK};
 use crate::pte::{
     lock_present, try_lock_present, unlock_entry, Pte, P_ACCESSED, P_DIRTY, P_EXCL, P_LOCK,
-    P_SHARED,
+    P_SHARED, P_STAGED,
 };
 use crate::stats::Counters;
 use crate::swap::NoSlot;
 use crate::sync::Ordering;
-use crate::uffd::WP_SET;
+use crate::uffd::{MOVE_DONTWAKE, WP_SET};
 use std::time::{Duration, Instant};
 
 /// Frames looked at per batch.
@@ -60,6 +60,10 @@ pub(crate) struct ScanResult {
     pub evicted: usize,
     /// Dirty pages queued for page-out.
     pub queued: usize,
+    /// Transparent pages staged (moved out of their mappings to see whether they
+    /// are used; the next visit of the hand drops those still unused): progress,
+    /// like clearing a reference bit, but worth counting so scanners go on.
+    pub staged: usize,
     /// Pages skipped because locked or pinned right now.
     pub busy: usize,
     /// The request pool was empty when a dirty page needed it.
@@ -148,6 +152,17 @@ fn reclaim_frame(eng: &Engine, pfn: Pfn, r: &mut ScanResult) {
         return;
     };
     // Frame lock and every entry lock held: the page is ours to drop or copy.
+    let transparent = f & F_TRANSPARENT != 0;
+    // A transparent page not used since it was last looked at leaves the program's
+    // mapping for its staging page first; only if it is still unused when the hand
+    // comes back is it dropped (see `mm::transparent`, "Knowing what is hot").
+    let staged = transparent && entry_bits(eng, d, pfn) & P_STAGED != 0;
+    if transparent && !staged && stage(eng, d, pfn) {
+        unlock_mappings(eng, d, pfn, 0, P_STAGED);
+        d.unlock();
+        r.staged += 1;
+        return;
+    }
     let sw = d.swap.load(Ordering::Relaxed);
     if !dirty && sw != 0 && evict_locked(eng, d, pfn, sw) {
         d.unlock();
@@ -155,11 +170,14 @@ fn reclaim_frame(eng: &Engine, pfn: Pfn, r: &mut ScanResult) {
         r.evicted += 1;
         return;
     }
-    // Dirty, or never written out: queue a page-out. A transparent page is
-    // write-protected first, so the program cannot change it while it is copied
-    // out (its next write faults and marks it dirty again, see `mm::transparent`).
-    let transparent = f & F_TRANSPARENT != 0;
-    let src = if transparent {
+    // Dirty, or never written out: queue a page-out. A staged page is out of the
+    // program's reach already; a transparent page still mapped is write-protected
+    // first, so the program cannot change it while it is copied out (its next write
+    // faults and marks it dirty again, see `mm::transparent`).
+    let src = if staged {
+        eng.staging_addr(pfn)
+            .expect("a staged page implies a staging area") as *const u8
+    } else if transparent {
         let addr = d.owner2.load(Ordering::Relaxed) as u64;
         let wp = eng
             .uffd
@@ -214,6 +232,60 @@ fn reclaim_frame(eng: &Engine, pfn: Pfn, r: &mut ScanResult) {
     d.unlock();
     eng.io.submit(req);
     r.queued += 1;
+}
+
+/// The union of the values of the entries mapping `pfn` (a transparent page has
+/// exactly one). Frame lock held.
+fn entry_bits(eng: &Engine, d: &PageDesc, pfn: Pfn) -> u64 {
+    let mut bits = 0;
+    eng.rmap.for_each(d, pfn, |pte| {
+        bits |= pte.load(Ordering::Relaxed);
+        true
+    });
+    bits
+}
+
+/// Moves a transparent page out of the program's mapping into its frame's staging
+/// page (`UFFDIO_MOVE`, no copy), to see whether it is used: a touch faults and the
+/// handler moves it back. False (nothing changed) without a staging area, while
+/// evictions are frozen for a fork, or when the kernel refuses the move (a page
+/// shared with a forked child, for one); the caller then treats the page as before.
+/// Frame lock and the entry lock held.
+fn stage(eng: &Engine, d: &PageDesc, pfn: Pfn) -> bool {
+    let (Some(st), Some(u)) = (eng.staging_addr(pfn), eng.uffd.get()) else {
+        return false;
+    };
+    // A staged page is out of the mapping, as an evicted one: the fork freeze
+    // applies (see `evict_locked`).
+    eng.transparent_evicting.fetch_add(1, Ordering::SeqCst);
+    if eng.transparent_frozen.load(Ordering::SeqCst) {
+        eng.transparent_evicting.fetch_sub(1, Ordering::SeqCst);
+        return false;
+    }
+    let addr = d.owner2.load(Ordering::Relaxed) as u64;
+    // SAFETY: the page of a live transparent region whose entry we hold locked, and
+    // its frame's staging page, which only the holder of that lock touches.
+    let mut moved = unsafe { u.move_pages(st, addr, PAGE_SIZE as u64, MOVE_DONTWAKE) };
+    if matches!(&moved, Err(e) if e.raw_os_error() == Some(libc::EEXIST)) {
+        // A page left in the staging slot (its frame was freed by a path that
+        // raced with staging): drop it and try once more.
+        drop_staged(eng, pfn);
+        // SAFETY: as above.
+        moved = unsafe { u.move_pages(st, addr, PAGE_SIZE as u64, MOVE_DONTWAKE) };
+    }
+    eng.transparent_evicting.fetch_sub(1, Ordering::SeqCst);
+    if moved.is_ok() {
+        Counters::inc(&eng.cnt.staged);
+    }
+    moved.is_ok()
+}
+
+/// Drops frame `pfn`'s staging page (the staged page goes with its frame).
+pub(crate) fn drop_staged(eng: &Engine, pfn: Pfn) {
+    if let Some(st) = eng.staging_addr(pfn) {
+        // SAFETY: the frame's staging page, touched only under its frame's lock.
+        unsafe { libc::madvise(st as *mut libc::c_void, PAGE_SIZE, libc::MADV_DONTNEED) };
+    }
 }
 
 /// Locks every entry mapping `pfn` unless one is locked or pinned; returns whether
@@ -287,12 +359,19 @@ fn evict_locked(eng: &Engine, d: &PageDesc, pfn: Pfn, sw: u64) -> bool {
             eng.transparent_evicting.fetch_sub(1, Ordering::SeqCst);
             return false;
         }
-        // The page leaves the program's mapping before its entry says so: a fault on
-        // it meanwhile waits for the entry lock, then finds it swapped.
-        let addr = d.owner2.load(Ordering::Relaxed);
-        // SAFETY: `addr` is the page of a live transparent region (its entry is
-        // locked by us, and a region releases its entries before it is unmapped).
-        let zapped = unsafe { libc::madvise(addr.cast(), PAGE_SIZE, libc::MADV_DONTNEED) } == 0;
+        // The page leaves the program's mapping (or its staging page) before its
+        // entry says so: a fault on it meanwhile waits for the entry lock, then finds
+        // it swapped.
+        let addr = if entry_bits(eng, d, pfn) & P_STAGED != 0 {
+            eng.staging_addr(pfn)
+                .expect("a staged page implies a staging area") as *mut libc::c_void
+        } else {
+            d.owner2.load(Ordering::Relaxed).cast()
+        };
+        // SAFETY: `addr` is the page of a live transparent region or its staging
+        // page (its entry is locked by us, and a region releases its entries before
+        // it is unmapped).
+        let zapped = unsafe { libc::madvise(addr, PAGE_SIZE, libc::MADV_DONTNEED) } == 0;
         if zapped {
             eng.transparent_out.fetch_add(1, Ordering::Relaxed);
         }
@@ -478,7 +557,7 @@ pub(crate) fn kswapd(eng: &Engine) {
             let want = high - eng.frames.free_count();
             let seen = eng.frames.events();
             let r = shrink(eng, SCAN_BATCH, want);
-            if r.evicted > 0 {
+            if r.evicted > 0 || r.staged > 0 {
                 idle_scan = 0;
                 continue;
             }
@@ -599,7 +678,11 @@ pub(crate) fn alloc_frame(eng: &Engine, ctx: AllocCtx) -> Result<Pfn> {
             eng.frames.wait_event(seen, Duration::from_millis(10));
             continue;
         }
-        fruitless += r.scanned;
+        fruitless = if r.staged > 0 {
+            0
+        } else {
+            fruitless + r.scanned
+        };
         if fruitless < 3 * n {
             continue; // still sweeping: reference bits are being cleared
         }

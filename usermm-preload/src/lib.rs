@@ -204,7 +204,7 @@ extern "C" fn print_stats() {
     let Some(vm) = VM.get() else { return };
     let s = vm.stats();
     let line = format!(
-        "usermm exec: pid {} budget {} frames: faults {} (major {}), write-protect faults {}, \
+        "usermm exec: pid {} budget {} frames: faults {} (major {}), write-protect faults {}, staged {} (used again {}), \
          pswpin {}, pswpout {}, scanned {}, reclaimed {}, direct reclaim {}, \
          read errors {}, write errors {}\n",
         std::process::id(),
@@ -212,6 +212,8 @@ extern "C" fn print_stats() {
         s.pgfault,
         s.pgmajfault,
         s.wp_faults,
+        s.staged,
+        s.staged_refaults,
         s.pswpin,
         s.pswpout,
         s.pgscan,
