@@ -2,16 +2,22 @@
 //! the kernel's swap in a memory cgroup, on the same workloads from one seeded
 //! generator (see `access`), interleaved cell by cell.
 //!
-//! Per cell (pattern × W/B × threads × write ratio) it measures, in this order:
-//! the device (random 4 KiB O_DIRECT reads at queue depth = threads), plain memory
-//! (a `Vec` that holds the working set), usermm (a fresh `Vm` with the budget, on a
-//! swap file) and the kernel (a child process in a memory cgroup limited to the
-//! budget, with a swap file of the same size). Each system gets the fill (every page
-//! written once), an untimed warm-up and the timed phase.
+//! Per cell (pattern × W/B × threads × write ratio) it measures, in an order that
+//! rotates from cell to cell: the device (random 4 KiB O_DIRECT reads at queue
+//! depth = threads), plain memory (a `Vec` that holds the working set), usermm (a
+//! fresh `Vm` with the budget, on a swap file), transparent (a child process doing
+//! the accesses through pointers into a `map_transparent` region of a fresh `Vm`
+//! with the budget, on the same swap file; see `transparent`) and the kernel (a
+//! child process in a memory cgroup limited to the budget, with a swap file of the
+//! same size). Each system gets the fill (every page written once), an untimed
+//! warm-up and the timed phase; the two pointer columns then check a sample of
+//! pages against the access sequence (`verify`).
 
 use super::device::{Op, ProbeFile, ProbeResult};
 use super::kernel::KernelSwap;
+use super::transparent;
 use super::util::{self, fmt_bytes, fmt_dur, fmt_num, Progress, Undo};
+use super::verify::{self, Verified};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -25,6 +31,9 @@ use usermm_testkit::workload::Pattern;
 Systems, measured in the same run and interleaved per cell:
   usermm  the library through its API (read/write of 8-byte words), swap file in --dir
   usermm-nbd  the same, its swap on a qemu-nbd server (Unix socket) the bench starts and stops
+  transparent  a child process running the identical access sequence through plain pointers
+          into a Vm::map_transparent region (userfaultfd), same budget, swap file in --dir;
+          \"unavailable: <reason>\" where userfaultfd cannot be used (/dev/userfaultfd)
   kernel  a child process running the identical access sequence on anonymous memory in a
           memory cgroup limited to the budget, with its own swap file (same size, same file
           system) enabled by swapon; needs root. Always cleaned up (swapoff, cgroup, file).
@@ -32,8 +41,10 @@ Systems, measured in the same run and interleaved per cell:
   device  random 4 KiB O_DIRECT reads on a file in --dir at queue depth = threads (the
           miss-path ceiling); a separate table shows reads and writes at depth 1, threads, 32
 
-Ratios: um/kern and um/plain compare accesses/s; um/dev compares usermm's major faults/s
-with the device's random reads/s at equal queue depth.
+Ratios: um/kern, tr/kern and um/plain compare accesses/s (tr = transparent); um/dev
+compares usermm's major faults/s with the device's random reads/s at equal queue depth.
+After the timed phase, the transparent and kernel children check 256 pages against the
+access sequence; a wrong word is the column's error and the exit status is 1.
 
 Examples:
   usermm bench --quick --json out.json --plot out.svg
@@ -89,6 +100,10 @@ pub struct BenchArgs {
     /// Skip the kernel-swap column.
     #[arg(long)]
     no_kernel: bool,
+    /// Skip the transparent column (the accesses through pointers into a
+    /// `map_transparent` region).
+    #[arg(long)]
+    no_transparent: bool,
     /// Page-I/O threads of usermm's engine [default: the library's, 16].
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=256))]
     io_threads: Option<u32>,
@@ -124,6 +139,11 @@ struct CellOut {
     device: Result<ProbeResult, String>,
     /// usermm with its swap on a qemu-nbd server instead of the file.
     nbd: Result<Measured, String>,
+    /// The accesses through pointers into a transparent region.
+    transparent: Result<Measured, String>,
+    /// The content checks of the two pointer columns (when they ran).
+    transparent_verified: Option<Verified>,
+    kernel_verified: Option<Verified>,
 }
 
 #[derive(Serialize, Debug)]
@@ -146,6 +166,9 @@ struct Record {
     warmup_accesses: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     queue_depth: Option<u32>,
+    /// Words of the sampled pages checked after the timed phase (pointer columns).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    verified_words: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -185,6 +208,7 @@ struct Meta {
     plain_timed_s: f64,
     dir: String,
     kernel: String,
+    transparent: String,
     device_buffered: bool,
     machine: String,
 }
@@ -457,7 +481,7 @@ fn bench(a: BenchArgs) -> Result<i32, String> {
     depths.dedup();
 
     eprintln!(
-        "usermm bench: budget {}, W/B {:?}, {} cells x 4 systems, warm-up up to {} + {} timed per cell and \
+        "usermm bench: budget {}, W/B {:?}, {} cells x 5 systems, warm-up up to {} + {} timed per cell and \
          system, {} word{}/access, seed {seed}",
         fmt_bytes(budget),
         wbs,
@@ -522,9 +546,22 @@ fn bench(a: BenchArgs) -> Result<i32, String> {
             format!("missing: {e}")
         }
     };
+    // Asked once, so a machine without userfaultfd says why once, not per cell.
+    let transparent_avail = if a.no_transparent {
+        Err("skipped (--no-transparent)".to_string())
+    } else {
+        transparent::available().map_err(|e| format!("unavailable: {e}"))
+    };
+    let transparent_status = match &transparent_avail {
+        Ok(()) => "ok".to_string(),
+        Err(e) => {
+            eprintln!("transparent column missing: {e}");
+            e.clone()
+        }
+    };
     let mut plain_buf = vec![0u64; (max_ws / 8) as usize];
 
-    let steps = (depths.len() * 2 + 2 + cells.len() * 4) as u64;
+    let steps = (depths.len() * 2 + 2 + cells.len() * 5) as u64;
     let mut prog = Progress::new(steps, "bench");
     let mut step = 0u64;
     let t_all = Instant::now();
@@ -643,12 +680,15 @@ fn bench(a: BenchArgs) -> Result<i32, String> {
         let mut plain = Err("not run".to_string());
         let mut usermm = Err("not run".to_string());
         let mut kern = Err("not run".to_string());
+        let mut kern_ver = None;
+        let mut transp = Err("not run".to_string());
+        let mut transp_ver = None;
         let mut note = None;
-        for k in 0..4 {
+        for k in 0..5 {
             if util::interrupted() {
                 break;
             }
-            match (k + outs.len()) % 4 {
+            match (k + outs.len()) % 5 {
                 0 => {
                     device = probe.probe(Op::Read, c.threads, cell_probe, seed ^ spec.pages);
                     tick(
@@ -683,9 +723,35 @@ fn bench(a: BenchArgs) -> Result<i32, String> {
                         ),
                     );
                 }
+                3 => {
+                    transp = match &transparent_avail {
+                        Ok(()) => transparent::run(
+                            budget,
+                            a.io_threads,
+                            &um_swap,
+                            swap_size,
+                            &spec,
+                            warmup,
+                            timed,
+                        )
+                        .map(|(m, v)| {
+                            transp_ver = Some(v);
+                            m
+                        }),
+                        Err(e) => Err(e.clone()),
+                    };
+                    tick(
+                        &mut prog,
+                        format!(
+                            "{name} transparent: {}",
+                            show(&transp.as_ref().map(|m| m.rate()))
+                        ),
+                    );
+                }
                 _ => {
                     kern = match &kernel {
-                        Ok(k) => k.run_child(&spec, warmup, timed).map(|(m, n)| {
+                        Ok(k) => k.run_child(&spec, warmup, timed).map(|(m, v, n)| {
+                            kern_ver = Some(v);
                             note = n;
                             m
                         }),
@@ -698,7 +764,7 @@ fn bench(a: BenchArgs) -> Result<i32, String> {
                 }
             }
         }
-        // usermm again, its swap on the NBD server (after the four, not rotated).
+        // usermm again, its swap on the NBD server (after the five, not rotated).
         let nbd = match &nbd_server {
             Ok(srv) if !util::interrupted() => SwapSpec::parse(&srv.spec())
                 .map_err(|e| e.to_string())
@@ -715,6 +781,9 @@ fn bench(a: BenchArgs) -> Result<i32, String> {
         if let Err(e) = &usermm {
             prog.println(&format!("usermm failed in {name}: {e}"));
         }
+        if let (Err(e), Ok(())) = (&transp, &transparent_avail) {
+            prog.println(&format!("transparent failed in {name}: {e}"));
+        }
         outs.push(CellOut {
             cell: *c,
             usermm,
@@ -723,6 +792,9 @@ fn bench(a: BenchArgs) -> Result<i32, String> {
             plain,
             device,
             nbd,
+            transparent: transp,
+            transparent_verified: transp_ver,
+            kernel_verified: kern_ver,
         });
     }
     prog.finish();
@@ -765,6 +837,7 @@ fn bench(a: BenchArgs) -> Result<i32, String> {
     };
     print_probes(&probes, device_buffered);
     print_table(&outs, &probes);
+    print_checks(&outs);
     print_nbd(&outs);
     match (&hit_um, &hit_plain) {
         (Ok(u), Ok(p)) => println!(
@@ -781,9 +854,10 @@ fn bench(a: BenchArgs) -> Result<i32, String> {
         ),
     }
     println!(
-        "seed {seed}; total time {}; kernel: {}; cleanup {}",
+        "seed {seed}; total time {}; kernel: {}; transparent: {}; cleanup {}",
         fmt_dur(t_all.elapsed()),
         kernel_status,
+        transparent_status,
         if cleanup_ok { "ok" } else { "INCOMPLETE" }
     );
 
@@ -803,6 +877,7 @@ fn bench(a: BenchArgs) -> Result<i32, String> {
                 timed_s: timed.as_secs_f64(),
                 dir: dir.display().to_string(),
                 kernel: kernel_status.clone(),
+                transparent: transparent_status.clone(),
                 device_buffered,
                 machine: machine_desc(),
             },
@@ -830,7 +905,16 @@ fn bench(a: BenchArgs) -> Result<i32, String> {
             .map_err(|e| format!("cannot draw {}: {e}", path.display()))?;
         eprintln!("wrote {}", path.display());
     }
-    let failed = outs.iter().any(|o| o.usermm.is_err());
+    // usermm failing, a content check failing, or the transparent column failing
+    // where it is available (a SIGBUS, an engine error) fail the run.
+    let failed = outs.iter().any(|o| {
+        o.usermm.is_err()
+            || [&o.transparent, &o.kernel]
+                .iter()
+                .any(|r| r.as_ref().is_err_and(|e| e.contains(verify::FAILED)))
+            || (transparent_avail.is_ok()
+                && o.transparent.as_ref().is_err_and(|e| e != "interrupted"))
+    });
     Ok(if interrupted {
         130
     } else if failed || !cleanup_ok {
@@ -953,16 +1037,16 @@ fn print_probes(probes: &[(Op, u32, ProbeResult)], buffered: bool) {
 
 fn print_table(outs: &[CellOut], probes: &[(Op, u32, ProbeResult)]) {
     println!();
-    let header = [
-        "usermm", "p50µs", "p99µs", "majflt/s", "miss%", "kernel", "p50µs", "p99µs", "majflt/s",
-        "miss%",
-    ];
+    let sys_head = ["p50µs", "p99µs", "majflt/s", "miss%"];
     println!(
-        "{:<9} {:>5} {:>3} {:>4} | {:>8} {:>6} {:>6} {:>8} {:>5} | {:>8} {:>6} {:>6} {:>8} {:>5} | {:>7} | {:>8} | {:>7} {:>6} {:>8}",
-        "pattern", "W/B", "thr", "wr", header[0], header[1], header[2], header[3], header[4], header[5],
-        header[6], header[7], header[8], header[9], "plain", "dev rd/s", "um/kern", "um/dev", "um/plain"
+        "{:<9} {:>5} {:>3} {:>4} | {:>8} {:>6} {:>6} {:>8} {:>5} | {:>8} {:>6} {:>6} {:>8} {:>5} | {:>8} {:>6} {:>6} {:>8} {:>5} | {:>7} | {:>8} | {:>7} {:>7} {:>6} {:>8}",
+        "pattern", "W/B", "thr", "wr",
+        "usermm", sys_head[0], sys_head[1], sys_head[2], sys_head[3],
+        "transp", sys_head[0], sys_head[1], sys_head[2], sys_head[3],
+        "kernel", sys_head[0], sys_head[1], sys_head[2], sys_head[3],
+        "plain", "dev rd/s", "um/kern", "tr/kern", "um/dev", "um/plain"
     );
-    println!("{}", "-".repeat(160));
+    println!("{}", "-".repeat(209));
     let na = || "-".to_string();
     for o in outs {
         let c = &o.cell;
@@ -982,6 +1066,7 @@ fn print_table(outs: &[CellOut], probes: &[(Op, u32, ProbeResult)]) {
             }
         };
         let u = sys(&o.usermm);
+        let t = sys(&o.transparent);
         let k = sys(&o.kernel);
         let plain = o
             .plain
@@ -998,39 +1083,35 @@ fn print_table(outs: &[CellOut], probes: &[(Op, u32, ProbeResult)]) {
             _ => na(),
         };
         let ur = o.usermm.as_ref().ok().map(|m| m.rate());
+        let tr = o.transparent.as_ref().ok().map(|m| m.rate());
+        let kr = o.kernel.as_ref().ok().map(|m| m.rate());
         let umaj = o
             .usermm
             .as_ref()
             .ok()
             .map(|m| m.major_faults as f64 / m.secs.max(1e-9));
         println!(
-            "{:<9} {:>5} {:>3} {:>4} | {:>8} {:>6} {:>6} {:>8} {:>5} | {:>8} {:>6} {:>6} {:>8} {:>5} | {:>7} | {:>8} | {:>7} {:>6} {:>8}",
+            "{:<9} {:>5} {:>3} {:>4} | {:>8} {:>6} {:>6} {:>8} {:>5} | {:>8} {:>6} {:>6} {:>8} {:>5} | {:>8} {:>6} {:>6} {:>8} {:>5} | {:>7} | {:>8} | {:>7} {:>7} {:>6} {:>8}",
             pattern_label(&c.pattern),
             c.w_over_b,
             c.threads,
             c.write_ratio,
-            u[0],
-            u[1],
-            u[2],
-            u[3],
-            u[4],
-            k[0],
-            k[1],
-            k[2],
-            k[3],
-            k[4],
+            u[0], u[1], u[2], u[3], u[4],
+            t[0], t[1], t[2], t[3], t[4],
+            k[0], k[1], k[2], k[3], k[4],
             plain,
             dev,
-            ratio(ur, o.kernel.as_ref().ok().map(|m| m.rate())),
+            ratio(ur, kr),
+            ratio(tr, kr),
             ratio(umaj, o.device.as_ref().ok().map(|d| d.iops())),
             ratio(ur, o.plain.as_ref().ok().map(|m| m.rate())),
         );
     }
     println!(
-        "usermm, kernel, plain: accesses/s; p50/p99 of every {}th access; majflt/s = major faults per second; \
-         miss% = major faults per access;\n\
-         dev rd/s = random 4 KiB O_DIRECT reads/s at queue depth = thr; um/kern, um/plain = ratio of accesses/s; \
-         um/dev = usermm major faults/s over dev rd/s\n\
+        "usermm, transp (transparent), kernel, plain: accesses/s; p50/p99 of every {}th access; \
+         majflt/s = major faults per second; miss% = major faults per access;\n\
+         dev rd/s = random 4 KiB O_DIRECT reads/s at queue depth = thr; um/kern, tr/kern, um/plain = \
+         ratio of accesses/s; um/dev = usermm major faults/s over dev rd/s\n\
          (the share of the device's random-read limit the miss path reaches). Warm-up before timing: one access \
          per page of the working set, or the warm-up limit.",
         access::SAMPLE_EVERY
@@ -1047,6 +1128,7 @@ fn print_table(outs: &[CellOut], probes: &[(Op, u32, ProbeResult)]) {
         );
         for (sys, e) in [
             ("usermm", o.usermm.as_ref().err()),
+            ("transparent", o.transparent.as_ref().err()),
             ("kernel", o.kernel.as_ref().err()),
             ("plain", o.plain.as_ref().err()),
             ("device", o.device.as_ref().err()),
@@ -1056,7 +1138,10 @@ fn print_table(outs: &[CellOut], probes: &[(Op, u32, ProbeResult)]) {
             }
             if let Some(e) = e {
                 let line = format!("{sys}: {e}");
-                if !errs.contains(&line) || sys == "usermm" {
+                // Failures of a system under test are shown per cell; the same
+                // reason for a missing column (skipped, unavailable) once.
+                let per_cell = sys == "usermm" || e.contains(verify::FAILED);
+                if !errs.contains(&line) || per_cell {
                     errs.push(line.clone());
                     println!("  {name}: {line}");
                 }
@@ -1064,6 +1149,46 @@ fn print_table(outs: &[CellOut], probes: &[(Op, u32, ProbeResult)]) {
         }
     }
     let _ = probes;
+}
+
+/// The content checks of the pointer columns: how much was checked, so a pass is
+/// visible too (a failure is also in the table's error lines).
+fn print_checks(outs: &[CellOut]) {
+    type Get = fn(&CellOut) -> (Option<&Verified>, &Result<Measured, String>);
+    let columns: [(&str, Get); 2] = [
+        ("transparent", |o| {
+            (o.transparent_verified.as_ref(), &o.transparent)
+        }),
+        ("kernel", |o| (o.kernel_verified.as_ref(), &o.kernel)),
+    ];
+    for (sys, get) in columns {
+        let vs: Vec<&Verified> = outs.iter().filter_map(|o| get(o).0).collect();
+        let failed = outs
+            .iter()
+            .filter(|o| get(o).1.as_ref().is_err_and(|e| e.contains(verify::FAILED)))
+            .count();
+        if vs.is_empty() && failed == 0 {
+            continue;
+        }
+        println!(
+            "content check, {sys}: {} cells, {} pages and {} words ({} written in the run) checked \
+             after the timed phase{}: {}",
+            vs.len() + failed,
+            vs.iter().map(|v| v.pages).sum::<u64>(),
+            vs.iter().map(|v| v.words).sum::<u64>(),
+            vs.iter().map(|v| v.written).sum::<u64>(),
+            if vs.iter().all(|v| v.exact) {
+                ""
+            } else {
+                " (with 2+ threads: any value written, not only the last)"
+            },
+            if failed == 0 {
+                "all as written".to_string()
+            } else {
+                format!("FAILED in {failed} cells (see above; those not counted in the totals)")
+            }
+        );
+    }
 }
 
 /// The NBD column: usermm with its swap on qemu-nbd, next to usermm on the file.
@@ -1119,11 +1244,13 @@ fn records(outs: &[CellOut], _probes: &[(Op, u32, ProbeResult)]) -> Vec<Record> 
             seconds: None,
             warmup_accesses: None,
             queue_depth: None,
+            verified_words: None,
             error: None,
             note: None,
         };
         for (system, r) in [
             ("usermm", &o.usermm),
+            ("transparent", &o.transparent),
             ("kernel", &o.kernel),
             ("plain", &o.plain),
             ("usermm-nbd", &o.nbd),
@@ -1145,6 +1272,10 @@ fn records(outs: &[CellOut], _probes: &[(Op, u32, ProbeResult)]) -> Vec<Record> 
             }
             if system == "kernel" {
                 rec.note = o.kernel_note.clone();
+                rec.verified_words = o.kernel_verified.as_ref().map(|v| v.words);
+            }
+            if system == "transparent" {
+                rec.verified_words = o.transparent_verified.as_ref().map(|v| v.words);
             }
             v.push(rec);
         }
@@ -1176,6 +1307,7 @@ fn plot_series(outs: &[CellOut]) -> Vec<super::plot::Series> {
         let variant = format!("wr {} t{}", c.write_ratio, c.threads);
         for (system, val) in [
             ("usermm", o.usermm.as_ref().ok().map(|m| m.rate())),
+            ("transparent", o.transparent.as_ref().ok().map(|m| m.rate())),
             ("kernel", o.kernel.as_ref().ok().map(|m| m.rate())),
             ("plain", o.plain.as_ref().ok().map(|m| m.rate())),
             ("device rd IOPS", o.device.as_ref().ok().map(|d| d.iops())),

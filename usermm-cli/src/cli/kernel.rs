@@ -1,33 +1,24 @@
 //! The kernel-swap reference of `usermm bench`: a memory cgroup limited to the
 //! budget, a swap file of our own enabled with `swapon(2)`, and a child process
 //! (`usermm bench-kernel-child`, hidden) that runs the identical workload on
-//! anonymous memory inside the cgroup.
+//! anonymous memory inside the cgroup (through `bench_child`, as the transparent
+//! column's child does).
 //!
 //! Cleanup is unconditional: the child is killed, the cgroup removed, the swap file
 //! turned off (only the exact file this process enabled) and deleted — on normal
 //! exit, on error, on panic (Drop) and on Ctrl-C (the undo registry).
 
+use super::bench_child::{self, WorkArgs};
 use super::sys::cpath;
 use super::util::{self, Registered, Undo};
-use serde::{Deserialize, Serialize};
+use super::verify::Verified;
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use usermm::PAGE_SIZE;
 use usermm_testkit::driver::{self as access, RawTarget, Snap, WorkSpec};
-use usermm_testkit::workload::Pattern;
-
-/// A pattern as text that `Pattern::parse` reads back exactly.
-pub fn pattern_arg(p: &Pattern) -> String {
-    match p {
-        Pattern::Uniform => "uniform".into(),
-        Pattern::HotCold { hot_frac, hot_prob } => format!("hotcold:{hot_frac}:{hot_prob}"),
-        Pattern::Zipf { theta } => format!("zipf:{theta}"),
-    }
-}
 
 #[derive(Debug)]
 enum CgroupKind {
@@ -228,16 +219,16 @@ impl KernelSwap {
 
     /// Runs the workload in a child process inside the cgroup. If the kernel
     /// OOM-kills it (memcg reclaim sometimes gives up while swap writes are in
-    /// flight), the cell is run once more; the result says so in `note`.
+    /// flight), the cell is run once more; the result says so in its note.
     pub fn run_child(
         &self,
         spec: &WorkSpec,
         warmup: Duration,
         timed: Duration,
-    ) -> Result<(access::Measured, Option<String>), String> {
+    ) -> Result<(access::Measured, Verified, Option<String>), String> {
         let before = self.oom_kills();
         match self.run_child_once(spec, warmup, timed) {
-            Ok(m) => Ok((m, None)),
+            Ok((m, v)) => Ok((m, v, None)),
             Err(e) if self.oom_kills() > before && !util::interrupted() => {
                 let note = format!(
                     "the kernel OOM-killed the first attempt in its memory cgroup ({e}) although \
@@ -245,7 +236,7 @@ impl KernelSwap {
                 );
                 let again = self.oom_kills();
                 match self.run_child_once(spec, warmup, timed) {
-                    Ok(m) => Ok((m, Some(note))),
+                    Ok((m, v)) => Ok((m, v, Some(note))),
                     Err(e2) if self.oom_kills() > again => Err(format!(
                         "OOM-killed by the kernel twice in its memory cgroup (limit = budget, swap free): {e2}"
                     )),
@@ -261,87 +252,10 @@ impl KernelSwap {
         spec: &WorkSpec,
         warmup: Duration,
         timed: Duration,
-    ) -> Result<access::Measured, String> {
-        let exe =
-            std::env::current_exe().map_err(|e| format!("cannot find our own binary: {e}"))?;
-        let mut cmd = Command::new(exe);
-        cmd.arg("bench-kernel-child")
-            .arg("--cgroup-procs")
-            .arg(self.cgroup.join("cgroup.procs"))
-            .args(["--pages", &spec.pages.to_string()])
-            .args(["--pattern", &pattern_arg(&spec.pattern)])
-            .args(["--write-ratio", &spec.write_ratio.to_string()])
-            .args(["--threads", &spec.threads.to_string()])
-            .args(["--words", &spec.words.to_string()])
-            .args(["--seed", &spec.seed.to_string()])
-            .args(["--warmup-ms", &warmup.as_millis().to_string()])
-            .args(["--warmup-accesses", &spec.warm_accesses.to_string()])
-            .args(["--timed-ms", &timed.as_millis().to_string()])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| format!("cannot start the child: {e}"))?;
-        let kill = util::register(Undo::Kill(child.id() as i32));
-        // Generous: the fill of the working set through swap plus the phases.
-        let limit = Instant::now() + warmup + timed + Duration::from_secs(120);
-        let status = loop {
-            match child.try_wait() {
-                Ok(Some(st)) => break Ok(st),
-                Ok(None) => {}
-                Err(e) => break Err(format!("waiting for the child: {e}")),
-            }
-            if util::interrupted() || Instant::now() > limit {
-                let _ = child.kill();
-                let _ = child.wait();
-                kill.forget();
-                return Err(if util::interrupted() {
-                    "interrupted".into()
-                } else {
-                    "the child did not finish in time (killed)".into()
-                });
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        };
-        kill.forget();
-        let status = status?;
-        let mut out = String::new();
-        let mut err = String::new();
-        if let Some(mut o) = child.stdout.take() {
-            let _ = o.read_to_string(&mut out);
-        }
-        if let Some(mut e) = child.stderr.take() {
-            let _ = e.read_to_string(&mut err);
-        }
-        if !status.success() {
-            use std::os::unix::process::ExitStatusExt;
-            let why = match status.signal() {
-                Some(9) => "killed by SIGKILL".to_string(),
-                Some(s) => format!("killed by signal {s}"),
-                None => format!("exited with {status}"),
-            };
-            let err = err.trim();
-            return Err(if err.is_empty() {
-                format!("kernel child {why}")
-            } else {
-                format!("kernel child {why}: {err}")
-            });
-        }
-        let r: ChildReport = serde_json::from_str(out.trim())
-            .map_err(|e| format!("unreadable report from the child ({e}): {out:?} {err:?}"))?;
-        let mut m = access::Measured {
-            accesses: r.accesses,
-            secs: r.secs,
-            fill_secs: r.fill_secs,
-            major_faults: r.major_faults,
-            device_reads: r.device_reads,
-            device_writes: r.device_writes,
-            warm_accesses: r.warm_accesses,
-            ..Default::default()
-        };
-        m.hist = r.hist();
-        Ok(m)
+    ) -> Result<(access::Measured, Verified), String> {
+        let procs = self.cgroup.join("cgroup.procs");
+        let extra = ["--cgroup-procs".to_string(), procs.display().to_string()];
+        bench_child::run("bench-kernel-child", &extra, "kernel", spec, warmup, timed)
     }
 
     /// Removes the cgroup, turns the swap file off and deletes it.
@@ -390,43 +304,8 @@ pub struct ChildArgs {
     /// cgroup.procs file to join before touching memory.
     #[arg(long)]
     cgroup_procs: Option<PathBuf>,
-    #[arg(long)]
-    pages: u64,
-    #[arg(long, value_parser = util::parse_pattern)]
-    pattern: Pattern,
-    #[arg(long, value_parser = util::parse_ratio)]
-    write_ratio: f64,
-    #[arg(long)]
-    threads: u32,
-    #[arg(long, value_parser = util::parse_words)]
-    words: u32,
-    #[arg(long)]
-    seed: u64,
-    #[arg(long)]
-    warmup_ms: u64,
-    #[arg(long, default_value_t = u64::MAX)]
-    warmup_accesses: u64,
-    #[arg(long)]
-    timed_ms: u64,
-}
-
-#[derive(Serialize, Deserialize, Debug)]
-struct ChildReport {
-    accesses: u64,
-    secs: f64,
-    fill_secs: f64,
-    major_faults: u64,
-    device_reads: u64,
-    device_writes: u64,
-    warm_accesses: u64,
-    /// Histogram buckets (index, count) with a non-zero count.
-    hist: Vec<(u32, u64)>,
-}
-
-impl ChildReport {
-    fn hist(&self) -> access::LatHist {
-        access::LatHist::from_buckets(&self.hist)
-    }
+    #[command(flatten)]
+    work: WorkArgs,
 }
 
 fn vmstat() -> (u64, u64) {
@@ -468,7 +347,7 @@ fn child(a: ChildArgs) -> Result<(), String> {
         f.write_all(std::process::id().to_string().as_bytes())
             .map_err(|e| format!("cannot join the cgroup ({}): {e}", p.display()))?;
     }
-    let len = (a.pages as usize)
+    let len = (a.work.spec().pages as usize)
         .checked_mul(PAGE_SIZE)
         .ok_or("working set too large")?;
     // SAFETY: a fresh private anonymous mapping; checked for MAP_FAILED.
@@ -492,15 +371,6 @@ fn child(a: ChildArgs) -> Result<(), String> {
     unsafe { libc::madvise(ptr, len, libc::MADV_NOHUGEPAGE) };
     // SAFETY: the mapping is ours, page aligned, and lives until the process exits.
     let target = unsafe { RawTarget::new(ptr.cast(), len) };
-    let spec = WorkSpec {
-        pages: a.pages,
-        pattern: a.pattern,
-        write_ratio: a.write_ratio,
-        threads: a.threads,
-        words: a.words,
-        seed: a.seed,
-        warm_accesses: a.warmup_accesses,
-    };
     let snap = || {
         let (i, o) = vmstat();
         Snap {
@@ -509,24 +379,5 @@ fn child(a: ChildArgs) -> Result<(), String> {
             writes: o,
         }
     };
-    let m = access::drive(
-        &target,
-        &spec,
-        Duration::from_millis(a.warmup_ms),
-        Duration::from_millis(a.timed_ms),
-        &snap,
-    )?;
-    let r = ChildReport {
-        accesses: m.accesses,
-        secs: m.secs,
-        fill_secs: m.fill_secs,
-        major_faults: m.major_faults,
-        device_reads: m.device_reads,
-        device_writes: m.device_writes,
-        warm_accesses: m.warm_accesses,
-        hist: m.hist.buckets(),
-    };
-    println!("{}", serde_json::to_string(&r).map_err(|e| e.to_string())?);
-    std::hint::black_box(m.sink);
-    Ok(())
+    bench_child::run_and_report(&target, &a.work, &snap)
 }

@@ -4,6 +4,7 @@
 use clap::{Parser, Subcommand};
 
 pub mod bench;
+pub mod bench_child;
 pub mod device;
 pub mod exec;
 pub mod kernel;
@@ -13,7 +14,9 @@ pub mod run;
 pub mod stress;
 pub mod swaps;
 pub mod sys;
+pub mod transparent;
 pub mod util;
+pub mod verify;
 
 /// usermm — a virtual memory manager in user space: swap per process, inside a hard
 /// RAM budget.
@@ -46,6 +49,9 @@ enum Cmd {
     /// Internal: the kernel-swap child process of `usermm bench`.
     #[command(name = "bench-kernel-child", hide = true)]
     BenchKernelChild(kernel::ChildArgs),
+    /// Internal: the transparent-column child process of `usermm bench`.
+    #[command(name = "bench-transparent-child", hide = true)]
+    BenchTransparentChild(transparent::ChildArgs),
 }
 
 /// Parses the arguments and runs the subcommand; returns the exit code.
@@ -59,5 +65,6 @@ pub fn main() -> i32 {
         Some(Cmd::Swaps(a)) => swaps::main(a),
         Some(Cmd::Exec(a)) => exec::main(a),
         Some(Cmd::BenchKernelChild(a)) => kernel::child_main(a),
+        Some(Cmd::BenchTransparentChild(a)) => transparent::child_main(a),
     }
 }

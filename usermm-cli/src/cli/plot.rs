@@ -21,6 +21,7 @@ pub struct Series {
 fn color(system: &str) -> RGBColor {
     match system {
         "usermm" => RGBColor(0xd6, 0x27, 0x28),
+        "transparent" => RGBColor(0x94, 0x67, 0xbd),
         "kernel" => RGBColor(0x1f, 0x77, 0xb4),
         "plain" => RGBColor(0x2c, 0xa0, 0x2c),
         _ => RGBColor(0x7f, 0x7f, 0x7f),

@@ -1,0 +1,125 @@
+//! `usermm bench` with its transparent column, on the smallest configuration (one
+//! cell, a 1 MiB budget, no kernel or NBD column): the table has the column with a
+//! positive rate, the JSON has a `transparent` record with a positive rate and no
+//! error, and the content check after the timed phase passed.
+
+use std::process::Command;
+
+/// Skips (or, with USERMM_REQUIRE_UFFD=1, fails) where /dev/userfaultfd is closed
+/// to us: the column then says "unavailable", which is right but not what this
+/// test is about.
+fn can_run() -> bool {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/userfaultfd")
+    {
+        Ok(_) => true,
+        Err(e) if std::env::var("USERMM_REQUIRE_UFFD").as_deref() == Ok("1") => {
+            panic!("USERMM_REQUIRE_UFFD=1 but /dev/userfaultfd cannot be opened: {e}")
+        }
+        Err(e) => {
+            eprintln!("SKIP: usermm bench transparent test: cannot open /dev/userfaultfd: {e}");
+            false
+        }
+    }
+}
+
+/// "16.0k" or "1.20M" or "5234" (the table's `fmt_num`) as a number.
+fn parse_rate(s: &str) -> Option<f64> {
+    let (num, mul) = match s.as_bytes().last()? {
+        b'k' => (&s[..s.len() - 1], 1e3),
+        b'M' => (&s[..s.len() - 1], 1e6),
+        b'G' => (&s[..s.len() - 1], 1e9),
+        _ => (s, 1.0),
+    };
+    num.parse::<f64>().ok().map(|v| v * mul)
+}
+
+#[test]
+fn bench_has_transparent_column() {
+    if !can_run() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("out.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_usermm"))
+        .args([
+            "bench",
+            "--budget",
+            "1M",
+            "--patterns",
+            "uniform",
+            "--w-over-b",
+            "2",
+            "--threads",
+            "1",
+            "--write-ratios",
+            "0.5",
+            "--duration",
+            "300ms",
+            "--warmup",
+            "200ms",
+            "--seed",
+            "7",
+            "--no-nbd",
+            "--no-kernel",
+            "--dir",
+        ])
+        .arg(dir.path())
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .expect("run usermm bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let ctx = format!(
+        "status {:?}\nstdout:\n{stdout}\nstderr:\n{stderr}",
+        out.status
+    );
+    assert!(out.status.success(), "usermm bench failed: {ctx}");
+
+    // The table: the header names the column and its ratio; the cell's row has a
+    // rate in it (the second group after the cell's name).
+    let header = stdout
+        .lines()
+        .find(|l| l.starts_with("pattern"))
+        .unwrap_or_else(|| panic!("no table header: {ctx}"));
+    assert!(
+        header.contains("transp") && header.contains("tr/kern"),
+        "{ctx}"
+    );
+    let row = stdout
+        .lines()
+        .find(|l| l.starts_with("uniform"))
+        .unwrap_or_else(|| panic!("no row for the cell: {ctx}"));
+    let transp = row.split('|').nth(2).unwrap_or("");
+    let rate = transp.split_whitespace().next().and_then(parse_rate);
+    assert!(
+        rate.is_some_and(|r| r > 0.0),
+        "no transparent rate in {row:?}: {ctx}"
+    );
+    assert!(!stdout.contains("transparent: unavailable"), "{ctx}");
+    assert!(
+        stdout.contains("content check, transparent: 1 cells") && stdout.contains("all as written"),
+        "{ctx}"
+    );
+
+    // The JSON record.
+    let text = std::fs::read_to_string(&json).expect("the JSON file");
+    let v: serde_json::Value = serde_json::from_str(&text).expect("valid JSON");
+    let recs = v["records"].as_array().expect("records");
+    let t: Vec<&serde_json::Value> = recs
+        .iter()
+        .filter(|r| r["system"] == "transparent")
+        .collect();
+    assert_eq!(t.len(), 1, "{text}");
+    let t = t[0];
+    assert!(t.get("error").is_none(), "{t}");
+    assert!(t["accesses_per_s"].as_f64().is_some_and(|r| r > 0.0), "{t}");
+    assert!(t["accesses"].as_u64().is_some_and(|n| n > 0), "{t}");
+    // W = 2 B: the timed phase went to swap, not only to resident pages.
+    assert!(t["major_faults"].as_u64().is_some_and(|n| n > 0), "{t}");
+    assert!(t["verified_words"].as_u64().is_some_and(|n| n > 0), "{t}");
+    assert_eq!(v["meta"]["transparent"], "ok", "{text}");
+}
