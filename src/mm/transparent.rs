@@ -51,7 +51,7 @@ use crate::device::AlignedPages;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::frame::AllocCtx;
-use crate::pte::{try_lock_present, unlock_entry, Pte, BUSY, EMPTY, P_DIRTY, P_LOCK};
+use crate::pte::{lock_present, try_lock_present, unlock_entry, Pte, BUSY, EMPTY, P_DIRTY, P_LOCK};
 use crate::stats::Counters;
 use crate::sync::{wait_until, Arc, AtomicU64, Mutex, Ordering};
 use crate::uffd::{self, Fault, Uffd};
@@ -492,5 +492,114 @@ impl Drop for TransparentRegion {
     fn drop(&mut self) {
         let mut list = self.host.regions.lock();
         list.retain(|r| !Arc::ptr_eq(r, &self.region));
+    }
+}
+
+/// Discarding pages (`TransparentRegion::discard`): what `MADV_DONTNEED` is to an
+/// ordinary mapping. Kept apart from the fault path above.
+impl TRegion {
+    /// Gives up the pages of `[start, start + len)` (page-aligned, inside the
+    /// region): each page's frame and swap slot go back and its entry becomes
+    /// `EMPTY`, so the page reads as zeros and costs nothing until touched again.
+    ///
+    /// Per page, under the protocol of `crate::pte`:
+    /// - `BUSY` (the handler is filling it): wait until it is published, then look
+    ///   again, as `missing_fault` does.
+    /// - `Swapped`: claim it away (CAS to `EMPTY`), put the slot back, and count it
+    ///   out of `transparent_out` (as `Drop` does). It is not in the mapping
+    ///   (reclaim dropped it before the entry said so), so no `MADV_DONTNEED`.
+    /// - Present: frame lock, then the entry's lock (waiting out a write-protect
+    ///   fault or a page-out copy, which hold it briefly); with both held the page is
+    ///   dropped from the mapping (`MADV_DONTNEED`), so a reclaim copy (made only
+    ///   with the entry locked) never reads an unmapped page; then the entry becomes
+    ///   `EMPTY` (which unlocks it), the frame leaves the reverse map, its slot (a
+    ///   clean copy) goes back, and the frame is freed. A page-out in flight finds
+    ///   the frame gone and gives its slot back (`finish_writeback`).
+    /// - `EMPTY`: nothing is mapped there, nothing to do.
+    ///
+    /// A thread that touches the page meanwhile sees either the old bytes or zeros
+    /// (the program's own race: it is discarding memory it still uses).
+    fn discard(&self, start: u64, len: u64) {
+        debug_assert_eq!(start % PS, 0);
+        debug_assert_eq!(len % PS, 0);
+        debug_assert!(start >= self.base && start + len <= self.base + self.len);
+        let eng = &*self.eng;
+        let mut page = start;
+        while page < start + len {
+            self.discard_page(eng, page);
+            page += PS;
+        }
+    }
+
+    fn discard_page(&self, eng: &Engine, page: u64) {
+        let pte = self.entry(page);
+        loop {
+            let v = pte.load(Ordering::Acquire);
+            match Pte::decode(v) {
+                Pte::Empty => return,
+                Pte::Busy => wait_until(|| pte.load(Ordering::Acquire) != BUSY),
+                Pte::Swapped(e) => {
+                    if pte
+                        .compare_exchange(v, EMPTY, Ordering::AcqRel, Ordering::Relaxed)
+                        .is_ok()
+                    {
+                        eng.transparent_out.fetch_sub(1, Ordering::Relaxed);
+                        eng.swap.put(e);
+                        return;
+                    }
+                }
+                Pte::Present(pfn) => {
+                    let d = eng.frames.desc(pfn);
+                    d.lock();
+                    // Waits out a short holder of the entry lock (a write-protect
+                    // fault, a reclaim copy) with the frame lock held, as
+                    // `lock_mappings` does.
+                    if lock_present(pte, pfn).is_none() {
+                        // It changed (evicted meanwhile): look again.
+                        d.unlock();
+                        continue;
+                    }
+                    // The system call itself, not libc's `madvise`: `usermm exec`'s
+                    // preload interposes that symbol and calls this function from it.
+                    // SAFETY: advice on one page of our own live mapping; its entry
+                    // is locked by us, so no reclaim copy reads it meanwhile.
+                    unsafe {
+                        libc::syscall(libc::SYS_madvise, page, PAGE_SIZE, libc::MADV_DONTNEED)
+                    };
+                    pte.store(EMPTY, Ordering::Release);
+                    let left = eng.rmap.remove(d, pfn, pte);
+                    debug_assert_eq!(left, 0, "a transparent frame has one mapping");
+                    eng.swap.put_encoded(d.swap.swap(0, Ordering::Relaxed));
+                    d.unlock();
+                    eng.frames.free(pfn);
+                    return;
+                }
+            }
+        }
+    }
+}
+
+impl TransparentRegion {
+    /// Discards the pages of `[offset, offset + len)` of this region, as
+    /// `MADV_DONTNEED` does for ordinary memory: their frames go back to the budget
+    /// and their swap slots to their devices, and they read as zeros afterwards.
+    /// For an allocator over the region (`usermm exec`'s heap gives freed memory
+    /// back this way). `offset` and `len` must be multiples of the page size and
+    /// the range must lie inside the region (`InvalidArgument` otherwise).
+    #[doc(hidden)]
+    pub fn discard(&self, offset: usize, len: usize) -> Result<()> {
+        let end = offset.checked_add(len);
+        if offset % PAGE_SIZE != 0
+            || len % PAGE_SIZE != 0
+            || end.is_none_or(|e| e > self.region.len as usize)
+        {
+            return Err(Error::InvalidArgument(format!(
+                "discard of {len} bytes at offset {offset} of a {}-byte transparent region",
+                self.region.len
+            )));
+        }
+        self.region
+            .discard(self.region.base + offset as u64, len as u64);
+        Ok(())
     }
 }
