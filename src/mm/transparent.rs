@@ -520,8 +520,8 @@ impl TRegion {
     /// A thread that touches the page meanwhile sees either the old bytes or zeros
     /// (the program's own race: it is discarding memory it still uses).
     fn discard(&self, start: u64, len: u64) {
-        debug_assert_eq!(start % PS, 0);
-        debug_assert_eq!(len % PS, 0);
+        debug_assert!(start.is_multiple_of(PS));
+        debug_assert!(len.is_multiple_of(PS));
         debug_assert!(start >= self.base && start + len <= self.base + self.len);
         let eng = &*self.eng;
         let mut page = start;
@@ -589,8 +589,8 @@ impl TransparentRegion {
     #[doc(hidden)]
     pub fn discard(&self, offset: usize, len: usize) -> Result<()> {
         let end = offset.checked_add(len);
-        if offset % PAGE_SIZE != 0
-            || len % PAGE_SIZE != 0
+        if !offset.is_multiple_of(PAGE_SIZE)
+            || !len.is_multiple_of(PAGE_SIZE)
             || end.is_none_or(|e| e > self.region.len as usize)
         {
             return Err(Error::InvalidArgument(format!(
