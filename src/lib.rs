@@ -23,8 +23,8 @@
 //! `vm` (the public handles) → `mm` (spaces, regions, page tables, faults, fork) →
 //! `swap::swapoff` and `reclaim` → `engine` (the struct of parts) → `swap::table`,
 //! `pageio`, `frame` (arena, reverse map), `pte` (entry encoding and bit locks) →
-//! `device` (trait, spec and `open`, file, nbd, mirror, faulty), `sync`, `addr`,
-//! `error`, `stats`. Nothing imports upward (`scripts/check-cycles.py src` checks
+//! `device` (trait, spec and `open`, file, nbd, mirror, faulty), `sync`, `sys` (raw
+//! memory system calls), `addr`, `error`, `stats`. Nothing imports upward (`scripts/check-cycles.py src` checks
 //! that no two modules import each other, directly or through others). The
 //! architecture, the life of a page and the invariants: `docs/design.md`.
 //!
@@ -95,6 +95,7 @@ mod reclaim;
 pub mod stats;
 mod swap;
 pub mod sync;
+mod sys;
 pub mod uffd;
 mod vm;
 

@@ -25,7 +25,7 @@ impl AlignedPages {
         let len = pages.max(1) * PAGE_SIZE;
         // SAFETY: anonymous private mapping; the result is checked.
         let ptr = unsafe {
-            libc::mmap(
+            crate::sys::mmap(
                 std::ptr::null_mut(),
                 len,
                 libc::PROT_READ | libc::PROT_WRITE,
@@ -67,7 +67,7 @@ impl AlignedPages {
 impl Drop for AlignedPages {
     fn drop(&mut self) {
         // SAFETY: the mapping created in `new`, unmapped once.
-        let rc = unsafe { libc::munmap(self.ptr.cast(), self.pages * PAGE_SIZE) };
+        let rc = unsafe { crate::sys::munmap(self.ptr.cast(), self.pages * PAGE_SIZE) };
         assert_eq!(rc, 0, "munmap of a buffer mapping failed");
     }
 }

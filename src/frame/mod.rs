@@ -158,7 +158,7 @@ impl FrameArena {
         let len = nframes * PAGE_SIZE;
         // SAFETY: anonymous private mapping, no address hint; the result is checked.
         let base = unsafe {
-            libc::mmap(
+            crate::sys::mmap(
                 std::ptr::null_mut(),
                 len,
                 libc::PROT_READ | libc::PROT_WRITE,
@@ -173,7 +173,7 @@ impl FrameArena {
         // Huge pages make the arena cheaper to address (fewer TLB misses on the hit
         // path); the arena is the budget, so they cost no memory beyond it. Advisory.
         // SAFETY: the range is the mapping just created.
-        unsafe { libc::madvise(base, len, libc::MADV_HUGEPAGE) };
+        unsafe { crate::sys::madvise(base, len, libc::MADV_HUGEPAGE) };
         let mut free = Vec::with_capacity(nframes);
         free.extend((0..nframes as u32).rev());
         Ok(FrameArena {
@@ -292,7 +292,7 @@ impl Drop for FrameArena {
     fn drop(&mut self) {
         // SAFETY: the mapping was created in `new` with this length and nothing
         // refers to it any more (the arena is being dropped).
-        let rc = unsafe { libc::munmap(self.base.cast(), self.nframes * PAGE_SIZE) };
+        let rc = unsafe { crate::sys::munmap(self.base.cast(), self.nframes * PAGE_SIZE) };
         // Keeping memory mapped that nobody can reach is worse than stopping here.
         assert_eq!(rc, 0, "munmap of the frame arena failed");
     }

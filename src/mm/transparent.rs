@@ -52,7 +52,8 @@ use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::frame::AllocCtx;
 use crate::pte::{
-    try_lock_present, unlock_entry, Pte, BUSY, EMPTY, P_ACCESSED, P_DIRTY, P_LOCK, P_STAGED,
+    lock_present, try_lock_present, unlock_entry, Pte, BUSY, EMPTY, P_ACCESSED, P_DIRTY, P_LOCK,
+    P_STAGED,
 };
 use crate::stats::Counters;
 use crate::sync::raw::AtomicU8;
@@ -100,7 +101,7 @@ impl Staging {
         let len = frames as u64 * PS;
         // SAFETY: a fresh private anonymous mapping; checked below.
         let p = unsafe {
-            libc::mmap(
+            crate::sys::mmap(
                 std::ptr::null_mut(),
                 len as usize,
                 libc::PROT_READ | libc::PROT_WRITE,
@@ -113,10 +114,10 @@ impl Staging {
             return None;
         }
         // SAFETY: advice on the mapping just made.
-        unsafe { libc::madvise(p, len as usize, libc::MADV_NOHUGEPAGE) };
+        unsafe { crate::sys::madvise(p, len as usize, libc::MADV_NOHUGEPAGE) };
         if u.register(p as u64, len, uffd::MODE_MISSING).is_err() {
             // SAFETY: unmapping what we mapped above.
-            unsafe { libc::munmap(p, len as usize) };
+            unsafe { crate::sys::munmap(p, len as usize) };
             return None;
         }
         Some(Staging {
@@ -130,7 +131,7 @@ impl Drop for Staging {
     fn drop(&mut self) {
         // SAFETY: the mapping made in `Staging::map`; the handlers and reclaim are
         // gone (the Host goes with its Vm).
-        unsafe { libc::munmap(self.base as *mut libc::c_void, self.len as usize) };
+        unsafe { crate::sys::munmap(self.base as *mut libc::c_void, self.len as usize) };
     }
 }
 
@@ -250,7 +251,7 @@ impl Host {
         let hints = AlignedPages::new(pages.div_ceil(PAGE_SIZE))?;
         // SAFETY: a fresh private anonymous mapping; checked below.
         let p = unsafe {
-            libc::mmap(
+            crate::sys::mmap(
                 std::ptr::null_mut(),
                 len as usize,
                 libc::PROT_READ | libc::PROT_WRITE,
@@ -265,14 +266,14 @@ impl Host {
         // No transparent huge pages: the kernel would fill 2 MiB at a time behind
         // our back.
         // SAFETY: advice on the mapping we just made.
-        unsafe { libc::madvise(p, len as usize, libc::MADV_NOHUGEPAGE) };
+        unsafe { crate::sys::madvise(p, len as usize, libc::MADV_NOHUGEPAGE) };
         let base = p as u64;
         if let Err(e) = self
             .uffd
             .register(base, len, uffd::MODE_MISSING | uffd::MODE_WP)
         {
             // SAFETY: unmapping what we mapped above.
-            unsafe { libc::munmap(p, len as usize) };
+            unsafe { crate::sys::munmap(p, len as usize) };
             return Err(Error::Io(e));
         }
         let r = Arc::new(TRegion {
@@ -516,7 +517,9 @@ impl TRegion {
             // SAFETY: as above; the staged page is readable for PS bytes.
             unsafe { self.uffd.copy(page, st as *const u8, PS, uffd::COPY_WP) }.map(|_| {
                 // SAFETY: the staging page of a frame whose entry we hold locked.
-                unsafe { libc::madvise(st as *mut libc::c_void, PAGE_SIZE, libc::MADV_DONTNEED) };
+                unsafe {
+                    crate::sys::madvise(st as *mut libc::c_void, PAGE_SIZE, libc::MADV_DONTNEED)
+                };
             })
         };
         if let Err(e) = done {
@@ -671,7 +674,7 @@ fn token_only(eng: &Engine, pfn: crate::addr::Pfn) {
     }
     // SAFETY: the frame is ours (just allocated) and lies in the arena mapping.
     unsafe {
-        libc::madvise(
+        crate::sys::madvise(
             eng.frames.frame_ptr(pfn).cast(),
             PAGE_SIZE,
             libc::MADV_DONTNEED,
@@ -694,7 +697,7 @@ impl Drop for TRegion {
         }
         let _ = self.uffd.unregister(self.base, self.len);
         // SAFETY: the mapping made in `Host::map`; nothing refers to it any more.
-        unsafe { libc::munmap(self.base as *mut libc::c_void, self.len as usize) };
+        unsafe { crate::sys::munmap(self.base as *mut libc::c_void, self.len as usize) };
     }
 }
 
@@ -728,5 +731,121 @@ impl Drop for TransparentRegion {
     fn drop(&mut self) {
         let mut list = self.host.regions.lock();
         list.retain(|r| !Arc::ptr_eq(r, &self.region));
+    }
+}
+
+/// Discarding pages (`TransparentRegion::discard`): what `MADV_DONTNEED` is to an
+/// ordinary mapping. Kept apart from the fault path above.
+impl TRegion {
+    /// Gives up the pages of `[start, start + len)` (page-aligned, inside the
+    /// region): each page's frame and swap slot go back and its entry becomes
+    /// `EMPTY`, so the page reads as zeros and costs nothing until touched again.
+    ///
+    /// Per page, under the protocol of `crate::pte`:
+    /// - `BUSY` (the handler is filling it): wait until it is published, then look
+    ///   again, as `missing_fault` does.
+    /// - `Swapped`: claim it away (CAS to `EMPTY`), put the slot back, and count it
+    ///   out of `transparent_out` (as `Drop` does). It is not in the mapping
+    ///   (reclaim dropped it before the entry said so), so no `MADV_DONTNEED`.
+    /// - Present: frame lock, then the entry's lock (waiting out a write-protect
+    ///   fault or a page-out copy, which hold it briefly); with both held the page is
+    ///   dropped from the mapping (`MADV_DONTNEED`), so a reclaim copy (made only
+    ///   with the entry locked) never reads an unmapped page; then the entry becomes
+    ///   `EMPTY` (which unlocks it), the frame leaves the reverse map, its slot (a
+    ///   clean copy) goes back, and the frame is freed. A page-out in flight finds
+    ///   the frame gone and gives its slot back (`finish_writeback`).
+    /// - `EMPTY`: nothing is mapped there, nothing to do.
+    ///
+    /// A thread that touches the page meanwhile sees either the old bytes or zeros
+    /// (the program's own race: it is discarding memory it still uses).
+    fn discard(&self, start: u64, len: u64) {
+        debug_assert!(start.is_multiple_of(PS));
+        debug_assert!(len.is_multiple_of(PS));
+        debug_assert!(start >= self.base && start + len <= self.base + self.len);
+        let eng = &*self.eng;
+        let mut page = start;
+        while page < start + len {
+            self.discard_page(eng, page);
+            page += PS;
+        }
+    }
+
+    fn discard_page(&self, eng: &Engine, page: u64) {
+        let pte = self.entry(page);
+        loop {
+            let v = pte.load(Ordering::Acquire);
+            match Pte::decode(v) {
+                Pte::Empty => return,
+                Pte::Busy => wait_until(|| pte.load(Ordering::Acquire) != BUSY),
+                Pte::Swapped(e) => {
+                    if pte
+                        .compare_exchange(v, EMPTY, Ordering::AcqRel, Ordering::Relaxed)
+                        .is_ok()
+                    {
+                        eng.transparent_out.fetch_sub(1, Ordering::Relaxed);
+                        eng.swap.put(e);
+                        return;
+                    }
+                }
+                Pte::Present(pfn) => {
+                    let d = eng.frames.desc(pfn);
+                    d.lock();
+                    // Waits out a short holder of the entry lock (a write-protect
+                    // fault, a reclaim copy) with the frame lock held, as
+                    // `lock_mappings` does.
+                    let Some(v) = lock_present(pte, pfn) else {
+                        // It changed (evicted meanwhile): look again.
+                        d.unlock();
+                        continue;
+                    };
+                    if v & P_STAGED != 0 {
+                        // The page is in its staging page, not in the mapping.
+                        crate::reclaim::drop_staged(eng, pfn);
+                    }
+                    self.hint(page).store(0, Ordering::Relaxed);
+                    // SAFETY: advice on one page of our own live mapping; its entry
+                    // is locked by us, so no reclaim copy reads it meanwhile.
+                    unsafe {
+                        crate::sys::madvise(
+                            page as *mut libc::c_void,
+                            PAGE_SIZE,
+                            libc::MADV_DONTNEED,
+                        )
+                    };
+                    pte.store(EMPTY, Ordering::Release);
+                    let left = eng.rmap.remove(d, pfn, pte);
+                    debug_assert_eq!(left, 0, "a transparent frame has one mapping");
+                    eng.swap.put_encoded(d.swap.swap(0, Ordering::Relaxed));
+                    d.unlock();
+                    eng.frames.free(pfn);
+                    return;
+                }
+            }
+        }
+    }
+}
+
+impl TransparentRegion {
+    /// Discards the pages of `[offset, offset + len)` of this region, as
+    /// `MADV_DONTNEED` does for ordinary memory: their frames go back to the budget
+    /// and their swap slots to their devices, and they read as zeros afterwards.
+    /// For an allocator over the region (`usermm exec`'s heap gives freed memory
+    /// back this way). `offset` and `len` must be multiples of the page size and
+    /// the range must lie inside the region (`InvalidArgument` otherwise).
+    #[doc(hidden)]
+    pub fn discard(&self, offset: usize, len: usize) -> Result<()> {
+        let end = offset.checked_add(len);
+        if !offset.is_multiple_of(PAGE_SIZE)
+            || !len.is_multiple_of(PAGE_SIZE)
+            || end.is_none_or(|e| e > self.region.len as usize)
+        {
+            return Err(Error::InvalidArgument(format!(
+                "discard of {len} bytes at offset {offset} of a {}-byte transparent region",
+                self.region.len
+            )));
+        }
+        self.region
+            .discard(self.region.base + offset as u64, len as u64);
+        Ok(())
     }
 }

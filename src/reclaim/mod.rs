@@ -284,7 +284,7 @@ fn stage(eng: &Engine, d: &PageDesc, pfn: Pfn) -> bool {
 pub(crate) fn drop_staged(eng: &Engine, pfn: Pfn) {
     if let Some(st) = eng.staging_addr(pfn) {
         // SAFETY: the frame's staging page, touched only under its frame's lock.
-        unsafe { libc::madvise(st as *mut libc::c_void, PAGE_SIZE, libc::MADV_DONTNEED) };
+        unsafe { crate::sys::madvise(st as *mut libc::c_void, PAGE_SIZE, libc::MADV_DONTNEED) };
     }
 }
 
@@ -371,7 +371,7 @@ fn evict_locked(eng: &Engine, d: &PageDesc, pfn: Pfn, sw: u64) -> bool {
         // SAFETY: `addr` is the page of a live transparent region or its staging
         // page (its entry is locked by us, and a region releases its entries before
         // it is unmapped).
-        let zapped = unsafe { libc::madvise(addr, PAGE_SIZE, libc::MADV_DONTNEED) } == 0;
+        let zapped = unsafe { crate::sys::madvise(addr, PAGE_SIZE, libc::MADV_DONTNEED) } == 0;
         if zapped {
             eng.transparent_out.fetch_add(1, Ordering::Relaxed);
         }

@@ -23,13 +23,59 @@
 //!   where its parent's pages were on swap. `posix_spawn`/`vfork` (the child shares
 //!   the parent's memory, then execs) work; a child that execs gets its own usermm
 //!   (the budget is per process: each process of the tree has its own).
-//! - Not yet: anonymous `mmap`/`munmap`/`mremap` are not interposed (a program that
-//!   maps its own memory, e.g. CPython's small-object arenas, has that memory outside
-//!   the budget).
+//! - Freed malloc blocks of 64 KiB or more have their whole pages discarded
+//!   (`TransparentRegion::discard`: frame and swap slot back, the page reads as
+//!   zeros), as glibc gives large freed memory back to the kernel; a large `calloc`
+//!   is zeroed the same way instead of by writing every byte.
 //!
-//! ## Locking
-//! The heap (`HEAP`) is one mutex around talc; a thread may fault on heap memory
-//! while holding it, which is fine: the fault handler never takes it.
+//! ## mmap
+//! `mmap`/`mmap64` of exactly a private anonymous read-write mapping (flags
+//! `MAP_PRIVATE|MAP_ANONYMOUS`, optionally `MAP_NORESERVE`; fd -1, offset 0, no
+//! address) is served from the heap, so memory a program maps itself (CPython's
+//! object arenas, numpy's large arrays through malloc, C programs) is in the budget
+//! too. Everything else goes to the kernel: shared, file, `MAP_FIXED*`, `MAP_STACK`,
+//! `MAP_GROWSDOWN`, `MAP_HUGETLB`, `MAP_32BIT`, `MAP_POPULATE`, `MAP_LOCKED`,
+//! another protection, and any call with an address hint (a program that passes
+//! one may depend on where the memory lands). So do calls before the heap is set
+//! up and calls from usermm's own threads. The kernel is reached by the raw system
+//! call (`syscall(SYS_mmap, …)`), not by a `dlsym(RTLD_NEXT)` lookup, which could
+//! allocate and recurse into this library; a later LD_PRELOAD library that also
+//! interposes mmap is bypassed.
+//!
+//! A block is a talc allocation aligned to a page, its length rounded up to pages,
+//! recorded in `MAPS` with the parts still mapped. It reads as zeros because it is
+//! discarded when it is handed out (cheap where its pages were discarded already:
+//! an untouched entry costs a load), and it gives its memory back because every
+//! part is discarded when it is unmapped. `munmap` of a whole block frees it; of a
+//! part, discards that part, and the block is freed when nothing of it is left.
+//! `mremap` shrinks in place (the tail discarded); grows in place when the pages
+//! after the range are unmapped parts of the same block or free heap space talc
+//! can extend the block into, else with `MREMAP_MAYMOVE` into a new block (copied),
+//! else fails with ENOMEM. `madvise(MADV_DONTNEED|MADV_FREE|MADV_REMOVE)` on the
+//! heap discards (the kernel doing it would drop pages behind usermm's back);
+//! other advice on the heap is accepted and ignored.
+//!
+//! Deviations from the kernel's behaviour, on heap memory only:
+//! - an access to an unmapped part of a block (or a freed block) does not SIGSEGV:
+//!   it reads zeros or whatever the space holds by then;
+//! - `munmap` of heap memory that is no mmap block (malloc's) does nothing and
+//!   returns 0; address hints are not honoured (such calls go to the kernel);
+//! - `mremap` with `MREMAP_FIXED` or `MREMAP_DONTUNMAP` fails with EINVAL (a line
+//!   on stderr, once), and a moving `mremap` copies the bytes (the kernel moves page
+//!   tables), faulting in the old range;
+//! - `mmap(MAP_FIXED)` over the heap fails with EINVAL (it would replace usermm's
+//!   mapping) with a line on stderr, once;
+//! - `mprotect` is not interposed: a program that changes the protection of heap
+//!   memory it mapped, then unmaps it, leaves that protection on space the heap
+//!   hands out again (not seen in the programs tested; a known gap);
+//! - `mremap` is defined with its optional fifth argument as a fixed one (Rust has
+//!   no stable variadic definitions): on x86-64 and AArch64 Linux it is passed in
+//!   the same register either way.
+//!
+//! usermm's own calls to `mmap`/`madvise` resolve to these definitions too (this
+//! library exports them): they happen at set-up (before the heap is ready, so they
+//! go to the kernel) and on usermm's threads (likewise); `discard` calls the
+//! `madvise` system call directly.
 
 use std::alloc::{GlobalAlloc, Layout};
 use std::ffi::c_void;
@@ -105,6 +151,8 @@ static END: AtomicUsize = AtomicUsize::new(0);
 static HEAP: parking_lot::Mutex<Option<talc::Talc<talc::ErrOnOom>>> = parking_lot::Mutex::new(None);
 /// The Vm of the heap (kept for `fork`).
 static VM: std::sync::OnceLock<usermm::Vm> = std::sync::OnceLock::new();
+/// The heap's transparent region (kept to discard pages of it).
+static REGION: std::sync::OnceLock<usermm::TransparentRegion> = std::sync::OnceLock::new();
 
 const HDR: usize = 16;
 
@@ -183,7 +231,9 @@ fn setup() -> Result<(), String> {
     *HEAP.lock() = Some(t);
     BASE.store(base, Ordering::Release);
     END.store(base + len, Ordering::Release);
-    std::mem::forget(region);
+    // Kept for the life of the process (a static is never dropped): freed blocks
+    // and mmap blocks are discarded through it.
+    let _ = REGION.set(region);
     let _ = VM.set(vm);
     if env("USERMM_STATS").is_some_and(|v| !v.is_empty()) {
         // Programs close stderr before exit (coreutils do): keep a copy.
@@ -320,6 +370,12 @@ unsafe fn header(p: *mut c_void) -> (usize, usize) {
 unsafe fn heap_free(p: *mut c_void) {
     // SAFETY: per the contract.
     let (size, align) = unsafe { header(p) };
+    let raw_addr = p as usize - align;
+    if size >= DISCARD_MIN {
+        // Its whole pages go back to the budget and swap before talc may hand the
+        // space out again (talc keeps its own bookkeeping outside the block).
+        discard_inside(raw_addr, raw_addr + align + size);
+    }
     // SAFETY: the block began `align` bytes before `p`, with this layout.
     unsafe {
         let raw = (p as *mut u8).sub(align);
@@ -386,9 +442,21 @@ pub extern "C" fn calloc(n: usize, size: usize) -> *mut c_void {
         return null_mut();
     };
     let p = malloc(total);
-    if !p.is_null() {
-        // SAFETY: a fresh block of `total` bytes.
-        unsafe { (p as *mut u8).write_bytes(0, total) };
+    if p.is_null() {
+        return p;
+    }
+    let (a, e) = (p as usize, p as usize + total);
+    // A large block is zeroed by discarding its whole pages (no frame is taken for
+    // them until they are written); only the partial pages at its ends are cleared.
+    let (lo, hi) = if total >= DISCARD_MIN && discard_inside(a, e) {
+        (page_up(a), page_down(e))
+    } else {
+        (e, e)
+    };
+    // SAFETY: both spans lie inside the fresh block of `total` bytes.
+    unsafe {
+        (a as *mut u8).write_bytes(0, lo.min(e) - a);
+        (hi as *mut u8).write_bytes(0, e - hi);
     }
     p
 }
@@ -583,4 +651,410 @@ pub extern "C" fn fork() -> libc::pid_t {
     let pid = real_fork();
     drop(freeze);
     pid
+}
+
+// ---------------------------------------------------------------------------------
+// Anonymous mmap, munmap, mremap, madvise (see the module header, "mmap").
+
+const PS: usize = 4096;
+/// Freed malloc blocks of this size or more have their whole pages discarded.
+const DISCARD_MIN: usize = 64 << 10;
+
+fn page_up(a: usize) -> usize {
+    a.div_ceil(PS) * PS
+}
+fn page_down(a: usize) -> usize {
+    a & !(PS - 1)
+}
+
+/// Discards the whole pages inside `[start, end)` of the heap (they read as zeros
+/// after, and hold no frame or slot). Returns whether there was any.
+fn discard_inside(start: usize, end: usize) -> bool {
+    let (s, e) = (page_up(start), page_down(end));
+    if s >= e {
+        return false;
+    }
+    let Some(r) = REGION.get() else { return false };
+    let base = r.as_ptr() as usize;
+    // The range is a block of our heap, so inside the region and page-aligned.
+    r.discard(s - base, e - s).is_ok()
+}
+
+/// A block of the heap handed out by `mmap`: talc's allocation `[start, start +
+/// len)` (page-aligned, `len` a multiple of pages), and the parts of it still
+/// mapped, as sorted disjoint page ranges. Parts not mapped are discarded (they
+/// read as zeros and hold nothing).
+#[derive(Debug)]
+struct MapBlock {
+    len: usize,
+    live: Vec<(usize, usize)>,
+}
+
+/// mmap blocks by start address. Protected by its mutex (a leaf, taken after
+/// nothing but itself; `mremap` takes `HEAP` under it to grow a block in place).
+/// The map lives in glibc's memory (usermm's global allocator), never in the heap,
+/// so holding it never waits for a fault on heap memory.
+static MAPS: parking_lot::Mutex<std::collections::BTreeMap<usize, MapBlock>> =
+    parking_lot::Mutex::new(std::collections::BTreeMap::new());
+
+fn set_errno(e: i32) {
+    // SAFETY: setting errno for this thread.
+    unsafe { *libc::__errno_location() = e };
+}
+
+/// Whether any byte of `[a, a + len)` lies in the heap.
+fn touches_heap(a: usize, len: usize) -> bool {
+    let (b, e) = (BASE.load(Ordering::Acquire), END.load(Ordering::Acquire));
+    b != 0 && a < e && a.saturating_add(len) > b
+}
+
+/// Subtracts `[a, e)` from sorted disjoint ranges.
+fn subtract(live: &mut Vec<(usize, usize)>, a: usize, e: usize) {
+    let mut out = Vec::with_capacity(live.len() + 1);
+    for &(s, t) in live.iter() {
+        if t <= a || s >= e {
+            out.push((s, t));
+            continue;
+        }
+        if s < a {
+            out.push((s, a));
+        }
+        if t > e {
+            out.push((e, t));
+        }
+    }
+    *live = out;
+}
+
+/// Adds `[a, e)` (disjoint from every range) to sorted disjoint ranges, merging.
+fn add_range(live: &mut Vec<(usize, usize)>, a: usize, e: usize) {
+    live.push((a, e));
+    live.sort_unstable();
+    let mut out: Vec<(usize, usize)> = Vec::with_capacity(live.len());
+    for &(s, t) in live.iter() {
+        match out.last_mut() {
+            Some(l) if l.1 == s => l.1 = t,
+            _ => out.push((s, t)),
+        }
+    }
+    *live = out;
+}
+
+/// Allocates a zeroed, page-aligned block of `len` (a multiple of pages) for mmap.
+fn map_block(len: usize) -> Option<usize> {
+    let layout = Layout::from_size_align(len, PS).ok()?;
+    let p = {
+        let mut h = HEAP.lock();
+        // SAFETY: a nonzero layout.
+        unsafe { h.as_mut()?.malloc(layout) }.ok()?.as_ptr() as usize
+    };
+    // Whatever the space held before (freed malloc blocks, talc's bookkeeping of a
+    // free chunk) goes: mmap's memory reads as zeros. Cheap where it was discarded
+    // already (an `EMPTY` entry costs one load).
+    discard_inside(p, p + len);
+    MAPS.lock().insert(
+        p,
+        MapBlock {
+            len,
+            live: vec![(p, p + len)],
+        },
+    );
+    Some(p)
+}
+
+/// Gives a whole mmap block back to talc. Its pages were discarded when they were
+/// unmapped.
+fn free_block(start: usize, len: usize) {
+    if let Some(t) = HEAP.lock().as_mut() {
+        // SAFETY: the block talc gave `map_block` with this layout, now unused.
+        unsafe {
+            t.free(
+                NonNull::new_unchecked(start as *mut u8),
+                Layout::from_size_align_unchecked(len, PS),
+            )
+        };
+    }
+}
+
+/// munmap of `[a, e)` (page-aligned) inside the heap: every mmap block it meets
+/// loses that part (discarded); a block with nothing left mapped is freed. Space of
+/// the heap that is no mmap block (malloc's) is left alone.
+fn unmap_heap(a: usize, e: usize) {
+    let mut gone = Vec::new();
+    let mut cut = Vec::new();
+    {
+        let mut maps = MAPS.lock();
+        let keys: Vec<usize> = maps
+            .range(..e)
+            .rev()
+            .take_while(|(&s, b)| s + b.len > a || s >= a)
+            .filter(|(&s, b)| s + b.len > a)
+            .map(|(&s, _)| s)
+            .collect();
+        for s in keys {
+            let b = maps.get_mut(&s).expect("key just read");
+            let (x, y) = (a.max(s), e.min(s + b.len));
+            subtract(&mut b.live, x, y);
+            cut.push((x, y));
+            if b.live.is_empty() {
+                gone.push((s, b.len));
+                maps.remove(&s);
+            }
+        }
+    }
+    for (x, y) in cut {
+        discard_inside(x, y);
+    }
+    for (s, len) in gone {
+        free_block(s, len);
+    }
+}
+
+/// The raw system call (no dlsym, so nothing of the loader's runs here and nothing
+/// can recurse into this library's malloc).
+fn sys_mmap(a: *mut c_void, len: usize, prot: i32, flags: i32, fd: i32, off: i64) -> *mut c_void {
+    // SAFETY: the mmap system call with the caller's arguments; the kernel checks
+    // them. `syscall` returns -1 with errno set on failure, which is MAP_FAILED.
+    unsafe { libc::syscall(libc::SYS_mmap, a, len, prot, flags, fd, off) as *mut c_void }
+}
+
+/// Whether an mmap call is one the heap serves: a private anonymous read-write
+/// mapping with no address (see the module header).
+fn servable(addr: *mut c_void, prot: i32, flags: i32, fd: i32, off: i64) -> bool {
+    let allowed = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
+    addr.is_null()
+        && prot == libc::PROT_READ | libc::PROT_WRITE
+        && flags & (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS)
+            == libc::MAP_PRIVATE | libc::MAP_ANONYMOUS
+        && flags & !allowed == 0
+        && fd == -1
+        && off == 0
+}
+
+/// `mmap(2)`.
+///
+/// # Safety
+/// As the system call.
+#[no_mangle]
+pub unsafe extern "C" fn mmap(
+    addr: *mut c_void,
+    len: usize,
+    prot: i32,
+    flags: i32,
+    fd: i32,
+    off: i64,
+) -> *mut c_void {
+    if !ready() || !servable(addr, prot, flags, fd, off) {
+        if flags & libc::MAP_FIXED != 0 && touches_heap(addr as usize, len) && ready() {
+            // Replacing part of the heap's mapping would pull it from under usermm.
+            say_once(
+                &FIXED_NOTE,
+                "mmap(MAP_FIXED) over the heap refused (EINVAL)",
+            );
+            set_errno(libc::EINVAL);
+            return libc::MAP_FAILED;
+        }
+        return sys_mmap(addr, len, prot, flags, fd, off);
+    }
+    if len == 0 || len > isize::MAX as usize {
+        set_errno(if len == 0 { libc::EINVAL } else { libc::ENOMEM });
+        return libc::MAP_FAILED;
+    }
+    match map_block(page_up(len)) {
+        Some(p) => p as *mut c_void,
+        None => {
+            set_errno(libc::ENOMEM);
+            libc::MAP_FAILED
+        }
+    }
+}
+
+/// `mmap64(2)`, the same call on 64-bit Linux.
+///
+/// # Safety
+/// As the system call.
+#[no_mangle]
+pub unsafe extern "C" fn mmap64(
+    addr: *mut c_void,
+    len: usize,
+    prot: i32,
+    flags: i32,
+    fd: i32,
+    off: i64,
+) -> *mut c_void {
+    // SAFETY: as mmap.
+    unsafe { mmap(addr, len, prot, flags, fd, off) }
+}
+
+/// `munmap(2)`.
+///
+/// # Safety
+/// As the system call.
+#[no_mangle]
+pub unsafe extern "C" fn munmap(addr: *mut c_void, len: usize) -> i32 {
+    let a = addr as usize;
+    if !touches_heap(a, len) {
+        // SAFETY: the munmap system call with the caller's arguments.
+        return unsafe { libc::syscall(libc::SYS_munmap, addr, len) } as i32;
+    }
+    if !a.is_multiple_of(PS) || len == 0 {
+        set_errno(libc::EINVAL);
+        return -1;
+    }
+    let e = a.saturating_add(page_up(len));
+    let (b, t) = (BASE.load(Ordering::Acquire), END.load(Ordering::Acquire));
+    // Parts outside the heap (a range that straddles it) go to the kernel.
+    for (x, y) in [(a, e.min(b)), (a.max(t), e)] {
+        if x < y {
+            // SAFETY: the munmap system call on a range outside the heap.
+            unsafe { libc::syscall(libc::SYS_munmap, x, y - x) };
+        }
+    }
+    unmap_heap(a.max(b), e.min(t));
+    0
+}
+
+/// The mapped range of the mmap block holding `[a, a + len)`, if the whole range
+/// lies in one mapped part: (block start, block len, that part's end).
+fn live_part(a: usize, len: usize) -> Option<(usize, usize, usize)> {
+    let maps = MAPS.lock();
+    let (&s, b) = maps.range(..=a).next_back()?;
+    let &(_, t) = b.live.iter().find(|&&(x, y)| x <= a && a + len <= y)?;
+    Some((s, b.len, t))
+}
+
+static FIXED_NOTE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+static REMAP_NOTE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+fn say_once(flag: &std::sync::atomic::AtomicBool, msg: &str) {
+    if !flag.swap(true, Ordering::Relaxed) {
+        say(msg);
+    }
+}
+
+/// `mremap(2)`. Declared with the optional fifth argument (`new_address`) as a
+/// plain one: on x86-64 and AArch64 Linux a variadic argument is passed where a
+/// fixed one would be, and it is read only with `MREMAP_FIXED`.
+///
+/// # Safety
+/// As the system call.
+#[no_mangle]
+pub unsafe extern "C" fn mremap(
+    old: *mut c_void,
+    old_len: usize,
+    new_len: usize,
+    flags: i32,
+    new_addr: *mut c_void,
+) -> *mut c_void {
+    let a = old as usize;
+    if !touches_heap(a, old_len.max(1)) {
+        // SAFETY: the mremap system call with the caller's arguments.
+        return unsafe { libc::syscall(libc::SYS_mremap, old, old_len, new_len, flags, new_addr) }
+            as *mut c_void;
+    }
+    let fail = |e: i32| {
+        set_errno(e);
+        libc::MAP_FAILED
+    };
+    if flags & (libc::MREMAP_FIXED | libc::MREMAP_DONTUNMAP) != 0 {
+        say_once(
+            &REMAP_NOTE,
+            "mremap with MREMAP_FIXED or MREMAP_DONTUNMAP on heap memory is not supported \
+             (EINVAL)",
+        );
+        return fail(libc::EINVAL);
+    }
+    if !a.is_multiple_of(PS) || old_len == 0 || new_len == 0 || flags & !libc::MREMAP_MAYMOVE != 0 {
+        return fail(libc::EINVAL);
+    }
+    let (ol, nl) = (page_up(old_len), page_up(new_len));
+    let Some((s, blen, part_end)) = live_part(a, ol) else {
+        return fail(libc::EFAULT);
+    };
+    if nl <= ol {
+        unmap_heap(a + nl, a + ol);
+        return old;
+    }
+    let (grow_from, grow_to) = (a + ol, a + nl);
+    // In place, inside the block: the pages after the range are unmapped (munmapped
+    // or cut by a shrink before), so already discarded: they come back as zeros.
+    if grow_to <= s + blen && part_end == grow_from {
+        let mut maps = MAPS.lock();
+        if let Some(b) = maps.get_mut(&s) {
+            if !b.live.iter().any(|&(x, y)| x < grow_to && y > grow_from) {
+                add_range(&mut b.live, grow_from, grow_to);
+                return old;
+            }
+        }
+    }
+    // In place, past the block's end: talc grows the allocation if the space after
+    // it is free; that space is discarded before it is handed over.
+    if grow_to > s + blen && part_end == grow_from {
+        let mut maps = MAPS.lock();
+        let unmapped_tail = maps
+            .get(&s)
+            .is_some_and(|b| !b.live.iter().any(|&(_, y)| y > grow_from));
+        if unmapped_tail {
+            let grown = HEAP.lock().as_mut().is_some_and(|t| {
+                // SAFETY: the block talc gave with this layout; a larger size.
+                unsafe {
+                    t.grow_in_place(
+                        NonNull::new_unchecked(s as *mut u8),
+                        Layout::from_size_align_unchecked(blen, PS),
+                        grow_to - s,
+                    )
+                }
+                .is_ok()
+            });
+            if grown {
+                if let Some(b) = maps.get_mut(&s) {
+                    b.len = grow_to - s;
+                    add_range(&mut b.live, grow_from, grow_to);
+                }
+                drop(maps);
+                // Talc's tag now lies past `grow_to`; the old one is inside.
+                discard_inside(s + blen, grow_to);
+                return old;
+            }
+        }
+    }
+    if flags & libc::MREMAP_MAYMOVE == 0 {
+        return fail(libc::ENOMEM);
+    }
+    let Some(q) = map_block(nl) else {
+        return fail(libc::ENOMEM);
+    };
+    // SAFETY: `[a, a + ol)` is mapped (checked above) and `[q, q + nl)` is a fresh
+    // block at least as large; they do not overlap.
+    unsafe { std::ptr::copy_nonoverlapping(a as *const u8, q as *mut u8, ol) };
+    unmap_heap(a, a + ol);
+    q as *mut c_void
+}
+
+/// `madvise(2)`. On the heap, advice that drops pages (`MADV_DONTNEED`,
+/// `MADV_FREE`, `MADV_REMOVE`) discards them through usermm (the kernel's doing it
+/// would take them from under usermm's bookkeeping); other advice is accepted and
+/// ignored (usermm decides what is resident).
+///
+/// # Safety
+/// As the system call.
+#[no_mangle]
+pub unsafe extern "C" fn madvise(addr: *mut c_void, len: usize, advice: i32) -> i32 {
+    let a = addr as usize;
+    if !touches_heap(a, len) || !ready() {
+        // SAFETY: the madvise system call with the caller's arguments.
+        return unsafe { libc::syscall(libc::SYS_madvise, addr, len, advice) } as i32;
+    }
+    if !a.is_multiple_of(PS) {
+        set_errno(libc::EINVAL);
+        return -1;
+    }
+    if matches!(
+        advice,
+        libc::MADV_DONTNEED | libc::MADV_FREE | libc::MADV_REMOVE
+    ) {
+        let (b, t) = (BASE.load(Ordering::Acquire), END.load(Ordering::Acquire));
+        discard_inside(a.max(b), a.saturating_add(page_up(len)).min(t));
+    }
+    0
 }
