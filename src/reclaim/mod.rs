@@ -89,12 +89,16 @@ pub(crate) fn shrink_direct(eng: &Engine, nr: usize) -> ScanResult {
 fn shrink_for(eng: &Engine, nr: usize, want: usize, queued_counts: bool) -> ScanResult {
     let n = eng.frames.nframes();
     let mut r = ScanResult::default();
+    let mut zap = ZapBatch::new();
     while r.scanned < nr.min(n) {
         // One frame at a time, so that stopping early (below) leaves the hand on
         // the page that could not be queued, instead of skipping past it.
         let pfn = Pfn((eng.hand.fetch_add(1, Ordering::Relaxed) % n) as u32);
         r.scanned += 1;
-        reclaim_frame(eng, pfn, &mut r);
+        if zap.full() {
+            zap.flush(eng);
+        }
+        reclaim_frame(eng, pfn, &mut r, &mut zap);
         if r.evicted + if queued_counts { r.queued } else { 0 } >= want {
             break;
         }
@@ -105,6 +109,7 @@ fn shrink_for(eng: &Engine, nr: usize, want: usize, queued_counts: bool) -> Scan
             break;
         }
     }
+    zap.flush(eng);
     Counters::add(&eng.cnt.pgscan, r.scanned as u64);
     if r.queued > 0 {
         eng.io.kick();
@@ -112,7 +117,7 @@ fn shrink_for(eng: &Engine, nr: usize, want: usize, queued_counts: bool) -> Scan
     r
 }
 
-fn reclaim_frame(eng: &Engine, pfn: Pfn, r: &mut ScanResult) {
+fn reclaim_frame(eng: &Engine, pfn: Pfn, r: &mut ScanResult, zap: &mut ZapBatch) {
     let d = eng.frames.desc(pfn);
     let f = d.flags.load(Ordering::Relaxed);
     if f & F_INUSE == 0 {
@@ -164,11 +169,15 @@ fn reclaim_frame(eng: &Engine, pfn: Pfn, r: &mut ScanResult) {
         return;
     }
     let sw = d.swap.load(Ordering::Relaxed);
-    if !dirty && sw != 0 && evict_locked(eng, d, pfn, sw) {
-        d.unlock();
-        eng.frames.free(pfn);
-        r.evicted += 1;
-        return;
+    if !dirty && sw != 0 {
+        if let Some(release) = evict_locked(eng, d, pfn, sw, zap) {
+            d.unlock();
+            if release == Release::Now {
+                eng.frames.free(pfn);
+            }
+            r.evicted += 1;
+            return;
+        }
     }
     // Dirty, or never written out: queue a page-out. A staged page is out of the
     // program's reach already; a transparent page still mapped is write-protected
@@ -343,41 +352,58 @@ fn unlock_mappings(eng: &Engine, d: &PageDesc, pfn: Pfn, clear: u64, set: u64) {
 /// Preconditions: the frame lock and every entry lock are held, the page is not
 /// dirty, pinned or under page-out. Returns false (nothing changed) if the slot
 /// cannot take that many more references. The caller frees the frame after
-/// unlocking.
-fn evict_locked(eng: &Engine, d: &PageDesc, pfn: Pfn, sw: u64) -> bool {
+/// unlocking (`Release::Now`), unless the frame went into `zap` (`Release::Batched`:
+/// a staged transparent page, whose staging page `zap` drops with others before it
+/// frees the frame).
+fn evict_locked(
+    eng: &Engine,
+    d: &PageDesc,
+    pfn: Pfn,
+    sw: u64,
+    zap: &mut ZapBatch,
+) -> Option<Release> {
     debug_assert!(d.is_locked());
     debug_assert_eq!(d.flags.load(Ordering::Relaxed) & F_WRITEBACK, 0);
     let n = d.mapcount.load(Ordering::Relaxed);
     if n > 1 && !eng.swap.dup_encoded(sw, n - 1) {
-        return false;
+        return None;
     }
+    let mut release = Release::Now;
     if d.flags.load(Ordering::Relaxed) & F_TRANSPARENT != 0 {
         // Announce the eviction, then look at the freeze (the freezer sets it, then
         // waits for announced evictions to finish): either it sees us or we see it.
         eng.transparent_evicting.fetch_add(1, Ordering::SeqCst);
         if eng.transparent_frozen.load(Ordering::SeqCst) {
             eng.transparent_evicting.fetch_sub(1, Ordering::SeqCst);
-            return false;
+            return None;
         }
-        // The page leaves the program's mapping (or its staging page) before its
-        // entry says so: a fault on it meanwhile waits for the entry lock, then finds
-        // it swapped.
-        let addr = if entry_bits(eng, d, pfn) & P_STAGED != 0 {
-            eng.staging_addr(pfn)
-                .expect("a staged page implies a staging area") as *mut libc::c_void
+        let zapped = if entry_bits(eng, d, pfn) & P_STAGED != 0 {
+            // The page is out of the program's reach already: its staging page can
+            // go later, with others (one TLB flush for the batch), as long as the
+            // frame is not reused before that.
+            let st = eng
+                .staging_addr(pfn)
+                .expect("a staged page implies a staging area");
+            if zap.push(st, pfn) {
+                release = Release::Batched;
+            } else {
+                drop_staged(eng, pfn);
+            }
+            true
         } else {
-            d.owner2.load(Ordering::Relaxed).cast()
+            // The page leaves the program's mapping before its entry says so: a
+            // fault on it meanwhile waits for the entry lock, then finds it swapped.
+            let addr = d.owner2.load(Ordering::Relaxed).cast();
+            // SAFETY: the page of a live transparent region (its entry is locked by
+            // us, and a region releases its entries before it is unmapped).
+            unsafe { crate::sys::madvise(addr, PAGE_SIZE, libc::MADV_DONTNEED) == 0 }
         };
-        // SAFETY: `addr` is the page of a live transparent region or its staging
-        // page (its entry is locked by us, and a region releases its entries before
-        // it is unmapped).
-        let zapped = unsafe { crate::sys::madvise(addr, PAGE_SIZE, libc::MADV_DONTNEED) } == 0;
         if zapped {
             eng.transparent_out.fetch_add(1, Ordering::Relaxed);
         }
         eng.transparent_evicting.fetch_sub(1, Ordering::SeqCst);
         if !zapped {
-            return false;
+            return None;
         }
     }
     eng.rmap.for_each(d, pfn, |pte| {
@@ -391,7 +417,69 @@ fn evict_locked(eng: &Engine, d: &PageDesc, pfn: Pfn, sw: u64) -> bool {
     eng.rmap.clear(d, pfn);
     d.swap.store(0, Ordering::Relaxed);
     Counters::inc(&eng.cnt.pgsteal);
-    true
+    Some(release)
+}
+
+/// Who frees an evicted frame (see `evict_locked`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Release {
+    /// The caller, after unlocking it.
+    Now,
+    /// The `ZapBatch` it went into, when it is flushed.
+    Batched,
+}
+
+/// Staging pages of evicted transparent pages, dropped together by one
+/// `process_madvise` (one TLB flush for the batch instead of one a page, see
+/// `sys::zap_pages`), and their frames, freed only after that (a frame's staging
+/// page must be empty before the frame can be staged again). On the stack of the
+/// evicting thread: no allocation. Every holder flushes it before it returns.
+pub(crate) struct ZapBatch {
+    addrs: [u64; ZAP_BATCH],
+    pfns: [u32; ZAP_BATCH],
+    n: usize,
+}
+
+const ZAP_BATCH: usize = 64;
+
+impl ZapBatch {
+    pub(crate) fn new() -> ZapBatch {
+        ZapBatch {
+            addrs: [0; ZAP_BATCH],
+            pfns: [0; ZAP_BATCH],
+            n: 0,
+        }
+    }
+
+    /// Adds a staging page and its frame (whose lock the caller holds); false when
+    /// the batch is full (callers flush before taking a frame lock when `full`).
+    fn push(&mut self, st: u64, pfn: Pfn) -> bool {
+        if self.n == ZAP_BATCH {
+            return false;
+        }
+        self.addrs[self.n] = st;
+        self.pfns[self.n] = pfn.0;
+        self.n += 1;
+        true
+    }
+
+    pub(crate) fn full(&self) -> bool {
+        self.n == ZAP_BATCH
+    }
+
+    /// Drops the staging pages and frees their frames. No frame lock held.
+    pub(crate) fn flush(&mut self, eng: &Engine) {
+        if self.n == 0 {
+            return;
+        }
+        // SAFETY: staging pages of evicted pages: their entries say `Swapped` and
+        // their frames are not reused before the free below.
+        unsafe { crate::sys::zap_pages(&self.addrs[..self.n]) };
+        for &p in &self.pfns[..self.n] {
+            eng.frames.free(Pfn(p));
+        }
+        self.n = 0;
+    }
 }
 
 /// Runs on a page-I/O thread: writes request `i` and completes it. For a device
@@ -399,6 +487,17 @@ fn evict_locked(eng: &Engine, d: &PageDesc, pfn: Pfn, sw: u64) -> bool {
 /// of adjacent slots in one request (slots are handed out sequentially, so a
 /// batch of page-outs is mostly one run). No allocation: the batch is on the stack.
 pub(crate) fn complete_writeback(eng: &Engine, i: u32) {
+    let mut zap = ZapBatch::new();
+    complete_batch(eng, i, &mut zap);
+    if zap.n > 0 {
+        zap.flush(eng);
+        eng.frames.notify_waiters();
+    }
+}
+
+/// `complete_writeback`'s body: at most `BATCH` completions, so `zap` (64) never
+/// fills.
+fn complete_batch(eng: &Engine, i: u32, zap: &mut ZapBatch) {
     const BATCH: usize = 32;
     let entry = |i: u32| Pte::decode(eng.io.reqs[i as usize].entry.load(Ordering::Relaxed));
     let Pte::Swapped(e) = entry(i) else {
@@ -409,7 +508,7 @@ pub(crate) fn complete_writeback(eng: &Engine, i: u32) {
     let dev = match eng.swap.get(e.dev) {
         Some(dev) if dev.dev.merges_writes() => dev,
         // A network device (or one removed meanwhile): one request per page.
-        _ => return complete_one(eng, i),
+        _ => return complete_one(eng, i, zap),
     };
     let mut batch = [(0u64, 0u32); BATCH];
     batch[0] = (e.slot, i);
@@ -422,7 +521,7 @@ pub(crate) fn complete_writeback(eng: &Engine, i: u32) {
                 n += 1;
             }
             // Another device: on its own.
-            _ => complete_one(eng, j),
+            _ => complete_one(eng, j, zap),
         }
     }
     let batch = &mut batch[..n];
@@ -440,14 +539,14 @@ pub(crate) fn complete_writeback(eng: &Engine, i: u32) {
         }
         let ok = dev.write_run(batch[k].0, &bufs[..run]).is_ok();
         for &(_, j) in &batch[k..k + run] {
-            finish_writeback(eng, j, ok);
+            finish_writeback(eng, j, ok, zap);
         }
         k += run;
     }
 }
 
 /// Writes one request on its own and completes it.
-fn complete_one(eng: &Engine, i: u32) {
+fn complete_one(eng: &Engine, i: u32, zap: &mut ZapBatch) {
     let ev = eng.io.reqs[i as usize].entry.load(Ordering::Relaxed);
     let ok = match Pte::decode(ev) {
         Pte::Swapped(e) => eng.swap.get(e.dev).is_some_and(|dev| {
@@ -456,11 +555,11 @@ fn complete_one(eng: &Engine, i: u32) {
         }),
         _ => false,
     };
-    finish_writeback(eng, i, ok);
+    finish_writeback(eng, i, ok, zap);
 }
 
 /// The completion of request `i`, whose write succeeded (`ok`) or failed.
-fn finish_writeback(eng: &Engine, i: u32, ok: bool) {
+fn finish_writeback(eng: &Engine, i: u32, ok: bool, zap: &mut ZapBatch) {
     let rq = &eng.io.reqs[i as usize];
     let pfn = Pfn(rq.pfn.load(Ordering::Relaxed));
     let epoch = rq.epoch.load(Ordering::Relaxed);
@@ -492,10 +591,15 @@ fn finish_writeback(eng: &Engine, i: u32, ok: bool) {
                 d.swap.store(ev, Ordering::Relaxed);
                 // Reclaim chose this page; drop it now unless it was used since or
                 // memory is no longer short.
-                freed = eng.frames.free_count() < eng.frames.wmark[2]
+                let evicted = if eng.frames.free_count() < eng.frames.wmark[2]
                     && bits & (P_ACCESSED | P_EXCL | P_SHARED) == 0
-                    && evict_locked(eng, d, pfn, ev);
-                if !freed {
+                {
+                    evict_locked(eng, d, pfn, ev, zap)
+                } else {
+                    None
+                };
+                freed = evicted == Some(Release::Now);
+                if evicted.is_none() {
                     unlock_mappings(eng, d, pfn, 0, 0);
                 }
             }
