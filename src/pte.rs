@@ -83,6 +83,14 @@ pub(crate) const P_COW: u64 = 1 << 10;
 /// `P_COW` is free there): the page is out of the program's mapping, in its frame's
 /// slot of the staging area, to see whether it is used (see `mm::transparent`).
 pub(crate) const P_STAGED: u64 = P_COW;
+/// Present entry of a transparent page: how many more visits of the reclaim hand
+/// the page is spared before it is staged again (0–3), raised each time a staged
+/// page is used again. Kept in the low bits of the version, which a transparent
+/// page does not use (the program reads its bytes directly, never through the
+/// entry's sequence lock).
+pub(crate) const P_HEAT: u64 = 3 << VER_SHIFT;
+/// One unit of `P_HEAT`.
+pub(crate) const P_HEAT_ONE: u64 = 1 << VER_SHIFT;
 const VER_SHIFT: u32 = 11;
 const VER_MASK: u64 = ((1 << 25) - 1) << VER_SHIFT;
 const PFN_SHIFT: u32 = 36;

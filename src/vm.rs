@@ -244,9 +244,9 @@ impl Vm {
         // queued in one sweep is dropped by its completion or by a later sweep.
         // Bounded work: a page needs about three visits of the clock hand (clear its
         // reference bit, queue it, drop it; a transparent page one more, to stage
-        // it), so this is plenty unless pages cannot go
+        // it, and spare it while it is hot), so this is plenty unless pages cannot go
         // (pinned, swap full, or page-out failing).
-        let limit = 8 * (n + pages);
+        let limit = 16 * (n + pages);
         let mut scanned = 0;
         let mut idle = 0;
         let mut progress = 0;

@@ -52,8 +52,8 @@ use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::frame::AllocCtx;
 use crate::pte::{
-    lock_present, try_lock_present, unlock_entry, Pte, BUSY, EMPTY, P_ACCESSED, P_DIRTY, P_LOCK,
-    P_STAGED,
+    lock_present, try_lock_present, unlock_entry, Pte, BUSY, EMPTY, P_ACCESSED, P_DIRTY, P_HEAT,
+    P_HEAT_ONE, P_LOCK, P_STAGED,
 };
 use crate::stats::Counters;
 use crate::sync::raw::AtomicU8;
@@ -526,8 +526,9 @@ impl TRegion {
             unlock_entry(pte, 0, 0);
             return Err(Error::Io(e));
         }
-        let set = P_ACCESSED | if write { P_DIRTY } else { 0 };
-        unlock_entry(pte, P_STAGED, set);
+        let heat = ((v & P_HEAT) + P_HEAT_ONE).min(P_HEAT);
+        let set = P_ACCESSED | heat | if write { P_DIRTY } else { 0 };
+        unlock_entry(pte, P_STAGED | P_HEAT, set);
         if write {
             self.hint(page).store(WRITE_HINT, Ordering::Relaxed);
         }

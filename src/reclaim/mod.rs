@@ -33,8 +33,8 @@ use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::frame::{AllocCtx, PageDesc, F_INUSE, F_TRANSPARENT, F_WRITEBACK};
 use crate::pte::{
-    lock_present, try_lock_present, unlock_entry, Pte, P_ACCESSED, P_DIRTY, P_EXCL, P_LOCK,
-    P_SHARED, P_STAGED,
+    lock_present, try_lock_present, unlock_entry, Pte, P_ACCESSED, P_DIRTY, P_EXCL, P_HEAT,
+    P_HEAT_ONE, P_LOCK, P_SHARED, P_STAGED,
 };
 use crate::stats::Counters;
 use crate::swap::NoSlot;
@@ -161,7 +161,15 @@ fn reclaim_frame(eng: &Engine, pfn: Pfn, r: &mut ScanResult, zap: &mut ZapBatch)
     // A transparent page not used since it was last looked at leaves the program's
     // mapping for its staging page first; only if it is still unused when the hand
     // comes back is it dropped (see `mm::transparent`, "Knowing what is hot").
-    let staged = transparent && entry_bits(eng, d, pfn) & P_STAGED != 0;
+    let bits = entry_bits(eng, d, pfn);
+    let staged = transparent && bits & P_STAGED != 0;
+    if transparent && !staged && bits & P_HEAT != 0 {
+        // Used again after its last staging: spared this visit (GCLOCK).
+        unlock_mappings(eng, d, pfn, P_HEAT, (bits & P_HEAT) - P_HEAT_ONE);
+        d.unlock();
+        r.staged += 1;
+        return;
+    }
     if transparent && !staged && stage(eng, d, pfn) {
         unlock_mappings(eng, d, pfn, 0, P_STAGED);
         d.unlock();
