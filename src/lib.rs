@@ -75,9 +75,10 @@
 //! - Nothing allocates from the budget under a frame lock or an entry lock
 //!   (invariant 4).
 //! - The one exception to "short, never blocking" for the frame and entry locks:
-//!   a transparent page is write-protected (`UFFDIO_WRITEPROTECT`) or dropped from
-//!   its mapping (`MADV_DONTNEED`) with them held, so the program cannot change or
-//!   refault it half-way. Those are system calls on our own mapping, not device
+//!   a transparent page is write-protected (`UFFDIO_WRITEPROTECT`), staged or
+//!   brought back (`UFFDIO_MOVE`, `UFFDIO_COPY`) or dropped from its mapping
+//!   (`MADV_DONTNEED`) with them held, so the program cannot change or refault it
+//!   half-way. Those are system calls on our own mapping, not device
 //!   I/O; they may wait for the kernel's mmap lock, never for a lock of ours.
 
 #![warn(missing_docs)]

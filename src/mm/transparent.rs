@@ -11,29 +11,38 @@
 //! faults (MISSING), the handler takes a frame from the budget as the page's token,
 //! maps a zero page with `UFFDIO_COPY` and publishes the entry present and dirty.
 //! Reclaim treats the frame as any other (`F_TRANSPARENT` tells it where the bytes
-//! are): a dirty page is write-protected (`UFFDIO_WRITEPROTECT`), copied into a
-//! page-out request and written by a page-I/O thread; a clean page with a valid copy
-//! is dropped from the mapping (`MADV_DONTNEED`) and its entry becomes `Swapped`. The
-//! next touch faults (MISSING) and the handler reads the slot (checksum checked) into
-//! its own buffer and maps it write-protected (`UFFDIO_COPY_MODE_WP`), clean, keeping
-//! the copy. The first write to a clean page faults (WP): the handler marks the entry
-//! dirty and lifts the protection, holding the entry's lock meanwhile, so reclaim
-//! never sees a writable page as clean.
+//! are; see "Knowing what is hot" for how it picks). The next touch of an evicted
+//! page faults (MISSING) and the handler reads the slot (checksum checked) into its
+//! own buffer and maps it write-protected (`UFFDIO_COPY_MODE_WP`), clean, keeping
+//! the copy — or writable and dirty on a write fault, or when the page's hint says
+//! it was written in one of its recent residencies (`WRITE_HINT`). The first write
+//! to a clean page faults (WP): the handler marks the entry dirty and lifts the
+//! protection, holding the entry's lock meanwhile, so reclaim never sees a writable
+//! page as clean.
 //!
 //! ## Knowing what is hot
-//! usermm does not see loads and stores to a transparent page. It learns dirtiness
-//! from write-protect faults (above) and recency from faults only: a page is marked
-//! referenced when it is faulted in, and the CLOCK hand clears that mark on its first
-//! pass and reclaims the page on the next, so transparent pages leave in roughly the
-//! order they came (FIFO with a second chance). Sampling (unmapping a page while
-//! keeping its copy, for a cheap refault) is not done yet.
+//! usermm does not see loads and stores, and an unprivileged process cannot read
+//! accessed bits. Dirtiness comes from write-protect faults (above). Recency comes
+//! from staging: when the reclaim hand finds a page not used since its last visit,
+//! it moves the page (`UFFDIO_MOVE`, no copy) out of the mapping into its frame's
+//! page of the staging area (`Staging`) and marks the entry `P_STAGED`; the frame
+//! stays. A touch faults (MISSING) and the handler brings it back without I/O
+//! (`unstage`: moved back if dirty, copied back write-protected if clean) and marks
+//! it referenced, raising its heat (`P_HEAT`, which spares it that many visits of
+//! the hand). A page still staged when the hand comes back is evicted from the
+//! staging page. Without `UFFDIO_MOVE` (or when the kernel refuses a move) a page is
+//! evicted in place: write-protected and copied if dirty, zapped if clean.
 //!
 //! ## Who serves faults
-//! One handler thread per Vm reads the descriptor (message mode, so faults the kernel
-//! takes inside system calls are served too) and resolves each fault itself: frame,
-//! device read into a preallocated buffer, `UFFDIO_COPY`. It allocates nothing from
-//! the heap on that path and takes no lock the faulting code could hold (the regions
-//! list is a leaf lock of ours, never held by program code).
+//! One handler thread per CPU this process may run on, pinned to it, all reading
+//! the one descriptor (message mode, so faults the kernel takes inside system calls
+//! are served too). Every handler is woken by a fault; the one on the faulting
+//! thread's CPU runs as soon as that thread sleeps (a local switch, a few µs, where
+//! a wake-up across CPUs costs tens in a VM), so it usually takes the message, and
+//! resolves it itself: frame, device read into its preallocated buffer,
+//! `UFFDIO_COPY`. It allocates nothing from the heap on that path and takes no lock
+//! the faulting code could hold (the regions list is a leaf lock of ours, never
+//! held by program code).
 //!
 //! When no frame or slot can be had or the device fails the read, the faulting
 //! thread gets SIGBUS, with a line on stderr, as the kernel does on a failed fault;
@@ -42,7 +51,12 @@
 //! ## Locking
 //! `Host::regions` (Mutex, leaf): held only to add, remove or look up a region. Entry
 //! bit locks and frame locks as in `crate::pte`/`crate::frame`; the handler holds an
-//! entry's `P_LOCK` across the `UFFDIO_WRITEPROTECT` that lifts the protection.
+//! entry's `P_LOCK` across the `UFFDIO_WRITEPROTECT` that lifts the protection and
+//! across the move or copy that brings a staged page back; reclaim holds the frame
+//! lock and the entry lock across the move that stages a page. A staging page is
+//! touched only by the holder of its frame's entry lock, or, to drop it, by the
+//! holder of its frame's lock or of the evicted frame itself (`reclaim::ZapBatch`:
+//! the frame is freed only after its staging page is gone).
 //! The `BUSY` claim is held across the frame allocation and the device read, as on
 //! the explicit fault path.
 
