@@ -205,6 +205,7 @@ impl Engine {
             wp_faults: l(&c.wp_faults),
             staged: l(&c.staged),
             staged_refaults: l(&c.staged_refaults),
+            read_around: l(&c.read_around),
             pswpin: l(&c.pswpin),
             pswpout: l(&c.pswpout),
             pgscan: l(&c.pgscan),

@@ -18,6 +18,7 @@ pub(crate) struct Counters {
     pub wp_faults: AtomicU64,
     pub staged_refaults: AtomicU64,
     pub staged: AtomicU64,
+    pub read_around: AtomicU64,
     pub write_errors: AtomicU64,
     pub read_errors: AtomicU64,
 }
@@ -78,6 +79,9 @@ pub struct Stats {
     pub staged: u64,
     /// Faults on staged pages (used again: moved back, no I/O).
     pub staged_refaults: u64,
+    /// Transparent pages read in the same request as a faulting neighbour (their
+    /// slots followed its slot), counted in `pswpin`.
+    pub read_around: u64,
     /// Page-out writes that failed (the pages stayed resident and dirty).
     pub write_errors: u64,
     /// Swap-in reads that failed or did not match their checksum.

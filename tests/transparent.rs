@@ -325,3 +325,41 @@ fn a_staged_page_used_again_keeps_its_later_writes() {
         );
     }
 }
+
+/// Read-around: pages evicted together (consecutive slots) come back in one read
+/// with the page that faulted, each checked against its checksum and holding its
+/// own bytes.
+#[test]
+fn neighbours_on_consecutive_slots_come_in_one_read() {
+    let Some((_d, vm)) = setup(1 << 20, 16 << 20) else {
+        return;
+    };
+    let pages = 128;
+    let r = vm.map_transparent(pages * PS).unwrap();
+    let at = |p: usize, w: usize| word(&r, p * PS / 8 + w);
+    for p in 0..pages {
+        at(p, 0).store(p as u64 * 7 + 1, Ordering::Relaxed);
+        at(p, 511).store(!(p as u64), Ordering::Relaxed);
+    }
+    assert!(vm.reclaim(pages) >= pages / 2, "{:?}", vm.stats());
+    let before = vm.stats();
+    for p in 0..pages {
+        assert_eq!(
+            at(p, 0).load(Ordering::Relaxed),
+            p as u64 * 7 + 1,
+            "page {p}"
+        );
+        assert_eq!(at(p, 511).load(Ordering::Relaxed), !(p as u64), "page {p}");
+    }
+    let after = vm.stats();
+    let majors = after.pgmajfault - before.pgmajfault;
+    let ins = after.pswpin - before.pswpin;
+    assert!(
+        after.read_around > before.read_around,
+        "no read-around: {after:?}"
+    );
+    assert!(
+        majors * 2 < ins,
+        "{majors} major faults for {ins} pages read: read-around did not batch"
+    );
+}

@@ -58,6 +58,12 @@ impl AlignedPages {
         // SAFETY: inside the mapping; `&mut self` makes the borrow exclusive.
         unsafe { std::slice::from_raw_parts_mut(self.ptr(i), PAGE_SIZE) }
     }
+    /// The first `n` pages, mutable, as one slice.
+    pub fn pages_mut(&mut self, n: usize) -> &mut [u8] {
+        assert!(n <= self.pages);
+        // SAFETY: inside the mapping; `&mut self` makes the borrow exclusive.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, n * PAGE_SIZE) }
+    }
     /// Bytes mapped.
     pub fn bytes(&self) -> usize {
         self.pages * PAGE_SIZE

@@ -84,6 +84,14 @@ const PS: u64 = PAGE_SIZE as u64;
 /// no longer written.
 const WRITE_HINT: u8 = 3;
 
+/// At most this many pages after a swapped-in page come in the same read when their
+/// slots follow its slot on the same device (they were evicted together, so they
+/// are likely used together: the kernel's swap cluster read, `page-cluster` 3).
+/// Only with frames free above the low watermark (never reclaiming for them); each
+/// comes in clean, keeping its copy, so an unused one costs a frame until the hand
+/// drops it.
+const READ_AROUND: usize = 7;
+
 /// The per-Vm part: one descriptor and one handler thread for all regions.
 #[derive(Debug)]
 pub(crate) struct Host {
@@ -210,7 +218,7 @@ impl Host {
             let h = host.clone();
             // Preallocated here: the zero page and the read buffer of each handler.
             let zero = AlignedPages::new(1)?;
-            let bounce = AlignedPages::new(1)?;
+            let bounce = AlignedPages::new(1 + READ_AROUND)?;
             let spawned = std::thread::Builder::new()
                 .name(format!("usermm-uffd-{cpu}"))
                 .spawn(move || {
@@ -491,6 +499,87 @@ impl TRegion {
         }
     }
 
+    /// Claims (`BUSY`) up to `READ_AROUND` pages after `page` whose entries are
+    /// swapped on `e`'s device at the slots right after `e`'s, each with a free frame
+    /// taken without reclaim; stops at the first that does not qualify. Records each
+    /// claimed page's old entry and frame in `ra`; returns how many.
+    fn claim_around(
+        &self,
+        page: u64,
+        e: crate::addr::SwapEntry,
+        ra: &mut [(u64, crate::addr::Pfn); READ_AROUND],
+    ) -> usize {
+        let eng = &*self.eng;
+        let mut n = 0;
+        while n < READ_AROUND {
+            let q = page + (n as u64 + 1) * PS;
+            if q >= self.base + self.len || eng.frames.free_count() <= eng.frames.wmark[1] {
+                break;
+            }
+            let qp = self.entry(q);
+            let qv = qp.load(Ordering::Acquire);
+            match Pte::decode(qv) {
+                Pte::Swapped(f) if f.dev == e.dev && f.slot == e.slot + n as u64 + 1 => {}
+                _ => break,
+            }
+            if qp
+                .compare_exchange(qv, BUSY, Ordering::AcqRel, Ordering::Relaxed)
+                .is_err()
+            {
+                break;
+            }
+            let Some(qpfn) = eng.frames.alloc(AllocCtx::Normal) else {
+                qp.store(qv, Ordering::Release);
+                break;
+            };
+            token_only(eng, qpfn);
+            ra[n] = (qv, qpfn);
+            n += 1;
+        }
+        n
+    }
+
+    /// Gives back the claims of `claim_around` from the `from`-th on: entries as
+    /// they were, frames freed.
+    fn unclaim_around(&self, page: u64, ra: &[(u64, crate::addr::Pfn)], from: usize) {
+        for (i, &(qv, qpfn)) in ra.iter().enumerate().skip(from) {
+            self.eng.frames.free(qpfn);
+            self.entry(page + (i as u64 + 1) * PS)
+                .store(qv, Ordering::Release);
+        }
+    }
+
+    /// Maps the pages read with `page` (in `bounce` after it): each checked against
+    /// its checksum, mapped clean and protected, keeping its copy. One that fails
+    /// its check or cannot be mapped stays on swap, and so do those after it.
+    fn map_around(
+        &self,
+        page: u64,
+        e: crate::addr::SwapEntry,
+        dev: &crate::swap::SwapDevice,
+        bounce: &AlignedPages,
+        ra: &[(u64, crate::addr::Pfn)],
+    ) {
+        let eng = &*self.eng;
+        for (i, &(qv, qpfn)) in ra.iter().enumerate() {
+            let q = page + (i as u64 + 1) * PS;
+            let ok = dev.verify(e.slot + i as u64 + 1, bounce.page(i + 1)).is_ok()
+                // SAFETY: page i + 1 of the bounce buffer is ours, PAGE_SIZE long.
+                && matches!(
+                    unsafe { self.uffd.copy(q, bounce.ptr(i + 1), PS, uffd::COPY_WP) },
+                    Ok(true)
+                );
+            if !ok {
+                self.unclaim_around(page, ra, i);
+                return;
+            }
+            eng.transparent_out.fetch_sub(1, Ordering::Relaxed);
+            eng.install_transparent(self.entry(q), qpfn, q, qv, false);
+            Counters::inc(&eng.cnt.pswpin);
+            Counters::inc(&eng.cnt.read_around);
+        }
+    }
+
     /// Brings a staged page back, if it still is staged.
     fn missing_fault_staged(&self, pte: &AtomicU64, page: u64) -> Result<()> {
         loop {
@@ -626,17 +715,29 @@ impl TRegion {
                         }
                     };
                     token_only(eng, pfn);
-                    let dev = eng.swap.get(e.dev);
-                    let read = match &dev {
-                        Some(d) => d.read(e.slot, bounce.page_mut(0)),
-                        None => Err(Error::Device {
+                    let Some(dev) = eng.swap.get(e.dev) else {
+                        eng.frames.free(pfn);
+                        pte.store(v, Ordering::Release);
+                        Counters::inc(&eng.cnt.read_errors);
+                        return Err(Error::Device {
                             dev: String::new(),
                             source: std::io::Error::from(std::io::ErrorKind::NotFound),
-                        }),
+                        });
                     };
+                    let keeps = eng.keeps_swap_copy(&dev);
+                    // Claim the pages whose slots follow (see `READ_AROUND`).
+                    let mut ra = [(0u64, crate::addr::Pfn(0)); READ_AROUND];
+                    let mut nra = 0;
+                    if keeps {
+                        nra = self.claim_around(page, e, &mut ra);
+                    }
+                    let read = dev
+                        .read_span(e.slot, bounce.pages_mut(1 + nra))
+                        .and_then(|()| dev.verify(e.slot, bounce.page(0)));
                     if let Err(err) = read {
                         eng.frames.free(pfn);
                         pte.store(v, Ordering::Release);
+                        self.unclaim_around(page, &ra[..nra], 0);
                         Counters::inc(&eng.cnt.read_errors);
                         return Err(err);
                     }
@@ -652,13 +753,14 @@ impl TRegion {
                     } else if h > 0 {
                         hint.store(h - 1, Ordering::Relaxed);
                     }
-                    let keep = !written && dev.as_ref().is_some_and(|d| eng.keeps_swap_copy(d));
+                    let keep = !written && keeps;
                     let mode = if keep { uffd::COPY_WP } else { 0 };
                     // SAFETY: the bounce page is ours and PAGE_SIZE long.
                     let mapped = unsafe { self.uffd.copy(page, bounce.ptr(0), PS, mode) };
                     if let Err(err) = mapped {
                         eng.frames.free(pfn);
                         pte.store(v, Ordering::Release);
+                        self.unclaim_around(page, &ra[..nra], 0);
                         return Err(Error::Io(err));
                     }
                     eng.transparent_out.fetch_sub(1, Ordering::Relaxed);
@@ -668,6 +770,7 @@ impl TRegion {
                         eng.install_transparent(pte, pfn, page, 0, true);
                         eng.swap.put(e);
                     }
+                    self.map_around(page, e, &dev, bounce, &ra[..nra]);
                     Counters::inc(&eng.cnt.pgfault);
                     Counters::inc(&eng.cnt.pgmajfault);
                     Counters::inc(&eng.cnt.pswpin);

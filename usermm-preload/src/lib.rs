@@ -254,7 +254,7 @@ extern "C" fn print_stats() {
     let Some(vm) = VM.get() else { return };
     let s = vm.stats();
     let line = format!(
-        "usermm exec: pid {} budget {} frames: faults {} (major {}), write-protect faults {}, staged {} (used again {}), \
+        "usermm exec: pid {} budget {} frames: faults {} (major {}), write-protect faults {}, staged {} (used again {}), read-around {}, \
          pswpin {}, pswpout {}, scanned {}, reclaimed {}, direct reclaim {}, \
          read errors {}, write errors {}\n",
         std::process::id(),
@@ -264,6 +264,7 @@ extern "C" fn print_stats() {
         s.wp_faults,
         s.staged,
         s.staged_refaults,
+        s.read_around,
         s.pswpin,
         s.pswpout,
         s.pgscan,
