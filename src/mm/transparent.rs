@@ -563,12 +563,14 @@ impl TRegion {
         let eng = &*self.eng;
         for (i, &(qv, qpfn)) in ra.iter().enumerate() {
             let q = page + (i as u64 + 1) * PS;
-            let ok = dev.verify(e.slot + i as u64 + 1, bounce.page(i + 1)).is_ok()
-                // SAFETY: page i + 1 of the bounce buffer is ours, PAGE_SIZE long.
-                && matches!(
-                    unsafe { self.uffd.copy(q, bounce.ptr(i + 1), PS, uffd::COPY_WP) },
-                    Ok(true)
-                );
+            let ok = dev
+                .verify(e.slot + i as u64 + 1, bounce.page(i + 1))
+                .is_ok()
+                && {
+                    // SAFETY: page i + 1 of the bounce buffer is ours, PAGE_SIZE long.
+                    let mapped = unsafe { self.uffd.copy(q, bounce.ptr(i + 1), PS, uffd::COPY_WP) };
+                    matches!(mapped, Ok(true))
+                };
             if !ok {
                 self.unclaim_around(page, ra, i);
                 return;
