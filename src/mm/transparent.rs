@@ -15,7 +15,8 @@
 //! page faults (MISSING) and the handler reads the slot (checksum checked) into its
 //! own buffer and maps it write-protected (`UFFDIO_COPY_MODE_WP`), clean, keeping
 //! the copy — or writable and dirty on a write fault, or when the page's hint says
-//! it was written in one of its recent residencies (`WRITE_HINT`). The first write
+//! it was written in one of its recent residencies (`WRITE_HINT`); the pages after
+//! it whose slots follow its slot come in the same read (`READ_AROUND`). The first write
 //! to a clean page faults (WP): the handler marks the entry dirty and lifts the
 //! protection, holding the entry's lock meanwhile, so reclaim never sees a writable
 //! page as clean.
