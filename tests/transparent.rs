@@ -363,3 +363,60 @@ fn neighbours_on_consecutive_slots_come_in_one_read() {
         "{majors} major faults for {ins} pages read: read-around did not batch"
     );
 }
+
+/// A swap device that fails the read of an evicted page: the faulting thread gets
+/// SIGBUS with a line on stderr that names the device, never zeros. In a child
+/// process, as above.
+#[test]
+fn a_failed_swap_in_is_sigbus_naming_the_device() {
+    use usermm::device::{faulty::FaultyDevice, file::FileDevice};
+    if std::env::var("USERMM_DEVFAIL_CHILD").is_ok() {
+        let dir = tempfile::tempdir().unwrap();
+        let vm = Vm::new(Config::default().memory_budget(1 << 20)).unwrap();
+        let file =
+            FileDevice::open(&dir.path().join("swap"), Some(16 << 20), "failing-disk").unwrap();
+        let dev = Arc::new(FaultyDevice::new(Arc::new(file)));
+        vm.swapon_device(dev.clone(), 0).unwrap();
+        let pages = 512;
+        let r = vm.map_transparent(pages * PS).unwrap();
+        for p in 0..pages {
+            word(&r, p * PS / 8).store(p as u64 + 1, Ordering::Relaxed);
+        }
+        vm.reclaim(pages);
+        eprintln!("CHILD: device {}", vm.swaps()[0].name);
+        dev.set_fail_reads(true);
+        let mut sum = 0;
+        for p in 0..pages {
+            sum += word(&r, p * PS / 8).load(Ordering::Relaxed);
+        }
+        println!("CHILD: read every page, sum {sum} (should not happen)");
+        return;
+    }
+    if setup(1 << 20, 16 << 20).is_none() {
+        return;
+    }
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "a_failed_swap_in_is_sigbus_naming_the_device",
+            "--nocapture",
+        ])
+        .env("USERMM_DEVFAIL_CHILD", "1")
+        .output()
+        .unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGBUS),
+        "child status {:?}\nstdout: {}\nstderr: {stderr}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(
+        stderr.contains(
+            "usermm: transparent page fault failed: swap device faulty(failing-disk) failed"
+        ),
+        "no line naming the device: {stderr}"
+    );
+}

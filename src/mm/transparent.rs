@@ -427,13 +427,19 @@ fn sigbus(tid: u32, e: &Error) {
     let msg: &[u8] = match e {
         Error::OutOfMemory => b"usermm: transparent page fault failed: out of memory (no frame can be reclaimed); SIGBUS\n",
         Error::OutOfSwap => b"usermm: transparent page fault failed: memory and every swap device are full; SIGBUS\n",
-        Error::Device { .. } => b"usermm: transparent page fault failed: a swap device failed the read; SIGBUS\n",
+        Error::Device { .. } => b"usermm: transparent page fault failed: swap device ",
         _ => b"usermm: transparent page fault failed; SIGBUS\n",
     };
-    // SAFETY: writing a static buffer to stderr; sending a signal to a thread of this
-    // process (tid from the fault message; 0 means unknown: the process).
+    // SAFETY: writing static buffers and the error's own bytes to stderr (no
+    // allocation); sending a signal to a thread of this process (tid from the fault
+    // message; 0 means unknown: the process).
     unsafe {
         libc::write(2, msg.as_ptr().cast(), msg.len());
+        if let Error::Device { dev, .. } = e {
+            let tail: &[u8] = b" failed the read (or timed out); SIGBUS\n";
+            libc::write(2, dev.as_ptr().cast(), dev.len());
+            libc::write(2, tail.as_ptr().cast(), tail.len());
+        }
         if tid != 0 {
             libc::syscall(
                 libc::SYS_tgkill,
