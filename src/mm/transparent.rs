@@ -46,6 +46,7 @@
 //! The `BUSY` claim is held across the frame allocation and the device read, as on
 //! the explicit fault path.
 
+use super::transparent_fork::Foreign;
 use crate::addr::PAGE_SIZE;
 use crate::device::AlignedPages;
 use crate::engine::Engine;
@@ -63,10 +64,10 @@ const PS: u64 = PAGE_SIZE as u64;
 /// The per-Vm part: one descriptor and one handler thread for all regions.
 #[derive(Debug)]
 pub(crate) struct Host {
-    eng: Arc<Engine>,
-    uffd: Arc<Uffd>,
+    pub(super) eng: Arc<Engine>,
+    pub(super) uffd: Arc<Uffd>,
     /// Live regions, by start address. Protected by its mutex (a leaf).
-    regions: Mutex<Vec<Arc<TRegion>>>,
+    pub(super) regions: Mutex<Vec<Arc<TRegion>>>,
     /// Written once to stop the handler.
     stop: OwnedFd,
     /// The handler thread (joined when the Vm goes).
@@ -76,16 +77,23 @@ pub(crate) struct Host {
 /// One transparent region.
 #[derive(Debug)]
 pub(crate) struct TRegion {
-    base: u64,
-    len: u64,
+    pub(super) base: u64,
+    pub(super) len: u64,
     /// One entry per page (`crate::pte` encoding), in a mapping of their own: zeroed
     /// (`EMPTY`) by the kernel and resident only where touched, so a 64 GiB region
     /// costs metadata only for the pages it uses. Each entry is protected by its own
     /// bit lock / claim.
     entries: AlignedPages,
-    npages: usize,
-    eng: Arc<Engine>,
+    pub(super) npages: usize,
+    pub(super) eng: Arc<Engine>,
     uffd: Arc<Uffd>,
+    /// One past the highest page index ever filled (relaxed; raised by the handler
+    /// before it publishes a page): a process fork scans entries below it only
+    /// (`mm::transparent_fork`).
+    pub(super) hi: AtomicU64,
+    /// In a forked child of `usermm exec`: the pages its parent had on swap, read
+    /// from the parent's slots on first touch (`mm::transparent_fork`). Immutable.
+    pub(super) foreign: Option<Box<Foreign>>,
 }
 
 impl Host {
@@ -188,13 +196,29 @@ impl Host {
             unsafe { libc::munmap(p, len as usize) };
             return Err(Error::Io(e));
         }
+        self.insert(base, len, entries, None, vm)
+    }
+
+    /// Makes the region over `[base, base + len)`, a mapping registered with this
+    /// host's descriptor, and lists it (`map`, and `transparent_fork::adopt` in a
+    /// forked child).
+    pub(super) fn insert(
+        self: &Arc<Host>,
+        base: u64,
+        len: u64,
+        entries: AlignedPages,
+        foreign: Option<Box<Foreign>>,
+        vm: Arc<dyn std::any::Any + Send + Sync>,
+    ) -> Result<TransparentRegion> {
         let r = Arc::new(TRegion {
             base,
             len,
             entries,
-            npages: pages,
+            npages: (len / PS) as usize,
             eng: self.eng.clone(),
             uffd: self.uffd.clone(),
+            hi: AtomicU64::new(0),
+            foreign,
         });
         {
             let mut list = self.regions.lock();
@@ -277,7 +301,7 @@ fn sigbus(tid: u32, e: &Error) {
 }
 
 impl TRegion {
-    fn entries(&self) -> &[AtomicU64] {
+    pub(super) fn entries(&self) -> &[AtomicU64] {
         // SAFETY: the mapping holds `npages` 8-byte, 8-aligned words, zeroed by the
         // kernel (a valid `AtomicU64` holding `EMPTY`), and lives as long as `self`;
         // it is only ever accessed atomically.
@@ -356,14 +380,31 @@ impl TRegion {
                         }
                     };
                     token_only(eng, pfn);
-                    // SAFETY: the zero page is ours and PAGE_SIZE long.
-                    let mapped = unsafe { self.uffd.copy(page, zero.ptr(0), PS, 0) };
+                    // A forked child: the page may be its parent's, on the parent's
+                    // swap (`mm::transparent_fork`); else a zero page.
+                    let idx = (page - self.base) / PS;
+                    let foreign = match super::transparent_fork::fill(self, idx, bounce) {
+                        Ok(f) => f,
+                        Err(e) => {
+                            eng.frames.free(pfn);
+                            pte.store(EMPTY, Ordering::Release);
+                            return Err(e);
+                        }
+                    };
+                    let src: &AlignedPages = if foreign.is_some() { bounce } else { zero };
+                    // Before the page is mapped, so a process fork that copies the
+                    // mapping copies a mark that covers it.
+                    self.hi.fetch_max(idx + 1, Ordering::SeqCst);
+                    // SAFETY: the zero page and the bounce page are ours and
+                    // PAGE_SIZE long.
+                    let mapped = unsafe { self.uffd.copy(page, src.ptr(0), PS, 0) };
                     if let Err(e) = mapped {
                         eng.frames.free(pfn);
                         pte.store(EMPTY, Ordering::Release);
                         return Err(Error::Io(e));
                     }
                     eng.install_transparent(pte, pfn, page, 0, true);
+                    super::transparent_fork::filled(self, foreign);
                     Counters::inc(&eng.cnt.pgfault);
                     return Ok(());
                 }
@@ -427,7 +468,7 @@ impl TRegion {
 /// A frame that only stands for a transparent page in the budget: its own memory is
 /// not used, so whatever an earlier page left there is given back to the kernel (the
 /// process's resident memory must not count the page twice).
-fn token_only(eng: &Engine, pfn: crate::addr::Pfn) {
+pub(super) fn token_only(eng: &Engine, pfn: crate::addr::Pfn) {
     if !eng.arena_used.load(Ordering::Relaxed) {
         // No frame ever held a page in the arena's own memory (only transparent pages
         // so far, as under `usermm exec`): its memory was never touched.
@@ -468,7 +509,7 @@ impl Drop for TRegion {
 #[derive(Debug)]
 pub struct TransparentRegion {
     host: Arc<Host>,
-    region: Arc<TRegion>,
+    pub(super) region: Arc<TRegion>,
     /// Keeps the Vm (and so the handler thread) alive while the region exists.
     _vm: Arc<dyn std::any::Any + Send + Sync>,
 }

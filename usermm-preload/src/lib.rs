@@ -32,9 +32,10 @@
 //! while holding it, which is fine: the fault handler never takes it.
 
 use std::alloc::{GlobalAlloc, Layout};
+use std::cell::UnsafeCell;
 use std::ffi::c_void;
 use std::ptr::{null_mut, NonNull};
-use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicPtr, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 
 extern "C" {
     fn __libc_malloc(size: usize) -> *mut c_void;
@@ -102,9 +103,97 @@ static GLOBAL: Glibc = Glibc;
 static STATE: AtomicU8 = AtomicU8::new(0);
 static BASE: AtomicUsize = AtomicUsize::new(0);
 static END: AtomicUsize = AtomicUsize::new(0);
-static HEAP: parking_lot::Mutex<Option<talc::Talc<talc::ErrOnOom>>> = parking_lot::Mutex::new(None);
-/// The Vm of the heap (kept for `fork`).
-static VM: std::sync::OnceLock<usermm::Vm> = std::sync::OnceLock::new();
+static HEAP: HeapLock = HeapLock {
+    word: AtomicU32::new(0),
+    talc: UnsafeCell::new(None),
+};
+/// The Vm of the heap: a leaked `Box`, set at start-up and replaced in a fork child
+/// (the old one is leaked too: its threads do not exist there).
+static VM: AtomicPtr<usermm::Vm> = AtomicPtr::new(null_mut());
+/// The settings a fork child needs for its own Vm (set once at start-up: the child
+/// must not read the environment, whose strings may be in the heap).
+static BUDGET: AtomicU64 = AtomicU64::new(0);
+static HEAP_LEN: AtomicU64 = AtomicU64::new(0);
+static SWAP_DIR: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+fn vm() -> Option<&'static usermm::Vm> {
+    let p = VM.load(Ordering::Acquire);
+    // SAFETY: a leaked `Box` (never freed), published with release.
+    (!p.is_null()).then(|| unsafe { &*p })
+}
+
+/// The heap's lock: a futex mutex (0 free, 1 locked, 2 locked with sleepers) whose
+/// whole state is one word, so a fork child (one thread) can reset it: a lock with
+/// sleepers must not be handed, in the child, to a thread that does not exist there.
+struct HeapLock {
+    word: AtomicU32,
+    talc: UnsafeCell<Option<talc::Talc<talc::ErrOnOom>>>,
+}
+
+// SAFETY: `talc` is only reached through a `HeapGuard`, which exists only while
+// `word` is held by this thread.
+unsafe impl Sync for HeapLock {}
+
+struct HeapGuard(&'static HeapLock);
+
+impl HeapLock {
+    fn lock(&'static self) -> HeapGuard {
+        for _ in 0..64 {
+            if self
+                .word
+                .compare_exchange(0, 1, Ordering::Acquire, Ordering::Relaxed)
+                .is_ok()
+            {
+                return HeapGuard(self);
+            }
+            std::hint::spin_loop();
+        }
+        while self.word.swap(2, Ordering::Acquire) != 0 {
+            // SAFETY: futex wait on our word while it is 2 (no timeout).
+            unsafe {
+                libc::syscall(
+                    libc::SYS_futex,
+                    self.word.as_ptr(),
+                    libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG,
+                    2,
+                    null_mut::<libc::timespec>(),
+                )
+            };
+        }
+        HeapGuard(self)
+    }
+}
+
+impl Drop for HeapGuard {
+    fn drop(&mut self) {
+        if self.0.word.swap(0, Ordering::Release) == 2 {
+            // SAFETY: futex wake of one sleeper on our word.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_futex,
+                    self.0.word.as_ptr(),
+                    libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG,
+                    1,
+                )
+            };
+        }
+    }
+}
+
+impl std::ops::Deref for HeapGuard {
+    type Target = Option<talc::Talc<talc::ErrOnOom>>;
+    fn deref(&self) -> &Self::Target {
+        // SAFETY: the lock is held (see `HeapLock`).
+        unsafe { &*self.0.talc.get() }
+    }
+}
+
+impl std::ops::DerefMut for HeapGuard {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        // SAFETY: the lock is held by this guard alone.
+        unsafe { &mut *self.0.talc.get() }
+    }
+}
 
 const HDR: usize = 16;
 
@@ -132,8 +221,6 @@ fn setup() -> Result<(), String> {
     let heap = env("USERMM_HEAP")
         .and_then(|v| parse_size(&v))
         .unwrap_or(64 << 30);
-    let vm = usermm::Vm::new(usermm::Config::default().memory_budget(budget as usize))
-        .map_err(|e| e.to_string())?;
     let specs: Vec<String> = env("USERMM_SWAP")
         .map(|s| {
             s.split('\n')
@@ -142,12 +229,49 @@ fn setup() -> Result<(), String> {
                 .collect()
         })
         .unwrap_or_default();
-    for s in &specs {
+    let dir = env("USERMM_SWAP_DIR").unwrap_or_else(|| "/var/tmp".into());
+    BUDGET.store(budget, Ordering::Relaxed);
+    HEAP_LEN.store(heap, Ordering::Relaxed);
+    let _ = SWAP_DIR.set(dir.clone());
+    let vm = new_vm(budget, heap, &specs, &dir)?;
+    let region = vm
+        .map_transparent(heap as usize)
+        .map_err(|e| e.to_string())?;
+    let base = region.as_ptr() as usize;
+    let len = region.len();
+    let mut t = talc::Talc::new(talc::ErrOnOom);
+    // SAFETY: the region is ours for the life of the process (leaked below) and
+    // nothing else uses it.
+    unsafe {
+        t.claim(talc::Span::from_base_size(base as *mut u8, len))
+            .map_err(|_| "the allocator could not take the heap region".to_string())?;
+    }
+    *HEAP.lock() = Some(t);
+    BASE.store(base, Ordering::Release);
+    END.store(base + len, Ordering::Release);
+    std::mem::forget(region);
+    VM.store(Box::into_raw(Box::new(vm)), Ordering::Release);
+    if env("USERMM_STATS").is_some_and(|v| !v.is_empty()) {
+        // Programs close stderr before exit (coreutils do): keep a copy.
+        // SAFETY: duplicating a descriptor; registering a plain function.
+        unsafe {
+            STATS_FD.store(libc::fcntl(2, libc::F_DUPFD_CLOEXEC, 64), Ordering::Relaxed);
+            libc::atexit(print_stats);
+        }
+    }
+    Ok(())
+}
+
+/// A Vm of `budget` bytes with the swap devices `specs`, or a temporary swap file of
+/// `heap` bytes in `dir` when there are none.
+fn new_vm(budget: u64, heap: u64, specs: &[String], dir: &str) -> Result<usermm::Vm, String> {
+    let vm = usermm::Vm::new(usermm::Config::default().memory_budget(budget as usize))
+        .map_err(|e| e.to_string())?;
+    for s in specs {
         let spec = usermm::SwapSpec::parse(s).map_err(|e| e.to_string())?;
         vm.swapon(spec).map_err(|e| e.to_string())?;
     }
     if specs.is_empty() {
-        let dir = env("USERMM_SWAP_DIR").unwrap_or_else(|| "/var/tmp".into());
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.subsec_nanos());
@@ -168,32 +292,7 @@ fn setup() -> Result<(), String> {
         let _ = std::fs::remove_file(&path);
         r.map_err(|e| e.to_string())?;
     }
-    let region = vm
-        .map_transparent(heap as usize)
-        .map_err(|e| e.to_string())?;
-    let base = region.as_ptr() as usize;
-    let len = region.len();
-    let mut t = talc::Talc::new(talc::ErrOnOom);
-    // SAFETY: the region is ours for the life of the process (leaked below) and
-    // nothing else uses it.
-    unsafe {
-        t.claim(talc::Span::from_base_size(base as *mut u8, len))
-            .map_err(|_| "the allocator could not take the heap region".to_string())?;
-    }
-    *HEAP.lock() = Some(t);
-    BASE.store(base, Ordering::Release);
-    END.store(base + len, Ordering::Release);
-    std::mem::forget(region);
-    let _ = VM.set(vm);
-    if env("USERMM_STATS").is_some_and(|v| !v.is_empty()) {
-        // Programs close stderr before exit (coreutils do): keep a copy.
-        // SAFETY: duplicating a descriptor; registering a plain function.
-        unsafe {
-            STATS_FD.store(libc::fcntl(2, libc::F_DUPFD_CLOEXEC, 64), Ordering::Relaxed);
-            libc::atexit(print_stats);
-        }
-    }
-    Ok(())
+    Ok(vm)
 }
 
 /// Where `--stats` writes (a copy of stderr made at start).
@@ -201,12 +300,13 @@ static STATS_FD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::ne
 
 /// `usermm exec --stats`: the heap's counters, one line, at exit.
 extern "C" fn print_stats() {
-    let Some(vm) = VM.get() else { return };
+    let Some(vm) = vm() else { return };
     let s = vm.stats();
     let line = format!(
         "usermm exec: pid {} budget {} frames: faults {} (major {}), write-protect faults {}, \
          pswpin {}, pswpout {}, scanned {}, reclaimed {}, direct reclaim {}, \
-         read errors {}, write errors {}\n",
+         read errors {}, write errors {}, swap used {} KiB, held for children {} pages, \
+         read from parent {} pages\n",
         std::process::id(),
         s.total_frames,
         s.pgfault,
@@ -218,7 +318,10 @@ extern "C" fn print_stats() {
         s.pgsteal,
         s.direct_reclaim,
         s.read_errors,
-        s.write_errors
+        s.write_errors,
+        s.swap_used.iter().map(|(_, b)| b).sum::<u64>() >> 10,
+        vm.fork_held_pages(),
+        vm.foreign_reads()
     );
     let fd = STATS_FD.load(Ordering::Relaxed);
     // SAFETY: writing our buffer to our copy of stderr.
@@ -353,6 +456,11 @@ pub unsafe extern "C" fn free(p: *mut c_void) {
         return;
     }
     if ours(p) {
+        if STATE.load(Ordering::Acquire) != 2 {
+            // A fork child setting its heap up (glibc freeing one of its blocks while
+            // starting threads): the heap may not be touched yet; the block leaks.
+            return;
+        }
         // SAFETY: a block of our heap, per the caller.
         unsafe { heap_free(p) }
     } else {
@@ -555,30 +663,124 @@ fn real_fork() -> libc::pid_t {
     }
 }
 
-/// `fork(2)`. The child gets a copy of the heap as it is mapped; the kernel does not
-/// carry the userfaultfd registration into it, so a page that is on swap at that
-/// moment would read as zeros there. So the fork happens with evictions frozen and
-/// only while no heap page is on swap; otherwise it fails with ENOMEM and a line on
-/// stderr (see the module header). The child runs on without a budget (its heap is
-/// plain memory); if it execs, the new program gets a usermm of its own.
+/// `fork(2)`: a child that does not exec sees exactly its parent's memory, pages
+/// that were on swap included, and has a budget of its own (see the module header
+/// and `usermm::mm::transparent_fork`).
+///
+/// Parent: the heap's lock is held across the fork (a thread of the parent may hold
+/// it; the child would inherit it held); `Vm::prepare_fork` freezes evictions,
+/// takes a slot reference for each heap page on swap and records where the child
+/// reads it. Child (one thread): malloc goes to glibc until its own Vm (same budget,
+/// a new temporary swap file: the parent's devices are the parent's) has adopted the
+/// heap; the old Vm is leaked (its threads do not exist here).
 #[no_mangle]
 pub extern "C" fn fork() -> libc::pid_t {
-    let Some(vm) = VM.get().filter(|_| ready()) else {
+    let Some(vm) = vm().filter(|_| ready()) else {
         return real_fork();
     };
-    let freeze = vm.freeze_transparent_eviction();
-    if vm.transparent_pages_out() > 0 {
-        drop(freeze);
-        say(
-            "this program called fork() while part of its heap is on swap; a child would \
-             not see those pages, so fork fails with ENOMEM (fork without exec under \
-             pressure is not supported yet)",
-        );
-        // SAFETY: setting errno.
-        unsafe { *libc::__errno_location() = libc::ENOMEM };
-        return -1;
-    }
+    let heap = HEAP.lock();
+    let ticket = match vm.prepare_fork(touch_stdio) {
+        Ok(t) => t,
+        Err(e) => {
+            drop(heap);
+            say(&format!(
+                "this program called fork() and the child could not be given its parent's \
+                 heap: {e}; fork fails with ENOMEM"
+            ));
+            // SAFETY: setting errno.
+            unsafe { *libc::__errno_location() = libc::ENOMEM };
+            return -1;
+        }
+    };
     let pid = real_fork();
-    drop(freeze);
+    if pid == 0 {
+        // Nothing may touch the heap until it is registered again: glibc serves.
+        STATE.store(1, Ordering::Release);
+        let table = ticket.child();
+        let budget = BUDGET.load(Ordering::Relaxed);
+        let len = HEAP_LEN.load(Ordering::Relaxed);
+        let dir = SWAP_DIR.get().map_or("/var/tmp", |d| d.as_str());
+        let adopted = new_vm(budget, len, &[], dir).and_then(|new| {
+            let regions = new.adopt_fork(table).map_err(|e| e.to_string())?;
+            std::mem::forget(regions);
+            Ok(new)
+        });
+        match adopted {
+            Ok(new) => VM.store(Box::into_raw(Box::new(new)), Ordering::Release),
+            Err(e) => {
+                say(&format!(
+                    "fork: the child cannot take its heap into a budget of its own: {e}"
+                ));
+                // SAFETY: ending the child; its heap is not readable.
+                unsafe { libc::_exit(125) };
+            }
+        }
+        // The only thread: the lock word is ours to reset (sleepers of the parent do
+        // not exist here).
+        std::mem::forget(heap);
+        HEAP.word.store(0, Ordering::Release);
+        STATE.store(2, Ordering::Release);
+        return 0;
+    }
+    // SAFETY: reading this thread's errno.
+    let errno = unsafe { *libc::__errno_location() };
+    drop(heap);
+    ticket.parent(pid);
+    // SAFETY: restoring this thread's errno (fork's, if it failed).
+    unsafe { *libc::__errno_location() = errno };
     pid
+}
+
+/// Brings in the heap pages of every open `FILE` (and its lock): glibc's fork
+/// resets each one's lock in the child (`fresetlockfiles`) before our wrapper runs
+/// there, so a page of one that was on swap would be filled with zeros by the kernel
+/// (the child's heap is not registered yet). Called with evictions frozen, so what
+/// it brings in stays until the fork.
+fn touch_stdio() {
+    #[cfg(all(target_env = "gnu", target_pointer_width = "64"))]
+    {
+        extern "C" {
+            fn _IO_list_lock();
+            fn _IO_list_unlock();
+            fn _IO_iter_begin() -> *mut c_void;
+            fn _IO_iter_end() -> *mut c_void;
+            fn _IO_iter_next(i: *mut c_void) -> *mut c_void;
+            fn _IO_iter_file(i: *mut c_void) -> *mut c_void;
+        }
+        /// `sizeof(FILE)` with its jump-table pointer, and where `_lock` is in it
+        /// (glibc's public `struct _IO_FILE` layout on 64-bit targets).
+        const FILE_BYTES: usize = 224;
+        const LOCK_AT: usize = 136;
+        fn touch(p: *const u8, len: usize) {
+            if !ours(p as *mut c_void) {
+                return;
+            }
+            let mut a = p as usize & !4095;
+            while a < p as usize + len {
+                // SAFETY: a page of our heap region, mapped for the life of the
+                // process; a read brings it in.
+                unsafe { std::ptr::read_volatile(a.max(p as usize) as *const u8) };
+                a += 4096;
+            }
+        }
+        // SAFETY: glibc's own iteration over its list of streams, under its lock (as
+        // `fresetlockfiles` does); each element is a live FILE.
+        unsafe {
+            _IO_list_lock();
+            let end = _IO_iter_end();
+            let mut i = _IO_iter_begin();
+            let mut n = 0;
+            while i != end && n < 1 << 16 {
+                let f = _IO_iter_file(i) as *const u8;
+                touch(f, FILE_BYTES);
+                let lock = std::ptr::read_volatile(f.add(LOCK_AT) as *const *const u8);
+                if !lock.is_null() {
+                    touch(lock, 16);
+                }
+                i = _IO_iter_next(i);
+                n += 1;
+            }
+            _IO_list_unlock();
+        }
+    }
 }

@@ -1,0 +1,561 @@
+//! Process fork of transparent regions: what `usermm exec`'s `fork()` wrapper uses so
+//! that a child that does not exec sees exactly its parent's memory, pages that were
+//! on swap included, under a budget of its own.
+//!
+//! Owns: `ForkPrep` (the parent's side of one fork: the slot references taken for
+//! the child, the table the child reads, the pipe that says when the child is done),
+//! `ForkChild` (that table, carried into the child), `Foreign` (the child's side: the
+//! table as its fault handler consults it) and `Keepers` (the descriptors whose
+//! closing tells the ancestors that their slots are no longer needed).
+//!
+//! ## Why
+//! The kernel does not carry userfaultfd registration into a fork child (without
+//! `UFFD_FEATURE_EVENT_FORK`): in the child a page that was on swap in the parent is
+//! simply missing from an unregistered anonymous mapping, and reads as zeros. So the
+//! child must register the heap with a descriptor of its own (a new Vm: the budget
+//! is per process) and know, for every such page, where its bytes are.
+//!
+//! ## Parent (`prepare`, then `ForkPrep::parent`)
+//! With transparent evictions frozen (`Vm::freeze_transparent_eviction`: a page
+//! resident at the scan is still resident when the kernel copies the mapping), every
+//! entry below the region's high mark is read. A `Swapped` entry is claimed `BUSY`
+//! for a moment (as `mm::entry::copy_entry` does) while its slot gets one more
+//! reference, so the parent never frees or rewrites that slot while the child may
+//! read it; the record is (page, the device's shared descriptor, the slot's byte
+//! offset, its checksum). A slot on a device that has no shared descriptor (NBD,
+//! mirror: a socket cannot be shared by two processes) refuses the fork. A pipe
+//! (both ends `O_CLOEXEC`) carries no data: the child keeps the write end; a thread
+//! of the parent (`usermm-forkwait`, one per live child that holds references) reads
+//! until EOF — the child exited, exec'd, or has taken every page it needed — and then
+//! drops the references. It is the only thread that waits for the child; faults
+//! never wait for it.
+//!
+//! ## Child (`ForkPrep::child`, then `adopt` on a new Vm)
+//! The parent's threads do not exist in the child and its locks may have been held
+//! by them: the child never calls into the old Vm; it reads only the table built
+//! before the fork and the old regions' high marks (atomics). It closes the old
+//! descriptor, registers each region with the new Vm's userfaultfd (missing and
+//! write-protect) and then asks the kernel (`mincore`) which pages its mapping holds:
+//! each one gets a token frame in the new budget, dirty (fork cleared the pages'
+//! write-protect bits, so the child may write them unnoticed; the parent's swap copy
+//! is not the child's). Every other page is missing: a page with a record is
+//! "foreign" and its first fault reads it with `pread` from the recorded descriptor
+//! into the handler's buffer, checks the checksum and maps it dirty; the rest are
+//! zero pages as usual. The records are a sorted boxed slice, looked up by binary
+//! search with a "taken" flag per record, built at adoption: the fault path
+//! allocates nothing. When the last record is taken the child closes its keepers
+//! early, so the parent frees its slots before the child exits.
+//!
+//! A child that forks again (a grandchild) carries its untaken records along with a
+//! duplicate of each keeper descriptor, so the grandparent keeps its slots until the
+//! grandchild too is done with them.
+//!
+//! ## No fault gate
+//! Faults are served during the fork. A gate that stopped the handler would hang the
+//! process when the forking thread itself faults inside `fork()` (glibc's fork reads
+//! heap objects: the NSS state in `__nss_database_fork_prepare_parent`, atfork
+//! handlers). None is needed: an entry `BUSY` at the scan is waited out; a page that
+//! a fault brings in after the scan is resident in the parent when the kernel copies
+//! the mapping, so the child finds it with `mincore` and never reads its record (the
+//! slot reference keeps the old bytes valid meanwhile); evictions are frozen, so no
+//! page leaves the mapping between the scan and the fork.
+//!
+//! ## Locking
+//! `Keepers::fds` (Mutex, leaf): taken by the handler that takes the last record
+//! (to close them) and by `prepare` (to duplicate them for a grandchild); nothing is
+//! taken or allocated under it. Slot references go through `SwapDevice::dup`/`put`
+//! (`SwapDevice::map`, a leaf), with an entry claimed `BUSY` at most.
+
+use super::transparent::{token_only, Host, TRegion, TransparentRegion};
+use crate::addr::{SwapEntry, PAGE_SIZE};
+use crate::device::AlignedPages;
+use crate::engine::Engine;
+use crate::error::{Error, Result};
+use crate::frame::AllocCtx;
+use crate::pte::{Pte, BUSY, EMPTY};
+use crate::stats::Counters;
+use crate::swap::SwapDevice;
+use crate::sync::{wait_until, Arc, AtomicBool, AtomicUsize, Mutex, Ordering};
+use std::os::fd::RawFd;
+
+const PS: u64 = PAGE_SIZE as u64;
+
+/// A page of a forked region whose bytes are in a slot of an ancestor's swap file.
+#[derive(Clone, Copy, Debug)]
+struct Rec {
+    /// Page index in its region.
+    idx: u64,
+    /// The ancestor's swap file, inherited through the fork.
+    fd: RawFd,
+    /// Byte offset of the slot in that file.
+    off: u64,
+    /// CRC32C recorded when the slot was written.
+    csum: u32,
+}
+
+/// Descriptors whose closing tells ancestors their slots may go: the write end of the
+/// pipe to the parent and the duplicates of the parent's own keepers (a grandchild).
+#[derive(Debug)]
+pub(crate) struct Keepers {
+    /// Protected by its mutex (a leaf); empty once closed.
+    fds: Mutex<Vec<RawFd>>,
+    /// Records not taken yet, over all regions (relaxed is not enough: the last
+    /// decrement closes the descriptors; AcqRel).
+    left: AtomicUsize,
+}
+
+impl Keepers {
+    fn close(&self) {
+        let mut fds = self.fds.lock();
+        for fd in fds.drain(..) {
+            // SAFETY: a descriptor we own (made or inherited for this purpose); closed
+            // once, under the lock.
+            unsafe { libc::close(fd) };
+        }
+    }
+
+    fn took_one(&self) {
+        if self.left.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.close();
+        }
+    }
+}
+
+/// A forked child's view of one region's foreign pages (see the module header).
+#[derive(Debug)]
+pub(crate) struct Foreign {
+    /// Sorted by page index. Immutable.
+    recs: Box<[Rec]>,
+    /// One per record: the page was mapped (or found resident) in this process.
+    taken: Box<[AtomicBool]>,
+    keepers: Arc<Keepers>,
+}
+
+impl Foreign {
+    fn find(&self, idx: u64) -> Option<usize> {
+        self.recs.binary_search_by_key(&idx, |r| r.idx).ok()
+    }
+
+    fn take(&self, k: usize) {
+        if !self.taken[k].swap(true, Ordering::AcqRel) {
+            self.keepers.took_one();
+        }
+    }
+}
+
+/// Fault path, `Pte::Empty` branch of a missing fault on page `idx` of `r` (claimed
+/// `BUSY` by the caller): if the page is an untaken foreign page, reads it into
+/// `bounce` (checksum checked) and returns its record. No allocation, no lock.
+pub(super) fn fill(r: &TRegion, idx: u64, bounce: &mut AlignedPages) -> Result<Option<usize>> {
+    let Some(f) = r.foreign.as_deref() else {
+        return Ok(None);
+    };
+    let Some(k) = f.find(idx) else {
+        return Ok(None);
+    };
+    if f.taken[k].load(Ordering::Acquire) {
+        // Mapped once already, then released (never its bytes again).
+        return Ok(None);
+    }
+    let rec = f.recs[k];
+    let buf = bounce.page_mut(0);
+    let fail = |kind: std::io::ErrorKind| Error::Device {
+        dev: String::new(),
+        source: std::io::Error::from(kind),
+    };
+    loop {
+        // SAFETY: `buf` is a live exclusive page-sized buffer, page-aligned (the
+        // ancestor's file may be O_DIRECT); the kernel writes at most PAGE_SIZE bytes.
+        let n = unsafe {
+            libc::pread(
+                rec.fd,
+                buf.as_mut_ptr().cast(),
+                PAGE_SIZE,
+                rec.off as libc::off_t,
+            )
+        };
+        if n == PAGE_SIZE as isize {
+            break;
+        }
+        if n < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+            continue;
+        }
+        return Err(fail(if n < 0 {
+            std::io::Error::last_os_error().kind()
+        } else {
+            std::io::ErrorKind::UnexpectedEof
+        }));
+    }
+    if crc32c::crc32c(buf) != rec.csum {
+        return Err(fail(std::io::ErrorKind::InvalidData));
+    }
+    Ok(Some(k))
+}
+
+/// Fault path, after the page `fill` read is mapped and published: the record is
+/// taken (the last one closes the keepers).
+pub(super) fn filled(r: &TRegion, k: Option<usize>) {
+    if let (Some(f), Some(k)) = (r.foreign.as_deref(), k) {
+        f.take(k);
+        r.eng.foreign_reads.fetch_add(1, Ordering::Relaxed);
+        Counters::inc(&r.eng.cnt.pgmajfault);
+    }
+}
+
+/// Pages `[first, first + n)` of `r` no longer hold their fork-time bytes (the
+/// program released them): their records must never be read. For a discard of
+/// transparent pages; call with the entries claimed or known `EMPTY`.
+#[allow(dead_code)]
+pub(super) fn forget(r: &TRegion, first: u64, n: u64) {
+    let Some(f) = r.foreign.as_deref() else {
+        return;
+    };
+    let at = f.recs.partition_point(|x| x.idx < first);
+    for (k, rec) in f.recs.iter().enumerate().skip(at) {
+        if rec.idx >= first + n {
+            break;
+        }
+        f.take(k);
+    }
+}
+
+/// What a child needs of one region.
+#[derive(Debug)]
+struct ChildRegion {
+    base: u64,
+    len: u64,
+    /// The parent's high mark at the fork (pages at or above were never filled).
+    hi: u64,
+    recs: Vec<Rec>,
+}
+
+/// The table a forked child adopts into its new Vm (`Vm::adopt_fork`).
+#[derive(Debug, Default)]
+pub struct ForkChild {
+    regions: Vec<ChildRegion>,
+    keepers: Vec<RawFd>,
+}
+
+/// The parent's side of one fork in preparation.
+#[derive(Debug)]
+pub(crate) struct ForkPrep {
+    eng: Arc<Engine>,
+    regions: Vec<(Arc<TRegion>, Vec<Rec>)>,
+    /// Slot references taken for the child; dropped by `release`.
+    dups: Vec<SwapEntry>,
+    /// `(read end, write end)` of the pipe, when `dups` or `keep` is not empty.
+    pipe: Option<(RawFd, RawFd)>,
+    /// Duplicates of this process's own keepers, for the child (closed here after
+    /// the fork).
+    keep: Vec<RawFd>,
+    /// The old userfaultfd descriptor (closed in the child).
+    uffd: RawFd,
+    done: bool,
+}
+
+/// Scans `host`'s regions and takes the references a child needs (see the module
+/// header). The caller has frozen transparent evictions. Errors: `Config` when a
+/// swapped page is on a device that has no shared descriptor or is being removed;
+/// `OutOfSwap` when a slot's count is full; `Io` when no pipe can be made.
+pub(crate) fn prepare(eng: &Arc<Engine>, host: &Arc<Host>) -> Result<ForkPrep> {
+    let regions: Vec<Arc<TRegion>> = host.regions.lock().clone();
+    let mut prep = ForkPrep {
+        eng: eng.clone(),
+        regions: Vec::with_capacity(regions.len()),
+        dups: Vec::new(),
+        pipe: None,
+        keep: Vec::new(),
+        uffd: host.uffd.raw_fd(),
+        done: false,
+    };
+    // This process's own keepers first (it is a forked child itself with records
+    // left): duplicated under their lock, so the handler cannot close them between
+    // our look and the fork. Records taken meanwhile are simply not carried.
+    let mut carried = false;
+    for r in &regions {
+        if let Some(f) = r.foreign.as_deref() {
+            let fds = f.keepers.fds.lock();
+            if !fds.is_empty() && prep.keep.is_empty() {
+                for &fd in fds.iter() {
+                    // SAFETY: duplicating a descriptor we own, close-on-exec.
+                    let d = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3) };
+                    if d < 0 {
+                        return Err(Error::Io(std::io::Error::last_os_error()));
+                    }
+                    prep.keep.push(d);
+                }
+            }
+            carried |= !prep.keep.is_empty();
+        }
+    }
+    let mut devs: [Option<(Arc<SwapDevice>, Option<RawFd>)>; crate::swap::table::MAX_DEVICES] =
+        std::array::from_fn(|_| None);
+    for r in regions {
+        let hi = (r.hi.load(Ordering::SeqCst) as usize).min(r.npages);
+        let mut recs = Vec::new();
+        for (i, e) in r.entries()[..hi].iter().enumerate() {
+            loop {
+                let v = e.load(Ordering::Acquire);
+                match Pte::decode(v) {
+                    Pte::Busy => wait_until(|| e.load(Ordering::Acquire) != BUSY),
+                    Pte::Present(_) => break,
+                    Pte::Empty => {
+                        let f = r.foreign.as_deref().filter(|_| carried);
+                        if let Some(k) = f.and_then(|f| f.find(i as u64)) {
+                            let f = f.expect("found in it");
+                            if !f.taken[k].load(Ordering::Acquire) {
+                                recs.push(f.recs[k]);
+                            }
+                        }
+                        break;
+                    }
+                    Pte::Swapped(se) => {
+                        let slot = &mut devs[se.dev as usize];
+                        if slot.is_none() {
+                            *slot = eng.swap.get(se.dev).map(|d| (d.clone(), d.dev.shared_fd()));
+                        }
+                        let (d, fd) = match slot {
+                            Some((d, Some(fd))) if d.is_active() => (d.clone(), *fd),
+                            Some((d, _)) => {
+                                return Err(Error::Config(format!(
+                                    "part of the heap is on swap device {}, which a forked \
+                                     child cannot read (only a local file can be shared, \
+                                     and not while it is being removed)",
+                                    d.name()
+                                )))
+                            }
+                            None => {
+                                return Err(Error::Config(format!(
+                                    "a page is on swap device {}, which is gone",
+                                    se.dev
+                                )))
+                            }
+                        };
+                        // Claim the entry so no fault frees the slot between our
+                        // look and our reference.
+                        if e.compare_exchange(v, BUSY, Ordering::AcqRel, Ordering::Relaxed)
+                            .is_err()
+                        {
+                            continue;
+                        }
+                        let ok = d.dup(se.slot, 1);
+                        let csum = d.csum_of(se.slot);
+                        e.store(v, Ordering::Release);
+                        if !ok {
+                            return Err(Error::OutOfSwap);
+                        }
+                        prep.dups.push(se);
+                        eng.fork_held.fetch_add(1, Ordering::Relaxed);
+                        recs.push(Rec {
+                            idx: i as u64,
+                            fd,
+                            off: se.slot * PS,
+                            csum,
+                        });
+                        break;
+                    }
+                }
+            }
+        }
+        prep.regions.push((r, recs));
+    }
+    if !prep.dups.is_empty() {
+        let mut p = [0; 2];
+        // SAFETY: `p` has room for the two descriptors.
+        if unsafe { libc::pipe2(p.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+            return Err(Error::Io(std::io::Error::last_os_error()));
+        }
+        prep.pipe = Some((p[0], p[1]));
+    }
+    Ok(prep)
+}
+
+fn close(fd: RawFd) {
+    // SAFETY: a descriptor this module made (or was handed) and closes once.
+    unsafe { libc::close(fd) };
+}
+
+impl ForkPrep {
+    fn release(eng: &Engine, dups: &[SwapEntry]) {
+        for &e in dups {
+            eng.swap.put(e);
+        }
+        eng.fork_held
+            .fetch_sub(dups.len() as u64, Ordering::Relaxed);
+    }
+
+    /// In the parent after the fork (`pid` the child, or negative if the fork
+    /// failed): hands the references to a thread that drops them when the child is
+    /// done with them, or drops them now.
+    pub fn parent(mut self, pid: i32) {
+        self.done = true;
+        for &fd in &self.keep {
+            close(fd);
+        }
+        let dups = std::mem::take(&mut self.dups);
+        let Some((rd, wr)) = self.pipe.take() else {
+            Self::release(&self.eng, &dups);
+            return;
+        };
+        close(wr);
+        if pid <= 0 {
+            close(rd);
+            Self::release(&self.eng, &dups);
+            return;
+        }
+        let eng = self.eng.clone();
+        let spawned = std::thread::Builder::new()
+            .name("usermm-forkwait".into())
+            .stack_size(64 << 10)
+            .spawn(move || {
+                crate::sync::mark_engine_thread();
+                let mut b = [0u8; 64];
+                loop {
+                    // SAFETY: reading into our buffer from our pipe.
+                    let n = unsafe { libc::read(rd, b.as_mut_ptr().cast(), b.len()) };
+                    if n > 0
+                        || (n < 0
+                            && std::io::Error::last_os_error().kind()
+                                == std::io::ErrorKind::Interrupted)
+                    {
+                        continue;
+                    }
+                    break;
+                }
+                close(rd);
+                Self::release(&eng, &dups);
+            });
+        if spawned.is_err() {
+            // Nobody can tell when the child is done: keep the references (the
+            // slots stay used until this process exits; never a wrong page).
+            close(rd);
+        }
+    }
+
+    /// In the child after the fork: the table to adopt. Touches nothing of the old
+    /// Vm but this table and the regions' high marks; closes the old descriptor and
+    /// the pipe's read end.
+    pub fn child(mut self) -> ForkChild {
+        let mut out = ForkChild::default();
+        if let Some((rd, wr)) = self.pipe.take() {
+            close(rd);
+            out.keepers.push(wr);
+        }
+        out.keepers.append(&mut self.keep);
+        for (r, recs) in std::mem::take(&mut self.regions) {
+            out.regions.push(ChildRegion {
+                base: r.base,
+                len: r.len,
+                hi: r.hi.load(Ordering::SeqCst).min(r.npages as u64),
+                recs,
+            });
+            // The old region stays mapped as the child's memory: never dropped.
+            std::mem::forget(r);
+        }
+        close(self.uffd);
+        // Its references belong to the parent; its engine is the parent's.
+        std::mem::forget(self);
+        out
+    }
+}
+
+impl Drop for ForkPrep {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        // Refused or abandoned before the fork.
+        for &fd in &self.keep {
+            close(fd);
+        }
+        if let Some((rd, wr)) = self.pipe.take() {
+            close(rd);
+            close(wr);
+        }
+        Self::release(&self.eng, &self.dups);
+    }
+}
+
+/// In a forked child, on its new Vm's host: registers each region of `c` and sets
+/// its entries (see the module header). Errors: `Io` when a region cannot be
+/// registered or `mincore` fails; `OutOfMemory` when the new budget cannot hold the
+/// resident pages.
+pub(crate) fn adopt(
+    host: &Arc<Host>,
+    c: ForkChild,
+    vm: Arc<dyn std::any::Any + Send + Sync>,
+) -> Result<Vec<TransparentRegion>> {
+    let eng = host.eng.clone();
+    let total = c.regions.iter().map(|r| r.recs.len()).sum();
+    let keepers = Arc::new(Keepers {
+        fds: Mutex::new(c.keepers),
+        left: AtomicUsize::new(total),
+    });
+    let mut out = Vec::with_capacity(c.regions.len());
+    for cr in c.regions {
+        let pages = (cr.len / PS) as usize;
+        let entries = AlignedPages::new((pages * 8).div_ceil(PAGE_SIZE))?;
+        host.uffd
+            .register(
+                cr.base,
+                cr.len,
+                crate::uffd::MODE_MISSING | crate::uffd::MODE_WP,
+            )
+            .map_err(Error::Io)?;
+        let foreign = (!cr.recs.is_empty()).then(|| {
+            Box::new(Foreign {
+                taken: cr.recs.iter().map(|_| AtomicBool::new(false)).collect(),
+                recs: cr.recs.into_boxed_slice(),
+                keepers: keepers.clone(),
+            })
+        });
+        let t = host.insert(cr.base, cr.len, entries, foreign, vm.clone())?;
+        let r = t.region.clone();
+        let hi = cr.hi as usize;
+        let mut resident = vec![0u8; hi];
+        if hi > 0 {
+            // SAFETY: `[base, base + hi pages)` lies in the region's mapping; the
+            // vector has one byte per page.
+            let rc = unsafe {
+                libc::mincore(
+                    cr.base as *mut libc::c_void,
+                    hi * PAGE_SIZE,
+                    resident.as_mut_ptr(),
+                )
+            };
+            if rc != 0 {
+                return Err(Error::Io(std::io::Error::last_os_error()));
+            }
+        }
+        for (i, _) in resident.iter().enumerate().filter(|(_, &b)| b & 1 != 0) {
+            let pte = &r.entries()[i];
+            if pte
+                .compare_exchange(EMPTY, BUSY, Ordering::AcqRel, Ordering::Relaxed)
+                .is_err()
+            {
+                continue;
+            }
+            let pfn = match crate::reclaim::alloc_frame(&eng, AllocCtx::Normal) {
+                Ok(p) => p,
+                Err(e) => {
+                    pte.store(EMPTY, Ordering::Release);
+                    return Err(e);
+                }
+            };
+            token_only(&eng, pfn);
+            eng.install_transparent(pte, pfn, cr.base + i as u64 * PS, 0, true);
+            // Resident here: its bytes are the child's own, never its record's.
+            if let Some(f) = r.foreign.as_deref() {
+                if let Some(k) = f.find(i as u64) {
+                    f.take(k);
+                }
+            }
+        }
+        r.hi.fetch_max(cr.hi, Ordering::SeqCst);
+        out.push(t);
+    }
+    if total == 0 {
+        keepers.close();
+    }
+    Ok(out)
+}
