@@ -162,7 +162,8 @@ impl Vm {
     /// Prepares a process fork (`usermm exec`'s `fork()`; see
     /// `mm::transparent_fork`): freezes transparent evictions, runs `after_freeze`
     /// (the caller brings in pages its C library touches in the child before the
-    /// child can serve faults), then takes a slot reference for every transparent
+    /// child can serve faults; it may run again if a fault in flight makes the
+    /// preparation start over), then takes a slot reference for every transparent
     /// page on swap and records where the child can read it. The ticket must be
     /// given `parent(pid)` in the parent and `child()` in the child.
     ///
@@ -170,18 +171,34 @@ impl Vm {
     /// local file); `OutOfSwap` when a slot's count is full; `Io` when no pipe can be
     /// made. Nothing is held then.
     #[doc(hidden)]
-    pub fn prepare_fork(&self, after_freeze: impl FnOnce()) -> Result<ForkTicket<'_>> {
-        let freeze = self.freeze_transparent_eviction();
-        after_freeze();
+    pub fn prepare_fork(&self, mut after_freeze: impl FnMut()) -> Result<ForkTicket<'_>> {
         let host = self.inner.transparent.lock().clone();
-        let prep = match host {
-            Some(h) => Some(crate::mm::transparent_fork::prepare(&self.inner.eng, &h)?),
-            None => None,
-        };
-        Ok(ForkTicket {
-            prep,
-            freeze: Some(freeze),
-        })
+        let mut attempt = 0;
+        loop {
+            let freeze = self.freeze_transparent_eviction();
+            after_freeze();
+            let prep = match &host {
+                // After 50 short tries, wait for the fault in flight however long.
+                Some(h) => {
+                    match crate::mm::transparent_fork::prepare(&self.inner.eng, h, attempt >= 50)? {
+                        Some(p) => Some(p),
+                        None => {
+                            // A fault in flight may need an eviction: let evictions
+                            // run for a moment.
+                            drop(freeze);
+                            attempt += 1;
+                            std::thread::sleep(Duration::from_millis(2));
+                            continue;
+                        }
+                    }
+                }
+                None => None,
+            };
+            return Ok(ForkTicket {
+                prep,
+                freeze: Some(freeze),
+            });
+        }
     }
 
     /// In a forked child, on a new Vm: registers the child's copy of its parent's

@@ -75,10 +75,12 @@ use crate::frame::AllocCtx;
 use crate::pte::{Pte, BUSY, EMPTY};
 use crate::stats::Counters;
 use crate::swap::SwapDevice;
-use crate::sync::{wait_until, Arc, AtomicBool, AtomicUsize, Mutex, Ordering};
+use crate::sync::{wait_until, wait_until_for, Arc, AtomicBool, AtomicUsize, Mutex, Ordering};
 use std::os::fd::RawFd;
 
 const PS: u64 = PAGE_SIZE as u64;
+/// How long `prepare` waits, evictions frozen, for a fault in flight.
+const BUSY_PATIENCE: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// A page of a forked region whose bytes are in a slot of an ancestor's swap file.
 #[derive(Clone, Copy, Debug)]
@@ -254,10 +256,19 @@ pub(crate) struct ForkPrep {
 }
 
 /// Scans `host`'s regions and takes the references a child needs (see the module
-/// header). The caller has frozen transparent evictions. Errors: `Config` when a
-/// swapped page is on a device that has no shared descriptor or is being removed;
-/// `OutOfSwap` when a slot's count is full; `Io` when no pipe can be made.
-pub(crate) fn prepare(eng: &Arc<Engine>, host: &Arc<Host>) -> Result<ForkPrep> {
+/// header). The caller has frozen transparent evictions.
+///
+/// `Ok(None)` (nothing held) when an entry stayed `BUSY` for `BUSY_PATIENCE` and
+/// `patient` is false: the fault filling it may need an eviction to get its frame,
+/// which the freeze forbids; the caller lifts the freeze for a moment and tries
+/// again. Errors: `Config` when a swapped page is on a device that has no shared
+/// descriptor or is being removed; `OutOfSwap` when a slot's count is full; `Io`
+/// when no pipe can be made.
+pub(crate) fn prepare(
+    eng: &Arc<Engine>,
+    host: &Arc<Host>,
+    patient: bool,
+) -> Result<Option<ForkPrep>> {
     let regions: Vec<Arc<TRegion>> = host.regions.lock().clone();
     let mut prep = ForkPrep {
         eng: eng.clone(),
@@ -297,14 +308,21 @@ pub(crate) fn prepare(eng: &Arc<Engine>, host: &Arc<Host>) -> Result<ForkPrep> {
             loop {
                 let v = e.load(Ordering::Acquire);
                 match Pte::decode(v) {
-                    Pte::Busy => wait_until(|| e.load(Ordering::Acquire) != BUSY),
+                    Pte::Busy if patient => wait_until(|| e.load(Ordering::Acquire) != BUSY),
+                    Pte::Busy => {
+                        if !wait_until_for(BUSY_PATIENCE, || e.load(Ordering::Acquire) != BUSY) {
+                            return Ok(None);
+                        }
+                    }
                     Pte::Present(_) => break,
                     Pte::Empty => {
-                        let f = r.foreign.as_deref().filter(|_| carried);
-                        if let Some(k) = f.and_then(|f| f.find(i as u64)) {
-                            let f = f.expect("found in it");
-                            if !f.taken[k].load(Ordering::Acquire) {
-                                recs.push(f.recs[k]);
+                        // A page this process has not read from its own parent yet:
+                        // the grandchild reads it from there too.
+                        if let Some(f) = r.foreign.as_deref().filter(|_| carried) {
+                            if let Some(k) = f.find(i as u64) {
+                                if !f.taken[k].load(Ordering::Acquire) {
+                                    recs.push(f.recs[k]);
+                                }
                             }
                         }
                         break;
@@ -367,7 +385,7 @@ pub(crate) fn prepare(eng: &Arc<Engine>, host: &Arc<Host>) -> Result<ForkPrep> {
         }
         prep.pipe = Some((p[0], p[1]));
     }
-    Ok(prep)
+    Ok(Some(prep))
 }
 
 fn close(fd: RawFd) {

@@ -176,7 +176,11 @@ fn fork_child_sees_swapped_heap_and_parent_frees_its_slots() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     eprintln!("{stdout}{stderr}took {:?}", t.elapsed());
-    assert_eq!(out.status.code(), Some(0), "stdout: {stdout}\nstderr: {stderr}");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stdout: {stdout}\nstderr: {stderr}"
+    );
     assert!(!stderr.contains("SIGBUS"), "{stderr}");
     assert!(stdout.contains("exec child 0"), "{stdout}");
     let (parent, child, grandchild) = (
@@ -190,8 +194,14 @@ fn fork_child_sees_swapped_heap_and_parent_frees_its_slots() {
     }
     // The child read most of its heap from its parent's swap (16 of 128 MiB were
     // resident at the fork), and so did the grandchild from its ancestors'.
-    assert!(stat(&stderr, &child, "read from parent") > 16_000, "{stderr}");
-    assert!(stat(&stderr, &grandchild, "read from parent") > 8_000, "{stderr}");
+    assert!(
+        stat(&stderr, &child, "read from parent") > 16_000,
+        "{stderr}"
+    );
+    assert!(
+        stat(&stderr, &grandchild, "read from parent") > 8_000,
+        "{stderr}"
+    );
     // Every slot reference the parent took for its children is dropped, and its swap
     // use is its own 128 MiB at most (had the references stayed, the slots of the
     // ~112 MiB on swap at the fork would still be used next to those of the rewrite).

@@ -18,18 +18,35 @@
 //!   from the program's heap: this library's Rust global allocator calls glibc's
 //!   `__libc_malloc` family directly. So the fault handler never waits for the lock
 //!   of the allocator whose page faulted (seeds 003 and 004 in a new form).
-//! - `fork()` without exec is refused (ENOMEM, with a line on stderr): the kernel does
-//!   not carry userfaultfd registration into a child, so the child would read zeros
-//!   where its parent's pages were on swap. `posix_spawn`/`vfork` (the child shares
-//!   the parent's memory, then execs) work; a child that execs gets its own usermm
-//!   (the budget is per process: each process of the tree has its own).
+//! - `fork()`: a child that does not exec sees exactly its parent's memory, pages
+//!   that were on swap included, under a budget of its own (the same size; each
+//!   process of the tree has its own). The kernel does not carry userfaultfd
+//!   registration into a child, so the wrapper does (`usermm::Vm::prepare_fork`,
+//!   the library's `mm::transparent_fork`): in the parent, with the heap's lock held
+//!   and evictions frozen, every heap page on swap gets one more slot reference and
+//!   a record (the swap file's descriptor, the slot's offset and checksum); in the
+//!   child (one thread; malloc served by glibc meanwhile), a new Vm with a new
+//!   temporary swap file registers the heap, takes the pages resident in the child
+//!   into its budget, and reads each of the others from its parent's swap file on
+//!   its first fault. A pipe tells the parent when the child no longer needs the
+//!   slots (it exited, exec'd, or read them all). A heap page on a swap device
+//!   another process cannot read (NBD, mirror) makes `fork` fail with ENOMEM and a
+//!   line on stderr. Before the fork the wrapper brings in the heap pages of every
+//!   open `FILE`: glibc's fork writes to them in the child before the wrapper runs
+//!   there. `posix_spawn`/`vfork` (the child shares the parent's memory, then execs)
+//!   are not interposed; a child that execs gets its own usermm.
 //! - Not yet: anonymous `mmap`/`munmap`/`mremap` are not interposed (a program that
 //!   maps its own memory, e.g. CPython's small-object arenas, has that memory outside
 //!   the budget).
 //!
 //! ## Locking
-//! The heap (`HEAP`) is one mutex around talc; a thread may fault on heap memory
-//! while holding it, which is fine: the fault handler never takes it.
+//! The heap (`HEAP`) is one lock around talc; a thread may fault on heap memory
+//! while holding it, which is fine: the fault handler never takes it. It is a futex
+//! word of our own, not a parking_lot mutex: `fork()` holds it across the fork, and
+//! the child (one thread) resets the word; a parking_lot unlock there could hand
+//! the lock to a parent thread that does not exist in the child. Order in `fork()`:
+//! `HEAP`, then the Vm's freeze and its locks (`prepare_fork`), then glibc's stream
+//! list lock (`touch_stdio`, which takes no heap lock).
 
 use std::alloc::{GlobalAlloc, Layout};
 use std::cell::UnsafeCell;
@@ -679,6 +696,9 @@ pub extern "C" fn fork() -> libc::pid_t {
         return real_fork();
     };
     let heap = HEAP.lock();
+    // Once before the freeze (faults may need evictions), once under it (for what
+    // left again meanwhile).
+    touch_stdio();
     let ticket = match vm.prepare_fork(touch_stdio) {
         Ok(t) => t,
         Err(e) => {
