@@ -107,4 +107,6 @@ pub use error::{Error, Result};
 pub use mm::region::Region;
 pub use mm::transparent::TransparentRegion;
 pub use stats::{Stats, SwapInfo};
+#[doc(hidden)]
+pub use vm::ForkTicket;
 pub use vm::{AddressSpace, PageMut, PageRef, Vm};

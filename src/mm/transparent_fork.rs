@@ -159,8 +159,13 @@ pub(super) fn fill(r: &TRegion, idx: u64, bounce: &mut AlignedPages) -> Result<O
         // Mapped once already, then released (never its bytes again).
         return Ok(None);
     }
-    let rec = f.recs[k];
-    let buf = bounce.page_mut(0);
+    read_rec(&f.recs[k], bounce.page_mut(0))?;
+    Ok(Some(k))
+}
+
+/// Reads a record's page into `buf` (page-sized, page-aligned) and checks its
+/// checksum. No allocation.
+fn read_rec(rec: &Rec, buf: &mut [u8]) -> Result<()> {
     let fail = |kind: std::io::ErrorKind| Error::Device {
         dev: String::new(),
         source: std::io::Error::from(kind),
@@ -191,7 +196,7 @@ pub(super) fn fill(r: &TRegion, idx: u64, bounce: &mut AlignedPages) -> Result<O
     if crc32c::crc32c(buf) != rec.csum {
         return Err(fail(std::io::ErrorKind::InvalidData));
     }
-    Ok(Some(k))
+    Ok(())
 }
 
 /// Fault path, after the page `fill` read is mapped and published: the record is
@@ -224,6 +229,9 @@ pub(super) fn forget(r: &TRegion, first: u64, n: u64) {
 /// What a child needs of one region.
 #[derive(Debug)]
 struct ChildRegion {
+    /// The parent's region (its entries as they were at the fork: the child's copy
+    /// of the parent's memory). Never dropped.
+    old: Arc<TRegion>,
     base: u64,
     len: u64,
     /// The parent's high mark at the fork (pages at or above were never filled).
@@ -466,9 +474,8 @@ impl ForkPrep {
                 len: r.len,
                 hi: r.hi.load(Ordering::SeqCst).min(r.npages as u64),
                 recs,
+                old: r,
             });
-            // The old region stays mapped as the child's memory: never dropped.
-            std::mem::forget(r);
         }
         close(self.uffd);
         // Its references belong to the parent; its engine is the parent's.
@@ -510,6 +517,7 @@ pub(crate) fn adopt(
         left: AtomicUsize::new(total),
     });
     let mut out = Vec::with_capacity(c.regions.len());
+    let mut patched = 0u64;
     for cr in c.regions {
         let pages = (cr.len / PS) as usize;
         let entries = AlignedPages::new((pages * 8).div_ceil(PAGE_SIZE))?;
@@ -528,9 +536,13 @@ pub(crate) fn adopt(
             })
         });
         let t = host.insert(cr.base, cr.len, entries, foreign, vm.clone())?;
+        // The old region stays mapped as the child's memory: never dropped.
+        let old = cr.old;
+        let old = &*std::mem::ManuallyDrop::new(old);
         let r = t.region.clone();
         let hi = cr.hi as usize;
         let mut resident = vec![0u8; hi];
+        let mut buf = AlignedPages::new(2)?;
         if hi > 0 {
             // SAFETY: `[base, base + hi pages)` lies in the region's mapping; the
             // vector has one byte per page.
@@ -546,6 +558,18 @@ pub(crate) fn adopt(
             }
         }
         for (i, _) in resident.iter().enumerate().filter(|(_, &b)| b & 1 != 0) {
+            if let Some(f) = r.foreign.as_deref() {
+                if let Some(k) = f.find(i as u64) {
+                    repair(
+                        old,
+                        i,
+                        cr.base + i as u64 * PS,
+                        &f.recs[k],
+                        &mut buf,
+                        &mut patched,
+                    )?;
+                }
+            }
             let pte = &r.entries()[i];
             if pte
                 .compare_exchange(EMPTY, BUSY, Ordering::AcqRel, Ordering::Relaxed)
@@ -575,5 +599,67 @@ pub(crate) fn adopt(
     if total == 0 {
         keepers.close();
     }
+    if patched > 0 {
+        let msg = format!(
+            "usermm: fork: {patched} heap page(s) of the parent's swap were written in the \
+             child before its heap was registered; bytes written as zero there may show \
+             the parent's values\n"
+        );
+        // SAFETY: writing our buffer to stderr.
+        unsafe { libc::write(2, msg.as_ptr().cast(), msg.len()) };
+    }
     Ok(out)
+}
+
+/// A page resident in the child whose record says it was on the parent's swap: if
+/// the parent's entry at the fork says so too, the page was not in the parent's
+/// mapping then, and the child touched it before its heap was registered (a new
+/// thread's start reads the C library's locale data, for one): the kernel filled it
+/// with zeros. Its bytes are put back from the record; bytes the child wrote there
+/// (non-zero ones: zeros cannot be told from the kernel's) are kept, and counted in
+/// `patched`.
+fn repair(
+    old: &TRegion,
+    i: usize,
+    addr: u64,
+    rec: &Rec,
+    buf: &mut AlignedPages,
+    patched: &mut u64,
+) -> Result<()> {
+    let at_fork = old.entries().get(i).map(|e| e.load(Ordering::Acquire));
+    if matches!(
+        at_fork.map(Pte::decode),
+        Some(Pte::Present(_)) | Some(Pte::Busy) | None
+    ) {
+        // In the parent's mapping at the fork (or being filled): the child's copy is
+        // the page.
+        return Ok(());
+    }
+    read_rec(rec, buf.page_mut(0))?;
+    // SAFETY: `addr` is a resident page of the child's heap mapping (one thread
+    // runs the program's code here: this one); read as bytes.
+    let now = unsafe { std::slice::from_raw_parts(addr as *const u8, PAGE_SIZE) };
+    if now.iter().any(|&b| b != 0) {
+        *patched += 1;
+        let (page, cur) = {
+            let p = buf.page_mut(0).as_mut_ptr();
+            // SAFETY: two distinct pages of `buf`.
+            unsafe {
+                (
+                    std::slice::from_raw_parts_mut(p, PAGE_SIZE),
+                    std::slice::from_raw_parts_mut(p.add(PAGE_SIZE), PAGE_SIZE),
+                )
+            }
+        };
+        cur.copy_from_slice(now);
+        for (b, &c) in page.iter_mut().zip(cur.iter()) {
+            if c != 0 {
+                *b = c;
+            }
+        }
+    }
+    // SAFETY: writing one page into the child's own resident heap page (not
+    // write-protected for userfaultfd: fork cleared those bits).
+    unsafe { std::ptr::copy_nonoverlapping(buf.ptr(0), addr as *mut u8, PAGE_SIZE) };
+    Ok(())
 }

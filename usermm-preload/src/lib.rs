@@ -32,8 +32,9 @@
 //!   slots (it exited, exec'd, or read them all). A heap page on a swap device
 //!   another process cannot read (NBD, mirror) makes `fork` fail with ENOMEM and a
 //!   line on stderr. Before the fork the wrapper brings in the heap pages of every
-//!   open `FILE`: glibc's fork writes to them in the child before the wrapper runs
-//!   there. `posix_spawn`/`vfork` (the child shares the parent's memory, then execs)
+//!   open `FILE`: glibc's fork writes to them in the child before any atfork
+//!   handler runs there. The child's Vm is made in our atfork child handler
+//!   (registered at start-up, so it runs before the program's own child handlers). `posix_spawn`/`vfork` (the child shares the parent's memory, then execs)
 //!   are not interposed; a child that execs gets its own usermm.
 //! - Not yet: anonymous `mmap`/`munmap`/`mremap` are not interposed (a program that
 //!   maps its own memory, e.g. CPython's small-object arenas, has that memory outside
@@ -41,12 +42,15 @@
 //!
 //! ## Locking
 //! The heap (`HEAP`) is one lock around talc; a thread may fault on heap memory
-//! while holding it, which is fine: the fault handler never takes it. It is a futex
-//! word of our own, not a parking_lot mutex: `fork()` holds it across the fork, and
-//! the child (one thread) resets the word; a parking_lot unlock there could hand
-//! the lock to a parent thread that does not exist in the child. Order in `fork()`:
-//! `HEAP`, then the Vm's freeze and its locks (`prepare_fork`), then glibc's stream
-//! list lock (`touch_stdio`, which takes no heap lock).
+//! while holding it, which is fine: the fault handler never takes it. It and
+//! `FORKING` are futex words of our own (`FutexLock`), not parking_lot mutexes: the
+//! heap's lock is held across the fork (taken in our atfork prepare handler, after
+//! the program's own, which may malloc) and the child (one thread) resets both
+//! words; a parking_lot unlock there could hand a lock to a parent thread that does
+//! not exist in the child. Order in `fork()`: `FORKING` (one fork at a time through
+//! the wrapper), the Vm's freeze and its locks (`prepare_fork`; glibc's stream list
+//! lock in `touch_stdio`, which takes no lock of ours), then, inside libc's fork,
+//! `HEAP`.
 
 use std::alloc::{GlobalAlloc, Layout};
 use std::cell::UnsafeCell;
@@ -121,7 +125,7 @@ static STATE: AtomicU8 = AtomicU8::new(0);
 static BASE: AtomicUsize = AtomicUsize::new(0);
 static END: AtomicUsize = AtomicUsize::new(0);
 static HEAP: HeapLock = HeapLock {
-    word: AtomicU32::new(0),
+    lock: FutexLock::new(),
     talc: UnsafeCell::new(None),
 };
 /// The Vm of the heap: a leaked `Box`, set at start-up and replaced in a fork child
@@ -139,61 +143,85 @@ fn vm() -> Option<&'static usermm::Vm> {
     (!p.is_null()).then(|| unsafe { &*p })
 }
 
-/// The heap's lock: a futex mutex (0 free, 1 locked, 2 locked with sleepers) whose
-/// whole state is one word, so a fork child (one thread) can reset it: a lock with
-/// sleepers must not be handed, in the child, to a thread that does not exist there.
-struct HeapLock {
-    word: AtomicU32,
-    talc: UnsafeCell<Option<talc::Talc<talc::ErrOnOom>>>,
-}
+/// A futex mutex (0 free, 1 locked, 2 locked with sleepers) whose whole state is
+/// one word, so a fork child (one thread) can reset it: a lock with sleepers must not
+/// be handed, in the child, to a thread that does not exist there (parking_lot's
+/// would be; its parking table is process-global).
+struct FutexLock(AtomicU32);
 
-// SAFETY: `talc` is only reached through a `HeapGuard`, which exists only while
-// `word` is held by this thread.
-unsafe impl Sync for HeapLock {}
+impl FutexLock {
+    const fn new() -> FutexLock {
+        FutexLock(AtomicU32::new(0))
+    }
 
-struct HeapGuard(&'static HeapLock);
-
-impl HeapLock {
-    fn lock(&'static self) -> HeapGuard {
+    fn lock(&self) {
         for _ in 0..64 {
             if self
-                .word
+                .0
                 .compare_exchange(0, 1, Ordering::Acquire, Ordering::Relaxed)
                 .is_ok()
             {
-                return HeapGuard(self);
+                return;
             }
             std::hint::spin_loop();
         }
-        while self.word.swap(2, Ordering::Acquire) != 0 {
+        while self.0.swap(2, Ordering::Acquire) != 0 {
             // SAFETY: futex wait on our word while it is 2 (no timeout).
             unsafe {
                 libc::syscall(
                     libc::SYS_futex,
-                    self.word.as_ptr(),
+                    self.0.as_ptr(),
                     libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG,
                     2,
                     null_mut::<libc::timespec>(),
                 )
             };
         }
+    }
+
+    /// Unlocks a lock this thread holds.
+    fn unlock(&self) {
+        if self.0.swap(0, Ordering::Release) == 2 {
+            // SAFETY: futex wake of one sleeper on our word.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_futex,
+                    self.0.as_ptr(),
+                    libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG,
+                    1,
+                )
+            };
+        }
+    }
+
+    /// In a fork child (one thread): free, whoever held it in the parent.
+    fn reset(&self) {
+        self.0.store(0, Ordering::Release);
+    }
+}
+
+/// The heap: talc behind a `FutexLock`.
+struct HeapLock {
+    lock: FutexLock,
+    talc: UnsafeCell<Option<talc::Talc<talc::ErrOnOom>>>,
+}
+
+// SAFETY: `talc` is only reached through a `HeapGuard`, which exists only while
+// `lock` is held by this thread.
+unsafe impl Sync for HeapLock {}
+
+struct HeapGuard(&'static HeapLock);
+
+impl HeapLock {
+    fn lock(&'static self) -> HeapGuard {
+        self.lock.lock();
         HeapGuard(self)
     }
 }
 
 impl Drop for HeapGuard {
     fn drop(&mut self) {
-        if self.0.word.swap(0, Ordering::Release) == 2 {
-            // SAFETY: futex wake of one sleeper on our word.
-            unsafe {
-                libc::syscall(
-                    libc::SYS_futex,
-                    self.0.word.as_ptr(),
-                    libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG,
-                    1,
-                )
-            };
-        }
+        self.0.lock.unlock();
     }
 }
 
@@ -250,6 +278,14 @@ fn setup() -> Result<(), String> {
     BUDGET.store(budget, Ordering::Relaxed);
     HEAP_LEN.store(heap, Ordering::Relaxed);
     let _ = SWAP_DIR.set(dir.clone());
+    // SAFETY: registering plain functions (see `fork`).
+    unsafe {
+        libc::pthread_atfork(
+            Some(atfork_prepare),
+            Some(atfork_parent),
+            Some(atfork_child),
+        )
+    };
     let vm = new_vm(budget, heap, &specs, &dir)?;
     let region = vm
         .map_transparent(heap as usize)
@@ -384,7 +420,20 @@ static INIT: extern "C" fn() = init;
 /// usermm's own threads (a fault handler must never fault on what it serves; glibc
 /// calls malloc for such a thread's TLS destructors, for instance).
 fn ready() -> bool {
-    STATE.load(Ordering::Acquire) == 2 && !usermm::sync::is_engine_thread()
+    STATE.load(Ordering::Acquire) == 2 && !usermm::sync::is_engine_thread() && !spawning()
+}
+
+/// The thread that is starting one of usermm's threads from the program's side
+/// (`fork` in the parent), or 0: glibc serves it meanwhile, so the new thread's
+/// bookkeeping (its TLS vector) is not in the heap, which a later fork child
+/// touches while its heap is not registered yet (glibc reuses the stacks of the
+/// parent's threads there).
+static SPAWNER: AtomicU64 = AtomicU64::new(0);
+
+fn spawning() -> bool {
+    let t = SPAWNER.load(Ordering::Relaxed);
+    // SAFETY: gettid has no arguments.
+    t != 0 && t == unsafe { libc::syscall(libc::SYS_gettid) } as u64
 }
 
 /// Allocates `size` bytes aligned to `align` (≥ 16) from the heap.
@@ -667,42 +716,78 @@ unsafe fn glibc_usable_size(p: *mut c_void) -> usize {
     unsafe { std::mem::transmute::<usize, F>(f)(p) }
 }
 
-/// libc's `fork`.
-fn real_fork() -> libc::pid_t {
-    type F = unsafe extern "C" fn() -> libc::pid_t;
-    // SAFETY: looking up and calling libc's fork.
-    unsafe {
-        let f = libc::dlsym(libc::RTLD_NEXT, c"fork".as_ptr());
-        if f.is_null() {
-            return -1;
+/// Reads one byte of each page of `[p, p + len)` that lies in the heap (bringing it
+/// in).
+fn touch(p: *const u8, len: usize) {
+    let mut a = p as usize & !4095;
+    while a < p as usize + len {
+        let q = a.max(p as usize);
+        if ours(q as *mut c_void) {
+            // SAFETY: a page of our heap region, mapped for the life of the process;
+            // a read brings it in.
+            unsafe { std::ptr::read_volatile(q as *const u8) };
         }
-        std::mem::transmute::<*mut c_void, F>(f)()
+        a += 4096;
     }
 }
 
+/// libc's `fork`, looked up once (`dlsym` may free an old error string: never with
+/// the heap's lock held).
+fn real_fork() -> libc::pid_t {
+    type F = unsafe extern "C" fn() -> libc::pid_t;
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let mut f = NEXT.load(Ordering::Relaxed);
+    if f == 0 {
+        // SAFETY: looking up the next definition of a libc symbol.
+        f = unsafe { libc::dlsym(libc::RTLD_NEXT, c"fork".as_ptr()) } as usize;
+        NEXT.store(f, Ordering::Relaxed);
+    }
+    if f == 0 {
+        return -1;
+    }
+    // SAFETY: the symbol has this signature.
+    unsafe { std::mem::transmute::<usize, F>(f)() }
+}
+
+/// One `fork()` at a time goes through the wrapper (its ticket is in `TICKET`).
+static FORKING: FutexLock = FutexLock::new();
+
+/// The ticket of the fork under way, for the atfork handlers. Written and taken
+/// with `FORKING` held (or in the child, which has one thread).
+struct TicketCell(UnsafeCell<Option<usermm::ForkTicket<'static>>>);
+// SAFETY: see `TicketCell`: accessed only under `FORKING` or by the child's only
+// thread.
+unsafe impl Sync for TicketCell {}
+static TICKET: TicketCell = TicketCell(UnsafeCell::new(None));
+
+/// Whether `atfork_prepare` took the heap's lock (read by the parent and child
+/// handlers of the same fork).
+static HEAP_HELD: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// `fork(2)`: a child that does not exec sees exactly its parent's memory, pages
 /// that were on swap included, and has a budget of its own (see the module header
-/// and `usermm::mm::transparent_fork`).
+/// and `usermm::Vm::prepare_fork`).
 ///
-/// Parent: the heap's lock is held across the fork (a thread of the parent may hold
-/// it; the child would inherit it held); `Vm::prepare_fork` freezes evictions,
-/// takes a slot reference for each heap page on swap and records where the child
-/// reads it. Child (one thread): malloc goes to glibc until its own Vm (same budget,
-/// a new temporary swap file: the parent's devices are the parent's) has adopted the
-/// heap; the old Vm is leaked (its threads do not exist here).
+/// Here: evictions frozen, `Vm::prepare_fork` takes a slot reference for each heap
+/// page on swap and records where the child reads it; the ticket goes to the atfork
+/// handlers. `atfork_prepare` takes the heap's lock (after the program's own prepare
+/// handlers, which may malloc; as glibc does with its arenas), `atfork_parent`
+/// drops it, and `atfork_child` gives the child its own Vm before any other child
+/// handler of the program runs.
 #[no_mangle]
 pub extern "C" fn fork() -> libc::pid_t {
     let Some(vm) = vm().filter(|_| ready()) else {
         return real_fork();
     };
-    let heap = HEAP.lock();
+    FORKING.lock();
     // Once before the freeze (faults may need evictions), once under it (for what
     // left again meanwhile).
     touch_stdio();
-    let ticket = match vm.prepare_fork(touch_stdio) {
-        Ok(t) => t,
+    match vm.prepare_fork(touch_stdio) {
+        // SAFETY: `FORKING` is held.
+        Ok(t) => unsafe { *TICKET.0.get() = Some(t) },
         Err(e) => {
-            drop(heap);
+            FORKING.unlock();
             say(&format!(
                 "this program called fork() and the child could not be given its parent's \
                  heap: {e}; fork fails with ENOMEM"
@@ -711,52 +796,114 @@ pub extern "C" fn fork() -> libc::pid_t {
             unsafe { *libc::__errno_location() = libc::ENOMEM };
             return -1;
         }
-    };
+    }
     let pid = real_fork();
     if pid == 0 {
-        // Nothing may touch the heap until it is registered again: glibc serves.
-        STATE.store(1, Ordering::Release);
-        let table = ticket.child();
-        let budget = BUDGET.load(Ordering::Relaxed);
-        let len = HEAP_LEN.load(Ordering::Relaxed);
-        let dir = SWAP_DIR.get().map_or("/var/tmp", |d| d.as_str());
-        let adopted = new_vm(budget, len, &[], dir).and_then(|new| {
-            let regions = new.adopt_fork(table).map_err(|e| e.to_string())?;
-            std::mem::forget(regions);
-            Ok(new)
-        });
-        match adopted {
-            Ok(new) => VM.store(Box::into_raw(Box::new(new)), Ordering::Release),
-            Err(e) => {
-                say(&format!(
-                    "fork: the child cannot take its heap into a budget of its own: {e}"
-                ));
-                // SAFETY: ending the child; its heap is not readable.
-                unsafe { libc::_exit(125) };
-            }
-        }
-        // The only thread: the lock word is ours to reset (sleepers of the parent do
-        // not exist here).
-        std::mem::forget(heap);
-        HEAP.word.store(0, Ordering::Release);
-        STATE.store(2, Ordering::Release);
+        // `atfork_child` has set the heap up (or ended the child).
+        FORKING.reset();
         return 0;
     }
     // SAFETY: reading this thread's errno.
     let errno = unsafe { *libc::__errno_location() };
-    drop(heap);
-    ticket.parent(pid);
+    // SAFETY: `FORKING` is held.
+    let ticket = unsafe { (*TICKET.0.get()).take() };
+    FORKING.unlock();
+    if let Some(t) = ticket {
+        // SAFETY: gettid has no arguments.
+        SPAWNER.store(
+            unsafe { libc::syscall(libc::SYS_gettid) } as u64,
+            Ordering::Relaxed,
+        );
+        t.parent(pid);
+        SPAWNER.store(0, Ordering::Relaxed);
+    }
     // SAFETY: restoring this thread's errno (fork's, if it failed).
     unsafe { *libc::__errno_location() = errno };
     pid
 }
 
-/// Brings in the heap pages of every open `FILE` (and its lock): glibc's fork
-/// resets each one's lock in the child (`fresetlockfiles`) before our wrapper runs
-/// there, so a page of one that was on swap would be filled with zeros by the kernel
-/// (the child's heap is not registered yet). Called with evictions frozen, so what
-/// it brings in stays until the fork.
+/// Registered at start-up: see `fork`.
+extern "C" fn atfork_prepare() {
+    if STATE.load(Ordering::Acquire) == 2 && !usermm::sync::is_engine_thread() {
+        // A thread of the parent may be inside malloc: the child must not inherit
+        // talc half-way through a change.
+        HEAP.lock.lock();
+        HEAP_HELD.store(true, Ordering::Relaxed);
+    }
+}
+
+extern "C" fn atfork_parent() {
+    if HEAP_HELD.swap(false, Ordering::Relaxed) {
+        HEAP.lock.unlock();
+    }
+}
+
+/// In the child, before the program's own child handlers (registered later): a Vm
+/// of its own adopts the heap (see `fork`). Until then malloc goes to glibc.
+extern "C" fn atfork_child() {
+    if !HEAP_HELD.swap(false, Ordering::Relaxed) {
+        return;
+    }
+    // SAFETY: the child's only thread.
+    let Some(ticket) = (unsafe { (*TICKET.0.get()).take() }) else {
+        // A fork that did not come through our wrapper: the heap stays plain memory
+        // (pages on swap in the parent would read as zeros: nothing can be done
+        // here).
+        HEAP.lock.reset();
+        return;
+    };
+    STATE.store(1, Ordering::Release);
+    let table = ticket.child();
+    let budget = BUDGET.load(Ordering::Relaxed);
+    let len = HEAP_LEN.load(Ordering::Relaxed);
+    let dir = SWAP_DIR.get().map_or("/var/tmp", |d| d.as_str());
+    let adopted = new_vm(budget, len, &[], dir).and_then(|new| {
+        let regions = new.adopt_fork(table).map_err(|e| e.to_string())?;
+        std::mem::forget(regions);
+        Ok(new)
+    });
+    match adopted {
+        Ok(new) => VM.store(Box::into_raw(Box::new(new)), Ordering::Release),
+        Err(e) => {
+            say(&format!(
+                "fork: the child cannot take its heap into a budget of its own: {e}"
+            ));
+            // SAFETY: ending the child; its heap is not readable.
+            unsafe { libc::_exit(125) };
+        }
+    }
+    HEAP.lock.reset();
+    STATE.store(2, Ordering::Release);
+}
+
+/// Brings in the heap pages of the C library's objects that a fork child touches
+/// before its heap is registered, where the kernel would fill a page that was on
+/// swap with zeros: every open `FILE` and its lock (glibc's fork resets them in the
+/// child, `fresetlockfiles`) and the locale data (every new thread reads it,
+/// `__ctype_init`; the child's Vm starts threads). Called with evictions frozen, so
+/// what it brings in stays until the fork. (The child also repairs pages it finds
+/// touched that way: `mm::transparent_fork::repair`.)
 fn touch_stdio() {
+    #[cfg(target_env = "gnu")]
+    {
+        // SAFETY: a copy of the global locale (`LC_GLOBAL_LOCALE` is -1 in glibc;
+        // its category data is shared, not
+        // copied): the first 13 words of glibc's public `struct __locale_struct` are
+        // the categories' data pointers.
+        unsafe {
+            let l = libc::duplocale(-1isize as libc::locale_t);
+            if !l.is_null() {
+                let cats = l as *const *const u8;
+                for c in 0..13 {
+                    let d = cats.add(c).read();
+                    if !d.is_null() {
+                        touch(d, 2 * 4096);
+                    }
+                }
+                libc::freelocale(l);
+            }
+        }
+    }
     #[cfg(all(target_env = "gnu", target_pointer_width = "64"))]
     {
         extern "C" {
@@ -771,18 +918,6 @@ fn touch_stdio() {
         /// (glibc's public `struct _IO_FILE` layout on 64-bit targets).
         const FILE_BYTES: usize = 224;
         const LOCK_AT: usize = 136;
-        fn touch(p: *const u8, len: usize) {
-            if !ours(p as *mut c_void) {
-                return;
-            }
-            let mut a = p as usize & !4095;
-            while a < p as usize + len {
-                // SAFETY: a page of our heap region, mapped for the life of the
-                // process; a read brings it in.
-                unsafe { std::ptr::read_volatile(a.max(p as usize) as *const u8) };
-                a += 4096;
-            }
-        }
         // SAFETY: glibc's own iteration over its list of streams, under its lock (as
         // `fresetlockfiles` does); each element is a live FILE.
         unsafe {
