@@ -87,10 +87,10 @@ pub(crate) struct TRegion {
     pub(super) npages: usize,
     pub(super) eng: Arc<Engine>,
     uffd: Arc<Uffd>,
-    /// One past the highest page index ever filled (relaxed; raised by the handler
-    /// before it publishes a page): a process fork scans entries below it only
-    /// (`mm::transparent_fork`).
-    pub(super) hi: AtomicU64,
+    /// One bit per chunk of `transparent_fork::CHUNK` pages: set (before the page is
+    /// mapped) when a page of the chunk is filled for the first time. A process fork
+    /// scans those chunks only (`mm::transparent_fork`).
+    pub(super) touched: Box<[AtomicU64]>,
     /// In a forked child of `usermm exec`: the pages its parent had on swap, read
     /// from the parent's slots on first touch (`mm::transparent_fork`). Immutable.
     pub(super) foreign: Option<Box<Foreign>>,
@@ -217,7 +217,7 @@ impl Host {
             npages: (len / PS) as usize,
             eng: self.eng.clone(),
             uffd: self.uffd.clone(),
-            hi: AtomicU64::new(0),
+            touched: super::transparent_fork::chunk_bitmap(len / PS),
             foreign,
         });
         {
@@ -394,7 +394,7 @@ impl TRegion {
                     let src: &AlignedPages = if foreign.is_some() { bounce } else { zero };
                     // Before the page is mapped, so a process fork that copies the
                     // mapping copies a mark that covers it.
-                    self.hi.fetch_max(idx + 1, Ordering::SeqCst);
+                    super::transparent_fork::touch(self, idx);
                     // SAFETY: the zero page and the bounce page are ours and
                     // PAGE_SIZE long.
                     let mapped = unsafe { self.uffd.copy(page, src.ptr(0), PS, 0) };

@@ -18,7 +18,9 @@
 //! ## Parent (`prepare`, then `ForkPrep::parent`)
 //! With transparent evictions frozen (`Vm::freeze_transparent_eviction`: a page
 //! resident at the scan is still resident when the kernel copies the mapping), every
-//! entry below the region's high mark is read. A `Swapped` entry is claimed `BUSY`
+//! entry of the region's touched chunks is read (`TRegion::touched`: a bit per 2 MiB,
+//! set by the handler when it fills a page there for the first time; the heap's
+//! allocator works from the top of a 64 GiB region, so a high mark would not do). A `Swapped` entry is claimed `BUSY`
 //! for a moment (as `mm::entry::copy_entry` does) while its slot gets one more
 //! reference, so the parent never frees or rewrites that slot while the child may
 //! read it; the record is (page, the device's shared descriptor, the slot's byte
@@ -33,7 +35,8 @@
 //! ## Child (`ForkPrep::child`, then `adopt` on a new Vm)
 //! The parent's threads do not exist in the child and its locks may have been held
 //! by them: the child never calls into the old Vm; it reads only the table built
-//! before the fork and the old regions' high marks (atomics). It closes the old
+//! before the fork and the old regions' entries and touched bitmaps (the child's
+//! copy of them, as they were at the fork). It closes the old
 //! descriptor, registers each region with the new Vm's userfaultfd (missing and
 //! write-protect) and then asks the kernel (`mincore`) which pages its mapping holds:
 //! each one gets a token frame in the new budget, dirty (fork cleared the pages'
@@ -45,6 +48,14 @@
 //! search with a "taken" flag per record, built at adoption: the fault path
 //! allocates nothing. When the last record is taken the child closes its keepers
 //! early, so the parent frees its slots before the child exits.
+//!
+//! Code of the C library runs in the child before the heap is registered again
+//! (glibc's fork resets its streams' locks; every thread the new Vm starts reads
+//! the locale data), and the kernel fills a page it touches that was on the
+//! parent's swap with zeros. `usermm exec` brings the known ones in before the fork;
+//! for the rest, a page resident in the child whose entry in the parent was
+//! `Swapped` at the fork is such a page, and `repair` puts its bytes back from the
+//! record, keeping the non-zero bytes the child wrote there (and says so on stderr).
 //!
 //! A child that forks again (a grandchild) carries its untaken records along with a
 //! duplicate of each keeper descriptor, so the grandparent keeps its slots until the
@@ -79,6 +90,47 @@ use crate::sync::{wait_until, wait_until_for, Arc, AtomicBool, AtomicUsize, Mute
 use std::os::fd::RawFd;
 
 const PS: u64 = PAGE_SIZE as u64;
+/// Pages per bit of `TRegion::touched` (2 MiB; one page of entries).
+pub(super) const CHUNK: u64 = 512;
+
+/// The `touched` bitmap of a region of `pages` pages, all clear.
+pub(super) fn chunk_bitmap(pages: u64) -> Box<[crate::sync::AtomicU64]> {
+    (0..pages.div_ceil(CHUNK).div_ceil(64))
+        .map(|_| crate::sync::AtomicU64::new(0))
+        .collect()
+}
+
+/// Fault path (`Pte::Empty` branch, before the page is mapped, so a process fork
+/// that copies the mapping copies a bitmap that covers it): page `idx` of `r` is
+/// filled. One load when the bit is set already; no allocation.
+pub(super) fn touch(r: &TRegion, idx: u64) {
+    let c = idx / CHUNK;
+    let w = &r.touched[(c / 64) as usize];
+    let bit = 1u64 << (c % 64);
+    if w.load(Ordering::Relaxed) & bit == 0 {
+        w.fetch_or(bit, Ordering::SeqCst);
+    }
+}
+
+/// The chunks of `r` with a page ever filled, as page ranges.
+fn touched_ranges(r: &TRegion) -> Vec<std::ops::Range<usize>> {
+    let mut out: Vec<std::ops::Range<usize>> = Vec::new();
+    for (wi, w) in r.touched.iter().enumerate() {
+        let mut bits = w.load(Ordering::SeqCst);
+        while bits != 0 {
+            let c = wi as u64 * 64 + u64::from(bits.trailing_zeros());
+            bits &= bits - 1;
+            let first = (c * CHUNK) as usize;
+            let end = ((c + 1) * CHUNK).min(r.npages as u64) as usize;
+            match out.last_mut() {
+                Some(last) if last.end == first => last.end = end,
+                _ => out.push(first..end),
+            }
+        }
+    }
+    out
+}
+
 /// How long `prepare` waits, evictions frozen, for a fault in flight.
 const BUSY_PATIENCE: std::time::Duration = std::time::Duration::from_millis(20);
 
@@ -234,8 +286,9 @@ struct ChildRegion {
     old: Arc<TRegion>,
     base: u64,
     len: u64,
-    /// The parent's high mark at the fork (pages at or above were never filled).
-    hi: u64,
+    /// The chunks of the parent's region with a page ever filled, at the fork (no
+    /// page outside them was ever in the parent's mapping).
+    ranges: Vec<std::ops::Range<usize>>,
     recs: Vec<Rec>,
 }
 
@@ -310,9 +363,10 @@ pub(crate) fn prepare(
     let mut devs: [Option<(Arc<SwapDevice>, Option<RawFd>)>; crate::swap::table::MAX_DEVICES] =
         std::array::from_fn(|_| None);
     for r in regions {
-        let hi = (r.hi.load(Ordering::SeqCst) as usize).min(r.npages);
         let mut recs = Vec::new();
-        for (i, e) in r.entries()[..hi].iter().enumerate() {
+        let ents = r.entries();
+        for i in touched_ranges(&r).into_iter().flatten() {
+            let e = &ents[i];
             loop {
                 let v = e.load(Ordering::Acquire);
                 match Pte::decode(v) {
@@ -459,7 +513,7 @@ impl ForkPrep {
     }
 
     /// In the child after the fork: the table to adopt. Touches nothing of the old
-    /// Vm but this table and the regions' high marks; closes the old descriptor and
+    /// Vm but this table and the regions' touched bitmaps; closes the old descriptor and
     /// the pipe's read end.
     pub fn child(mut self) -> ForkChild {
         let mut out = ForkChild::default();
@@ -472,7 +526,7 @@ impl ForkPrep {
             out.regions.push(ChildRegion {
                 base: r.base,
                 len: r.len,
-                hi: r.hi.load(Ordering::SeqCst).min(r.npages as u64),
+                ranges: touched_ranges(&r),
                 recs,
                 old: r,
             });
@@ -540,60 +594,30 @@ pub(crate) fn adopt(
         let old = cr.old;
         let old = &*std::mem::ManuallyDrop::new(old);
         let r = t.region.clone();
-        let hi = cr.hi as usize;
-        let mut resident = vec![0u8; hi];
         let mut buf = AlignedPages::new(2)?;
-        if hi > 0 {
-            // SAFETY: `[base, base + hi pages)` lies in the region's mapping; the
-            // vector has one byte per page.
+        let mut resident = Vec::new();
+        for range in &cr.ranges {
+            resident.clear();
+            resident.resize(range.len(), 0u8);
+            // SAFETY: the range lies in the region's mapping; the vector has one byte
+            // per page.
             let rc = unsafe {
                 libc::mincore(
-                    cr.base as *mut libc::c_void,
-                    hi * PAGE_SIZE,
+                    (cr.base + range.start as u64 * PS) as *mut libc::c_void,
+                    range.len() * PAGE_SIZE,
                     resident.as_mut_ptr(),
                 )
             };
             if rc != 0 {
                 return Err(Error::Io(std::io::Error::last_os_error()));
             }
-        }
-        for (i, _) in resident.iter().enumerate().filter(|(_, &b)| b & 1 != 0) {
-            if let Some(f) = r.foreign.as_deref() {
-                if let Some(k) = f.find(i as u64) {
-                    repair(
-                        old,
-                        i,
-                        cr.base + i as u64 * PS,
-                        &f.recs[k],
-                        &mut buf,
-                        &mut patched,
-                    )?;
-                }
-            }
-            let pte = &r.entries()[i];
-            if pte
-                .compare_exchange(EMPTY, BUSY, Ordering::AcqRel, Ordering::Relaxed)
-                .is_err()
-            {
-                continue;
-            }
-            let pfn = match crate::reclaim::alloc_frame(&eng, AllocCtx::Normal) {
-                Ok(p) => p,
-                Err(e) => {
-                    pte.store(EMPTY, Ordering::Release);
-                    return Err(e);
-                }
-            };
-            token_only(&eng, pfn);
-            eng.install_transparent(pte, pfn, cr.base + i as u64 * PS, 0, true);
-            // Resident here: its bytes are the child's own, never its record's.
-            if let Some(f) = r.foreign.as_deref() {
-                if let Some(k) = f.find(i as u64) {
-                    f.take(k);
+            for i in range.clone() {
+                touch(&r, i as u64);
+                if resident[i - range.start] & 1 != 0 {
+                    adopt_resident(&eng, &r, old, cr.base, i, &mut buf, &mut patched)?;
                 }
             }
         }
-        r.hi.fetch_max(cr.hi, Ordering::SeqCst);
         out.push(t);
     }
     if total == 0 {
@@ -609,6 +633,46 @@ pub(crate) fn adopt(
         unsafe { libc::write(2, msg.as_ptr().cast(), msg.len()) };
     }
     Ok(out)
+}
+
+/// Page `i` of `r` (at `base`) is in the child's mapping: its bytes are the child's
+/// (repaired if the child touched it before registration), a token frame in the
+/// new budget stands for it, dirty.
+fn adopt_resident(
+    eng: &Arc<Engine>,
+    r: &TRegion,
+    old: &TRegion,
+    base: u64,
+    i: usize,
+    buf: &mut AlignedPages,
+    patched: &mut u64,
+) -> Result<()> {
+    let f = r.foreign.as_deref();
+    let k = f.and_then(|f| f.find(i as u64));
+    if let (Some(f), Some(k)) = (f, k) {
+        repair(old, i, base + i as u64 * PS, &f.recs[k], buf, patched)?;
+    }
+    let pte = &r.entries()[i];
+    if pte
+        .compare_exchange(EMPTY, BUSY, Ordering::AcqRel, Ordering::Relaxed)
+        .is_err()
+    {
+        return Ok(());
+    }
+    let pfn = match crate::reclaim::alloc_frame(eng, AllocCtx::Normal) {
+        Ok(p) => p,
+        Err(e) => {
+            pte.store(EMPTY, Ordering::Release);
+            return Err(e);
+        }
+    };
+    token_only(eng, pfn);
+    eng.install_transparent(pte, pfn, base + i as u64 * PS, 0, true);
+    // Resident here: its bytes are the child's own, never its record's.
+    if let (Some(f), Some(k)) = (f, k) {
+        f.take(k);
+    }
+    Ok(())
 }
 
 /// A page resident in the child whose record says it was on the parent's swap: if
