@@ -59,7 +59,7 @@
 //! Entry bit lock P_LOCK alone (no frame lock): the hit path's write       mm::fault::write_fast
 //! SwapTable::devs (write; nothing allocated under it)                     SwapTable::{add, remove}
 //! Engine::spaces (Mutex, leaf)                  Engine::{register_space, live_spaces}
-//! transparent_fork::Keepers::fds (Mutex, leaf)  transparent_fork::{prepare, Keepers::close}
+//! transparent_foreign::Keepers::fds (Mutex, leaf)  transparent_fork::prepare, Keepers::close
 //!   (a fork child's pipe ends; the handler closes them, a fork duplicates them)
 //! Engine::kswapd_lock (Mutex<bool>, leaf; `kswapd_wake`)  reclaim::{kswapd, wake_kswapd}
 //! PageIo::sleep (Mutex<()>, leaf; `wake`)       PageIo::{run, kick}

@@ -46,7 +46,7 @@
 //! The `BUSY` claim is held across the frame allocation and the device read, as on
 //! the explicit fault path.
 
-use super::transparent_fork::Foreign;
+use super::transparent_foreign::Foreign;
 use crate::addr::PAGE_SIZE;
 use crate::device::AlignedPages;
 use crate::engine::Engine;
@@ -217,7 +217,7 @@ impl Host {
             npages: (len / PS) as usize,
             eng: self.eng.clone(),
             uffd: self.uffd.clone(),
-            touched: super::transparent_fork::chunk_bitmap(len / PS),
+            touched: super::transparent_foreign::chunk_bitmap(len / PS),
             foreign,
         });
         {
@@ -381,9 +381,13 @@ impl TRegion {
                     };
                     token_only(eng, pfn);
                     // A forked child: the page may be its parent's, on the parent's
-                    // swap (`mm::transparent_fork`); else a zero page.
+                    // swap (`mm::transparent_foreign`); else a zero page.
                     let idx = (page - self.base) / PS;
-                    let foreign = match super::transparent_fork::fill(self, idx, bounce) {
+                    let foreign = match super::transparent_foreign::fill(
+                        self.foreign.as_deref(),
+                        idx,
+                        bounce,
+                    ) {
                         Ok(f) => f,
                         Err(e) => {
                             eng.frames.free(pfn);
@@ -394,7 +398,7 @@ impl TRegion {
                     let src: &AlignedPages = if foreign.is_some() { bounce } else { zero };
                     // Before the page is mapped, so a process fork that copies the
                     // mapping copies a mark that covers it.
-                    super::transparent_fork::touch(self, idx);
+                    super::transparent_foreign::touch(&self.touched, idx);
                     // SAFETY: the zero page and the bounce page are ours and
                     // PAGE_SIZE long.
                     let mapped = unsafe { self.uffd.copy(page, src.ptr(0), PS, 0) };
@@ -404,7 +408,7 @@ impl TRegion {
                         return Err(Error::Io(e));
                     }
                     eng.install_transparent(pte, pfn, page, 0, true);
-                    super::transparent_fork::filled(self, foreign);
+                    super::transparent_foreign::filled(self.foreign.as_deref(), eng, foreign);
                     Counters::inc(&eng.cnt.pgfault);
                     return Ok(());
                 }

@@ -4,9 +4,11 @@
 //!
 //! Owns: `ForkPrep` (the parent's side of one fork: the slot references taken for
 //! the child, the table the child reads, the pipe that says when the child is done),
-//! `ForkChild` (that table, carried into the child), `Foreign` (the child's side: the
-//! table as its fault handler consults it) and `Keepers` (the descriptors whose
-//! closing tells the ancestors that their slots are no longer needed).
+//! `ForkChild` (that table, carried into the child) and the child's adoption
+//! (`adopt`, `repair`). The fault-path half — the table as the child's handler
+//! consults it (`Foreign`), the descriptors whose closing tells the ancestors that
+//! their slots are no longer needed (`Keepers`), the touched-chunk bitmap — is
+//! `mm::transparent_foreign`, below `transparent` (no import cycle).
 //!
 //! ## Why
 //! The kernel does not carry userfaultfd registration into a fork child (without
@@ -78,40 +80,18 @@
 //! (`SwapDevice::map`, a leaf), with an entry claimed `BUSY` at most.
 
 use super::transparent::{token_only, Host, TRegion, TransparentRegion};
+use super::transparent_foreign::{read_rec, touch, Foreign, Keepers, Rec, CHUNK};
 use crate::addr::{SwapEntry, PAGE_SIZE};
 use crate::device::AlignedPages;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::frame::AllocCtx;
 use crate::pte::{Pte, BUSY, EMPTY};
-use crate::stats::Counters;
 use crate::swap::SwapDevice;
 use crate::sync::{wait_until, wait_until_for, Arc, AtomicBool, AtomicUsize, Mutex, Ordering};
 use std::os::fd::RawFd;
 
 const PS: u64 = PAGE_SIZE as u64;
-/// Pages per bit of `TRegion::touched` (2 MiB; one page of entries).
-pub(super) const CHUNK: u64 = 512;
-
-/// The `touched` bitmap of a region of `pages` pages, all clear.
-pub(super) fn chunk_bitmap(pages: u64) -> Box<[crate::sync::AtomicU64]> {
-    (0..pages.div_ceil(CHUNK).div_ceil(64))
-        .map(|_| crate::sync::AtomicU64::new(0))
-        .collect()
-}
-
-/// Fault path (`Pte::Empty` branch, before the page is mapped, so a process fork
-/// that copies the mapping copies a bitmap that covers it): page `idx` of `r` is
-/// filled. One load when the bit is set already; no allocation.
-pub(super) fn touch(r: &TRegion, idx: u64) {
-    let c = idx / CHUNK;
-    let w = &r.touched[(c / 64) as usize];
-    let bit = 1u64 << (c % 64);
-    if w.load(Ordering::Relaxed) & bit == 0 {
-        w.fetch_or(bit, Ordering::SeqCst);
-    }
-}
-
 /// The chunks of `r` with a page ever filled, as page ranges.
 fn touched_ranges(r: &TRegion) -> Vec<std::ops::Range<usize>> {
     let mut out: Vec<std::ops::Range<usize>> = Vec::new();
@@ -133,150 +113,6 @@ fn touched_ranges(r: &TRegion) -> Vec<std::ops::Range<usize>> {
 
 /// How long `prepare` waits, evictions frozen, for a fault in flight.
 const BUSY_PATIENCE: std::time::Duration = std::time::Duration::from_millis(20);
-
-/// A page of a forked region whose bytes are in a slot of an ancestor's swap file.
-#[derive(Clone, Copy, Debug)]
-struct Rec {
-    /// Page index in its region.
-    idx: u64,
-    /// The ancestor's swap file, inherited through the fork.
-    fd: RawFd,
-    /// Byte offset of the slot in that file.
-    off: u64,
-    /// CRC32C recorded when the slot was written.
-    csum: u32,
-}
-
-/// Descriptors whose closing tells ancestors their slots may go: the write end of the
-/// pipe to the parent and the duplicates of the parent's own keepers (a grandchild).
-#[derive(Debug)]
-pub(crate) struct Keepers {
-    /// Protected by its mutex (a leaf); empty once closed.
-    fds: Mutex<Vec<RawFd>>,
-    /// Records not taken yet, over all regions (relaxed is not enough: the last
-    /// decrement closes the descriptors; AcqRel).
-    left: AtomicUsize,
-}
-
-impl Keepers {
-    fn close(&self) {
-        let mut fds = self.fds.lock();
-        for fd in fds.drain(..) {
-            // SAFETY: a descriptor we own (made or inherited for this purpose); closed
-            // once, under the lock.
-            unsafe { libc::close(fd) };
-        }
-    }
-
-    fn took_one(&self) {
-        if self.left.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.close();
-        }
-    }
-}
-
-/// A forked child's view of one region's foreign pages (see the module header).
-#[derive(Debug)]
-pub(crate) struct Foreign {
-    /// Sorted by page index. Immutable.
-    recs: Box<[Rec]>,
-    /// One per record: the page was mapped (or found resident) in this process.
-    taken: Box<[AtomicBool]>,
-    keepers: Arc<Keepers>,
-}
-
-impl Foreign {
-    fn find(&self, idx: u64) -> Option<usize> {
-        self.recs.binary_search_by_key(&idx, |r| r.idx).ok()
-    }
-
-    fn take(&self, k: usize) {
-        if !self.taken[k].swap(true, Ordering::AcqRel) {
-            self.keepers.took_one();
-        }
-    }
-}
-
-/// Fault path, `Pte::Empty` branch of a missing fault on page `idx` of `r` (claimed
-/// `BUSY` by the caller): if the page is an untaken foreign page, reads it into
-/// `bounce` (checksum checked) and returns its record. No allocation, no lock.
-pub(super) fn fill(r: &TRegion, idx: u64, bounce: &mut AlignedPages) -> Result<Option<usize>> {
-    let Some(f) = r.foreign.as_deref() else {
-        return Ok(None);
-    };
-    let Some(k) = f.find(idx) else {
-        return Ok(None);
-    };
-    if f.taken[k].load(Ordering::Acquire) {
-        // Mapped once already, then released (never its bytes again).
-        return Ok(None);
-    }
-    read_rec(&f.recs[k], bounce.page_mut(0))?;
-    Ok(Some(k))
-}
-
-/// Reads a record's page into `buf` (page-sized, page-aligned) and checks its
-/// checksum. No allocation.
-fn read_rec(rec: &Rec, buf: &mut [u8]) -> Result<()> {
-    let fail = |kind: std::io::ErrorKind| Error::Device {
-        dev: String::new(),
-        source: std::io::Error::from(kind),
-    };
-    loop {
-        // SAFETY: `buf` is a live exclusive page-sized buffer, page-aligned (the
-        // ancestor's file may be O_DIRECT); the kernel writes at most PAGE_SIZE bytes.
-        let n = unsafe {
-            libc::pread(
-                rec.fd,
-                buf.as_mut_ptr().cast(),
-                PAGE_SIZE,
-                rec.off as libc::off_t,
-            )
-        };
-        if n == PAGE_SIZE as isize {
-            break;
-        }
-        if n < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
-            continue;
-        }
-        return Err(fail(if n < 0 {
-            std::io::Error::last_os_error().kind()
-        } else {
-            std::io::ErrorKind::UnexpectedEof
-        }));
-    }
-    if crc32c::crc32c(buf) != rec.csum {
-        return Err(fail(std::io::ErrorKind::InvalidData));
-    }
-    Ok(())
-}
-
-/// Fault path, after the page `fill` read is mapped and published: the record is
-/// taken (the last one closes the keepers).
-pub(super) fn filled(r: &TRegion, k: Option<usize>) {
-    if let (Some(f), Some(k)) = (r.foreign.as_deref(), k) {
-        f.take(k);
-        r.eng.foreign_reads.fetch_add(1, Ordering::Relaxed);
-        Counters::inc(&r.eng.cnt.pgmajfault);
-    }
-}
-
-/// Pages `[first, first + n)` of `r` no longer hold their fork-time bytes (the
-/// program released them): their records must never be read. For a discard of
-/// transparent pages; call with the entries claimed or known `EMPTY`.
-#[allow(dead_code)]
-pub(super) fn forget(r: &TRegion, first: u64, n: u64) {
-    let Some(f) = r.foreign.as_deref() else {
-        return;
-    };
-    let at = f.recs.partition_point(|x| x.idx < first);
-    for (k, rec) in f.recs.iter().enumerate().skip(at) {
-        if rec.idx >= first + n {
-            break;
-        }
-        f.take(k);
-    }
-}
 
 /// What a child needs of one region.
 #[derive(Debug)]
@@ -612,7 +448,7 @@ pub(crate) fn adopt(
                 return Err(Error::Io(std::io::Error::last_os_error()));
             }
             for i in range.clone() {
-                touch(&r, i as u64);
+                touch(&r.touched, i as u64);
                 if resident[i - range.start] & 1 != 0 {
                     adopt_resident(&eng, &r, old, cr.base, i, &mut buf, &mut patched)?;
                 }
