@@ -87,12 +87,13 @@ pub(crate) struct TRegion {
     pub(super) npages: usize,
     pub(super) eng: Arc<Engine>,
     uffd: Arc<Uffd>,
-    /// One bit per chunk of `transparent_fork::CHUNK` pages: set (before the page is
+    /// One bit per chunk of `transparent_foreign::CHUNK` pages: set (before the page is
     /// mapped) when a page of the chunk is filled for the first time. A process fork
     /// scans those chunks only (`mm::transparent_fork`).
     pub(super) touched: Box<[AtomicU64]>,
     /// In a forked child of `usermm exec`: the pages its parent had on swap, read
-    /// from the parent's slots on first touch (`mm::transparent_fork`). Immutable.
+    /// from the parent's slots on first touch (`mm::transparent_foreign`, built by
+    /// `mm::transparent_fork::adopt`). Immutable.
     pub(super) foreign: Option<Box<Foreign>>,
 }
 
@@ -397,7 +398,7 @@ impl TRegion {
                     };
                     let src: &AlignedPages = if foreign.is_some() { bounce } else { zero };
                     // Before the page is mapped, so a process fork that copies the
-                    // mapping copies a mark that covers it.
+                    // mapping copies a bitmap that covers it.
                     super::transparent_foreign::touch(&self.touched, idx);
                     // SAFETY: the zero page and the bounce page are ours and
                     // PAGE_SIZE long.
