@@ -32,10 +32,13 @@
 //!   slots (it exited, exec'd, or read them all). A heap page on a swap device
 //!   another process cannot read (NBD, mirror) makes `fork` fail with ENOMEM and a
 //!   line on stderr. Before the fork the wrapper brings in the heap pages of every
-//!   open `FILE`: glibc's fork writes to them in the child before any atfork
-//!   handler runs there. The child's Vm is made in our atfork child handler
-//!   (registered at start-up, so it runs before the program's own child handlers). `posix_spawn`/`vfork` (the child shares the parent's memory, then execs)
-//!   are not interposed; a child that execs gets its own usermm.
+//!   open `FILE` (glibc's fork writes their locks in the child before any atfork
+//!   handler runs there) and of the locale data (every thread the child's Vm starts
+//!   reads it); the child repairs any other page it finds touched that way. The
+//!   child's Vm is made in our atfork child handler (registered at start-up, so it
+//!   runs before the program's own child handlers). `posix_spawn`/`vfork` (the
+//!   child shares the parent's memory, then execs) are not interposed; a child that
+//!   execs gets its own usermm.
 //! - Not yet: anonymous `mmap`/`munmap`/`mremap` are not interposed (a program that
 //!   maps its own memory, e.g. CPython's small-object arenas, has that memory outside
 //!   the budget).
