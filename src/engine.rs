@@ -84,6 +84,12 @@ pub(crate) struct Engine {
     /// Set once a frame has held a page in the arena's own memory (`install`); until
     /// then a transparent page's token frame need not be given back to the kernel.
     pub arena_used: AtomicBool,
+    /// Slot references held for forked child processes that may still read those
+    /// slots (`mm::transparent_fork`); relaxed counter, for `usermm exec --stats`.
+    pub fork_held: AtomicU64,
+    /// Pages a forked child read from an ancestor's slot (`mm::transparent_fork`);
+    /// relaxed counter.
+    pub foreign_reads: AtomicU64,
     /// Device of the most recent failed page-out (for the error of an allocation
     /// that cannot progress because page-out keeps failing). Relaxed atomic.
     pub last_write_error_dev: AtomicU8,
@@ -118,6 +124,8 @@ impl Engine {
             transparent_evicting: AtomicU64::new(0),
             staging: AtomicU64::new(0),
             arena_used: AtomicBool::new(false),
+            fork_held: AtomicU64::new(0),
+            foreign_reads: AtomicU64::new(0),
             spaces: Mutex::new(Vec::new()),
         })
     }

@@ -42,7 +42,8 @@
 //! ├── SpaceInner::dying (Mutex, leaf)                  map_anon, unmap
 //! ├── LeafPool::free (Mutex, leaf)                     PageTable::{entry, unshare} (leaf alloc/recycle)
 //! ├── entry claim BUSY (claim; held across a frame allocation and one device read)
-//! │   │   mm::fault::{fault_zero, fault_swapin}, mm::fork::copy_entry, swap::swapoff::bring_back
+//! │   │   mm::fault::{fault_zero, fault_swapin}, mm::fork::copy_entry, swap::swapoff::bring_back,
+//! │   │   mm::transparent_fork::prepare (a transparent entry, around SwapDevice::dup only)
 //! │   └── [may-reclaim]                               reclaim::alloc_frame
 //! │       ├── frame lock (PageDesc spin lock; try-lock only inside reclaim)
 //! │       │   │   reclaim::reclaim_frame, reclaim::finish_writeback, Engine::install,
@@ -58,6 +59,8 @@
 //! Entry bit lock P_LOCK alone (no frame lock): the hit path's write       mm::fault::write_fast
 //! SwapTable::devs (write; nothing allocated under it)                     SwapTable::{add, remove}
 //! Engine::spaces (Mutex, leaf)                  Engine::{register_space, live_spaces}
+//! transparent_foreign::Keepers::fds (Mutex, leaf)  transparent_fork::prepare, Keepers::close
+//!   (a fork child's pipe ends; the handler closes them, a fork duplicates them)
 //! Engine::kswapd_lock (Mutex<bool>, leaf; `kswapd_wake`)  reclaim::{kswapd, wake_kswapd}
 //! PageIo::sleep (Mutex<()>, leaf; `wake`)       PageIo::{run, kick}
 //! VmInner::threads (Mutex, leaf)                Vm::new, VmInner::drop
@@ -106,4 +109,6 @@ pub use error::{Error, Result};
 pub use mm::region::Region;
 pub use mm::transparent::TransparentRegion;
 pub use stats::{Stats, SwapInfo};
+#[doc(hidden)]
+pub use vm::ForkTicket;
 pub use vm::{AddressSpace, PageMut, PageRef, Vm};

@@ -143,18 +143,91 @@ impl Vm {
     /// `/dev/userfaultfd` (see the README, "Transparent memory"); `Config` on a kernel
     /// without userfaultfd write-protect.
     pub fn map_transparent(&self, len: usize) -> Result<crate::TransparentRegion> {
-        let host = {
-            let mut t = self.inner.transparent.lock();
-            match &*t {
-                Some(h) => h.clone(),
-                None => {
-                    let h = crate::mm::transparent::Host::start(self.inner.eng.clone())?;
-                    *t = Some(h.clone());
-                    h
-                }
+        self.host()?.map(len, self.inner.clone())
+    }
+
+    /// The userfaultfd host of transparent regions, started with the first one.
+    fn host(&self) -> Result<Arc<crate::mm::transparent::Host>> {
+        let mut t = self.inner.transparent.lock();
+        match &*t {
+            Some(h) => Ok(h.clone()),
+            None => {
+                let h = crate::mm::transparent::Host::start(self.inner.eng.clone())?;
+                *t = Some(h.clone());
+                Ok(h)
             }
-        };
-        host.map(len, self.inner.clone())
+        }
+    }
+
+    /// Prepares a process fork (`usermm exec`'s `fork()`; see
+    /// `mm::transparent_fork`): freezes transparent evictions, runs `after_freeze`
+    /// (the caller brings in pages its C library touches in the child before the
+    /// child can serve faults; it may run again if a fault in flight makes the
+    /// preparation start over), then takes a slot reference for every transparent
+    /// page on swap and records where the child can read it. The ticket must be
+    /// given `parent(pid)` in the parent and `child()` in the child.
+    ///
+    /// Errors: `Config` when a page is on a swap device a child cannot read (not a
+    /// local file); `OutOfSwap` when a slot's count is full; `Io` when no pipe can be
+    /// made. Nothing is held then.
+    #[doc(hidden)]
+    pub fn prepare_fork(&self, mut after_freeze: impl FnMut()) -> Result<ForkTicket<'_>> {
+        let host = self.inner.transparent.lock().clone();
+        let mut attempt = 0;
+        loop {
+            let freeze = self.freeze_transparent_eviction();
+            after_freeze();
+            let prep = match &host {
+                // After 50 short tries, wait for the fault in flight however long.
+                Some(h) => {
+                    match crate::mm::transparent_fork::prepare(&self.inner.eng, h, attempt >= 50)? {
+                        Some(p) => Some(p),
+                        None => {
+                            // A fault in flight may need an eviction: let evictions
+                            // run for a moment.
+                            drop(freeze);
+                            attempt += 1;
+                            std::thread::sleep(Duration::from_millis(2));
+                            continue;
+                        }
+                    }
+                }
+                None => None,
+            };
+            return Ok(ForkTicket {
+                prep,
+                freeze: Some(freeze),
+            });
+        }
+    }
+
+    /// In a forked child, on a new Vm: registers the child's copy of its parent's
+    /// transparent regions with this Vm and takes them into its budget (see
+    /// `mm::transparent_fork`). The regions must never be dropped (they are the
+    /// program's memory).
+    ///
+    /// Errors: `Io` when a region cannot be registered; `OutOfMemory` when this
+    /// budget cannot hold the pages resident in the child.
+    #[doc(hidden)]
+    pub fn adopt_fork(
+        &self,
+        c: crate::mm::transparent_fork::ForkChild,
+    ) -> Result<Vec<crate::TransparentRegion>> {
+        crate::mm::transparent_fork::adopt(&self.host()?, c, self.inner.clone())
+    }
+
+    /// Swap slots this Vm still holds for forked children (pages they may read).
+    #[doc(hidden)]
+    pub fn fork_held_pages(&self) -> u64 {
+        self.eng().fork_held.load(crate::sync::Ordering::Relaxed)
+    }
+
+    /// Pages this process (a forked child) read from an ancestor's swap.
+    #[doc(hidden)]
+    pub fn foreign_reads(&self) -> u64 {
+        self.eng()
+            .foreign_reads
+            .load(crate::sync::Ordering::Relaxed)
     }
 
     /// Pages of this Vm's transparent regions that are evicted now (on a swap device,
@@ -275,6 +348,33 @@ impl Vm {
         // (what completes later is freed by then or by background reclaim).
         crate::sync::wait_until_for(Duration::from_secs(10), || eng.io.inflight() == 0);
         freed()
+    }
+}
+
+/// A process fork in preparation: see `Vm::prepare_fork`. Dropped without
+/// `parent`/`child`, it gives everything back.
+#[doc(hidden)]
+#[derive(Debug)]
+pub struct ForkTicket<'a> {
+    prep: Option<crate::mm::transparent_fork::ForkPrep>,
+    freeze: Option<TransparentFreeze<'a>>,
+}
+
+impl ForkTicket<'_> {
+    /// In the parent after the fork (`pid` < 0 if it failed): evictions resume; the
+    /// slot references are dropped when the child no longer needs them.
+    pub fn parent(mut self, pid: i32) {
+        drop(self.freeze.take());
+        if let Some(p) = self.prep.take() {
+            p.parent(pid);
+        }
+    }
+
+    /// In the child after the fork (one thread): the table to give `adopt_fork` on
+    /// a new Vm. Nothing of this Vm is called (its threads do not exist here).
+    pub fn child(mut self) -> crate::mm::transparent_fork::ForkChild {
+        std::mem::forget(self.freeze.take());
+        self.prep.take().map(|p| p.child()).unwrap_or_default()
     }
 }
 

@@ -317,6 +317,11 @@ impl BlockDevice for FileDevice {
     fn flush(&self) -> io::Result<()> {
         self.file.sync_data()
     }
+    fn shared_fd(&self) -> Option<std::os::fd::RawFd> {
+        // Slot `s` is at `s * PAGE_SIZE` (`offset`); positioned reads need no shared
+        // file position.
+        Some(self.file.as_raw_fd())
+    }
     fn discard(&self, first: u64, count: u64) -> io::Result<()> {
         let off = self.offset(first)?;
         let len = count

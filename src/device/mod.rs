@@ -67,4 +67,11 @@ pub trait BlockDevice: Send + Sync + fmt::Debug {
     }
     /// Tells the device that `count` slots from `first` hold nothing of value.
     fn discard(&self, first: u64, count: u64) -> io::Result<()>;
+    /// A descriptor from which any process that inherits it may `pread` slot `s` at
+    /// byte offset `s * PAGE_SIZE` (a local file does; a network client does not: its
+    /// socket cannot be shared by two processes). For a forked child of `usermm exec`
+    /// that reads its parent's swapped pages (`mm::transparent_fork`).
+    fn shared_fd(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
 }

@@ -9,6 +9,9 @@
 //!   copy-on-write, page pins.
 //! - `fork`: copy-on-write snapshots with shared page-table leaves.
 //! - `entry`: copying and releasing one entry (used by `space` and `fork`).
+//! - `transparent`: userfaultfd-backed regions and their fault handler;
+//!   `transparent_fork`: what a process fork of them needs (`usermm exec`), and
+//!   `transparent_foreign` its fault-path half (below `transparent`).
 
 pub(crate) mod entry;
 pub(crate) mod fault;
@@ -17,3 +20,5 @@ pub(crate) mod pagetable;
 pub(crate) mod region;
 pub(crate) mod space;
 pub(crate) mod transparent;
+pub(crate) mod transparent_foreign;
+pub(crate) mod transparent_fork;

@@ -61,6 +61,7 @@
 //! The `BUSY` claim is held across the frame allocation and the device read, as on
 //! the explicit fault path.
 
+use super::transparent_foreign::Foreign;
 use crate::addr::PAGE_SIZE;
 use crate::device::AlignedPages;
 use crate::engine::Engine;
@@ -96,10 +97,10 @@ const READ_AROUND: usize = 7;
 /// The per-Vm part: one descriptor and one handler thread for all regions.
 #[derive(Debug)]
 pub(crate) struct Host {
-    eng: Arc<Engine>,
-    uffd: Arc<Uffd>,
+    pub(super) eng: Arc<Engine>,
+    pub(super) uffd: Arc<Uffd>,
     /// Live regions, by start address. Protected by its mutex (a leaf).
-    regions: Mutex<Vec<Arc<TRegion>>>,
+    pub(super) regions: Mutex<Vec<Arc<TRegion>>>,
     /// Written once to stop the handlers.
     stop: OwnedFd,
     /// The handler threads (joined when the Vm goes).
@@ -161,8 +162,8 @@ impl Drop for Staging {
 /// One transparent region.
 #[derive(Debug)]
 pub(crate) struct TRegion {
-    base: u64,
-    len: u64,
+    pub(super) base: u64,
+    pub(super) len: u64,
     /// One entry per page (`crate::pte` encoding), in a mapping of their own: zeroed
     /// (`EMPTY`) by the kernel and resident only where touched, so a 64 GiB region
     /// costs metadata only for the pages it uses. Each entry is protected by its own
@@ -172,9 +173,17 @@ pub(crate) struct TRegion {
     /// swap-ins of this page map it writable and dirty at once, because it was
     /// written in a recent residency (see "Knowing what is hot").
     hints: AlignedPages,
-    npages: usize,
-    eng: Arc<Engine>,
+    pub(super) npages: usize,
+    pub(super) eng: Arc<Engine>,
     uffd: Arc<Uffd>,
+    /// One bit per chunk of `transparent_foreign::CHUNK` pages: set (before the page is
+    /// mapped) when a page of the chunk is filled for the first time. A process fork
+    /// scans those chunks only (`mm::transparent_fork`).
+    pub(super) touched: Box<[AtomicU64]>,
+    /// In a forked child of `usermm exec`: the pages its parent had on swap, read
+    /// from the parent's slots on first touch (`mm::transparent_foreign`, built by
+    /// `mm::transparent_fork::adopt`). Immutable.
+    pub(super) foreign: Option<Box<Foreign>>,
 }
 
 impl Host {
@@ -271,7 +280,6 @@ impl Host {
         // Entries first (metadata, 8 bytes a page), then the mapping.
         let pages = (len / PS) as usize;
         let entries = AlignedPages::new((pages * 8).div_ceil(PAGE_SIZE))?;
-        let hints = AlignedPages::new(pages.div_ceil(PAGE_SIZE))?;
         // SAFETY: a fresh private anonymous mapping; checked below.
         let p = unsafe {
             crate::sys::mmap(
@@ -299,14 +307,34 @@ impl Host {
             unsafe { crate::sys::munmap(p, len as usize) };
             return Err(Error::Io(e));
         }
+        self.insert(base, len, entries, None, vm).inspect_err(|_| {
+            let _ = self.uffd.unregister(base, len);
+            // SAFETY: unmapping what we mapped above; nothing refers to it.
+            unsafe { crate::sys::munmap(p, len as usize) };
+        })
+    }
+
+    /// Makes the region over `[base, base + len)`, a mapping registered with this
+    /// host's descriptor, and lists it (`map`, and `transparent_fork::adopt` in a
+    /// forked child).
+    pub(super) fn insert(
+        self: &Arc<Host>,
+        base: u64,
+        len: u64,
+        entries: AlignedPages,
+        foreign: Option<Box<Foreign>>,
+        vm: Arc<dyn std::any::Any + Send + Sync>,
+    ) -> Result<TransparentRegion> {
         let r = Arc::new(TRegion {
             base,
             len,
             entries,
-            hints,
-            npages: pages,
+            hints: AlignedPages::new(((len / PS) as usize).div_ceil(PAGE_SIZE))?,
+            npages: (len / PS) as usize,
             eng: self.eng.clone(),
             uffd: self.uffd.clone(),
+            touched: super::transparent_foreign::chunk_bitmap(len / PS),
+            foreign,
         });
         {
             let mut list = self.regions.lock();
@@ -454,7 +482,7 @@ fn sigbus(tid: u32, e: &Error) {
 }
 
 impl TRegion {
-    fn entries(&self) -> &[AtomicU64] {
+    pub(super) fn entries(&self) -> &[AtomicU64] {
         // SAFETY: the mapping holds `npages` 8-byte, 8-aligned words, zeroed by the
         // kernel (a valid `AtomicU64` holding `EMPTY`), and lives as long as `self`;
         // it is only ever accessed atomically.
@@ -698,14 +726,35 @@ impl TRegion {
                         }
                     };
                     token_only(eng, pfn);
-                    // SAFETY: the zero page is ours and PAGE_SIZE long.
-                    let mapped = unsafe { self.uffd.copy(page, zero.ptr(0), PS, 0) };
+                    // A forked child: the page may be its parent's, on the parent's
+                    // swap (`mm::transparent_foreign`); else a zero page.
+                    let idx = (page - self.base) / PS;
+                    let foreign = match super::transparent_foreign::fill(
+                        self.foreign.as_deref(),
+                        idx,
+                        bounce,
+                    ) {
+                        Ok(f) => f,
+                        Err(e) => {
+                            eng.frames.free(pfn);
+                            pte.store(EMPTY, Ordering::Release);
+                            return Err(e);
+                        }
+                    };
+                    let src: &AlignedPages = if foreign.is_some() { bounce } else { zero };
+                    // Before the page is mapped, so a process fork that copies the
+                    // mapping copies a bitmap that covers it.
+                    super::transparent_foreign::touch(&self.touched, idx);
+                    // SAFETY: the zero page and the bounce page are ours and
+                    // PAGE_SIZE long.
+                    let mapped = unsafe { self.uffd.copy(page, src.ptr(0), PS, 0) };
                     if let Err(e) = mapped {
                         eng.frames.free(pfn);
                         pte.store(EMPTY, Ordering::Release);
                         return Err(Error::Io(e));
                     }
                     eng.install_transparent(pte, pfn, page, 0, true);
+                    super::transparent_foreign::filled(self.foreign.as_deref(), eng, foreign);
                     Counters::inc(&eng.cnt.pgfault);
                     return Ok(());
                 }
@@ -793,7 +842,7 @@ impl TRegion {
 /// A frame that only stands for a transparent page in the budget: its own memory is
 /// not used, so whatever an earlier page left there is given back to the kernel (the
 /// process's resident memory must not count the page twice).
-fn token_only(eng: &Engine, pfn: crate::addr::Pfn) {
+pub(super) fn token_only(eng: &Engine, pfn: crate::addr::Pfn) {
     if !eng.arena_used.load(Ordering::Relaxed) {
         // No frame ever held a page in the arena's own memory (only transparent pages
         // so far, as under `usermm exec`): its memory was never touched.
@@ -834,7 +883,7 @@ impl Drop for TRegion {
 #[derive(Debug)]
 pub struct TransparentRegion {
     host: Arc<Host>,
-    region: Arc<TRegion>,
+    pub(super) region: Arc<TRegion>,
     /// Keeps the Vm (and so the handler thread) alive while the region exists.
     _vm: Arc<dyn std::any::Any + Send + Sync>,
 }
@@ -890,6 +939,13 @@ impl TRegion {
         debug_assert!(len.is_multiple_of(PS));
         debug_assert!(start >= self.base && start + len <= self.base + self.len);
         let eng = &*self.eng;
+        // In a fork child: these pages no longer hold their fork-time bytes, so
+        // their records in the parent's swap are never to be read.
+        super::transparent_foreign::forget(
+            self.foreign.as_deref(),
+            (start - self.base) / PS,
+            len / PS,
+        );
         let mut page = start;
         while page < start + len {
             self.discard_page(eng, page);

@@ -185,6 +185,11 @@ impl SwapDevice {
         Ok(())
     }
 
+    /// The CRC32C recorded for what was last written to `slot`.
+    pub fn csum_of(&self, slot: u64) -> u32 {
+        self.csum[slot as usize].load(Ordering::Acquire)
+    }
+
     /// Records the outcome of one page write (page-out completion, on a page-I/O
     /// thread: atomics only, no allocation, no lock).
     pub fn note_write(&self, ok: bool) {

@@ -5,7 +5,9 @@
 //! checker can replace them without touching the engine (tokio's `loom` module does
 //! the same). Two backends, chosen at build time:
 //!
-//! - default: `parking_lot` locks and `std` atomics;
+//! - default: `std::sync` locks behind parking_lot's API, and `std` atomics
+//!   (`std_imp.rs`: parking_lot's global parking table does not survive a process
+//!   fork, which `usermm exec` children need);
 //! - `--cfg usermm_shuttle`: `shuttle`'s locks, condition variables and atomics,
 //!   behind wrappers with parking_lot's API (no poisoning; `Condvar::wait_for` on a
 //!   guard in place), so a shuttle test can schedule the engine's own code. Build with
@@ -19,12 +21,8 @@
 //! protocols from shuttle threads of its own.
 
 #[cfg(not(usermm_shuttle))]
-mod imp {
-    pub use parking_lot::{Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
-    pub use std::sync::atomic::{
-        fence, AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering,
-    };
-}
+#[path = "std_imp.rs"]
+mod imp;
 
 #[cfg(usermm_shuttle)]
 mod imp;

@@ -126,11 +126,10 @@ fn python_builds_and_checksums_1g_under_64m() {
     eprintln!("peak RssAnon under usermm exec: {} MiB", peak_kib >> 10);
 }
 
-/// fork: while nothing of the heap is on swap, a child sees exactly its parent's
-/// memory; when part of it is on swap, fork fails with ENOMEM and a line on stderr
-/// (never a child that reads zeros).
+/// fork: a child sees exactly its parent's memory, whether nothing of the heap is on
+/// swap or most of it is (never a child that reads zeros). More in `exec_fork.rs`.
 #[test]
-fn fork_sees_the_parents_heap_or_is_refused() {
+fn fork_sees_the_parents_heap() {
     if !can_run() {
         return;
     }
@@ -167,9 +166,10 @@ except OSError as e:
         stdout.contains("child 0"),
         "the child did not see its parent's heap: {stdout}"
     );
-    let refused = stdout.contains("refused 12") && stderr.contains("fork");
-    let fine = stdout.contains("child2 0");
-    assert!(refused || fine, "stdout: {stdout}\nstderr: {stderr}");
+    assert!(
+        stdout.contains("child2 0"),
+        "the child did not see its parent's heap, part of it on swap: {stdout}\n{stderr}"
+    );
 }
 
 /// Refusals: a static program, a setuid one, a budget beyond the machine.

@@ -18,11 +18,27 @@
 //!   from the program's heap: this library's Rust global allocator calls glibc's
 //!   `__libc_malloc` family directly. So the fault handler never waits for the lock
 //!   of the allocator whose page faulted (seeds 003 and 004 in a new form).
-//! - `fork()` without exec is refused (ENOMEM, with a line on stderr): the kernel does
-//!   not carry userfaultfd registration into a child, so the child would read zeros
-//!   where its parent's pages were on swap. `posix_spawn`/`vfork` (the child shares
-//!   the parent's memory, then execs) work; a child that execs gets its own usermm
-//!   (the budget is per process: each process of the tree has its own).
+//! - `fork()`: a child that does not exec sees exactly its parent's memory, pages
+//!   that were on swap included, under a budget of its own (the same size; each
+//!   process of the tree has its own). The kernel does not carry userfaultfd
+//!   registration into a child, so the wrapper does (`usermm::Vm::prepare_fork`,
+//!   the library's `mm::transparent_fork`): in the parent, with the heap's lock held
+//!   and evictions frozen, every heap page on swap gets one more slot reference and
+//!   a record (the swap file's descriptor, the slot's offset and checksum); in the
+//!   child (one thread; malloc served by glibc meanwhile), a new Vm with a new
+//!   temporary swap file registers the heap, takes the pages resident in the child
+//!   into its budget, and reads each of the others from its parent's swap file on
+//!   its first fault. A pipe tells the parent when the child no longer needs the
+//!   slots (it exited, exec'd, or read them all). A heap page on a swap device
+//!   another process cannot read (NBD, mirror) makes `fork` fail with ENOMEM and a
+//!   line on stderr. Before the fork the wrapper brings in the heap pages of every
+//!   open `FILE` (glibc's fork writes their locks in the child before any atfork
+//!   handler runs there) and of the locale data (every thread the child's Vm starts
+//!   reads it); the child repairs any other page it finds touched that way. The
+//!   child's Vm is made in our atfork child handler (registered at start-up, so it
+//!   runs before the program's own child handlers). `posix_spawn`/`vfork` (the
+//!   child shares the parent's memory, then execs) are not interposed; a child that
+//!   execs gets its own usermm.
 //! - Freed malloc blocks of 64 KiB or more have their whole pages discarded
 //!   (`TransparentRegion::discard`: frame and swap slot back, the page reads as
 //!   zeros), as glibc gives large freed memory back to the kernel; a large `calloc`
@@ -76,11 +92,24 @@
 //! library exports them): they happen at set-up (before the heap is ready, so they
 //! go to the kernel) and on usermm's threads (likewise); `discard` calls the
 //! `madvise` system call directly.
+//!
+//! ## Locking
+//! The heap (`HEAP`) is one lock around talc; a thread may fault on heap memory
+//! while holding it, which is fine: the fault handler never takes it. It and
+//! `FORKING` are futex words of our own (`FutexLock`), not parking_lot mutexes: the
+//! heap's lock is held across the fork (taken in our atfork prepare handler, after
+//! the program's own, which may malloc) and the child (one thread) resets both
+//! words; a parking_lot unlock there could hand a lock to a parent thread that does
+//! not exist in the child. Order in `fork()`: `FORKING` (one fork at a time through
+//! the wrapper), the Vm's freeze and its locks (`prepare_fork`; glibc's stream list
+//! lock in `touch_stdio`, which takes no lock of ours), then, inside libc's fork,
+//! `HEAP`.
 
 use std::alloc::{GlobalAlloc, Layout};
+use std::cell::UnsafeCell;
 use std::ffi::c_void;
 use std::ptr::{null_mut, NonNull};
-use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicPtr, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 
 extern "C" {
     fn __libc_malloc(size: usize) -> *mut c_void;
@@ -148,11 +177,130 @@ static GLOBAL: Glibc = Glibc;
 static STATE: AtomicU8 = AtomicU8::new(0);
 static BASE: AtomicUsize = AtomicUsize::new(0);
 static END: AtomicUsize = AtomicUsize::new(0);
-static HEAP: parking_lot::Mutex<Option<talc::Talc<talc::ErrOnOom>>> = parking_lot::Mutex::new(None);
-/// The Vm of the heap (kept for `fork`).
-static VM: std::sync::OnceLock<usermm::Vm> = std::sync::OnceLock::new();
-/// The heap's transparent region (kept to discard pages of it).
-static REGION: std::sync::OnceLock<usermm::TransparentRegion> = std::sync::OnceLock::new();
+static HEAP: HeapLock = HeapLock {
+    lock: FutexLock::new(),
+    talc: UnsafeCell::new(None),
+};
+/// The Vm of the heap: a leaked `Box`, set at start-up and replaced in a fork child
+/// (the old one is leaked too: its threads do not exist there).
+static VM: AtomicPtr<usermm::Vm> = AtomicPtr::new(null_mut());
+/// The heap's transparent region (freed blocks and mmap blocks are discarded
+/// through it): a leaked `Box`, set at start-up and replaced in a fork child.
+static REGION: AtomicPtr<usermm::TransparentRegion> = AtomicPtr::new(null_mut());
+
+fn region() -> Option<&'static usermm::TransparentRegion> {
+    let p = REGION.load(Ordering::Acquire);
+    // SAFETY: a leaked `Box` (never freed), published with release.
+    (!p.is_null()).then(|| unsafe { &*p })
+}
+/// The settings a fork child needs for its own Vm (set once at start-up: the child
+/// must not read the environment, whose strings may be in the heap).
+static BUDGET: AtomicU64 = AtomicU64::new(0);
+static HEAP_LEN: AtomicU64 = AtomicU64::new(0);
+static SWAP_DIR: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+fn vm() -> Option<&'static usermm::Vm> {
+    let p = VM.load(Ordering::Acquire);
+    // SAFETY: a leaked `Box` (never freed), published with release.
+    (!p.is_null()).then(|| unsafe { &*p })
+}
+
+/// A futex mutex (0 free, 1 locked, 2 locked with sleepers) whose whole state is
+/// one word, so a fork child (one thread) can reset it: a lock with sleepers must not
+/// be handed, in the child, to a thread that does not exist there (parking_lot's
+/// would be; its parking table is process-global).
+struct FutexLock(AtomicU32);
+
+impl FutexLock {
+    const fn new() -> FutexLock {
+        FutexLock(AtomicU32::new(0))
+    }
+
+    fn lock(&self) {
+        for _ in 0..64 {
+            if self
+                .0
+                .compare_exchange(0, 1, Ordering::Acquire, Ordering::Relaxed)
+                .is_ok()
+            {
+                return;
+            }
+            std::hint::spin_loop();
+        }
+        while self.0.swap(2, Ordering::Acquire) != 0 {
+            // SAFETY: futex wait on our word while it is 2 (no timeout).
+            unsafe {
+                libc::syscall(
+                    libc::SYS_futex,
+                    self.0.as_ptr(),
+                    libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG,
+                    2,
+                    null_mut::<libc::timespec>(),
+                )
+            };
+        }
+    }
+
+    /// Unlocks a lock this thread holds.
+    fn unlock(&self) {
+        if self.0.swap(0, Ordering::Release) == 2 {
+            // SAFETY: futex wake of one sleeper on our word.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_futex,
+                    self.0.as_ptr(),
+                    libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG,
+                    1,
+                )
+            };
+        }
+    }
+
+    /// In a fork child (one thread): free, whoever held it in the parent.
+    fn reset(&self) {
+        self.0.store(0, Ordering::Release);
+    }
+}
+
+/// The heap: talc behind a `FutexLock`.
+struct HeapLock {
+    lock: FutexLock,
+    talc: UnsafeCell<Option<talc::Talc<talc::ErrOnOom>>>,
+}
+
+// SAFETY: `talc` is only reached through a `HeapGuard`, which exists only while
+// `lock` is held by this thread.
+unsafe impl Sync for HeapLock {}
+
+struct HeapGuard(&'static HeapLock);
+
+impl HeapLock {
+    fn lock(&'static self) -> HeapGuard {
+        self.lock.lock();
+        HeapGuard(self)
+    }
+}
+
+impl Drop for HeapGuard {
+    fn drop(&mut self) {
+        self.0.lock.unlock();
+    }
+}
+
+impl std::ops::Deref for HeapGuard {
+    type Target = Option<talc::Talc<talc::ErrOnOom>>;
+    fn deref(&self) -> &Self::Target {
+        // SAFETY: the lock is held (see `HeapLock`).
+        unsafe { &*self.0.talc.get() }
+    }
+}
+
+impl std::ops::DerefMut for HeapGuard {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        // SAFETY: the lock is held by this guard alone.
+        unsafe { &mut *self.0.talc.get() }
+    }
+}
 
 const HDR: usize = 16;
 
@@ -180,8 +328,6 @@ fn setup() -> Result<(), String> {
     let heap = env("USERMM_HEAP")
         .and_then(|v| parse_size(&v))
         .unwrap_or(64 << 30);
-    let vm = usermm::Vm::new(usermm::Config::default().memory_budget(budget as usize))
-        .map_err(|e| e.to_string())?;
     let specs: Vec<String> = env("USERMM_SWAP")
         .map(|s| {
             s.split('\n')
@@ -190,12 +336,59 @@ fn setup() -> Result<(), String> {
                 .collect()
         })
         .unwrap_or_default();
-    for s in &specs {
+    let dir = env("USERMM_SWAP_DIR").unwrap_or_else(|| "/var/tmp".into());
+    BUDGET.store(budget, Ordering::Relaxed);
+    HEAP_LEN.store(heap, Ordering::Relaxed);
+    let _ = SWAP_DIR.set(dir.clone());
+    // SAFETY: registering plain functions (see `fork`).
+    unsafe {
+        libc::pthread_atfork(
+            Some(atfork_prepare),
+            Some(atfork_parent),
+            Some(atfork_child),
+        )
+    };
+    let vm = new_vm(budget, heap, &specs, &dir)?;
+    let region = vm
+        .map_transparent(heap as usize)
+        .map_err(|e| e.to_string())?;
+    let base = region.as_ptr() as usize;
+    let len = region.len();
+    let mut t = talc::Talc::new(talc::ErrOnOom);
+    // SAFETY: the region is ours for the life of the process (leaked below) and
+    // nothing else uses it.
+    unsafe {
+        t.claim(talc::Span::from_base_size(base as *mut u8, len))
+            .map_err(|_| "the allocator could not take the heap region".to_string())?;
+    }
+    *HEAP.lock() = Some(t);
+    BASE.store(base, Ordering::Release);
+    END.store(base + len, Ordering::Release);
+    // Kept for the life of the process (leaked): freed blocks and mmap blocks are
+    // discarded through it.
+    REGION.store(Box::into_raw(Box::new(region)), Ordering::Release);
+    VM.store(Box::into_raw(Box::new(vm)), Ordering::Release);
+    if env("USERMM_STATS").is_some_and(|v| !v.is_empty()) {
+        // Programs close stderr before exit (coreutils do): keep a copy.
+        // SAFETY: duplicating a descriptor; registering a plain function.
+        unsafe {
+            STATS_FD.store(libc::fcntl(2, libc::F_DUPFD_CLOEXEC, 64), Ordering::Relaxed);
+            libc::atexit(print_stats);
+        }
+    }
+    Ok(())
+}
+
+/// A Vm of `budget` bytes with the swap devices `specs`, or a temporary swap file of
+/// `heap` bytes in `dir` when there are none.
+fn new_vm(budget: u64, heap: u64, specs: &[String], dir: &str) -> Result<usermm::Vm, String> {
+    let vm = usermm::Vm::new(usermm::Config::default().memory_budget(budget as usize))
+        .map_err(|e| e.to_string())?;
+    for s in specs {
         let spec = usermm::SwapSpec::parse(s).map_err(|e| e.to_string())?;
         vm.swapon(spec).map_err(|e| e.to_string())?;
     }
     if specs.is_empty() {
-        let dir = env("USERMM_SWAP_DIR").unwrap_or_else(|| "/var/tmp".into());
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.subsec_nanos());
@@ -216,34 +409,7 @@ fn setup() -> Result<(), String> {
         let _ = std::fs::remove_file(&path);
         r.map_err(|e| e.to_string())?;
     }
-    let region = vm
-        .map_transparent(heap as usize)
-        .map_err(|e| e.to_string())?;
-    let base = region.as_ptr() as usize;
-    let len = region.len();
-    let mut t = talc::Talc::new(talc::ErrOnOom);
-    // SAFETY: the region is ours for the life of the process (leaked below) and
-    // nothing else uses it.
-    unsafe {
-        t.claim(talc::Span::from_base_size(base as *mut u8, len))
-            .map_err(|_| "the allocator could not take the heap region".to_string())?;
-    }
-    *HEAP.lock() = Some(t);
-    BASE.store(base, Ordering::Release);
-    END.store(base + len, Ordering::Release);
-    // Kept for the life of the process (a static is never dropped): freed blocks
-    // and mmap blocks are discarded through it.
-    let _ = REGION.set(region);
-    let _ = VM.set(vm);
-    if env("USERMM_STATS").is_some_and(|v| !v.is_empty()) {
-        // Programs close stderr before exit (coreutils do): keep a copy.
-        // SAFETY: duplicating a descriptor; registering a plain function.
-        unsafe {
-            STATS_FD.store(libc::fcntl(2, libc::F_DUPFD_CLOEXEC, 64), Ordering::Relaxed);
-            libc::atexit(print_stats);
-        }
-    }
-    Ok(())
+    Ok(vm)
 }
 
 /// Where `--stats` writes (a copy of stderr made at start).
@@ -251,12 +417,13 @@ static STATS_FD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::ne
 
 /// `usermm exec --stats`: the heap's counters, one line, at exit.
 extern "C" fn print_stats() {
-    let Some(vm) = VM.get() else { return };
+    let Some(vm) = vm() else { return };
     let s = vm.stats();
     let line = format!(
         "usermm exec: pid {} budget {} frames: faults {} (major {}), write-protect faults {}, staged {} (used again {}), read-around {}, \
          pswpin {}, pswpout {}, scanned {}, reclaimed {}, direct reclaim {}, \
-         read errors {}, write errors {}\n",
+         read errors {}, write errors {}, swap used {} KiB, held for children {} pages, \
+         read from parent {} pages\n",
         std::process::id(),
         s.total_frames,
         s.pgfault,
@@ -271,7 +438,10 @@ extern "C" fn print_stats() {
         s.pgsteal,
         s.direct_reclaim,
         s.read_errors,
-        s.write_errors
+        s.write_errors,
+        s.swap_used.iter().map(|(_, b)| b).sum::<u64>() >> 10,
+        vm.fork_held_pages(),
+        vm.foreign_reads()
     );
     let fd = STATS_FD.load(Ordering::Relaxed);
     // SAFETY: writing our buffer to our copy of stderr.
@@ -317,7 +487,20 @@ static INIT: extern "C" fn() = init;
 /// usermm's own threads (a fault handler must never fault on what it serves; glibc
 /// calls malloc for such a thread's TLS destructors, for instance).
 fn ready() -> bool {
-    STATE.load(Ordering::Acquire) == 2 && !usermm::sync::is_engine_thread()
+    STATE.load(Ordering::Acquire) == 2 && !usermm::sync::is_engine_thread() && !spawning()
+}
+
+/// The thread that is starting one of usermm's threads from the program's side
+/// (`fork` in the parent), or 0: glibc serves it meanwhile, so the new thread's
+/// bookkeeping (its TLS vector) is not in the heap, which a later fork child
+/// touches while its heap is not registered yet (glibc reuses the stacks of the
+/// parent's threads there).
+static SPAWNER: AtomicU64 = AtomicU64::new(0);
+
+fn spawning() -> bool {
+    let t = SPAWNER.load(Ordering::Relaxed);
+    // SAFETY: gettid has no arguments.
+    t != 0 && t == unsafe { libc::syscall(libc::SYS_gettid) } as u64
 }
 
 /// Allocates `size` bytes aligned to `align` (≥ 16) from the heap.
@@ -412,6 +595,11 @@ pub unsafe extern "C" fn free(p: *mut c_void) {
         return;
     }
     if ours(p) {
+        if STATE.load(Ordering::Acquire) != 2 {
+            // A fork child setting its heap up (glibc freeing one of its blocks while
+            // starting threads): the heap may not be touched yet; the block leaks.
+            return;
+        }
         // SAFETY: a block of our heap, per the caller.
         unsafe { heap_free(p) }
     } else {
@@ -613,45 +801,236 @@ unsafe fn glibc_usable_size(p: *mut c_void) -> usize {
     unsafe { std::mem::transmute::<usize, F>(f)(p) }
 }
 
-/// libc's `fork`.
-fn real_fork() -> libc::pid_t {
-    type F = unsafe extern "C" fn() -> libc::pid_t;
-    // SAFETY: looking up and calling libc's fork.
-    unsafe {
-        let f = libc::dlsym(libc::RTLD_NEXT, c"fork".as_ptr());
-        if f.is_null() {
-            return -1;
+/// Reads one byte of each page of `[p, p + len)` that lies in the heap (bringing it
+/// in).
+fn touch(p: *const u8, len: usize) {
+    let mut a = p as usize & !4095;
+    while a < p as usize + len {
+        let q = a.max(p as usize);
+        if ours(q as *mut c_void) {
+            // SAFETY: a page of our heap region, mapped for the life of the process;
+            // a read brings it in.
+            unsafe { std::ptr::read_volatile(q as *const u8) };
         }
-        std::mem::transmute::<*mut c_void, F>(f)()
+        a += 4096;
     }
 }
 
-/// `fork(2)`. The child gets a copy of the heap as it is mapped; the kernel does not
-/// carry the userfaultfd registration into it, so a page that is on swap at that
-/// moment would read as zeros there. So the fork happens with evictions frozen and
-/// only while no heap page is on swap; otherwise it fails with ENOMEM and a line on
-/// stderr (see the module header). The child runs on without a budget (its heap is
-/// plain memory); if it execs, the new program gets a usermm of its own.
-#[no_mangle]
-pub extern "C" fn fork() -> libc::pid_t {
-    let Some(vm) = VM.get().filter(|_| ready()) else {
-        return real_fork();
-    };
-    let freeze = vm.freeze_transparent_eviction();
-    if vm.transparent_pages_out() > 0 {
-        drop(freeze);
-        say(
-            "this program called fork() while part of its heap is on swap; a child would \
-             not see those pages, so fork fails with ENOMEM (fork without exec under \
-             pressure is not supported yet)",
-        );
-        // SAFETY: setting errno.
-        unsafe { *libc::__errno_location() = libc::ENOMEM };
+/// libc's `fork`, looked up once (`dlsym` may free an old error string: never with
+/// the heap's lock held).
+fn real_fork() -> libc::pid_t {
+    type F = unsafe extern "C" fn() -> libc::pid_t;
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let mut f = NEXT.load(Ordering::Relaxed);
+    if f == 0 {
+        // SAFETY: looking up the next definition of a libc symbol.
+        f = unsafe { libc::dlsym(libc::RTLD_NEXT, c"fork".as_ptr()) } as usize;
+        NEXT.store(f, Ordering::Relaxed);
+    }
+    if f == 0 {
         return -1;
     }
+    // SAFETY: the symbol has this signature.
+    unsafe { std::mem::transmute::<usize, F>(f)() }
+}
+
+/// One `fork()` at a time goes through the wrapper (its ticket is in `TICKET`).
+static FORKING: FutexLock = FutexLock::new();
+
+/// The ticket of the fork under way, for the atfork handlers. Written and taken
+/// with `FORKING` held (or in the child, which has one thread).
+struct TicketCell(UnsafeCell<Option<usermm::ForkTicket<'static>>>);
+// SAFETY: see `TicketCell`: accessed only under `FORKING` or by the child's only
+// thread.
+unsafe impl Sync for TicketCell {}
+static TICKET: TicketCell = TicketCell(UnsafeCell::new(None));
+
+/// Whether `atfork_prepare` took the heap's lock (read by the parent and child
+/// handlers of the same fork).
+static HEAP_HELD: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// `fork(2)`: a child that does not exec sees exactly its parent's memory, pages
+/// that were on swap included, and has a budget of its own (see the module header
+/// and `usermm::Vm::prepare_fork`).
+///
+/// Here: evictions frozen, `Vm::prepare_fork` takes a slot reference for each heap
+/// page on swap and records where the child reads it; the ticket goes to the atfork
+/// handlers. `atfork_prepare` takes the heap's lock (after the program's own prepare
+/// handlers, which may malloc; as glibc does with its arenas), `atfork_parent`
+/// drops it, and `atfork_child` gives the child its own Vm before any other child
+/// handler of the program runs.
+#[no_mangle]
+pub extern "C" fn fork() -> libc::pid_t {
+    let Some(vm) = vm().filter(|_| ready()) else {
+        return real_fork();
+    };
+    FORKING.lock();
+    // Once before the freeze (faults may need evictions), once under it (for what
+    // left again meanwhile).
+    touch_stdio();
+    match vm.prepare_fork(touch_stdio) {
+        // SAFETY: `FORKING` is held.
+        Ok(t) => unsafe { *TICKET.0.get() = Some(t) },
+        Err(e) => {
+            FORKING.unlock();
+            say(&format!(
+                "this program called fork() and the child could not be given its parent's \
+                 heap: {e}; fork fails with ENOMEM"
+            ));
+            // SAFETY: setting errno.
+            unsafe { *libc::__errno_location() = libc::ENOMEM };
+            return -1;
+        }
+    }
     let pid = real_fork();
-    drop(freeze);
+    if pid == 0 {
+        // `atfork_child` has set the heap up (or ended the child).
+        FORKING.reset();
+        return 0;
+    }
+    // SAFETY: reading this thread's errno.
+    let errno = unsafe { *libc::__errno_location() };
+    // SAFETY: `FORKING` is held.
+    let ticket = unsafe { (*TICKET.0.get()).take() };
+    FORKING.unlock();
+    if let Some(t) = ticket {
+        // SAFETY: gettid has no arguments.
+        SPAWNER.store(
+            unsafe { libc::syscall(libc::SYS_gettid) } as u64,
+            Ordering::Relaxed,
+        );
+        t.parent(pid);
+        SPAWNER.store(0, Ordering::Relaxed);
+    }
+    // SAFETY: restoring this thread's errno (fork's, if it failed).
+    unsafe { *libc::__errno_location() = errno };
     pid
+}
+
+/// Registered at start-up: see `fork`.
+extern "C" fn atfork_prepare() {
+    if STATE.load(Ordering::Acquire) == 2 && !usermm::sync::is_engine_thread() {
+        // A thread of the parent may be inside malloc or mmap: the child must not
+        // inherit talc or the mmap table half-way through a change.
+        MAPS.lock.lock();
+        HEAP.lock.lock();
+        HEAP_HELD.store(true, Ordering::Relaxed);
+    }
+}
+
+extern "C" fn atfork_parent() {
+    if HEAP_HELD.swap(false, Ordering::Relaxed) {
+        HEAP.lock.unlock();
+        MAPS.lock.unlock();
+    }
+}
+
+/// In the child, before the program's own child handlers (registered later): a Vm
+/// of its own adopts the heap (see `fork`). Until then malloc goes to glibc.
+extern "C" fn atfork_child() {
+    if !HEAP_HELD.swap(false, Ordering::Relaxed) {
+        return;
+    }
+    // SAFETY: the child's only thread.
+    let Some(ticket) = (unsafe { (*TICKET.0.get()).take() }) else {
+        // A fork that did not come through our wrapper: the heap stays plain memory
+        // (pages on swap in the parent would read as zeros: nothing can be done
+        // here).
+        HEAP.lock.reset();
+        MAPS.lock.reset();
+        return;
+    };
+    STATE.store(1, Ordering::Release);
+    let table = ticket.child();
+    let budget = BUDGET.load(Ordering::Relaxed);
+    let len = HEAP_LEN.load(Ordering::Relaxed);
+    let dir = SWAP_DIR.get().map_or("/var/tmp", |d| d.as_str());
+    let adopted = new_vm(budget, len, &[], dir).and_then(|new| {
+        let regions = new.adopt_fork(table).map_err(|e| e.to_string())?;
+        for r in regions {
+            // The heap's region (there is one), leaked like the parent's; the
+            // parent's handle in this process is leaked with its Vm.
+            REGION.store(Box::into_raw(Box::new(r)), Ordering::Release);
+        }
+        Ok(new)
+    });
+    match adopted {
+        Ok(new) => VM.store(Box::into_raw(Box::new(new)), Ordering::Release),
+        Err(e) => {
+            say(&format!(
+                "fork: the child cannot take its heap into a budget of its own: {e}"
+            ));
+            // SAFETY: ending the child; its heap is not readable.
+            unsafe { libc::_exit(125) };
+        }
+    }
+    HEAP.lock.reset();
+    MAPS.lock.reset();
+    STATE.store(2, Ordering::Release);
+}
+
+/// Brings in the heap pages of the C library's objects that a fork child touches
+/// before its heap is registered, where the kernel would fill a page that was on
+/// swap with zeros: every open `FILE` and its lock (glibc's fork resets them in the
+/// child, `fresetlockfiles`) and the locale data (every new thread reads it,
+/// `__ctype_init`; the child's Vm starts threads). Called with evictions frozen, so
+/// what it brings in stays until the fork. (The child also repairs pages it finds
+/// touched that way: `mm::transparent_fork::repair`.)
+fn touch_stdio() {
+    #[cfg(target_env = "gnu")]
+    {
+        // SAFETY: a copy of the global locale (`LC_GLOBAL_LOCALE` is -1 in glibc;
+        // its category data is shared, not
+        // copied): the first 13 words of glibc's public `struct __locale_struct` are
+        // the categories' data pointers.
+        unsafe {
+            let l = libc::duplocale(-1isize as libc::locale_t);
+            if !l.is_null() {
+                let cats = l as *const *const u8;
+                for c in 0..13 {
+                    let d = cats.add(c).read();
+                    if !d.is_null() {
+                        touch(d, 2 * 4096);
+                    }
+                }
+                libc::freelocale(l);
+            }
+        }
+    }
+    #[cfg(all(target_env = "gnu", target_pointer_width = "64"))]
+    {
+        extern "C" {
+            fn _IO_list_lock();
+            fn _IO_list_unlock();
+            fn _IO_iter_begin() -> *mut c_void;
+            fn _IO_iter_end() -> *mut c_void;
+            fn _IO_iter_next(i: *mut c_void) -> *mut c_void;
+            fn _IO_iter_file(i: *mut c_void) -> *mut c_void;
+        }
+        /// `sizeof(FILE)` with its jump-table pointer, and where `_lock` is in it
+        /// (glibc's public `struct _IO_FILE` layout on 64-bit targets).
+        const FILE_BYTES: usize = 224;
+        const LOCK_AT: usize = 136;
+        // SAFETY: glibc's own iteration over its list of streams, under its lock (as
+        // `fresetlockfiles` does); each element is a live FILE.
+        unsafe {
+            _IO_list_lock();
+            let end = _IO_iter_end();
+            let mut i = _IO_iter_begin();
+            let mut n = 0;
+            while i != end && n < 1 << 16 {
+                let f = _IO_iter_file(i) as *const u8;
+                touch(f, FILE_BYTES);
+                let lock = std::ptr::read_volatile(f.add(LOCK_AT) as *const *const u8);
+                if !lock.is_null() {
+                    touch(lock, 16);
+                }
+                i = _IO_iter_next(i);
+                n += 1;
+            }
+            _IO_list_unlock();
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------
@@ -675,7 +1054,7 @@ fn discard_inside(start: usize, end: usize) -> bool {
     if s >= e {
         return false;
     }
-    let Some(r) = REGION.get() else { return false };
+    let Some(r) = region() else { return false };
     let base = r.as_ptr() as usize;
     // The range is a block of our heap, so inside the region and page-aligned.
     r.discard(s - base, e - s).is_ok()
@@ -691,12 +1070,55 @@ struct MapBlock {
     live: Vec<(usize, usize)>,
 }
 
-/// mmap blocks by start address. Protected by its mutex (a leaf, taken after
-/// nothing but itself; `mremap` takes `HEAP` under it to grow a block in place).
-/// The map lives in glibc's memory (usermm's global allocator), never in the heap,
-/// so holding it never waits for a fault on heap memory.
-static MAPS: parking_lot::Mutex<std::collections::BTreeMap<usize, MapBlock>> =
-    parking_lot::Mutex::new(std::collections::BTreeMap::new());
+/// mmap blocks by start address. Protected by its lock (taken before `HEAP`, never
+/// after it; `mremap` takes `HEAP` under it to grow a block in place). A
+/// `FutexLock`, like `HEAP`'s, for the same reason: it is held across a fork (our
+/// atfork prepare handler takes it before `HEAP`) and reset in the child. The map
+/// lives in glibc's memory (usermm's global allocator), never in the heap, so
+/// holding it never waits for a fault on heap memory.
+static MAPS: MapsLock = MapsLock {
+    lock: FutexLock::new(),
+    map: UnsafeCell::new(std::collections::BTreeMap::new()),
+};
+
+struct MapsLock {
+    lock: FutexLock,
+    map: UnsafeCell<std::collections::BTreeMap<usize, MapBlock>>,
+}
+
+// SAFETY: `map` is only reached through a `MapsGuard`, which exists only while
+// `lock` is held by this thread.
+unsafe impl Sync for MapsLock {}
+
+struct MapsGuard(&'static MapsLock);
+
+impl MapsLock {
+    fn lock(&'static self) -> MapsGuard {
+        self.lock.lock();
+        MapsGuard(self)
+    }
+}
+
+impl Drop for MapsGuard {
+    fn drop(&mut self) {
+        self.0.lock.unlock();
+    }
+}
+
+impl std::ops::Deref for MapsGuard {
+    type Target = std::collections::BTreeMap<usize, MapBlock>;
+    fn deref(&self) -> &Self::Target {
+        // SAFETY: the lock is held (see `MapsLock`).
+        unsafe { &*self.0.map.get() }
+    }
+}
+
+impl std::ops::DerefMut for MapsGuard {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        // SAFETY: the lock is held by this guard alone.
+        unsafe { &mut *self.0.map.get() }
+    }
+}
 
 fn set_errno(e: i32) {
     // SAFETY: setting errno for this thread.
