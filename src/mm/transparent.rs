@@ -87,8 +87,9 @@ const PS: u64 = PAGE_SIZE as u64;
 const WRITE_HINT: u8 = 3;
 
 /// At most this many pages after a swapped-in page come in the same read when their
-/// slots follow its slot on the same device (they were evicted together, so they
-/// are likely used together: the kernel's swap cluster read, `page-cluster` 3).
+/// slots follow its slot on the same device (they were evicted together) and the
+/// region's recent swap-in faults were mostly next to each other (`sequential`:
+/// off by itself on random access, where it only takes frames from hotter pages).
 /// Only with frames free above the low watermark (never reclaiming for them); each
 /// comes in clean, keeping its copy, so an unused one costs a frame until the hand
 /// drops it.
@@ -169,6 +170,11 @@ pub(crate) struct TRegion {
     /// costs metadata only for the pages it uses. Each entry is protected by its own
     /// bit lock / claim.
     entries: AlignedPages,
+    /// The last page read in by a swap-in fault, and a moving average (×256) of how
+    /// often such a fault was next to the one before: read-around runs only while
+    /// at least a quarter were (`sequential`), so it stays off on random access.
+    last_in: AtomicU64,
+    seq_score: AtomicU64,
     /// One byte per page, in a mapping of its own like `entries`: how many more
     /// swap-ins of this page map it writable and dirty at once, because it was
     /// written in a recent residency (see "Knowing what is hot").
@@ -330,6 +336,8 @@ impl Host {
             len,
             entries,
             hints: AlignedPages::new(((len / PS) as usize).div_ceil(PAGE_SIZE))?,
+            last_in: AtomicU64::new(0),
+            seq_score: AtomicU64::new(0),
             npages: (len / PS) as usize,
             eng: self.eng.clone(),
             uffd: self.uffd.clone(),
@@ -532,6 +540,18 @@ impl TRegion {
                 }
             }
         }
+    }
+
+    /// Notes a swap-in fault at `page`; true while recent swap-in faults of this
+    /// region come mostly next to each other (see `seq_score`). Relaxed atomics: a
+    /// lost update among concurrent faults only nudges the average.
+    fn sequential(&self, page: u64) -> bool {
+        let last = self.last_in.swap(page, Ordering::Relaxed);
+        let near = page.abs_diff(last) == PS;
+        let s = self.seq_score.load(Ordering::Relaxed);
+        let s = s - s / 8 + if near { 32 } else { 0 };
+        self.seq_score.store(s, Ordering::Relaxed);
+        s >= 64
     }
 
     /// Claims (`BUSY`) up to `READ_AROUND` pages after `page` whose entries are
@@ -786,7 +806,7 @@ impl TRegion {
                     // Claim the pages whose slots follow (see `READ_AROUND`).
                     let mut ra = [(0u64, crate::addr::Pfn(0)); READ_AROUND];
                     let mut nra = 0;
-                    if keeps {
+                    if keeps && self.sequential(page) {
                         nra = self.claim_around(page, e, &mut ra);
                     }
                     let read = dev
