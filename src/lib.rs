@@ -99,7 +99,8 @@ mod reclaim;
 pub mod stats;
 mod swap;
 pub mod sync;
-mod sys;
+#[doc(hidden)]
+pub mod sys;
 pub mod uffd;
 mod vm;
 

@@ -4,7 +4,8 @@
 //! Raw, not libc's symbols: `usermm exec`'s preload library exports `mmap`,
 //! `munmap` and `madvise` to serve the program's heap from a transparent region, and
 //! usermm's own mappings and zaps must never be served by (or recurse into) the heap
-//! they manage. Owns nothing; no locks.
+//! they manage (the preload uses these same calls to reach the kernel). Owns
+//! nothing; no locks.
 
 use libc::c_void;
 
@@ -13,7 +14,7 @@ use libc::c_void;
 /// # Safety
 /// As the system call: mapping over existing memory (`MAP_FIXED`) must not pull
 /// memory from under live references.
-pub(crate) unsafe fn mmap(
+pub unsafe fn mmap(
     addr: *mut c_void,
     len: usize,
     prot: i32,
@@ -29,7 +30,7 @@ pub(crate) unsafe fn mmap(
 ///
 /// # Safety
 /// Nothing may refer to the range afterwards.
-pub(crate) unsafe fn munmap(addr: *mut c_void, len: usize) -> i32 {
+pub unsafe fn munmap(addr: *mut c_void, len: usize) -> i32 {
     // SAFETY: per the caller.
     unsafe { libc::syscall(libc::SYS_munmap, addr, len) as i32 }
 }
@@ -39,7 +40,7 @@ pub(crate) unsafe fn munmap(addr: *mut c_void, len: usize) -> i32 {
 /// # Safety
 /// Advice that drops pages (`MADV_DONTNEED`) must only be given where nothing
 /// relies on their contents.
-pub(crate) unsafe fn madvise(addr: *mut c_void, len: usize, advice: i32) -> i32 {
+pub unsafe fn madvise(addr: *mut c_void, len: usize, advice: i32) -> i32 {
     // SAFETY: per the caller.
     unsafe { libc::syscall(libc::SYS_madvise, addr, len, advice) as i32 }
 }

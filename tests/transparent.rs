@@ -37,6 +37,26 @@ fn word(r: &TransparentRegion, i: usize) -> &AtomicU64 {
     unsafe { &*(r.as_ptr().add(i * 8) as *const AtomicU64) }
 }
 
+/// Re-runs this test binary's test `name` alone with `env` set (its child half),
+/// asserts it died of SIGBUS, and returns its stderr.
+fn child_dies_of_sigbus(name: &str, env: &str) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", name, "--nocapture"])
+        .env(env, "1")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGBUS),
+        "child status {:?}\nstdout: {}\nstderr: {stderr}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout)
+    );
+    stderr
+}
+
 /// 4 threads, each with its own pages, do random loads and stores through plain
 /// pointers (atomic words) over 32 MiB with a 4 MiB budget (1/8), against a model.
 #[test]
@@ -195,23 +215,9 @@ fn no_frame_and_no_swap_is_sigbus_not_zeros() {
     if setup(1 << 20, 16 << 20).is_none() {
         return;
     }
-    let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "no_frame_and_no_swap_is_sigbus_not_zeros",
-            "--nocapture",
-        ])
-        .env("USERMM_SIGBUS_CHILD", "1")
-        .output()
-        .unwrap();
-    use std::os::unix::process::ExitStatusExt;
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(
-        out.status.signal(),
-        Some(libc::SIGBUS),
-        "child status {:?}\nstdout: {}\nstderr: {stderr}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout)
+    let stderr = child_dies_of_sigbus(
+        "no_frame_and_no_swap_is_sigbus_not_zeros",
+        "USERMM_SIGBUS_CHILD",
     );
     assert!(
         stderr.contains("usermm: transparent page fault failed"),
@@ -395,23 +401,9 @@ fn a_failed_swap_in_is_sigbus_naming_the_device() {
     if setup(1 << 20, 16 << 20).is_none() {
         return;
     }
-    let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "a_failed_swap_in_is_sigbus_naming_the_device",
-            "--nocapture",
-        ])
-        .env("USERMM_DEVFAIL_CHILD", "1")
-        .output()
-        .unwrap();
-    use std::os::unix::process::ExitStatusExt;
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(
-        out.status.signal(),
-        Some(libc::SIGBUS),
-        "child status {:?}\nstdout: {}\nstderr: {stderr}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout)
+    let stderr = child_dies_of_sigbus(
+        "a_failed_swap_in_is_sigbus_naming_the_device",
+        "USERMM_DEVFAIL_CHILD",
     );
     assert!(
         stderr.contains(

@@ -124,27 +124,7 @@ struct Staging {
 impl Staging {
     fn map(u: &Uffd, frames: usize) -> Option<Staging> {
         let len = frames as u64 * PS;
-        // SAFETY: a fresh private anonymous mapping; checked below.
-        let p = unsafe {
-            crate::sys::mmap(
-                std::ptr::null_mut(),
-                len as usize,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return None;
-        }
-        // SAFETY: advice on the mapping just made.
-        unsafe { crate::sys::madvise(p, len as usize, libc::MADV_NOHUGEPAGE) };
-        if u.register(p as u64, len, uffd::MODE_MISSING).is_err() {
-            // SAFETY: unmapping what we mapped above.
-            unsafe { crate::sys::munmap(p, len as usize) };
-            return None;
-        }
+        let p = map_registered(u, len, uffd::MODE_MISSING).ok()?;
         Some(Staging {
             base: p as u64,
             len,
@@ -286,33 +266,9 @@ impl Host {
         // Entries first (metadata, 8 bytes a page), then the mapping.
         let pages = (len / PS) as usize;
         let entries = AlignedPages::new((pages * 8).div_ceil(PAGE_SIZE))?;
-        // SAFETY: a fresh private anonymous mapping; checked below.
-        let p = unsafe {
-            crate::sys::mmap(
-                std::ptr::null_mut(),
-                len as usize,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(Error::Io(std::io::Error::last_os_error()));
-        }
-        // No transparent huge pages: the kernel would fill 2 MiB at a time behind
-        // our back.
-        // SAFETY: advice on the mapping we just made.
-        unsafe { crate::sys::madvise(p, len as usize, libc::MADV_NOHUGEPAGE) };
+        let p = map_registered(&self.uffd, len, uffd::MODE_MISSING | uffd::MODE_WP)
+            .map_err(Error::Io)?;
         let base = p as u64;
-        if let Err(e) = self
-            .uffd
-            .register(base, len, uffd::MODE_MISSING | uffd::MODE_WP)
-        {
-            // SAFETY: unmapping what we mapped above.
-            unsafe { crate::sys::munmap(p, len as usize) };
-            return Err(Error::Io(e));
-        }
         self.insert(base, len, entries, None, vm).inspect_err(|_| {
             let _ = self.uffd.unregister(base, len);
             // SAFETY: unmapping what we mapped above; nothing refers to it.
@@ -419,6 +375,34 @@ impl Host {
             let _ = self.uffd.wake(page, PS);
         }
     }
+}
+
+/// A fresh private anonymous mapping of `len` bytes without transparent huge pages
+/// (the kernel would fill 2 MiB at a time behind our back), registered with `u` for
+/// `mode`: a transparent region or the staging area.
+fn map_registered(u: &Uffd, len: u64, mode: u64) -> std::io::Result<*mut libc::c_void> {
+    // SAFETY: a fresh private anonymous mapping; checked below.
+    let p = unsafe {
+        crate::sys::mmap(
+            std::ptr::null_mut(),
+            len as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: advice on the mapping just made.
+    unsafe { crate::sys::madvise(p, len as usize, libc::MADV_NOHUGEPAGE) };
+    if let Err(e) = u.register(p as u64, len, mode) {
+        // SAFETY: unmapping what we mapped above; nothing refers to it.
+        unsafe { crate::sys::munmap(p, len as usize) };
+        return Err(e);
+    }
+    Ok(p)
 }
 
 /// The CPUs to serve faults on: those this thread may run on (a cpuset or `taskset`

@@ -177,10 +177,8 @@ static GLOBAL: Glibc = Glibc;
 static STATE: AtomicU8 = AtomicU8::new(0);
 static BASE: AtomicUsize = AtomicUsize::new(0);
 static END: AtomicUsize = AtomicUsize::new(0);
-static HEAP: HeapLock = HeapLock {
-    lock: FutexLock::new(),
-    talc: UnsafeCell::new(None),
-};
+/// The heap: talc behind a `FutexLock`.
+static HEAP: FutexCell<Option<talc::Talc<talc::ErrOnOom>>> = FutexCell::new(None);
 /// The Vm of the heap: a leaked `Box`, set at start-up and replaced in a fork child
 /// (the old one is leaked too: its threads do not exist there).
 static VM: AtomicPtr<usermm::Vm> = AtomicPtr::new(null_mut());
@@ -262,43 +260,50 @@ impl FutexLock {
     }
 }
 
-/// The heap: talc behind a `FutexLock`.
-struct HeapLock {
+/// A value behind a `FutexLock` (the heap, the mmap table).
+struct FutexCell<T> {
     lock: FutexLock,
-    talc: UnsafeCell<Option<talc::Talc<talc::ErrOnOom>>>,
+    val: UnsafeCell<T>,
 }
 
-// SAFETY: `talc` is only reached through a `HeapGuard`, which exists only while
+// SAFETY: `val` is only reached through a `FutexGuard`, which exists only while
 // `lock` is held by this thread.
-unsafe impl Sync for HeapLock {}
+unsafe impl<T: Send> Sync for FutexCell<T> {}
 
-struct HeapGuard(&'static HeapLock);
+struct FutexGuard<T: 'static>(&'static FutexCell<T>);
 
-impl HeapLock {
-    fn lock(&'static self) -> HeapGuard {
+impl<T> FutexCell<T> {
+    const fn new(val: T) -> FutexCell<T> {
+        FutexCell {
+            lock: FutexLock::new(),
+            val: UnsafeCell::new(val),
+        }
+    }
+
+    fn lock(&'static self) -> FutexGuard<T> {
         self.lock.lock();
-        HeapGuard(self)
+        FutexGuard(self)
     }
 }
 
-impl Drop for HeapGuard {
+impl<T> Drop for FutexGuard<T> {
     fn drop(&mut self) {
         self.0.lock.unlock();
     }
 }
 
-impl std::ops::Deref for HeapGuard {
-    type Target = Option<talc::Talc<talc::ErrOnOom>>;
-    fn deref(&self) -> &Self::Target {
-        // SAFETY: the lock is held (see `HeapLock`).
-        unsafe { &*self.0.talc.get() }
+impl<T> std::ops::Deref for FutexGuard<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        // SAFETY: the lock is held (see `FutexCell`).
+        unsafe { &*self.0.val.get() }
     }
 }
 
-impl std::ops::DerefMut for HeapGuard {
-    fn deref_mut(&mut self) -> &mut Self::Target {
+impl<T> std::ops::DerefMut for FutexGuard<T> {
+    fn deref_mut(&mut self) -> &mut T {
         // SAFETY: the lock is held by this guard alone.
-        unsafe { &mut *self.0.talc.get() }
+        unsafe { &mut *self.0.val.get() }
     }
 }
 
@@ -1076,49 +1081,8 @@ struct MapBlock {
 /// atfork prepare handler takes it before `HEAP`) and reset in the child. The map
 /// lives in glibc's memory (usermm's global allocator), never in the heap, so
 /// holding it never waits for a fault on heap memory.
-static MAPS: MapsLock = MapsLock {
-    lock: FutexLock::new(),
-    map: UnsafeCell::new(std::collections::BTreeMap::new()),
-};
-
-struct MapsLock {
-    lock: FutexLock,
-    map: UnsafeCell<std::collections::BTreeMap<usize, MapBlock>>,
-}
-
-// SAFETY: `map` is only reached through a `MapsGuard`, which exists only while
-// `lock` is held by this thread.
-unsafe impl Sync for MapsLock {}
-
-struct MapsGuard(&'static MapsLock);
-
-impl MapsLock {
-    fn lock(&'static self) -> MapsGuard {
-        self.lock.lock();
-        MapsGuard(self)
-    }
-}
-
-impl Drop for MapsGuard {
-    fn drop(&mut self) {
-        self.0.lock.unlock();
-    }
-}
-
-impl std::ops::Deref for MapsGuard {
-    type Target = std::collections::BTreeMap<usize, MapBlock>;
-    fn deref(&self) -> &Self::Target {
-        // SAFETY: the lock is held (see `MapsLock`).
-        unsafe { &*self.0.map.get() }
-    }
-}
-
-impl std::ops::DerefMut for MapsGuard {
-    fn deref_mut(&mut self) -> &mut Self::Target {
-        // SAFETY: the lock is held by this guard alone.
-        unsafe { &mut *self.0.map.get() }
-    }
-}
+static MAPS: FutexCell<std::collections::BTreeMap<usize, MapBlock>> =
+    FutexCell::new(std::collections::BTreeMap::new());
 
 fn set_errno(e: i32) {
     // SAFETY: setting errno for this thread.
@@ -1233,14 +1197,6 @@ fn unmap_heap(a: usize, e: usize) {
     }
 }
 
-/// The raw system call (no dlsym, so nothing of the loader's runs here and nothing
-/// can recurse into this library's malloc).
-fn sys_mmap(a: *mut c_void, len: usize, prot: i32, flags: i32, fd: i32, off: i64) -> *mut c_void {
-    // SAFETY: the mmap system call with the caller's arguments; the kernel checks
-    // them. `syscall` returns -1 with errno set on failure, which is MAP_FAILED.
-    unsafe { libc::syscall(libc::SYS_mmap, a, len, prot, flags, fd, off) as *mut c_void }
-}
-
 /// Whether an mmap call is one the heap serves: a private anonymous read-write
 /// mapping with no address (see the module header).
 fn servable(addr: *mut c_void, prot: i32, flags: i32, fd: i32, off: i64) -> bool {
@@ -1277,7 +1233,9 @@ pub unsafe extern "C" fn mmap(
             set_errno(libc::EINVAL);
             return libc::MAP_FAILED;
         }
-        return sys_mmap(addr, len, prot, flags, fd, off);
+        // SAFETY: the system call with the caller's arguments (raw: no dlsym, so
+        // nothing of the loader's runs here and nothing recurses into this library).
+        return unsafe { usermm::sys::mmap(addr, len, prot, flags, fd, off) };
     }
     if len == 0 || len > isize::MAX as usize {
         set_errno(if len == 0 { libc::EINVAL } else { libc::ENOMEM });
@@ -1318,7 +1276,7 @@ pub unsafe extern "C" fn munmap(addr: *mut c_void, len: usize) -> i32 {
     let a = addr as usize;
     if !touches_heap(a, len) {
         // SAFETY: the munmap system call with the caller's arguments.
-        return unsafe { libc::syscall(libc::SYS_munmap, addr, len) } as i32;
+        return unsafe { usermm::sys::munmap(addr, len) };
     }
     if !a.is_multiple_of(PS) || len == 0 {
         set_errno(libc::EINVAL);
@@ -1330,7 +1288,7 @@ pub unsafe extern "C" fn munmap(addr: *mut c_void, len: usize) -> i32 {
     for (x, y) in [(a, e.min(b)), (a.max(t), e)] {
         if x < y {
             // SAFETY: the munmap system call on a range outside the heap.
-            unsafe { libc::syscall(libc::SYS_munmap, x, y - x) };
+            unsafe { usermm::sys::munmap(x as *mut c_void, y - x) };
         }
     }
     unmap_heap(a.max(b), e.min(t));
@@ -1466,7 +1424,7 @@ pub unsafe extern "C" fn madvise(addr: *mut c_void, len: usize, advice: i32) -> 
     let a = addr as usize;
     if !touches_heap(a, len) || !ready() {
         // SAFETY: the madvise system call with the caller's arguments.
-        return unsafe { libc::syscall(libc::SYS_madvise, addr, len, advice) } as i32;
+        return unsafe { usermm::sys::madvise(addr, len, advice) };
     }
     if !a.is_multiple_of(PS) {
         set_errno(libc::EINVAL);
