@@ -3,39 +3,16 @@
 //! several threads against a model, many threads on one page, system calls into
 //! evicted pages, and no leak when a region goes.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
-use usermm::{Config, SwapSpec, TransparentRegion, Vm, PAGE_SIZE};
+use usermm::{Config, Vm, PAGE_SIZE};
+
+mod common;
+use common::{transparent_setup as setup, word};
 use usermm_testkit::workload::Rng;
 
 const PS: usize = PAGE_SIZE;
-
-/// A Vm with a file swap device, or None (SKIP) where this process may not open a
-/// userfaultfd that serves kernel-mode faults.
-fn setup(budget: usize, swap: u64) -> Option<(tempfile::TempDir, Vm)> {
-    let dir = tempfile::tempdir().unwrap();
-    let vm = Vm::new(Config::default().memory_budget(budget)).unwrap();
-    vm.swapon(SwapSpec::file(dir.path().join("swap"), swap))
-        .unwrap();
-    match vm.map_transparent(PS) {
-        Ok(_) => Some((dir, vm)),
-        Err(e) if std::env::var("USERMM_REQUIRE_UFFD").as_deref() == Ok("1") => {
-            panic!("userfaultfd required but unavailable: {e}")
-        }
-        Err(e) => {
-            eprintln!("SKIP: transparent memory unavailable here: {e}");
-            None
-        }
-    }
-}
-
-fn word(r: &TransparentRegion, i: usize) -> &AtomicU64 {
-    assert!(i * 8 < r.len());
-    // SAFETY: inside the region, 8-byte aligned; the region outlives the reference
-    // and is shared memory accessed only atomically by these tests.
-    unsafe { &*(r.as_ptr().add(i * 8) as *const AtomicU64) }
-}
 
 /// Re-runs this test binary's test `name` alone with `env` set (its child half),
 /// asserts it died of SIGBUS, and returns its stderr.

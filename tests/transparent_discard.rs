@@ -2,38 +2,15 @@
 //! the budget, slot to its device) while the region lives, reading as zeros after;
 //! what `usermm exec`'s heap does with freed and unmapped memory.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
-use usermm::{Config, SwapSpec, TransparentRegion, Vm, PAGE_SIZE};
+use usermm::{TransparentRegion, Vm, PAGE_SIZE};
+
+mod common;
+use common::{transparent_setup as setup, word};
 
 const PS: usize = PAGE_SIZE;
-
-/// A Vm with a file swap device, or None (SKIP) where this process may not open a
-/// userfaultfd that serves kernel-mode faults (fails with USERMM_REQUIRE_UFFD=1).
-fn setup(budget: usize, swap: u64) -> Option<(tempfile::TempDir, Vm)> {
-    let dir = tempfile::tempdir().unwrap();
-    let vm = Vm::new(Config::default().memory_budget(budget)).unwrap();
-    vm.swapon(SwapSpec::file(dir.path().join("swap"), swap))
-        .unwrap();
-    match vm.map_transparent(PS) {
-        Ok(_) => Some((dir, vm)),
-        Err(e) if std::env::var("USERMM_REQUIRE_UFFD").as_deref() == Ok("1") => {
-            panic!("userfaultfd required but unavailable: {e}")
-        }
-        Err(e) => {
-            eprintln!("SKIP: transparent memory unavailable here: {e}");
-            None
-        }
-    }
-}
-
-fn word(r: &TransparentRegion, i: usize) -> &AtomicU64 {
-    assert!(i * 8 < r.len());
-    // SAFETY: inside the region, 8-byte aligned; the region outlives the reference
-    // and is accessed only atomically by these tests.
-    unsafe { &*(r.as_ptr().add(i * 8) as *const AtomicU64) }
-}
 
 /// Writes two words (first and last) of every page in `pages`.
 fn fill(r: &TransparentRegion, pages: std::ops::Range<usize>, salt: u64) {

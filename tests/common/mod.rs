@@ -84,3 +84,31 @@ pub fn reclaim_within(vm: &Vm, pages: usize, limit: Duration, ctx: &str) -> usiz
         Err(e) => panic!("{ctx}: vm.reclaim({pages}) panicked ({e})"),
     }
 }
+
+/// A Vm with a file swap device that can map transparent memory, or None (SKIP on
+/// stderr) where this process may not open a userfaultfd that serves kernel-mode
+/// faults; with USERMM_REQUIRE_UFFD=1 that is a failure instead.
+pub fn transparent_setup(budget: usize, swap: u64) -> Option<(tempfile::TempDir, Vm)> {
+    let dir = tempfile::tempdir().unwrap();
+    let vm = Vm::new(usermm::Config::default().memory_budget(budget)).unwrap();
+    vm.swapon(usermm::SwapSpec::file(dir.path().join("swap"), swap))
+        .unwrap();
+    match vm.map_transparent(usermm::PAGE_SIZE) {
+        Ok(_) => Some((dir, vm)),
+        Err(e) if std::env::var("USERMM_REQUIRE_UFFD").as_deref() == Ok("1") => {
+            panic!("userfaultfd required but unavailable: {e}")
+        }
+        Err(e) => {
+            eprintln!("SKIP: transparent memory unavailable here: {e}");
+            None
+        }
+    }
+}
+
+/// Word `i` (8-byte index) of a transparent region, for atomic loads and stores.
+pub fn word(r: &usermm::TransparentRegion, i: usize) -> &std::sync::atomic::AtomicU64 {
+    assert!(i * 8 < r.len());
+    // SAFETY: inside the region, 8-byte aligned; the region outlives the reference
+    // and is accessed only atomically by these tests.
+    unsafe { &*(r.as_ptr().add(i * 8) as *const std::sync::atomic::AtomicU64) }
+}
