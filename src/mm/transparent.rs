@@ -350,7 +350,10 @@ impl Host {
                 Ok(false) => {}
                 Err(_) => std::thread::sleep(std::time::Duration::from_millis(1)),
             }
-            while let Ok(Some(f)) = self.uffd.read_fault() {
+            // One message per wake-up: after a fault, straight back to `poll`
+            // (which returns at once if another is queued) rather than a read
+            // that fails, so the thread just woken runs a syscall sooner.
+            if let Ok(Some(f)) = self.uffd.read_fault() {
                 self.serve(f, &zero, &mut bounce);
             }
         }
