@@ -122,4 +122,16 @@ fn bench_has_transparent_column() {
     assert!(t["major_faults"].as_u64().is_some_and(|n| n > 0), "{t}");
     assert!(t["verified_words"].as_u64().is_some_and(|n| n > 0), "{t}");
     assert_eq!(v["meta"]["transparent"], "ok", "{text}");
+
+    // The replacement bounds of the same trace (issue 10): a table row and a JSON
+    // record. Uniform at W = 2 B: A0 keeps half the pages, so it misses half the
+    // accesses; MIN, knowing the future, misses fewer; LRU and CLOCK about as A0.
+    assert!(stdout.contains("what the same trace allows"), "{ctx}");
+    let b = v["bounds"].as_array().expect("bounds");
+    assert_eq!(b.len(), 1, "{text}");
+    let pct = |k: &str| b[0][k].as_f64().unwrap_or(f64::NAN);
+    assert!((pct("a0_miss_pct") - 50.0).abs() < 1.0, "{text}");
+    assert!(pct("min_miss_pct") < pct("a0_miss_pct") - 5.0, "{text}");
+    assert!((pct("lru_miss_pct") - 50.0).abs() < 2.0, "{text}");
+    assert!((pct("clock_miss_pct") - 50.0).abs() < 2.0, "{text}");
 }

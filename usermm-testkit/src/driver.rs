@@ -43,7 +43,7 @@ fn interrupted() -> bool {
     HOOKS.get().is_some_and(|h| (h.interrupted)())
 }
 
-const WORDS_PER_PAGE: u64 = (PAGE_SIZE / 8) as u64;
+pub(crate) const WORDS_PER_PAGE: u64 = (PAGE_SIZE / 8) as u64;
 /// One access in this many is timed.
 pub const SAMPLE_EVERY: u64 = 64;
 

@@ -188,6 +188,16 @@ impl Sampler {
         s
     }
 
+    /// The page of popularity rank `r` (rank 0 is the most likely page; ranks are in
+    /// order of probability, ties in any order): the set of the `b` most likely pages
+    /// is `page_of_rank(0..b)` (`bounds`' A0).
+    pub fn page_of_rank(&self, r: u64) -> u64 {
+        match self.pattern {
+            Pattern::Uniform => r,
+            Pattern::HotCold { .. } | Pattern::Zipf { .. } => scatter(r, self.n),
+        }
+    }
+
     /// The next page index.
     #[inline]
     pub fn sample(&self, rng: &mut Rng) -> u64 {

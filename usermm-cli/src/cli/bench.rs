@@ -131,6 +131,8 @@ struct Cell {
 #[derive(Debug)]
 struct CellOut {
     cell: Cell,
+    /// The cell's workload (for the replacement bounds).
+    spec: WorkSpec,
     usermm: Result<Measured, String>,
     kernel: Result<Measured, String>,
     /// Set when the kernel's first attempt was OOM-killed and the cell re-run.
@@ -217,8 +219,21 @@ struct Meta {
 struct JsonOut {
     meta: Meta,
     records: Vec<Record>,
+    /// Per cell: the miss% the access trace allows (`bench_bounds`).
+    bounds: Vec<super::bench_bounds::BoundsRecord>,
     device_probe: Vec<ProbeRecord>,
     hit_path: HitPath,
+}
+
+/// A cell as the progress lines and notes name it.
+fn cell_name(c: &Cell) -> String {
+    format!(
+        "{} W/B={} thr={} wr={}",
+        pattern_label(&c.pattern),
+        c.w_over_b,
+        c.threads,
+        c.write_ratio
+    )
 }
 
 fn pattern_label(p: &Pattern) -> String {
@@ -667,13 +682,7 @@ fn bench(a: BenchArgs) -> Result<i32, String> {
             // One access per page, or the warm-up time, whichever comes first.
             warm_accesses: pages_of(c.w_over_b),
         };
-        let name = format!(
-            "{} W/B={} thr={} wr={}",
-            pattern_label(&c.pattern),
-            c.w_over_b,
-            c.threads,
-            c.write_ratio
-        );
+        let name = cell_name(c);
         // Rotate the order of the systems from cell to cell, so none always runs
         // right after another's write-back (the device and the CPUs are shared).
         let mut device = Err("not run".to_string());
@@ -786,6 +795,7 @@ fn bench(a: BenchArgs) -> Result<i32, String> {
         }
         outs.push(CellOut {
             cell: *c,
+            spec,
             usermm,
             kernel: kern,
             kernel_note: note,
@@ -837,6 +847,23 @@ fn bench(a: BenchArgs) -> Result<i32, String> {
     };
     print_probes(&probes, device_buffered);
     print_table(&outs, &probes);
+    let bounds: Vec<_> = outs
+        .iter()
+        .map(|o| super::bench_bounds::for_cell(&o.spec, budget / PAGE_SIZE as u64))
+        .collect();
+    super::bench_bounds::print(
+        &outs
+            .iter()
+            .zip(&bounds)
+            .map(|(o, b)| {
+                (
+                    cell_name(&o.cell),
+                    [&o.usermm, &o.transparent, &o.kernel],
+                    *b,
+                )
+            })
+            .collect::<Vec<_>>(),
+    );
     print_checks(&outs);
     print_nbd(&outs);
     match (&hit_um, &hit_plain) {
@@ -882,6 +909,18 @@ fn bench(a: BenchArgs) -> Result<i32, String> {
                 machine: machine_desc(),
             },
             records: records(&outs, &probes),
+            bounds: outs
+                .iter()
+                .zip(&bounds)
+                .map(|(o, b)| {
+                    super::bench_bounds::BoundsRecord::new(
+                        pattern_label(&o.cell.pattern),
+                        &o.spec,
+                        o.cell.w_over_b,
+                        b,
+                    )
+                })
+                .collect(),
             device_probe: probes
                 .iter()
                 .map(|(op, d, r)| ProbeRecord {
@@ -1119,13 +1158,7 @@ fn print_table(outs: &[CellOut], probes: &[(Op, u32, ProbeResult)]) {
     let mut errs: Vec<String> = Vec::new();
     for o in outs {
         let c = &o.cell;
-        let name = format!(
-            "{} W/B={} thr={} wr={}",
-            pattern_label(&c.pattern),
-            c.w_over_b,
-            c.threads,
-            c.write_ratio
-        );
+        let name = cell_name(c);
         for (sys, e) in [
             ("usermm", o.usermm.as_ref().err()),
             ("transparent", o.transparent.as_ref().err()),

@@ -4,6 +4,7 @@
 use clap::{Parser, Subcommand};
 
 pub mod bench;
+pub mod bench_bounds;
 pub mod bench_child;
 pub mod device;
 pub mod exec;
