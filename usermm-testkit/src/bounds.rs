@@ -219,6 +219,119 @@ pub fn clock_misses(t: &[u32], from: usize, frames: usize, pages: u64) -> u64 {
     misses
 }
 
+/// Generalised CLOCK: a counter per page (saturating at `max`) raised by each hit;
+/// the hand lowers a non-zero counter and passes, and evicts a page at zero.
+/// `max = 1` is CLOCK.
+pub fn gclock_misses(t: &[u32], from: usize, frames: usize, pages: u64, max: u8) -> u64 {
+    const NONE: u32 = u32::MAX;
+    let mut slot_of = vec![NONE; pages as usize];
+    let mut ring = vec![NONE; frames];
+    let mut cnt = vec![0u8; frames];
+    let mut hand = 0usize;
+    let mut misses = 0u64;
+    for (i, &p) in t.iter().enumerate() {
+        let s = slot_of[p as usize];
+        if s != NONE {
+            let c = &mut cnt[s as usize];
+            *c = (*c + 1).min(max);
+            continue;
+        }
+        if i >= from {
+            misses += 1;
+        }
+        while ring[hand] != NONE && cnt[hand] > 0 {
+            cnt[hand] -= 1;
+            hand = (hand + 1) % frames;
+        }
+        if ring[hand] != NONE {
+            slot_of[ring[hand] as usize] = NONE;
+        }
+        ring[hand] = p;
+        cnt[hand] = 0;
+        slot_of[p as usize] = hand as u32;
+        hand = (hand + 1) % frames;
+    }
+    misses
+}
+
+/// S3-FIFO (Yang et al., SOSP 2023): a small FIFO (10 % of the frames) that new
+/// pages enter, a main FIFO, and a ghost list of pages recently evicted from the
+/// small one (as many as the main FIFO holds). A page leaving the small FIFO moves to
+/// main if it was hit there, else is evicted (and remembered as a ghost); a miss on
+/// a ghost enters main directly. Main evicts like CLOCK with a 2-bit counter.
+pub fn s3fifo_misses(t: &[u32], from: usize, frames: usize, pages: u64) -> u64 {
+    use std::collections::VecDeque;
+    const OUT: u8 = 0;
+    const SMALL: u8 = 1;
+    const MAIN: u8 = 2;
+    let small_cap = (frames / 10).max(1);
+    let main_cap = frames.saturating_sub(small_cap).max(1);
+    let mut state = vec![OUT; pages as usize];
+    let mut freq = vec![0u8; pages as usize];
+    let mut ghost_seq = vec![0u64; pages as usize]; // 0: not a ghost
+    let mut small: VecDeque<u32> = VecDeque::with_capacity(small_cap + 1);
+    let mut main: VecDeque<u32> = VecDeque::with_capacity(main_cap + 1);
+    let mut ghosts: VecDeque<(u32, u64)> = VecDeque::new();
+    let mut gseq = 0u64;
+    let mut misses = 0u64;
+    for (i, &p) in t.iter().enumerate() {
+        let pi = p as usize;
+        if state[pi] != OUT {
+            freq[pi] = (freq[pi] + 1).min(3);
+            continue;
+        }
+        if i >= from {
+            misses += 1;
+        }
+        // Make room: evict until small + main < frames.
+        while small.len() + main.len() >= frames {
+            if small.len() >= small_cap || main.is_empty() {
+                let q = small.pop_front().expect("small is not empty");
+                let qi = q as usize;
+                if freq[qi] > 0 {
+                    state[qi] = MAIN;
+                    freq[qi] = 0;
+                    main.push_back(q);
+                    // Main over capacity: evict from it (below, next round).
+                } else {
+                    state[qi] = OUT;
+                    gseq += 1;
+                    ghost_seq[qi] = gseq;
+                    ghosts.push_back((q, gseq));
+                    while ghosts.len() > main_cap {
+                        let (g, sq) = ghosts.pop_front().expect("not empty");
+                        if ghost_seq[g as usize] == sq {
+                            ghost_seq[g as usize] = 0;
+                        }
+                    }
+                }
+            } else {
+                loop {
+                    let q = main.pop_front().expect("main is not empty");
+                    let qi = q as usize;
+                    if freq[qi] > 0 {
+                        freq[qi] -= 1;
+                        main.push_back(q);
+                    } else {
+                        state[qi] = OUT;
+                        break;
+                    }
+                }
+            }
+        }
+        freq[pi] = 0;
+        if ghost_seq[pi] != 0 {
+            ghost_seq[pi] = 0;
+            state[pi] = MAIN;
+            main.push_back(p);
+        } else {
+            state[pi] = SMALL;
+            small.push_back(p);
+        }
+    }
+    misses
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -233,6 +346,44 @@ mod tests {
             words: 1,
             seed: 42,
             warm_accesses: pages,
+        }
+    }
+
+    #[test]
+    #[allow(clippy::print_stdout)]
+    fn policies_on_the_quick_traces() {
+        // Not an assertion of which wins (the module header says); a check that the
+        // frequency policies never lose to CLOCK by much and stay above MIN.
+        for (name, pat) in [
+            ("uniform", Pattern::Uniform),
+            (
+                "hotcold",
+                Pattern::HotCold {
+                    hot_frac: 0.1,
+                    hot_prob: 0.9,
+                },
+            ),
+            ("zipf", Pattern::Zipf { theta: 0.99 }),
+        ] {
+            for wb in [1.25f64, 4.0] {
+                let frames = 4096usize;
+                let s = spec(pat, (frames as f64 * wb) as u64);
+                let (t, start) = trace(&s, 400_000);
+                let n = (t.len() - start) as f64;
+                let pct = |m: u64| 100.0 * m as f64 / n;
+                let clock = pct(clock_misses(&t, start, frames, s.pages));
+                let g2 = pct(gclock_misses(&t, start, frames, s.pages, 2));
+                let g3 = pct(gclock_misses(&t, start, frames, s.pages, 3));
+                let s3 = pct(s3fifo_misses(&t, start, frames, s.pages));
+                let min = pct(min_misses(&t, start, frames, s.pages));
+                println!("{name} W/B={wb}: CLOCK {clock:.1} GCLOCK2 {g2:.1} GCLOCK3 {g3:.1} S3-FIFO {s3:.1} MIN {min:.1}");
+                for x in [g2, g3, s3] {
+                    assert!(
+                        x < clock + 1.5 && x > min,
+                        "{name} {wb}: {x} vs CLOCK {clock}"
+                    );
+                }
+            }
         }
     }
 
