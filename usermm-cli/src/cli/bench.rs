@@ -219,8 +219,6 @@ struct Meta {
 struct JsonOut {
     meta: Meta,
     records: Vec<Record>,
-    /// Per cell: the miss% the access trace allows (`bench_bounds`).
-    bounds: Vec<super::bench_bounds::BoundsRecord>,
     device_probe: Vec<ProbeRecord>,
     hit_path: HitPath,
 }
@@ -908,19 +906,7 @@ fn bench(a: BenchArgs) -> Result<i32, String> {
                 device_buffered,
                 machine: machine_desc(),
             },
-            records: records(&outs, &probes),
-            bounds: outs
-                .iter()
-                .zip(&bounds)
-                .map(|(o, b)| {
-                    super::bench_bounds::BoundsRecord::new(
-                        pattern_label(&o.cell.pattern),
-                        &o.spec,
-                        o.cell.w_over_b,
-                        b,
-                    )
-                })
-                .collect(),
+            records: records(&outs, &bounds),
             device_probe: probes
                 .iter()
                 .map(|(op, d, r)| ProbeRecord {
@@ -1257,9 +1243,12 @@ fn print_nbd(outs: &[CellOut]) {
     }
 }
 
-fn records(outs: &[CellOut], _probes: &[(Op, u32, ProbeResult)]) -> Vec<Record> {
+/// The JSON records: per cell, one per measured system, the device, and the
+/// replacement bounds simulated on the cell's trace (`min`, `a0`, `lru-sim`,
+/// `clock-sim`: `major_faults` and `accesses` only).
+fn records(outs: &[CellOut], bounds: &[usermm_testkit::bounds::Bounds]) -> Vec<Record> {
     let mut v = Vec::new();
-    for o in outs {
+    for (o, b) in outs.iter().zip(bounds) {
         let c = &o.cell;
         let base = |system: &'static str| Record {
             system,
@@ -1328,6 +1317,18 @@ fn records(outs: &[CellOut], _probes: &[(Op, u32, ProbeResult)]) -> Vec<Record> 
             Err(e) => rec.error = Some(e.clone()),
         }
         v.push(rec);
+        for (system, ratio) in [
+            ("min", b.min),
+            ("a0", b.a0),
+            ("lru-sim", b.lru),
+            ("clock-sim", b.clock),
+        ] {
+            let mut rec = base(system);
+            rec.accesses = Some(b.accesses);
+            rec.major_faults = Some((ratio * b.accesses as f64).round() as u64);
+            rec.note = Some("simulated on the cell's access trace with the budget's frames".into());
+            v.push(rec);
+        }
     }
     v
 }

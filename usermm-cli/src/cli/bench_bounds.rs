@@ -4,7 +4,6 @@
 //! reference traces) and LRU and CLOCK simulated (plain recency). A policy that
 //! misses less than CLOCK here misses less on the bench; one at A0 cannot do better.
 
-use serde::Serialize;
 use usermm_testkit::bounds::{bounds, Bounds};
 use usermm_testkit::driver::{Measured, WorkSpec};
 
@@ -15,36 +14,6 @@ const TIMED: u64 = 600_000;
 /// One cell's bounds for a cache of `frames` pages.
 pub fn for_cell(spec: &WorkSpec, frames: u64) -> Bounds {
     bounds(spec, frames, TIMED)
-}
-
-/// A row of the JSON output.
-#[derive(Serialize, Debug)]
-pub struct BoundsRecord {
-    pub pattern: String,
-    pub w_over_b: f64,
-    pub threads: u32,
-    pub write_ratio: f64,
-    pub min_miss_pct: f64,
-    pub a0_miss_pct: f64,
-    pub lru_miss_pct: f64,
-    pub clock_miss_pct: f64,
-    pub accesses: u64,
-}
-
-impl BoundsRecord {
-    pub fn new(label: String, spec: &WorkSpec, w_over_b: f64, b: &Bounds) -> BoundsRecord {
-        BoundsRecord {
-            pattern: label,
-            w_over_b,
-            threads: spec.threads,
-            write_ratio: spec.write_ratio,
-            min_miss_pct: 100.0 * b.min,
-            a0_miss_pct: 100.0 * b.a0,
-            lru_miss_pct: 100.0 * b.lru,
-            clock_miss_pct: 100.0 * b.clock,
-            accesses: b.accesses,
-        }
-    }
 }
 
 /// miss% of a measured system, or "-".
