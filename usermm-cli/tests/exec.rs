@@ -2,90 +2,11 @@
 //! the LD_PRELOAD library built beside the binary). Output and exit status are the
 //! program's own; the heap stays inside the budget; refusals are clear.
 
-use std::io::Read;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+mod common;
+use common::{python, run_sampled, USERMM};
 
-const USERMM: &str = env!("CARGO_BIN_EXE_usermm");
-
-fn python() -> Option<&'static str> {
-    ["/usr/bin/python3", "/usr/local/bin/python3"]
-        .into_iter()
-        .find(|p| std::path::Path::new(p).exists())
-}
-
-/// Skips (or, with USERMM_REQUIRE_UFFD=1, fails) where /dev/userfaultfd is closed
-/// to us or the preload library was not built.
-fn can_run() -> bool {
-    let dev = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/userfaultfd")
-        .is_ok();
-    let lib = std::path::Path::new(USERMM)
-        .parent()
-        .map(|d| d.join("libusermm_preload.so").exists())
-        .unwrap_or(false);
-    if dev && lib && python().is_some() {
-        return true;
-    }
-    let why = format!(
-        "userfaultfd device {dev}, preload library {lib}, python {:?}",
-        python()
-    );
-    if std::env::var("USERMM_REQUIRE_UFFD").as_deref() == Ok("1") {
-        panic!("usermm exec test cannot run: {why}");
-    }
-    eprintln!("SKIP: usermm exec test: {why}");
-    false
-}
-
-/// Runs `cmd`, sampling its RssAnon; returns (stdout, stderr, status, peak KiB).
-fn run_sampled(mut cmd: Command, limit: Duration) -> (String, String, i32, u64) {
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let pid = child.id();
-    let t = Instant::now();
-    let mut peak = 0u64;
-    loop {
-        if let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
-            if let Some(kb) = s
-                .lines()
-                .find_map(|l| l.strip_prefix("RssAnon:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            {
-                peak = peak.max(kb);
-            }
-        }
-        if let Ok(Some(_)) = child.try_wait() {
-            break;
-        }
-        if t.elapsed() > limit {
-            let _ = child.kill();
-            panic!("the program did not finish within {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let mut out = String::new();
-    let mut err = String::new();
-    child
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut out)
-        .unwrap();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
-    let status = child.wait().unwrap().code().unwrap_or(-1);
-    (out, err, status, peak)
-}
+use std::process::Command;
+use std::time::Duration;
 
 const BUILD_1G: &str = "
 import hashlib
@@ -101,7 +22,7 @@ print(hashlib.sha256(b).hexdigest())
 /// metadata plus 32 MiB.
 #[test]
 fn python_builds_and_checksums_1g_under_64m() {
-    if !can_run() {
+    if !common::can_run("usermm exec test", "python", python().is_some()) {
         return;
     }
     let py = python().unwrap();
@@ -145,7 +66,7 @@ fn python_builds_and_checksums_1g_under_64m() {
 /// swap or most of it is (never a child that reads zeros). More in `exec_fork.rs`.
 #[test]
 fn fork_sees_the_parents_heap() {
-    if !can_run() {
+    if !common::can_run("usermm exec test", "python", python().is_some()) {
         return;
     }
     let py = python().unwrap();

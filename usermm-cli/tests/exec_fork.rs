@@ -3,35 +3,12 @@
 //! own; a grandchild sees the child's memory; the parent's slot references for the
 //! child are dropped when the child is done (its swap use goes back down).
 
+mod common;
+use common::USERMM;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
-
-const USERMM: &str = env!("CARGO_BIN_EXE_usermm");
-
-/// Skips (or, with USERMM_REQUIRE_UFFD=1, fails) where /dev/userfaultfd is closed to
-/// us, the preload library was not built, or `what` (a tool the test needs) is
-/// missing.
-fn can_run(what: &str, have: bool) -> bool {
-    let dev = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/userfaultfd")
-        .is_ok();
-    let lib = Path::new(USERMM)
-        .parent()
-        .map(|d| d.join("libusermm_preload.so").exists())
-        .unwrap_or(false);
-    if dev && lib && have {
-        return true;
-    }
-    let why = format!("userfaultfd device {dev}, preload library {lib}, {what} {have}");
-    if std::env::var("USERMM_REQUIRE_UFFD").as_deref() == Ok("1") {
-        panic!("usermm exec fork test cannot run: {why}");
-    }
-    eprintln!("SKIP: usermm exec fork test: {why}");
-    false
-}
 
 /// 2,048 blocks of 64 KiB (128 MiB) with a pattern per (block, byte, generation).
 /// The child sleeps while the parent frees, reallocates and rewrites half of them
@@ -162,7 +139,7 @@ fn pid_of(stdout: &str, who: &str) -> String {
 #[test]
 fn fork_child_sees_swapped_heap_and_parent_frees_its_slots() {
     let have_cc = Command::new("cc").arg("--version").output().is_ok();
-    if !can_run("cc", have_cc) {
+    if !common::can_run("usermm exec fork test", "cc", have_cc) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -221,7 +198,7 @@ fn python_fork_child_checksums_its_parents_heap() {
     let py = ["/usr/bin/python3", "/usr/local/bin/python3"]
         .into_iter()
         .find(|p| Path::new(p).exists());
-    if !can_run("python3", py.is_some()) {
+    if !common::can_run("usermm exec fork test", "python3", py.is_some()) {
         return;
     }
     let prog = "

@@ -5,82 +5,13 @@
 //! object arenas are mmap'd) under 64 MiB: the same output as without usermm, and
 //! anonymous memory bounded by the budget.
 
-use std::io::Read;
-use std::process::{Command, Stdio};
+mod common;
+use common::{run_sampled, USERMM};
+
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-const USERMM: &str = env!("CARGO_BIN_EXE_usermm");
 const PYTHON: &str = "/usr/bin/python3";
-
-/// Skips (or, with USERMM_REQUIRE_UFFD=1, fails) when something this test needs is
-/// missing: /dev/userfaultfd, the preload library, or `what` (a tool the test uses).
-fn can_run(what: &str, have: bool) -> bool {
-    let dev = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/userfaultfd")
-        .is_ok();
-    let lib = std::path::Path::new(USERMM)
-        .parent()
-        .map(|d| d.join("libusermm_preload.so").exists())
-        .unwrap_or(false);
-    if dev && lib && have {
-        return true;
-    }
-    let why = format!("userfaultfd device {dev}, preload library {lib}, {what} {have}");
-    if std::env::var("USERMM_REQUIRE_UFFD").as_deref() == Ok("1") {
-        panic!("usermm exec mmap test cannot run: {why}");
-    }
-    eprintln!("SKIP: usermm exec mmap test: {why}");
-    false
-}
-
-/// Runs `cmd`, sampling its RssAnon; returns (stdout, stderr, status, peak KiB).
-fn run_sampled(mut cmd: Command, limit: Duration) -> (String, String, i32, u64) {
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let pid = child.id();
-    // Drain both pipes meanwhile, so a chatty program never blocks on them.
-    let mut so = child.stdout.take().unwrap();
-    let mut se = child.stderr.take().unwrap();
-    let to = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = so.read_to_string(&mut s);
-        s
-    });
-    let te = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = se.read_to_string(&mut s);
-        s
-    });
-    let t = Instant::now();
-    let mut peak = 0u64;
-    loop {
-        if let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
-            if let Some(kb) = s
-                .lines()
-                .find_map(|l| l.strip_prefix("RssAnon:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            {
-                peak = peak.max(kb);
-            }
-        }
-        if let Ok(Some(_)) = child.try_wait() {
-            break;
-        }
-        if t.elapsed() > limit {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("the program did not finish within {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let status = child.wait().unwrap().code().unwrap_or(-1);
-    (to.join().unwrap(), te.join().unwrap(), status, peak)
-}
 
 /// The `pswpout` count of `usermm exec --stats`'s line (the last one: the
 /// program's own process).
@@ -225,7 +156,7 @@ fn cc() -> bool {
 /// and peak RssAnon within budget + 48 MiB (natively it is far above that).
 #[test]
 fn c_program_maps_unmaps_and_remaps_256m_under_32m() {
-    if !can_run("cc", cc()) {
+    if !common::can_run("usermm exec mmap test", "cc", cc()) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -280,7 +211,7 @@ fn c_program_maps_unmaps_and_remaps_256m_under_32m() {
 #[test]
 fn python_small_objects_512m_under_64m() {
     let have = std::path::Path::new(PYTHON).exists();
-    if !can_run(PYTHON, have) {
+    if !common::can_run("usermm exec mmap test", PYTHON, have) {
         return;
     }
     let prog = "
