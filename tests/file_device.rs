@@ -662,3 +662,30 @@ fn batched_page_out_failure_loses_no_page() {
     check("after the retried page-outs");
     assert_eq!(vm.stats().pgmajfault, s2.pgmajfault + n);
 }
+
+/// One swap device per file: a second device on a file in use (another `open`,
+/// another Vm's `swapon`) is refused with an error that says why, and the file is
+/// free again once the first device is gone (dropped, or `swapoff`).
+#[test]
+fn a_file_serves_one_swap_device_at_a_time() {
+    let _g = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s");
+    let first = FileDevice::open(&path, Some(64 * PS), "s").unwrap();
+    let in_use = |r: Result<(), Error>| match r {
+        Err(Error::Config(m)) => assert!(m.contains("in use"), "{m}"),
+        other => panic!("a second device on a file in use: {other:?}"),
+    };
+    in_use(FileDevice::open(&path, None, "s").map(|_| ()));
+    let spec = || SwapSpec::parse(&format!("file:{}", path.display())).unwrap();
+    let a = Vm::new(Config::default().memory_budget(64 * PAGE_SIZE)).unwrap();
+    in_use(a.swapon(spec()).map(|_| ()));
+    drop(first);
+    let id = a
+        .swapon(spec())
+        .expect("the file is free once the device is dropped");
+    let b = Vm::new(Config::default().memory_budget(64 * PAGE_SIZE)).unwrap();
+    in_use(b.swapon(spec()).map(|_| ()));
+    a.swapoff(id).unwrap();
+    b.swapon(spec()).expect("the file is free after swapoff");
+}

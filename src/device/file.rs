@@ -4,7 +4,12 @@
 //! system that refuses O_DIRECT is an error unless the caller asked for buffered I/O
 //! (`direct=0` in the spec): never a silent fallback.
 //!
-//! No locks: positioned I/O on one descriptor is safe from many threads. No
+//! One device per file: `open` takes an exclusive `flock` on it (held until the
+//! device is dropped), so a second swap device on the same file — another Vm,
+//! another process — is refused instead of overwriting this one's pages.
+//!
+//! No locks in the engine's sense: positioned I/O on one descriptor is safe from
+//! many threads. No
 //! allocation on the I/O paths, errors included (they run on page-I/O threads):
 //! errors are built from an `ErrorKind` or an errno, never from a formatted message.
 
@@ -109,6 +114,24 @@ impl FileDevice {
             }
             Err(e) => return Err(ctx("cannot open", e)),
         };
+        // One user per file: two swap devices on one file (two Vms, two processes,
+        // or a `usermm exec` program and a child that execs) would each hand out
+        // its slots from the start and overwrite the other's pages. An exclusive
+        // lock on the open file (released when the device is dropped, shared with
+        // descriptors duplicated from it) makes the second one fail here instead.
+        // SAFETY: plain syscall on a descriptor we own; no memory is passed.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                return Err(Error::Config(format!(
+                    "swap file {} is in use by another swap device (usermm holds a lock on \
+                     it while it swaps there); two users of one file would overwrite each \
+                     other's pages: give each its own file",
+                    path.display()
+                )));
+            }
+            return Err(ctx("cannot lock", e));
+        }
         let meta = file.metadata().map_err(|e| ctx("cannot stat", e))?;
         if !meta.is_file() {
             return Err(Error::Config(format!(

@@ -144,3 +144,68 @@ fn refuses_what_it_cannot_budget_with_a_clear_message() {
     assert_eq!(code, Some(126));
     assert!(err.contains("setuid"), "{err}");
 }
+
+/// `--swap file:PATH` and a program that execs another: the first program swaps to
+/// the given file, the exec'd one to a temporary file of its own (one swap file
+/// serves one process: a second user would overwrite its slots, and the file is
+/// locked while in use). Both page out, and both print what they computed.
+#[test]
+fn a_child_that_execs_swaps_to_a_file_of_its_own() {
+    if !common::can_run("usermm exec test", "python", python().is_some()) {
+        return;
+    }
+    let py = python().unwrap();
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let swap = dir.path().join("given.swap");
+    // The parent fills 48 MiB, runs the same program as a child (fork and exec,
+    // os.spawnv), then checks its own 48 MiB again.
+    let prog = "
+import hashlib, os, sys
+b = bytearray(48 << 20)
+for i in range(0, len(b), 4096): b[i] = (i >> 12) % 251
+h = hashlib.sha256(b).hexdigest()
+if len(sys.argv) > 1:
+    print('child', h)
+else:
+    st = os.spawnv(os.P_WAIT, sys.executable, [sys.executable, '-c', PROG, 'child'])
+    print('parent', h, hashlib.sha256(b).hexdigest() == h, st)
+";
+    // The program passes itself to the child as PROG.
+    let prog = format!("PROG = {prog:?}\n{prog}");
+    let out = Command::new(USERMM)
+        .args(["exec", "--budget", "16M", "--stats", "--swap"])
+        .arg(format!("file:{}?size=256M", swap.display()))
+        .args(["--", py, "-c", &prog])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let ctx = format!("stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(out.status.success(), "{ctx}");
+    let child = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("child "))
+        .unwrap_or_else(|| panic!("the exec'd child did not finish: {ctx}"));
+    let parent = stdout
+        .lines()
+        .find(|l| l.starts_with("parent "))
+        .unwrap_or_else(|| panic!("the parent did not finish: {ctx}"));
+    assert_eq!(parent, format!("parent {child} True 0"), "{ctx}");
+    // Two processes, each with its own usermm, each paging out.
+    let outs: Vec<u64> = stderr
+        .lines()
+        .filter(|l| l.starts_with("usermm exec: pid "))
+        .filter_map(|l| {
+            l.split(", ")
+                .find_map(|f| f.strip_prefix("pswpout "))?
+                .parse()
+                .ok()
+        })
+        .collect();
+    assert_eq!(outs.len(), 2, "{ctx}");
+    assert!(outs.iter().all(|&n| n > 1000), "{outs:?}: {ctx}");
+    // The given file was written (by the first program): blocks allocated in it.
+    use std::os::unix::fs::MetadataExt;
+    let blocks = std::fs::metadata(&swap).map(|m| m.blocks()).unwrap_or(0);
+    assert!(blocks > 0, "{ctx}");
+}

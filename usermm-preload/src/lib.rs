@@ -38,7 +38,9 @@
 //!   child's Vm is made in our atfork child handler (registered at start-up, so it
 //!   runs before the program's own child handlers). `posix_spawn`/`vfork` (the
 //!   child shares the parent's memory, then execs) are not interposed; a child that
-//!   execs gets its own usermm.
+//!   execs gets its own usermm, with a temporary swap file of its own (the
+//!   `--swap` devices are the first program's: `USERMM_SWAP` is taken out of the
+//!   environment at start).
 //! - Freed malloc blocks of 64 KiB or more have their whole pages discarded
 //!   (`TransparentRegion::discard`: frame and swap slot back, the page reads as
 //!   zeros), as glibc gives large freed memory back to the kernel; a large `calloc`
@@ -342,6 +344,13 @@ fn setup() -> Result<(), String> {
         })
         .unwrap_or_default();
     let dir = env("USERMM_SWAP_DIR").unwrap_or_else(|| "/var/tmp".into());
+    // The devices of `--swap` are this process's: a descendant that execs gets a
+    // temporary swap file of its own (two processes on one device would hand out
+    // the same slots; a swap file is locked while in use and a second user would
+    // be refused).
+    // SAFETY: a constructor, before the program's main: no other thread reads the
+    // environment yet.
+    unsafe { std::env::remove_var("USERMM_SWAP") };
     BUDGET.store(budget, Ordering::Relaxed);
     HEAP_LEN.store(heap, Ordering::Relaxed);
     let _ = SWAP_DIR.set(dir.clone());
