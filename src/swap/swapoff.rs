@@ -24,6 +24,11 @@
 //! 3. If a page can go neither to memory nor to another device, swapoff stops with
 //!    `OutOfMemory` and the device returns to service with every page intact.
 //!
+//! A zpool (`swap::zpool`) is removed differently: it holds no slots of its own,
+//! only the bytes of slots of the devices below it, so it writes every page back to
+//! its slot (`Zpool::write_back_all`) and leaves the table; no entry changes. If a
+//! device below fails those writes, the pool stays in service with what it holds.
+//!
 //! Locking: a space's regions read lock only while `SpaceWalk::swapped_on` scans it;
 //! then the claimed (`BUSY`) entry, then frame locks, as on the fault path. No lock is
 //! held across a device read or write.
@@ -53,6 +58,25 @@ pub(crate) fn swapoff(eng: &Engine, id: SwapId) -> Result<()> {
             "swap device {} is already being removed",
             dev.name()
         )));
+    }
+    if let Some(pool) = dev.pool.clone() {
+        // A pool holds no slots: its pages belong to the devices' slots below it.
+        // Write them all there; no page-table entry changes.
+        pool.set_draining(true);
+        return match pool.write_back_all() {
+            Ok(()) => {
+                eng.swap.remove(id);
+                Ok(())
+            }
+            Err(source) => {
+                pool.set_draining(false);
+                dev.end_drain();
+                Err(Error::Device {
+                    dev: dev.name().to_string(),
+                    source,
+                })
+            }
+        };
     }
     match drain(eng, &dev) {
         Ok(()) => {
