@@ -497,10 +497,12 @@ pub(crate) fn open(spec: &SwapSpec, leg: bool) -> Result<Arc<dyn BlockDevice>> {
             let b = open(&legs[1], true)?;
             Arc::new(MirrorDevice::new(a, b, &spec.text)?)
         }
-        SwapKind::Zpool { .. } => return Err(Error::Config(format!(
+        SwapKind::Zpool { .. } => {
+            return Err(Error::Config(format!(
             "swap spec {:?}: a zpool takes its memory from a Vm's budget: open it with Vm::swapon",
             spec.text
-        ))),
+        )))
+        }
     })
 }
 

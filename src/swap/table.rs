@@ -16,15 +16,18 @@
 //! first (a slot's location word, `zloc`), and `put` drops a freed slot's chunk.
 //!
 //! ## Discard
-//! A slot whose last reference goes is given back to its device: `put` pushes it on
-//! the device's discard ring (a lock-free queue sized at swapon; a full ring drops
-//! the slot, counted in `discard_missed`), and the maintenance thread (`maintain`,
-//! "usermm-discard") drains the rings in batches: it sorts the slots, claims each one
-//! still free under the map lock (a reference of its own, so the slot cannot be handed
-//! out and written while it is discarded), merges adjacent ones into ranges, calls
-//! `BlockDevice::discard` once per range (a hole punched in a file, an NBD TRIM) with
-//! no lock held, and releases the claims. It also gives a pool's empty frames back to
-//! the budget. A device whose discard fails stops being asked.
+//! A slot whose last reference goes is given back to its device: `put` sets its bit
+//! in the device's discard bitmap (one bit per slot, allocated at swapon: unlike a
+//! ring of slot numbers it cannot overflow when an unmap frees a million slots at
+//! once, and it hands the slots back in order, so adjacent ones merge), and the
+//! maintenance thread (`maintain`, "usermm-discard", every 50 ms or when 256 are
+//! pending) takes them in batches of up to 1024: it claims each one still free
+//! under the map lock (a reference of its own, so the slot cannot be handed out and
+//! written while it is discarded), merges adjacent ones into ranges, calls
+//! `BlockDevice::discard` once per range (a hole punched in a file, one NBD TRIM)
+//! with no lock held, and releases the claims. No request is made per freed page
+//! on the freeing path, and nothing is allocated. It also gives a pool's empty
+//! frames back to the budget. A device whose discard fails stops being asked.
 //!
 //! ## Locking
 //! `SwapTable::devs` (RwLock): read on every slot operation, written by swapon and
@@ -46,7 +49,6 @@ use crate::pte::Pte;
 use crate::sync::{
     Arc, AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Condvar, Mutex, Ordering, RwLock,
 };
-use crossbeam_queue::ArrayQueue;
 use std::io;
 use std::time::{Duration, Instant};
 
@@ -61,8 +63,6 @@ pub(crate) const FAILING_AFTER: u64 = 8;
 /// service once its writes succeed again.
 pub(crate) const PROBE_EVERY: Duration = Duration::from_secs(1);
 
-/// Freed slots a device's discard ring holds (8 bytes each, per device).
-pub(crate) const DISCARD_RING: usize = 4096;
 /// Queued discards that wake the maintenance thread before its next tick.
 const DISCARD_BATCH: usize = 256;
 /// The maintenance thread's tick.
@@ -146,12 +146,12 @@ pub(crate) struct SwapDevice {
     shared: Arc<Shared>,
     /// Set on the table's entry of a pool itself (no slot is allocated on it).
     pub pool: Option<Arc<Zpool>>,
-    /// Freed slots waiting to be discarded (lock-free, sized at swapon).
-    discards: ArrayQueue<u64>,
-    /// Slots given back to the device (discarded, or a chunk freed in the pool), and
-    /// frees the full ring dropped. Relaxed counters.
+    /// Freed slots waiting to be discarded: one bit per slot (atomics, sized at
+    /// swapon), and how many bits are set (relaxed).
+    discards: Box<[AtomicU64]>,
+    discard_pending: AtomicUsize,
+    /// Slots given back to the device (discarded). Relaxed counter.
     pub discarded: AtomicU64,
-    pub discard_missed: AtomicU64,
     /// Cleared when the device refuses a discard: it is not asked again.
     discard_on: AtomicBool,
 }
@@ -196,9 +196,9 @@ impl SwapDevice {
                 .map(|_| AtomicU64::new(0))
                 .collect(),
             shared,
-            discards: ArrayQueue::new(DISCARD_RING),
+            discards: (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+            discard_pending: AtomicUsize::new(0),
             discarded: AtomicU64::new(0),
-            discard_missed: AtomicU64::new(0),
             discard_on: AtomicBool::new(pool.is_none()),
             pool,
             dev,
@@ -210,7 +210,7 @@ impl SwapDevice {
         let n = self.pages as usize;
         n * 6
             + self.zloc.len() * 8
-            + DISCARD_RING * 8
+            + self.discards.len() * 8
             + n.div_ceil(CLUSTER as usize) * 7
             + self.pool.as_ref().map_or(0, |p| p.metadata_bytes())
     }
@@ -557,58 +557,63 @@ impl SwapDevice {
         if !self.discard_on.load(Ordering::Relaxed) {
             return;
         }
-        if self.discards.push(slot).is_err() {
-            self.discard_missed.fetch_add(1, Ordering::Relaxed);
-        } else if self.discards.len() == DISCARD_BATCH {
+        let bit = 1u64 << (slot % 64);
+        let old = self.discards[(slot / 64) as usize].fetch_or(bit, Ordering::Relaxed);
+        if old & bit == 0
+            && self.discard_pending.fetch_add(1, Ordering::Relaxed) + 1 == DISCARD_BATCH
+        {
             self.shared.kick();
         }
     }
 
-    /// Discards the slots queued on this device (the maintenance thread): sorted,
-    /// claimed, merged into ranges, one `BlockDevice::discard` per range.
+    /// Discards the slots queued on this device (the maintenance thread): taken from
+    /// the bitmap in slot order, claimed, merged into ranges, one
+    /// `BlockDevice::discard` per range.
     fn flush_discards(&self) {
         const MAX: usize = 1024;
-        loop {
+        if self.discard_pending.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        let mut w = 0;
+        while w < self.discards.len() {
             let mut slots = [0u64; MAX];
             let mut n = 0;
-            while n < MAX {
-                let Some(s) = self.discards.pop() else { break };
-                slots[n] = s;
-                n += 1;
+            while w < self.discards.len() && n + 64 <= MAX {
+                let mut bits = self.discards[w].swap(0, Ordering::Relaxed);
+                while bits != 0 {
+                    slots[n] = w as u64 * 64 + u64::from(bits.trailing_zeros());
+                    n += 1;
+                    bits &= bits - 1;
+                }
+                w += 1;
             }
             if n == 0 {
-                return;
+                continue;
             }
-            let slots = &mut slots[..n];
-            slots.sort_unstable();
+            self.discard_pending.fetch_sub(n, Ordering::Relaxed);
             let mut k = 0;
             {
                 let mut m = self.map.lock();
                 for i in 0..n {
                     let s = slots[i];
-                    if (k == 0 || slots[k - 1] != s) && s < self.pages && self.claim_free(&mut m, s)
-                    {
+                    if s < self.pages && self.claim_free(&mut m, s) {
                         slots[k] = s;
                         k += 1;
                     }
                 }
             }
             let mut i = 0;
-            let mut ok = self.discard_on.load(Ordering::Relaxed);
             while i < k {
                 let mut j = i + 1;
                 while j < k && slots[j] == slots[j - 1] + 1 {
                     j += 1;
                 }
-                if ok {
+                if self.discard_on.load(Ordering::Relaxed) {
                     match self.dev.discard(slots[i], (j - i) as u64) {
                         Ok(()) => {
                             self.discarded.fetch_add((j - i) as u64, Ordering::Relaxed);
                         }
-                        Err(_) => {
-                            ok = false;
-                            self.discard_on.store(false, Ordering::Relaxed);
-                        }
+                        Err(_) => self.discard_on.store(false, Ordering::Relaxed),
                     }
                 }
                 i = j;
@@ -616,9 +621,6 @@ impl SwapDevice {
             for &s in &slots[..k] {
                 // The claim goes; the slot is free again (not queued again).
                 self.put_inner(s);
-            }
-            if n < MAX {
-                return;
             }
         }
     }

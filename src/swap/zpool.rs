@@ -24,15 +24,17 @@
 //! refused: storing it would free no memory. An all-zero page is a header-only
 //! chunk, never compressed. The header names the chunk's owner (device, slot) and
 //! length, so write-back can go frame by frame. Frames come from the budget
-//! (`FrameArena::alloc`, never below the min watermark, never waiting) and go back
-//! to it when their last chunk goes.
+//! (`FrameArena::alloc`, never waiting) and go back to it when their last chunk
+//! goes.
 //!
 //! ## Write-back (the pool shrinking)
 //! Frames are kept in the order they were taken (LRU by store time, like zswap's
-//! list). When a page finds no room — the pool is at `SIZE`, or no frame can be had
-//! above the min watermark — or when free frames are below the min watermark (the
-//! Vm is short of memory: the pool gives frames back), the storing thread writes
-//! back the oldest frame: every chunk in it is decompressed into a stack buffer and
+//! list). The pool takes frames as a page-I/O thread may, from the reserve below
+//! the min watermark too (a stored page frees its whole frame for a fraction of
+//! one), but never below half of that reserve, which swap-in keeps. When a page
+//! finds no room — the pool is at `SIZE`, or no frame can be had above that floor —
+//! or when free frames are below the floor (the Vm is short of memory: the pool
+//! gives frames back), the storing thread writes back the oldest frame: every chunk in it is decompressed into a stack buffer and
 //! written to its own slot on its device, then the chunk is dropped. The storing
 //! thread is a page-I/O thread (stores happen in page-out), so write-back runs on
 //! the page-I/O threads, with no heap allocation (stack buffers, and zstd contexts
@@ -78,6 +80,8 @@ const MAX_CHUNKS: usize = 64;
 const NCLASS: usize = MAX_CHUNKS - MIN_CHUNKS + 1;
 /// The most compressed bytes a stored page may take: it must fit half a frame.
 pub(crate) const MAX_STORED: usize = chunk_size(MIN_CHUNKS) - HDR;
+/// The compressors' output buffer (on the stack): lz4's bound for a page.
+const COMPRESS_BUF: usize = 5120;
 /// No frame (list end).
 const NIL: u32 = u32::MAX;
 /// zstd contexts made at swapon (more concurrent stores than this are refused, and
@@ -478,6 +482,12 @@ impl Zpool {
         self.draining.store(on, Ordering::SeqCst);
     }
 
+    /// The free frames below which the pool neither grows nor keeps its size: half
+    /// the reserve under the min watermark.
+    fn reserve_floor(&self) -> usize {
+        self.frames.wmark[0] / 2
+    }
+
     /// Compresses `page` into `out`; the length, or None if it does not fit.
     fn compress(&self, page: &[u8], out: &mut [u8]) -> Option<usize> {
         match self.algo {
@@ -528,13 +538,15 @@ impl Zpool {
         if self.draining.load(Ordering::Relaxed) {
             return false;
         }
-        let mut buf = [0u8; MAX_STORED];
+        // Room for lz4's worst case (it refuses a smaller buffer); what is kept must
+        // fit `MAX_STORED`.
+        let mut buf = [0u8; COMPRESS_BUF];
         let zero = is_zero(page);
         let len = if zero {
             0
         } else {
             match self.compress(page, &mut buf) {
-                Some(n) if n > 0 => n,
+                Some(n) if n > 0 && n <= MAX_STORED => n,
                 _ => {
                     crate::stats::Counters::inc(&self.cnt.incompressible);
                     return false;
@@ -542,8 +554,8 @@ impl Zpool {
             }
         };
         let c = class_for(len + HDR).expect("len <= MAX_STORED fits a class");
-        // The Vm is short of frames: give one back before taking room.
-        if self.frames.free_count() < self.frames.wmark[0] {
+        // The Vm is deep in its reserve: give a frame back before taking room.
+        if self.frames.free_count() < self.reserve_floor() {
             self.write_back_oldest();
         }
         for _ in 0..4 {
@@ -551,8 +563,11 @@ impl Zpool {
                 return true;
             }
             let room = self.inner.lock().nframes < self.max_frames;
-            if room {
-                if let Some(pfn) = self.frames.alloc(AllocCtx::Normal) {
+            if room && self.frames.free_count() > self.reserve_floor() {
+                // A page-I/O thread may use the reserve below min (docs/design.md,
+                // "memory discipline"): storing a page frees its whole frame for
+                // a fraction of one. Not below half of it, which swap-in keeps.
+                if let Some(pfn) = self.frames.alloc(AllocCtx::Reserve) {
                     let mut g = self.inner.lock();
                     if g.nframes < self.max_frames && !self.draining.load(Ordering::SeqCst) {
                         g.add_frame(pfn, c);
@@ -833,6 +848,18 @@ mod tests {
             assert!(n * chunk_size(n) <= PAGE_SIZE);
             assert!(n < 64 || chunk_size(n) >= HDR);
         }
+    }
+
+    #[test]
+    fn compress_buffer_is_big_enough() {
+        assert!(COMPRESS_BUF >= lz4_flex::block::get_maximum_output_size(PAGE_SIZE));
+        let mut page = [0u8; PAGE_SIZE];
+        for (i, b) in page.iter_mut().enumerate().step_by(32) {
+            *b = (i * 7 + 3) as u8;
+        }
+        let mut out = [0u8; COMPRESS_BUF];
+        let n = lz4_flex::block::compress_into(&page, &mut out).unwrap();
+        assert!(n <= MAX_STORED, "{n}");
     }
 
     #[test]
