@@ -6,9 +6,9 @@
 //!   a budget of 1/10 of the data, with a pool of half the budget above a file device;
 //!   every read is compared with a model (a version and a kind per page, from which
 //!   the bytes are regenerated), the pool is swapped off and on in the middle, every
-//!   page is checked at the end, and the peak RSS must stay within budget + metadata
-//!   + 32 MiB. Then everything is unmapped and every frame (the pool's too) and slot
-//!   must come back.
+//!   page is checked at the end, and the peak RSS must stay within the budget plus
+//!   metadata plus 32 MiB. Then everything is unmapped and every frame (the pool's
+//!   too) and slot must come back.
 //! - `full_pool_writes_back_and_survives_a_failing_device`: a small pool fills and
 //!   writes back to the file; the device then fails every write (compressible pages
 //!   stay in the pool, incompressible ones resident; no access gets an error that

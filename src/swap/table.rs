@@ -241,6 +241,27 @@ impl SwapDevice {
         self.shared.front()?.load(z, buf)
     }
 
+    /// Moves `slot`'s page from the pool to the device, if it is in the pool (for a
+    /// forked process that reads the device directly). The caller holds a
+    /// reference to the slot. `Error::Device` if the write fails.
+    pub fn unpool(&self, slot: u64) -> Result<()> {
+        let Some(z) = self.zloc.get(slot as usize) else {
+            return Ok(());
+        };
+        if z.load(Ordering::Acquire) == 0 {
+            return Ok(());
+        }
+        match self.shared.front() {
+            Some(p) => p
+                .write_back_slot(self.id.0, slot, z)
+                .map_err(|source| Error::Device {
+                    dev: self.dev.name().to_string(),
+                    source,
+                }),
+            None => Ok(()),
+        }
+    }
+
     /// Whether `slot`'s data is in the pool now (a hint: write-back may move it).
     pub fn pooled(&self, slot: u64) -> bool {
         self.zloc

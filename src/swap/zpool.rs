@@ -37,8 +37,9 @@
 //! gives frames back), the storing thread writes back the oldest frame: every chunk in it is decompressed into a stack buffer and
 //! written to its own slot on its device, then the chunk is dropped. The storing
 //! thread is a page-I/O thread (stores happen in page-out), so write-back runs on
-//! the page-I/O threads, with no heap allocation (stack buffers, and zstd contexts
-//! made at swapon). A chunk whose write fails stays in the pool, and its frame goes
+//! the page-I/O threads, with no heap allocation (stack buffers, and compression
+//! contexts — zstd's, and lz4's hash tables — made at swapon;
+//! `tests/nbd_alloc.rs` counts). A chunk whose write fails stays in the pool, and its frame goes
 //! to the back of the list; the device's failure count rises, so new slots avoid it.
 //!
 //! ## Reads
@@ -84,9 +85,10 @@ pub(crate) const MAX_STORED: usize = chunk_size(MIN_CHUNKS) - HDR;
 const COMPRESS_BUF: usize = 5120;
 /// No frame (list end).
 const NIL: u32 = u32::MAX;
-/// zstd contexts made at swapon (more concurrent stores than this are refused, and
-/// those pages go to the device: no context is made on the page-out path).
-const ZSTD_CONTEXTS: usize = 32;
+/// Compression contexts made at swapon (zstd contexts, lz4 hash tables, which the
+/// crates would otherwise allocate per call): more concurrent stores than this are
+/// refused, and those pages go to the device; nothing is allocated on page-out.
+const CONTEXTS: usize = 32;
 
 const fn chunk_size(n: usize) -> usize {
     (PAGE_SIZE / n) & !7
@@ -391,6 +393,8 @@ pub(crate) struct Zpool {
     /// zstd contexts, made at swapon (empty for lz4).
     zc: ArrayQueue<zstd::bulk::Compressor<'static>>,
     zd: ArrayQueue<zstd::bulk::Decompressor<'static>>,
+    /// lz4 hash tables, made at swapon (empty for zstd).
+    lz: ArrayQueue<lz4_flex::block::CompressTable>,
     pub cnt: PoolCounters,
 }
 
@@ -419,14 +423,15 @@ impl Zpool {
         frames: Arc<FrameArena>,
     ) -> io::Result<Zpool> {
         let max_frames = (size / PAGE_SIZE as u64).max(1) as usize;
-        let n = if algo == Compression::Zstd {
-            ZSTD_CONTEXTS
-        } else {
-            1
-        };
+        let n = CONTEXTS;
         let zc = ArrayQueue::new(n);
         let zd = ArrayQueue::new(n);
-        if algo == Compression::Zstd {
+        let lz = ArrayQueue::new(n);
+        if algo == Compression::Lz4 {
+            for _ in 0..n {
+                let _ = lz.push(lz4_flex::block::CompressTable::small());
+            }
+        } else {
             let warm = [7u8; PAGE_SIZE];
             let mut out = [0u8; PAGE_SIZE];
             for _ in 0..n {
@@ -460,6 +465,7 @@ impl Zpool {
             draining: AtomicBool::new(false),
             zc,
             zd,
+            lz,
             cnt: PoolCounters::default(),
         })
     }
@@ -488,16 +494,26 @@ impl Zpool {
         self.frames.wmark[0] / 2
     }
 
-    /// Compresses `page` into `out`; the length, or None if it does not fit.
-    fn compress(&self, page: &[u8], out: &mut [u8]) -> Option<usize> {
-        match self.algo {
-            Compression::Lz4 => lz4_flex::block::compress_into(page, out).ok(),
+    /// Compresses `page` into `out`: `Ok(length)`; `Err(true)` when it does not
+    /// compress to `MAX_STORED`, `Err(false)` when every context is in use.
+    fn compress(&self, page: &[u8], out: &mut [u8]) -> Result<usize, bool> {
+        let r = match self.algo {
+            Compression::Lz4 => {
+                let mut t = self.lz.pop().ok_or(false)?;
+                let r = lz4_flex::block::compress_into_with_table(page, out, &mut t).ok();
+                let _ = self.lz.push(t);
+                r
+            }
             Compression::Zstd => {
-                let mut c = self.zc.pop()?;
+                let mut c = self.zc.pop().ok_or(false)?;
                 let r = c.compress_to_buffer(page, out).ok();
                 let _ = self.zc.push(c);
                 r
             }
+        };
+        match r {
+            Some(n) if n > 0 && n <= MAX_STORED => Ok(n),
+            _ => Err(true),
         }
     }
 
@@ -546,9 +562,13 @@ impl Zpool {
             0
         } else {
             match self.compress(page, &mut buf) {
-                Some(n) if n > 0 && n <= MAX_STORED => n,
-                _ => {
+                Ok(n) => n,
+                Err(true) => {
                     crate::stats::Counters::inc(&self.cnt.incompressible);
+                    return false;
+                }
+                Err(false) => {
+                    crate::stats::Counters::inc(&self.cnt.refused);
                     return false;
                 }
             }
@@ -769,6 +789,53 @@ impl Zpool {
             self.frames.free(p);
         }
         wrote > 0 || pfn.is_some()
+    }
+
+    /// Writes the page of `slot` on device `dev` (location word `zloc`) back to the
+    /// device now, so that its bytes are in the slot (a forked process reads the
+    /// parent's swap file directly). The caller holds a reference to the slot.
+    /// Err if the write fails; the page then stays in the pool.
+    pub fn write_back_slot(&self, dev: u8, slot: u64, zloc: &AtomicU64) -> io::Result<()> {
+        let lower = self
+            .lower
+            .get()
+            .and_then(Weak::upgrade)
+            .ok_or_else(|| io::Error::other("the swap table is gone"))?;
+        let mut buf = [0u8; MAX_STORED];
+        let loc = {
+            let g = self.inner.lock();
+            let loc = zloc.load(Ordering::Acquire);
+            if loc == 0 {
+                return Ok(());
+            }
+            let (i, k, len) = decode_loc(loc);
+            let fr = g.f[i as usize];
+            // SAFETY: the chunk is live (its location word is set, checked under
+            // `inner`, held) and inside the frame; copy_out loads atomically.
+            unsafe {
+                let p = self.frames.frame_ptr(Pfn(fr.pfn));
+                let at = k * chunk_size(fr.class as usize + MIN_CHUNKS) + HDR;
+                copy_out(p.add(at), &mut buf[..len]);
+            }
+            loc
+        };
+        if !lower.pin(dev, slot, loc) {
+            return Ok(()); // written back meanwhile
+        }
+        let (_, _, len) = decode_loc(loc);
+        let mut page = StackPage([0; PAGE_SIZE]);
+        let r = if len == 0 {
+            Ok(())
+        } else {
+            self.decompress(&buf[..len], &mut page.0)
+        }
+        .and_then(|()| lower.write_back(dev, slot, &page.0));
+        lower.unpin(dev, slot, loc, r.is_ok());
+        match &r {
+            Ok(()) => crate::stats::Counters::inc(&self.cnt.written_back),
+            Err(_) => crate::stats::Counters::inc(&self.cnt.writeback_errors),
+        }
+        r
     }
 
     /// Writes back everything (swapoff of the pool). Err if some page could not be
