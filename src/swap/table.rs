@@ -554,23 +554,14 @@ impl SwapDevice {
         on_device
     }
 
-    /// Takes a free slot for a discard (a reference of the discarder's own, so it
-    /// cannot be handed out while discarded); false if it is in use again.
+    /// Takes a free slot for a discard: its count becomes 1, so `alloc` passes it
+    /// over, but it is not counted in use (`used`, clusters): the claim is the
+    /// discarder's, not a page's. False if the slot is in use again.
     fn claim_free(&self, m: &mut SlotMap, slot: u64) -> bool {
         if m.count[slot as usize] != 0 {
             return false;
         }
         m.count[slot as usize] = 1;
-        m.used += 1;
-        let c = (slot / CLUSTER) as usize;
-        m.cluster_used[c] += 1;
-        if m.in_free[c] {
-            m.in_free[c] = false;
-            if let Some(i) = m.free_clusters.iter().position(|&x| x as usize == c) {
-                m.free_clusters.swap_remove(i);
-            }
-        }
-        self.used.store(m.used, Ordering::Relaxed);
         true
     }
 
@@ -639,9 +630,13 @@ impl SwapDevice {
                 }
                 i = j;
             }
-            for &s in &slots[..k] {
-                // The claim goes; the slot is free again (not queued again).
-                self.put_inner(s);
+            if k > 0 {
+                // The claims go; the slots are free again.
+                let mut m = self.map.lock();
+                for &s in &slots[..k] {
+                    debug_assert_eq!(m.count[s as usize], 1);
+                    m.count[s as usize] = 0;
+                }
             }
         }
     }
