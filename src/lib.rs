@@ -65,6 +65,8 @@
 //! Zpool::inner alone (no other lock held; never across compression, I/O or a frame
 //!   allocation)                                 Zpool::{store, load, reap, write_back_*}
 //! Shared::maint (Mutex<bool>, leaf; `wake`)     SwapTable::maintain, Shared::kick
+//! SwapDevice::discard_gate (Mutex, held across discard I/O by the maintenance thread)
+//! └── SwapDevice::map (claims)                  SwapDevice::{flush_discards, stop_discards}
 //! Engine::spaces (Mutex, leaf)                  Engine::{register_space, live_spaces}
 //! transparent_foreign::Keepers::fds (Mutex, leaf)  transparent_fork::prepare, Keepers::close
 //!   (a fork child's pipe ends; the handler closes them, a fork duplicates them)

@@ -80,6 +80,10 @@ pub(crate) fn swapoff(eng: &Engine, id: SwapId) -> Result<()> {
     }
     match drain(eng, &dev) {
         Ok(()) => {
+            // The drain freed every slot, and their discards may be under way on the
+            // maintenance thread: they end before the device goes (a file swapped on
+            // again at once must not get holes punched into its new pages).
+            dev.stop_discards();
             eng.swap.remove(id);
             Ok(())
         }
@@ -206,11 +210,28 @@ fn drain_space(
         }
         for &(slot, vpn) in &todo[i..j] {
             let k = if dense { (slot - first) as usize } else { 0 };
-            if !dense {
+            let checked = if !dense {
                 dev.read(slot, bounce.page_mut(0))
-                    .inspect_err(|_| crate::stats::Counters::inc(&eng.cnt.read_errors))?;
             } else {
-                dev.verify(slot, bounce.page(k))?;
+                dev.verify(slot, bounce.page(k))
+            };
+            if let Err(e) = checked {
+                // Only an error if the page is still in that slot. Since the walk, a
+                // fault may have read it and freed the slot (a draining device's
+                // slots are never handed out again), and its discard may have
+                // punched it: then the page is elsewhere and the bytes are not ours.
+                let v = Pte::swapped(SwapEntry {
+                    dev: dev.id.0,
+                    slot,
+                });
+                if sp
+                    .entry(vpn)
+                    .is_some_and(|p| p.load(Ordering::Acquire) == v)
+                {
+                    crate::stats::Counters::inc(&eng.cnt.read_errors);
+                    return Err(e);
+                }
+                continue;
             }
             bring_back(eng, sp, vpn, dev, slot, bounce.page(k))?;
         }

@@ -152,8 +152,14 @@ pub(crate) struct SwapDevice {
     discard_pending: AtomicUsize,
     /// Slots given back to the device (discarded). Relaxed counter.
     pub discarded: AtomicU64,
-    /// Cleared when the device refuses a discard: it is not asked again.
+    /// Cleared when the device refuses a discard (it is not asked again), and by
+    /// `stop_discards` before the device leaves the table.
     discard_on: AtomicBool,
+    /// Held by the maintenance thread across one `flush_discards` (device I/O, no
+    /// other lock held); `stop_discards` takes it to wait that flush out, so no hole
+    /// is punched in a file after its device was removed (and perhaps swapped on
+    /// again, with new pages in those slots). A leaf.
+    discard_gate: Mutex<()>,
 }
 
 const DEV_ACTIVE: u8 = 0;
@@ -200,6 +206,7 @@ impl SwapDevice {
             discard_pending: AtomicUsize::new(0),
             discarded: AtomicU64::new(0),
             discard_on: AtomicBool::new(pool.is_none()),
+            discard_gate: Mutex::new(()),
             pool,
             dev,
         }
@@ -578,12 +585,23 @@ impl SwapDevice {
         }
     }
 
+    /// No more discards on this device, and none in flight when this returns (swapoff,
+    /// before the device leaves the table).
+    pub fn stop_discards(&self) {
+        self.discard_on.store(false, Ordering::Release);
+        drop(self.discard_gate.lock());
+    }
+
     /// Discards the slots queued on this device (the maintenance thread): taken from
     /// the bitmap in slot order, claimed, merged into ranges, one
     /// `BlockDevice::discard` per range.
     fn flush_discards(&self) {
         const MAX: usize = 1024;
         if self.discard_pending.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        let _gate = self.discard_gate.lock();
+        if !self.discard_on.load(Ordering::Acquire) {
             return;
         }
         let mut w = 0;

@@ -213,6 +213,44 @@ fn fork_child_sees_swapped_heap_and_parent_frees_its_slots() {
     );
 }
 
+/// The same program with a zpool above the swap file: most of the heap (its pattern
+/// compresses well) is in the pool at the fork, and a child reads its parent's swap
+/// file directly, so the pages it is handed are written back to their slots first
+/// (`SwapDevice::unpool`); without that the child would read stale slots (a checksum
+/// error, SIGBUS).
+#[test]
+fn fork_child_sees_a_heap_held_in_the_zpool() {
+    let have_cc = Command::new("cc").arg("--version").output().is_ok();
+    if !can_run("cc", have_cc) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let bin = compile(dir.path()).expect("cc ran");
+    let file = format!("file:{}?size=256M", dir.path().join("swap").display());
+    let out = Command::new(USERMM)
+        .args(["exec", "--stats", "--budget", "16M"])
+        .args(["--swap", "zpool:?size=8M&prio=10", "--swap", &file, "--"])
+        .arg(&bin)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!("{stdout}{stderr}");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stdout: {stdout}\nstderr: {stderr}"
+    );
+    assert!(!stderr.contains("SIGBUS"), "{stderr}");
+    assert!(stdout.contains("exec child 0"), "{stdout}");
+    let child = pid_of(&stdout, "child");
+    pid_of(&stdout, "grandchild");
+    assert!(
+        stat(&stderr, &child, "read from parent") > 16_000,
+        "{stderr}"
+    );
+}
+
 /// Python's `os.fork()` with a 256 MiB bytearray and a list under a 32 MiB budget:
 /// the child's checksums are the parent's, while the parent rewrites every page of
 /// half its copy meanwhile (whole clusters of slots it gives up, written again).
