@@ -243,8 +243,10 @@ fn fork_child_sees_a_heap_held_in_the_zpool() {
     );
     assert!(!stderr.contains("SIGBUS"), "{stderr}");
     assert!(stdout.contains("exec child 0"), "{stdout}");
-    let child = pid_of(&stdout, "child");
+    let (parent, child) = (pid_of(&stdout, "parent"), pid_of(&stdout, "child"));
     pid_of(&stdout, "grandchild");
+    // The pool was used (its pages were handed over from there).
+    assert!(stat(&stderr, &parent, "zpool stored") > 1000, "{stderr}");
     assert!(
         stat(&stderr, &child, "read from parent") > 16_000,
         "{stderr}"

@@ -428,7 +428,7 @@ extern "C" fn print_stats() {
         "usermm exec: pid {} budget {} frames: faults {} (major {}), write-protect faults {}, staged {} (used again {}), read-around {}, \
          pswpin {}, pswpout {}, scanned {}, reclaimed {}, direct reclaim {}, \
          read errors {}, write errors {}, swap used {} KiB, held for children {} pages, \
-         read from parent {} pages\n",
+         read from parent {} pages, zpool stored {} pages\n",
         std::process::id(),
         s.total_frames,
         s.pgfault,
@@ -446,7 +446,8 @@ extern "C" fn print_stats() {
         s.write_errors,
         s.swap_used.iter().map(|(_, b)| b).sum::<u64>() >> 10,
         vm.fork_held_pages(),
-        vm.foreign_reads()
+        vm.foreign_reads(),
+        s.zpool_stored,
     );
     let fd = STATS_FD.load(Ordering::Relaxed);
     // SAFETY: writing our buffer to our copy of stderr.
