@@ -21,7 +21,6 @@ mod common;
 
 use common::*;
 use std::os::unix::fs::MetadataExt;
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use usermm::{Config, Error, Region, SwapSpec, Vm, PAGE_SIZE};
@@ -234,29 +233,9 @@ fn child_entry() {
 }
 
 fn run_child(algo: &str) {
-    let exe = std::env::current_exe().unwrap();
     let t0 = Instant::now();
-    let out = Command::new(&exe)
-        .args(["--exact", "child_entry", "--nocapture"])
-        .env(ENV, algo)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "child ({algo}) failed ({}):\n--- stdout\n{stdout}\n--- stderr\n{stderr}",
-        out.status
-    );
-    let line = stdout
-        .lines()
-        .find(|l| l.contains(MARK))
-        .unwrap_or_else(|| panic!("child printed no result (did it run?):\n{stdout}\n{stderr}"));
-    let field = |k: &str| -> u64 {
-        line.split_whitespace()
-            .find_map(|w| w.strip_prefix(k)?.strip_prefix('=')?.parse().ok())
-            .unwrap_or_else(|| panic!("no {k} in {line:?}"))
-    };
+    let line = run_self_child(ENV, algo, MARK);
+    let field = |k: &str| result_field(&line, k);
     let (hwm, budget, meta) = (field("hwm_kib") * 1024, field("budget"), field("metadata"));
     let limit = budget + meta + SLACK;
     println!("{line}");

@@ -88,7 +88,7 @@ const NIL: u32 = u32::MAX;
 /// Compression contexts made at swapon (zstd contexts, lz4 hash tables, which the
 /// crates would otherwise allocate per call): more concurrent stores than this are
 /// refused, and those pages go to the device; nothing is allocated on page-out.
-const CONTEXTS: usize = 32;
+const CONTEXTS: usize = 16;
 
 const fn chunk_size(n: usize) -> usize {
     (PAGE_SIZE / n) & !7
@@ -392,9 +392,11 @@ pub(crate) struct Zpool {
     draining: AtomicBool,
     /// zstd contexts, made at swapon (empty for lz4).
     zc: ArrayQueue<zstd::bulk::Compressor<'static>>,
-    zd: ArrayQueue<zstd::bulk::Decompressor<'static>>,
+    zd: ArrayQueue<zstd::zstd_safe::DCtx<'static>>,
     /// lz4 hash tables, made at swapon (empty for zstd).
     lz: ArrayQueue<lz4_flex::block::CompressTable>,
+    /// Bytes of those contexts (immutable).
+    ctx_bytes: usize,
     pub cnt: PoolCounters,
 }
 
@@ -427,9 +429,12 @@ impl Zpool {
         let zc = ArrayQueue::new(n);
         let zd = ArrayQueue::new(n);
         let lz = ArrayQueue::new(n);
+        // Counted as metadata: lz4's hash tables, zstd's contexts.
+        let mut ctx_bytes = 0;
         if algo == Compression::Lz4 {
             for _ in 0..n {
                 let _ = lz.push(lz4_flex::block::CompressTable::small());
+                ctx_bytes += std::mem::size_of::<lz4_flex::block::CompressTable>() + 8192;
             }
         } else {
             let warm = [7u8; PAGE_SIZE];
@@ -437,10 +442,13 @@ impl Zpool {
             for _ in 0..n {
                 let mut c = zstd::bulk::Compressor::new(1)?;
                 // Sizes the context's tables for a page now, not on the page-out path.
-                c.compress_to_buffer(&warm[..], &mut out[..])?;
+                let m = c.compress_to_buffer(&warm[..], &mut out[..])?;
+                ctx_bytes += c.context_mut().sizeof();
                 let _ = zc.push(c);
-                let mut d = zstd::bulk::Decompressor::new()?;
-                let _ = d.decompress_to_buffer(&out[..0], &mut [0u8; 0][..]);
+                let mut d = zstd::zstd_safe::DCtx::create();
+                let mut page = [0u8; PAGE_SIZE];
+                let _ = d.decompress(&mut page[..], &out[..m]);
+                ctx_bytes += d.sizeof();
                 let _ = zd.push(d);
             }
         }
@@ -466,6 +474,7 @@ impl Zpool {
             zc,
             zd,
             lz,
+            ctx_bytes,
             cnt: PoolCounters::default(),
         })
     }
@@ -476,7 +485,7 @@ impl Zpool {
     }
 
     pub fn metadata_bytes(&self) -> usize {
-        self.max_frames * (std::mem::size_of::<PoolFrame>() + 8)
+        self.max_frames * (std::mem::size_of::<PoolFrame>() + 8) + self.ctx_bytes
     }
 
     /// Frames the pool holds now.
@@ -525,13 +534,16 @@ impl Zpool {
             Compression::Zstd => {
                 // A context of the pool if one is free; else one made here (a fault
                 // on the faulting thread, not page-out).
-                let mut d = match self.zd.pop() {
-                    Some(d) => d,
-                    None => zstd::bulk::Decompressor::new()?,
-                };
-                let r = d.decompress_to_buffer(src, page);
+                let mut d = self.zd.pop().unwrap_or_else(zstd::zstd_safe::DCtx::create);
+                let r = d.decompress(page, src);
                 let _ = self.zd.push(d);
-                r.map_err(|e| bad(format!("{}: zstd: {e}", self.name)))?
+                r.map_err(|code| {
+                    bad(format!(
+                        "{}: zstd: {}",
+                        self.name,
+                        zstd::zstd_safe::get_error_name(code)
+                    ))
+                })?
             }
         };
         if n != PAGE_SIZE {
