@@ -491,3 +491,47 @@ fn discard_trims_the_nbd_export() {
         },
     );
 }
+
+#[test]
+fn zpool_swapon_errors_are_clear() {
+    let vm = Vm::new(Config::default().memory_budget(4 << 20)).unwrap();
+    // More than the budget: the pool's frames come from it.
+    match vm.swapon(SwapSpec::parse("zpool:?size=8M").unwrap()) {
+        Err(Error::Config(m)) => assert!(m.contains("budget"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    let id = vm
+        .swapon(SwapSpec::parse("zpool:?size=1M&prio=3").unwrap())
+        .unwrap();
+    // One pool per Vm.
+    match vm.swapon(SwapSpec::parse("zpool:?size=1M&algo=zstd").unwrap()) {
+        Err(Error::Config(m)) => assert!(m.contains("at most one"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    let d = &vm.swaps()[0];
+    assert_eq!(
+        (d.size, d.used, d.memory, d.prio),
+        (1 << 20, 0, 0, 3),
+        "{d:?}"
+    );
+    // Without a device below, nothing goes to the pool and nothing breaks: memory
+    // beyond the budget has nowhere to go.
+    let mm = vm.new_space();
+    let r = mm.map_anon(8 << 20).unwrap();
+    let mut hit = None;
+    for p in 0..2048u64 {
+        if let Err(e) = mm.write(r.start() + p * PS, &[1u8; 64]) {
+            hit = Some(e);
+            break;
+        }
+    }
+    assert!(
+        matches!(hit, Some(Error::OutOfMemory | Error::OutOfSwap)),
+        "{hit:?}"
+    );
+    // Off and on again.
+    vm.swapoff(id).unwrap();
+    assert!(vm.swaps().is_empty());
+    vm.swapon(SwapSpec::parse("zpool:?size=1M").unwrap())
+        .unwrap();
+}
