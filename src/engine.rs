@@ -43,12 +43,12 @@ pub(crate) trait SpaceWalk: Send + Sync + std::fmt::Debug {
 #[derive(Debug)]
 pub(crate) struct Engine {
     /// The budget: every frame and its descriptor. Internally locked (see `frame`).
-    pub frames: FrameArena,
+    pub frames: Arc<FrameArena>,
     /// Mappings of frames shared copy-on-write beyond the two inline ones. Changed
     /// for a frame only under that frame's lock.
     pub rmap: Rmap,
     /// Swap devices and their slots. `SwapTable::devs` (RwLock) inside.
-    pub swap: SwapTable,
+    pub swap: Arc<SwapTable>,
     /// Page-out requests and the queue to the page-I/O threads (lock-free).
     pub io: PageIo,
     /// vmstat counters (relaxed atomics).
@@ -108,9 +108,9 @@ impl Engine {
         let n = cfg.frames()?;
         let wm = cfg.resolved_watermarks(n)?;
         Ok(Engine {
-            frames: FrameArena::new(n, wm)?,
+            frames: Arc::new(FrameArena::new(n, wm)?),
             rmap: Rmap::default(),
-            swap: SwapTable::default(),
+            swap: Arc::new(SwapTable::default()),
             io: PageIo::new(cfg.io_requests)?,
             cnt: Counters::default(),
             hand: AtomicUsize::new(0),
@@ -207,7 +207,15 @@ impl Engine {
     pub fn stats(&self, pt_bytes: usize) -> Stats {
         let c = &self.cnt;
         let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let pool = self.swap.pool();
+        let pl = |f: fn(&crate::swap::zpool::PoolCounters) -> &AtomicU64| {
+            pool.as_ref().map_or(0, |p| l(f(&p.cnt)))
+        };
         Stats {
+            zpool_stored: pl(|c| &c.stored),
+            zpool_refused: pl(|c| &c.refused) + pl(|c| &c.incompressible),
+            zpool_written_back: pl(|c| &c.written_back),
+            zpool_writeback_errors: pl(|c| &c.writeback_errors),
             pgfault: l(&c.pgfault),
             pgmajfault: l(&c.pgmajfault),
             wp_faults: l(&c.wp_faults),
@@ -229,7 +237,7 @@ impl Engine {
                 .swap
                 .all()
                 .iter()
-                .map(|d| (d.id, d.used() * PAGE_SIZE as u64))
+                .map(|d| (d.id, d.used_bytes()))
                 .collect(),
         }
     }

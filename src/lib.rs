@@ -51,13 +51,22 @@
 //! │       │   ├── entry bit lock P_LOCK (spin; try-lock inside reclaim)
 //! │       │   │                                       reclaim::try_lock_mappings, pte::lock_present
 //! │       │   ├── Rmap::side (Mutex, leaf; dropped before any callback)  Rmap::{add, remove, for_each}
-//! │       │   └── SwapTable::devs (read) → SwapDevice::map (Mutex, leaf)
-//! │       │                                           SwapTable::{alloc, put}, SwapDevice::dup
+//! │       │   └── SwapTable::devs (read) → SwapDevice::map (Mutex)
+//! │       │       │                                   SwapTable::{alloc, put}, SwapDevice::dup
+//! │       │       ├── Shared::front (RwLock, leaf)    SwapDevice::put_inner (which pool)
+//! │       │       └── Zpool::inner (Mutex, leaf)      SwapDevice::put_inner (a freed slot drops
+//! │       │                                           its chunk), Lower::unpin (write-back done)
 //! │       └── FrameArena::free (Mutex, leaf; `freed` Condvar)  FrameArena::{alloc, free, wait_event}
 //! └── (the same frame-lock subtree, without a claim)  mm::fault::cow_break, mm::space::release_entry
 //!
 //! Entry bit lock P_LOCK alone (no frame lock): the hit path's write       mm::fault::write_fast
 //! SwapTable::devs (write; nothing allocated under it)                     SwapTable::{add, remove}
+//! └── Shared::front (RwLock, leaf)              SwapTable::remove (a pool leaves)
+//! Zpool::inner alone (no other lock held; never across compression, I/O or a frame
+//!   allocation)                                 Zpool::{store, load, reap, write_back_*}
+//! Shared::maint (Mutex<bool>, leaf; `wake`)     SwapTable::maintain, Shared::kick
+//! SwapDevice::discard_gate (Mutex, held across discard I/O by the maintenance thread)
+//! └── SwapDevice::map (claims)                  SwapDevice::{flush_discards, stop_discards}
 //! Engine::spaces (Mutex, leaf)                  Engine::{register_space, live_spaces}
 //! transparent_foreign::Keepers::fds (Mutex, leaf)  transparent_fork::prepare, Keepers::close
 //!   (a fork child's pipe ends; the handler closes them, a fork duplicates them)

@@ -44,8 +44,15 @@ pub struct SwapInfo {
     pub name: String,
     /// Capacity in bytes.
     pub size: u64,
-    /// Bytes of slots in use.
+    /// Bytes of slots in use (for a zpool: of the pages it holds, uncompressed).
     pub used: u64,
+    /// Bytes given back since swapon: freed slots discarded on the device (holes
+    /// punched in a file, NBD trims); for a zpool, pages dropped from it because
+    /// their slots were freed.
+    pub discarded: u64,
+    /// Bytes of budget frames the device holds: a zpool's compressed pages (so
+    /// `used / memory` is its compression ratio); 0 for other devices.
+    pub memory: u64,
     /// Priority.
     pub prio: i32,
     /// "active" for a device in service.
@@ -94,4 +101,14 @@ pub struct Stats {
     pub metadata_bytes: u64,
     /// Bytes in use on each swap device, by `SwapId`.
     pub swap_used: Vec<(SwapId, u64)>,
+    /// Pages the zpool stored (compressed) since swapon (0 without a pool).
+    pub zpool_stored: u64,
+    /// Pages the zpool refused (did not compress to half a page, or no room could
+    /// be made): they went to the device below.
+    pub zpool_refused: u64,
+    /// Pages the zpool wrote back to their slots on the device below (it was full,
+    /// or the Vm short of frames).
+    pub zpool_written_back: u64,
+    /// Write-backs that failed (the page stayed in the pool).
+    pub zpool_writeback_errors: u64,
 }

@@ -7,7 +7,7 @@
 
 use crate::addr::{Pfn, SwapId, VAddr, PAGE_SIZE};
 use crate::config::Config;
-use crate::device::spec::SwapSpec;
+use crate::device::spec::{SwapKind, SwapSpec};
 use crate::device::BlockDevice;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
@@ -45,6 +45,7 @@ impl Drop for VmInner {
             .shutdown
             .store(true, crate::sync::Ordering::Release);
         crate::reclaim::wake_kswapd(&self.eng);
+        self.eng.swap.kick_maintenance();
         self.eng.io.shutdown();
         // Threads finish their current request and exit. One stuck in a device that
         // never answers must not hang the last `drop`: after the bound it is left
@@ -90,6 +91,17 @@ impl Vm {
                     })?,
             );
         }
+        {
+            let e = eng.clone();
+            threads.push(
+                std::thread::Builder::new()
+                    .name("usermm-discard".into())
+                    .spawn(move || {
+                        crate::sync::mark_engine_thread();
+                        e.swap.maintain(&e.shutdown)
+                    })?,
+            );
+        }
         if cfg.background_reclaim {
             let e = eng.clone();
             threads.push(
@@ -122,6 +134,24 @@ impl Vm {
     /// new file, …), `Error::Io` when the file cannot be created or sized,
     /// `Error::TooManyDevices` past 64 devices.
     pub fn swapon(&self, spec: SwapSpec) -> Result<SwapId> {
+        if let SwapKind::Zpool { size, algo } = spec.kind {
+            let budget = (self.eng().frames.nframes() * PAGE_SIZE) as u64;
+            if size > budget {
+                return Err(Error::Config(format!(
+                    "swap spec {:?}: size {size} is more than the memory budget ({budget} \
+                     bytes): the pool's frames come from the budget",
+                    spec.text
+                )));
+            }
+            let pool = crate::swap::zpool::Zpool::new(
+                &spec.text,
+                size,
+                algo,
+                spec.prio,
+                self.eng().frames.clone(),
+            )?;
+            return self.eng().swap.add_pool(Arc::new(pool));
+        }
         let dev = crate::device::spec::open(&spec, false)?;
         self.swapon_device(dev, spec.prio)
     }
@@ -269,7 +299,9 @@ impl Vm {
                 id: d.id,
                 name: d.name().to_string(),
                 size: d.pages * PAGE_SIZE as u64,
-                used: d.used() * PAGE_SIZE as u64,
+                used: d.used_bytes(),
+                discarded: d.discarded_bytes(),
+                memory: d.memory_bytes(),
                 prio: d.prio,
                 state: d.state_name(),
             })

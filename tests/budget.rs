@@ -10,7 +10,6 @@
 mod common;
 
 use common::*;
-use std::process::Command;
 use std::time::Instant;
 use usermm::{Config, SwapSpec, Vm, PAGE_SIZE};
 use usermm_testkit::pattern::{first_diff, page_pattern};
@@ -109,29 +108,9 @@ fn child_entry() {
 
 #[test]
 fn rss_stays_within_budget() {
-    let exe = std::env::current_exe().unwrap();
     let t0 = Instant::now();
-    let out = Command::new(&exe)
-        .args(["--exact", "child_entry", "--nocapture"])
-        .env(ENV, "1")
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "child {exe:?} failed ({}):\n--- stdout\n{stdout}\n--- stderr\n{stderr}",
-        out.status
-    );
-    let line = stdout
-        .lines()
-        .find(|l| l.contains(MARK))
-        .unwrap_or_else(|| panic!("child printed no result (did it run?):\n{stdout}\n{stderr}"));
-    let field = |k: &str| -> u64 {
-        line.split_whitespace()
-            .find_map(|w| w.strip_prefix(k)?.strip_prefix('=')?.parse().ok())
-            .unwrap_or_else(|| panic!("no {k} in {line:?}"))
-    };
+    let line = run_self_child(ENV, "1", MARK);
+    let field = |k: &str| result_field(&line, k);
     let (hwm, budget, meta) = (field("hwm_kib") * 1024, field("budget"), field("metadata"));
     let limit = budget + meta + SLACK;
     println!("{line}");

@@ -10,9 +10,10 @@
 //! `[v6addr]` in brackets) and `nbd+unix:///export?socket=PATH`, with the options
 //! `conns=N` (connections when the server allows multi-conn), `timeout=SECONDS` (per
 //! request, fractions allowed) and `fua=1` (writes durable before acknowledged). A
-//! mirror is `mirror:(A,B)` of two specs, with `?prio=` after the parenthesis. Other
-//! schemes of the design (`zpool:`) are recognised and rejected with a clear
-//! `Error::Config` until their devices exist.
+//! mirror is `mirror:(A,B)` of two specs, with `?prio=` after the parenthesis. A
+//! compressed pool is `zpool:?size=SIZE&algo=lz4|zstd` (size required, lz4 by
+//! default); it takes its memory from a Vm's budget, so `Vm::swapon` builds it
+//! (`swap::zpool`) and `open` refuses it, as does a mirror leg.
 
 use super::file::{asks_buffered, FileDevice};
 use super::mirror::MirrorDevice;
@@ -49,6 +50,24 @@ pub enum SwapKind {
         /// The two legs.
         legs: Box<[SwapSpec; 2]>,
     },
+    /// A compressed pool inside the memory budget (`zpool:?size=64M&algo=lz4`), in
+    /// front of the devices of lower priority (see `swap::zpool`).
+    Zpool {
+        /// The most memory (bytes of budget frames) the pool may hold.
+        size: u64,
+        /// The compressor.
+        algo: Compression,
+    },
+}
+
+/// The compressor of a `zpool:` device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Compression {
+    /// LZ4 (`lz4_flex`): fast; the default.
+    Lz4,
+    /// Zstandard level 1 (`zstd`): a better ratio, slower.
+    Zstd,
 }
 
 /// A parsed swap device spec, e.g. `file:/var/tmp/app.swap?size=4G&prio=0`.
@@ -116,6 +135,7 @@ impl SwapSpec {
         let mut timeout = None;
         let mut fua = None;
         let mut direct = None;
+        let mut algo = None;
         for kv in query
             .into_iter()
             .flat_map(|q| q.split('&'))
@@ -169,6 +189,13 @@ impl SwapSpec {
                         _ => return Err(bad(format!("direct {v:?} is not 0 or 1"))),
                     })
                 }
+                "algo" => {
+                    algo = Some(match v {
+                        "lz4" => Compression::Lz4,
+                        "zstd" => Compression::Zstd,
+                        _ => return Err(bad(format!("algo {v:?} is not lz4 or zstd"))),
+                    })
+                }
                 "fua" => {
                     fua = Some(match v {
                         "1" | "on" | "true" | "yes" => true,
@@ -178,12 +205,15 @@ impl SwapSpec {
                 }
                 _ => {
                     return Err(bad(format!(
-                        "unknown option {k:?} (known: size, prio; for files: direct, sparse; for nbd: socket, conns, timeout, fua)"
+                        "unknown option {k:?} (known: size, prio; for files: direct, sparse; for nbd: socket, conns, timeout, fua; for zpool: algo)"
                     )))
                 }
             }
         }
         let nbd_only = socket.is_some() || conns.is_some() || timeout.is_some() || fua.is_some();
+        if algo.is_some() && scheme != "zpool" {
+            return Err(bad("algo= applies to zpool devices only".into()));
+        }
         let kind = match scheme {
             "file" => {
                 if body.is_empty() {
@@ -250,10 +280,30 @@ impl SwapSpec {
                     "{scheme}: is not supported (TLS and vsock are not implemented; use nbd:// or nbd+unix://)"
                 )))
             }
-            "zpool" => return Err(bad(format!("the {scheme} device is not implemented yet"))),
+            "zpool" => {
+                if !body.is_empty() {
+                    return Err(bad(format!(
+                        "a zpool has no path ({body:?}): zpool:?size=SIZE&algo=lz4|zstd"
+                    )));
+                }
+                if nbd_only || direct.is_some() {
+                    return Err(bad(
+                        "a zpool takes size, algo and prio only (socket, conns, timeout, fua and direct do not apply)"
+                            .into(),
+                    ));
+                }
+                let size = size.ok_or_else(|| bad("a zpool needs size=, e.g. zpool:?size=64M".into()))?;
+                if size < crate::addr::PAGE_SIZE as u64 {
+                    return Err(bad("a zpool's size must be at least one page (4096)".into()));
+                }
+                SwapKind::Zpool {
+                    size,
+                    algo: algo.unwrap_or(Compression::Lz4),
+                }
+            }
             _ => {
                 return Err(bad(format!(
-                    "unknown scheme {scheme:?} (known: file, nbd, nbd+unix, mirror)"
+                    "unknown scheme {scheme:?} (known: file, nbd, nbd+unix, mirror, zpool)"
                 )))
             }
         };
@@ -316,6 +366,14 @@ impl SwapSpec {
             }
         }
         let legs = Box::new([Self::parse_at(a, depth + 1)?, Self::parse_at(b, depth + 1)?]);
+        if legs
+            .iter()
+            .any(|l| matches!(l.kind, SwapKind::Zpool { .. }))
+        {
+            return Err(bad(
+                "a zpool cannot be a mirror leg (it lives in memory)".into()
+            ));
+        }
         Ok(SwapSpec {
             kind: SwapKind::Mirror { legs },
             prio,
@@ -438,6 +496,12 @@ pub(crate) fn open(spec: &SwapSpec, leg: bool) -> Result<Arc<dyn BlockDevice>> {
             let a = open(&legs[0], true)?;
             let b = open(&legs[1], true)?;
             Arc::new(MirrorDevice::new(a, b, &spec.text)?)
+        }
+        SwapKind::Zpool { .. } => {
+            return Err(Error::Config(format!(
+            "swap spec {:?}: a zpool takes its memory from a Vm's budget: open it with Vm::swapon",
+            spec.text
+        )))
         }
     })
 }
@@ -609,6 +673,54 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn parses_zpool_specs() {
+        let s = SwapSpec::parse("zpool:?size=64M&algo=zstd&prio=10").unwrap();
+        assert_eq!(
+            s.kind,
+            SwapKind::Zpool {
+                size: 64 << 20,
+                algo: Compression::Zstd
+            }
+        );
+        assert_eq!(s.prio, 10);
+        let s = SwapSpec::parse("zpool:?size=1G").unwrap();
+        assert_eq!(
+            s.kind,
+            SwapKind::Zpool {
+                size: 1 << 30,
+                algo: Compression::Lz4
+            }
+        );
+    }
+
+    #[test]
+    fn rejects_bad_zpool_specs() {
+        for (bad, why) in [
+            ("zpool:", "needs size"),
+            ("zpool:?algo=lz4", "needs size"),
+            ("zpool:?size=0", "at least one page"),
+            ("zpool:?size=100", "at least one page"),
+            ("zpool:?size=64M&algo=gzip", "is not lz4 or zstd"),
+            ("zpool:?size=64M&algo=", "is not lz4 or zstd"),
+            ("zpool:/tmp/x?size=64M", "has no path"),
+            ("zpool:?size=64M&conns=2", "size, algo and prio only"),
+            ("zpool:?size=64M&direct=0", "size, algo and prio only"),
+            ("zpool:?size=64M&prio=x", "prio"),
+            ("zpool:?size=64M&level=3", "unknown option"),
+            ("zpool:?size=12Q", "unknown unit"),
+            ("file:/x?size=1M&algo=lz4", "zpool devices only"),
+            ("mirror:(zpool:?size=1M,file:/x?size=1M)", "mirror leg"),
+        ] {
+            match SwapSpec::parse(bad) {
+                Err(Error::Config(m)) => assert!(m.contains(why), "{bad}: {m}"),
+                other => panic!("{bad}: {other:?}"),
+            }
+        }
+        let z = SwapSpec::parse("zpool:?size=1M").unwrap();
+        assert!(matches!(open(&z, false), Err(Error::Config(_))));
     }
 
     #[test]

@@ -261,6 +261,9 @@ pub(crate) fn prepare(
                             return Err(Error::OutOfSwap);
                         }
                         prep.dups.push(se);
+                        // The child reads the file itself: a page the zpool holds
+                        // goes to its slot first.
+                        d.unpool(se.slot)?;
                         eng.fork_held.fetch_add(1, Ordering::Relaxed);
                         recs.push(Rec {
                             idx: i as u64,

@@ -24,6 +24,11 @@
 //! 3. If a page can go neither to memory nor to another device, swapoff stops with
 //!    `OutOfMemory` and the device returns to service with every page intact.
 //!
+//! A zpool (`swap::zpool`) is removed differently: it holds no slots of its own,
+//! only the bytes of slots of the devices below it, so it writes every page back to
+//! its slot (`Zpool::write_back_all`) and leaves the table; no entry changes. If a
+//! device below fails those writes, the pool stays in service with what it holds.
+//!
 //! Locking: a space's regions read lock only while `SpaceWalk::swapped_on` scans it;
 //! then the claimed (`BUSY`) entry, then frame locks, as on the fault path. No lock is
 //! held across a device read or write.
@@ -54,8 +59,31 @@ pub(crate) fn swapoff(eng: &Engine, id: SwapId) -> Result<()> {
             dev.name()
         )));
     }
+    if let Some(pool) = dev.pool.clone() {
+        // A pool holds no slots: its pages belong to the devices' slots below it.
+        // Write them all there; no page-table entry changes.
+        pool.set_draining(true);
+        return match pool.write_back_all() {
+            Ok(()) => {
+                eng.swap.remove(id);
+                Ok(())
+            }
+            Err(source) => {
+                pool.set_draining(false);
+                dev.end_drain();
+                Err(Error::Device {
+                    dev: dev.name().to_string(),
+                    source,
+                })
+            }
+        };
+    }
     match drain(eng, &dev) {
         Ok(()) => {
+            // The drain freed every slot, and their discards may be under way on the
+            // maintenance thread: they end before the device goes (a file swapped on
+            // again at once must not get holes punched into its new pages).
+            dev.stop_discards();
             eng.swap.remove(id);
             Ok(())
         }
@@ -182,11 +210,28 @@ fn drain_space(
         }
         for &(slot, vpn) in &todo[i..j] {
             let k = if dense { (slot - first) as usize } else { 0 };
-            if !dense {
+            let checked = if !dense {
                 dev.read(slot, bounce.page_mut(0))
-                    .inspect_err(|_| crate::stats::Counters::inc(&eng.cnt.read_errors))?;
             } else {
-                dev.verify(slot, bounce.page(k))?;
+                dev.verify(slot, bounce.page(k))
+            };
+            if let Err(e) = checked {
+                // Only an error if the page is still in that slot. Since the walk, a
+                // fault may have read it and freed the slot (a draining device's
+                // slots are never handed out again), and its discard may have
+                // punched it: then the page is elsewhere and the bytes are not ours.
+                let v = Pte::swapped(SwapEntry {
+                    dev: dev.id.0,
+                    slot,
+                });
+                if sp
+                    .entry(vpn)
+                    .is_some_and(|p| p.load(Ordering::Acquire) == v)
+                {
+                    crate::stats::Counters::inc(&eng.cnt.read_errors);
+                    return Err(e);
+                }
+                continue;
             }
             bring_back(eng, sp, vpn, dev, slot, bounce.page(k))?;
         }

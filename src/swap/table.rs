@@ -10,19 +10,45 @@
 //! at zero. Each written slot records the CRC32C of what was written; a read whose
 //! data does not match is an error, never data.
 //!
+//! A compressed pool (`swap::zpool`) is listed in the table like a device, but no
+//! slot is ever allocated on it: it fronts the devices of lower priority. Their
+//! `write`/`write_run` offer each page to it first, `read`/`read_span` look there
+//! first (a slot's location word, `zloc`), and `put` drops a freed slot's chunk.
+//!
+//! ## Discard
+//! A slot whose last reference goes is given back to its device: `put` sets its bit
+//! in the device's discard bitmap (one bit per slot, allocated at swapon: unlike a
+//! ring of slot numbers it cannot overflow when an unmap frees a million slots at
+//! once, and it hands the slots back in order, so adjacent ones merge), and the
+//! maintenance thread (`maintain`, "usermm-discard", every 50 ms or when 256 are
+//! pending) takes them in batches of up to 1024: it claims each one still free
+//! under the map lock (a reference of its own, so the slot cannot be handed out and
+//! written while it is discarded), merges adjacent ones into ranges, calls
+//! `BlockDevice::discard` once per range (a hole punched in a file, one NBD TRIM)
+//! with no lock held, and releases the claims. No request is made per freed page
+//! on the freeing path, and nothing is allocated. It also gives a pool's empty
+//! frames back to the budget. A device whose discard fails stops being asked.
+//!
 //! ## Locking
 //! `SwapTable::devs` (RwLock): read on every slot operation, written by swapon and
 //! at the end of swapoff.
-//! `SwapDevice::map` (Mutex): a leaf lock around one device's counts and clusters;
-//! nothing is taken under it and nothing allocates under it (all vectors are sized
-//! at swapon). Checksums are atomics, written by the page-I/O thread that wrote the
-//! slot before the slot is published as a page's swap copy.
+//! `SwapDevice::map` (Mutex): a lock around one device's counts and clusters; nothing
+//! allocates under it (all vectors are sized at swapon), and the only lock taken
+//! under it is the pool's `Zpool::inner` (a leaf: a freed slot drops its chunk,
+//! `put`; a write-back completes, `Lower::unpin`). Checksums are atomics, written by
+//! the page-I/O thread that wrote the slot before the slot is published as a page's
+//! swap copy. `Shared::front` (RwLock, leaf): which pool fronts the devices; read
+//! (an `Arc` clone) by stores, loads and frees, written by swapon/swapoff of the pool.
+//! `Shared::maint` (Mutex<bool>, leaf): parks the maintenance thread.
 
-use crate::addr::{SwapEntry, SwapId};
+use super::zpool::{Lower, Zpool};
+use crate::addr::{SwapEntry, SwapId, PAGE_SIZE};
 use crate::device::BlockDevice;
 use crate::error::{Error, Result};
 use crate::pte::Pte;
-use crate::sync::{Arc, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Mutex, Ordering, RwLock};
+use crate::sync::{
+    Arc, AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Condvar, Mutex, Ordering, RwLock,
+};
 use std::io;
 use std::time::{Duration, Instant};
 
@@ -36,6 +62,35 @@ pub(crate) const FAILING_AFTER: u64 = 8;
 /// A failing device may take one new slot (a probe) this often, so it comes back into
 /// service once its writes succeed again.
 pub(crate) const PROBE_EVERY: Duration = Duration::from_secs(1);
+
+/// Queued discards that wake the maintenance thread before its next tick.
+const DISCARD_BATCH: usize = 256;
+/// The maintenance thread's tick.
+const MAINT_TICK: Duration = Duration::from_millis(50);
+
+/// What the table shares with each of its devices: the pool in front of them and
+/// the maintenance thread's parking spot.
+#[derive(Debug, Default)]
+pub(crate) struct Shared {
+    /// The compressed pool in front of the devices below its priority, if one is on.
+    /// Protected by its RwLock (a leaf).
+    front: RwLock<Option<Arc<Zpool>>>,
+    /// Whether the maintenance thread was asked to run (with `wake`; a leaf).
+    maint: Mutex<bool>,
+    wake: Condvar,
+}
+
+impl Shared {
+    fn front(&self) -> Option<Arc<Zpool>> {
+        self.front.read().clone()
+    }
+
+    fn kick(&self) {
+        let mut w = self.maint.lock();
+        *w = true;
+        self.wake.notify_one();
+    }
+}
 
 /// One device's slot bookkeeping; every field is protected by `SwapDevice::map`.
 #[derive(Debug)]
@@ -84,13 +139,40 @@ pub(crate) struct SwapDevice {
     /// it queues one, completion drops it). Relaxed atomic; swapoff waits for it to
     /// reach zero on the device it drains, not for page-outs to other devices.
     pub inflight: AtomicU64,
+    /// Per slot, where its data is when a pool holds it (see `swap::zpool`), else 0.
+    /// Set under the pool's lock; cleared under this device's map lock and the pool's.
+    zloc: Box<[AtomicU64]>,
+    /// The pool in front and the maintenance thread (the table's).
+    shared: Arc<Shared>,
+    /// Set on the table's entry of a pool itself (no slot is allocated on it).
+    pub pool: Option<Arc<Zpool>>,
+    /// Freed slots waiting to be discarded: one bit per slot (atomics, sized at
+    /// swapon), and how many bits are set (relaxed).
+    discards: Box<[AtomicU64]>,
+    discard_pending: AtomicUsize,
+    /// Slots given back to the device (discarded). Relaxed counter.
+    pub discarded: AtomicU64,
+    /// Cleared when the device refuses a discard (it is not asked again), and by
+    /// `stop_discards` before the device leaves the table.
+    discard_on: AtomicBool,
+    /// Held by the maintenance thread across one `flush_discards` (device I/O, no
+    /// other lock held); `stop_discards` takes it to wait that flush out, so no hole
+    /// is punched in a file after its device was removed (and perhaps swapped on
+    /// again, with new pages in those slots). A leaf.
+    discard_gate: Mutex<()>,
 }
 
 const DEV_ACTIVE: u8 = 0;
 const DEV_DRAINING: u8 = 1;
 
 impl SwapDevice {
-    fn new(id: SwapId, dev: Arc<dyn BlockDevice>, prio: i32) -> SwapDevice {
+    fn new(
+        id: SwapId,
+        dev: Arc<dyn BlockDevice>,
+        prio: i32,
+        shared: Arc<Shared>,
+        pool: Option<Arc<Zpool>>,
+    ) -> SwapDevice {
         let pages = dev.pages();
         let nclusters = pages.div_ceil(CLUSTER) as usize;
         let mut free_clusters = Vec::with_capacity(nclusters);
@@ -116,6 +198,16 @@ impl SwapDevice {
             next_probe_ms: AtomicU64::new(0),
             born: Instant::now(),
             inflight: AtomicU64::new(0),
+            zloc: (0..if pool.is_some() { 0 } else { pages })
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+            shared,
+            discards: (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+            discard_pending: AtomicUsize::new(0),
+            discarded: AtomicU64::new(0),
+            discard_on: AtomicBool::new(pool.is_none()),
+            discard_gate: Mutex::new(()),
+            pool,
             dev,
         }
     }
@@ -123,7 +215,65 @@ impl SwapDevice {
     /// Bytes of metadata (counts, checksums, cluster map).
     pub fn metadata_bytes(&self) -> usize {
         let n = self.pages as usize;
-        n * 6 + n.div_ceil(CLUSTER as usize) * 7
+        n * 6
+            + self.zloc.len() * 8
+            + self.discards.len() * 8
+            + n.div_ceil(CLUSTER as usize) * 7
+            + self.pool.as_ref().map_or(0, |p| p.metadata_bytes())
+    }
+
+    /// The pool in front of this device, if its priority is below the pool's.
+    fn front(&self) -> Option<Arc<Zpool>> {
+        if self.pool.is_some() {
+            return None;
+        }
+        self.shared.front().filter(|p| p.prio > self.prio)
+    }
+
+    /// Offers a page being written to `slot` to the pool in front; true if stored.
+    fn pool_store(&self, slot: u64, buf: &[u8]) -> bool {
+        if !self.is_active() {
+            return false; // draining: its pages go to the device (or elsewhere)
+        }
+        self.front()
+            .is_some_and(|p| p.store(self.id.0, slot, &self.zloc[slot as usize], buf))
+    }
+
+    /// Reads `slot` from the pool if it is there (None: read the device).
+    fn pool_load(&self, slot: u64, buf: &mut [u8]) -> Option<io::Result<()>> {
+        let z = self.zloc.get(slot as usize)?;
+        if z.load(Ordering::Acquire) == 0 {
+            return None;
+        }
+        self.shared.front()?.load(z, buf)
+    }
+
+    /// Moves `slot`'s page from the pool to the device, if it is in the pool (for a
+    /// forked process that reads the device directly). The caller holds a
+    /// reference to the slot. `Error::Device` if the write fails.
+    pub fn unpool(&self, slot: u64) -> Result<()> {
+        let Some(z) = self.zloc.get(slot as usize) else {
+            return Ok(());
+        };
+        if z.load(Ordering::Acquire) == 0 {
+            return Ok(());
+        }
+        match self.shared.front() {
+            Some(p) => p
+                .write_back_slot(self.id.0, slot, z)
+                .map_err(|source| Error::Device {
+                    dev: self.dev.name().to_string(),
+                    source,
+                }),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether `slot`'s data is in the pool now (a hint: write-back may move it).
+    pub fn pooled(&self, slot: u64) -> bool {
+        self.zloc
+            .get(slot as usize)
+            .is_some_and(|z| z.load(Ordering::Acquire) != 0)
     }
 
     pub fn is_active(&self) -> bool {
@@ -159,12 +309,36 @@ impl SwapDevice {
     /// Reads `buf.len() / PAGE_SIZE` consecutive slots from `first` in one request
     /// (no checksum check: see `verify`).
     pub fn read_span(&self, first: u64, buf: &mut [u8]) -> Result<()> {
-        self.dev
-            .read_pages(first, buf)
-            .map_err(|source| Error::Device {
-                dev: self.dev.name().to_string(),
-                source,
-            })
+        let dev_err = |source| Error::Device {
+            dev: self.dev.name().to_string(),
+            source,
+        };
+        // Slots in the pool before the device read: a page written back meanwhile
+        // may have missed the device read, so it is read again on its own.
+        let n = buf.len() / PAGE_SIZE;
+        let mut pooled = [0u64; 4];
+        let track = n <= 256;
+        for i in 0..n.min(256) {
+            if self.pooled(first + i as u64) {
+                pooled[i / 64] |= 1 << (i % 64);
+            }
+        }
+        self.dev.read_pages(first, buf).map_err(dev_err)?;
+        for (i, page) in buf.chunks_exact_mut(PAGE_SIZE).enumerate() {
+            let was = !track || pooled[i / 64] & (1 << (i % 64)) != 0;
+            if !was {
+                continue;
+            }
+            match self.pool_load(first + i as u64, page) {
+                Some(r) => r.map_err(dev_err)?,
+                None if track => self
+                    .dev
+                    .read_page(first + i as u64, page)
+                    .map_err(dev_err)?,
+                None => {}
+            }
+        }
+        Ok(())
     }
 
     /// Checks a page read from `slot` against the checksum recorded when it was written.
@@ -244,6 +418,31 @@ impl SwapDevice {
         self.used.load(Ordering::Relaxed)
     }
 
+    /// Bytes in use: of slots in use, or for a pool, of the pages it holds.
+    pub fn used_bytes(&self) -> u64 {
+        match &self.pool {
+            Some(p) => p.cnt.pages.load(Ordering::Relaxed) * PAGE_SIZE as u64,
+            None => self.used() * PAGE_SIZE as u64,
+        }
+    }
+
+    /// Bytes given back since swapon: discarded slots, or for a pool, the pages it
+    /// dropped because their slots were freed.
+    pub fn discarded_bytes(&self) -> u64 {
+        let pages = match &self.pool {
+            Some(p) => p.cnt.freed.load(Ordering::Relaxed),
+            None => self.discarded.load(Ordering::Relaxed),
+        };
+        pages * PAGE_SIZE as u64
+    }
+
+    /// Bytes of budget frames the device holds (a pool's), else 0.
+    pub fn memory_bytes(&self) -> u64 {
+        self.pool
+            .as_ref()
+            .map_or(0, |p| (p.frames_held() * PAGE_SIZE) as u64)
+    }
+
     pub fn name(&self) -> &str {
         self.dev.name()
     }
@@ -319,15 +518,36 @@ impl SwapDevice {
     }
 
     fn put(&self, slot: u64) {
+        if self.put_inner(slot) {
+            self.queue_discard(slot);
+        }
+    }
+
+    /// Drops a reference; true if the slot became free with its data on the device
+    /// (a chunk in the pool is dropped here, under the map lock, so the slot is never
+    /// handed out again with its old page's chunk attached).
+    fn put_inner(&self, slot: u64) -> bool {
         let mut m = self.map.lock();
         let c = &mut m.count[slot as usize];
         debug_assert!(*c > 0, "free of a free slot {slot}");
         if *c == 0 {
-            return;
+            return false;
         }
         *c -= 1;
         if *c > 0 {
-            return;
+            return false;
+        }
+        let mut on_device = true;
+        if let Some(z) = self.zloc.get(slot as usize) {
+            let loc = z.load(Ordering::Acquire);
+            if loc != 0 {
+                if let Some(p) = self.shared.front() {
+                    p.drop_chunk(loc);
+                    crate::stats::Counters::inc(&p.cnt.freed);
+                }
+                z.store(0, Ordering::Release);
+                on_device = false;
+            }
         }
         m.used -= 1;
         let cl = (slot / CLUSTER) as usize;
@@ -338,12 +558,113 @@ impl SwapDevice {
             m.free_clusters.push(cl as u32);
         }
         self.used.store(m.used, Ordering::Relaxed);
+        on_device
+    }
+
+    /// Takes a free slot for a discard: its count becomes 1, so `alloc` passes it
+    /// over, but it is not counted in use (`used`, clusters): the claim is the
+    /// discarder's, not a page's. False if the slot is in use again.
+    fn claim_free(&self, m: &mut SlotMap, slot: u64) -> bool {
+        if m.count[slot as usize] != 0 {
+            return false;
+        }
+        m.count[slot as usize] = 1;
+        true
+    }
+
+    fn queue_discard(&self, slot: u64) {
+        if !self.discard_on.load(Ordering::Relaxed) {
+            return;
+        }
+        let bit = 1u64 << (slot % 64);
+        let old = self.discards[(slot / 64) as usize].fetch_or(bit, Ordering::Relaxed);
+        if old & bit == 0
+            && self.discard_pending.fetch_add(1, Ordering::Relaxed) + 1 == DISCARD_BATCH
+        {
+            self.shared.kick();
+        }
+    }
+
+    /// No more discards on this device, and none in flight when this returns (swapoff,
+    /// before the device leaves the table).
+    pub fn stop_discards(&self) {
+        self.discard_on.store(false, Ordering::Release);
+        drop(self.discard_gate.lock());
+    }
+
+    /// Discards the slots queued on this device (the maintenance thread): taken from
+    /// the bitmap in slot order, claimed, merged into ranges, one
+    /// `BlockDevice::discard` per range.
+    fn flush_discards(&self) {
+        const MAX: usize = 1024;
+        if self.discard_pending.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        let _gate = self.discard_gate.lock();
+        if !self.discard_on.load(Ordering::Acquire) {
+            return;
+        }
+        let mut w = 0;
+        while w < self.discards.len() {
+            let mut slots = [0u64; MAX];
+            let mut n = 0;
+            while w < self.discards.len() && n + 64 <= MAX {
+                let mut bits = self.discards[w].swap(0, Ordering::Relaxed);
+                while bits != 0 {
+                    slots[n] = w as u64 * 64 + u64::from(bits.trailing_zeros());
+                    n += 1;
+                    bits &= bits - 1;
+                }
+                w += 1;
+            }
+            if n == 0 {
+                continue;
+            }
+            self.discard_pending.fetch_sub(n, Ordering::Relaxed);
+            let mut k = 0;
+            {
+                let mut m = self.map.lock();
+                for i in 0..n {
+                    let s = slots[i];
+                    if s < self.pages && self.claim_free(&mut m, s) {
+                        slots[k] = s;
+                        k += 1;
+                    }
+                }
+            }
+            let mut i = 0;
+            while i < k {
+                let mut j = i + 1;
+                while j < k && slots[j] == slots[j - 1] + 1 {
+                    j += 1;
+                }
+                if self.discard_on.load(Ordering::Relaxed) {
+                    match self.dev.discard(slots[i], (j - i) as u64) {
+                        Ok(()) => {
+                            self.discarded.fetch_add((j - i) as u64, Ordering::Relaxed);
+                        }
+                        Err(_) => self.discard_on.store(false, Ordering::Relaxed),
+                    }
+                }
+                i = j;
+            }
+            if k > 0 {
+                // The claims go; the slots are free again.
+                let mut m = self.map.lock();
+                for &s in &slots[..k] {
+                    debug_assert_eq!(m.count[s as usize], 1);
+                    m.count[s as usize] = 0;
+                }
+            }
+        }
     }
 
     /// Writes a page to `slot` and records its checksum.
     pub fn write(&self, slot: u64, buf: &[u8]) -> io::Result<()> {
         let sum = crc32c::crc32c(buf);
-        self.dev.write_page(slot, buf)?;
+        if !self.pool_store(slot, buf) {
+            self.dev.write_page(slot, buf)?;
+        }
         self.csum[slot as usize].store(sum, Ordering::Release);
         Ok(())
     }
@@ -351,7 +672,22 @@ impl SwapDevice {
     /// Writes consecutive slots from `first` in one request where the device merges,
     /// and records their checksums.
     pub fn write_run(&self, first: u64, bufs: &[&[u8]]) -> io::Result<()> {
-        self.dev.write_pages(first, bufs)?;
+        if self.front().is_none() {
+            self.dev.write_pages(first, bufs)?;
+        } else {
+            // Pages the pool takes leave holes; the rest go out as runs.
+            let mut i = 0;
+            while i < bufs.len() {
+                let mut j = i;
+                while j < bufs.len() && !self.pool_store(first + j as u64, bufs[j]) {
+                    j += 1;
+                }
+                if j > i {
+                    self.dev.write_pages(first + i as u64, &bufs[i..j])?;
+                }
+                i = j + 1; // page `j`, if any, is in the pool
+            }
+        }
         for (i, b) in bufs.iter().enumerate() {
             self.csum[(first + i as u64) as usize].store(crc32c::crc32c(b), Ordering::Release);
         }
@@ -364,7 +700,10 @@ impl SwapDevice {
             dev: self.dev.name().to_string(),
             source,
         };
-        self.dev.read_page(slot, buf).map_err(dev_err)?;
+        match self.pool_load(slot, buf) {
+            Some(r) => r.map_err(dev_err)?,
+            None => self.dev.read_page(slot, buf).map_err(dev_err)?,
+        }
         let want = self.csum[slot as usize].load(Ordering::Acquire);
         let got = crc32c::crc32c(buf);
         if got != want {
@@ -397,6 +736,9 @@ pub(crate) struct SwapTable {
     devs: RwLock<Vec<Option<Arc<SwapDevice>>>>,
     /// Round-robin cursor for striping equal priorities (relaxed atomic).
     rr: AtomicUsize,
+    /// The pool in front and the maintenance thread's parking spot, shared with
+    /// every device.
+    shared: Arc<Shared>,
 }
 
 impl Default for SwapTable {
@@ -404,12 +746,48 @@ impl Default for SwapTable {
         SwapTable {
             devs: RwLock::new(Vec::with_capacity(MAX_DEVICES)),
             rr: AtomicUsize::new(0),
+            shared: Arc::default(),
         }
     }
 }
 
 impl SwapTable {
     pub fn add(&self, dev: Arc<dyn BlockDevice>, prio: i32) -> Result<SwapId> {
+        self.add_inner(dev, prio, None)
+    }
+
+    /// Puts a compressed pool in front of the devices below `pool.prio`. One pool
+    /// per table.
+    pub fn add_pool(self: &Arc<Self>, pool: Arc<Zpool>) -> Result<SwapId> {
+        let lower: std::sync::Weak<dyn Lower> = Arc::downgrade(self) as _;
+        pool.set_lower(lower);
+        let busy = |p: &Zpool| {
+            Error::Config(format!(
+                "a zpool is on already ({}); a Vm has at most one",
+                BlockDevice::name(p)
+            ))
+        };
+        if let Some(p) = self.shared.front() {
+            return Err(busy(&p));
+        }
+        // `front` is a leaf: not held across `add_inner` (which takes `devs`).
+        let id = self.add_inner(pool.clone(), pool.prio, Some(pool.clone()))?;
+        let mut front = self.shared.front.write();
+        if let Some(p) = front.clone() {
+            drop(front);
+            self.remove(id);
+            return Err(busy(&p));
+        }
+        *front = Some(pool);
+        Ok(id)
+    }
+
+    fn add_inner(
+        &self,
+        dev: Arc<dyn BlockDevice>,
+        prio: i32,
+        pool: Option<Arc<Zpool>>,
+    ) -> Result<SwapId> {
         if dev.pages() == 0 || dev.pages() >= (1 << 40) {
             return Err(Error::Config(format!(
                 "device {} has {} pages; usable sizes are 1 page to 4 PiB",
@@ -430,7 +808,13 @@ impl SwapTable {
                 }
             };
             let id = SwapId(i as u8);
-            let sd = Arc::new(SwapDevice::new(id, dev.clone(), prio));
+            let sd = Arc::new(SwapDevice::new(
+                id,
+                dev.clone(),
+                prio,
+                self.shared.clone(),
+                pool.clone(),
+            ));
             let mut devs = self.devs.write();
             if i == devs.len() {
                 debug_assert!(devs.len() < devs.capacity(), "reserved at MAX_DEVICES");
@@ -444,11 +828,55 @@ impl SwapTable {
         }
     }
 
-    /// Takes a device out of the table (after swapoff drained it).
+    /// Takes a device out of the table (after swapoff drained it; a pool after it
+    /// wrote everything back).
     pub fn remove(&self, id: SwapId) {
-        if let Some(d) = self.devs.write().get_mut(id.0 as usize) {
+        let mut devs = self.devs.write();
+        if let Some(d) = devs.get_mut(id.0 as usize) {
+            if let Some(p) = d.as_ref().and_then(|d| d.pool.as_ref()) {
+                let mut front = self.shared.front.write();
+                if front.as_ref().is_some_and(|f| Arc::ptr_eq(f, p)) {
+                    *front = None;
+                }
+            }
             *d = None;
         }
+    }
+
+    /// Body of the maintenance thread ("usermm-discard"): drains the discard rings
+    /// and gives a pool's empty frames back, every `MAINT_TICK` or when a ring fills
+    /// to `DISCARD_BATCH`, until `stop` is set.
+    pub fn maintain(&self, stop: &AtomicBool) {
+        while !stop.load(Ordering::Acquire) {
+            {
+                let mut w = self.shared.maint.lock();
+                if !*w {
+                    self.shared.wake.wait_for(&mut w, MAINT_TICK);
+                }
+                *w = false;
+            }
+            self.maintain_once();
+        }
+    }
+
+    /// One round of the maintenance thread's work.
+    pub fn maintain_once(&self) {
+        for d in self.all() {
+            d.flush_discards();
+        }
+        if let Some(p) = self.shared.front() {
+            p.reap();
+        }
+    }
+
+    /// Wakes the maintenance thread (a Vm being dropped).
+    pub fn kick_maintenance(&self) {
+        self.shared.kick();
+    }
+
+    /// The pool in front of the devices, if one is on.
+    pub fn pool(&self) -> Option<Arc<Zpool>> {
+        self.shared.front()
     }
 
     pub fn get(&self, id: u8) -> Option<Arc<SwapDevice>> {
@@ -465,7 +893,7 @@ impl SwapTable {
             .read()
             .iter()
             .flatten()
-            .filter(|d| d.is_active())
+            .filter(|d| d.is_active() && d.pool.is_none())
             .map(|d| d.pages - d.used())
             .sum()
     }
@@ -491,8 +919,9 @@ impl SwapTable {
     /// swapoff call this with frame locks held.
     pub fn alloc(&self) -> std::result::Result<SwapEntry, NoSlot> {
         let devs = self.devs.read();
-        let active = |d: &&Arc<SwapDevice>| d.is_active();
-        if !devs.iter().flatten().any(|d| d.is_active()) {
+        // A pool holds no slots of its own: it is never allocated from.
+        let active = |d: &&Arc<SwapDevice>| d.is_active() && d.pool.is_none();
+        if !devs.iter().flatten().any(|d| active(&d)) {
             return Err(NoSlot::NoDevice);
         }
         let n = devs.len();
@@ -515,7 +944,7 @@ impl SwapTable {
                     // The second pass tries every device (one that had room in the
                     // first was taken then; a state that changed meanwhile does not
                     // make a device with room look full).
-                    if d.prio == p && d.is_active() && (!preferred_only || d.preferred()) {
+                    if d.prio == p && active(&d) && (!preferred_only || d.preferred()) {
                         if let Some(slot) = d.alloc() {
                             return Ok(SwapEntry { dev: d.id.0, slot });
                         }
@@ -570,6 +999,48 @@ impl SwapTable {
         if let Pte::Swapped(e) = Pte::decode(v) {
             self.put(e);
         }
+    }
+}
+
+/// Write-back from the pool to the slots it caches.
+impl Lower for SwapTable {
+    fn pin(&self, dev: u8, slot: u64, loc: u64) -> bool {
+        let Some(d) = self.get(dev) else { return false };
+        let Some(z) = d.zloc.get(slot as usize) else {
+            return false;
+        };
+        let mut m = d.map.lock();
+        let c = &mut m.count[slot as usize];
+        if *c == 0 || *c == u16::MAX || z.load(Ordering::Acquire) != loc {
+            return false;
+        }
+        *c += 1;
+        true
+    }
+
+    fn write_back(&self, dev: u8, slot: u64, page: &[u8]) -> io::Result<()> {
+        let d = self
+            .get(dev)
+            .ok_or_else(|| io::Error::other("the device is gone"))?;
+        let r = d.dev.write_page(slot, page);
+        d.note_write(r.is_ok());
+        r
+    }
+
+    fn unpin(&self, dev: u8, slot: u64, loc: u64, written: bool) {
+        let Some(d) = self.get(dev) else { return };
+        if written {
+            let m = d.map.lock();
+            let z = &d.zloc[slot as usize];
+            if z.load(Ordering::Acquire) == loc {
+                if let Some(p) = self.shared.front() {
+                    p.drop_chunk(loc);
+                }
+                z.store(0, Ordering::Release);
+            }
+            drop(m);
+        }
+        d.put(slot);
     }
 }
 

@@ -112,3 +112,35 @@ pub fn word(r: &usermm::TransparentRegion, i: usize) -> &std::sync::atomic::Atom
     // and is accessed only atomically by these tests.
     unsafe { &*(r.as_ptr().add(i * 8) as *const std::sync::atomic::AtomicU64) }
 }
+
+/// Runs this test binary again as a child process with `env=val`, running only its
+/// `child_entry` test (a fresh process, so that its peak RSS means something), and
+/// returns the line of its stdout that contains `mark` (the child's result). Panics,
+/// with the child's output, if it fails or prints no such line.
+pub fn run_self_child(env: &str, val: &str, mark: &str) -> String {
+    let exe = std::env::current_exe().unwrap();
+    let out = std::process::Command::new(&exe)
+        .args(["--exact", "child_entry", "--nocapture"])
+        .env(env, val)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "child {exe:?} ({env}={val}) failed ({}):\n--- stdout\n{stdout}\n--- stderr\n{stderr}",
+        out.status
+    );
+    stdout
+        .lines()
+        .find(|l| l.contains(mark))
+        .unwrap_or_else(|| panic!("child printed no result (did it run?):\n{stdout}\n{stderr}"))
+        .to_string()
+}
+
+/// The number after `key=` in a child's result line.
+pub fn result_field(line: &str, key: &str) -> u64 {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {key} in {line:?}"))
+}

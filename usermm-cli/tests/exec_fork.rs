@@ -136,23 +136,20 @@ fn pid_of(stdout: &str, who: &str) -> String {
         .to_string()
 }
 
-#[test]
-fn fork_child_sees_swapped_heap_and_parent_frees_its_slots() {
-    let have_cc = Command::new("cc").arg("--version").output().is_ok();
-    if !common::can_run("usermm exec fork test", "cc", have_cc) {
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let bin = compile(dir.path()).expect("cc ran");
-    let t = Instant::now();
+/// Runs the test program under `usermm exec --stats --budget 16M` with `swap`
+/// arguments; checks that every process of it passed (exit 0, no SIGBUS, the exec'd
+/// child ran) and returns its stdout and stderr.
+fn run_ok(bin: &Path, swap: &[&str]) -> (String, String) {
     let out = Command::new(USERMM)
-        .args(["exec", "--stats", "--budget", "16M", "--"])
-        .arg(&bin)
+        .args(["exec", "--stats", "--budget", "16M"])
+        .args(swap)
+        .arg("--")
+        .arg(bin)
         .output()
         .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    eprintln!("{stdout}{stderr}took {:?}", t.elapsed());
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    eprintln!("{stdout}{stderr}");
     assert_eq!(
         out.status.code(),
         Some(0),
@@ -160,6 +157,29 @@ fn fork_child_sees_swapped_heap_and_parent_frees_its_slots() {
     );
     assert!(!stderr.contains("SIGBUS"), "{stderr}");
     assert!(stdout.contains("exec child 0"), "{stdout}");
+    (stdout, stderr)
+}
+
+/// The test program compiled in a new temporary directory, or None (SKIP) where
+/// the test cannot run.
+fn compiled() -> Option<(tempfile::TempDir, PathBuf)> {
+    let have_cc = Command::new("cc").arg("--version").output().is_ok();
+    if !common::can_run("usermm exec fork test", "cc", have_cc) {
+        return None;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let bin = compile(dir.path()).expect("cc ran");
+    Some((dir, bin))
+}
+
+#[test]
+fn fork_child_sees_swapped_heap_and_parent_frees_its_slots() {
+    let Some((_dir, bin)) = compiled() else {
+        return;
+    };
+    let t = Instant::now();
+    let (stdout, stderr) = run_ok(&bin, &[]);
+    eprintln!("took {:?}", t.elapsed());
     let (parent, child, grandchild) = (
         pid_of(&stdout, "parent"),
         pid_of(&stdout, "child"),
@@ -187,6 +207,28 @@ fn fork_child_sees_swapped_heap_and_parent_frees_its_slots() {
     assert!(
         used <= (128 + 4) << 10,
         "parent swap use {used} KiB: {stderr}"
+    );
+}
+
+/// The same program with a zpool above the swap file: most of the heap (its pattern
+/// compresses well) is in the pool at the fork, and a child reads its parent's swap
+/// file directly, so the pages it is handed are written back to their slots first
+/// (`SwapDevice::unpool`); without that the child would read stale slots (a checksum
+/// error, SIGBUS).
+#[test]
+fn fork_child_sees_a_heap_held_in_the_zpool() {
+    let Some((dir, bin)) = compiled() else {
+        return;
+    };
+    let file = format!("file:{}?size=256M", dir.path().join("swap").display());
+    let (stdout, stderr) = run_ok(&bin, &["--swap", "zpool:?size=8M&prio=10", "--swap", &file]);
+    let (parent, child) = (pid_of(&stdout, "parent"), pid_of(&stdout, "child"));
+    pid_of(&stdout, "grandchild");
+    // The pool was used (its pages were handed over from there).
+    assert!(stat(&stderr, &parent, "zpool stored") > 1000, "{stderr}");
+    assert!(
+        stat(&stderr, &child, "read from parent") > 16_000,
+        "{stderr}"
     );
 }
 

@@ -437,7 +437,7 @@ extern "C" fn print_stats() {
         "usermm exec: pid {} budget {} frames: faults {} (major {}), write-protect faults {}, staged {} (used again {}), read-around {}, \
          pswpin {}, pswpout {}, scanned {}, reclaimed {}, direct reclaim {}, \
          read errors {}, write errors {}, swap used {} KiB, held for children {} pages, \
-         read from parent {} pages, metadata {} KiB\n",
+         read from parent {} pages, zpool stored {} pages, metadata {} KiB\n",
         std::process::id(),
         s.total_frames,
         s.pgfault,
@@ -456,6 +456,7 @@ extern "C" fn print_stats() {
         s.swap_used.iter().map(|(_, b)| b).sum::<u64>() >> 10,
         vm.fork_held_pages(),
         vm.foreign_reads(),
+        s.zpool_stored,
         s.metadata_bytes >> 10
     );
     let fd = STATS_FD.load(Ordering::Relaxed);

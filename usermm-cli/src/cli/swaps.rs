@@ -1,7 +1,9 @@
 //! `usermm swaps`: opens the given swap specs the way `swapon` would and prints them
-//! like /proc/swaps (name, size, used, priority, state). A quick check that a spec is
-//! usable before a long run.
+//! like /proc/swaps (name, size, used, priority, state), plus what each gave back
+//! (discarded) and, for a zpool, the budget memory it holds. A quick check that a
+//! spec is usable before a long run.
 
+use usermm::config::SwapKind;
 use usermm::{Config, SwapSpec, Vm};
 
 /// Arguments of `usermm swaps`.
@@ -17,15 +19,17 @@ pub struct SwapsArgs {
 /// memory budget.
 pub fn print_table(vm: &Vm) {
     println!(
-        "{:<48} {:>10} {:>10} {:>6}  state",
-        "Filename", "Size(KiB)", "Used(KiB)", "Prio"
+        "{:<48} {:>10} {:>10} {:>13} {:>11} {:>6}  state",
+        "Filename", "Size(KiB)", "Used(KiB)", "Discarded(KiB)", "Memory(KiB)", "Prio"
     );
     for d in vm.swaps() {
         println!(
-            "{:<48} {:>10} {:>10} {:>6}  {}{}",
+            "{:<48} {:>10} {:>10} {:>13} {:>11} {:>6}  {}{}",
             d.name,
             d.size >> 10,
             d.used >> 10,
+            d.discarded >> 10,
+            d.memory >> 10,
             d.prio,
             d.state,
             if SwapSpec::parse(&d.name).is_ok_and(|s| s.buffered()) {
@@ -39,9 +43,20 @@ pub fn print_table(vm: &Vm) {
 
 /// Runs the command; returns the exit code.
 pub fn main(a: SwapsArgs) -> i32 {
+    // A zpool takes its memory from the budget: make the budget hold it (the arena
+    // is mapped, not touched, so this costs only its descriptors).
+    let pool = a
+        .swap
+        .iter()
+        .filter_map(|s| match SwapSpec::parse(s).ok()?.kind {
+            SwapKind::Zpool { size, .. } => usize::try_from(size).ok(),
+            _ => None,
+        })
+        .max()
+        .unwrap_or(0);
     let vm = match Vm::new(
         Config::default()
-            .memory_budget(1 << 20)
+            .memory_budget((1 << 20usize).max(pool.next_multiple_of(4096)))
             .background_reclaim(false),
     ) {
         Ok(vm) => vm,
