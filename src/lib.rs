@@ -92,6 +92,10 @@ pub mod device;
 mod engine;
 pub mod error;
 mod frame;
+#[cfg(feature = "lockdep")]
+pub mod lockdep;
+#[cfg(not(feature = "lockdep"))]
+mod lockdep;
 mod mm;
 mod pageio;
 mod pte;

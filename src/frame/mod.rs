@@ -92,7 +92,18 @@ impl PageDesc {
 
     /// Takes the frame lock if it is free.
     #[inline]
+    #[cfg_attr(feature = "lockdep", track_caller)]
     pub fn try_lock(&self) -> bool {
+        let ok = self.raw_try_lock();
+        #[cfg(feature = "lockdep")]
+        if ok {
+            self.lockdep_acquire(true);
+        }
+        ok
+    }
+
+    #[inline]
+    fn raw_try_lock(&self) -> bool {
         self.lock.load(Ordering::Relaxed) == 0
             && self
                 .lock
@@ -101,8 +112,11 @@ impl PageDesc {
     }
 
     /// Takes the frame lock, waiting for a holder to leave its short section.
+    #[cfg_attr(feature = "lockdep", track_caller)]
     pub fn lock(&self) {
-        crate::sync::wait_until(|| self.try_lock());
+        #[cfg(feature = "lockdep")]
+        self.lockdep_acquire(false);
+        crate::sync::wait_until(|| self.raw_try_lock());
     }
 
     /// Releases the frame lock.
@@ -110,6 +124,21 @@ impl PageDesc {
     pub fn unlock(&self) {
         debug_assert_eq!(self.lock.load(Ordering::Relaxed), 1);
         self.lock.store(0, Ordering::Release);
+        #[cfg(feature = "lockdep")]
+        crate::lockdep::release(self as *const Self as usize);
+    }
+
+    /// Records the acquisition (class `lockdep::FRAME`, a spin lock).
+    #[cfg(feature = "lockdep")]
+    #[track_caller]
+    fn lockdep_acquire(&self, try_: bool) {
+        crate::lockdep::acquire(
+            crate::lockdep::FRAME,
+            crate::lockdep::Kind::Spin,
+            self as *const Self as usize,
+            try_,
+            std::panic::Location::caller(),
+        );
     }
 
     /// Whether the lock is held (for assertions).

@@ -32,8 +32,8 @@ use crate::frame::{copy_in, copy_out, zero_frame, AllocCtx};
 use crate::mm::region::RegionTree;
 use crate::mm::space::SpaceInner;
 use crate::pte::{
-    lock_present, try_lock_present, unlock_entry, Pte, BUSY, EMPTY, P_ACCESSED, P_COW, P_DIRTY,
-    P_EXCL, P_LOCK, P_SHARED, P_SHARED_ONE, TAG_MASK, TAG_PRESENT,
+    lock_present, released, try_lock_present, unlock_entry, Pte, BUSY, EMPTY, P_ACCESSED, P_COW,
+    P_DIRTY, P_EXCL, P_LOCK, P_SHARED, P_SHARED_ONE, TAG_MASK, TAG_PRESENT,
 };
 use crate::stats::Counters;
 use crate::sync::{fence, wait_until, AtomicU64, Ordering, RwLockReadGuard};
@@ -214,6 +214,7 @@ fn write_fast(sp: &SpaceInner, a: VAddr, src: &[u8]) -> bool {
     // SAFETY: inside frame `pfn`; we hold the entry lock, so we are the only writer.
     unsafe { copy_in(frames.frame_ptr(pfn).add(a.page_offset()), src) };
     pte.store(Pte::bump(v) | P_DIRTY | P_ACCESSED, Ordering::Release);
+    released(pte);
     true
 }
 
@@ -533,12 +534,14 @@ fn try_pin(sp: &SpaceInner, a: VAddr, want: Want, forbid: u64) -> Option<(&Atomi
     let new = match want {
         Want::Shared if v & P_SHARED == P_SHARED => {
             pte.store(v, Ordering::Release);
+            released(pte);
             return None;
         }
         Want::Shared => v + P_SHARED_ONE,
         Want::Exclusive => v | P_EXCL | P_DIRTY,
     };
     pte.store(new | P_ACCESSED, Ordering::Release);
+    released(pte);
     Some((pte, Pte::pfn(v)))
 }
 
@@ -558,4 +561,5 @@ pub(crate) fn unpin(pte: &AtomicU64, pfn: Pfn, want: Want) {
         Want::Exclusive => Pte::bump(v) & !P_EXCL,
     };
     pte.store(new, Ordering::Release);
+    released(pte);
 }

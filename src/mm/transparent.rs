@@ -351,6 +351,8 @@ impl Host {
                 Err(_) => std::thread::sleep(std::time::Duration::from_millis(1)),
             }
             while let Ok(Some(f)) = self.uffd.read_fault() {
+                // Serving a fault must not allocate (lockdep feature checks it).
+                let _no_alloc = crate::lockdep::no_alloc("transparent-fault handler");
                 self.serve(f, &zero, &mut bounce);
             }
         }
@@ -1000,6 +1002,7 @@ impl TRegion {
                         )
                     };
                     pte.store(EMPTY, Ordering::Release);
+                    crate::pte::released(pte);
                     let left = eng.rmap.remove(d, pfn, pte);
                     debug_assert_eq!(left, 0, "a transparent frame has one mapping");
                     eng.swap.put_encoded(d.swap.swap(0, Ordering::Relaxed));

@@ -158,7 +158,9 @@ impl SwapDevice {
 
     /// Reads `buf.len() / PAGE_SIZE` consecutive slots from `first` in one request
     /// (no checksum check: see `verify`).
+    #[cfg_attr(feature = "lockdep", track_caller)]
     pub fn read_span(&self, first: u64, buf: &mut [u8]) -> Result<()> {
+        crate::lockdep::might_block("device read");
         self.dev
             .read_pages(first, buf)
             .map_err(|source| Error::Device {
@@ -341,7 +343,9 @@ impl SwapDevice {
     }
 
     /// Writes a page to `slot` and records its checksum.
+    #[cfg_attr(feature = "lockdep", track_caller)]
     pub fn write(&self, slot: u64, buf: &[u8]) -> io::Result<()> {
+        crate::lockdep::might_block("device write");
         let sum = crc32c::crc32c(buf);
         self.dev.write_page(slot, buf)?;
         self.csum[slot as usize].store(sum, Ordering::Release);
@@ -350,7 +354,9 @@ impl SwapDevice {
 
     /// Writes consecutive slots from `first` in one request where the device merges,
     /// and records their checksums.
+    #[cfg_attr(feature = "lockdep", track_caller)]
     pub fn write_run(&self, first: u64, bufs: &[&[u8]]) -> io::Result<()> {
+        crate::lockdep::might_block("device write");
         self.dev.write_pages(first, bufs)?;
         for (i, b) in bufs.iter().enumerate() {
             self.csum[(first + i as u64) as usize].store(crc32c::crc32c(b), Ordering::Release);
@@ -359,7 +365,9 @@ impl SwapDevice {
     }
 
     /// Reads `slot` into `buf` and checks it against the recorded checksum.
+    #[cfg_attr(feature = "lockdep", track_caller)]
     pub fn read(&self, slot: u64, buf: &mut [u8]) -> Result<()> {
+        crate::lockdep::might_block("device read");
         let dev_err = |source| Error::Device {
             dev: self.dev.name().to_string(),
             source,
