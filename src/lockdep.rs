@@ -249,8 +249,6 @@ mod on {
     thread_local! {
         static STACK: [Cell<Entry>; DEPTH] = const { [const { Cell::new(NONE) }; DEPTH] };
         static TOP: Cell<usize> = const { Cell::new(0) };
-        /// Locks not pushed because the stack was full (their release finds nothing).
-        static LOST: Cell<usize> = const { Cell::new(0) };
         /// The no-allocation section the thread is in (`""`: none).
         static NO_ALLOC: Cell<&'static str> = const { Cell::new("") };
         static EXPECT: Cell<bool> = const { Cell::new(false) };
@@ -413,9 +411,32 @@ mod on {
         try_: bool,
         site: &'static Location<'static>,
     ) {
+        acquire_impl(class, kind, addr, try_, false, site)
+    }
+
+    /// `acquire` of a second lock of a class the thread holds, in an order the
+    /// caller guarantees (the kernel's `SINGLE_DEPTH_NESTING`: fork takes the
+    /// parent's regions lock, then the new child's, which nobody else can reach).
+    pub fn acquire_nested(
+        class: ClassId,
+        kind: Kind,
+        addr: usize,
+        site: &'static Location<'static>,
+    ) {
+        acquire_impl(class, kind, addr, false, true, site)
+    }
+
+    fn acquire_impl(
+        class: ClassId,
+        kind: Kind,
+        addr: usize,
+        try_: bool,
+        nested: bool,
+        site: &'static Location<'static>,
+    ) {
         ACQUIRES.fetch_add(1, Relaxed);
         if !try_ && class != UNTRACKED {
-            let mut nest_ok = false;
+            let mut nest_ok = nested;
             if class == PTE_LOCK {
                 held_classes(|h| nest_ok |= h.class == FRAME);
             }
@@ -444,7 +465,8 @@ mod on {
         let _ = STACK.try_with(|s| {
             let top = TOP.with(|t| t.get());
             if top == DEPTH {
-                LOST.with(|l| l.set(l.get() + 1));
+                // Not pushed (its release finds nothing): counted as overflow.
+                OVERFLOW.fetch_add(1, Relaxed);
                 return;
             }
             s[top].set(h);
@@ -459,7 +481,8 @@ mod on {
         let _ = STACK.try_with(|s| {
             let top = TOP.with(|t| t.get());
             let Some(i) = (0..top).rev().find(|&i| s[i].get().addr == addr) else {
-                LOST.with(|l| l.set(l.get().saturating_sub(1)));
+                // Not held: a store that may or may not end a lock (`pte::released`
+                // after a claim), or one pushed out by a full stack.
                 return;
             };
             for j in i..top - 1 {

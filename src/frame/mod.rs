@@ -119,6 +119,18 @@ impl PageDesc {
         crate::sync::wait_until(|| self.raw_try_lock());
     }
 
+    /// Takes the lock of a frame just allocated and mapped by nobody: no thread can
+    /// be waiting for it while holding a lock of ours (reclaim only try-locks), so
+    /// it is not ordered against what the caller holds (the lock validator records
+    /// it as a try-lock). `Engine::install` takes it under an entry lock in
+    /// `cow_break`, against the usual frame → entry order.
+    #[cfg_attr(feature = "lockdep", track_caller)]
+    pub fn lock_fresh(&self) {
+        crate::sync::wait_until(|| self.raw_try_lock());
+        #[cfg(feature = "lockdep")]
+        self.lockdep_acquire(true);
+    }
+
     /// Releases the frame lock.
     #[inline]
     pub fn unlock(&self) {

@@ -202,6 +202,26 @@ impl<T> RwLock<T> {
         };
         g
     }
+    /// `write` of a second lock of the class of one the caller holds, in an order
+    /// the caller guarantees (fork: the parent's regions lock, then the new
+    /// child's, which nobody else can reach yet). Plain `write` without `lockdep`.
+    #[cfg_attr(feature = "lockdep", track_caller)]
+    pub fn write_nested(&self) -> RwLockWriteGuard<'_, T> {
+        #[cfg(feature = "lockdep")]
+        lockdep::acquire_nested(
+            self.key.class(),
+            Kind::Sleep,
+            self as *const Self as usize,
+            Location::caller(),
+        );
+        let g = self.inner.write().unwrap_or_else(PoisonError::into_inner);
+        #[cfg(feature = "lockdep")]
+        let g = RwLockWriteGuard {
+            inner: g,
+            addr: self as *const Self as usize,
+        };
+        g
+    }
     pub fn get_mut(&mut self) -> &mut T {
         self.inner.get_mut().unwrap_or_else(PoisonError::into_inner)
     }
