@@ -193,6 +193,48 @@ pub(crate) fn released(pte: &AtomicU64) {
     let _ = pte;
 }
 
+/// Says that the caller's CAS just claimed `pte` (`BUSY`): the lock validator
+/// holds the claim (class `lockdep::BUSY`) until `released`. What the claimer takes
+/// next (a frame allocation, a device read) is ordered after the claim, so a wait
+/// for a claim under one of those is seen as the cycle it is.
+#[inline(always)]
+#[cfg_attr(feature = "lockdep", track_caller)]
+pub(crate) fn claimed(pte: &AtomicU64) {
+    #[cfg(feature = "lockdep")]
+    crate::lockdep::acquire(
+        crate::lockdep::BUSY,
+        crate::lockdep::Kind::Sleep,
+        pte as *const AtomicU64 as usize,
+        true,
+        std::panic::Location::caller(),
+    );
+    #[cfg(not(feature = "lockdep"))]
+    let _ = pte;
+}
+
+/// Says that the caller is about to wait for another thread's claim to end: for
+/// the lock validator, an acquisition of the claim class (ordered after whatever
+/// the caller holds) and its release.
+#[inline(always)]
+#[cfg_attr(feature = "lockdep", track_caller)]
+pub(crate) fn wait_claim() {
+    #[cfg(feature = "lockdep")]
+    {
+        crate::lockdep::acquire(
+            crate::lockdep::BUSY,
+            crate::lockdep::Kind::Sleep,
+            WAIT_ADDR,
+            false,
+            std::panic::Location::caller(),
+        );
+        crate::lockdep::release(WAIT_ADDR);
+    }
+}
+/// The instance the validator records for a claim waited on (any claim: the class
+/// is what orders).
+#[cfg(feature = "lockdep")]
+const WAIT_ADDR: usize = 2;
+
 /// Records an acquisition of `P_LOCK` (class `lockdep::PTE_LOCK`, a bit spin lock).
 #[cfg(feature = "lockdep")]
 #[track_caller]

@@ -305,7 +305,10 @@ fn wait_page(sp: &SpaceInner, a: VAddr, forbid: u64) {
     };
     let v = pte.load(Ordering::Acquire);
     match Pte::decode(v) {
-        Pte::Busy => wait_until(|| pte.load(Ordering::Acquire) != BUSY),
+        Pte::Busy => {
+            crate::pte::wait_claim();
+            wait_until(|| pte.load(Ordering::Acquire) != BUSY)
+        }
         Pte::Present(_) => wait_until(|| {
             let now = pte.load(Ordering::Acquire);
             now != v || now & (P_LOCK | forbid) == 0
@@ -413,11 +416,13 @@ fn fault_zero(
     {
         return Ok(()); // someone else is faulting it; the caller retries
     }
+    crate::pte::claimed(pte);
     drop(regions);
     let pfn = match crate::reclaim::alloc_frame(&sp.eng, AllocCtx::Normal) {
         Ok(p) => p,
         Err(e) => {
             pte.store(EMPTY, Ordering::Release);
+            released(pte);
             return Err(e);
         }
     };
@@ -447,12 +452,14 @@ fn fault_swapin(
     {
         return Ok(());
     }
+    crate::pte::claimed(pte);
     drop(regions);
     let eng = &*sp.eng;
     let pfn = match crate::reclaim::alloc_frame(eng, AllocCtx::Reserve) {
         Ok(p) => p,
         Err(err) => {
             pte.store(v, Ordering::Release);
+            released(pte);
             return Err(err);
         }
     };
@@ -480,6 +487,7 @@ fn fault_swapin(
     if let Err(err) = res {
         eng.frames.free(pfn);
         pte.store(v, Ordering::Release);
+        released(pte);
         Counters::inc(&eng.cnt.read_errors);
         return Err(err);
     }
