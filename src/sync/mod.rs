@@ -19,6 +19,10 @@
 //!
 //! Threads, sleeps and I/O are not switched: a model test drives the engine's
 //! protocols from shuttle threads of its own.
+//!
+//! With the feature `lockdep` the default backend's locks report every acquisition
+//! and release to the lock validator (`crate::lockdep`); the shuttle backend is not
+//! instrumented (a model checker explores the orders itself).
 
 #[cfg(not(usermm_shuttle))]
 #[path = "std_imp.rs"]
