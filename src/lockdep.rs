@@ -102,7 +102,7 @@ mod on {
     use std::panic::Location;
     use std::sync::atomic::{
         compiler_fence, AtomicBool, AtomicPtr, AtomicU16, AtomicU32, AtomicU8, AtomicUsize,
-        Ordering::{Acquire, Relaxed, Release, SeqCst},
+        Ordering::{AcqRel, Acquire, Relaxed, Release, SeqCst},
     };
 
     /// Class ids: 0 not looked up yet, 1 untracked (a table was full), then the
@@ -273,7 +273,7 @@ mod on {
             let k = HT_KEY[i].load(Acquire);
             if k.is_null() {
                 let me = site as *const Location<'static> as *mut Location<'static>;
-                match HT_KEY[i].compare_exchange(std::ptr::null_mut(), me, AcqRelOrd, Acquire) {
+                match HT_KEY[i].compare_exchange(std::ptr::null_mut(), me, AcqRel, Acquire) {
                     Ok(_) => {
                         let id = NCLASSES.fetch_add(1, Relaxed);
                         if id >= MAX_CLASSES {
@@ -302,8 +302,6 @@ mod on {
         OVERFLOW.fetch_add(1, Relaxed);
         UNTRACKED
     }
-    #[allow(non_upper_case_globals)]
-    const AcqRelOrd: std::sync::atomic::Ordering = std::sync::atomic::Ordering::AcqRel;
 
     /// A lock's identity for the validator: its creation site, and its class once
     /// looked up (a field of every `sync` lock under the feature).
@@ -412,6 +410,19 @@ mod on {
         site: &'static Location<'static>,
     ) {
         acquire_impl(class, kind, addr, try_, false, site)
+    }
+
+    /// `acquire` of the hand-made lock `obj` (its address is the instance), taken
+    /// at the caller's caller (`#[track_caller]` all the way up).
+    #[track_caller]
+    pub fn acquire_at<T>(class: ClassId, kind: Kind, obj: &T, try_: bool) {
+        acquire(
+            class,
+            kind,
+            obj as *const T as usize,
+            try_,
+            Location::caller(),
+        )
     }
 
     /// `acquire` of a second lock of a class the thread holds, in an order the

@@ -201,13 +201,7 @@ pub(crate) fn released(pte: &AtomicU64) {
 #[cfg_attr(feature = "lockdep", track_caller)]
 pub(crate) fn claimed(pte: &AtomicU64) {
     #[cfg(feature = "lockdep")]
-    crate::lockdep::acquire(
-        crate::lockdep::BUSY,
-        crate::lockdep::Kind::Sleep,
-        pte as *const AtomicU64 as usize,
-        true,
-        std::panic::Location::caller(),
-    );
+    crate::lockdep::acquire_at(crate::lockdep::BUSY, crate::lockdep::Kind::Sleep, pte, true);
     #[cfg(not(feature = "lockdep"))]
     let _ = pte;
 }
@@ -239,13 +233,8 @@ const WAIT_ADDR: usize = 2;
 #[cfg(feature = "lockdep")]
 #[track_caller]
 fn lockdep_acquire(pte: &AtomicU64, try_: bool) {
-    crate::lockdep::acquire(
-        crate::lockdep::PTE_LOCK,
-        crate::lockdep::Kind::Spin,
-        pte as *const AtomicU64 as usize,
-        try_,
-        std::panic::Location::caller(),
-    );
+    use crate::lockdep::{acquire_at, Kind, PTE_LOCK};
+    acquire_at(PTE_LOCK, Kind::Spin, pte, try_);
 }
 
 /// Locks a present entry that maps `pfn`, waiting out short holders of `P_LOCK`.

@@ -144,13 +144,8 @@ impl PageDesc {
     #[cfg(feature = "lockdep")]
     #[track_caller]
     fn lockdep_acquire(&self, try_: bool) {
-        crate::lockdep::acquire(
-            crate::lockdep::FRAME,
-            crate::lockdep::Kind::Spin,
-            self as *const Self as usize,
-            try_,
-            std::panic::Location::caller(),
-        );
+        use crate::lockdep::{acquire_at, Kind, FRAME};
+        acquire_at(FRAME, Kind::Spin, self, try_);
     }
 
     /// Whether the lock is held (for assertions).

@@ -169,58 +169,45 @@ impl<T> RwLock<T> {
     #[cfg_attr(feature = "lockdep", track_caller)]
     pub fn read(&self) -> RwLockReadGuard<'_, T> {
         #[cfg(feature = "lockdep")]
-        lockdep::acquire(
-            self.key.class(),
-            Kind::Sleep,
-            self as *const Self as usize,
-            false,
-            Location::caller(),
-        );
+        let addr = self.lockdep_acquire(false);
         let g = self.inner.read().unwrap_or_else(PoisonError::into_inner);
         #[cfg(feature = "lockdep")]
-        let g = RwLockReadGuard {
-            inner: g,
-            addr: self as *const Self as usize,
-        };
+        let g = RwLockReadGuard { inner: g, addr };
         g
     }
     #[cfg_attr(feature = "lockdep", track_caller)]
     pub fn write(&self) -> RwLockWriteGuard<'_, T> {
-        #[cfg(feature = "lockdep")]
-        lockdep::acquire(
-            self.key.class(),
-            Kind::Sleep,
-            self as *const Self as usize,
-            false,
-            Location::caller(),
-        );
-        let g = self.inner.write().unwrap_or_else(PoisonError::into_inner);
-        #[cfg(feature = "lockdep")]
-        let g = RwLockWriteGuard {
-            inner: g,
-            addr: self as *const Self as usize,
-        };
-        g
+        self.write_impl(false)
     }
     /// `write` of a second lock of the class of one the caller holds, in an order
     /// the caller guarantees (fork: the parent's regions lock, then the new
     /// child's, which nobody else can reach yet). Plain `write` without `lockdep`.
     #[cfg_attr(feature = "lockdep", track_caller)]
     pub fn write_nested(&self) -> RwLockWriteGuard<'_, T> {
+        self.write_impl(true)
+    }
+    #[cfg_attr(feature = "lockdep", track_caller)]
+    fn write_impl(&self, nested: bool) -> RwLockWriteGuard<'_, T> {
         #[cfg(feature = "lockdep")]
-        lockdep::acquire_nested(
-            self.key.class(),
-            Kind::Sleep,
-            self as *const Self as usize,
-            Location::caller(),
-        );
+        let addr = self.lockdep_acquire(nested);
+        #[cfg(not(feature = "lockdep"))]
+        let _ = nested;
         let g = self.inner.write().unwrap_or_else(PoisonError::into_inner);
         #[cfg(feature = "lockdep")]
-        let g = RwLockWriteGuard {
-            inner: g,
-            addr: self as *const Self as usize,
-        };
+        let g = RwLockWriteGuard { inner: g, addr };
         g
+    }
+    /// Records an acquisition at the caller's caller; returns the instance.
+    #[cfg(feature = "lockdep")]
+    #[track_caller]
+    fn lockdep_acquire(&self, nested: bool) -> usize {
+        let addr = self as *const Self as usize;
+        let (c, site) = (self.key.class(), Location::caller());
+        match nested {
+            true => lockdep::acquire_nested(c, Kind::Sleep, addr, site),
+            false => lockdep::acquire(c, Kind::Sleep, addr, false, site),
+        }
+        addr
     }
     pub fn get_mut(&mut self) -> &mut T {
         self.inner.get_mut().unwrap_or_else(PoisonError::into_inner)
