@@ -85,6 +85,8 @@ thread_local! {
 /// handler, device helpers). Called first thing by every thread the library starts.
 pub fn mark_engine_thread() {
     ENGINE_THREAD.with(|c| c.set(true));
+    #[cfg(feature = "lockdep")]
+    crate::lockdep::mark_engine_thread();
 }
 
 /// Whether the calling thread is one of usermm's own. An allocator that serves a
