@@ -10,13 +10,15 @@
 //! A class is what lockdep orders: every lock of the `sync` facade made at one source
 //! line (`Mutex::new`, `RwLock::new`, `Default`, found with `#[track_caller]`) is
 //! one class, named by that line, as the kernel keys a class by its lock's static
-//! init site; so every space's `regions` lock is the one class `mm/space.rs:58`. The
+//! init site; so every space's `regions` lock is the one class `src/mm/space.rs:58`. The
 //! hand-made locks are four fixed classes: [`RECLAIM`] (the pseudo-lock of seed 004's
 //! `fs_reclaim`: `reclaim::alloc_frame` "acquires" it for an instant, reclaim scans
 //! and the page-I/O threads' page-out work hold it), [`FRAME`] (`PageDesc`'s spin
 //! lock), [`PTE_LOCK`] (the entry bit lock `P_LOCK`) and [`BUSY`] (an entry's fault
 //! claim, which others wait out). `P_LOCK` may nest in itself under a frame lock
-//! (reclaim locks every entry of a page: the kernel's `nest_lock`).
+//! (reclaim locks every entry of a page: the kernel's `nest_lock`); a second lock
+//! of a held class taken with [`acquire_nested`] (fork's `RwLock::write_nested`) is
+//! the caller's promise of an order, as the kernel's `SINGLE_DEPTH_NESTING`.
 //!
 //! ## What is recorded and reported
 //! Each thread keeps a fixed stack of what it holds (class, kind, instance address,
@@ -32,7 +34,9 @@
 //! work, the transparent-fault handler), seen by [`CheckedAlloc`], the global
 //! allocator wrapper a test binary installs (the library cannot install one: the
 //! preload library and some tests have their own, so the flag is checked by a
-//! wrapper any of them can put around theirs).
+//! wrapper any of them can put around theirs). A cycle is reported once (its new
+//! edge is stored once); a blocking wait once per lock site and wait site; an
+//! allocation once per no-allocation section.
 //!
 //! ## How a report fails a test
 //! Every report is written to stderr at once (formatted on the stack, one `write(2)`)
