@@ -187,7 +187,9 @@ impl Engine {
 
     fn publish(&self, pte: &AtomicU64, pfn: Pfn, swap: u64, dirty: bool, transparent: Option<u64>) {
         let d = self.frames.desc(pfn);
-        d.lock();
+        // A frame just allocated for this page: mapped by nobody, so nobody can be
+        // waiting for it while holding a lock we hold (reclaim only try-locks).
+        d.lock_fresh();
         d.swap.store(swap, Ordering::Relaxed);
         match transparent {
             None => d.flags.store(F_INUSE, Ordering::Relaxed),
@@ -200,6 +202,8 @@ impl Engine {
         let bits = P_ACCESSED | if dirty { P_DIRTY } else { 0 };
         let epoch = d.epoch.load(Ordering::Relaxed);
         pte.store(Pte::present(pfn, epoch, bits), Ordering::Release);
+        // That store ends the claim, or the entry lock of a copy-on-write break.
+        crate::pte::released(pte);
         d.unlock();
     }
 

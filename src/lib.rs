@@ -24,7 +24,8 @@
 //! `swap::swapoff` and `reclaim` → `engine` (the struct of parts) → `swap::table`,
 //! `pageio`, `frame` (arena, reverse map), `pte` (entry encoding and bit locks) →
 //! `device` (trait, spec and `open`, file, nbd, mirror, faulty), `sync`, `sys` (raw
-//! memory system calls), `addr`, `error`, `stats`. Nothing imports upward (`scripts/check-cycles.py src` checks
+//! memory system calls), `addr`, `error`, `stats`, `lockdep` (the lock validator,
+//! feature `lockdep`: hooks only, below everything). Nothing imports upward (`scripts/check-cycles.py src` checks
 //! that no two modules import each other, directly or through others). The
 //! architecture, the life of a page and the invariants: `docs/design.md`.
 //!
@@ -36,6 +37,18 @@
 //! `[may-reclaim]` is the pseudo-lock of docs/design.md invariant 5: every call that may
 //! allocate a frame (`reclaim::alloc_frame`) is a point where reclaim may run, so
 //! whatever reclaim takes below it must not be held above it.
+//!
+//! With the feature `lockdep` this tree is checked as the engine runs
+//! (`src/lockdep.rs`): each `sync` lock is a class named by the line that made it,
+//! the frame lock, `P_LOCK` and the `BUSY` claim are classes of their own, and
+//! `[may-reclaim]` is acquired for an instant by `alloc_frame` and held by reclaim
+//! scans (`reclaim::shrink_for`) and by page-I/O work (`PageIo::run`). Three
+//! nestings against the plain tree are annotated there, each safe for the reason
+//! given: fork's second regions lock (`RwLock::write_nested`: the child's, which
+//! nobody else can reach yet), `Engine::install`'s lock of the frame it publishes
+//! (`PageDesc::lock_fresh`: just allocated, mapped by nobody; `cow_break` holds the
+//! entry lock there), and `P_LOCK` inside `P_LOCK` under a frame lock (reclaim
+//! locking every mapping of one page).
 //! ```text
 //! SpaceInner::regions (RwLock; read: slow-path access; write: map, unmap, fork)
 //! │   mm::fault::{read_slow, prepare_write, try_pin}, mm::space::{map_anon, unmap}, mm::fork::fork_into
@@ -56,7 +69,11 @@
 //! │       │       ├── Shared::front (RwLock, leaf)    SwapDevice::put_inner (which pool)
 //! │       │       └── Zpool::inner (Mutex, leaf)      SwapDevice::put_inner (a freed slot drops
 //! │       │                                           its chunk), Lower::unpin (write-back done)
-//! │       └── FrameArena::free (Mutex, leaf; `freed` Condvar)  FrameArena::{alloc, free, wait_event}
+//! │       ├── FrameArena::free (Mutex, leaf; `freed` Condvar)  FrameArena::{alloc, free, wait_event}
+//! │       └── (reclaim context: a scan, or page-I/O work)   reclaim::shrink_for, PageIo::run
+//! │           ├── the frame-lock subtree above, try-locks only
+//! │           ├── PageIo::sleep, Engine::kswapd_lock (leaves) PageIo::kick, reclaim::wake_kswapd
+//! │           └── a device's write (its internals, or a test device's hook)
 //! └── (the same frame-lock subtree, without a claim)  mm::fault::cow_break, mm::space::release_entry
 //!
 //! Entry bit lock P_LOCK alone (no frame lock): the hit path's write       mm::fault::write_fast
@@ -101,6 +118,10 @@ pub mod device;
 mod engine;
 pub mod error;
 mod frame;
+#[cfg(feature = "lockdep")]
+pub mod lockdep;
+#[cfg(not(feature = "lockdep"))]
+mod lockdep;
 mod mm;
 mod pageio;
 mod pte;

@@ -147,9 +147,19 @@ impl Pte {
 }
 
 /// Locks a present entry that has none of the bits in `forbid` (besides `P_LOCK`).
-/// Returns the unlocked value it had. The caller stores the new (unlocked) value.
+/// Returns the unlocked value it had. The caller stores the new (unlocked) value:
+/// with `unlock_entry`, or with a store of its own followed by `released`.
 #[inline]
+#[cfg_attr(feature = "lockdep", track_caller)]
 pub(crate) fn try_lock_present(pte: &AtomicU64, forbid: u64) -> Option<u64> {
+    let v = raw_try_lock_present(pte, forbid)?;
+    #[cfg(feature = "lockdep")]
+    lockdep_acquire(pte, true);
+    Some(v)
+}
+
+#[inline]
+fn raw_try_lock_present(pte: &AtomicU64, forbid: u64) -> Option<u64> {
     let v = pte.load(Ordering::Relaxed);
     if v & (TAG_MASK | P_LOCK | forbid) != TAG_PRESENT {
         return None;
@@ -169,21 +179,83 @@ pub(crate) fn unlock_entry(pte: &AtomicU64, clear: u64, set: u64) {
     let cur = pte.load(Ordering::Relaxed);
     debug_assert_ne!(cur & P_LOCK, 0);
     pte.store((cur & !P_LOCK & !clear) | set, Ordering::Release);
+    released(pte);
+}
+
+/// Says that the caller's store released the entry lock it held on `pte` (a store
+/// of a new value instead of `unlock_entry`): the lock validator's record. Nothing
+/// without the feature `lockdep`.
+#[inline(always)]
+pub(crate) fn released(pte: &AtomicU64) {
+    #[cfg(feature = "lockdep")]
+    crate::lockdep::release(pte as *const AtomicU64 as usize);
+    #[cfg(not(feature = "lockdep"))]
+    let _ = pte;
+}
+
+/// Says that the caller's CAS just claimed `pte` (`BUSY`): the lock validator
+/// holds the claim (class `lockdep::BUSY`) until `released`. What the claimer takes
+/// next (a frame allocation, a device read) is ordered after the claim, so a wait
+/// for a claim under one of those is seen as the cycle it is.
+#[inline(always)]
+#[cfg_attr(feature = "lockdep", track_caller)]
+pub(crate) fn claimed(pte: &AtomicU64) {
+    #[cfg(feature = "lockdep")]
+    crate::lockdep::acquire_at(crate::lockdep::BUSY, crate::lockdep::Kind::Sleep, pte, true);
+    #[cfg(not(feature = "lockdep"))]
+    let _ = pte;
+}
+
+/// Says that the caller is about to wait for another thread's claim to end: for
+/// the lock validator, an acquisition of the claim class (ordered after whatever
+/// the caller holds) and its release.
+#[inline(always)]
+#[cfg_attr(feature = "lockdep", track_caller)]
+pub(crate) fn wait_claim() {
+    #[cfg(feature = "lockdep")]
+    {
+        crate::lockdep::acquire(
+            crate::lockdep::BUSY,
+            crate::lockdep::Kind::Sleep,
+            WAIT_ADDR,
+            false,
+            std::panic::Location::caller(),
+        );
+        crate::lockdep::release(WAIT_ADDR);
+    }
+}
+/// The instance the validator records for a claim waited on (any claim: the class
+/// is what orders).
+#[cfg(feature = "lockdep")]
+const WAIT_ADDR: usize = 2;
+
+/// Records an acquisition of `P_LOCK` (class `lockdep::PTE_LOCK`, a bit spin lock).
+#[cfg(feature = "lockdep")]
+#[track_caller]
+fn lockdep_acquire(pte: &AtomicU64, try_: bool) {
+    use crate::lockdep::{acquire_at, Kind, PTE_LOCK};
+    acquire_at(PTE_LOCK, Kind::Spin, pte, try_);
 }
 
 /// Locks a present entry that maps `pfn`, waiting out short holders of `P_LOCK`.
 /// `None` if the entry does not map `pfn` (any more).
+#[cfg_attr(feature = "lockdep", track_caller)]
 pub(crate) fn lock_present(pte: &AtomicU64, pfn: Pfn) -> Option<u64> {
+    // Recorded before waiting, so an ordering is checked before it can hang.
+    #[cfg(feature = "lockdep")]
+    lockdep_acquire(pte, false);
     loop {
         let v = pte.load(Ordering::Acquire);
         if Pte::decode(v) != Pte::Present(pfn) {
+            released(pte);
             return None;
         }
-        if let Some(v) = try_lock_present(pte, 0) {
+        if let Some(v) = raw_try_lock_present(pte, 0) {
             if Pte::pfn(v) == pfn {
                 return Some(v);
             }
             pte.store(v, Ordering::Release);
+            released(pte);
             return None;
         }
         // Only a present entry has a lock bit; other kinds use those bits for data.

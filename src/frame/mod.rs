@@ -92,7 +92,18 @@ impl PageDesc {
 
     /// Takes the frame lock if it is free.
     #[inline]
+    #[cfg_attr(feature = "lockdep", track_caller)]
     pub fn try_lock(&self) -> bool {
+        let ok = self.raw_try_lock();
+        #[cfg(feature = "lockdep")]
+        if ok {
+            self.lockdep_acquire(true);
+        }
+        ok
+    }
+
+    #[inline]
+    fn raw_try_lock(&self) -> bool {
         self.lock.load(Ordering::Relaxed) == 0
             && self
                 .lock
@@ -101,8 +112,23 @@ impl PageDesc {
     }
 
     /// Takes the frame lock, waiting for a holder to leave its short section.
+    #[cfg_attr(feature = "lockdep", track_caller)]
     pub fn lock(&self) {
-        crate::sync::wait_until(|| self.try_lock());
+        #[cfg(feature = "lockdep")]
+        self.lockdep_acquire(false);
+        crate::sync::wait_until(|| self.raw_try_lock());
+    }
+
+    /// Takes the lock of a frame just allocated and mapped by nobody: no thread can
+    /// be waiting for it while holding a lock of ours (reclaim only try-locks), so
+    /// it is not ordered against what the caller holds (the lock validator records
+    /// it as a try-lock). `Engine::install` takes it under an entry lock in
+    /// `cow_break`, against the usual frame → entry order.
+    #[cfg_attr(feature = "lockdep", track_caller)]
+    pub fn lock_fresh(&self) {
+        crate::sync::wait_until(|| self.raw_try_lock());
+        #[cfg(feature = "lockdep")]
+        self.lockdep_acquire(true);
     }
 
     /// Releases the frame lock.
@@ -110,6 +136,16 @@ impl PageDesc {
     pub fn unlock(&self) {
         debug_assert_eq!(self.lock.load(Ordering::Relaxed), 1);
         self.lock.store(0, Ordering::Release);
+        #[cfg(feature = "lockdep")]
+        crate::lockdep::release(self as *const Self as usize);
+    }
+
+    /// Records the acquisition (class `lockdep::FRAME`, a spin lock).
+    #[cfg(feature = "lockdep")]
+    #[track_caller]
+    fn lockdep_acquire(&self, try_: bool) {
+        use crate::lockdep::{acquire_at, Kind, FRAME};
+        acquire_at(FRAME, Kind::Spin, self, try_);
     }
 
     /// Whether the lock is held (for assertions).

@@ -32,8 +32,8 @@ use crate::frame::{copy_in, copy_out, zero_frame, AllocCtx};
 use crate::mm::region::RegionTree;
 use crate::mm::space::SpaceInner;
 use crate::pte::{
-    lock_present, try_lock_present, unlock_entry, Pte, BUSY, EMPTY, P_ACCESSED, P_COW, P_DIRTY,
-    P_EXCL, P_LOCK, P_SHARED, P_SHARED_ONE, TAG_MASK, TAG_PRESENT,
+    lock_present, released, try_lock_present, unlock_entry, Pte, BUSY, EMPTY, P_ACCESSED, P_COW,
+    P_DIRTY, P_EXCL, P_LOCK, P_SHARED, P_SHARED_ONE, TAG_MASK, TAG_PRESENT,
 };
 use crate::stats::Counters;
 use crate::sync::{fence, wait_until, AtomicU64, Ordering, RwLockReadGuard};
@@ -214,6 +214,7 @@ fn write_fast(sp: &SpaceInner, a: VAddr, src: &[u8]) -> bool {
     // SAFETY: inside frame `pfn`; we hold the entry lock, so we are the only writer.
     unsafe { copy_in(frames.frame_ptr(pfn).add(a.page_offset()), src) };
     pte.store(Pte::bump(v) | P_DIRTY | P_ACCESSED, Ordering::Release);
+    released(pte);
     true
 }
 
@@ -304,7 +305,10 @@ fn wait_page(sp: &SpaceInner, a: VAddr, forbid: u64) {
     };
     let v = pte.load(Ordering::Acquire);
     match Pte::decode(v) {
-        Pte::Busy => wait_until(|| pte.load(Ordering::Acquire) != BUSY),
+        Pte::Busy => {
+            crate::pte::wait_claim();
+            wait_until(|| pte.load(Ordering::Acquire) != BUSY)
+        }
         Pte::Present(_) => wait_until(|| {
             let now = pte.load(Ordering::Acquire);
             now != v || now & (P_LOCK | forbid) == 0
@@ -412,11 +416,13 @@ fn fault_zero(
     {
         return Ok(()); // someone else is faulting it; the caller retries
     }
+    crate::pte::claimed(pte);
     drop(regions);
     let pfn = match crate::reclaim::alloc_frame(&sp.eng, AllocCtx::Normal) {
         Ok(p) => p,
         Err(e) => {
             pte.store(EMPTY, Ordering::Release);
+            released(pte);
             return Err(e);
         }
     };
@@ -446,12 +452,14 @@ fn fault_swapin(
     {
         return Ok(());
     }
+    crate::pte::claimed(pte);
     drop(regions);
     let eng = &*sp.eng;
     let pfn = match crate::reclaim::alloc_frame(eng, AllocCtx::Reserve) {
         Ok(p) => p,
         Err(err) => {
             pte.store(v, Ordering::Release);
+            released(pte);
             return Err(err);
         }
     };
@@ -479,6 +487,7 @@ fn fault_swapin(
     if let Err(err) = res {
         eng.frames.free(pfn);
         pte.store(v, Ordering::Release);
+        released(pte);
         Counters::inc(&eng.cnt.read_errors);
         return Err(err);
     }
@@ -533,12 +542,14 @@ fn try_pin(sp: &SpaceInner, a: VAddr, want: Want, forbid: u64) -> Option<(&Atomi
     let new = match want {
         Want::Shared if v & P_SHARED == P_SHARED => {
             pte.store(v, Ordering::Release);
+            released(pte);
             return None;
         }
         Want::Shared => v + P_SHARED_ONE,
         Want::Exclusive => v | P_EXCL | P_DIRTY,
     };
     pte.store(new | P_ACCESSED, Ordering::Release);
+    released(pte);
     Some((pte, Pte::pfn(v)))
 }
 
@@ -558,4 +569,5 @@ pub(crate) fn unpin(pte: &AtomicU64, pfn: Pfn, want: Want) {
         Want::Exclusive => Pte::bump(v) & !P_EXCL,
     };
     pte.store(new, Ordering::Release);
+    released(pte);
 }

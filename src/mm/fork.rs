@@ -86,7 +86,8 @@ pub(crate) fn fork_into(sp: &SpaceInner, child: &SpaceInner) -> Result<()> {
             });
             continue;
         }
-        let mut theirs = child.regions.write();
+        // Two regions locks: the child's is nobody else's yet (lockdep: nested).
+        let mut theirs = child.regions.write_nested();
         child.regions_seq.write_begin();
         *theirs = regions.clone();
         child.regions_seq.write_end();

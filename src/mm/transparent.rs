@@ -354,6 +354,8 @@ impl Host {
             // (which returns at once if another is queued) rather than a read
             // that fails, so the thread just woken runs a syscall sooner.
             if let Ok(Some(f)) = self.uffd.read_fault() {
+                // Serving a fault must not allocate (lockdep feature checks it).
+                let _no_alloc = crate::lockdep::no_alloc("transparent-fault handler");
                 self.serve(f, &zero, &mut bounce);
             }
         }
@@ -1003,6 +1005,7 @@ impl TRegion {
                         )
                     };
                     pte.store(EMPTY, Ordering::Release);
+                    crate::pte::released(pte);
                     let left = eng.rmap.remove(d, pfn, pte);
                     debug_assert_eq!(left, 0, "a transparent frame has one mapping");
                     eng.swap.put_encoded(d.swap.swap(0, Ordering::Relaxed));

@@ -137,8 +137,13 @@ impl PageIo {
     /// Body of one page-I/O thread: pops requests and hands them to `handle` until
     /// shutdown, draining the queue before it exits.
     pub fn run(&self, handle: &dyn Fn(u32)) {
+        // The lock validator's checks (nothing without the feature `lockdep`): this
+        // thread never allocates from the heap (invariant 2), and its page-out work
+        // runs in reclaim context (invariant 1: it must not allocate a frame).
+        let _no_alloc = crate::lockdep::no_alloc("page-I/O thread");
         loop {
             if let Some(i) = self.submit.pop() {
+                let _reclaim = crate::lockdep::reclaim();
                 handle(i);
                 continue;
             }

@@ -87,6 +87,8 @@ pub(crate) fn shrink_direct(eng: &Engine, nr: usize) -> ScanResult {
 }
 
 fn shrink_for(eng: &Engine, nr: usize, want: usize, queued_counts: bool) -> ScanResult {
+    // Reclaim context (the lock validator's pseudo-lock; nothing without it).
+    let _reclaim = crate::lockdep::reclaim();
     let n = eng.frames.nframes();
     let mut r = ScanResult::default();
     let mut zap = ZapBatch::new();
@@ -420,6 +422,7 @@ fn evict_locked(
             P_LOCK
         );
         pte.store(sw, Ordering::Release);
+        crate::pte::released(pte);
         true
     });
     eng.rmap.clear(d, pfn);
@@ -729,7 +732,11 @@ struct Failing {
 /// access ends the loop (it returns the frame). Every wait in the loop is bounded
 /// (`wait_event` at most 10 ms); a device that neither completes nor fails a write
 /// keeps `inflight` up and the access waits for it, as before.
+#[cfg_attr(feature = "lockdep", track_caller)]
 pub(crate) fn alloc_frame(eng: &Engine, ctx: AllocCtx) -> Result<Pfn> {
+    // A point where reclaim may run: whatever the caller holds is ordered before
+    // everything reclaim takes (seed 004; docs/design.md invariant 5).
+    crate::lockdep::might_reclaim();
     let n = eng.frames.nframes();
     let mut fruitless = 0usize;
     let mut errs_seen = None;

@@ -308,7 +308,9 @@ impl SwapDevice {
 
     /// Reads `buf.len() / PAGE_SIZE` consecutive slots from `first` in one request
     /// (no checksum check: see `verify`).
+    #[cfg_attr(feature = "lockdep", track_caller)]
     pub fn read_span(&self, first: u64, buf: &mut [u8]) -> Result<()> {
+        crate::lockdep::might_block("device read");
         let dev_err = |source| Error::Device {
             dev: self.dev.name().to_string(),
             source,
@@ -660,7 +662,9 @@ impl SwapDevice {
     }
 
     /// Writes a page to `slot` and records its checksum.
+    #[cfg_attr(feature = "lockdep", track_caller)]
     pub fn write(&self, slot: u64, buf: &[u8]) -> io::Result<()> {
+        crate::lockdep::might_block("device write");
         let sum = crc32c::crc32c(buf);
         if !self.pool_store(slot, buf) {
             self.dev.write_page(slot, buf)?;
@@ -671,7 +675,9 @@ impl SwapDevice {
 
     /// Writes consecutive slots from `first` in one request where the device merges,
     /// and records their checksums.
+    #[cfg_attr(feature = "lockdep", track_caller)]
     pub fn write_run(&self, first: u64, bufs: &[&[u8]]) -> io::Result<()> {
+        crate::lockdep::might_block("device write");
         if self.front().is_none() {
             self.dev.write_pages(first, bufs)?;
         } else {
@@ -695,7 +701,9 @@ impl SwapDevice {
     }
 
     /// Reads `slot` into `buf` and checks it against the recorded checksum.
+    #[cfg_attr(feature = "lockdep", track_caller)]
     pub fn read(&self, slot: u64, buf: &mut [u8]) -> Result<()> {
+        crate::lockdep::might_block("device read");
         let dev_err = |source| Error::Device {
             dev: self.dev.name().to_string(),
             source,

@@ -83,6 +83,10 @@ impl<T> RwLock<T> {
     pub fn write(&self) -> RwLockWriteGuard<'_, T> {
         self.0.write().unwrap()
     }
+    /// `write` (the lock validator's nesting annotation is for the std backend).
+    pub fn write_nested(&self) -> RwLockWriteGuard<'_, T> {
+        self.0.write().unwrap()
+    }
     pub fn get_mut(&mut self) -> &mut T {
         self.0.get_mut().unwrap()
     }

@@ -19,6 +19,10 @@
 //!
 //! Threads, sleeps and I/O are not switched: a model test drives the engine's
 //! protocols from shuttle threads of its own.
+//!
+//! With the feature `lockdep` the default backend's locks report every acquisition
+//! and release to the lock validator (`crate::lockdep`); the shuttle backend is not
+//! instrumented (a model checker explores the orders itself).
 
 #[cfg(not(usermm_shuttle))]
 #[path = "std_imp.rs"]
@@ -81,6 +85,8 @@ thread_local! {
 /// handler, device helpers). Called first thing by every thread the library starts.
 pub fn mark_engine_thread() {
     ENGINE_THREAD.with(|c| c.set(true));
+    #[cfg(feature = "lockdep")]
+    crate::lockdep::mark_engine_thread();
 }
 
 /// Whether the calling thread is one of usermm's own. An allocator that serves a

@@ -144,3 +144,56 @@ pub fn result_field(line: &str, key: &str) -> u64 {
         .find_map(|w| w.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
         .unwrap_or_else(|| panic!("no {key} in {line:?}"))
 }
+
+/// A file device that runs `hook` before every write (on the page-I/O thread).
+pub struct HookDev {
+    inner: FileDevice,
+    hook: Box<dyn Fn() + Send + Sync>,
+}
+
+impl std::fmt::Debug for HookDev {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("HookDev")
+    }
+}
+
+impl BlockDevice for HookDev {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    fn pages(&self) -> u64 {
+        self.inner.pages()
+    }
+    fn read_page(&self, slot: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.inner.read_page(slot, buf)
+    }
+    fn write_page(&self, slot: u64, buf: &[u8]) -> std::io::Result<()> {
+        (self.hook)();
+        self.inner.write_page(slot, buf)
+    }
+    fn merges_writes(&self) -> bool {
+        self.inner.merges_writes()
+    }
+    fn write_pages(&self, first: u64, bufs: &[&[u8]]) -> std::io::Result<()> {
+        (self.hook)();
+        self.inner.write_pages(first, bufs)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+    fn discard(&self, first: u64, count: u64) -> std::io::Result<()> {
+        self.inner.discard(first, count)
+    }
+}
+
+/// A Vm of 64 frames swapping to a hooked file device.
+pub fn vm_with_hook(dir: &Path, hook: impl Fn() + Send + Sync + 'static) -> Vm {
+    let vm = Vm::new(usermm::Config::default().memory_budget(64 * usermm::PAGE_SIZE)).unwrap();
+    let inner = FileDevice::open(&dir.join("swap"), Some(16 << 20), "hooked").unwrap();
+    let dev = Arc::new(HookDev {
+        inner,
+        hook: Box::new(hook),
+    });
+    vm.swapon_device(dev as Arc<dyn BlockDevice>, 0).unwrap();
+    vm
+}
