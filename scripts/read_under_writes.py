@@ -7,7 +7,8 @@ Usage: scripts/read_under_writes.py [DIR] [WRITERS...]
 
 Each writer thread writes 128 KiB runs (what a page-I/O thread writes to a local
 swap file) at random offsets with O_DIRECT while one thread reads 4 KiB pages at
-random and times each read. This is what `pageio`'s "Reads first" cap is based on.
+random and times each read: what a fault's swap-in read costs while page-out is
+writing (issue 10 item 2: demand reads must not queue behind write-back).
 """
 import mmap
 import os
