@@ -65,6 +65,9 @@ pub(crate) const PROBE_EVERY: Duration = Duration::from_secs(1);
 
 /// Queued discards that wake the maintenance thread before its next tick.
 const DISCARD_BATCH: usize = 256;
+/// The shortest run of free slots punched out of a local swap file (256 KiB; see
+/// `SwapDevice::flush_discards`).
+const MIN_FILE_RUN: usize = 64;
 /// The maintenance thread's tick.
 const MAINT_TICK: Duration = Duration::from_millis(50);
 
@@ -634,13 +637,26 @@ impl SwapDevice {
                     }
                 }
             }
+            // A local file gets only runs of `MIN_FILE_RUN` slots or more: punching a
+            // hole takes the file's inode lock against the page-I/O threads' reads
+            // and writes and makes the next write there allocate blocks again, and
+            // punching the scattered single slots that rewrites free cost 40 % of
+            // the bench's 50 %-write cells (81k -> 49k accesses/s at uniform W/B
+            // 1.25). Large frees (an unmap, an exit) come as long runs and still
+            // give their space back; a network device takes every run (one TRIM
+            // each, from this thread).
+            let min_run = if self.dev.merges_writes() {
+                MIN_FILE_RUN
+            } else {
+                1
+            };
             let mut i = 0;
             while i < k {
                 let mut j = i + 1;
                 while j < k && slots[j] == slots[j - 1] + 1 {
                     j += 1;
                 }
-                if self.discard_on.load(Ordering::Relaxed) {
+                if j - i >= min_run && self.discard_on.load(Ordering::Relaxed) {
                     match self.dev.discard(slots[i], (j - i) as u64) {
                         Ok(()) => {
                             self.discarded.fetch_add((j - i) as u64, Ordering::Relaxed);
