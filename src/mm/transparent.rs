@@ -721,20 +721,9 @@ impl TRegion {
                 }
                 Pte::Busy => wait_until(|| pte.load(Ordering::Acquire) != BUSY),
                 Pte::Empty => {
-                    if pte
-                        .compare_exchange(EMPTY, BUSY, Ordering::AcqRel, Ordering::Relaxed)
-                        .is_err()
-                    {
+                    let Some(pfn) = claim_empty(eng, pte)? else {
                         continue;
-                    }
-                    let pfn = match crate::reclaim::alloc_frame(eng, AllocCtx::Normal) {
-                        Ok(p) => p,
-                        Err(e) => {
-                            pte.store(EMPTY, Ordering::Release);
-                            return Err(e);
-                        }
                     };
-                    token_only(eng, pfn);
                     // A forked child: the page may be its parent's, on the parent's
                     // swap (`mm::transparent_foreign`); else a zero page.
                     let idx = (page - self.base) / PS;
@@ -846,6 +835,27 @@ impl TRegion {
             }
         }
     }
+}
+
+/// Claims an `EMPTY` entry (`BUSY`) and takes the frame that stands for its page
+/// (`token_only`). `None`: another thread claimed it first. On an error (no frame)
+/// the entry is `EMPTY` again.
+pub(super) fn claim_empty(eng: &Engine, pte: &AtomicU64) -> Result<Option<crate::addr::Pfn>> {
+    if pte
+        .compare_exchange(EMPTY, BUSY, Ordering::AcqRel, Ordering::Relaxed)
+        .is_err()
+    {
+        return Ok(None);
+    }
+    let pfn = match crate::reclaim::alloc_frame(eng, AllocCtx::Normal) {
+        Ok(p) => p,
+        Err(e) => {
+            pte.store(EMPTY, Ordering::Release);
+            return Err(e);
+        }
+    };
+    token_only(eng, pfn);
+    Ok(Some(pfn))
 }
 
 /// A frame that only stands for a transparent page in the budget: its own memory is

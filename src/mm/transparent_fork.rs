@@ -79,14 +79,13 @@
 //! taken or allocated under it. Slot references go through `SwapDevice::dup`/`put`
 //! (`SwapDevice::map`, a leaf), with an entry claimed `BUSY` at most.
 
-use super::transparent::{token_only, Host, TRegion, TransparentRegion};
+use super::transparent::{claim_empty, Host, TRegion, TransparentRegion};
 use super::transparent_foreign::{read_rec, touch, Foreign, Keepers, Rec, CHUNK};
 use crate::addr::{SwapEntry, PAGE_SIZE};
 use crate::device::AlignedPages;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
-use crate::frame::AllocCtx;
-use crate::pte::{Pte, BUSY, EMPTY};
+use crate::pte::{Pte, BUSY};
 use crate::swap::SwapDevice;
 use crate::sync::{wait_until, wait_until_for, Arc, AtomicBool, AtomicUsize, Mutex, Ordering};
 use std::os::fd::RawFd;
@@ -492,20 +491,9 @@ fn adopt_resident(
         repair(old, i, base + i as u64 * PS, &f.recs[k], buf, patched)?;
     }
     let pte = &r.entries()[i];
-    if pte
-        .compare_exchange(EMPTY, BUSY, Ordering::AcqRel, Ordering::Relaxed)
-        .is_err()
-    {
+    let Some(pfn) = claim_empty(eng, pte)? else {
         return Ok(());
-    }
-    let pfn = match crate::reclaim::alloc_frame(eng, AllocCtx::Normal) {
-        Ok(p) => p,
-        Err(e) => {
-            pte.store(EMPTY, Ordering::Release);
-            return Err(e);
-        }
     };
-    token_only(eng, pfn);
     eng.install_transparent(pte, pfn, base + i as u64 * PS, 0, true);
     // Resident here: its bytes are the child's own, never its record's.
     if let (Some(f), Some(k)) = (f, k) {
