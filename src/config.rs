@@ -16,6 +16,7 @@ pub struct Config {
     pub(crate) io_threads: usize,
     pub(crate) io_requests: usize,
     pub(crate) background_reclaim: bool,
+    pub(crate) max_files: usize,
 }
 
 impl Default for Config {
@@ -26,6 +27,7 @@ impl Default for Config {
             io_threads: 16,
             io_requests: 256,
             background_reclaim: true,
+            max_files: 1024,
         }
     }
 }
@@ -58,6 +60,13 @@ impl Config {
     /// high watermarks (default true). Without it only direct reclaim runs.
     pub fn background_reclaim(mut self, on: bool) -> Self {
         self.background_reclaim = on;
+        self
+    }
+
+    /// Most host files open at once through `map_file` and `Vm::open` (each holds a
+    /// preallocated slot the page-I/O threads write it back through). Default 1024.
+    pub fn max_files(mut self, n: usize) -> Self {
+        self.max_files = n;
         self
     }
 
@@ -106,6 +115,9 @@ impl Config {
             return Err(Error::Config(
                 "io_requests must be at least io_threads and at most 65536".into(),
             ));
+        }
+        if self.max_files > 1 << 20 {
+            return Err(Error::Config("max_files must be at most 1048576".into()));
         }
         Ok(())
     }

@@ -19,7 +19,7 @@ use crate::addr::{Pfn, PAGE_SIZE};
 use crate::config::Config;
 use crate::error::Result;
 use crate::frame::rmap::Rmap;
-use crate::frame::{FrameArena, F_INUSE, F_TRANSPARENT};
+use crate::frame::{FrameArena, F_FILE, F_INUSE, F_TRANSPARENT};
 use crate::pageio::PageIo;
 use crate::pte::{Pte, P_ACCESSED, P_DIRTY};
 use crate::stats::{Counters, Stats};
@@ -27,6 +27,16 @@ use crate::swap::SwapTable;
 use crate::sync::{
     Arc, AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Condvar, Mutex, Ordering, Weak,
 };
+
+/// What kind of page `Engine::publish` installs.
+#[derive(Clone, Copy)]
+enum Kind {
+    Anon,
+    /// A transparent page at this address.
+    Transparent(u64),
+    /// A file page with this `filemap::slots::index`.
+    File(u64),
+}
 
 /// What swapoff needs from an address space (implemented by `mm::space::SpaceInner`).
 pub(crate) trait SpaceWalk: Send + Sync + std::fmt::Debug {
@@ -93,6 +103,9 @@ pub(crate) struct Engine {
     /// Device of the most recent failed page-out (for the error of an allocation
     /// that cannot progress because page-out keeps failing). Relaxed atomic.
     pub last_write_error_dev: AtomicU8,
+    /// The host files open through `map_file` and `Vm::open`, as the page-I/O
+    /// threads see them (preallocated; see `filemap::slots`).
+    pub files: crate::filemap::slots::FileSlots,
 }
 
 impl Engine {
@@ -127,6 +140,7 @@ impl Engine {
             fork_held: AtomicU64::new(0),
             foreign_reads: AtomicU64::new(0),
             spaces: Mutex::new(Vec::new()),
+            files: crate::filemap::slots::FileSlots::new(cfg.max_files),
         })
     }
 
@@ -151,6 +165,7 @@ impl Engine {
             + self.swap.metadata_bytes()
             + self.io.metadata_bytes()
             + self.rmap.metadata_bytes()
+            + self.files.metadata_bytes()
     }
 
     /// Whether a page just read from `dev` keeps its slot there as a clean copy. Not
@@ -168,7 +183,7 @@ impl Engine {
         if !self.arena_used.load(Ordering::Relaxed) {
             self.arena_used.store(true, Ordering::Relaxed);
         }
-        self.publish(pte, pfn, swap, dirty, None);
+        self.publish(pte, pfn, swap, dirty, Kind::Anon);
     }
 
     /// Publishes `pfn` as the budget token of the transparent page at `addr`, whose
@@ -182,20 +197,32 @@ impl Engine {
         swap: u64,
         dirty: bool,
     ) {
-        self.publish(pte, pfn, swap, dirty, Some(addr));
+        self.publish(pte, pfn, swap, dirty, Kind::Transparent(addr));
     }
 
-    fn publish(&self, pte: &AtomicU64, pfn: Pfn, swap: u64, dirty: bool, transparent: Option<u64>) {
+    /// Publishes `pfn` (filled) as page `index` (`filemap::slots::index`) of a
+    /// host file's page cache, at the cache's entry `pte`, which the caller claimed
+    /// (`BUSY`). `dirty`: it differs from the file.
+    pub fn install_file(&self, pte: &AtomicU64, pfn: Pfn, index: u64, dirty: bool) {
+        self.arena_used.store(true, Ordering::Relaxed);
+        self.publish(pte, pfn, 0, dirty, Kind::File(index));
+    }
+
+    fn publish(&self, pte: &AtomicU64, pfn: Pfn, swap: u64, dirty: bool, kind: Kind) {
         let d = self.frames.desc(pfn);
         // A frame just allocated for this page: mapped by nobody, so nobody can be
         // waiting for it while holding a lock we hold (reclaim only try-locks).
         d.lock_fresh();
         d.swap.store(swap, Ordering::Relaxed);
-        match transparent {
-            None => d.flags.store(F_INUSE, Ordering::Relaxed),
-            Some(addr) => {
+        match kind {
+            Kind::Anon => d.flags.store(F_INUSE, Ordering::Relaxed),
+            Kind::Transparent(addr) => {
                 d.flags.store(F_INUSE | F_TRANSPARENT, Ordering::Relaxed);
                 d.owner2.store(addr as *mut AtomicU64, Ordering::Relaxed);
+            }
+            Kind::File(index) => {
+                d.flags.store(F_INUSE | F_FILE, Ordering::Relaxed);
+                d.index.store(index, Ordering::Relaxed);
             }
         }
         self.rmap.add(d, pfn, pte);
@@ -234,6 +261,9 @@ impl Engine {
             cow_faults: l(&c.cow_faults),
             write_errors: l(&c.write_errors),
             read_errors: l(&c.read_errors),
+            filein: l(&c.filein),
+            fileout: l(&c.fileout),
+            file_write_errors: l(&c.file_write_errors),
             free_frames: self.frames.free_count() as u64,
             total_frames: self.frames.nframes() as u64,
             metadata_bytes: (self.metadata_bytes() + pt_bytes) as u64,

@@ -117,6 +117,7 @@ pub mod config;
 pub mod device;
 mod engine;
 pub mod error;
+mod filemap;
 mod frame;
 #[cfg(feature = "lockdep")]
 pub mod lockdep;
@@ -137,9 +138,10 @@ mod vm;
 pub use addr::{SwapId, VAddr, PAGE_SIZE, VADDR_END};
 pub use config::{Config, SwapSpec};
 pub use error::{Error, Result};
-pub use mm::region::Region;
+pub use mm::msync::{fsck, FsckReport};
+pub use mm::region::{Region, Share};
 pub use mm::transparent::TransparentRegion;
 pub use stats::{Stats, SwapInfo};
 #[doc(hidden)]
 pub use vm::ForkTicket;
-pub use vm::{AddressSpace, PageMut, PageRef, Vm};
+pub use vm::{AddressSpace, File, PageMut, PageRef, Vm};

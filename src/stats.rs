@@ -21,6 +21,9 @@ pub(crate) struct Counters {
     pub read_around: AtomicU64,
     pub write_errors: AtomicU64,
     pub read_errors: AtomicU64,
+    pub filein: AtomicU64,
+    pub fileout: AtomicU64,
+    pub file_write_errors: AtomicU64,
 }
 
 impl Counters {
@@ -93,6 +96,13 @@ pub struct Stats {
     pub write_errors: u64,
     /// Swap-in reads that failed or did not match their checksum.
     pub read_errors: u64,
+    /// Pages of host files read into the page cache (counted in `pswpin` too).
+    pub filein: u64,
+    /// Pages of host files written back in place: by the page-I/O threads, `msync`
+    /// and `File::sync` (counted in `pswpout` too).
+    pub fileout: u64,
+    /// File write-backs that failed (the pages stayed resident and dirty).
+    pub file_write_errors: u64,
     /// Free frames now.
     pub free_frames: u64,
     /// Frames in the budget.

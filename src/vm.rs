@@ -13,11 +13,13 @@ use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::mm::fault::Want;
 use crate::mm::pagetable::LeafPool;
-use crate::mm::region::Region;
+use crate::filemap::inode::{FileTable, Inode};
+use crate::mm::region::{Region, Share};
 use crate::mm::space::SpaceInner;
 use crate::stats::{Stats, SwapInfo};
 use crate::sync::{Arc, AtomicU64, Mutex, Ordering, Weak};
 use std::marker::PhantomData;
+use std::path::Path;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -33,6 +35,17 @@ struct VmInner {
     /// The userfaultfd host of transparent regions, made with the first one.
     /// Protected by its mutex (a leaf; taken by `map_transparent` and drop).
     transparent: Mutex<Option<Arc<crate::mm::transparent::Host>>>,
+    /// The host files open through `map_file` and `open` (see `filemap::inode`).
+    files: Arc<FileTable>,
+}
+
+impl VmInner {
+    /// The inode of `path` (one page cache per file), recovering its journal when
+    /// it is opened afresh.
+    fn open_inode(&self, path: &Path) -> Result<Arc<Inode>> {
+        self.files
+            .open(&self.eng, &self.leaves, path, &crate::mm::msync::recover_on_open)
+    }
 }
 
 impl Drop for VmInner {
@@ -119,6 +132,7 @@ impl Vm {
                 leaves: Arc::new(LeafPool::new()),
                 threads: Mutex::new(threads),
                 transparent: Mutex::new(None),
+                files: Arc::new(FileTable::default()),
             }),
         })
     }
@@ -308,6 +322,20 @@ impl Vm {
             .collect()
     }
 
+    /// Opens the host file at `path` read-write through the Vm's page cache: a
+    /// [`File`] whose reads and writes are coherent with every mapping of the file
+    /// (`map_file`). Recovers the file's `Share::Atomic` journal first if one is
+    /// left from a crash.
+    ///
+    /// Errors: `Io` (naming the path) if it cannot be opened or recovered;
+    /// `InvalidArgument` if it is not a regular file.
+    pub fn open(&self, path: impl AsRef<Path>) -> Result<File> {
+        Ok(File {
+            ino: self.inner.open_inode(path.as_ref())?,
+            _vm: self.inner.clone(),
+        })
+    }
+
     /// A new, empty address space.
     pub fn new_space(&self) -> AddressSpace {
         AddressSpace::register(&self.inner)
@@ -484,6 +512,40 @@ impl AddressSpace {
         self.inner.unmap(r)
     }
 
+    /// Maps all of the host file at `path` (opened read-write), its length rounded
+    /// up to whole pages. `mm.read`/`write`/`page`/`page_mut` work on it as on
+    /// anonymous memory; an access to a page past the end of the file is
+    /// `BadAddress` (the bytes of the last page past the end read as zeros and never
+    /// reach the file, as with `mmap`). How writes reach the file is `share`'s
+    /// (see [`Share`]). Every mapping and [`File`] handle of one file shares one page
+    /// cache inside the budget.
+    ///
+    /// Errors: `Io` (naming the path) if the file cannot be opened read-write or its
+    /// journal cannot be recovered; `InvalidArgument` for an empty file or one that
+    /// is not a regular file; `OutOfMemory` when no gap of that size is left.
+    pub fn map_file(&self, path: impl AsRef<Path>, share: Share) -> Result<Region> {
+        let ino = self._vm.open_inode(path.as_ref())?;
+        if share == Share::Atomic {
+            crate::mm::msync::prepare_atomic(&ino)?;
+        }
+        self.inner.map_file(ino, share)
+    }
+
+    /// Writes a file mapping's changes to the file (see [`Share`]):
+    /// - `Shared`: its dirty pages, then `fdatasync`; also reports a failed
+    ///   background write-back of the file since the last `msync`/`sync`;
+    /// - `Private`: nothing (its changes never reach the file);
+    /// - `Atomic`: every page this mapping dirtied since its previous `msync`, all
+    ///   or none, whatever crashes when.
+    ///
+    /// Errors: `BadAddress` if `r` is not a mapped region of this space;
+    /// `InvalidArgument` if it is not a file mapping; `Io` if a write or sync
+    /// fails (the pages stay dirty, the mapping usable; for `Atomic` the file then
+    /// holds the previous commit, or this one if it reached the journal).
+    pub fn msync(&self, r: &Region) -> Result<()> {
+        crate::mm::msync::msync(&self.inner, *r)
+    }
+
     /// The mapped regions, in address order.
     pub fn regions(&self) -> Vec<Region> {
         self.inner.regions()
@@ -514,14 +576,18 @@ impl AddressSpace {
     /// Errors as for `read`, and `WouldDeadlock` if this thread holds a `PageMut`
     /// of the same page (it would wait for itself).
     pub fn page(&self, addr: VAddr) -> Result<PageRef<'_>> {
-        let (pte, pfn) = crate::mm::fault::pin(&self.inner, addr, Want::Shared)?;
+        let p = crate::mm::fault::pin(&self.inner, addr, Want::Shared)?;
         crate::mm::fault::note_pin(&self.inner, addr.vpn(), false);
+        if let Some((ino, pg)) = &p.file {
+            crate::mm::fault::note_pin_key(ino.key(), *pg, false);
+        }
         Ok(PageRef {
             space: &self.inner,
             vpn: addr.vpn(),
-            pte,
-            pfn,
-            ptr: self.inner.eng.frames.frame_ptr(pfn),
+            pte: p.pte,
+            pfn: p.pfn,
+            ptr: self.inner.eng.frames.frame_ptr(p.pfn),
+            file: p.file,
             _not_send: PhantomData,
         })
     }
@@ -534,8 +600,12 @@ impl AddressSpace {
     /// of other threads may be loading concurrently). Errors as for `read`, and
     /// `WouldDeadlock` if this thread holds any guard on the same page.
     pub fn page_mut(&self, addr: VAddr) -> Result<PageMut<'_>> {
-        let (pte, pfn) = crate::mm::fault::pin(&self.inner, addr, Want::Exclusive)?;
+        let p = crate::mm::fault::pin(&self.inner, addr, Want::Exclusive)?;
         crate::mm::fault::note_pin(&self.inner, addr.vpn(), true);
+        if let Some((ino, pg)) = &p.file {
+            crate::mm::fault::note_pin_key(ino.key(), *pg, true);
+        }
+        let (pte, pfn) = (p.pte, p.pfn);
         let ptr = self.inner.eng.frames.frame_ptr(pfn);
         let mut copy = Box::new(PageBuf([0; PAGE_SIZE]));
         // SAFETY: `ptr` is the pinned frame (PAGE_SIZE bytes in the arena); we hold
@@ -548,8 +618,74 @@ impl AddressSpace {
             pfn,
             ptr,
             copy,
+            file: p.file,
             _not_send: PhantomData,
         })
+    }
+}
+
+/// A host file opened through a Vm's page cache (`Vm::open`): reads and writes are
+/// coherent with every mapping of the file. Its pages count against the budget
+/// and are written back by the page-I/O threads, `sync`, or when the last handle
+/// and mapping of the file go.
+#[derive(Debug)]
+pub struct File {
+    ino: Arc<Inode>,
+    _vm: Arc<VmInner>,
+}
+
+impl File {
+    /// Reads up to `buf.len()` bytes at `offset` (std's `FileExt` order); returns
+    /// how many, 0 at or past the end of the file.
+    ///
+    /// Errors: `Io` if reading the file fails; `OutOfMemory`/`OutOfSwap` if no
+    /// frame can be had; `WouldDeadlock` if this thread holds a `PageMut` on a page
+    /// of the range (through a mapping).
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<usize> {
+        self.check_pins(offset, buf.len(), true)?;
+        self.ino.read_at(buf, offset)
+    }
+
+    /// Writes all of `buf` at `offset`, growing the file if it ends past it;
+    /// returns `buf.len()`. The bytes reach the file by write-back (`sync` makes
+    /// them durable).
+    ///
+    /// Errors: as `read_at`, `WouldDeadlock` for any guard on a page of the range,
+    /// and `InvalidArgument` past 128 TiB.
+    pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<usize> {
+        self.check_pins(offset, buf.len(), false)?;
+        self.ino.write_at(buf, offset)
+    }
+
+    /// The file's length in bytes.
+    pub fn len(&self) -> u64 {
+        self.ino.len()
+    }
+
+    /// Whether the file is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Writes the file's dirty pages and syncs it (`fdatasync`).
+    ///
+    /// Errors: `Io` if a write or the sync fails, or if a background write-back of
+    /// the file failed since the last `sync`/`msync` (reported once); the pages
+    /// that failed stay dirty.
+    pub fn sync(&self) -> Result<()> {
+        self.ino.sync(0, u64::MAX, true)
+    }
+
+    fn check_pins(&self, offset: u64, len: usize, read: bool) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let first = offset / PAGE_SIZE as u64;
+        let end = offset.saturating_add(len as u64).div_ceil(PAGE_SIZE as u64);
+        if crate::mm::fault::holds_pin_key(self.ino.key(), first, end, read) {
+            return Err(Error::WouldDeadlock("a file read or write"));
+        }
+        Ok(())
     }
 }
 
@@ -562,6 +698,8 @@ pub struct PageRef<'a> {
     pte: &'a AtomicU64,
     pfn: Pfn,
     ptr: *mut u8,
+    /// A page of a shared file mapping: its inode (kept alive) and page number.
+    file: Option<(Arc<Inode>, u64)>,
     _not_send: PhantomData<*mut u8>,
 }
 
@@ -577,6 +715,9 @@ impl std::ops::Deref for PageRef<'_> {
 impl Drop for PageRef<'_> {
     fn drop(&mut self) {
         crate::mm::fault::note_unpin(self.space, self.vpn, false);
+        if let Some((ino, pg)) = &self.file {
+            crate::mm::fault::note_unpin_key(ino.key(), *pg, false);
+        }
         crate::mm::fault::unpin(self.pte, self.pfn, Want::Shared);
     }
 }
@@ -592,6 +733,8 @@ pub struct PageMut<'a> {
     ptr: *mut u8,
     /// The copy the guard hands out; written back on drop.
     copy: Box<PageBuf>,
+    /// As in `PageRef`.
+    file: Option<(Arc<Inode>, u64)>,
     _not_send: PhantomData<*mut u8>,
 }
 
@@ -620,6 +763,9 @@ impl Drop for PageMut<'_> {
         // what it read because `unpin` moves the entry's version.
         unsafe { crate::frame::copy_in(self.ptr, &self.copy.0) };
         crate::mm::fault::note_unpin(self.space, self.vpn, true);
+        if let Some((ino, pg)) = &self.file {
+            crate::mm::fault::note_unpin_key(ino.key(), *pg, true);
+        }
         crate::mm::fault::unpin(self.pte, self.pfn, Want::Exclusive);
     }
 }

@@ -38,6 +38,10 @@ pub(crate) const F_WRITEBACK: u32 = 4;
 /// page's bytes live in the region's own mapping at `PageDesc::owner2` (its address),
 /// not in the arena. See `mm::transparent`.
 pub(crate) const F_TRANSPARENT: u32 = 8;
+/// The frame holds a page of a host file's page cache (`filemap`): its one mapping
+/// is the cache's entry, `PageDesc::index` says which file and page, and the file
+/// (not a swap slot) is where it is written back (see `reclaim`).
+pub(crate) const F_FILE: u32 = 16;
 
 /// Who may take a frame below the min watermark.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -75,6 +79,9 @@ pub(crate) struct PageDesc {
     /// is valid while the entry is not `P_DIRTY`. Holds one slot reference. Protected
     /// by the frame lock.
     pub swap: AtomicU64,
+    /// An `F_FILE` page's file slot and page number (`filemap::slots::index`).
+    /// Protected by the frame lock; meaningless without `F_FILE`.
+    pub index: AtomicU64,
 }
 
 impl PageDesc {
@@ -87,6 +94,7 @@ impl PageDesc {
             owner: AtomicPtr::new(std::ptr::null_mut()),
             owner2: AtomicPtr::new(std::ptr::null_mut()),
             swap: AtomicU64::new(0),
+            index: AtomicU64::new(0),
         }
     }
 

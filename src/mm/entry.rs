@@ -13,8 +13,8 @@
 use crate::engine::Engine;
 use crate::frame::F_TRANSPARENT;
 use crate::pte::{
-    try_lock_present, unlock_entry, Pte, BUSY, EMPTY, P_COW, P_EXCL, P_LOCK, P_SHARED, P_STAGED,
-    TAG_MASK, TAG_PRESENT,
+    try_lock_present, unlock_entry, Pte, BUSY, EMPTY, P_ACCESSED, P_COW, P_DIRTY, P_EXCL, P_LOCK,
+    P_SHARED, P_STAGED, TAG_MASK, TAG_PRESENT,
 };
 use crate::sync::{wait_until, AtomicU64, Ordering};
 
@@ -142,4 +142,42 @@ pub(crate) fn release_entry(eng: &Engine, pte: &AtomicU64) {
             }
         }
     }
+}
+
+/// Releases entry `pte` (as `release_entry`) only if it still holds the page it
+/// held when its value was `expect`: present in the same frame with the same
+/// version, not locked or pinned (the reference, dirty and copy-on-write bits may
+/// differ: they change without the bytes changing). Returns whether it did. Used
+/// by an Atomic commit to drop private copies that now equal the file.
+pub(crate) fn release_if_unchanged(eng: &Engine, pte: &AtomicU64, expect: u64) -> bool {
+    const LOOSE: u64 = P_ACCESSED | P_DIRTY | P_COW;
+    let same = |v: u64| (v | LOOSE) == (expect | LOOSE);
+    let v = pte.load(Ordering::Acquire);
+    let Pte::Present(pfn) = Pte::decode(v) else {
+        return false;
+    };
+    if !same(v) || v & (P_LOCK | P_EXCL | P_SHARED) != 0 {
+        return false;
+    }
+    let d = eng.frames.desc(pfn);
+    d.lock();
+    let Some(v) = try_lock_present(pte, P_EXCL | P_SHARED) else {
+        d.unlock();
+        return false;
+    };
+    if !same(v) || Pte::pfn(v) != pfn {
+        unlock_entry(pte, 0, 0);
+        d.unlock();
+        return false;
+    }
+    pte.store(EMPTY, Ordering::Release);
+    crate::pte::released(pte);
+    if eng.rmap.remove(d, pfn, pte) > 0 {
+        d.unlock();
+        return true;
+    }
+    eng.swap.put_encoded(d.swap.swap(0, Ordering::Relaxed));
+    d.unlock();
+    eng.frames.free(pfn);
+    true
 }

@@ -29,14 +29,15 @@ use crate::addr::{Pfn, VAddr, PAGE_SIZE, VADDR_END};
 use crate::device::AlignedPages;
 use crate::error::{Error, Result};
 use crate::frame::{copy_in, copy_out, zero_frame, AllocCtx};
-use crate::mm::region::RegionTree;
+use crate::filemap::inode::Inode;
+use crate::mm::region::{RegionTree, Share};
 use crate::mm::space::SpaceInner;
 use crate::pte::{
     lock_present, released, try_lock_present, unlock_entry, Pte, BUSY, EMPTY, P_ACCESSED, P_COW,
     P_DIRTY, P_EXCL, P_LOCK, P_SHARED, P_SHARED_ONE, TAG_MASK, TAG_PRESENT,
 };
 use crate::stats::Counters;
-use crate::sync::{fence, wait_until, AtomicU64, Ordering, RwLockReadGuard};
+use crate::sync::{fence, wait_until, Arc, AtomicU64, Ordering, RwLockReadGuard};
 use std::cell::RefCell;
 
 thread_local! {
@@ -56,12 +57,24 @@ fn space_key(sp: &SpaceInner) -> usize {
 
 /// Records a pin taken by a guard of this thread.
 pub(crate) fn note_pin(sp: &SpaceInner, vpn: u64, exclusive: bool) {
-    HELD.with(|h| h.borrow_mut().push((space_key(sp), vpn, exclusive)));
+    note_pin_key(space_key(sp), vpn, exclusive);
 }
 
 /// Forgets a pin recorded by `note_pin`.
 pub(crate) fn note_unpin(sp: &SpaceInner, vpn: u64, exclusive: bool) {
-    let k = (space_key(sp), vpn, exclusive);
+    note_unpin_key(space_key(sp), vpn, exclusive);
+}
+
+/// Records a pin under any key: a space and its page number, or a file's inode
+/// (`Inode::key`) and the file's page number (a page of a file can be reached
+/// through several mappings and `File` handles).
+pub(crate) fn note_pin_key(key: usize, page: u64, exclusive: bool) {
+    HELD.with(|h| h.borrow_mut().push((key, page, exclusive)));
+}
+
+/// Forgets a pin recorded by `note_pin_key`.
+pub(crate) fn note_unpin_key(key: usize, page: u64, exclusive: bool) {
+    let k = (key, page, exclusive);
     HELD.with(|h| {
         let mut h = h.borrow_mut();
         if let Some(i) = h.iter().rposition(|&x| x == k) {
@@ -73,7 +86,11 @@ pub(crate) fn note_unpin(sp: &SpaceInner, vpn: u64, exclusive: bool) {
 /// Whether this thread holds a pin in `sp` on a page in `[first, end)`: any pin, or
 /// only exclusive ones.
 pub(crate) fn holds_pin(sp: &SpaceInner, first: u64, end: u64, exclusive_only: bool) -> bool {
-    let key = space_key(sp);
+    holds_pin_key(space_key(sp), first, end, exclusive_only)
+}
+
+/// `holds_pin` under any key (see `note_pin_key`).
+pub(crate) fn holds_pin_key(key: usize, first: u64, end: u64, exclusive_only: bool) -> bool {
     HELD.with(|h| {
         h.borrow()
             .iter()
@@ -121,7 +138,11 @@ pub(crate) fn write(sp: &SpaceInner, addr: VAddr, data: &[u8]) -> Result<()> {
             if write_fast(this, a, src) {
                 return Ok(());
             }
-            prepare_write(this, a, P_EXCL | P_SHARED | P_COW)?;
+            if let Some((ino, pg)) = prepare_write(this, a, P_EXCL | P_SHARED | P_COW)? {
+                return ino
+                    .write(pg, a.page_offset(), src)
+                    .map_err(|e| at_addr(e, a));
+            }
         }
     })
 }
@@ -225,19 +246,28 @@ fn read_slow(sp: &SpaceInner, a: VAddr, dst: &mut [u8]) -> Result<()> {
     loop {
         {
             let regions = sp.regions.read();
-            regions.range_mapped(a.0, 1)?;
-            let Some(pte) = sp.pt.lookup(a.vpn()) else {
-                dst.fill(0);
-                return Ok(());
-            };
-            let v = pte.load(Ordering::Acquire);
-            match Pte::decode(v) {
-                Pte::Empty => {
+            let vma = regions.find(a.0).ok_or(Error::BadAddress { addr: a.0 })?;
+            let file = vma.file_page(a.0).map(|(i, s, p)| (i.clone(), s, p));
+            let pte = sp.pt.lookup(a.vpn());
+            let v = pte.map_or(EMPTY, |p| p.load(Ordering::Acquire));
+            match (Pte::decode(v), file) {
+                // A shared file mapping reads the page cache; a private one an
+                // untouched page as in the file.
+                (_, Some((ino, Share::Shared, pg))) | (Pte::Empty, Some((ino, _, pg))) => {
+                    drop(regions);
+                    file_access(&ino, pg, a, true)?;
+                    return ino.read(pg, a.page_offset(), dst).map_err(|e| at_addr(e, a));
+                }
+                (Pte::Empty, None) => {
                     dst.fill(0);
                     return Ok(());
                 }
-                Pte::Swapped(_) => fault_swapin(sp, pte, v, regions)?,
-                Pte::Busy | Pte::Present(_) => {}
+                (Pte::Swapped(_), _) => {
+                    if let Some(pte) = pte {
+                        fault_swapin(sp, pte, v, regions)?;
+                    }
+                }
+                (Pte::Busy | Pte::Present(_), _) => {}
             }
         }
         if read_fast(sp, a, dst) {
@@ -247,6 +277,32 @@ fn read_slow(sp: &SpaceInner, a: VAddr, dst: &mut [u8]) -> Result<()> {
     }
 }
 
+/// Checks an access to page `pg` of a file through a mapping at `a`: inside the
+/// file, and not waiting for a guard of this thread on the same file page (taken
+/// through another mapping or handle). `read`: the access only reads.
+fn file_access(ino: &Inode, pg: u64, a: VAddr, read: bool) -> Result<()> {
+    if pg >= ino.pages() {
+        return Err(Error::BadAddress { addr: a.0 });
+    }
+    if holds_pin_key(ino.key(), pg, pg + 1, read) {
+        return Err(Error::WouldDeadlock("accessing a file page"));
+    }
+    Ok(())
+}
+
+/// An error of a file page access, with a bad address reported at `a` (the
+/// page cache knows file offsets, not addresses).
+fn at_addr(e: Error, a: VAddr) -> Error {
+    match e {
+        Error::BadAddress { .. } => Error::BadAddress { addr: a.0 },
+        e => e,
+    }
+}
+
+/// What `prepare_write` found when the page is a shared file mapping's: the file
+/// and page to access through the page cache instead.
+type FilePage = Option<(Arc<Inode>, u64)>;
+
 /// Makes the page at `a` resident (for a write or a guard), or waits for whoever
 /// holds it (a lock, or a pin in `forbid`). Returns when a retry of the fast path
 /// may succeed.
@@ -254,7 +310,10 @@ fn read_slow(sp: &SpaceInner, a: VAddr, dst: &mut [u8]) -> Result<()> {
 /// Errors: `WouldDeadlock` if what it would wait for is a guard of this thread (a
 /// write or exclusive pin conflicts with any of our pins on the page; a shared pin
 /// with our exclusive ones, or with our shared ones when the shared count is full).
-fn prepare_write(sp: &SpaceInner, a: VAddr, forbid: u64) -> Result<()> {
+///
+/// Returns `Some((inode, page))` for a page of a `Share::Shared` file mapping: the
+/// caller accesses it in the page cache.
+fn prepare_write(sp: &SpaceInner, a: VAddr, forbid: u64) -> Result<FilePage> {
     if holds_pin(sp, a.vpn(), a.vpn() + 1, forbid & P_SHARED == 0) {
         return Err(Error::WouldDeadlock(if forbid & P_SHARED == 0 {
             "pinning a page shared"
@@ -268,33 +327,43 @@ fn prepare_write(sp: &SpaceInner, a: VAddr, forbid: u64) -> Result<()> {
         let regions = sp.regions.write();
         regions.range_mapped(a.0, 1)?;
         sp.unshare(a.vpn())?;
-        return Ok(());
+        return Ok(None);
     }
     {
         let regions = sp.regions.read();
-        regions.range_mapped(a.0, 1)?;
+        let vma = regions.find(a.0).ok_or(Error::BadAddress { addr: a.0 })?;
+        let file = vma.file_page(a.0).map(|(i, s, p)| (i.clone(), s, p));
+        if let Some((ino, share, pg)) = &file {
+            file_access(ino, *pg, a, forbid & P_SHARED == 0)?;
+            if *share == Share::Shared {
+                return Ok(Some((ino.clone(), *pg)));
+            }
+        }
         if sp.pt.is_shared(a.vpn()) {
             // A fork shared the leaf after the check above: a page installed now
             // would show this write to the child. Retry, to copy the leaf first.
-            return Ok(());
+            return Ok(None);
         }
         let pte = sp.pt.entry(a.vpn());
         let v = pte.load(Ordering::Acquire);
         match Pte::decode(v) {
-            Pte::Empty => return fault_zero(sp, pte, regions),
-            Pte::Swapped(_) => return fault_swapin(sp, pte, v, regions),
+            Pte::Empty => {
+                let src = file.map(|(ino, _, pg)| (ino, pg));
+                return fault_zero(sp, pte, regions, src).map(|()| None);
+            }
+            Pte::Swapped(_) => return fault_swapin(sp, pte, v, regions).map(|()| None),
             Pte::Present(pfn)
                 if forbid & P_COW != 0
                     && v & P_COW != 0
                     && v & (P_LOCK | P_EXCL | P_SHARED) == 0 =>
             {
-                return cow_break(sp, a, pte, pfn, regions)
+                return cow_break(sp, a, pte, pfn, regions).map(|()| None)
             }
             Pte::Busy | Pte::Present(_) => {}
         }
     }
     wait_page(sp, a, forbid & !P_COW);
-    Ok(())
+    Ok(None)
 }
 
 /// Waits (without locks) until the page at `a` is neither being faulted in nor
@@ -399,7 +468,8 @@ fn cow_break(
     Ok(())
 }
 
-/// Zero-fill fault: `pte` was `Empty`.
+/// Zero-fill fault: `pte` was `Empty`. With `src`, the page of a private file
+/// mapping: filled from that file page (through its page cache) instead.
 ///
 /// Called with the regions read lock, which it drops once the entry is claimed: the
 /// `BUSY` claim keeps unmap (its release waits for the claim) and fork (a copy of
@@ -409,6 +479,7 @@ fn fault_zero(
     sp: &SpaceInner,
     pte: &AtomicU64,
     regions: RwLockReadGuard<'_, RegionTree>,
+    src: FilePage,
 ) -> Result<()> {
     if pte
         .compare_exchange(EMPTY, BUSY, Ordering::AcqRel, Ordering::Relaxed)
@@ -426,8 +497,31 @@ fn fault_zero(
             return Err(e);
         }
     };
-    // SAFETY: the frame was just allocated to us and is not yet visible.
-    unsafe { zero_frame(sp.eng.frames.frame_ptr(pfn)) };
+    let frame = sp.eng.frames.frame_ptr(pfn);
+    match src {
+        // SAFETY: the frame was just allocated to us and is not yet visible.
+        None => unsafe { zero_frame(frame) },
+        Some((ino, pg)) => {
+            let res = BOUNCE.with(|b| {
+                let mut b = b.borrow_mut();
+                if b.is_none() {
+                    *b = Some(AlignedPages::new(1)?);
+                }
+                let buf = b.as_mut().expect("set above").page_mut(0);
+                ino.read_page(pg, buf)?;
+                // SAFETY: the frame is ours and not yet published; stale optimistic
+                // readers only load from it, and `copy_in` stores atomically.
+                unsafe { copy_in(frame, buf) };
+                Ok(())
+            });
+            if let Err(e) = res {
+                sp.eng.frames.free(pfn);
+                pte.store(EMPTY, Ordering::Release);
+                released(pte);
+                return Err(e);
+            }
+        }
+    }
     sp.eng.install(pte, pfn, 0, true);
     Counters::inc(&sp.eng.cnt.pgfault);
     Ok(())
@@ -504,8 +598,16 @@ fn fault_swapin(
     Ok(())
 }
 
-/// Pins the page containing `a` for a guard; returns its entry and frame.
-pub(crate) fn pin(sp: &SpaceInner, a: VAddr, want: Want) -> Result<(&AtomicU64, Pfn)> {
+/// A page pinned for a guard: its entry and frame, and for a page of a shared
+/// file mapping its inode (held, so the page cache outlives the guard) and page.
+pub(crate) struct Pinned<'a> {
+    pub pte: &'a AtomicU64,
+    pub pfn: Pfn,
+    pub file: FilePage,
+}
+
+/// Pins the page containing `a` for a guard.
+pub(crate) fn pin(sp: &SpaceInner, a: VAddr, want: Want) -> Result<Pinned<'_>> {
     if a.0 >= VADDR_END {
         return Err(Error::BadAddress { addr: a.0 });
     }
@@ -514,8 +616,12 @@ pub(crate) fn pin(sp: &SpaceInner, a: VAddr, want: Want) -> Result<(&AtomicU64, 
         Want::Exclusive => P_EXCL | P_SHARED | P_COW,
     };
     loop {
-        if let Some(got) = try_pin(sp, a, want, forbid) {
-            return Ok(got);
+        if let Some((pte, pfn)) = try_pin(sp, a, want, forbid) {
+            return Ok(Pinned {
+                pte,
+                pfn,
+                file: None,
+            });
         }
         // Shared pins are counted in 4 bits of the entry: when full, wait for one
         // to go.
@@ -523,7 +629,20 @@ pub(crate) fn pin(sp: &SpaceInner, a: VAddr, want: Want) -> Result<(&AtomicU64, 
             .pt
             .lookup(a.vpn())
             .is_some_and(|p| p.load(Ordering::Relaxed) & P_SHARED == P_SHARED);
-        prepare_write(sp, a, if full { forbid | P_SHARED } else { forbid })?;
+        if let Some((ino, pg)) = prepare_write(sp, a, if full { forbid | P_SHARED } else { forbid })? {
+            let (pte, pfn) = ino
+                .pin(pg, want == Want::Exclusive)
+                .map_err(|e| at_addr(e, a))?;
+            // SAFETY: page-table leaves are type-stable for the Vm's life (see
+            // `pagetable::LeafPool`), and the guard holds the inode, whose table is
+            // not cleared while it lives: the entry outlives the borrow of `sp`.
+            let pte = unsafe { &*(pte as *const AtomicU64) };
+            return Ok(Pinned {
+                pte,
+                pfn,
+                file: Some((ino, pg)),
+            });
+        }
     }
 }
 

@@ -9,6 +9,8 @@
 //!   copy-on-write, page pins.
 //! - `fork`: copy-on-write snapshots with shared page-table leaves.
 //! - `entry`: copying and releasing one entry (used by `space` and `fork`).
+//! - `msync`: `msync` of file mappings and the failure-atomic commit of
+//!   `Share::Atomic` ones (the journal is `filemap::journal`).
 //! - `transparent`: userfaultfd-backed regions and their fault handler;
 //!   `transparent_fork`: what a process fork of them needs (`usermm exec`), and
 //!   `transparent_foreign` its fault-path half (below `transparent`).
@@ -16,6 +18,7 @@
 pub(crate) mod entry;
 pub(crate) mod fault;
 pub(crate) mod fork;
+pub(crate) mod msync;
 pub(crate) mod pagetable;
 pub(crate) mod region;
 pub(crate) mod space;

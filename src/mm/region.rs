@@ -4,9 +4,17 @@
 //! engine keeps per region: kind, flags, backing, a sequence count) and `RegionTree`
 //! (start → `Vma`). The tree as a whole is covered by its space's `regions_seq`.
 //!
-//! Kinds: anonymous today; file-backed (`map_file`) and transparent (userfaultfd)
-//! regions are added as new `RegionKind`/`Backing` variants, and the fault path
-//! dispatches on the kind it finds, so its shape does not change.
+//! Kinds: anonymous, and file-backed (`map_file`, with a [`Share`] mode). The fault
+//! path dispatches on the kind it finds:
+//! - `Share::Shared`: the region has no entries of its own; every access goes to the
+//!   file's page cache (`filemap::inode`), shared with every other mapping of the
+//!   file and every `File` handle.
+//! - `Share::Private` and `Share::Atomic`: an entry of the space's own page table
+//!   that is `EMPTY` means "as in the file" (reads go to the page cache); the first
+//!   write (or guard) copies the page into a private anonymous page, which reclaim
+//!   sends to swap like any other. For `Atomic`, the private pages are exactly the
+//!   pages dirtied since the last `msync`, which commits them to the file through a
+//!   journal (`mm::msync`).
 //!
 //! ## Locking
 //! A `RegionTree` lives inside its space's `regions` RwLock: read to look a region
@@ -14,9 +22,10 @@
 //! removed region's own count), so an optimistic reader that looked regions up without the lock
 //! can tell that what it read is stale and fall back to the locked path.
 
-use crate::addr::{VAddr, VADDR_END};
+use crate::addr::{VAddr, PAGE_SIZE, VADDR_END};
 use crate::error::{Error, Result};
-use crate::sync::SeqCount;
+use crate::filemap::inode::Inode;
+use crate::sync::{Arc, SeqCount};
 use std::collections::BTreeMap;
 
 /// A mapped region of an address space, as returned by `map_anon`.
@@ -49,11 +58,32 @@ impl Region {
     }
 }
 
+/// How a file mapping (`AddressSpace::map_file`) shares its pages with the file.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub enum Share {
+    /// Writes go to the file's page cache, seen by every other `Shared` mapping and
+    /// `File` handle of the file, and reach the file by write-back (the page-I/O
+    /// threads, under memory pressure) or `msync` (the kernel's `MAP_SHARED`).
+    Shared,
+    /// Copy-on-write: a page reads as in the file until this mapping writes it; its
+    /// writes are its own and never reach the file (their pages go to swap)
+    /// (`MAP_PRIVATE`).
+    Private,
+    /// Failure-atomic: as `Private` until `msync`, which makes every page this
+    /// mapping dirtied since the previous `msync` reach the file, or none of them,
+    /// whatever crashes when (a write-ahead journal beside the file,
+    /// `PATH.usermm-journal`, replayed when the file is next mapped or opened, or by
+    /// `usermm fsck PATH`). Until `msync` the file is untouched.
+    Atomic,
+}
+
 /// What kind of memory a region is.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub(crate) enum RegionKind {
     /// Zero-filled on first touch; its pages go to swap.
     Anonymous,
+    /// A mapping of a host file (`Backing::File`).
+    File(Share),
 }
 
 /// Region flags (`VM_*` in the kernel).
@@ -72,10 +102,22 @@ impl RegionFlags {
 }
 
 /// Where a region's pages come from when they have never been written.
-#[derive(Clone, PartialEq, Eq, Debug)]
+#[derive(Clone, Debug)]
 pub(crate) enum Backing {
     /// Nothing: zeros.
     Zero,
+    /// A host file's page cache; page 0 of the region is page 0 of the file.
+    File(Arc<Inode>),
+}
+
+impl PartialEq for Backing {
+    fn eq(&self, o: &Backing) -> bool {
+        match (self, o) {
+            (Backing::Zero, Backing::Zero) => true,
+            (Backing::File(a), Backing::File(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        }
+    }
 }
 
 /// One region: the engine's view.
@@ -102,8 +144,28 @@ impl Vma {
             seq: SeqCount::default(),
         }
     }
+    /// A read-write mapping of the file `inode` (`len` bytes, a page multiple).
+    pub fn file(start: u64, len: u64, share: Share, inode: Arc<Inode>) -> Vma {
+        Vma {
+            start,
+            len,
+            kind: RegionKind::File(share),
+            flags: RegionFlags::READ.union(RegionFlags::WRITE),
+            backing: Backing::File(inode),
+            seq: SeqCount::default(),
+        }
+    }
     pub fn end(&self) -> u64 {
         self.start + self.len
+    }
+    /// For a file mapping: its inode, how it shares, and the file page of `addr`.
+    pub fn file_page(&self, addr: u64) -> Option<(&Arc<Inode>, Share, u64)> {
+        match (&self.backing, self.kind) {
+            (Backing::File(ino), RegionKind::File(share)) => {
+                Some((ino, share, (addr - self.start) / PAGE_SIZE as u64))
+            }
+            _ => None,
+        }
     }
     pub fn handle(&self) -> Region {
         Region {

@@ -25,7 +25,8 @@ use crate::engine::{Engine, SpaceWalk};
 use crate::error::{Error, Result};
 use crate::mm::entry::{copy_entry, release_entry};
 use crate::mm::pagetable::{LeafPool, PageTable, LEAF_PAGES};
-use crate::mm::region::{Region, RegionTree, Vma};
+use crate::filemap::inode::Inode;
+use crate::mm::region::{Region, RegionTree, Share, Vma};
 use crate::pte::Pte;
 use crate::sync::{Arc, AtomicU64, Ordering, RwLock, SeqCount};
 use std::collections::BTreeMap;
@@ -75,6 +76,34 @@ impl SpaceInner {
                     VADDR_END - MAP_BASE
                 ))
             })?;
+        self.map_vma(len, |at| Vma::anonymous(at, len))
+    }
+
+    /// Maps all of the file `inode` (its length rounded up to pages) with `share`.
+    ///
+    /// Errors: `InvalidArgument` for an empty file; `OutOfMemory` when no gap of
+    /// that size is left.
+    pub fn map_file(&self, inode: Arc<Inode>, share: Share) -> Result<Region> {
+        let flen = inode.len();
+        if flen == 0 {
+            return Err(Error::InvalidArgument(format!(
+                "cannot map {}: the file is empty",
+                inode.path.display()
+            )));
+        }
+        let len = flen.div_ceil(PAGE_SIZE as u64) * PAGE_SIZE as u64;
+        if len > VADDR_END - MAP_BASE {
+            return Err(Error::InvalidArgument(format!(
+                "cannot map {}: {flen} bytes exceed an address space",
+                inode.path.display()
+            )));
+        }
+        self.map_vma(len, |at| Vma::file(at, len, share, inode))
+    }
+
+    /// Places a region of `len` bytes (a page multiple) at the first gap above
+    /// `MAP_BASE` and inserts `make(start)`.
+    fn map_vma(&self, len: u64, make: impl FnOnce(u64) -> Vma) -> Result<Region> {
         let mut regions = self.regions.write();
         // First fit above MAP_BASE, around mapped regions and ranges still being
         // unmapped (their old pages are not all released yet).
@@ -95,7 +124,7 @@ impl SpaceInner {
         if VADDR_END - at < len {
             return Err(Error::OutOfMemory);
         }
-        let vma = Vma::anonymous(at, len);
+        let vma = make(at);
         let r = vma.handle();
         self.regions_seq.write_begin();
         regions.insert(vma);
@@ -108,7 +137,9 @@ impl SpaceInner {
     }
 
     pub fn unmap(&self, r: Region) -> Result<()> {
-        {
+        // The region's backing (a file's inode) is dropped after the locks: the
+        // last mapping of a file writes its dirty pages back then.
+        let gone = {
             let mut regions = self.regions.write();
             match regions.get(r.start.0) {
                 Some(v) if v.len == r.len => {}
@@ -126,18 +157,21 @@ impl SpaceInner {
                 vpn = (vpn | (LEAF_PAGES - 1)) + 1;
             }
             self.regions_seq.write_begin();
-            regions.remove(r.start.0);
+            let gone = regions.remove(r.start.0);
             self.regions_seq.write_end();
             self.dying.lock().insert(r.start.0, r.len);
-        }
+            gone
+        };
         let eng = &*self.eng;
         self.pt.for_each(
             r.start.0 / PAGE_SIZE as u64,
             r.end().0 / PAGE_SIZE as u64,
             |_, pte| release_entry(eng, pte),
         );
-        let _regions = self.regions.write();
+        let regions = self.regions.write();
         self.dying.lock().remove(&r.start.0);
+        drop(regions);
+        drop(gone);
         Ok(())
     }
 
@@ -162,6 +196,8 @@ impl SpaceInner {
 
 impl Drop for SpaceInner {
     fn drop(&mut self) {
+        // Regions first (a file mapping's inode may write back its pages as it
+        // goes), then the pages.
         self.regions.get_mut().clear();
         let eng = self.eng.clone();
         self.pt.clear(|e| release_entry(&eng, e));

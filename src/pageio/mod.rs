@@ -31,9 +31,15 @@ pub(crate) struct Request {
     pub pfn: AtomicU32,
     /// The frame's epoch at the copy.
     pub epoch: AtomicU32,
-    /// Encoded swap entry being written (holds one slot reference).
+    /// Encoded swap entry being written (holds one slot reference), or 0 for a
+    /// file page's write-back (then `file` says where).
     pub entry: AtomicU64,
+    /// A file page's write-back: `FILE_REQ | filemap::slots::index`; 0 otherwise.
+    pub file: AtomicU64,
 }
+
+/// `Request::file`'s mark of a file write-back.
+pub(crate) const FILE_REQ: u64 = 1 << 63;
 
 /// The request pool and the queue to the I/O threads.
 #[derive(Debug)]

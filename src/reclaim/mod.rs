@@ -31,9 +31,10 @@
 use crate::addr::{Pfn, PAGE_SIZE};
 use crate::engine::Engine;
 use crate::error::{Error, Result};
-use crate::frame::{AllocCtx, PageDesc, F_INUSE, F_TRANSPARENT, F_WRITEBACK};
+use crate::frame::{AllocCtx, PageDesc, F_FILE, F_INUSE, F_TRANSPARENT, F_WRITEBACK};
+use crate::pageio::FILE_REQ;
 use crate::pte::{
-    lock_present, try_lock_present, unlock_entry, Pte, P_ACCESSED, P_DIRTY, P_EXCL, P_HEAT,
+    lock_present, try_lock_present, unlock_entry, Pte, EMPTY, P_ACCESSED, P_DIRTY, P_EXCL, P_HEAT,
     P_HEAT_ONE, P_LOCK, P_SHARED, P_STAGED,
 };
 use crate::stats::Counters;
@@ -159,6 +160,9 @@ fn reclaim_frame(eng: &Engine, pfn: Pfn, r: &mut ScanResult, zap: &mut ZapBatch)
         return;
     };
     // Frame lock and every entry lock held: the page is ours to drop or copy.
+    if f & F_FILE != 0 {
+        return reclaim_file(eng, d, pfn, f, dirty, r);
+    }
     let transparent = f & F_TRANSPARENT != 0;
     // A transparent page not used since it was last looked at leaves the program's
     // mapping for its staging page first; only if it is still unused when the hand
@@ -247,10 +251,67 @@ fn reclaim_frame(eng: &Engine, pfn: Pfn, r: &mut ScanResult, zap: &mut ZapBatch)
     rq.epoch
         .store(d.epoch.load(Ordering::Relaxed), Ordering::Relaxed);
     rq.entry.store(Pte::swapped(e), Ordering::Relaxed);
+    rq.file.store(0, Ordering::Relaxed);
     eng.swap.page_out_begun(e.dev);
     d.unlock();
     eng.io.submit(req);
     r.queued += 1;
+}
+
+/// Reclaims a page of a host file's page cache (`filemap`): a clean one is dropped
+/// (the file has its bytes; its entry goes back to `EMPTY`, so the next access
+/// reads the file), a dirty one is copied into a request that a page-I/O thread
+/// writes to the file in place (the kpiod of seed 000: reclaim never writes a file
+/// page itself nor takes a file's lock). Frame lock and the entry lock held.
+fn reclaim_file(eng: &Engine, d: &PageDesc, pfn: Pfn, f: u32, dirty: bool, r: &mut ScanResult) {
+    if !dirty {
+        evict_file_locked(eng, d, pfn);
+        d.unlock();
+        eng.frames.free(pfn);
+        r.evicted += 1;
+        return;
+    }
+    let Some(req) = eng.io.take() else {
+        unlock_mappings(eng, d, pfn, 0, 0);
+        d.unlock();
+        r.pool_empty = true;
+        return;
+    };
+    // SAFETY: we hold the page's entry lock, so nobody stores into the frame; the
+    // request buffer is ours.
+    unsafe {
+        std::ptr::copy_nonoverlapping(
+            eng.frames.frame_ptr(pfn).cast_const(),
+            eng.io.buf(req),
+            PAGE_SIZE,
+        )
+    };
+    unlock_mappings(eng, d, pfn, P_DIRTY, 0);
+    d.flags.store(f | F_WRITEBACK, Ordering::Relaxed);
+    let index = d.index.load(Ordering::Relaxed);
+    let rq = &eng.io.reqs[req as usize];
+    rq.pfn.store(pfn.0, Ordering::Relaxed);
+    rq.epoch
+        .store(d.epoch.load(Ordering::Relaxed), Ordering::Relaxed);
+    rq.entry.store(0, Ordering::Relaxed);
+    rq.file.store(FILE_REQ | index, Ordering::Relaxed);
+    let (slot, _) = crate::filemap::slots::split(index);
+    eng.files.get(slot).inflight.fetch_add(1, Ordering::AcqRel);
+    d.unlock();
+    eng.io.submit(req);
+    r.queued += 1;
+}
+
+/// Drops a clean file page: its entry becomes `EMPTY` (which also unlocks it).
+/// Frame lock and the entry lock held; the caller frees the frame after unlocking.
+pub(crate) fn evict_file_locked(eng: &Engine, d: &PageDesc, pfn: Pfn) {
+    eng.rmap.for_each(d, pfn, |pte| {
+        pte.store(EMPTY, Ordering::Release);
+        crate::pte::released(pte);
+        true
+    });
+    eng.rmap.clear(d, pfn);
+    Counters::inc(&eng.cnt.pgsteal);
 }
 
 /// The union of the values of the entries mapping `pfn` (a transparent page has
@@ -510,6 +571,9 @@ pub(crate) fn complete_writeback(eng: &Engine, i: u32) {
 /// fills.
 fn complete_batch(eng: &Engine, i: u32, zap: &mut ZapBatch) {
     const BATCH: usize = 32;
+    if eng.io.reqs[i as usize].file.load(Ordering::Relaxed) != 0 {
+        return complete_file(eng, i);
+    }
     let entry = |i: u32| Pte::decode(eng.io.reqs[i as usize].entry.load(Ordering::Relaxed));
     let Pte::Swapped(e) = entry(i) else {
         debug_assert!(false, "page-out request without a swap entry");
@@ -556,8 +620,66 @@ fn complete_batch(eng: &Engine, i: u32, zap: &mut ZapBatch) {
     }
 }
 
+/// Writes a file page's request to its file and completes it.
+fn complete_file(eng: &Engine, i: u32) {
+    let rq = &eng.io.reqs[i as usize];
+    let (slot, pgoff) = crate::filemap::slots::split(rq.file.load(Ordering::Relaxed) & !FILE_REQ);
+    // SAFETY: request `i` is ours until released; nobody writes its buffer.
+    let res = eng
+        .files
+        .write_page(slot, pgoff, unsafe { eng.io.buf_slice(i) });
+    let ok = match &res {
+        Ok(()) => {
+            Counters::inc(&eng.cnt.pswpout);
+            Counters::inc(&eng.cnt.fileout);
+            true
+        }
+        Err(e) => {
+            eng.files.failed(slot, e);
+            Counters::inc(&eng.cnt.file_write_errors);
+            false
+        }
+    };
+    let pfn = Pfn(rq.pfn.load(Ordering::Relaxed));
+    let epoch = rq.epoch.load(Ordering::Relaxed);
+    let d = eng.frames.desc(pfn);
+    d.lock();
+    let f = d.flags.load(Ordering::Relaxed);
+    let mine = f & (F_INUSE | F_WRITEBACK | F_FILE) == F_INUSE | F_WRITEBACK | F_FILE
+        && d.epoch.load(Ordering::Relaxed) == epoch
+        && d.mapcount.load(Ordering::Relaxed) > 0;
+    let mut freed = false;
+    if mine {
+        d.flags.store(f & !F_WRITEBACK, Ordering::Relaxed);
+        let bits = lock_mappings(eng, d, pfn);
+        if !ok {
+            // The page stays resident and dirty; a later scan or msync retries.
+            unlock_mappings(eng, d, pfn, 0, P_DIRTY);
+        } else if bits & P_DIRTY == 0
+            && eng.frames.free_count() < eng.frames.wmark[2]
+            && bits & (P_ACCESSED | P_EXCL | P_SHARED) == 0
+        {
+            evict_file_locked(eng, d, pfn);
+            freed = true;
+        } else {
+            unlock_mappings(eng, d, pfn, 0, 0);
+        }
+    }
+    d.unlock();
+    if freed {
+        eng.frames.free(pfn);
+    }
+    // Last: the file's descriptor may be closed once this reaches zero.
+    eng.files.get(slot).inflight.fetch_sub(1, Ordering::AcqRel);
+    eng.io.release(i);
+    eng.frames.notify_waiters();
+}
+
 /// Writes one request on its own and completes it.
 fn complete_one(eng: &Engine, i: u32, zap: &mut ZapBatch) {
+    if eng.io.reqs[i as usize].file.load(Ordering::Relaxed) != 0 {
+        return complete_file(eng, i);
+    }
     let ev = eng.io.reqs[i as usize].entry.load(Ordering::Relaxed);
     let ok = match Pte::decode(ev) {
         Pte::Swapped(e) => eng.swap.get(e.dev).is_some_and(|dev| {

@@ -6,7 +6,7 @@
 #![allow(missing_docs)]
 
 pub use shuttle::sync::atomic::{
-    fence, AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering,
+    fence, AtomicBool, AtomicI32, AtomicPtr, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering,
 };
 use std::ops::{Deref, DerefMut};
 use std::time::Duration;

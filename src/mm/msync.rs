@@ -1,0 +1,291 @@
+//! `msync` of file mappings, and the failure-atomic commit of `Share::Atomic`
+//! mappings through the file's journal (`filemap::journal`).
+//!
+//! Owns: the commit protocol of an Atomic mapping, the journal's place beside the
+//! file (`PATH.usermm-journal`), its recovery when the file is opened afresh, and
+//! `fsck`.
+//!
+//! ## The commit (docs/design.md, "Failure-atomic msync")
+//! An Atomic mapping's private pages (entries of the space's own table that are not
+//! `EMPTY`) are exactly the pages it dirtied since its last `msync`; the file is
+//! untouched by them until then (reclaim sends them to swap). `msync`:
+//! 1. takes the file's commit lock (`Inode::commit`);
+//! 2. lists the region's private pages, then for each pins it shared (a swapped
+//!    page is read back in), copies it into the journal's transaction and notes the
+//!    entry's value; the journal streams records through its preallocated shadow
+//!    buffer;
+//! 3. commits: the log is synced — **the durability point**;
+//! 4. checkpoints: the journal writes the committed pages to the file in place,
+//!    syncs the file, then empties and syncs the log;
+//! 5. drops the file's clean page-cache copies of those pages (they were read
+//!    before step 4) and the private copies whose entry did not change since step 2
+//!    (a page written again meanwhile stays private: it belongs to the next commit).
+//!
+//! A crash before 3 leaves the previous version (the log has no commit record); a
+//! crash after 3 is repaired by replaying the log when the file is next mapped or
+//! opened (`recover_on_open`) or by `usermm fsck PATH`.
+//!
+//! ## Locking and allocation (invariant 4)
+//! `Inode::commit` (Mutex) is taken first; under it the region's regions lock (read,
+//! briefly), the pins of step 2 (which may fault and allocate frames) and the
+//! journal's I/O. That is allowed because nothing reclaim does ever needs the
+//! commit lock: an Atomic mapping's pages go to swap, never to the file, and the
+//! page-I/O threads write only `Share::Shared` cache pages. The journal's buffer is
+//! allocated when the first Atomic mapping of the file is made (`prepare_atomic`),
+//! not under the lock. The journal file is `flock`ed by the Vm that holds it, so a
+//! second process mapping the same file `Atomic` (or `fsck`) is refused instead of
+//! interleaving commits.
+
+use crate::addr::{VAddr, PAGE_SIZE};
+use crate::error::{Error, Result};
+use crate::filemap::inode::Inode;
+use crate::filemap::journal::{Journal, Store};
+use crate::frame::copy_out;
+use crate::mm::fault::{pin, unpin, Want};
+use crate::mm::region::{Region, Share};
+use crate::mm::space::SpaceInner;
+use crate::pte::EMPTY;
+use crate::sync::Ordering;
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+/// The journal of the file at `path`.
+pub(crate) fn journal_path(path: &Path) -> PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(".usermm-journal");
+    PathBuf::from(p)
+}
+
+fn with_path(path: &Path, e: io::Error) -> Error {
+    Error::Io(io::Error::new(e.kind(), format!("{}: {e}", path.display())))
+}
+
+/// Takes the journal's `flock` (exclusive, not waiting). False if another open
+/// file description holds it.
+fn try_flock(f: &File) -> io::Result<bool> {
+    // SAFETY: flock on a descriptor we own; no memory is passed.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        return Ok(true);
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        Ok(false)
+    } else {
+        Err(e)
+    }
+}
+
+/// The data file as the journal writes it: whole pages, clipped to the file's
+/// length (the tail of its last page is not the file's).
+struct Clipped<'a> {
+    file: &'a File,
+    len: u64,
+}
+
+impl Store for Clipped<'_> {
+    fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<usize> {
+        std::os::unix::fs::FileExt::read_at(self.file, buf, off)
+    }
+    fn write_all_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
+        let n = (buf.len() as u64).min(self.len.saturating_sub(off)) as usize;
+        if n == 0 {
+            return Ok(());
+        }
+        std::os::unix::fs::FileExt::write_all_at(self.file, &buf[..n], off)
+    }
+    fn sync(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.len)
+    }
+    fn set_len(&self, _len: u64) -> io::Result<()> {
+        Err(io::Error::other("the journal does not change a data file's length"))
+    }
+}
+
+/// What `fsck` found and did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FsckReport {
+    /// Whether a journal was there.
+    pub journal: bool,
+    /// Pages of a committed transaction written to the file (0: none was pending).
+    pub replayed_pages: u64,
+    /// Bytes of an uncommitted (torn) transaction thrown away.
+    pub discarded_bytes: u64,
+}
+
+/// Recovers the journal of the file at `path` (opened as `file`), if there is one
+/// that no one else holds: a committed transaction is written to the file, an
+/// uncommitted one discarded. Runs when a file is opened afresh by a Vm.
+pub(crate) fn recover_on_open(path: &Path, file: &File) -> Result<()> {
+    recover(path, file, false).map(|_| ())
+}
+
+fn recover(path: &Path, file: &File, strict: bool) -> Result<FsckReport> {
+    let jp = journal_path(path);
+    let log = match std::fs::OpenOptions::new().read(true).write(true).open(&jp) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(FsckReport::default()),
+        Err(e) => return Err(with_path(&jp, e)),
+    };
+    if !try_flock(&log).map_err(|e| with_path(&jp, e))? {
+        // Its owner is alive and checkpoints it itself.
+        if strict {
+            return Err(Error::Io(io::Error::new(
+                io::ErrorKind::WouldBlock,
+                format!("{}: in use by a running process", jp.display()),
+            )));
+        }
+        return Ok(FsckReport {
+            journal: true,
+            ..FsckReport::default()
+        });
+    }
+    let mut j = Journal::with_capacity(log, 1).map_err(|e| with_path(&jp, e))?;
+    let len = file.metadata().map_err(|e| with_path(path, e))?.len();
+    let r = j
+        .recover(&Clipped { file, len }, &mut |_, _| {})
+        .map_err(|e| with_path(&jp, e))?;
+    Ok(FsckReport {
+        journal: true,
+        replayed_pages: r.replayed_pages,
+        discarded_bytes: r.discarded_bytes,
+    })
+}
+
+/// `usermm fsck PATH`: recovers the journal of the file at `path` (see
+/// [`Share::Atomic`]). Errors: `Io` if the file or its journal cannot be opened,
+/// read or written, or if a running process holds the journal.
+pub fn fsck(path: impl AsRef<Path>) -> Result<FsckReport> {
+    let path = path.as_ref();
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|e| with_path(path, e))?;
+    recover(path, &file, true)
+}
+
+/// Opens the file's journal for its first Atomic mapping in this Vm (creating it,
+/// and recovering what another process may have left since the file was opened).
+pub(crate) fn prepare_atomic(ino: &Inode) -> Result<()> {
+    let mut c = ino.commit.lock();
+    if c.is_some() {
+        return Ok(());
+    }
+    let jp = journal_path(&ino.path);
+    let log = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&jp)
+        .map_err(|e| with_path(&jp, e))?;
+    if !try_flock(&log).map_err(|e| with_path(&jp, e))? {
+        return Err(Error::Io(io::Error::new(
+            io::ErrorKind::WouldBlock,
+            format!(
+                "{}: in use by another process (one process at a time may map a file Atomic)",
+                jp.display()
+            ),
+        )));
+    }
+    let mut j = Journal::new(log).map_err(|e| with_path(&jp, e))?;
+    let clip = Clipped {
+        file: &ino.file,
+        len: ino.len(),
+    };
+    j.recover(&clip, &mut |_, _| {})
+        .map_err(|e| with_path(&jp, e))?;
+    *c = Some(j);
+    Ok(())
+}
+
+/// `AddressSpace::msync`.
+pub(crate) fn msync(sp: &SpaceInner, r: Region) -> Result<()> {
+    let (ino, share) = {
+        let regions = sp.regions.read();
+        let v = regions
+            .get(r.start.0)
+            .filter(|v| v.len == r.len)
+            .ok_or(Error::BadAddress { addr: r.start.0 })?;
+        let (ino, share, _) = v.file_page(v.start).ok_or_else(|| {
+            Error::InvalidArgument(format!("msync of {:#x}: not a file mapping", r.start.0))
+        })?;
+        (ino.clone(), share)
+    };
+    match share {
+        Share::Shared => ino.sync(0, r.len / PAGE_SIZE as u64, true),
+        Share::Private => Ok(()),
+        Share::Atomic => commit(sp, &ino, r),
+    }
+}
+
+/// The commit of an Atomic mapping (see the module header).
+fn commit(sp: &SpaceInner, ino: &Inode, r: Region) -> Result<()> {
+    let jp = journal_path(&ino.path);
+    let io_err = |e: io::Error| with_path(&jp, e);
+    let mut guard = ino.commit.lock();
+    let j = guard
+        .as_mut()
+        .ok_or_else(|| Error::InvalidArgument("msync: the file has no journal".into()))?;
+    let first = r.start.vpn();
+    let end = r.end().vpn();
+    let mut pages = Vec::new();
+    {
+        let regions = sp.regions.read();
+        if regions.get(r.start.0).is_none_or(|v| v.len != r.len) {
+            return Err(Error::BadAddress { addr: r.start.0 });
+        }
+        sp.pt.for_each(first, end, |vpn, pte| {
+            if pte.load(Ordering::Acquire) != EMPTY {
+                pages.push(vpn);
+            }
+        });
+    }
+    if pages.is_empty() {
+        return Ok(());
+    }
+    let file_pages = ino.pages();
+    let mut buf = vec![0u8; PAGE_SIZE];
+    // (page number, entry value after the copy) of each page committed.
+    let mut copied = Vec::with_capacity(pages.len());
+    let mut txn = j.begin().map_err(io_err)?;
+    for vpn in pages {
+        let pg = vpn - first;
+        if pg >= file_pages {
+            continue;
+        }
+        let p = pin(sp, VAddr(vpn * PAGE_SIZE as u64), Want::Shared)?;
+        // SAFETY: the frame is pinned shared: nobody writes it while we copy.
+        unsafe { copy_out(sp.eng.frames.frame_ptr(p.pfn), &mut buf) };
+        unpin(p.pte, p.pfn, Want::Shared);
+        copied.push((vpn, p.pte.load(Ordering::Acquire)));
+        txn.add(pg, &buf).map_err(io_err)?;
+    }
+    txn.commit().map_err(io_err)?;
+    let clip = Clipped {
+        file: &ino.file,
+        len: ino.len(),
+    };
+    j.checkpoint(&clip, &mut |_, _| {}).map_err(io_err)?;
+    drop(guard);
+    for &(vpn, _) in &copied {
+        ino.invalidate(vpn - first);
+    }
+    let regions = sp.regions.read();
+    if regions.get(r.start.0).is_some_and(|v| v.len == r.len) {
+        for (vpn, v) in copied {
+            if sp.pt.is_shared(vpn) {
+                continue; // a fork shares the leaf: the copy stays
+            }
+            if let Some(pte) = sp.pt.lookup(vpn) {
+                crate::mm::entry::release_if_unchanged(&sp.eng, pte, v);
+            }
+        }
+    }
+    Ok(())
+}
