@@ -117,6 +117,7 @@ pub mod config;
 pub mod device;
 mod engine;
 pub mod error;
+pub(crate) mod filemap;
 mod frame;
 #[cfg(feature = "lockdep")]
 pub mod lockdep;
