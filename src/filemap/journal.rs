@@ -1,0 +1,684 @@
+//! The write-ahead (redo) journal behind failure-atomic msync: every page dirtied
+//! since the previous msync reaches the file, or none of them, whatever crashes when.
+//!
+//! Owns: the log store (one file per mapped file, say) and the shadow buffer, a fixed
+//! block of `SHADOW_RECORDS` page records plus one commit record, allocated by
+//! [`Journal::new`] and reused for everything: staging records on their way to the
+//! log, and reading them back at checkpoint and recovery. The data store (the mapped
+//! file) is the caller's; the journal only writes pages of a committed transaction
+//! to it. Keeps docs/design.md invariant 4 (seed 003, XFS shadow buffers; see
+//! "Locking/allocation" below).
+//!
+//! ## On-disk format (log store)
+//! A transaction is a run of records from offset 0, all little-endian, each with a
+//! 64-byte header:
+//! ```text
+//! offset  size  page record ("UMJP")        commit record ("UMJC")
+//!  0       4    magic b"UMJP"               magic b"UMJC"
+//!  4       4    format version (1)          format version (1)
+//!  8       8    transaction seq             transaction seq
+//! 16       8    ordinal in the txn (0, 1,…) page count n
+//! 24       8    page index in the data file 0
+//! 32       4    0                           chain
+//! 36      24    zero                        zero
+//! 60       4    crc32c(bytes 0..60 ++ page) crc32c(bytes 0..60)
+//! 64    4096    the page image              (nothing: the record is 64 bytes)
+//! ```
+//! so page record `i` is at `i * 4160` and the commit record at `n * 4160`.
+//! `chain` = crc32c(seq as 8 bytes) extended by the crc of every page record in
+//! order (4 bytes each, `crc32c_append`). The transaction is committed iff, read from
+//! offset 0, records 0..n all carry the magic, version, the seq of record 0 and their
+//! own ordinal, each checks against its crc, and the record after them is a commit
+//! record with the same seq, the count n, the chain of those n crcs and a valid crc.
+//! Anything else — a zero-filled hole, a torn record (its crc), garbage, a record of
+//! another transaction (its seq or ordinal), a commit record whose transaction lost
+//! or changed a record (its count or chain) — makes the whole log uncommitted, and
+//! it is discarded. Bytes after the commit record are ignored (`discarded_bytes`).
+//! A page index may appear more than once; records are replayed in order, so the
+//! later image wins.
+//!
+//! Sequence numbers start at a random value per [`Journal`] (std's `RandomState`
+//! keys) and increase by one per transaction, so a record left in the file by an
+//! earlier process — which a file system that exposes stale blocks after a crash
+//! (ext4 `data=writeback`) could show beyond a new transaction's end — does not
+//! carry the new transaction's seq.
+//!
+//! ## Protocol and sync points
+//! 1. `begin`: if an earlier transaction was abandoned (or failed), the log is
+//!    emptied first (`set_len(0)`, sync). A transaction is always written from
+//!    offset 0 of a durably empty log.
+//! 2. `add`: the page record goes into the shadow buffer; a full buffer is written
+//!    to the log (no sync).
+//! 3. `commit`: the buffered records and the commit record are written in one
+//!    write, then the log is synced. **Log sync = commit**: the durability point.
+//! 4. `checkpoint` (and `recover`, the same routine): the log is scanned, checked as
+//!    above, and each page of the committed transaction is read back from the log and
+//!    written to the data store at `index * 4096`; then **the data store is synced
+//!    before the log is emptied** (`set_len(0)`, sync).
+//!
+//! Data is written only by step 4, only for a transaction whose commit record the
+//! scan has just found valid, and the log is emptied only once those writes are
+//! durable. So at any crash:
+//! - before the commit's log sync returned: the log holds no valid commit record
+//!   (it, or a page record, or part of one, did not reach the disk: the crc, count
+//!   or chain fails) and the data store was not touched since the previous
+//!   checkpoint: recovery discards the log, the file is the previous version. Or the
+//!   device happened to persist everything before the crash: the log is committed
+//!   and recovery makes the file the new version. `commit` had not returned `Ok`, so
+//!   the caller promised nothing; either way it is one version.
+//! - after `commit` returned `Ok`, during the data writes or the data sync: the file
+//!   may hold any mix of old and new pages of the transaction, but the log still
+//!   holds the whole committed transaction: recovery writes every page of it again
+//!   (full-page images: idempotent) and syncs, giving the new version.
+//! - after the data sync, during the log's emptying: the log is either still the
+//!   committed transaction (replayed again, harmlessly) or empty; the file is the new
+//!   version.
+//! - during `recover` itself: the same two cases as the last two; recovering again
+//!   is always allowed.
+//! - during `begin`'s emptying of an abandoned transaction: it has no commit record.
+//!
+//! ## Errors
+//! I/O errors propagate unchanged. A failing `add` or `commit` (ENOSPC on the log,
+//! say) leaves the transaction uncommitted and the data store untouched; the next
+//! `begin` (or `checkpoint`) empties the log. `checkpoint` after a failed data
+//! write keeps the transaction committed: it may be retried, and `begin` refuses
+//! (`InvalidInput`) until it succeeds, as it does before `recover` on a log that was
+//! not empty at `new`. A log that changes under a committed transaction (its scan
+//! no longer finds exactly what `commit` wrote) is `InvalidData`. Errors the journal
+//! makes itself are bare `ErrorKind`s (no message: building one would allocate).
+//!
+//! ## Locking/allocation
+//! No locks: the caller serialises transactions (`begin`, `checkpoint` and `recover`
+//! take `&mut self`, a [`Txn`] borrows the journal mutably), and the stores do
+//! positioned I/O. Invariant 4: whatever a commit needs is allocated before, in
+//! `new` (the shadow buffer); `add`, `commit`, `checkpoint` and `recover` allocate
+//! nothing — records are encoded in place in the shadow buffer, read back into it
+//! in chunks, and the pages handed to `on_page` and written to the data store are
+//! slices of it — so a commit or a checkpoint under a lock that reclaim needs cannot
+//! wait on reclaim for memory. They run in `lockdep::no_alloc` sections, except
+//! around the caller's `on_page`.
+
+// The mapping side (`Share::Atomic`) that calls the journal is not in yet.
+#![cfg_attr(not(test), allow(dead_code))]
+
+use crate::addr::PAGE_SIZE;
+use crate::lockdep;
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+
+/// Where journal and data bytes go. Implemented for `std::fs::File` (positioned
+/// I/O, `sync` = fdatasync) and, in tests, by a crash-simulating store.
+pub(crate) trait Store: Send + Sync {
+    /// Reads at `off`; fewer bytes than asked (0 at the end) as `pread`.
+    fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<usize>;
+    /// Writes all of `buf` at `off`, extending the store as needed.
+    fn write_all_at(&self, buf: &[u8], off: u64) -> io::Result<()>;
+    /// Everything written (and every `set_len`) before is durable.
+    fn sync(&self) -> io::Result<()>;
+    /// The current length in bytes.
+    fn len(&self) -> io::Result<u64>;
+    /// Truncates or extends (with zeros) to `len` bytes.
+    fn set_len(&self, len: u64) -> io::Result<()>;
+}
+
+impl Store for File {
+    fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<usize> {
+        FileExt::read_at(self, buf, off)
+    }
+    fn write_all_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
+        FileExt::write_all_at(self, buf, off)
+    }
+    fn sync(&self) -> io::Result<()> {
+        // fdatasync also makes a changed file size durable (it is needed to read the data).
+        self.sync_data()
+    }
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.metadata()?.len())
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        File::set_len(self, len)
+    }
+}
+
+impl<T: Store + ?Sized> Store for Arc<T> {
+    fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<usize> {
+        (**self).read_at(buf, off)
+    }
+    fn write_all_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
+        (**self).write_all_at(buf, off)
+    }
+    fn sync(&self) -> io::Result<()> {
+        (**self).sync()
+    }
+    fn len(&self) -> io::Result<u64> {
+        (**self).len()
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        (**self).set_len(len)
+    }
+}
+
+/// Page records the shadow buffer holds (64 × 4160 bytes + a commit record: 260 KiB).
+pub(crate) const SHADOW_RECORDS: usize = 64;
+/// Record header bytes.
+const HDR: usize = 64;
+/// A page record: header and page image.
+const REC: usize = HDR + PAGE_SIZE;
+/// A commit record: a header alone.
+const COMMIT: usize = HDR;
+const MAGIC_PAGE: [u8; 4] = *b"UMJP";
+const MAGIC_COMMIT: [u8; 4] = *b"UMJC";
+const VERSION: u32 = 1;
+/// Where the crc sits in the header (it covers the bytes before it and the page).
+const CRC_AT: usize = HDR - 4;
+/// The largest page index whose page fits below 2^64 bytes.
+const MAX_INDEX: u64 = u64::MAX / PAGE_SIZE as u64 - 1;
+
+/// What `recover` or `checkpoint` did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Recovery {
+    /// Page records written to the data store (duplicates included).
+    pub replayed_pages: u64,
+    /// Log bytes not replayed: an uncommitted or torn tail, garbage, or all of an
+    /// abandoned transaction.
+    pub discarded_bytes: u64,
+    /// The seq of the replayed transaction (0: none).
+    pub seq: u64,
+}
+
+/// What the journal knows of its log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Not empty at `new` and not recovered yet: `begin` refuses.
+    Unknown,
+    /// Durably empty.
+    Clean,
+    /// May hold records of a transaction that was abandoned or whose commit failed.
+    Dirty,
+    /// Holds this committed transaction, not yet (all) written to the data store.
+    Committed(Found),
+}
+
+/// A committed transaction as found in (or written to) the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Found {
+    seq: u64,
+    pages: u64,
+    /// Log offset just past the commit record.
+    end: u64,
+}
+
+/// The write-ahead journal of one data store. See the module header.
+pub(crate) struct Journal<S: Store> {
+    log: S,
+    /// The shadow buffer: `records * REC + COMMIT` bytes, allocated once.
+    shadow: Box<[u8]>,
+    state: State,
+    /// The seq the next transaction gets.
+    next_seq: u64,
+    /// The planted bug of the crash test: `commit` returns without syncing the log.
+    #[cfg(test)]
+    plant_skip_commit_sync: bool,
+}
+
+impl<S: Store> std::fmt::Debug for Journal<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Journal")
+            .field("shadow_bytes", &self.shadow.len())
+            .field("state", &self.state)
+            .field("next_seq", &self.next_seq)
+            .finish()
+    }
+}
+
+/// One transaction being built; see [`Journal::begin`].
+#[derive(Debug)]
+pub(crate) struct Txn<'a, S: Store> {
+    j: &'a mut Journal<S>,
+    seq: u64,
+    /// Page records added so far.
+    pages: u64,
+    /// The chain over the crcs of those records.
+    chain: u32,
+    /// Bytes staged in the shadow buffer.
+    fill: usize,
+    /// Log offset where the shadow buffer's first byte goes.
+    off: u64,
+}
+
+fn get_u32(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().unwrap())
+}
+fn get_u64(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(b[at..at + 8].try_into().unwrap())
+}
+
+/// Writes a header into `rec[..HDR]` (crc left to [`seal`]).
+fn put_header(rec: &mut [u8], magic: [u8; 4], seq: u64, a: u64, b: u64, chain: u32) {
+    let h = &mut rec[..HDR];
+    h.fill(0);
+    h[0..4].copy_from_slice(&magic);
+    h[4..8].copy_from_slice(&VERSION.to_le_bytes());
+    h[8..16].copy_from_slice(&seq.to_le_bytes());
+    h[16..24].copy_from_slice(&a.to_le_bytes());
+    h[24..32].copy_from_slice(&b.to_le_bytes());
+    h[32..36].copy_from_slice(&chain.to_le_bytes());
+}
+
+/// The crc of a whole record (header without its crc field, then the page if any).
+fn record_crc(rec: &[u8]) -> u32 {
+    crc32c::crc32c_append(crc32c::crc32c(&rec[..CRC_AT]), &rec[HDR..])
+}
+
+/// Stores the record's crc in its header and returns it.
+fn seal(rec: &mut [u8]) -> u32 {
+    let crc = record_crc(rec);
+    rec[CRC_AT..HDR].copy_from_slice(&crc.to_le_bytes());
+    crc
+}
+
+fn chain_seed(seq: u64) -> u32 {
+    crc32c::crc32c(&seq.to_le_bytes())
+}
+
+fn chain_next(chain: u32, crc: u32) -> u32 {
+    crc32c::crc32c_append(chain, &crc.to_le_bytes())
+}
+
+/// A header as read.
+struct Hdr {
+    magic: [u8; 4],
+    version: u32,
+    seq: u64,
+    a: u64,
+    b: u64,
+    chain: u32,
+    crc: u32,
+}
+
+impl Hdr {
+    fn parse(h: &[u8]) -> Self {
+        Hdr {
+            magic: h[0..4].try_into().unwrap(),
+            version: get_u32(h, 4),
+            seq: get_u64(h, 8),
+            a: get_u64(h, 16),
+            b: get_u64(h, 24),
+            chain: get_u32(h, 32),
+            crc: get_u32(h, CRC_AT),
+        }
+    }
+}
+
+/// Reads until `buf` is full or the store ends; returns the bytes read.
+fn read_full(s: &(impl Store + ?Sized), buf: &mut [u8], off: u64) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match s.read_at(&mut buf[n..], off + n as u64) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+/// A seq no earlier journal is likely to have used: random (std's per-process hash
+/// keys), with 2^62 of headroom for increments.
+fn fresh_seq() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let r = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    (r >> 2) | 1
+}
+
+impl<S: Store> Journal<S> {
+    /// A journal on `log` with the default shadow buffer. No I/O but `log.len()`:
+    /// a log that is not empty must be `recover`ed before the first `begin`.
+    pub fn new(log: S) -> io::Result<Self> {
+        Self::with_capacity(log, SHADOW_RECORDS)
+    }
+
+    /// As [`new`](Self::new), with a shadow buffer of `records` page records (at
+    /// least 1): a transaction of more pages reaches the log in several writes.
+    pub fn with_capacity(log: S, records: usize) -> io::Result<Self> {
+        assert!(
+            records >= 1,
+            "a shadow buffer holds at least one page record"
+        );
+        let len = log.len()?;
+        Ok(Journal {
+            log,
+            shadow: vec![0u8; records * REC + COMMIT].into_boxed_slice(),
+            state: if len == 0 {
+                State::Clean
+            } else {
+                State::Unknown
+            },
+            next_seq: fresh_seq(),
+            #[cfg(test)]
+            plant_skip_commit_sync: false,
+        })
+    }
+
+    /// The log store.
+    pub fn log(&self) -> &S {
+        &self.log
+    }
+
+    /// Replays the last committed, not yet checkpointed transaction (if any) onto
+    /// `data`, syncs `data`, then empties the log (`set_len(0)` + sync). A torn or
+    /// uncommitted tail is discarded. Idempotent: crashing during `recover` and
+    /// recovering again is fine. `on_page(index, bytes)` is called for every page
+    /// replayed, before it is written to `data`.
+    pub fn recover(
+        &mut self,
+        data: &dyn Store,
+        on_page: &mut dyn FnMut(u64, &[u8]),
+    ) -> io::Result<Recovery> {
+        self.replay(data, on_page)
+    }
+
+    /// Starts a transaction. `InvalidInput` while a committed transaction waits for
+    /// `checkpoint`, or before `recover` on a log that was not empty at `new`. Empties
+    /// the log first if the previous transaction was abandoned or failed.
+    pub fn begin(&mut self) -> io::Result<Txn<'_, S>> {
+        match self.state {
+            State::Unknown | State::Committed(_) => {
+                return Err(io::ErrorKind::InvalidInput.into());
+            }
+            State::Dirty => self.reset()?,
+            State::Clean => {}
+        }
+        // From the first write on, the log may hold records of this transaction.
+        self.state = State::Dirty;
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        Ok(Txn {
+            j: self,
+            seq,
+            pages: 0,
+            chain: chain_seed(seq),
+            fill: 0,
+            off: 0,
+        })
+    }
+
+    /// After a commit: writes the committed pages to `data` (reading them back from
+    /// the log, so no copy of the pages is kept in memory), calling `on_page` before
+    /// each write, syncs `data`, then empties the log and syncs it. The same routine
+    /// as recovery. With nothing committed: empties the log of an abandoned or failed
+    /// transaction (no page replayed), or does nothing.
+    pub fn checkpoint(
+        &mut self,
+        data: &dyn Store,
+        on_page: &mut dyn FnMut(u64, &[u8]),
+    ) -> io::Result<Recovery> {
+        match self.state {
+            State::Clean => Ok(Recovery::default()),
+            // Not replayed even if a commit record reached the log: its `commit`
+            // failed, so the transaction is not committed as far as the caller knows.
+            State::Dirty => {
+                let len = self.log.len()?;
+                self.reset()?;
+                Ok(Recovery {
+                    discarded_bytes: len,
+                    ..Recovery::default()
+                })
+            }
+            State::Unknown | State::Committed(_) => self.replay(data, on_page),
+        }
+    }
+
+    /// Empties the log durably.
+    fn reset(&mut self) -> io::Result<()> {
+        let _na = lockdep::no_alloc("journal reset");
+        lockdep::might_block("journal log sync");
+        self.log.set_len(0)?;
+        self.log.sync()?;
+        self.state = State::Clean;
+        Ok(())
+    }
+
+    /// Scan, replay, data sync, log reset: `recover` and `checkpoint`.
+    fn replay(
+        &mut self,
+        data: &dyn Store,
+        on_page: &mut dyn FnMut(u64, &[u8]),
+    ) -> io::Result<Recovery> {
+        let (len, found) = {
+            let _na = lockdep::no_alloc("journal scan");
+            lockdep::might_block("journal log read");
+            let len = self.log.len()?;
+            (len, scan(&self.log, &mut self.shadow)?)
+        };
+        let Some(found) = found else {
+            if let State::Committed(_) = self.state {
+                // What `commit` synced is gone: not ours to paper over.
+                return Err(io::ErrorKind::InvalidData.into());
+            }
+            if len != 0 || self.state != State::Clean {
+                self.reset()?;
+            }
+            return Ok(Recovery {
+                discarded_bytes: len,
+                ..Recovery::default()
+            });
+        };
+        if let State::Committed(c) = self.state {
+            if c != found {
+                return Err(io::ErrorKind::InvalidData.into());
+            }
+        }
+        // From here until the log is emptied the transaction must not be dropped
+        // (`begin` would), as the data store may hold part of it.
+        self.state = State::Committed(found);
+        self.next_seq = self.next_seq.max(found.seq + 1);
+        self.apply(data, found, on_page)?;
+        {
+            let _na = lockdep::no_alloc("journal data sync");
+            lockdep::might_block("journal data sync");
+            data.sync()?;
+        }
+        self.reset()?;
+        Ok(Recovery {
+            replayed_pages: found.pages,
+            discarded_bytes: len.saturating_sub(found.end),
+            seq: found.seq,
+        })
+    }
+
+    /// Reads the page records of `found` back from the log, chunk by chunk through
+    /// the shadow buffer, and writes each page to `data`.
+    fn apply(
+        &mut self,
+        data: &dyn Store,
+        found: Found,
+        on_page: &mut dyn FnMut(u64, &[u8]),
+    ) -> io::Result<()> {
+        let per_chunk = self.shadow.len() / REC;
+        let mut done = 0u64;
+        while done < found.pages {
+            let n = (found.pages - done).min(per_chunk as u64) as usize;
+            let chunk = &mut self.shadow[..n * REC];
+            let got = {
+                let _na = lockdep::no_alloc("journal checkpoint read");
+                lockdep::might_block("journal log read");
+                read_full(&self.log, chunk, done * REC as u64)?
+            };
+            if got != chunk.len() {
+                return Err(io::ErrorKind::InvalidData.into());
+            }
+            for (i, rec) in chunk.chunks_exact(REC).enumerate() {
+                // The scan checked these bytes; check that they are still them.
+                let h = Hdr::parse(rec);
+                if h.magic != MAGIC_PAGE
+                    || h.seq != found.seq
+                    || h.a != done + i as u64
+                    || h.b > MAX_INDEX
+                    || h.crc != record_crc(rec)
+                {
+                    return Err(io::ErrorKind::InvalidData.into());
+                }
+                let page = &rec[HDR..];
+                on_page(h.b, page);
+                let _na = lockdep::no_alloc("journal checkpoint write");
+                lockdep::might_block("journal data write");
+                data.write_all_at(page, h.b * PAGE_SIZE as u64)?;
+            }
+            done += n as u64;
+        }
+        Ok(())
+    }
+}
+
+/// Reads the log from offset 0 through `buf` and returns its committed transaction,
+/// if it holds one (the rules in the module header).
+fn scan<S: Store>(log: &S, buf: &mut [u8]) -> io::Result<Option<Found>> {
+    debug_assert!(buf.len() >= REC + HDR);
+    let mut off = 0u64;
+    let mut seq = 0u64;
+    let mut pages = 0u64;
+    let mut chain = 0u32;
+    loop {
+        let got = read_full(log, buf, off)?;
+        // A short read is the end of the log; a full buffer may cut a record, which
+        // is read again at the start of the next fill (the buffer holds at least one).
+        let full = got == buf.len();
+        let mut p = 0usize;
+        loop {
+            if got - p < HDR {
+                if full {
+                    break;
+                }
+                return Ok(None);
+            }
+            let h = Hdr::parse(&buf[p..p + HDR]);
+            if h.version != VERSION {
+                return Ok(None);
+            }
+            if pages == 0 {
+                // Record 0 names the transaction.
+                seq = h.seq;
+                chain = chain_seed(seq);
+            }
+            if h.magic == MAGIC_PAGE {
+                if got - p < REC {
+                    if full {
+                        break;
+                    }
+                    return Ok(None);
+                }
+                let rec = &buf[p..p + REC];
+                if h.seq != seq
+                    || h.a != pages
+                    || h.b > MAX_INDEX
+                    || h.chain != 0
+                    || h.crc != record_crc(rec)
+                {
+                    return Ok(None);
+                }
+                chain = chain_next(chain, h.crc);
+                pages += 1;
+                p += REC;
+            } else if h.magic == MAGIC_COMMIT {
+                let ok = h.seq == seq
+                    && h.a == pages
+                    && h.b == 0
+                    && h.chain == chain
+                    && h.crc == record_crc(&buf[p..p + COMMIT]);
+                return Ok(ok.then_some(Found {
+                    seq,
+                    pages,
+                    end: off + (p + COMMIT) as u64,
+                }));
+            } else {
+                return Ok(None);
+            }
+        }
+        debug_assert!(p > 0);
+        off += p as u64;
+    }
+}
+
+impl<S: Store> Txn<'_, S> {
+    /// This transaction's sequence number (what `Recovery::seq` reports for it).
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// Appends one page image: `index` is the page number in the data file, `page`
+    /// is 4096 bytes (`InvalidInput` if not, or if `index * 4096` overflows). Goes
+    /// into the shadow buffer; the buffer is written to the log when it fills. Never
+    /// allocates. After an error the transaction is as before the call.
+    pub fn add(&mut self, index: u64, page: &[u8]) -> io::Result<()> {
+        if page.len() != PAGE_SIZE || index > MAX_INDEX {
+            return Err(io::ErrorKind::InvalidInput.into());
+        }
+        let _na = lockdep::no_alloc("journal add");
+        // Keep room for the commit record after the last page record.
+        if self.fill + REC > self.j.shadow.len() - COMMIT {
+            self.flush()?;
+        }
+        let rec = &mut self.j.shadow[self.fill..self.fill + REC];
+        put_header(rec, MAGIC_PAGE, self.seq, self.pages, index, 0);
+        rec[HDR..].copy_from_slice(page);
+        let crc = seal(rec);
+        self.chain = chain_next(self.chain, crc);
+        self.fill += REC;
+        self.pages += 1;
+        Ok(())
+    }
+
+    /// Writes the staged bytes to the log.
+    fn flush(&mut self) -> io::Result<()> {
+        if self.fill > 0 {
+            lockdep::might_block("journal log write");
+            self.j
+                .log
+                .write_all_at(&self.j.shadow[..self.fill], self.off)?;
+            self.off += self.fill as u64;
+            self.fill = 0;
+        }
+        Ok(())
+    }
+
+    /// Writes what is buffered and the commit record, and syncs the log: the
+    /// durability point. After `Ok`, a crash at any later moment recovers to this
+    /// transaction's pages. After an error the transaction is not committed (unless
+    /// the log sync failed after the device had stored everything: then a crash
+    /// before the next `begin` or `checkpoint` may recover it whole) and the data
+    /// store is untouched. A transaction without pages commits without I/O.
+    pub fn commit(mut self) -> io::Result<()> {
+        let _na = lockdep::no_alloc("journal commit");
+        if self.pages == 0 {
+            // Nothing was written since `begin` left the log empty.
+            self.j.state = State::Clean;
+            return Ok(());
+        }
+        let at = self.fill;
+        let rec = &mut self.j.shadow[at..at + COMMIT];
+        put_header(rec, MAGIC_COMMIT, self.seq, self.pages, 0, self.chain);
+        seal(rec);
+        self.fill += COMMIT;
+        self.flush()?;
+        #[cfg(test)]
+        let skip_sync = self.j.plant_skip_commit_sync;
+        #[cfg(not(test))]
+        let skip_sync = false;
+        if !skip_sync {
+            lockdep::might_block("journal log sync");
+            self.j.log.sync()?;
+        }
+        self.j.state = State::Committed(Found {
+            seq: self.seq,
+            pages: self.pages,
+            end: self.off,
+        });
+        Ok(())
+    }
+}
