@@ -11,9 +11,9 @@ use crate::device::spec::{SwapKind, SwapSpec};
 use crate::device::BlockDevice;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
+use crate::filemap::inode::{FileTable, Inode};
 use crate::mm::fault::Want;
 use crate::mm::pagetable::LeafPool;
-use crate::filemap::inode::{FileTable, Inode};
 use crate::mm::region::{Region, Share};
 use crate::mm::space::SpaceInner;
 use crate::stats::{Stats, SwapInfo};
@@ -43,8 +43,12 @@ impl VmInner {
     /// The inode of `path` (one page cache per file), recovering its journal when
     /// it is opened afresh.
     fn open_inode(&self, path: &Path) -> Result<Arc<Inode>> {
-        self.files
-            .open(&self.eng, &self.leaves, path, &crate::mm::msync::recover_on_open)
+        self.files.open(
+            &self.eng,
+            &self.leaves,
+            path,
+            &crate::mm::msync::recover_on_open,
+        )
     }
 }
 

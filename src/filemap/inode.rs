@@ -109,20 +109,22 @@ impl FileTable {
                 // cache of the same file meanwhile could read what is not written
                 // yet. Wait for the teardown (it ends with its write-back).
                 drop(map);
-                wait_until(|| !self.map.lock().get(&key).is_some_and(|w| w.strong_count() == 0));
+                wait_until(|| {
+                    self.map
+                        .lock()
+                        .get(&key)
+                        .is_none_or(|w| w.strong_count() > 0)
+                });
                 continue;
             }
             recover(path, &file)?;
             let len = file.metadata().map_err(|e| with_path(path, e))?.len();
             let Some(slot) = eng.files.take(file.as_raw_fd(), len) else {
-                return Err(Error::Io(io::Error::new(
-                    io::ErrorKind::Other,
-                    format!(
-                        "{}: too many open files (Config::max_files is {})",
-                        path.display(),
-                        eng.files.capacity()
-                    ),
-                )));
+                return Err(Error::Io(io::Error::other(format!(
+                    "{}: too many open files (Config::max_files is {})",
+                    path.display(),
+                    eng.files.capacity()
+                ))));
             };
             let ino = Arc::new(Inode {
                 eng: eng.clone(),
@@ -333,16 +335,15 @@ impl Inode {
     /// caching it: the private copy is what will be used).
     pub fn read_page(&self, pgoff: u64, dst: &mut [u8]) -> Result<()> {
         debug_assert_eq!(dst.len(), PAGE_SIZE);
-        loop {
-            let v = self.pt.lookup(pgoff).map_or(EMPTY, |p| p.load(Ordering::Acquire));
-            match Pte::decode(v) {
-                Pte::Empty => {
-                    self.in_file(pgoff)?;
-                    return self.read_file_page(pgoff, |p| dst.copy_from_slice(p));
-                }
-                _ => return self.read(pgoff, 0, dst),
-            }
+        let v = self
+            .pt
+            .lookup(pgoff)
+            .map_or(EMPTY, |p| p.load(Ordering::Acquire));
+        if Pte::decode(v) == Pte::Empty {
+            self.in_file(pgoff)?;
+            return self.read_file_page(pgoff, |p| dst.copy_from_slice(p));
         }
+        self.read(pgoff, 0, dst)
     }
 
     /// Copies `src` into page `pgoff` at `off` (inside one page), reading the page
@@ -372,11 +373,7 @@ impl Inode {
     /// page is then dirty). Returns its entry and frame; `unpin` in `mm::fault`
     /// gives it back.
     pub fn pin(&self, pgoff: u64, exclusive: bool) -> Result<(&AtomicU64, Pfn)> {
-        let forbid = if exclusive {
-            P_EXCL | P_SHARED
-        } else {
-            P_EXCL
-        };
+        let forbid = if exclusive { P_EXCL | P_SHARED } else { P_EXCL };
         loop {
             let pte = self.pt.entry(pgoff);
             if let Some(v) = try_lock_present(pte, forbid) {
@@ -453,7 +450,9 @@ impl Inode {
         if end <= old {
             return Ok(());
         }
-        self.file.set_len(end).map_err(|e| with_path(&self.path, e))?;
+        self.file
+            .set_len(end)
+            .map_err(|e| with_path(&self.path, e))?;
         let tail = (old % PAGE_SIZE as u64) as usize;
         if tail != 0 {
             if let Some(pte) = self.pt.lookup(old / PAGE_SIZE as u64) {
@@ -466,7 +465,9 @@ impl Inode {
                         }
                         break;
                     };
-                    let Some(v) = lock_present(pte, pfn) else { continue };
+                    let Some(v) = lock_present(pte, pfn) else {
+                        continue;
+                    };
                     let zeros = [0u8; PAGE_SIZE];
                     // SAFETY: inside the frame; entry lock held.
                     unsafe {
@@ -524,13 +525,14 @@ impl Inode {
             }
         });
         flush(&mut run, run_start, &buf);
-        drop(flush);
         result?;
         if durable {
             // The page-I/O threads' write-backs of this file that are in flight
             // are part of what must be durable.
             wait_until(|| eng.files.get(self.slot).inflight.load(Ordering::Acquire) == 0);
-            self.file.sync_data().map_err(|e| with_path(&self.path, e))?;
+            self.file
+                .sync_data()
+                .map_err(|e| with_path(&self.path, e))?;
         }
         let slot = eng.files.get(self.slot);
         let errs = slot.errors.load(Ordering::Acquire);
@@ -651,7 +653,9 @@ impl Inode {
     /// behind the cache (an Atomic commit), so the next access must read it again.
     /// A dirty copy stays (a shared mapping's write, newer than what it would read).
     pub fn invalidate(&self, pg: u64) {
-        let Some(pte) = self.pt.lookup(pg) else { return };
+        let Some(pte) = self.pt.lookup(pg) else {
+            return;
+        };
         let eng = &*self.eng;
         loop {
             let v = pte.load(Ordering::Acquire);
@@ -660,7 +664,9 @@ impl Inode {
                 wait_until(|| pte.load(Ordering::Acquire) != BUSY);
                 continue;
             }
-            let Pte::Present(pfn) = Pte::decode(v) else { return };
+            let Pte::Present(pfn) = Pte::decode(v) else {
+                return;
+            };
             if v & P_DIRTY != 0 {
                 return;
             }

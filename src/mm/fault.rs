@@ -28,8 +28,8 @@
 use crate::addr::{Pfn, VAddr, PAGE_SIZE, VADDR_END};
 use crate::device::AlignedPages;
 use crate::error::{Error, Result};
-use crate::frame::{copy_in, copy_out, zero_frame, AllocCtx};
 use crate::filemap::inode::Inode;
+use crate::frame::{copy_in, copy_out, zero_frame, AllocCtx};
 use crate::mm::region::{RegionTree, Share};
 use crate::mm::space::SpaceInner;
 use crate::pte::{
@@ -256,7 +256,9 @@ fn read_slow(sp: &SpaceInner, a: VAddr, dst: &mut [u8]) -> Result<()> {
                 (_, Some((ino, Share::Shared, pg))) | (Pte::Empty, Some((ino, _, pg))) => {
                     drop(regions);
                     file_access(&ino, pg, a, true)?;
-                    return ino.read(pg, a.page_offset(), dst).map_err(|e| at_addr(e, a));
+                    return ino
+                        .read(pg, a.page_offset(), dst)
+                        .map_err(|e| at_addr(e, a));
                 }
                 (Pte::Empty, None) => {
                     dst.fill(0);
@@ -629,7 +631,9 @@ pub(crate) fn pin(sp: &SpaceInner, a: VAddr, want: Want) -> Result<Pinned<'_>> {
             .pt
             .lookup(a.vpn())
             .is_some_and(|p| p.load(Ordering::Relaxed) & P_SHARED == P_SHARED);
-        if let Some((ino, pg)) = prepare_write(sp, a, if full { forbid | P_SHARED } else { forbid })? {
+        if let Some((ino, pg)) =
+            prepare_write(sp, a, if full { forbid | P_SHARED } else { forbid })?
+        {
             let (pte, pfn) = ino
                 .pin(pg, want == Want::Exclusive)
                 .map_err(|e| at_addr(e, a))?;

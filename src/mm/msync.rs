@@ -37,6 +37,7 @@
 //! interleaving commits.
 
 use crate::addr::{VAddr, PAGE_SIZE};
+use crate::device::AlignedPages;
 use crate::error::{Error, Result};
 use crate::filemap::inode::Inode;
 use crate::filemap::journal::{Journal, Store};
@@ -44,7 +45,7 @@ use crate::frame::copy_out;
 use crate::mm::fault::{pin, unpin, Want};
 use crate::mm::region::{Region, Share};
 use crate::mm::space::SpaceInner;
-use crate::pte::EMPTY;
+use crate::pte::{Pte, EMPTY};
 use crate::sync::Ordering;
 use std::fs::File;
 use std::io;
@@ -102,7 +103,9 @@ impl Store for Clipped<'_> {
         Ok(self.len)
     }
     fn set_len(&self, _len: u64) -> io::Result<()> {
-        Err(io::Error::other("the journal does not change a data file's length"))
+        Err(io::Error::other(
+            "the journal does not change a data file's length",
+        ))
     }
 }
 
@@ -278,14 +281,58 @@ fn commit(sp: &SpaceInner, ino: &Inode, r: Region) -> Result<()> {
     }
     let regions = sp.regions.read();
     if regions.get(r.start.0).is_some_and(|v| v.len == r.len) {
+        let mut bufs = AlignedPages::new(2)?;
         for (vpn, v) in copied {
             if sp.pt.is_shared(vpn) {
                 continue; // a fork shares the leaf: the copy stays
             }
-            if let Some(pte) = sp.pt.lookup(vpn) {
-                crate::mm::entry::release_if_unchanged(&sp.eng, pte, v);
+            let Some(pte) = sp.pt.lookup(vpn) else {
+                continue;
+            };
+            if !crate::mm::entry::release_if_unchanged(&sp.eng, pte, v) {
+                drop_if_as_in_file(sp, ino, pte, vpn - first, &mut bufs);
             }
         }
     }
     Ok(())
+}
+
+/// A private page that reclaim sent to swap after its copy was committed: its
+/// entry no longer says whether it was written since, so its bytes are compared
+/// with the file's (which now hold the commit). Equal: the private copy goes (the
+/// mapping reads the file again); different (written again, or the file changed
+/// meanwhile): it stays, and belongs to the next commit. Errors leave it.
+fn drop_if_as_in_file(
+    sp: &SpaceInner,
+    ino: &Inode,
+    pte: &crate::sync::AtomicU64,
+    pg: u64,
+    bufs: &mut AlignedPages,
+) {
+    let v = pte.load(Ordering::Acquire);
+    let Pte::Swapped(e) = Pte::decode(v) else {
+        return;
+    };
+    let Some(dev) = sp.eng.swap.get(e.dev) else {
+        return;
+    };
+    let (a, b) = bufs.pages_mut(2).split_at_mut(PAGE_SIZE);
+    if dev.read(e.slot, a).is_err() {
+        return;
+    }
+    b.fill(0);
+    let off = pg * PAGE_SIZE as u64;
+    let n = ino.len().saturating_sub(off).min(PAGE_SIZE as u64) as usize;
+    if std::os::unix::fs::FileExt::read_exact_at(&ino.file, &mut b[..n], off).is_err() {
+        return;
+    }
+    if a[..n] != b[..n] || a[n..].iter().any(|&x| x != 0) {
+        return;
+    }
+    if pte
+        .compare_exchange(v, EMPTY, Ordering::AcqRel, Ordering::Relaxed)
+        .is_ok()
+    {
+        sp.eng.swap.put(e);
+    }
 }

@@ -23,9 +23,9 @@
 use crate::addr::{PAGE_SIZE, VADDR_END};
 use crate::engine::{Engine, SpaceWalk};
 use crate::error::{Error, Result};
+use crate::filemap::inode::Inode;
 use crate::mm::entry::{copy_entry, release_entry};
 use crate::mm::pagetable::{LeafPool, PageTable, LEAF_PAGES};
-use crate::filemap::inode::Inode;
 use crate::mm::region::{Region, RegionTree, Share, Vma};
 use crate::pte::Pte;
 use crate::sync::{Arc, AtomicU64, Ordering, RwLock, SeqCount};
