@@ -234,7 +234,6 @@ impl<S: Store> std::fmt::Debug for Journal<S> {
 }
 
 /// One transaction being built; see [`Journal::begin`].
-#[derive(Debug)]
 pub(crate) struct Txn<'a, S: Store> {
     j: &'a mut Journal<S>,
     seq: u64,
@@ -246,6 +245,16 @@ pub(crate) struct Txn<'a, S: Store> {
     fill: usize,
     /// Log offset where the shadow buffer's first byte goes.
     off: u64,
+}
+
+impl<S: Store> std::fmt::Debug for Txn<'_, S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Txn")
+            .field("seq", &self.seq)
+            .field("pages", &self.pages)
+            .field("log_bytes", &(self.off + self.fill as u64))
+            .finish()
+    }
 }
 
 fn get_u32(b: &[u8], at: usize) -> u32 {
@@ -816,6 +825,9 @@ mod tests {
             if self.enospc_past.is_some_and(|l| off + buf.len() as u64 > l) {
                 return Err(io::Error::from_raw_os_error(libc::ENOSPC));
             }
+            if off + buf.len() as u64 > 1 << 30 {
+                return Err(io::Error::from_raw_os_error(libc::EFBIG));
+            }
             let mut m = self.m.lock().unwrap();
             put(&mut m.cur, off, buf);
             m.pending.push(Op::Write(off, buf.to_vec()));
@@ -1181,5 +1193,352 @@ mod tests {
             !bad.is_empty(),
             "the checker missed the skipped commit sync"
         );
+    }
+
+    // ---- single cases ----
+
+    fn page_of(tag: u64, index: u64) -> Vec<u8> {
+        image(tag, index)
+    }
+
+    fn data_page(data: &[u8], index: u64) -> &[u8] {
+        &data[index as usize * PAGE_SIZE..(index as usize + 1) * PAGE_SIZE]
+    }
+
+    /// 1000 pages through a 64-record shadow buffer: 16 log writes, one sync; the
+    /// transaction survives a crash right after commit, and recovers whole.
+    #[test]
+    fn large_txn_spans_many_flushes() {
+        let log = Arc::new(MemStore::default());
+        let data = Arc::new(MemStore::default());
+        let mut j = Journal::new(log.clone()).unwrap();
+        let mut t = j.begin().unwrap();
+        let seq = t.seq();
+        for i in 0..1000u64 {
+            t.add(i * 3, &page_of(7, i * 3)).unwrap();
+        }
+        // 15 full buffers so far, nothing synced.
+        assert_eq!(log.counts(), (15, 0));
+        t.commit().unwrap();
+        assert_eq!(log.counts(), (16, 1));
+        assert_eq!(log.len().unwrap(), 1000 * REC as u64 + COMMIT as u64);
+        drop(j);
+        log.crash(&mut Rng::new(1));
+        data.crash(&mut Rng::new(2));
+
+        let mut j = Journal::new(log.clone()).unwrap();
+        assert_eq!(
+            j.begin().unwrap_err().kind(),
+            io::ErrorKind::InvalidInput,
+            "begin before recover on a full log"
+        );
+        let mut order = Vec::new();
+        let r = j.recover(&*data, &mut |i, _| order.push(i)).unwrap();
+        assert_eq!(
+            r,
+            Recovery {
+                replayed_pages: 1000,
+                discarded_bytes: 0,
+                seq
+            }
+        );
+        assert_eq!(order, (0..1000).map(|i| i * 3).collect::<Vec<_>>());
+        let d = data.durable();
+        for i in 0..1000u64 {
+            assert!(data_page(&d, i * 3) == page_of(7, i * 3), "page {}", i * 3);
+        }
+        assert!(log.durable().is_empty());
+        // The next transaction gets a later seq than the one recovered.
+        assert!(j.begin().unwrap().seq() > seq);
+    }
+
+    /// The same index twice in one transaction: the later image is what the file
+    /// gets, by checkpoint and by recovery.
+    #[test]
+    fn duplicate_index_later_image_wins() {
+        for crash in [false, true] {
+            let log = Arc::new(MemStore::default());
+            let data = Arc::new(MemStore::default());
+            let mut j = Journal::with_capacity(log.clone(), 2).unwrap();
+            let mut t = j.begin().unwrap();
+            t.add(5, &page_of(1, 5)).unwrap();
+            t.add(2, &page_of(1, 2)).unwrap();
+            t.add(5, &page_of(2, 5)).unwrap();
+            t.commit().unwrap();
+            let mut seen = Vec::new();
+            let r = if crash {
+                drop(j);
+                log.crash(&mut Rng::new(3));
+                let mut j = Journal::new(log.clone()).unwrap();
+                j.recover(&*data, &mut |i, p| seen.push((i, p[0]))).unwrap()
+            } else {
+                j.checkpoint(&*data, &mut |i, p| seen.push((i, p[0])))
+                    .unwrap()
+            };
+            assert_eq!(r.replayed_pages, 3);
+            assert_eq!(seen, [(5, 1), (2, 1), (5, 2)]);
+            let d = data.durable();
+            assert!(data_page(&d, 5) == page_of(2, 5));
+            assert!(data_page(&d, 2) == page_of(1, 2));
+        }
+    }
+
+    /// Random bytes, and bytes that look like a record but do not check, are
+    /// discarded; the data store is not touched; the journal works afterwards.
+    #[test]
+    fn garbage_log_is_discarded() {
+        let mut rng = Rng::new(9);
+        let mut forged = vec![0u8; REC];
+        put_header(&mut forged, MAGIC_PAGE, 42, 0, 1, 0);
+        seal(&mut forged);
+        forged[HDR + 100] ^= 1; // the page no longer matches its crc
+        let mut commit_only = vec![0u8; COMMIT];
+        put_header(&mut commit_only, MAGIC_COMMIT, 42, 1, 0, chain_seed(42));
+        seal(&mut commit_only);
+        let random: Vec<u8> = (0..20_000).map(|_| rng.next() as u8).collect();
+        // A valid page record whose commit claims a page more than precede it.
+        let mut short = vec![0u8; REC];
+        put_header(&mut short, MAGIC_PAGE, 42, 0, 1, 0);
+        let crc = seal(&mut short);
+        let mut c = vec![0u8; COMMIT];
+        put_header(
+            &mut c,
+            MAGIC_COMMIT,
+            42,
+            2,
+            0,
+            chain_next(chain_seed(42), crc),
+        );
+        seal(&mut c);
+        short.extend_from_slice(&c);
+        for junk in [random, [forged.clone(), commit_only].concat(), short] {
+            let log = Arc::new(MemStore::with_image(junk.clone()));
+            let data = Arc::new(MemStore::with_image(Scenario::base()));
+            let mut j = Journal::new(log.clone()).unwrap();
+            let r = j
+                .recover(&*data, &mut |_, _| panic!("replayed garbage"))
+                .unwrap();
+            assert_eq!(
+                r,
+                Recovery {
+                    discarded_bytes: junk.len() as u64,
+                    ..Recovery::default()
+                }
+            );
+            assert_eq!(data.counts(), (0, 0));
+            assert!(log.durable().is_empty());
+            let mut t = j.begin().unwrap();
+            t.add(0, &page_of(1, 0)).unwrap();
+            t.commit().unwrap();
+            assert_eq!(
+                j.checkpoint(&*data, &mut |_, _| {}).unwrap().replayed_pages,
+                1
+            );
+            assert!(data_page(&data.durable(), 0) == page_of(1, 0));
+        }
+    }
+
+    /// A committed log is replayed; the same log with an older transaction's records
+    /// showing through a newer uncommitted one, a flipped bit anywhere, or its last
+    /// byte cut is not.
+    #[test]
+    fn stale_and_damaged_records_never_commit() {
+        // Transaction A, committed, three pages.
+        let a_log = Arc::new(MemStore::default());
+        let mut ja = Journal::new(a_log.clone()).unwrap();
+        let mut t = ja.begin().unwrap();
+        for i in 0..3 {
+            t.add(i, &page_of(1, i)).unwrap();
+        }
+        t.commit().unwrap();
+        let a = a_log.durable();
+        // Transaction B, abandoned after its first record reached the log.
+        let b_log = Arc::new(MemStore::default());
+        let mut jb = Journal::with_capacity(b_log.clone(), 1).unwrap();
+        let mut t = jb.begin().unwrap();
+        t.add(0, &page_of(2, 0)).unwrap();
+        t.add(1, &page_of(2, 1)).unwrap();
+        drop(t);
+        let b = b_log.current();
+        assert_eq!(b.len(), REC);
+        let mut b_over_a = a.clone();
+        b_over_a[..REC].copy_from_slice(&b);
+
+        let replays = |img: &[u8]| {
+            let log = Arc::new(MemStore::with_image(img.to_vec()));
+            let data = Arc::new(MemStore::default());
+            let mut j = Journal::new(log).unwrap();
+            j.recover(&*data, &mut |_, _| {}).unwrap().replayed_pages
+        };
+        assert_eq!(replays(&a), 3);
+        assert_eq!(replays(&b_over_a), 0, "A's records behind B's");
+        assert_eq!(replays(&a[..a.len() - 1]), 0, "cut commit record");
+        assert_eq!(replays(&a[..2 * REC]), 0, "no commit record");
+        let mut rng = Rng::new(4);
+        for _ in 0..200 {
+            let mut img = a.clone();
+            let bit = rng.below(img.len() as u64 * 8);
+            img[(bit / 8) as usize] ^= 1 << (bit % 8);
+            assert_eq!(replays(&img), 0, "bit {bit} flipped");
+        }
+        // Records of A moved one record later (a stale copy at another offset).
+        let shifted = [vec![0u8; REC], a.clone()].concat();
+        assert_eq!(replays(&shifted), 0);
+    }
+
+    /// An empty log: nothing replayed, no I/O on either store, begin allowed.
+    #[test]
+    fn empty_log_recovers_to_nothing() {
+        let log = Arc::new(MemStore::default());
+        let data = Arc::new(MemStore::with_image(Scenario::base()));
+        let mut j = Journal::new(log.clone()).unwrap();
+        let r = j
+            .recover(&*data, &mut |_, _| panic!("nothing to replay"))
+            .unwrap();
+        assert_eq!(r, Recovery::default());
+        assert_eq!((log.counts(), data.counts()), ((0, 0), (0, 0)));
+        // A transaction without pages commits without I/O and checkpoints to nothing.
+        j.begin().unwrap().commit().unwrap();
+        assert_eq!(
+            j.checkpoint(&*data, &mut |_, _| {}).unwrap(),
+            Recovery::default()
+        );
+        assert_eq!((log.counts(), data.counts()), ((0, 0), (0, 0)));
+    }
+
+    /// ENOSPC on the log, at a flush inside `add` and at `commit`: the transaction
+    /// is not committed, the data store is untouched, the next begin starts from an
+    /// empty log and commits.
+    #[test]
+    fn enospc_on_the_log_leaves_data_untouched() {
+        for capacity in [64, 4] {
+            let log = Arc::new(MemStore {
+                enospc_past: Some(10 * REC as u64),
+                ..MemStore::default()
+            });
+            let data = Arc::new(MemStore::with_image(Scenario::base()));
+            let mut j = Journal::with_capacity(log.clone(), capacity).unwrap();
+            let mut t = j.begin().unwrap();
+            let mut err = None;
+            for i in 0..20 {
+                if let Err(e) = t.add(i % NP, &page_of(1, i % NP)) {
+                    err = Some(e);
+                    break;
+                }
+            }
+            let err = match err {
+                Some(e) => e,
+                None => t.commit().unwrap_err(),
+            };
+            assert_eq!(
+                err.raw_os_error(),
+                Some(libc::ENOSPC),
+                "capacity {capacity}"
+            );
+            assert_eq!(data.counts(), (0, 0));
+            // A checkpoint now replays nothing (and empties the log).
+            let r = j
+                .checkpoint(&*data, &mut |_, _| panic!("not committed"))
+                .unwrap();
+            assert_eq!(r.replayed_pages, 0);
+            assert_eq!(data.counts(), (0, 0));
+            assert_eq!(log.len().unwrap(), 0);
+            // A transaction that fits.
+            let mut t = j.begin().unwrap();
+            for i in 0..3 {
+                t.add(i, &page_of(1, i)).unwrap();
+            }
+            t.commit().unwrap();
+            assert_eq!(
+                j.checkpoint(&*data, &mut |_, _| {}).unwrap().replayed_pages,
+                3
+            );
+            let d = data.durable();
+            assert!((0..3).all(|i| data_page(&d, i) == page_of(1, i)));
+            assert!((3..NP).all(|i| data_page(&d, i) == image(0, i)));
+        }
+    }
+
+    /// ENOSPC with the transaction already spread over the log: the next `begin`
+    /// (not a checkpoint) empties it.
+    #[test]
+    fn begin_after_a_failed_commit_starts_clean() {
+        let log = Arc::new(MemStore {
+            enospc_past: Some(5 * REC as u64),
+            ..MemStore::default()
+        });
+        let mut j = Journal::with_capacity(log.clone(), 2).unwrap();
+        let mut t = j.begin().unwrap();
+        let failed = (0..8).any(|i| t.add(i, &page_of(1, i)).is_err());
+        assert!(failed || t.commit().is_err());
+        assert!(log.len().unwrap() > 0);
+        let t = j.begin().unwrap();
+        assert_eq!(log.len().unwrap(), 0);
+        assert_eq!(log.durable().len(), 0);
+        drop(t);
+    }
+
+    #[test]
+    fn misuse_is_refused() {
+        let log = Arc::new(MemStore::default());
+        let data = Arc::new(MemStore::default());
+        let mut j = Journal::new(log.clone()).unwrap();
+        let mut t = j.begin().unwrap();
+        assert_eq!(
+            t.add(0, &[0; 100]).unwrap_err().kind(),
+            io::ErrorKind::InvalidInput
+        );
+        assert_eq!(
+            t.add(u64::MAX / PAGE_SIZE as u64, &page_of(1, 0))
+                .unwrap_err()
+                .kind(),
+            io::ErrorKind::InvalidInput
+        );
+        t.add(MAX_INDEX, &page_of(1, 0)).unwrap();
+        t.commit().unwrap();
+        // A committed transaction must be checkpointed before the next begins.
+        assert_eq!(j.begin().unwrap_err().kind(), io::ErrorKind::InvalidInput);
+        // A log changed under a committed transaction is not replayed.
+        let saved = log.current();
+        log.restore(vec![]);
+        let err = j.checkpoint(&*data, &mut |_, _| {}).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        log.restore(saved);
+        let mut last = None;
+        j.checkpoint(&*data, &mut |i, _| last = Some(i))
+            .unwrap_err(); // the data store cannot grow to 2^64 bytes
+        assert_eq!(last, Some(MAX_INDEX));
+    }
+
+    /// The `std::fs::File` store: commit in one journal, recover in another.
+    #[test]
+    fn file_store_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = |name: &str| {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(dir.path().join(name))
+                .unwrap()
+        };
+        let mut j = Journal::new(open("log")).unwrap();
+        let mut t = j.begin().unwrap();
+        for i in 0..5 {
+            t.add(i * 2, &page_of(3, i * 2)).unwrap();
+        }
+        let seq = t.seq();
+        t.commit().unwrap();
+        drop(j);
+        let mut j = Journal::new(open("log")).unwrap();
+        let data = open("data");
+        let r = j.recover(&data, &mut |_, _| {}).unwrap();
+        assert_eq!((r.replayed_pages, r.seq), (5, seq));
+        assert_eq!(j.log().len().unwrap(), 0);
+        let d = std::fs::read(dir.path().join("data")).unwrap();
+        assert_eq!(d.len(), 9 * PAGE_SIZE);
+        assert!((0..5).all(|i| data_page(&d, i * 2) == page_of(3, i * 2)));
+        assert!(data_page(&d, 1).iter().all(|&b| b == 0));
     }
 }
