@@ -1355,10 +1355,11 @@ mod tests {
         // Transaction B, abandoned after its first record reached the log.
         let b_log = Arc::new(MemStore::default());
         let mut jb = Journal::with_capacity(b_log.clone(), 1).unwrap();
-        let mut t = jb.begin().unwrap();
-        t.add(0, &page_of(2, 0)).unwrap();
-        t.add(1, &page_of(2, 1)).unwrap();
-        drop(t);
+        {
+            let mut t = jb.begin().unwrap();
+            t.add(0, &page_of(2, 0)).unwrap();
+            t.add(1, &page_of(2, 1)).unwrap();
+        }
         let b = b_log.current();
         assert_eq!(b.len(), REC);
         let mut b_over_a = a.clone();
@@ -1472,10 +1473,9 @@ mod tests {
         let failed = (0..8).any(|i| t.add(i, &page_of(1, i)).is_err());
         assert!(failed || t.commit().is_err());
         assert!(log.len().unwrap() > 0);
-        let t = j.begin().unwrap();
+        let _t = j.begin().unwrap();
         assert_eq!(log.len().unwrap(), 0);
         assert_eq!(log.durable().len(), 0);
-        drop(t);
     }
 
     #[test]
