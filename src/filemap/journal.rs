@@ -977,6 +977,8 @@ mod tests {
     struct Scenario {
         /// Per version: the (page, stamp) pairs its transaction adds, in order.
         txns: Vec<Vec<(u64, u64)>>,
+        /// Per version: a transaction abandoned (after a flush) before it begins.
+        abandon: Vec<bool>,
         /// expected[v][p]: the version page p carries at version v.
         expected: Vec<Vec<u64>>,
     }
@@ -985,6 +987,7 @@ mod tests {
         fn new(seed: u64) -> Self {
             let mut rng = Rng::new(seed);
             let mut txns = Vec::new();
+            let mut abandon = Vec::new();
             let mut expected = vec![vec![0; NP as usize]];
             for v in 1..=V {
                 let mut pages: Vec<u64> = (0..NP).filter(|_| rng.coin()).collect();
@@ -1007,9 +1010,14 @@ mod tests {
                     e[p as usize] = v;
                 }
                 txns.push(t);
+                abandon.push(rng.below(3) == 0);
                 expected.push(e);
             }
-            Scenario { txns, expected }
+            Scenario {
+                txns,
+                abandon,
+                expected,
+            }
         }
 
         fn base() -> Vec<u8> {
@@ -1059,6 +1067,16 @@ mod tests {
         };
         j.plant_skip_commit_sync = plant;
         for v in 1..=V {
+            if sc.abandon[v as usize - 1] {
+                // Its records reach the log (more than a buffer's worth); the next
+                // begin must empty the log of them.
+                let Ok(mut t) = j.begin() else { return out };
+                for p in 0..4 {
+                    if t.add(p, &image(JUNK, p)).is_err() {
+                        return out;
+                    }
+                }
+            }
             let Ok(mut t) = j.begin() else { return out };
             for &(p, s) in &sc.txns[v as usize - 1] {
                 if t.add(p, &image(s, p)).is_err() {
