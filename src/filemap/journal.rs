@@ -41,12 +41,17 @@
 //! keys) and increase by one per transaction, so a record left in the file by an
 //! earlier process — which a file system that exposes stale blocks after a crash
 //! (ext4 `data=writeback`) could show beyond a new transaction's end — does not
-//! carry the new transaction's seq.
+//! carry the new transaction's seq. An older *committed* transaction can reappear
+//! only if the emptying that followed its checkpoint did not reach the disk; it is
+//! then replayed again, harmlessly: its pages are already in the file (synced
+//! before the emptying), and nothing newer is, because a newer transaction commits
+//! by a log sync, which makes that emptying durable too.
 //!
 //! ## Protocol and sync points
 //! 1. `begin`: if an earlier transaction was abandoned (or failed), the log is
 //!    emptied first (`set_len(0)`, sync). A transaction is always written from
-//!    offset 0 of a durably empty log.
+//!    offset 0 of an empty log: emptied and synced by this journal, or found empty
+//!    by `new`.
 //! 2. `add`: the page record goes into the shadow buffer; a full buffer is written
 //!    to the log (no sync).
 //! 3. `commit`: the buffered records and the commit record are written in one
@@ -97,6 +102,16 @@
 //! slices of it — so a commit or a checkpoint under a lock that reclaim needs cannot
 //! wait on reclaim for memory. They run in `lockdep::no_alloc` sections, except
 //! around the caller's `on_page`.
+//!
+//! ## Tests
+//! `MemStore` keeps a durable image and the unsynced operations; its `crash` keeps
+//! a random subset of them, writes torn at 512-byte sectors. The exhaustive test
+//! runs three transactions (random pages, duplicate indices) over a data store
+//! of 8 pages, crashes the machine at every I/O operation in turn, then crashes
+//! recovery at every one of its operations and recovers again, and checks that the
+//! file is exactly one version: the last committed, or the next if its commit
+//! failed only at the log sync. A planted bug (no log sync in `commit`) must be
+//! caught by the same checker.
 
 // The mapping side (`Share::Atomic`) that calls the journal is not in yet.
 #![cfg_attr(not(test), allow(dead_code))]
@@ -234,7 +249,6 @@ impl<S: Store> std::fmt::Debug for Journal<S> {
 }
 
 /// One transaction being built; see [`Journal::begin`].
-#[derive(Debug)]
 pub(crate) struct Txn<'a, S: Store> {
     j: &'a mut Journal<S>,
     seq: u64,
@@ -246,6 +260,16 @@ pub(crate) struct Txn<'a, S: Store> {
     fill: usize,
     /// Log offset where the shadow buffer's first byte goes.
     off: u64,
+}
+
+impl<S: Store> std::fmt::Debug for Txn<'_, S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Txn")
+            .field("seq", &self.seq)
+            .field("pages", &self.pages)
+            .field("log_bytes", &(self.off + self.fill as u64))
+            .finish()
+    }
 }
 
 fn get_u32(b: &[u8], at: usize) -> u32 {
@@ -680,5 +704,874 @@ impl<S: Store> Txn<'_, S> {
             end: self.off,
         });
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Mutex;
+
+    const SECTOR: usize = 512;
+
+    /// xorshift64*: deterministic, and enough to pick crash subsets.
+    struct Rng(u64);
+
+    impl Rng {
+        fn new(seed: u64) -> Self {
+            let mut r = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+            r.next();
+            r
+        }
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        }
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+        fn coin(&mut self) -> bool {
+            self.next() & (1 << 40) != 0
+        }
+    }
+
+    fn put(v: &mut Vec<u8>, off: u64, b: &[u8]) {
+        let (off, end) = (off as usize, off as usize + b.len());
+        if v.len() < end {
+            v.resize(end, 0);
+        }
+        v[off..end].copy_from_slice(b);
+    }
+
+    #[derive(Clone)]
+    enum Op {
+        Write(u64, Vec<u8>),
+        SetLen(u64),
+    }
+
+    #[derive(Default)]
+    struct Mem {
+        /// What survives a crash for certain.
+        durable: Vec<u8>,
+        /// What reads see: `durable` with `pending` applied.
+        cur: Vec<u8>,
+        /// Unsynced writes and truncations, in order.
+        pending: Vec<Op>,
+        writes: u64,
+        syncs: u64,
+    }
+
+    /// A store that separates what was written from what is durable: `sync` makes
+    /// everything durable; `crash` keeps a random subset of the unsynced operations
+    /// (each write possibly torn at 512-byte boundaries) and drops the rest.
+    #[derive(Default)]
+    struct MemStore {
+        m: Mutex<Mem>,
+        /// Writes reaching past this many bytes fail with ENOSPC.
+        enospc_past: Option<u64>,
+    }
+
+    impl MemStore {
+        fn with_image(img: Vec<u8>) -> Self {
+            let s = MemStore::default();
+            s.restore(img);
+            s
+        }
+        fn restore(&self, img: Vec<u8>) {
+            let mut m = self.m.lock().unwrap();
+            m.cur = img.clone();
+            m.durable = img;
+            m.pending.clear();
+        }
+        fn durable(&self) -> Vec<u8> {
+            self.m.lock().unwrap().durable.clone()
+        }
+        fn current(&self) -> Vec<u8> {
+            self.m.lock().unwrap().cur.clone()
+        }
+        fn counts(&self) -> (u64, u64) {
+            let m = self.m.lock().unwrap();
+            (m.writes, m.syncs)
+        }
+        fn crash(&self, rng: &mut Rng) {
+            let mut m = self.m.lock().unwrap();
+            let mut img = m.durable.clone();
+            for op in std::mem::take(&mut m.pending) {
+                if !rng.coin() {
+                    continue;
+                }
+                match op {
+                    Op::SetLen(l) => img.resize(l as usize, 0),
+                    Op::Write(off, d) if rng.below(3) == 0 => {
+                        // Torn: each 512-byte sector (absolute) on its own.
+                        let end = off + d.len() as u64;
+                        let mut s = off / SECTOR as u64 * SECTOR as u64;
+                        while s < end {
+                            let (a, b) = (s.max(off), (s + SECTOR as u64).min(end));
+                            if rng.coin() {
+                                put(&mut img, a, &d[(a - off) as usize..(b - off) as usize]);
+                            }
+                            s += SECTOR as u64;
+                        }
+                    }
+                    Op::Write(off, d) => put(&mut img, off, &d),
+                }
+            }
+            m.cur = img.clone();
+            m.durable = img;
+        }
+    }
+
+    impl Store for MemStore {
+        fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<usize> {
+            let m = self.m.lock().unwrap();
+            let off = off as usize;
+            if off >= m.cur.len() {
+                return Ok(0);
+            }
+            let n = buf.len().min(m.cur.len() - off);
+            buf[..n].copy_from_slice(&m.cur[off..off + n]);
+            Ok(n)
+        }
+        fn write_all_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
+            if self.enospc_past.is_some_and(|l| off + buf.len() as u64 > l) {
+                return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+            }
+            if off + buf.len() as u64 > 1 << 30 {
+                return Err(io::Error::from_raw_os_error(libc::EFBIG));
+            }
+            let mut m = self.m.lock().unwrap();
+            put(&mut m.cur, off, buf);
+            m.pending.push(Op::Write(off, buf.to_vec()));
+            m.writes += 1;
+            Ok(())
+        }
+        fn sync(&self) -> io::Result<()> {
+            let mut m = self.m.lock().unwrap();
+            m.durable = m.cur.clone();
+            m.pending.clear();
+            m.syncs += 1;
+            Ok(())
+        }
+        fn len(&self) -> io::Result<u64> {
+            Ok(self.m.lock().unwrap().cur.len() as u64)
+        }
+        fn set_len(&self, len: u64) -> io::Result<()> {
+            let mut m = self.m.lock().unwrap();
+            m.cur.resize(len as usize, 0);
+            m.pending.push(Op::SetLen(len));
+            Ok(())
+        }
+    }
+
+    /// The machine's clock of I/O operations, shared by the stores of one run:
+    /// operation number `crash_at` fails (a write leaves a torn prefix behind) and so
+    /// does every operation after it, as if the machine had stopped there.
+    struct Clock {
+        ops: AtomicU64,
+        crash_at: u64,
+        crashed: AtomicBool,
+        /// What the crashing operation was.
+        failed: Mutex<Option<&'static str>>,
+        rng: Mutex<Rng>,
+    }
+
+    impl Clock {
+        fn new(crash_at: u64, seed: u64) -> Arc<Self> {
+            Arc::new(Clock {
+                ops: AtomicU64::new(0),
+                crash_at,
+                crashed: AtomicBool::new(false),
+                failed: Mutex::new(None),
+                rng: Mutex::new(Rng::new(seed)),
+            })
+        }
+        fn never() -> Arc<Self> {
+            Self::new(u64::MAX, 0)
+        }
+        fn fired(&self) -> bool {
+            self.crashed.load(Ordering::SeqCst)
+        }
+    }
+
+    struct Crashy {
+        mem: Arc<MemStore>,
+        clock: Arc<Clock>,
+    }
+
+    fn crashy(mem: &Arc<MemStore>, clock: &Arc<Clock>) -> Crashy {
+        Crashy {
+            mem: mem.clone(),
+            clock: clock.clone(),
+        }
+    }
+
+    impl Crashy {
+        fn tick(&self, what: &'static str, write: Option<(&[u8], u64)>) -> io::Result<()> {
+            let c = &self.clock;
+            if c.fired() {
+                return Err(io::Error::other("machine stopped"));
+            }
+            if c.ops.fetch_add(1, Ordering::SeqCst) != c.crash_at {
+                return Ok(());
+            }
+            c.crashed.store(true, Ordering::SeqCst);
+            *c.failed.lock().unwrap() = Some(what);
+            if let Some((buf, off)) = write {
+                // A failed write did not complete: some whole sectors, never all.
+                let sectors = buf.len().div_ceil(SECTOR) as u64;
+                let k = c.rng.lock().unwrap().below(sectors) as usize * SECTOR;
+                if k > 0 {
+                    self.mem.write_all_at(&buf[..k], off)?;
+                }
+            }
+            Err(io::Error::other("crash"))
+        }
+    }
+
+    impl Store for Crashy {
+        fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<usize> {
+            self.tick("read", None)?;
+            self.mem.read_at(buf, off)
+        }
+        fn write_all_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
+            self.tick("write", Some((buf, off)))?;
+            self.mem.write_all_at(buf, off)
+        }
+        fn sync(&self) -> io::Result<()> {
+            self.tick("sync", None)?;
+            self.mem.sync()
+        }
+        fn len(&self) -> io::Result<u64> {
+            self.tick("len", None)?;
+            self.mem.len()
+        }
+        fn set_len(&self, len: u64) -> io::Result<()> {
+            self.tick("set_len", None)?;
+            self.mem.set_len(len)
+        }
+    }
+
+    // ---- versions of a data file and the checker ----
+
+    /// Pages of the data file in the crash tests.
+    const NP: u64 = 8;
+    /// Transactions (versions 1..=V) per scenario.
+    const V: u64 = 3;
+    /// The stamp of an image that a later one of the same transaction replaces.
+    const JUNK: u64 = 0xdead;
+
+    /// Page `page` as written by version `version`: a stamp and a pattern, so a
+    /// page of another version, another page or a torn page never matches.
+    fn image(version: u64, page: u64) -> Vec<u8> {
+        let mut b = vec![(version * 16 + page) as u8 ^ 0x5a; PAGE_SIZE];
+        b[0..8].copy_from_slice(&version.to_le_bytes());
+        b[8..16].copy_from_slice(&page.to_le_bytes());
+        b[PAGE_SIZE - 8..].copy_from_slice(&(version ^ page << 32).to_le_bytes());
+        b
+    }
+
+    struct Scenario {
+        /// Per version: the (page, stamp) pairs its transaction adds, in order.
+        txns: Vec<Vec<(u64, u64)>>,
+        /// Per version: a transaction abandoned (after a flush) before it begins.
+        abandon: Vec<bool>,
+        /// expected[v][p]: the version page p carries at version v.
+        expected: Vec<Vec<u64>>,
+    }
+
+    impl Scenario {
+        fn new(seed: u64) -> Self {
+            let mut rng = Rng::new(seed);
+            let mut txns = Vec::new();
+            let mut abandon = Vec::new();
+            let mut expected = vec![vec![0; NP as usize]];
+            for v in 1..=V {
+                let mut pages: Vec<u64> = (0..NP).filter(|_| rng.coin()).collect();
+                if pages.is_empty() {
+                    pages.push(rng.below(NP));
+                }
+                for i in (1..pages.len()).rev() {
+                    pages.swap(i, rng.below(i as u64 + 1) as usize);
+                }
+                let mut t = Vec::new();
+                for &p in &pages {
+                    if rng.below(4) == 0 {
+                        // An image the same transaction replaces: the later must win.
+                        t.insert(rng.below(t.len() as u64 + 1) as usize, (p, JUNK));
+                    }
+                    t.push((p, v));
+                }
+                let mut e = expected.last().unwrap().clone();
+                for &p in &pages {
+                    e[p as usize] = v;
+                }
+                txns.push(t);
+                abandon.push(rng.below(3) == 0);
+                expected.push(e);
+            }
+            Scenario {
+                txns,
+                abandon,
+                expected,
+            }
+        }
+
+        fn base() -> Vec<u8> {
+            (0..NP).flat_map(|p| image(0, p)).collect()
+        }
+
+        /// Ok if `data` is exactly one of the versions in `allowed`.
+        fn check(&self, data: &[u8], allowed: &[u64]) -> Result<u64, String> {
+            let mut got = Vec::new();
+            for p in 0..NP {
+                let at = (p as usize) * PAGE_SIZE;
+                let Some(page) = data.get(at..at + PAGE_SIZE) else {
+                    return Err(format!("data is {} bytes: page {p} missing", data.len()));
+                };
+                match (0..=V).find(|&v| page == image(v, p)) {
+                    Some(v) => got.push(v),
+                    None => return Err(format!("page {p} is torn or a replaced image")),
+                }
+            }
+            allowed
+                .iter()
+                .copied()
+                .find(|&v| got == self.expected[v as usize])
+                .ok_or_else(|| format!("data pages {got:?} are none of versions {allowed:?}"))
+        }
+    }
+
+    /// How far a run got before its crash.
+    struct Outcome {
+        /// The last version whose `commit` returned Ok.
+        committed: u64,
+        /// The next version's commit failed at its log sync, after its commit record
+        /// was written: it may have reached the disk anyway.
+        in_doubt: bool,
+    }
+
+    /// Runs the scenario's transactions, each committed then checkpointed, until an
+    /// operation fails.
+    fn run(sc: &Scenario, log: Crashy, data: &Crashy, plant: bool) -> Outcome {
+        let clock = log.clock.clone();
+        let mut out = Outcome {
+            committed: 0,
+            in_doubt: false,
+        };
+        let Ok(mut j) = Journal::with_capacity(log, 3) else {
+            return out;
+        };
+        j.plant_skip_commit_sync = plant;
+        for v in 1..=V {
+            if sc.abandon[v as usize - 1] {
+                // Its records reach the log (more than a buffer's worth); the next
+                // begin must empty the log of them.
+                let Ok(mut t) = j.begin() else { return out };
+                for p in 0..4 {
+                    if t.add(p, &image(JUNK, p)).is_err() {
+                        return out;
+                    }
+                }
+            }
+            let Ok(mut t) = j.begin() else { return out };
+            for &(p, s) in &sc.txns[v as usize - 1] {
+                if t.add(p, &image(s, p)).is_err() {
+                    return out;
+                }
+            }
+            if t.commit().is_err() {
+                out.in_doubt = *clock.failed.lock().unwrap() == Some("sync");
+                return out;
+            }
+            out.committed = v;
+            let mut seen = 0u64;
+            match j.checkpoint(data, &mut |_, _| seen += 1) {
+                Ok(r) => {
+                    assert_eq!(r.replayed_pages, sc.txns[v as usize - 1].len() as u64);
+                    assert_eq!(r.replayed_pages, seen);
+                }
+                Err(_) => return out,
+            }
+        }
+        out
+    }
+
+    /// One recovery on the two stores with a clock; Err if the clock fired.
+    fn recover_on(
+        log: &Arc<MemStore>,
+        data: &Arc<MemStore>,
+        clock: &Arc<Clock>,
+    ) -> Result<Recovery, ()> {
+        let mut j = Journal::with_capacity(crashy(log, clock), 3).map_err(|_| ())?;
+        let mut seen = 0u64;
+        let r = j
+            .recover(&crashy(data, clock), &mut |i, b| {
+                assert!(i < NP && b.len() == PAGE_SIZE);
+                seen += 1;
+            })
+            .map_err(|_| ())?;
+        assert!(!clock.fired());
+        assert_eq!(r.replayed_pages, seen);
+        assert_eq!(r.seq == 0, r.replayed_pages == 0);
+        Ok(r)
+    }
+
+    /// Crashes every scenario at every I/O operation, crash-simulates both stores,
+    /// and recovers — crashing the recovery at each of its operations too, then
+    /// recovering again. Returns what was checked and the violations found.
+    fn exhaustive(seeds: std::ops::Range<u64>, plant: bool) -> (Coverage, Vec<String>) {
+        let mut cov = Coverage::default();
+        let mut bad = Vec::new();
+        for seed in seeds {
+            let sc = Scenario::new(seed);
+            let total = {
+                let clock = Clock::never();
+                let log = Arc::new(MemStore::default());
+                let data = Arc::new(MemStore::with_image(Scenario::base()));
+                let out = run(&sc, crashy(&log, &clock), &crashy(&data, &clock), plant);
+                assert_eq!(out.committed, V);
+                assert_eq!(sc.check(&data.current(), &[V]), Ok(V));
+                clock.ops.load(Ordering::SeqCst)
+            };
+            for k in 0..=total {
+                let mut rng = Rng::new(seed << 20 ^ k);
+                let clock = Clock::new(k, rng.next());
+                let log = Arc::new(MemStore::default());
+                let data = Arc::new(MemStore::with_image(Scenario::base()));
+                let out = run(&sc, crashy(&log, &clock), &crashy(&data, &clock), plant);
+                assert_eq!(clock.fired(), k < total);
+                log.crash(&mut rng);
+                data.crash(&mut rng);
+                let allowed: &[u64] = if out.in_doubt {
+                    &[out.committed, out.committed + 1]
+                } else {
+                    &[out.committed]
+                };
+                let (log0, data0) = (log.durable(), data.durable());
+                for r in 0.. {
+                    assert!(r < 10_000, "recovery never finishes");
+                    log.restore(log0.clone());
+                    data.restore(data0.clone());
+                    let rclock = Clock::new(r, rng.next());
+                    let first = recover_on(&log, &data, &rclock);
+                    let rec = match first {
+                        Ok(rec) => rec,
+                        Err(()) => {
+                            // Crashed in recovery: crash-simulate again, then recover.
+                            log.crash(&mut rng);
+                            data.crash(&mut rng);
+                            recover_on(&log, &data, &Clock::never()).expect("recovery")
+                        }
+                    };
+                    cov.checked += 1;
+                    cov.replayed += u64::from(rec.replayed_pages > 0);
+                    let what = format!(
+                        "seed {seed}, crash at op {k} (committed {}, in doubt {}), recovery crash at op {r}",
+                        out.committed, out.in_doubt
+                    );
+                    match sc.check(&data.durable(), allowed) {
+                        Ok(v) => cov.in_doubt_landed += u64::from(v > out.committed),
+                        Err(e) => bad.push(format!("{what}: {e}")),
+                    }
+                    if !log.durable().is_empty() {
+                        bad.push(format!("{what}: log not emptied"));
+                    }
+                    if first.is_ok() {
+                        break;
+                    }
+                }
+            }
+        }
+        (cov, bad)
+    }
+
+    /// What an exhaustive run went through.
+    #[derive(Debug, Default)]
+    struct Coverage {
+        /// (crash point, recovery crash point) pairs checked.
+        checked: u64,
+        /// Recoveries that replayed a committed transaction.
+        replayed: u64,
+        /// Recoveries to the version whose commit failed at its log sync.
+        in_doubt_landed: u64,
+    }
+
+    #[test]
+    fn every_crash_point_recovers_to_one_version() {
+        let (cov, bad) = exhaustive(0..32, false);
+        // The interesting cases happened: crashes mid-checkpoint repaired by a replay,
+        // and commits that failed at the sync yet reached the disk.
+        assert!(
+            cov.checked > 1000 && cov.replayed > 100 && cov.in_doubt_landed > 0,
+            "{cov:?}"
+        );
+        assert!(
+            bad.is_empty(),
+            "{} violations, first: {:#?}",
+            bad.len(),
+            &bad[..bad.len().min(5)]
+        );
+    }
+
+    /// The planted bug: `commit` skips the log sync. The checker must see a version
+    /// that `commit` promised lost, or a mix of two.
+    #[test]
+    fn planted_skipped_commit_sync_is_caught() {
+        let (_, bad) = exhaustive(0..4, true);
+        assert!(
+            !bad.is_empty(),
+            "the checker missed the skipped commit sync"
+        );
+    }
+
+    // ---- single cases ----
+
+    fn page_of(tag: u64, index: u64) -> Vec<u8> {
+        image(tag, index)
+    }
+
+    fn data_page(data: &[u8], index: u64) -> &[u8] {
+        &data[index as usize * PAGE_SIZE..(index as usize + 1) * PAGE_SIZE]
+    }
+
+    /// 1000 pages through a 64-record shadow buffer: 16 log writes, one sync; the
+    /// transaction survives a crash right after commit, and recovers whole.
+    #[test]
+    fn large_txn_spans_many_flushes() {
+        let log = Arc::new(MemStore::default());
+        let data = Arc::new(MemStore::default());
+        let mut j = Journal::new(log.clone()).unwrap();
+        let mut t = j.begin().unwrap();
+        let seq = t.seq();
+        for i in 0..1000u64 {
+            t.add(i * 3, &page_of(7, i * 3)).unwrap();
+        }
+        // 15 full buffers so far, nothing synced.
+        assert_eq!(log.counts(), (15, 0));
+        t.commit().unwrap();
+        assert_eq!(log.counts(), (16, 1));
+        assert_eq!(log.len().unwrap(), 1000 * REC as u64 + COMMIT as u64);
+        drop(j);
+        log.crash(&mut Rng::new(1));
+        data.crash(&mut Rng::new(2));
+
+        let mut j = Journal::new(log.clone()).unwrap();
+        assert_eq!(
+            j.begin().unwrap_err().kind(),
+            io::ErrorKind::InvalidInput,
+            "begin before recover on a full log"
+        );
+        let mut order = Vec::new();
+        let r = j.recover(&*data, &mut |i, _| order.push(i)).unwrap();
+        assert_eq!(
+            r,
+            Recovery {
+                replayed_pages: 1000,
+                discarded_bytes: 0,
+                seq
+            }
+        );
+        assert_eq!(order, (0..1000).map(|i| i * 3).collect::<Vec<_>>());
+        let d = data.durable();
+        for i in 0..1000u64 {
+            assert!(data_page(&d, i * 3) == page_of(7, i * 3), "page {}", i * 3);
+        }
+        assert!(log.durable().is_empty());
+        // The next transaction gets a later seq than the one recovered.
+        assert!(j.begin().unwrap().seq() > seq);
+    }
+
+    /// The same index twice in one transaction: the later image is what the file
+    /// gets, by checkpoint and by recovery.
+    #[test]
+    fn duplicate_index_later_image_wins() {
+        for crash in [false, true] {
+            let log = Arc::new(MemStore::default());
+            let data = Arc::new(MemStore::default());
+            let mut j = Journal::with_capacity(log.clone(), 2).unwrap();
+            let mut t = j.begin().unwrap();
+            t.add(5, &page_of(1, 5)).unwrap();
+            t.add(2, &page_of(1, 2)).unwrap();
+            t.add(5, &page_of(2, 5)).unwrap();
+            t.commit().unwrap();
+            let mut seen = Vec::new();
+            let r = if crash {
+                drop(j);
+                log.crash(&mut Rng::new(3));
+                let mut j = Journal::new(log.clone()).unwrap();
+                j.recover(&*data, &mut |i, p| seen.push((i, p[0]))).unwrap()
+            } else {
+                j.checkpoint(&*data, &mut |i, p| seen.push((i, p[0])))
+                    .unwrap()
+            };
+            assert_eq!(r.replayed_pages, 3);
+            assert_eq!(seen, [(5, 1), (2, 1), (5, 2)]);
+            let d = data.durable();
+            assert!(data_page(&d, 5) == page_of(2, 5));
+            assert!(data_page(&d, 2) == page_of(1, 2));
+        }
+    }
+
+    /// Random bytes, and bytes that look like a record but do not check, are
+    /// discarded; the data store is not touched; the journal works afterwards.
+    #[test]
+    fn garbage_log_is_discarded() {
+        let mut rng = Rng::new(9);
+        let mut forged = vec![0u8; REC];
+        put_header(&mut forged, MAGIC_PAGE, 42, 0, 1, 0);
+        seal(&mut forged);
+        forged[HDR + 100] ^= 1; // the page no longer matches its crc
+        let mut commit_only = vec![0u8; COMMIT];
+        put_header(&mut commit_only, MAGIC_COMMIT, 42, 1, 0, chain_seed(42));
+        seal(&mut commit_only);
+        let random: Vec<u8> = (0..20_000).map(|_| rng.next() as u8).collect();
+        // A valid page record whose commit claims a page more than precede it.
+        let mut short = vec![0u8; REC];
+        put_header(&mut short, MAGIC_PAGE, 42, 0, 1, 0);
+        let crc = seal(&mut short);
+        let mut c = vec![0u8; COMMIT];
+        put_header(
+            &mut c,
+            MAGIC_COMMIT,
+            42,
+            2,
+            0,
+            chain_next(chain_seed(42), crc),
+        );
+        seal(&mut c);
+        short.extend_from_slice(&c);
+        for junk in [random, [forged.clone(), commit_only].concat(), short] {
+            let log = Arc::new(MemStore::with_image(junk.clone()));
+            let data = Arc::new(MemStore::with_image(Scenario::base()));
+            let mut j = Journal::new(log.clone()).unwrap();
+            let r = j
+                .recover(&*data, &mut |_, _| panic!("replayed garbage"))
+                .unwrap();
+            assert_eq!(
+                r,
+                Recovery {
+                    discarded_bytes: junk.len() as u64,
+                    ..Recovery::default()
+                }
+            );
+            assert_eq!(data.counts(), (0, 0));
+            assert!(log.durable().is_empty());
+            let mut t = j.begin().unwrap();
+            t.add(0, &page_of(1, 0)).unwrap();
+            t.commit().unwrap();
+            assert_eq!(
+                j.checkpoint(&*data, &mut |_, _| {}).unwrap().replayed_pages,
+                1
+            );
+            assert!(data_page(&data.durable(), 0) == page_of(1, 0));
+        }
+    }
+
+    /// A committed log is replayed; the same log with an older transaction's records
+    /// showing through a newer uncommitted one, a flipped bit anywhere, or its last
+    /// byte cut is not.
+    #[test]
+    fn stale_and_damaged_records_never_commit() {
+        // Transaction A, committed, three pages.
+        let a_log = Arc::new(MemStore::default());
+        let mut ja = Journal::new(a_log.clone()).unwrap();
+        let mut t = ja.begin().unwrap();
+        for i in 0..3 {
+            t.add(i, &page_of(1, i)).unwrap();
+        }
+        t.commit().unwrap();
+        let a = a_log.durable();
+        // Transaction B, abandoned after its first record reached the log.
+        let b_log = Arc::new(MemStore::default());
+        let mut jb = Journal::with_capacity(b_log.clone(), 1).unwrap();
+        {
+            let mut t = jb.begin().unwrap();
+            t.add(0, &page_of(2, 0)).unwrap();
+            t.add(1, &page_of(2, 1)).unwrap();
+        }
+        let b = b_log.current();
+        assert_eq!(b.len(), REC);
+        let mut b_over_a = a.clone();
+        b_over_a[..REC].copy_from_slice(&b);
+
+        let replays = |img: &[u8]| {
+            let log = Arc::new(MemStore::with_image(img.to_vec()));
+            let data = Arc::new(MemStore::default());
+            let mut j = Journal::new(log).unwrap();
+            j.recover(&*data, &mut |_, _| {}).unwrap().replayed_pages
+        };
+        assert_eq!(replays(&a), 3);
+        assert_eq!(replays(&b_over_a), 0, "A's records behind B's");
+        assert_eq!(replays(&a[..a.len() - 1]), 0, "cut commit record");
+        assert_eq!(replays(&a[..2 * REC]), 0, "no commit record");
+        let mut rng = Rng::new(4);
+        for _ in 0..200 {
+            let mut img = a.clone();
+            let bit = rng.below(img.len() as u64 * 8);
+            img[(bit / 8) as usize] ^= 1 << (bit % 8);
+            assert_eq!(replays(&img), 0, "bit {bit} flipped");
+        }
+        // Records of A moved one record later (a stale copy at another offset).
+        let shifted = [vec![0u8; REC], a.clone()].concat();
+        assert_eq!(replays(&shifted), 0);
+    }
+
+    /// An empty log: nothing replayed, no I/O on either store, begin allowed.
+    #[test]
+    fn empty_log_recovers_to_nothing() {
+        let log = Arc::new(MemStore::default());
+        let data = Arc::new(MemStore::with_image(Scenario::base()));
+        let mut j = Journal::new(log.clone()).unwrap();
+        let r = j
+            .recover(&*data, &mut |_, _| panic!("nothing to replay"))
+            .unwrap();
+        assert_eq!(r, Recovery::default());
+        assert_eq!((log.counts(), data.counts()), ((0, 0), (0, 0)));
+        // A transaction without pages commits without I/O and checkpoints to nothing.
+        j.begin().unwrap().commit().unwrap();
+        assert_eq!(
+            j.checkpoint(&*data, &mut |_, _| {}).unwrap(),
+            Recovery::default()
+        );
+        assert_eq!((log.counts(), data.counts()), ((0, 0), (0, 0)));
+    }
+
+    /// ENOSPC on the log, at a flush inside `add` and at `commit`: the transaction
+    /// is not committed, the data store is untouched, the next begin starts from an
+    /// empty log and commits.
+    #[test]
+    fn enospc_on_the_log_leaves_data_untouched() {
+        for capacity in [64, 4] {
+            let log = Arc::new(MemStore {
+                enospc_past: Some(10 * REC as u64),
+                ..MemStore::default()
+            });
+            let data = Arc::new(MemStore::with_image(Scenario::base()));
+            let mut j = Journal::with_capacity(log.clone(), capacity).unwrap();
+            let mut t = j.begin().unwrap();
+            let mut err = None;
+            for i in 0..20 {
+                if let Err(e) = t.add(i % NP, &page_of(1, i % NP)) {
+                    err = Some(e);
+                    break;
+                }
+            }
+            let err = match err {
+                Some(e) => e,
+                None => t.commit().unwrap_err(),
+            };
+            assert_eq!(
+                err.raw_os_error(),
+                Some(libc::ENOSPC),
+                "capacity {capacity}"
+            );
+            assert_eq!(data.counts(), (0, 0));
+            // A checkpoint now replays nothing (and empties the log).
+            let r = j
+                .checkpoint(&*data, &mut |_, _| panic!("not committed"))
+                .unwrap();
+            assert_eq!(r.replayed_pages, 0);
+            assert_eq!(data.counts(), (0, 0));
+            assert_eq!(log.len().unwrap(), 0);
+            // A transaction that fits.
+            let mut t = j.begin().unwrap();
+            for i in 0..3 {
+                t.add(i, &page_of(1, i)).unwrap();
+            }
+            t.commit().unwrap();
+            assert_eq!(
+                j.checkpoint(&*data, &mut |_, _| {}).unwrap().replayed_pages,
+                3
+            );
+            let d = data.durable();
+            assert!((0..3).all(|i| data_page(&d, i) == page_of(1, i)));
+            assert!((3..NP).all(|i| data_page(&d, i) == image(0, i)));
+        }
+    }
+
+    /// ENOSPC with the transaction already spread over the log: the next `begin`
+    /// (not a checkpoint) empties it.
+    #[test]
+    fn begin_after_a_failed_commit_starts_clean() {
+        let log = Arc::new(MemStore {
+            enospc_past: Some(5 * REC as u64),
+            ..MemStore::default()
+        });
+        let mut j = Journal::with_capacity(log.clone(), 2).unwrap();
+        let mut t = j.begin().unwrap();
+        let failed = (0..8).any(|i| t.add(i, &page_of(1, i)).is_err());
+        assert!(failed || t.commit().is_err());
+        assert!(log.len().unwrap() > 0);
+        let _t = j.begin().unwrap();
+        assert_eq!(log.len().unwrap(), 0);
+        assert_eq!(log.durable().len(), 0);
+    }
+
+    #[test]
+    fn misuse_is_refused() {
+        let log = Arc::new(MemStore::default());
+        let data = Arc::new(MemStore::default());
+        let mut j = Journal::new(log.clone()).unwrap();
+        let mut t = j.begin().unwrap();
+        assert_eq!(
+            t.add(0, &[0; 100]).unwrap_err().kind(),
+            io::ErrorKind::InvalidInput
+        );
+        assert_eq!(
+            t.add(u64::MAX / PAGE_SIZE as u64, &page_of(1, 0))
+                .unwrap_err()
+                .kind(),
+            io::ErrorKind::InvalidInput
+        );
+        t.add(MAX_INDEX, &page_of(1, 0)).unwrap();
+        t.commit().unwrap();
+        // A committed transaction must be checkpointed before the next begins.
+        assert_eq!(j.begin().unwrap_err().kind(), io::ErrorKind::InvalidInput);
+        // A log changed under a committed transaction is not replayed.
+        let saved = log.current();
+        log.restore(vec![]);
+        let err = j.checkpoint(&*data, &mut |_, _| {}).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        log.restore(saved);
+        let mut last = None;
+        j.checkpoint(&*data, &mut |i, _| last = Some(i))
+            .unwrap_err(); // the data store cannot grow to 2^64 bytes
+        assert_eq!(last, Some(MAX_INDEX));
+    }
+
+    /// The `std::fs::File` store: commit in one journal, recover in another.
+    #[test]
+    fn file_store_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = |name: &str| {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(dir.path().join(name))
+                .unwrap()
+        };
+        let mut j = Journal::new(open("log")).unwrap();
+        let mut t = j.begin().unwrap();
+        for i in 0..5 {
+            t.add(i * 2, &page_of(3, i * 2)).unwrap();
+        }
+        let seq = t.seq();
+        t.commit().unwrap();
+        drop(j);
+        let mut j = Journal::new(open("log")).unwrap();
+        let data = open("data");
+        let r = j.recover(&data, &mut |_, _| {}).unwrap();
+        assert_eq!((r.replayed_pages, r.seq), (5, seq));
+        assert_eq!(j.log().len().unwrap(), 0);
+        let d = std::fs::read(dir.path().join("data")).unwrap();
+        assert_eq!(d.len(), 9 * PAGE_SIZE);
+        assert!((0..5).all(|i| data_page(&d, i * 2) == page_of(3, i * 2)));
+        assert!(data_page(&d, 1).iter().all(|&b| b == 0));
     }
 }
