@@ -114,7 +114,6 @@
 //! caught by the same checker.
 
 // The mapping side (`Share::Atomic`) that calls the journal is not in yet.
-#![cfg_attr(not(test), allow(dead_code))]
 
 use crate::addr::PAGE_SIZE;
 use crate::lockdep;
@@ -390,6 +389,7 @@ impl<S: Store> Journal<S> {
     }
 
     /// The log store.
+    #[cfg(test)]
     pub fn log(&self) -> &S {
         &self.log
     }
@@ -631,6 +631,7 @@ fn scan<S: Store>(log: &S, buf: &mut [u8]) -> io::Result<Option<Found>> {
 
 impl<S: Store> Txn<'_, S> {
     /// This transaction's sequence number (what `Recovery::seq` reports for it).
+    #[cfg(test)]
     pub fn seq(&self) -> u64 {
         self.seq
     }
