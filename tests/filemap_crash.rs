@@ -30,7 +30,9 @@ fn page(ver: u64, i: u64) -> Vec<u8> {
     b[8..16].copy_from_slice(&ver.to_le_bytes());
     let mut x = i.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ ver;
     for w in b[16..].chunks_mut(8) {
-        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         w.copy_from_slice(&x.to_le_bytes()[..w.len()]);
     }
     b
@@ -54,8 +56,11 @@ fn child_entry() {
     let dir = Path::new(&path).parent().unwrap().to_path_buf();
     // A budget of 32 frames for 64 pages: commits read pages back from swap.
     let vm = Vm::new(Config::default().memory_budget(128 << 10)).unwrap();
-    vm.swapon(SwapSpec::file(dir.join(format!("swap-{}", std::process::id())), 16 << 20))
-        .unwrap();
+    vm.swapon(SwapSpec::file(
+        dir.join(format!("swap-{}", std::process::id())),
+        16 << 20,
+    ))
+    .unwrap();
     let mm = vm.new_space();
     let r = mm.map_file(&path, Share::Atomic).unwrap();
     println!("usermm-child-ready");
@@ -168,5 +173,8 @@ fn sigkill_during_atomic_msync_leaves_one_committed_version() {
         start.elapsed().as_secs_f64()
     );
     assert!(done >= 20, "too few rounds ran: {done}");
-    assert!(moved > done / 4, "too few commits happened: {moved} of {done}");
+    assert!(
+        moved > done / 4,
+        "too few commits happened: {moved} of {done}"
+    );
 }

@@ -135,3 +135,42 @@ fn stress_all_without_qemu_nbd_skips_or_fails_as_required() {
     );
     assert!(stdout.contains("OK: every page verified"), "{stdout}");
 }
+
+/// Seed 000's reproducer, shortened for CI (issue 12 item 4): threads writing their
+/// own files through shared mappings and `write_at` under 48 frames, with swap. It
+/// must exit 0: no stall (the watchdog), every read and every file on disk as its
+/// model says, and file pages written back by the page-I/O threads.
+#[test]
+fn stress_files_short_run_is_clean() {
+    let out = Command::new(env!("CARGO_BIN_EXE_usermm"))
+        .args([
+            "stress",
+            "files",
+            "--threads",
+            "4",
+            "--duration",
+            "5s",
+            "--stall",
+            "30",
+        ])
+        .output()
+        .expect("run usermm");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "usermm stress files failed ({:?})\nstdout:\n{stdout}\nstderr:\n{stderr}",
+        out.status
+    );
+    assert!(
+        stdout.contains("OK: every read and every file on disk matched"),
+        "{stdout}"
+    );
+    let written_back: u64 = stdout
+        .split("written back ")
+        .nth(1)
+        .and_then(|l| l.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(written_back > 0, "{stdout}");
+}

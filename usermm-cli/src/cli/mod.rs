@@ -13,6 +13,7 @@ pub mod nbdserver;
 pub mod plot;
 pub mod run;
 pub mod stress;
+pub mod stress_files;
 pub mod swaps;
 pub mod sys;
 pub mod transparent;

@@ -1,5 +1,6 @@
 //! `usermm stress swapoff`: the reproducer of seed 002 as a bounded stress run;
-//! `usermm stress all`: everything at once (see [`main_all`]).
+//! `usermm stress all`: everything at once (see [`main_all`]); `usermm stress
+//! files`: seed 000's reproducer (see `stress_files`).
 //!
 //! Three swap devices; one of them is removed (`swapoff`) and a fresh one added in a
 //! loop, while workers map memory larger than the budget, fork, write, verify in
@@ -31,19 +32,22 @@ use usermm_testkit::Rng;
 /// Arguments of `usermm stress`.
 #[derive(clap::Args, Debug)]
 pub struct StressArgs {
-    /// Which stress: `swapoff` (seed 002: swapoff racing fork, fault and exit), or
-    /// `all` (the differential workload, fork/exit workers, swapoff/swapon and an NBD
-    /// server killed and restarted, all at once).
-    #[arg(value_parser = ["swapoff", "all"])]
+    /// Which stress: `swapoff` (seed 002: swapoff racing fork, fault and exit),
+    /// `files` (seed 000: threads writing their own files through shared mappings
+    /// and `write_at` under a budget of a few dozen frames), or `all` (the
+    /// differential workload, fork/exit workers, swapoff/swapon and an NBD server
+    /// killed and restarted, all at once).
+    #[arg(value_parser = ["swapoff", "files", "all"])]
     pub which: String,
     /// How long to run (e.g. 60s, 2m).
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     pub duration: Duration,
-    /// Memory budget.
-    #[arg(long, default_value = "2M", value_parser = parse_bytes)]
-    pub budget: u64,
-    /// Worker threads (each forks, writes, verifies, exits).
-    #[arg(long, default_value_t = 3)]
+    /// Memory budget (default 2M; 192K, 48 frames, for `files`).
+    #[arg(long, value_parser = parse_bytes)]
+    pub budget: Option<u64>,
+    /// Worker threads (each forks, writes, verifies, exits; for `files`, each
+    /// writes its own file).
+    #[arg(long, visible_alias = "threads", default_value_t = 3)]
     pub workers: usize,
     /// Pages each worker maps.
     #[arg(long, default_value_t = 512)]
@@ -66,6 +70,9 @@ pub struct StressArgs {
     #[arg(long, default_value = "3s", value_parser = parse_duration)]
     pub nbd_restart: Duration,
 }
+
+/// The budget of `swapoff` and `all` without `--budget`.
+const DEFAULT_BUDGET: u64 = 2 << 20;
 
 fn parse_bytes(s: &str) -> Result<u64, String> {
     usermm::config::parse_size(s)
@@ -104,7 +111,11 @@ pub fn main(a: StressArgs) -> i32 {
     if a.which == "all" {
         return main_all(a);
     }
-    let (dir, vm) = match setup(&a.dir, a.budget) {
+    if a.which == "files" {
+        return super::stress_files::main(a);
+    }
+    let budget = a.budget.unwrap_or(DEFAULT_BUDGET);
+    let (dir, vm) = match setup(&a.dir, budget) {
         Ok(x) => x,
         Err(code) => return code,
     };
@@ -118,7 +129,7 @@ pub fn main(a: StressArgs) -> i32 {
         "stress swapoff: {} workers x {} pages, budget {} KiB, 3 devices of {} MiB, for {:?}",
         a.workers,
         a.pages,
-        a.budget >> 10,
+        budget >> 10,
         dev_bytes >> 20,
         a.duration
     );
@@ -923,7 +934,8 @@ pub fn main_all(a: StressArgs) -> i32 {
         );
         return 1;
     }
-    let (dir, vm) = match setup(&a.dir, a.budget) {
+    let budget = a.budget.unwrap_or(DEFAULT_BUDGET);
+    let (dir, vm) = match setup(&a.dir, budget) {
         Ok(x) => x,
         Err(code) => return code,
     };
@@ -965,7 +977,7 @@ pub fn main_all(a: StressArgs) -> i32 {
          differential: {} workers, {}..{} MiB per space, up to {DIFF_MAX_SPACES} spaces each\n  \
          fork/exit: {} workers x {} pages\n  \
          swapoff: 3 file devices of {} MiB, one removed and re-added in a loop\n  {nbd_line}",
-        a.budget >> 10,
+        budget >> 10,
         a.duration,
         a.diff_workers,
         DIFF_MIN_LIVE >> 20,
@@ -1190,7 +1202,10 @@ pub fn main_all(a: StressArgs) -> i32 {
 
 /// The swap-file directory and the Vm of a stress run; `Err(exit code)` after saying
 /// why on stderr.
-fn setup(dir: &Option<std::path::PathBuf>, budget: u64) -> Result<(tempfile::TempDir, Vm), i32> {
+pub(super) fn setup(
+    dir: &Option<std::path::PathBuf>,
+    budget: u64,
+) -> Result<(tempfile::TempDir, Vm), i32> {
     let dir = match dir {
         Some(d) => tempfile::tempdir_in(d),
         None => tempfile::tempdir(),
