@@ -20,7 +20,9 @@
 //! ```
 //!
 //! # Layers
-//! `vm` (the public handles) → `mm` (spaces, regions, page tables, faults, fork) →
+//! `vm` (the public handles) → `mm` (spaces, regions, page tables, faults, fork,
+//! msync) → `filemap` (the page cache of host files, the journal; `filemap::slots`
+//! sits below `reclaim`, which writes file pages back through it) →
 //! `swap::swapoff` and `reclaim` → `engine` (the struct of parts) → `swap::table`,
 //! `pageio`, `frame` (arena, reverse map), `pte` (entry encoding and bit locks) →
 //! `device` (trait, spec and `open`, file, nbd, mirror, faulty), `sync`, `sys` (raw
@@ -85,6 +87,17 @@
 //! SwapDevice::discard_gate (Mutex, held across discard I/O by the maintenance thread)
 //! └── SwapDevice::map (claims)                  SwapDevice::{flush_discards, stop_discards}
 //! Engine::spaces (Mutex, leaf)                  Engine::{register_space, live_spaces}
+//! Inode::commit (Mutex: an Atomic mapping's msync; outermost, held across faults,
+//! │   frame allocation and journal I/O — reclaim and page-I/O never take it)
+//! │                                             mm::msync::{commit, prepare_atomic}
+//! └── SpaceInner::regions (read) and everything under it     (the pins of the commit)
+//! FileTable::map (Mutex; held across opening a file and recovering its journal: I/O,
+//!   no frame allocation)                        FileTable::open, Inode::drop
+//! Inode::size (Mutex, held while growing a file) Inode::grow
+//! └── entry bit lock P_LOCK of the old last page (zeroing its tail)
+//! FileSlots::free (Mutex, leaf)                 FileSlots::{take, give_back}
+//! A file page's cache entry takes the place of a space's entry everywhere above:
+//! claim BUSY → [may-reclaim] → frame lock → P_LOCK (Inode::{fault, sync, invalidate}).
 //! transparent_foreign::Keepers::fds (Mutex, leaf)  transparent_fork::prepare, Keepers::close
 //!   (a fork child's pipe ends; the handler closes them, a fork duplicates them)
 //! Engine::kswapd_lock (Mutex<bool>, leaf; `kswapd_wake`)  reclaim::{kswapd, wake_kswapd}

@@ -99,7 +99,7 @@ fn sigkill_during_atomic_msync_leaves_one_committed_version() {
     let mut rng = Rng::new(seed);
     let start = Instant::now();
     let exe = std::env::current_exe().unwrap();
-    let (mut done, mut moved, mut torn_logs) = (0u64, 0u64, 0u64);
+    let (mut done, mut moved, mut torn_logs, mut replayed) = (0u64, 0u64, 0u64, 0u64);
     let vm = Vm::new(Config::default().memory_budget(1 << 20)).unwrap();
     while done < kills && start.elapsed() < Duration::from_secs(secs) {
         let round_seed = rng.next_u64();
@@ -133,7 +133,21 @@ fn sigkill_during_atomic_msync_leaves_one_committed_version() {
         if jlen > 0 {
             torn_logs += 1;
         }
-        // Map it again: recovery runs; then read every page through the mapping.
+        // Every other round recovers with `usermm::fsck` first (what `usermm fsck
+        // PATH` runs); the others let mapping the file again recover it.
+        if done % 2 == 0 {
+            let rep = usermm::fsck(&path).unwrap();
+            assert!(rep.journal, "round {done}: the journal is gone: {rep:?}");
+            assert!(
+                rep.replayed_pages > 0 || rep.discarded_bytes > 0 || jlen == 0,
+                "round {done}: a journal of {jlen} bytes, but fsck did nothing: {rep:?}"
+            );
+            if rep.replayed_pages > 0 {
+                replayed += 1;
+            }
+        }
+        // Map it again (recovery runs if the journal holds anything); then read
+        // every page through the mapping.
         let mm = vm.new_space();
         let r = mm.map_file(&path, Share::Atomic).unwrap();
         let mut got = vec![0u64; PAGES as usize];
@@ -169,7 +183,7 @@ fn sigkill_during_atomic_msync_leaves_one_committed_version() {
     }
     println!(
         "{done} kills in {:.1} s: {moved} rounds committed something, {torn_logs} left a journal \
-         to recover, {base} commits in all",
+         to recover ({replayed} of them a committed msync that fsck replayed), {base} commits in all",
         start.elapsed().as_secs_f64()
     );
     assert!(done >= 20, "too few rounds ran: {done}");

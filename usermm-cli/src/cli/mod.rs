@@ -41,9 +41,13 @@ enum Cmd {
     Run(run::RunArgs),
     /// Measure usermm side by side with plain memory, the device and kernel swap.
     Bench(bench::BenchArgs),
-    /// Bounded stress runs: `swapoff` (seed 002's races) or `all` (differential
-    /// workload, fork/exit, swapoff/swapon and an NBD server restarted, at once).
+    /// Bounded stress runs: `swapoff` (seed 002's races), `files` (seed 000: shared
+    /// file mappings under a tiny budget) or `all` (differential workload, fork/exit,
+    /// swapoff/swapon and an NBD server restarted, at once).
     Stress(stress::StressArgs),
+    /// Recover the journal of a file mapped `Share::Atomic` (after a crash): a
+    /// committed msync is written to the file, a torn one discarded.
+    Fsck(FsckArgs),
     /// Open swap specs as swapon would and list them like /proc/swaps.
     Swaps(swaps::SwapsArgs),
     /// Run an unmodified program with its heap in a budget (LD_PRELOAD + userfaultfd).
@@ -65,8 +69,41 @@ pub fn main() -> i32 {
         Some(Cmd::Bench(a)) => bench::main(a),
         Some(Cmd::Stress(a)) => stress::main(a),
         Some(Cmd::Swaps(a)) => swaps::main(a),
+        Some(Cmd::Fsck(a)) => fsck(a),
         Some(Cmd::Exec(a)) => exec::main(a),
         Some(Cmd::BenchKernelChild(a)) => kernel::child_main(a),
         Some(Cmd::BenchTransparentChild(a)) => transparent::child_main(a),
+    }
+}
+
+/// Arguments of `usermm fsck`.
+#[derive(clap::Args, Debug)]
+pub struct FsckArgs {
+    /// The file (its journal is `PATH.usermm-journal`).
+    pub path: std::path::PathBuf,
+}
+
+/// `usermm fsck PATH`: exit 0 when the file holds one committed version (after
+/// replaying or discarding what its journal held), 1 on an error.
+fn fsck(a: FsckArgs) -> i32 {
+    match usermm::fsck(&a.path) {
+        Ok(r) if !r.journal => {
+            println!("{}: no journal: nothing to recover", a.path.display());
+            0
+        }
+        Ok(r) => {
+            println!(
+                "{}: journal recovered: {} page(s) of a committed msync written to the file, \
+                 {} byte(s) of an unfinished one discarded",
+                a.path.display(),
+                r.replayed_pages,
+                r.discarded_bytes
+            );
+            0
+        }
+        Err(e) => {
+            eprintln!("usermm fsck: {e}");
+            1
+        }
     }
 }
