@@ -93,6 +93,9 @@ pub(crate) struct Engine {
     /// Device of the most recent failed page-out (for the error of an allocation
     /// that cannot progress because page-out keeps failing). Relaxed atomic.
     pub last_write_error_dev: AtomicU8,
+    /// Stall accounting and pressure triggers (`crate::psi`; atomics on the fault
+    /// path, its own leaf mutex elsewhere).
+    pub psi: Arc<crate::psi::Psi>,
 }
 
 impl Engine {
@@ -127,6 +130,7 @@ impl Engine {
             fork_held: AtomicU64::new(0),
             foreign_reads: AtomicU64::new(0),
             spaces: Mutex::new(Vec::new()),
+            psi: Arc::new(crate::psi::Psi::new()),
         })
     }
 

@@ -125,6 +125,7 @@ mod lockdep;
 mod mm;
 mod pageio;
 mod pte;
+mod psi;
 mod reclaim;
 pub mod stats;
 mod swap;
@@ -139,6 +140,7 @@ pub use config::{Config, SwapSpec};
 pub use error::{Error, Result};
 pub use mm::region::Region;
 pub use mm::transparent::TransparentRegion;
+pub use psi::{Pressure, PressureTrigger, Shares};
 pub use stats::{Stats, SwapInfo};
 #[doc(hidden)]
 pub use vm::ForkTicket;

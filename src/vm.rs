@@ -47,6 +47,7 @@ impl Drop for VmInner {
         crate::reclaim::wake_kswapd(&self.eng);
         self.eng.swap.kick_maintenance();
         self.eng.io.shutdown();
+        self.eng.psi.stop();
         // Threads finish their current request and exit. One stuck in a device that
         // never answers must not hang the last `drop`: after the bound it is left
         // to finish on its own (it holds its own `Arc` of the engine, so nothing it
@@ -113,6 +114,7 @@ impl Vm {
                     })?,
             );
         }
+        eng.psi.start()?;
         Ok(Vm {
             inner: Arc::new(VmInner {
                 eng,
@@ -325,6 +327,35 @@ impl Vm {
         crate::swap::swapoff::swapoff(self.eng(), id)
     }
 
+    /// Memory pressure, as `/proc/pressure/memory`: the share of wall time threads
+    /// lost stalled on memory (a fault's device read, or reclaim) — `some` (at least
+    /// one thread) and `full` (every thread inside a usermm call at once) — as
+    /// decaying averages over 10, 60 and 300 s, in percent, and the totals since the
+    /// Vm started. See `docs/design.md`, "Pressure".
+    pub fn pressure(&self) -> crate::Pressure {
+        self.eng().psi.pressure()
+    }
+
+    /// Calls `callback` when threads were stalled on memory (`some`) for at least
+    /// `threshold` within the last `window`, at most once per window, with the stall
+    /// time of that window — as the kernel's PSI triggers. It runs on a thread of the
+    /// Vm (`usermm-psi`), never on the fault path; a slow callback delays the others.
+    /// Dropping the returned handle removes the trigger (no call starts after the
+    /// drop returns).
+    ///
+    /// Errors: `InvalidArgument` for a window outside 500 ms ..= 10 s, or a threshold
+    /// of zero or longer than the window.
+    pub fn on_pressure(
+        &self,
+        threshold: Duration,
+        window: Duration,
+        callback: impl FnMut(Duration) + Send + 'static,
+    ) -> Result<crate::PressureTrigger> {
+        self.eng()
+            .psi
+            .trigger(threshold, window, Box::new(callback))
+    }
+
     /// A snapshot of the counters.
     pub fn stats(&self) -> Stats {
         self.eng()
@@ -457,6 +488,7 @@ impl AddressSpace {
         if crate::mm::fault::holds_pin(&self.inner, 0, u64::MAX, false) {
             return Err(Error::WouldDeadlock("fork"));
         }
+        let _call = self.inner.eng.psi.call();
         let child = AddressSpace::register(&self._vm);
         crate::mm::fork::fork_into(&self.inner, &child.inner)?;
         Ok(child)
@@ -468,6 +500,7 @@ impl AddressSpace {
     /// Errors: `InvalidArgument` for a zero or overflowing length; `OutOfMemory` when
     /// no gap of that size is left in the 128 TiB address space.
     pub fn map_anon(&self, len: usize) -> Result<Region> {
+        let _call = self.inner.eng.psi.call();
         self.inner.map_anon(len)
     }
 
@@ -481,6 +514,7 @@ impl AddressSpace {
         if crate::mm::fault::holds_pin(&self.inner, first, end, false) {
             return Err(Error::WouldDeadlock("unmap"));
         }
+        let _call = self.inner.eng.psi.call();
         self.inner.unmap(r)
     }
 
@@ -498,12 +532,14 @@ impl AddressSpace {
     /// `OutOfSwap` if no frame can be had.
     #[inline]
     pub fn read(&self, addr: VAddr, buf: &mut [u8]) -> Result<()> {
+        let _call = self.inner.eng.psi.call();
         crate::mm::fault::read(&self.inner, addr, buf)
     }
 
     /// Writes `data` at `addr`. Errors as for `read` (a bad range writes nothing).
     #[inline]
     pub fn write(&self, addr: VAddr, data: &[u8]) -> Result<()> {
+        let _call = self.inner.eng.psi.call();
         crate::mm::fault::write(&self.inner, addr, data)
     }
 
@@ -514,6 +550,7 @@ impl AddressSpace {
     /// Errors as for `read`, and `WouldDeadlock` if this thread holds a `PageMut`
     /// of the same page (it would wait for itself).
     pub fn page(&self, addr: VAddr) -> Result<PageRef<'_>> {
+        let _call = self.inner.eng.psi.call();
         let (pte, pfn) = crate::mm::fault::pin(&self.inner, addr, Want::Shared)?;
         crate::mm::fault::note_pin(&self.inner, addr.vpn(), false);
         Ok(PageRef {
@@ -534,6 +571,7 @@ impl AddressSpace {
     /// of other threads may be loading concurrently). Errors as for `read`, and
     /// `WouldDeadlock` if this thread holds any guard on the same page.
     pub fn page_mut(&self, addr: VAddr) -> Result<PageMut<'_>> {
+        let _call = self.inner.eng.psi.call();
         let (pte, pfn) = crate::mm::fault::pin(&self.inner, addr, Want::Exclusive)?;
         crate::mm::fault::note_pin(&self.inner, addr.vpn(), true);
         let ptr = self.inner.eng.frames.frame_ptr(pfn);

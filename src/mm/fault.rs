@@ -306,6 +306,7 @@ fn wait_page(sp: &SpaceInner, a: VAddr, forbid: u64) {
     let v = pte.load(Ordering::Acquire);
     match Pte::decode(v) {
         Pte::Busy => {
+            let _stall = sp.eng.psi.stall(); // waiting for another thread's fault
             crate::pte::wait_claim();
             wait_until(|| pte.load(Ordering::Acquire) != BUSY)
         }
@@ -455,6 +456,7 @@ fn fault_swapin(
     crate::pte::claimed(pte);
     drop(regions);
     let eng = &*sp.eng;
+    let _stall = eng.psi.stall(); // the frame (may reclaim) and the device read
     let pfn = match crate::reclaim::alloc_frame(eng, AllocCtx::Reserve) {
         Ok(p) => p,
         Err(err) => {

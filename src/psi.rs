@@ -1,0 +1,740 @@
+//! Pressure stall information, in the sense of Linux PSI (`/proc/pressure/memory`):
+//! how much of the wall time threads lost waiting on memory, and triggers that call
+//! an application back when that loss crosses a threshold.
+//!
+//! Owns: [`Psi`] (one per Vm, in the engine): the stall counters the fault path
+//! moves, the decaying averages, the triggers and the thread that serves them
+//! (`usermm-psi`, started by `Vm::new`, stopped with the Vm). The public types
+//! [`Pressure`], [`Shares`] and [`PressureTrigger`].
+//!
+//! ## What is a stall
+//! A thread stalls while it waits for a fault's device read (`fault_swapin`, and
+//! `wait_page` waiting for another thread's swap-in of the same page), or on reclaim
+//! (`reclaim::alloc_frame` from its first failed allocation until it has a frame or
+//! gives up). A program thread faulting on a transparent region is stalled while
+//! the handler resolves a fault that needs a read (a swap-in, or a forked child's
+//! page from its parent's swap): the handler marks the stall for it. Nested marks
+//! (the allocation inside a swap-in) count once: a per-thread depth.
+//!
+//! `some`: at least one thread stalled. `full`: every non-idle thread stalled at
+//! once, where non-idle means inside a usermm call (`AddressSpace::read`, `write`,
+//! the guards, `fork`, `map_anon`, `unmap`) or in a transparent fault being served.
+//! `some` is exact to the microsecond: the count of stalled threads and the start
+//! of the current stalled period share one atomic word, moved by CAS at each start
+//! and end of a stall. `full` is decided at the same moments, against the count of
+//! threads inside a call; a thread entering or leaving a call between two stall
+//! transitions is seen at the next one (so `full` is exact when threads stay in
+//! their calls, as workers in a loop do, and otherwise off by at most the time to
+//! the next transition). Threads inside a call are counted in 16 striped counters
+//! (one cache line each, a thread always on the same one), so two threads' calls
+//! never write the same line: the hit path pays two uncontended atomic adds and a
+//! thread-local read, and `read_fast`/`write_fast` themselves change not at all.
+//!
+//! ## Averages
+//! As the kernel's: an exponentially decaying average of the stalled share of wall
+//! time, with time constants 10, 60 and 300 s. It is brought up to date every 2 s by
+//! the `usermm-psi` thread and by every `Vm::pressure` call: over an interval of
+//! length `dt` with stalled share `s`, `avg = s + (avg - s) * exp(-dt / tau)`, which is
+//! the exact result of a stall spread evenly over the interval (the kernel applies
+//! the same factor per 2 s period). Shares are percentages, 0 to 100, as in
+//! `/proc/pressure`.
+//!
+//! ## Triggers
+//! `Vm::on_pressure(threshold, window, callback)` as the kernel's PSI triggers: the
+//! thread samples the `some` total of each trigger ten times per window (a ring of
+//! eleven samples, allocated when the trigger is made), and when the growth over the
+//! last window reaches the threshold it calls the callback, at most once per window.
+//! Callbacks run on the `usermm-psi` thread, with no lock of ours held, never on the
+//! fault path.
+//!
+//! ## Memory discipline
+//! Marking a stall allocates nothing and takes no lock: thread-local cells with
+//! constant initializers (no destructor to register) and atomics of the `Psi`. The
+//! page-I/O threads and the transparent-fault handler, which the lock validator
+//! checks for heap allocations, only ever take that path.
+//!
+//! ## Locking
+//! `Psi::ctl` (Mutex, leaf; `wake` Condvar): the averages, the triggers, the stop
+//! flag. Taken by `Vm::pressure`, `Vm::on_pressure`, a trigger's drop, `Psi::stop`
+//! and the `usermm-psi` thread; never on the fault path, never across a callback.
+
+use crate::error::{Error, Result};
+use crate::sync::{Arc, AtomicU64, Condvar, Mutex, Ordering};
+use std::cell::Cell;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Shares of wall time, in percent (0.0 to 100.0, as in `/proc/pressure`), averaged
+/// over the last 10 s, 60 s and 300 s (exponentially decaying).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Shares {
+    /// Over about 10 s.
+    pub avg10: f64,
+    /// Over about 60 s.
+    pub avg60: f64,
+    /// Over about 300 s.
+    pub avg300: f64,
+}
+
+/// Memory pressure of a Vm, as `/proc/pressure/memory`: the share of wall time
+/// during which threads were stalled on memory (a fault's device read, or reclaim).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Pressure {
+    /// At least one thread stalled.
+    pub some: Shares,
+    /// Every non-idle thread (inside a usermm call, or in a transparent fault)
+    /// stalled at once.
+    pub full: Shares,
+    /// Total time with at least one thread stalled, since the Vm started.
+    pub total_some: Duration,
+    /// Total time with every non-idle thread stalled, since the Vm started.
+    pub total_full: Duration,
+}
+
+/// Striped counters of threads inside a usermm call.
+const STRIPES: usize = 16;
+/// Bits of the microsecond clock in a state word; the rest is the count.
+const TIME_BITS: u32 = 48;
+const TIME_MASK: u64 = (1 << TIME_BITS) - 1;
+const ONE: u64 = 1 << TIME_BITS;
+/// The averaging period of the `usermm-psi` thread.
+const PERIOD: Duration = Duration::from_secs(2);
+/// Time constants of the three averages, in seconds.
+const TAUS: [f64; 3] = [10.0, 60.0, 300.0];
+/// Samples per trigger window.
+const UPDATES_PER_WINDOW: u64 = 10;
+/// A trigger's window bounds (the kernel's).
+const WINDOW_MIN: Duration = Duration::from_millis(500);
+const WINDOW_MAX: Duration = Duration::from_secs(10);
+
+thread_local! {
+    /// Stall marks this thread holds (only the outermost counts).
+    static DEPTH: Cell<u32> = const { Cell::new(0) };
+    /// usermm calls this thread is inside (only the outermost counts).
+    static IN_CALL: Cell<u32> = const { Cell::new(0) };
+    /// This thread's stripe, plus one (0: not chosen yet).
+    static STRIPE: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Hands out stripes round-robin, so the first `STRIPES` threads get one each.
+static NEXT_STRIPE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+fn my_stripe() -> usize {
+    STRIPE.with(|s| match s.get() {
+        0 => {
+            let i = NEXT_STRIPE.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % STRIPES;
+            s.set(i + 1);
+            i
+        }
+        i => i - 1,
+    })
+}
+
+#[derive(Debug, Default)]
+#[repr(align(64))]
+struct Stripe(AtomicU64);
+
+/// The pressure state of one Vm.
+#[derive(Debug)]
+pub(crate) struct Psi {
+    /// Zero of the microsecond clock of the state words.
+    epoch: Instant,
+    /// Stalled threads (high bits) and, while there are any, the start (µs) of the
+    /// current stalled period (low `TIME_BITS`). CAS only.
+    some: AtomicU64,
+    /// 1 (high bits) while every non-idle thread is stalled, with the start of that
+    /// period; 0 otherwise. CAS only.
+    full: AtomicU64,
+    /// Microseconds of finished `some` and `full` periods.
+    some_us: AtomicU64,
+    full_us: AtomicU64,
+    /// Threads inside a usermm call (or in a served transparent fault), striped. A
+    /// thread adds and subtracts on its own stripe, so none goes below zero.
+    active: [Stripe; STRIPES],
+    /// Averages, triggers, stop flag. Protected by its mutex (a leaf).
+    ctl: Mutex<Ctl>,
+    wake: Condvar,
+    /// The `usermm-psi` thread, until `stop` joins it. Protected by its mutex (a
+    /// leaf; taken by `start` and `stop` only).
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+#[derive(Debug)]
+struct Ctl {
+    stop: bool,
+    /// When the averages were last brought up to date, and the totals (µs) then.
+    avg_at: u64,
+    avg_some_us: u64,
+    avg_full_us: u64,
+    some: [f64; 3],
+    full: [f64; 3],
+    triggers: Vec<Trigger>,
+    next_id: u64,
+    /// The trigger whose callback is running now (its callback is out of `triggers`).
+    running: Option<u64>,
+    /// The `usermm-psi` thread's id, once it runs.
+    thread_id: Option<std::thread::ThreadId>,
+}
+
+type Callback = Box<dyn FnMut(Duration) + Send>;
+
+struct Trigger {
+    id: u64,
+    threshold_us: u64,
+    window_us: u64,
+    /// Sample every `window / UPDATES_PER_WINDOW`; the next at `next_us`.
+    interval_us: u64,
+    next_us: u64,
+    /// (time, some total) samples, oldest at `head` once full.
+    ring: Box<[(u64, u64)]>,
+    head: usize,
+    len: usize,
+    last_fire: Option<u64>,
+    /// `None` while it runs (see `Ctl::running`).
+    cb: Option<Callback>,
+}
+
+impl std::fmt::Debug for Trigger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Trigger")
+            .field("id", &self.id)
+            .field("threshold_us", &self.threshold_us)
+            .field("window_us", &self.window_us)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A stall mark (`Psi::stall`): the stall ends when it is dropped.
+#[derive(Debug)]
+pub(crate) struct Stall<'a> {
+    psi: &'a Psi,
+    /// The mark also counts a thread as non-idle (a transparent fault's program
+    /// thread, or any thread outside a usermm call).
+    implicit: Option<usize>,
+}
+
+/// A usermm call in progress (`Psi::call`): the thread counts as non-idle.
+#[derive(Debug)]
+pub(crate) struct Call<'a> {
+    psi: &'a Psi,
+    stripe: Option<usize>,
+}
+
+impl Psi {
+    pub fn new() -> Psi {
+        Psi {
+            epoch: Instant::now(),
+            some: AtomicU64::new(0),
+            full: AtomicU64::new(0),
+            some_us: AtomicU64::new(0),
+            full_us: AtomicU64::new(0),
+            active: Default::default(),
+            ctl: Mutex::new(Ctl {
+                stop: false,
+                avg_at: 0,
+                avg_some_us: 0,
+                avg_full_us: 0,
+                some: [0.0; 3],
+                full: [0.0; 3],
+                triggers: Vec::new(),
+                next_id: 0,
+                running: None,
+                thread_id: None,
+            }),
+            wake: Condvar::new(),
+            thread: Mutex::new(None),
+        }
+    }
+
+    fn now_us(&self) -> u64 {
+        (self.epoch.elapsed().as_micros() as u64) & TIME_MASK
+    }
+
+    /// Marks the calling thread as inside a usermm call until the mark is dropped.
+    /// Nothing but a thread-local read and, for the outermost call, an uncontended
+    /// atomic add.
+    #[inline]
+    pub fn call(&self) -> Call<'_> {
+        let outer = IN_CALL.with(|c| {
+            let n = c.get();
+            c.set(n + 1);
+            n == 0
+        });
+        let stripe = outer.then(|| {
+            let s = my_stripe();
+            self.active[s].0.fetch_add(1, Ordering::Relaxed);
+            s
+        });
+        Call { psi: self, stripe }
+    }
+
+    /// Marks the calling thread (or, from the transparent-fault handler, the
+    /// program thread it serves) stalled on memory until the mark is dropped. `None`
+    /// if this thread holds a mark already (it counts once). No allocation, no lock.
+    pub fn stall(&self) -> Option<Stall<'_>> {
+        let outer = DEPTH.with(|d| {
+            let n = d.get();
+            d.set(n + 1);
+            n == 0
+        });
+        if !outer {
+            DEPTH.with(|d| d.set(d.get() - 1));
+            return None;
+        }
+        // Outside a usermm call (a handler thread serving a program thread, or a
+        // thread that called something not marked): the stalled thread is non-idle
+        // for the length of the stall.
+        let implicit = (IN_CALL.with(|c| c.get()) == 0).then(|| {
+            let s = my_stripe();
+            self.active[s].0.fetch_add(1, Ordering::SeqCst);
+            s
+        });
+        let now = self.now_us();
+        let mut cur = self.some.load(Ordering::Relaxed);
+        let stalled = loop {
+            let next = if cur >> TIME_BITS == 0 {
+                ONE | now
+            } else {
+                cur + ONE
+            };
+            match self
+                .some
+                .compare_exchange_weak(cur, next, Ordering::SeqCst, Ordering::Relaxed)
+            {
+                Ok(_) => break next >> TIME_BITS,
+                Err(v) => cur = v,
+            }
+        };
+        self.full_check(stalled, now);
+        Some(Stall {
+            psi: self,
+            implicit,
+        })
+    }
+
+    fn active_count(&self) -> u64 {
+        self.active
+            .iter()
+            .map(|s| s.0.load(Ordering::SeqCst))
+            .sum()
+    }
+
+    /// Starts or ends the `full` period, given `stalled` threads now.
+    fn full_check(&self, stalled: u64, now: u64) {
+        let active = self.active_count();
+        let full = stalled > 0 && active <= stalled;
+        let cur = self.full.load(Ordering::Relaxed);
+        let running = cur >> TIME_BITS != 0;
+        if full && !running {
+            let _ = self
+                .full
+                .compare_exchange(cur, ONE | now, Ordering::SeqCst, Ordering::Relaxed);
+        } else if !full && running {
+            self.end_full(cur, now);
+        }
+    }
+
+    fn end_full(&self, cur: u64, now: u64) {
+        if self
+            .full
+            .compare_exchange(cur, 0, Ordering::SeqCst, Ordering::Relaxed)
+            .is_ok()
+        {
+            let start = cur & TIME_MASK;
+            self.full_us
+                .fetch_add(now.saturating_sub(start), Ordering::Relaxed);
+        }
+    }
+
+    fn unstall(&self, implicit: Option<usize>) {
+        let now = self.now_us();
+        // The thread runs again: a full period ends here (it may go on at once if
+        // every other non-idle thread is stalled, below).
+        let cur = self.full.load(Ordering::Relaxed);
+        if cur >> TIME_BITS != 0 {
+            self.end_full(cur, now);
+        }
+        if let Some(s) = implicit {
+            self.active[s].0.fetch_sub(1, Ordering::SeqCst);
+        }
+        let mut cur = self.some.load(Ordering::Relaxed);
+        let stalled = loop {
+            let n = cur >> TIME_BITS;
+            debug_assert!(n > 0);
+            let next = if n <= 1 { 0 } else { cur - ONE };
+            match self
+                .some
+                .compare_exchange_weak(cur, next, Ordering::SeqCst, Ordering::Relaxed)
+            {
+                Ok(_) => {
+                    if n <= 1 {
+                        let start = cur & TIME_MASK;
+                        self.some_us
+                            .fetch_add(now.saturating_sub(start), Ordering::Relaxed);
+                    }
+                    break next >> TIME_BITS;
+                }
+                Err(v) => cur = v,
+            }
+        };
+        if stalled > 0 {
+            self.full_check(stalled, now);
+        }
+        DEPTH.with(|d| d.set(d.get() - 1));
+    }
+
+    /// Totals (µs) of `some` and `full` up to `now`, the current periods included.
+    fn totals(&self, now: u64) -> (u64, u64) {
+        let f = |state: &AtomicU64, done: &AtomicU64| {
+            // A period that ends between the two loads is counted in `done` then;
+            // read the state again to see whether it moved.
+            loop {
+                let s = state.load(Ordering::SeqCst);
+                let d = done.load(Ordering::SeqCst);
+                if state.load(Ordering::SeqCst) == s {
+                    let open = if s >> TIME_BITS != 0 {
+                        now.saturating_sub(s & TIME_MASK)
+                    } else {
+                        0
+                    };
+                    return d + open;
+                }
+            }
+        };
+        (f(&self.some, &self.some_us), f(&self.full, &self.full_us))
+    }
+
+    /// Brings the averages up to `now`.
+    fn update_avgs(&self, c: &mut Ctl, now: u64) {
+        let (some, full) = self.totals(now);
+        let dt = now.saturating_sub(c.avg_at);
+        if dt == 0 {
+            return;
+        }
+        let share = |d: u64| (d as f64 / dt as f64).clamp(0.0, 1.0) * 100.0;
+        let (s, f) = (
+            share(some.saturating_sub(c.avg_some_us)),
+            share(full.saturating_sub(c.avg_full_us)),
+        );
+        for (i, tau) in TAUS.iter().enumerate() {
+            let k = (-(dt as f64) / 1e6 / tau).exp();
+            c.some[i] = s + (c.some[i] - s) * k;
+            c.full[i] = f + (c.full[i] - f) * k;
+        }
+        c.avg_at = now;
+        c.avg_some_us = some;
+        c.avg_full_us = full;
+    }
+
+    /// The pressure now (`Vm::pressure`).
+    pub fn pressure(&self) -> Pressure {
+        let mut c = self.ctl.lock();
+        let now = self.now_us();
+        self.update_avgs(&mut c, now);
+        let sh = |a: &[f64; 3]| Shares {
+            avg10: a[0],
+            avg60: a[1],
+            avg300: a[2],
+        };
+        Pressure {
+            some: sh(&c.some),
+            full: sh(&c.full),
+            total_some: Duration::from_micros(c.avg_some_us),
+            total_full: Duration::from_micros(c.avg_full_us),
+        }
+    }
+
+    /// Starts the `usermm-psi` thread (`Vm::new`).
+    pub fn start(self: &Arc<Self>) -> Result<()> {
+        let me = self.clone();
+        let t = std::thread::Builder::new()
+            .name("usermm-psi".into())
+            .spawn(move || {
+                crate::sync::mark_engine_thread();
+                me.run()
+            })?;
+        *self.thread.lock() = Some(t);
+        Ok(())
+    }
+
+    /// Stops the `usermm-psi` thread and waits for it (unless called on it: a
+    /// callback that drops the last handle of its Vm; the thread then ends after
+    /// the callback).
+    pub fn stop(&self) {
+        let me = {
+            let mut c = self.ctl.lock();
+            c.stop = true;
+            c.thread_id
+        };
+        self.wake.notify_all();
+        if me == Some(std::thread::current().id()) {
+            return;
+        }
+        let t = self.thread.lock().take();
+        if let Some(t) = t {
+            let _ = t.join();
+        }
+    }
+
+    /// A new trigger (`Vm::on_pressure`).
+    pub fn trigger(
+        self: &Arc<Self>,
+        threshold: Duration,
+        window: Duration,
+        cb: Callback,
+    ) -> Result<PressureTrigger> {
+        if !(WINDOW_MIN..=WINDOW_MAX).contains(&window) {
+            return Err(Error::InvalidArgument(format!(
+                "pressure trigger window {window:?} outside 500ms..=10s"
+            )));
+        }
+        if threshold.is_zero() || threshold > window {
+            return Err(Error::InvalidArgument(format!(
+                "pressure trigger threshold {threshold:?} not in (0, window {window:?}]"
+            )));
+        }
+        let window_us = window.as_micros() as u64;
+        let interval_us = window_us / UPDATES_PER_WINDOW;
+        let ring = vec![(0u64, 0u64); UPDATES_PER_WINDOW as usize + 1].into_boxed_slice();
+        let id = {
+            let mut c = self.ctl.lock();
+            if c.stop {
+                return Err(Error::InvalidArgument("the Vm is shutting down".into()));
+            }
+            let id = c.next_id;
+            c.next_id += 1;
+            let now = self.now_us();
+            let (some, _) = self.totals(now);
+            let mut t = Trigger {
+                id,
+                threshold_us: threshold.as_micros() as u64,
+                window_us,
+                interval_us,
+                next_us: now + interval_us,
+                ring,
+                head: 0,
+                len: 0,
+                last_fire: None,
+                cb: Some(cb),
+            };
+            t.push(now, some);
+            c.triggers.push(t);
+            id
+        };
+        self.wake.notify_all();
+        Ok(PressureTrigger {
+            psi: self.clone(),
+            id,
+        })
+    }
+
+    /// The `usermm-psi` thread: averages every `PERIOD`, triggers at their sample
+    /// times, callbacks with no lock held.
+    fn run(&self) {
+        let mut c = self.ctl.lock();
+        c.thread_id = Some(std::thread::current().id());
+        let period = PERIOD.as_micros() as u64;
+        let mut next_avg = self.now_us() + period;
+        loop {
+            if c.stop {
+                return;
+            }
+            let now = self.now_us();
+            if now >= next_avg {
+                self.update_avgs(&mut c, now);
+                next_avg = now + period;
+            }
+            let (some, _) = self.totals(now);
+            let mut due = None;
+            for t in c.triggers.iter_mut() {
+                if now < t.next_us {
+                    continue;
+                }
+                t.next_us = now + t.interval_us;
+                t.push(now, some);
+                if due.is_none() {
+                    if let Some(growth) = t.fires(now, some) {
+                        t.last_fire = Some(now);
+                        if let Some(cb) = t.cb.take() {
+                            due = Some((t.id, cb, growth));
+                        }
+                    }
+                }
+            }
+            if let Some((id, mut cb, growth)) = due {
+                c.running = Some(id);
+                drop(c);
+                cb(Duration::from_micros(growth));
+                c = self.ctl.lock();
+                c.running = None;
+                let back = match c.triggers.iter_mut().find(|t| t.id == id) {
+                    Some(t) => {
+                        t.cb = Some(cb);
+                        None
+                    }
+                    None => Some(cb),
+                };
+                self.wake.notify_all();
+                if back.is_some() {
+                    // Dropped meanwhile: its callback goes with no lock held.
+                    drop(c);
+                    drop(back);
+                    c = self.ctl.lock();
+                }
+                continue; // another trigger may be due
+            }
+            let wake_at = c
+                .triggers
+                .iter()
+                .map(|t| t.next_us)
+                .fold(next_avg, u64::min);
+            let now = self.now_us();
+            if wake_at > now {
+                self.wake
+                    .wait_for(&mut c, Duration::from_micros(wake_at - now));
+            }
+        }
+    }
+
+    fn remove(&self, id: u64) {
+        let on_thread;
+        let gone = {
+            let mut c = self.ctl.lock();
+            on_thread = c.thread_id == Some(std::thread::current().id());
+            let gone = c
+                .triggers
+                .iter()
+                .position(|t| t.id == id)
+                .map(|i| c.triggers.swap_remove(i));
+            // Its callback may be running: wait for it, so none runs after the
+            // handle is gone (unless we are that callback).
+            while !on_thread && c.running == Some(id) {
+                self.wake.wait_for(&mut c, Duration::from_millis(100));
+            }
+            gone
+        };
+        drop(gone);
+    }
+}
+
+impl Trigger {
+    fn push(&mut self, now: u64, total: u64) {
+        let n = self.ring.len();
+        if self.len < n {
+            self.ring[(self.head + self.len) % n] = (now, total);
+            self.len += 1;
+        } else {
+            self.ring[self.head] = (now, total);
+            self.head = (self.head + 1) % n;
+        }
+    }
+
+    /// The stall growth over the last window if it reaches the threshold and the
+    /// trigger has not fired within the last window.
+    fn fires(&self, now: u64, total: u64) -> Option<u64> {
+        if self
+            .last_fire
+            .is_some_and(|t| now.saturating_sub(t) < self.window_us)
+        {
+            return None;
+        }
+        // The oldest sample not older than the window (the ring spans about one).
+        let n = self.ring.len();
+        let base = (0..self.len)
+            .map(|i| self.ring[(self.head + i) % n])
+            .find(|&(t, _)| now.saturating_sub(t) <= self.window_us + self.interval_us / 2)?;
+        let growth = total.saturating_sub(base.1);
+        (growth >= self.threshold_us).then_some(growth)
+    }
+}
+
+impl Drop for Stall<'_> {
+    fn drop(&mut self) {
+        self.psi.unstall(self.implicit);
+    }
+}
+
+impl Drop for Call<'_> {
+    #[inline]
+    fn drop(&mut self) {
+        IN_CALL.with(|c| c.set(c.get() - 1));
+        if let Some(s) = self.stripe {
+            self.psi.active[s].0.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// A pressure trigger (`Vm::on_pressure`). Dropping it removes the trigger: no
+/// callback of it runs after the drop returns (unless the drop is made by the
+/// callback itself).
+#[derive(Debug)]
+pub struct PressureTrigger {
+    psi: Arc<Psi>,
+    id: u64,
+}
+
+impl Drop for PressureTrigger {
+    fn drop(&mut self) {
+        self.psi.remove(self.id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stalls_count_once_and_add_up() {
+        let p = Psi::new();
+        {
+            let _c = p.call();
+            let s = p.stall();
+            assert!(s.is_some());
+            assert!(p.stall().is_none(), "nested marks count once");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let (some, full) = p.totals(p.now_us());
+        assert!(some >= 19_000, "{some}");
+        // One thread, in a call and stalled: every non-idle thread was.
+        assert!(full >= 19_000, "{full}");
+        assert_eq!(p.some.load(Ordering::Relaxed), 0);
+        assert_eq!(p.active_count(), 0);
+    }
+
+    #[test]
+    fn a_running_thread_keeps_full_at_zero() {
+        let p = Arc::new(Psi::new());
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (tx2, rx2) = std::sync::mpsc::channel::<()>();
+        let q = p.clone();
+        let t = std::thread::spawn(move || {
+            let _c = q.call();
+            tx.send(()).unwrap();
+            rx2.recv().unwrap();
+        });
+        rx.recv().unwrap();
+        {
+            let _c = p.call();
+            let _s = p.stall();
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        tx2.send(()).unwrap();
+        t.join().unwrap();
+        let (some, full) = p.totals(p.now_us());
+        assert!(some >= 19_000, "{some}");
+        assert_eq!(full, 0);
+    }
+
+    #[test]
+    fn averages_decay_toward_the_share() {
+        let p = Psi::new();
+        let mut c = p.ctl.lock();
+        c.avg_at = 0;
+        // Half of 10 s stalled.
+        p.some_us.store(5_000_000, Ordering::Relaxed);
+        p.update_avgs(&mut c, 10_000_000);
+        let want = 50.0 * (1.0 - (-1.0f64).exp());
+        assert!((c.some[0] - want).abs() < 0.01, "{}", c.some[0]);
+        assert!(c.some[1] < c.some[0] && c.some[2] < c.some[1]);
+    }
+}
