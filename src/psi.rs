@@ -91,14 +91,23 @@ pub struct Pressure {
     pub total_full: Duration,
 }
 
-/// Striped counters of threads inside a usermm call.
-const STRIPES: usize = 16;
+/// Threads with a slot of their own (see `MY_SLOT`); more go uncounted.
+const SLOTS: usize = 64;
+/// `MY_SLOT`: no slot chosen yet / none free.
+const UNSET: usize = usize::MAX;
+const NONE_FREE: usize = SLOTS;
 /// Bits of the microsecond clock in a state word; the rest is the count.
 const TIME_BITS: u32 = 48;
 const TIME_MASK: u64 = (1 << TIME_BITS) - 1;
 const ONE: u64 = 1 << TIME_BITS;
 /// The averaging period of the `usermm-psi` thread.
 const PERIOD: Duration = Duration::from_secs(2);
+/// The clock of `Psi::tick`, while it runs.
+const TICK: Duration = Duration::from_millis(10);
+/// A thread is non-idle for this many ticks after a usermm call (30 to 40 ms).
+const RECENT_TICKS: u64 = 4;
+/// A slot's value while its thread is stalled (non-idle whatever the tick).
+const STALLED: u64 = u64::MAX;
 /// Time constants of the three averages, in seconds.
 const TAUS: [f64; 3] = [10.0, 60.0, 300.0];
 /// Samples per trigger window.
@@ -110,29 +119,57 @@ const WINDOW_MAX: Duration = Duration::from_secs(10);
 thread_local! {
     /// Stall marks this thread holds (only the outermost counts).
     static DEPTH: Cell<u32> = const { Cell::new(0) };
-    /// usermm calls this thread is inside (only the outermost counts).
-    static IN_CALL: Cell<u32> = const { Cell::new(0) };
-    /// This thread's stripe, plus one (0: not chosen yet).
-    static STRIPE: Cell<usize> = const { Cell::new(0) };
+    /// This thread's index into every Vm's `Psi::slots`, `UNSET` or `NONE_FREE`.
+    /// No destructor: one load in a call.
+    static MY_SLOT: Cell<usize> = const { Cell::new(UNSET) };
+    /// Gives this thread's slot back when it exits. Touched once, when the slot
+    /// is taken: its first access registers the destructor, which may allocate, so
+    /// only threads that make usermm calls touch it, never the engine's own.
+    static RELEASE: SlotRelease = const { SlotRelease(Cell::new(UNSET)) };
 }
 
-/// Hands out stripes round-robin, so the first `STRIPES` threads get one each.
-static NEXT_STRIPE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+/// Which of the `SLOTS` thread slots are taken (process-wide, like thread ids), and
+/// one past the highest ever taken (so readers scan no further).
+static SLOT_TAKEN: [std::sync::atomic::AtomicBool; SLOTS] =
+    [const { std::sync::atomic::AtomicBool::new(false) }; SLOTS];
+static SLOTS_USED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
-fn my_stripe() -> usize {
-    STRIPE.with(|s| match s.get() {
-        0 => {
-            let i = NEXT_STRIPE.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % STRIPES;
-            s.set(i + 1);
-            i
+/// Takes a free slot for this thread (`NONE_FREE` if none is).
+#[cold]
+#[inline(never)]
+fn take_slot() -> usize {
+    use std::sync::atomic::Ordering as O;
+    let i = (0..SLOTS)
+        .find(|&i| {
+            SLOT_TAKEN[i]
+                .compare_exchange(false, true, O::Acquire, O::Relaxed)
+                .is_ok()
+        })
+        .unwrap_or(NONE_FREE);
+    if i < SLOTS {
+        SLOTS_USED.fetch_max(i + 1, O::Relaxed);
+        RELEASE.with(|r| r.0.set(i));
+    }
+    i
+}
+
+struct SlotRelease(Cell<usize>);
+
+impl Drop for SlotRelease {
+    fn drop(&mut self) {
+        // The next owner inherits the last tick this thread wrote in each Vm: it
+        // counts as non-idle for at most `RECENT_TICKS` unless it makes a call.
+        let i = self.0.get();
+        if i < SLOTS {
+            SLOT_TAKEN[i].store(false, std::sync::atomic::Ordering::Release);
         }
-        i => i - 1,
-    })
+    }
 }
 
+/// One word alone on its cache line.
 #[derive(Debug, Default)]
 #[repr(align(64))]
-struct Stripe(AtomicU64);
+struct Slot(AtomicU64);
 
 /// The pressure state of one Vm.
 #[derive(Debug)]
@@ -148,9 +185,19 @@ pub(crate) struct Psi {
     /// Microseconds of finished `some` and `full` periods.
     some_us: AtomicU64,
     full_us: AtomicU64,
-    /// Threads inside a usermm call (or in a served transparent fault), striped. A
-    /// thread adds and subtracts on its own stripe, so none goes below zero.
-    active: [Stripe; STRIPES],
+    /// The `tick` of the last usermm call of the thread owning slot `i`. Written
+    /// only by that thread, and only when the tick moved on: a plain store, no
+    /// locked instruction, no line another thread writes.
+    slots: [Slot; SLOTS],
+    /// A coarse clock: 0 while nobody needs to know who is non-idle (no stall for
+    /// a `PERIOD`); set to 1 by a stall, then moved on every `TICK` by the
+    /// `usermm-psi` thread, which puts it back to 0 after a quiet `PERIOD`. Alone
+    /// on its line (read by every call, written at most every `TICK`).
+    tick: Slot,
+    /// Stalled threads not counted non-idle by a recent call: program threads in
+    /// a transparent fault (marked by the handler), threads whose calls were not
+    /// recorded.
+    shared: Slot,
     /// Averages, triggers, stop flag. Protected by its mutex (a leaf).
     ctl: Mutex<Ctl>,
     wake: Condvar,
@@ -208,16 +255,8 @@ impl std::fmt::Debug for Trigger {
 #[derive(Debug)]
 pub(crate) struct Stall<'a> {
     psi: &'a Psi,
-    /// The mark also counts a thread as non-idle (a transparent fault's program
-    /// thread, or any thread outside a usermm call).
-    implicit: Option<usize>,
-}
-
-/// A usermm call in progress (`Psi::call`): the thread counts as non-idle.
-#[derive(Debug)]
-pub(crate) struct Call<'a> {
-    psi: &'a Psi,
-    stripe: Option<usize>,
+    /// The stalled thread's slot, or `None`: it is counted in `Psi::shared`.
+    slot: Option<&'a Slot>,
 }
 
 impl Psi {
@@ -228,7 +267,9 @@ impl Psi {
             full: AtomicU64::new(0),
             some_us: AtomicU64::new(0),
             full_us: AtomicU64::new(0),
-            active: Default::default(),
+            slots: std::array::from_fn(|_| Slot::default()),
+            shared: Slot::default(),
+            tick: Slot::default(),
             ctl: Mutex::new(Ctl {
                 stop: false,
                 avg_at: 0,
@@ -250,22 +291,36 @@ impl Psi {
         (self.epoch.elapsed().as_micros() as u64) & TIME_MASK
     }
 
-    /// Marks the calling thread as inside a usermm call until the mark is dropped.
-    /// Nothing but a thread-local read and, for the outermost call, an uncontended
-    /// atomic add.
+    /// Records that the calling thread uses the Vm now (at the start of every
+    /// usermm call): it counts as non-idle for the next `RECENT_TICKS`. While the
+    /// clock is stopped (no stall lately) one load of a line nobody writes; else a
+    /// thread-local load, a load of the thread's own line and, once per tick, a
+    /// store to it.
+    #[inline(always)]
+    pub fn touch(&self) {
+        let t = self.tick.0.load(Ordering::Relaxed);
+        if t != 0 {
+            self.touch_at(t);
+        }
+    }
+
     #[inline]
-    pub fn call(&self) -> Call<'_> {
-        let outer = IN_CALL.with(|c| {
-            let n = c.get();
-            c.set(n + 1);
-            n == 0
-        });
-        let stripe = outer.then(|| {
-            let s = my_stripe();
-            self.active[s].0.fetch_add(1, Ordering::Relaxed);
-            s
-        });
-        Call { psi: self, stripe }
+    fn touch_at(&self, t: u64) {
+        let mut i = MY_SLOT.with(Cell::get);
+        if i == UNSET {
+            i = take_slot();
+            MY_SLOT.with(|s| s.set(i));
+        }
+        if let Some(s) = self.slots.get(i) {
+            if s.0.load(Ordering::Relaxed) != t {
+                s.0.store(t, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn recent(&self, s: &Slot, now: u64) -> bool {
+        let t = s.0.load(Ordering::SeqCst);
+        t != 0 && (t == STALLED || t + RECENT_TICKS > now)
     }
 
     /// Marks the calling thread (or, from the transparent-fault handler, the
@@ -281,14 +336,27 @@ impl Psi {
             DEPTH.with(|d| d.set(d.get() - 1));
             return None;
         }
-        // Outside a usermm call (a handler thread serving a program thread, or a
-        // thread that called something not marked): the stalled thread is non-idle
-        // for the length of the stall.
-        let implicit = (IN_CALL.with(|c| c.get()) == 0).then(|| {
-            let s = my_stripe();
-            self.active[s].0.fetch_add(1, Ordering::SeqCst);
-            s
-        });
+        if self.tick.0.load(Ordering::Relaxed) == 0
+            && self
+                .tick
+                .0
+                .compare_exchange(0, 1, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            // Start the clock: the `usermm-psi` thread moves it on. One wake-up
+            // (a system call, no lock) per episode of pressure, not per stall.
+            self.wake.notify_all();
+        }
+        // A stalled thread is non-idle for the length of the stall: in its slot
+        // (`STALLED` reads as recent), or, without one (the transparent-fault
+        // handler, marking for a program thread), in `shared`.
+        let slot = self.slots.get(MY_SLOT.with(Cell::get));
+        match slot {
+            Some(s) => s.0.store(STALLED, Ordering::SeqCst),
+            None => {
+                self.shared.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
         let now = self.now_us();
         let mut cur = self.some.load(Ordering::Relaxed);
         let stalled = loop {
@@ -308,15 +376,20 @@ impl Psi {
         self.full_check(stalled, now);
         Some(Stall {
             psi: self,
-            implicit,
+            slot,
         })
     }
 
+    /// Non-idle threads now: those with a recent call, and stalled threads
+    /// without one.
     fn active_count(&self) -> u64 {
-        self.active
+        let used = SLOTS_USED.load(Ordering::Relaxed);
+        let now = self.tick.0.load(Ordering::SeqCst);
+        self.slots[..used]
             .iter()
-            .map(|s| s.0.load(Ordering::SeqCst))
-            .sum()
+            .filter(|s| self.recent(s, now))
+            .count() as u64
+            + self.shared.0.load(Ordering::SeqCst)
     }
 
     /// Starts or ends the `full` period, given `stalled` threads now.
@@ -346,7 +419,7 @@ impl Psi {
         }
     }
 
-    fn unstall(&self, implicit: Option<usize>) {
+    fn unstall(&self, slot: Option<&Slot>) {
         let now = self.now_us();
         // The thread runs again: a full period ends here (it may go on at once if
         // every other non-idle thread is stalled, below).
@@ -354,8 +427,12 @@ impl Psi {
         if cur >> TIME_BITS != 0 {
             self.end_full(cur, now);
         }
-        if let Some(s) = implicit {
-            self.active[s].0.fetch_sub(1, Ordering::SeqCst);
+        match slot {
+            // It runs again: a call now.
+            Some(s) => s.0.store(self.tick.0.load(Ordering::Relaxed), Ordering::SeqCst),
+            None => {
+                self.shared.0.fetch_sub(1, Ordering::SeqCst);
+            }
         }
         let mut cur = self.some.load(Ordering::Relaxed);
         let stalled = loop {
@@ -535,6 +612,9 @@ impl Psi {
         c.thread_id = Some(std::thread::current().id());
         let period = PERIOD.as_micros() as u64;
         let mut next_avg = self.now_us() + period;
+        let mut quiet_since = u64::MAX;
+        let tick = TICK.as_micros() as u64;
+        let mut next_tick = self.now_us() + tick;
         loop {
             if c.stop {
                 return;
@@ -543,6 +623,21 @@ impl Psi {
             if now >= next_avg {
                 self.update_avgs(&mut c, now);
                 next_avg = now + period;
+                // A period without a stall: stop the clock (the next stall starts
+                // it again).
+                let (some, _) = self.totals(now);
+                if some == quiet_since && self.some.load(Ordering::SeqCst) >> TIME_BITS == 0 {
+                    self.tick.0.store(0, Ordering::Relaxed);
+                }
+                quiet_since = some;
+            }
+            let ticking = self.tick.0.load(Ordering::Relaxed) != 0;
+            if ticking && now >= next_tick {
+                self.tick.0.fetch_add(1, Ordering::SeqCst);
+                next_tick = now + tick;
+                // Threads went idle or came back since the last stall transition.
+                let stalled = self.some.load(Ordering::SeqCst) >> TIME_BITS;
+                self.full_check(stalled, now);
             }
             let (some, _) = self.totals(now);
             let mut due = None;
@@ -588,6 +683,11 @@ impl Psi {
                 .iter()
                 .map(|t| t.next_us)
                 .fold(next_avg, u64::min);
+            let wake_at = if ticking {
+                wake_at.min(next_tick)
+            } else {
+                wake_at
+            };
             let now = self.now_us();
             if wake_at > now {
                 self.wake
@@ -650,17 +750,7 @@ impl Trigger {
 
 impl Drop for Stall<'_> {
     fn drop(&mut self) {
-        self.psi.unstall(self.implicit);
-    }
-}
-
-impl Drop for Call<'_> {
-    #[inline]
-    fn drop(&mut self) {
-        IN_CALL.with(|c| c.set(c.get() - 1));
-        if let Some(s) = self.stripe {
-            self.psi.active[s].0.fetch_sub(1, Ordering::Relaxed);
-        }
+        self.psi.unstall(self.slot);
     }
 }
 
@@ -686,8 +776,8 @@ mod tests {
     #[test]
     fn stalls_count_once_and_add_up() {
         let p = Psi::new();
+        p.touch();
         {
-            let _c = p.call();
             let s = p.stall();
             assert!(s.is_some());
             assert!(p.stall().is_none(), "nested marks count once");
@@ -695,26 +785,30 @@ mod tests {
         }
         let (some, full) = p.totals(p.now_us());
         assert!(some >= 19_000, "{some}");
-        // One thread, in a call and stalled: every non-idle thread was.
+        // One thread, stalled: every non-idle thread was.
         assert!(full >= 19_000, "{full}");
         assert_eq!(p.some.load(Ordering::Relaxed), 0);
-        assert_eq!(p.active_count(), 0);
+        assert_eq!(p.shared.0.load(Ordering::Relaxed), 0);
+        assert_ne!(p.tick.0.load(Ordering::Relaxed), 0, "a stall starts the clock");
     }
 
-    #[test]
-    fn a_running_thread_keeps_full_at_zero() {
+    /// Two threads: `other` makes a call, then `ticks` pass, then this one stalls
+    /// for 20 ms. Returns the `full` total.
+    fn full_with_other_calling(ticks: u64) -> u64 {
         let p = Arc::new(Psi::new());
+        p.tick.0.store(1, Ordering::Relaxed);
         let (tx, rx) = std::sync::mpsc::channel();
         let (tx2, rx2) = std::sync::mpsc::channel::<()>();
         let q = p.clone();
         let t = std::thread::spawn(move || {
-            let _c = q.call();
+            q.touch();
             tx.send(()).unwrap();
             rx2.recv().unwrap();
         });
         rx.recv().unwrap();
+        p.tick.0.fetch_add(ticks, Ordering::Relaxed);
+        p.touch();
         {
-            let _c = p.call();
             let _s = p.stall();
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -722,7 +816,17 @@ mod tests {
         t.join().unwrap();
         let (some, full) = p.totals(p.now_us());
         assert!(some >= 19_000, "{some}");
-        assert_eq!(full, 0);
+        full
+    }
+
+    #[test]
+    fn a_thread_that_called_lately_keeps_full_at_zero() {
+        assert_eq!(full_with_other_calling(RECENT_TICKS - 1), 0);
+    }
+
+    #[test]
+    fn a_thread_that_stopped_calling_is_idle() {
+        assert!(full_with_other_calling(RECENT_TICKS) >= 19_000);
     }
 
     #[test]

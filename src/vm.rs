@@ -488,7 +488,7 @@ impl AddressSpace {
         if crate::mm::fault::holds_pin(&self.inner, 0, u64::MAX, false) {
             return Err(Error::WouldDeadlock("fork"));
         }
-        let _call = self.inner.eng.psi.call();
+        self.inner.eng.psi.touch();
         let child = AddressSpace::register(&self._vm);
         crate::mm::fork::fork_into(&self.inner, &child.inner)?;
         Ok(child)
@@ -500,7 +500,7 @@ impl AddressSpace {
     /// Errors: `InvalidArgument` for a zero or overflowing length; `OutOfMemory` when
     /// no gap of that size is left in the 128 TiB address space.
     pub fn map_anon(&self, len: usize) -> Result<Region> {
-        let _call = self.inner.eng.psi.call();
+        self.inner.eng.psi.touch();
         self.inner.map_anon(len)
     }
 
@@ -514,7 +514,7 @@ impl AddressSpace {
         if crate::mm::fault::holds_pin(&self.inner, first, end, false) {
             return Err(Error::WouldDeadlock("unmap"));
         }
-        let _call = self.inner.eng.psi.call();
+        self.inner.eng.psi.touch();
         self.inner.unmap(r)
     }
 
@@ -530,16 +530,16 @@ impl AddressSpace {
     /// then); `Device` if a swap device fails the read (or the data fails its
     /// checksum) — the page stays stored and a later read may succeed; `OutOfMemory` /
     /// `OutOfSwap` if no frame can be had.
-    #[inline]
+    #[inline(always)] // the hit path: inlined into the caller, as before the psi mark
     pub fn read(&self, addr: VAddr, buf: &mut [u8]) -> Result<()> {
-        let _call = self.inner.eng.psi.call();
+        self.inner.eng.psi.touch();
         crate::mm::fault::read(&self.inner, addr, buf)
     }
 
     /// Writes `data` at `addr`. Errors as for `read` (a bad range writes nothing).
     #[inline]
     pub fn write(&self, addr: VAddr, data: &[u8]) -> Result<()> {
-        let _call = self.inner.eng.psi.call();
+        self.inner.eng.psi.touch();
         crate::mm::fault::write(&self.inner, addr, data)
     }
 
@@ -550,7 +550,7 @@ impl AddressSpace {
     /// Errors as for `read`, and `WouldDeadlock` if this thread holds a `PageMut`
     /// of the same page (it would wait for itself).
     pub fn page(&self, addr: VAddr) -> Result<PageRef<'_>> {
-        let _call = self.inner.eng.psi.call();
+        self.inner.eng.psi.touch();
         let (pte, pfn) = crate::mm::fault::pin(&self.inner, addr, Want::Shared)?;
         crate::mm::fault::note_pin(&self.inner, addr.vpn(), false);
         Ok(PageRef {
@@ -571,7 +571,7 @@ impl AddressSpace {
     /// of other threads may be loading concurrently). Errors as for `read`, and
     /// `WouldDeadlock` if this thread holds any guard on the same page.
     pub fn page_mut(&self, addr: VAddr) -> Result<PageMut<'_>> {
-        let _call = self.inner.eng.psi.call();
+        self.inner.eng.psi.touch();
         let (pte, pfn) = crate::mm::fault::pin(&self.inner, addr, Want::Exclusive)?;
         crate::mm::fault::note_pin(&self.inner, addr.vpn(), true);
         let ptr = self.inner.eng.frames.frame_ptr(pfn);

@@ -153,6 +153,57 @@ fn pressure_rises_with_the_working_set() {
     }
 }
 
+/// `full` is the time every non-idle thread is stalled: a thread that keeps
+/// hitting resident pages while another thrashes keeps it low, though `some` is
+/// high.
+#[test]
+fn full_needs_every_thread_stalled() {
+    let (_d, vm) = vm();
+    let mm = vm.new_space();
+    let hot = mm.map_anon(64 * PAGE_SIZE).unwrap();
+    let cold = mm.map_anon(4 * BUDGET).unwrap();
+    let cold_pages = (4 * BUDGET / PAGE_SIZE) as u64;
+    for p in 0..64u64 {
+        mm.write(hot.start() + p * PAGE_SIZE as u64, &p.to_le_bytes())
+            .unwrap();
+    }
+    for p in 0..cold_pages {
+        mm.write(cold.start() + p * PAGE_SIZE as u64, &p.to_le_bytes())
+            .unwrap();
+    }
+    let before = vm.pressure();
+    let t0 = Instant::now();
+    let dur = Duration::from_millis(1000);
+    std::thread::scope(|s| {
+        let mm = &mm;
+        s.spawn(move || {
+            let mut rng = Rng::new(1);
+            while t0.elapsed() < dur {
+                let p = rng.below(64);
+                let mut b = [0u8; 8];
+                mm.read(hot.start() + p * PAGE_SIZE as u64, &mut b).unwrap();
+                assert_eq!(u64::from_le_bytes(b), p);
+            }
+        });
+        s.spawn(move || {
+            let mut rng = Rng::new(2);
+            while t0.elapsed() < dur {
+                let p = rng.below(cold_pages);
+                let mut b = [0u8; 8];
+                mm.read(cold.start() + p * PAGE_SIZE as u64, &mut b).unwrap();
+                assert_eq!(u64::from_le_bytes(b), p);
+            }
+        });
+    });
+    let wall = t0.elapsed().as_secs_f64();
+    let after = vm.pressure();
+    let some = (after.total_some - before.total_some).as_secs_f64() / wall * 100.0;
+    let full = (after.total_full - before.total_full).as_secs_f64() / wall * 100.0;
+    println!("one thread thrashing, one hitting: some {some:.1}% full {full:.1}%");
+    assert!(some > 30.0, "some {some:.1}%");
+    assert!(full < some / 3.0, "some {some:.1}% full {full:.1}%");
+}
+
 #[test]
 fn a_trigger_fires_under_pressure_only_and_stops_when_dropped() {
     let window = Duration::from_millis(500);
