@@ -530,7 +530,7 @@ impl AddressSpace {
     /// then); `Device` if a swap device fails the read (or the data fails its
     /// checksum) — the page stays stored and a later read may succeed; `OutOfMemory` /
     /// `OutOfSwap` if no frame can be had.
-    #[inline(always)] // the hit path: inlined into the caller, as before the psi mark
+    #[inline]
     pub fn read(&self, addr: VAddr, buf: &mut [u8]) -> Result<()> {
         self.inner.eng.psi.touch();
         crate::mm::fault::read(&self.inner, addr, buf)
