@@ -17,19 +17,35 @@
 //! (the allocation inside a swap-in) count once: a per-thread depth.
 //!
 //! `some`: at least one thread stalled. `full`: every non-idle thread stalled at
-//! once, where non-idle means inside a usermm call (`AddressSpace::read`, `write`,
-//! the guards, `fork`, `map_anon`, `unmap`) or in a transparent fault being served.
+//! once. Non-idle: a thread that made a usermm call (`AddressSpace::read`, `write`,
+//! `page`, `page_mut`, `fork`, `map_anon`, `unmap`) within the last 30 to 40 ms, or
+//! is stalled itself (a program thread in a transparent fault counts only while
+//! its fault is served: usermm cannot see it run between faults, so for a
+//! program on transparent memory alone `full` equals `some`). Not "inside a call
+//! at this instant": that would need every call to move a shared counter twice,
+//! and it would count a thread computing between two calls as idle — the kernel
+//! counts a running thread as non-idle, and so a thread that keeps working while
+//! another waits keeps `full` at zero (`tests/pressure.rs`).
+//!
 //! `some` is exact to the microsecond: the count of stalled threads and the start
 //! of the current stalled period share one atomic word, moved by CAS at each start
-//! and end of a stall. `full` is decided at the same moments, against the count of
-//! threads inside a call; a thread entering or leaving a call between two stall
-//! transitions is seen at the next one (so `full` is exact when threads stay in
-//! their calls, as workers in a loop do, and otherwise off by at most the time to
-//! the next transition). Threads inside a call are counted in 16 striped counters
-//! (one cache line each, a thread always on the same one), so two threads' calls
-//! never write the same line: the hit path pays two uncontended atomic adds and a
-//! thread-local read, and `read_fast`/`write_fast` themselves change not at all.
+//! and end of a stall. `full` is decided at the same moments and at every tick of
+//! the clock below, against the count of non-idle threads; a change in between
+//! (a thread going idle) is seen at the next of them (10 ms at most).
 //!
+//! Who is non-idle, at the cost of nothing on the hit path: each thread that makes
+//! usermm calls owns one of 64 slots (process-wide, taken on its first call, given
+//! back when it exits); each Vm keeps one word per slot, alone on its cache line,
+//! where a call writes `tick`, a coarse clock the `usermm-psi` thread moves on
+//! every 10 ms. A call loads `tick` and, when it is running, loads its own word and
+//! stores the tick if it moved on: no locked instruction, no line another thread
+//! writes. The clock stops (tick 0) after 2 s without a stall, and a call then costs
+//! one load of a line nobody writes; the first stall starts it again (one condvar
+//! wake-up per episode of pressure). A stalled thread's word reads `STALLED`
+//! meanwhile; a stalled thread without a slot (the transparent-fault handler,
+//! marking for a program thread) is counted in `shared`. Threads beyond the 64th
+//! count only while stalled. `read_fast`/`write_fast` do not change.
+
 //! ## Averages
 //! As the kernel's: an exponentially decaying average of the stalled share of wall
 //! time, with time constants 10, 60 and 300 s. It is brought up to date every 2 s by
@@ -49,14 +65,21 @@
 //!
 //! ## Memory discipline
 //! Marking a stall allocates nothing and takes no lock: thread-local cells with
-//! constant initializers (no destructor to register) and atomics of the `Psi`. The
-//! page-I/O threads and the transparent-fault handler, which the lock validator
-//! checks for heap allocations, only ever take that path.
+//! constant initializers (no destructor to register), atomics of the `Psi`, and
+//! for the first stall of an episode a condvar notify (no lock). The slot's
+//! destructor (which may allocate when it is registered) is touched only by a
+//! thread's first usermm call, never by the engine's threads. The page-I/O threads
+//! and the transparent-fault handler, which the lock validator checks for heap
+//! allocations (`tests/pressure.rs` runs under it with `--features lockdep`), only
+//! ever take the stall path.
 //!
 //! ## Locking
 //! `Psi::ctl` (Mutex, leaf; `wake` Condvar): the averages, the triggers, the stop
 //! flag. Taken by `Vm::pressure`, `Vm::on_pressure`, a trigger's drop, `Psi::stop`
-//! and the `usermm-psi` thread; never on the fault path, never across a callback.
+//! and the `usermm-psi` thread; never on the fault path, never across a callback (a
+//! callback may call anything of the Vm, drop its own trigger, or drop the Vm).
+//! `Psi::thread` (Mutex, leaf): the thread's handle, taken by `start` and `stop`.
+//! Everything else is atomics.
 
 use crate::error::{Error, Result};
 use crate::sync::{Arc, AtomicU64, Condvar, Mutex, Ordering};
