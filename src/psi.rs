@@ -397,10 +397,7 @@ impl Psi {
             }
         };
         self.full_check(stalled, now);
-        Some(Stall {
-            psi: self,
-            slot,
-        })
+        Some(Stall { psi: self, slot })
     }
 
     /// Non-idle threads now: those with a recent call, and stalled threads
@@ -452,7 +449,9 @@ impl Psi {
         }
         match slot {
             // It runs again: a call now.
-            Some(s) => s.0.store(self.tick.0.load(Ordering::Relaxed), Ordering::SeqCst),
+            Some(s) => {
+                s.0.store(self.tick.0.load(Ordering::Relaxed), Ordering::SeqCst)
+            }
             None => {
                 self.shared.0.fetch_sub(1, Ordering::SeqCst);
             }
@@ -812,7 +811,11 @@ mod tests {
         assert!(full >= 19_000, "{full}");
         assert_eq!(p.some.load(Ordering::Relaxed), 0);
         assert_eq!(p.shared.0.load(Ordering::Relaxed), 0);
-        assert_ne!(p.tick.0.load(Ordering::Relaxed), 0, "a stall starts the clock");
+        assert_ne!(
+            p.tick.0.load(Ordering::Relaxed),
+            0,
+            "a stall starts the clock"
+        );
     }
 
     /// Two threads: `other` makes a call, then `ticks` pass, then this one stalls

@@ -73,7 +73,7 @@ fn load(vm: &Vm, ws: usize, threads: usize, dur: Duration, think: Duration) -> L
             s.spawn(move || {
                 let mut rng = Rng::for_thread(0x9e55, t as u64);
                 let mut n = 0u64;
-                while n % 64 != 0 || t0.elapsed() < dur {
+                while !n.is_multiple_of(64) || t0.elapsed() < dur {
                     let busy = Instant::now();
                     while busy.elapsed() < think {
                         std::hint::spin_loop();
@@ -105,7 +105,13 @@ fn load(vm: &Vm, ws: usize, threads: usize, dur: Duration, think: Duration) -> L
 #[test]
 fn no_pressure_when_the_working_set_fits() {
     let (_d, vm) = vm();
-    let l = load(&vm, BUDGET / 2, 2, Duration::from_millis(800), Duration::ZERO);
+    let l = load(
+        &vm,
+        BUDGET / 2,
+        2,
+        Duration::from_millis(800),
+        Duration::ZERO,
+    );
     let p = l.after;
     println!("fits: {p:?}, some {:.3}% of {:?}", l.some_share(), l.wall);
     assert!(l.some_share() < 1.0, "{p:?}");
@@ -149,7 +155,11 @@ fn pressure_rises_with_the_working_set() {
             "{:?}",
             l.after
         );
-        assert!(l.after.full.avg10 <= l.after.some.avg10 + 0.01, "{:?}", l.after);
+        assert!(
+            l.after.full.avg10 <= l.after.some.avg10 + 0.01,
+            "{:?}",
+            l.after
+        );
     }
 }
 
@@ -190,7 +200,8 @@ fn full_needs_every_thread_stalled() {
             while t0.elapsed() < dur {
                 let p = rng.below(cold_pages);
                 let mut b = [0u8; 8];
-                mm.read(cold.start() + p * PAGE_SIZE as u64, &mut b).unwrap();
+                mm.read(cold.start() + p * PAGE_SIZE as u64, &mut b)
+                    .unwrap();
                 assert_eq!(u64::from_le_bytes(b), p);
             }
         });
@@ -216,7 +227,13 @@ fn a_trigger_fires_under_pressure_only_and_stops_when_dropped() {
             c.fetch_add(1, Ordering::Relaxed);
         })
         .unwrap();
-    load(&calm, BUDGET / 2, 1, Duration::from_millis(1200), Duration::ZERO);
+    load(
+        &calm,
+        BUDGET / 2,
+        1,
+        Duration::from_millis(1200),
+        Duration::ZERO,
+    );
     assert_eq!(calls.load(Ordering::Relaxed), 0, "fired without pressure");
     drop(t);
 
@@ -244,16 +261,27 @@ fn a_trigger_fires_under_pressure_only_and_stops_when_dropped() {
         l1.some_share(),
         least.load(Ordering::Relaxed)
     );
-    assert!(n >= 1, "no call under pressure ({:.1}% stalled)", l1.some_share());
+    assert!(
+        n >= 1,
+        "no call under pressure ({:.1}% stalled)",
+        l1.some_share()
+    );
     let most = (took + Duration::from_millis(100)).as_millis() / window.as_millis() + 1;
-    assert!(n as u128 <= most, "{n} calls in {took:?}: more than one per window");
+    assert!(
+        n as u128 <= most,
+        "{n} calls in {took:?}: more than one per window"
+    );
     assert!(least.load(Ordering::Relaxed) >= threshold.as_micros() as u64);
 
     // Dropped: no more calls, under the same pressure.
     drop(t);
     let after_drop = calls.load(Ordering::Relaxed);
     load(&vm, 4 * BUDGET, 2, Duration::from_millis(1000), THINK);
-    assert_eq!(calls.load(Ordering::Relaxed), after_drop, "called after drop");
+    assert_eq!(
+        calls.load(Ordering::Relaxed),
+        after_drop,
+        "called after drop"
+    );
 }
 
 #[test]

@@ -945,8 +945,14 @@ fn workload(
         full_avg300: p_end.full.avg300,
         timed_some_pct: share(p_timed.total_some.saturating_sub(p_fill.total_some)),
         timed_full_pct: share(p_timed.total_full.saturating_sub(p_fill.total_full)),
-        total_some_s: p_end.total_some.saturating_sub(p_start.total_some).as_secs_f64(),
-        total_full_s: p_end.total_full.saturating_sub(p_start.total_full).as_secs_f64(),
+        total_some_s: p_end
+            .total_some
+            .saturating_sub(p_start.total_some)
+            .as_secs_f64(),
+        total_full_s: p_end
+            .total_full
+            .saturating_sub(p_start.total_full)
+            .as_secs_f64(),
     };
     out(format!(
         "  pressure    some {:.1}%  full {:.1}% of the accesses' time stalled  (avg10 at the end {:.1}% / {:.1}%; whole run {} / {})",
