@@ -39,9 +39,10 @@
 //! where a call writes `tick`, a coarse clock the `usermm-psi` thread moves on
 //! every 10 ms. A call loads `tick` and, when it is running, loads its own word and
 //! stores the tick if it moved on: no locked instruction, no line another thread
-//! writes. The clock stops (tick 0) after 2 s without a stall, and a call then costs
-//! one load of a line nobody writes; the first stall starts it again (one condvar
-//! wake-up per episode of pressure). A stalled thread's word reads `STALLED`
+//! writes. The clock stops (its `RUNNING` bit cleared) after 2 s without a stall,
+//! and a call then costs one load of a line nobody writes; the first stall starts
+//! it again (one condvar wake-up per episode of pressure), its count jumped ahead
+//! so that no stamp of an earlier episode reads as recent. A stalled thread's word reads `STALLED`
 //! meanwhile; a stalled thread without a slot (the transparent-fault handler,
 //! marking for a program thread) is counted in `shared`. Threads beyond the 64th
 //! count only while stalled. `read_fast`/`write_fast` do not change.
@@ -105,8 +106,9 @@ pub struct Shares {
 pub struct Pressure {
     /// At least one thread stalled.
     pub some: Shares,
-    /// Every non-idle thread (inside a usermm call, or in a transparent fault)
-    /// stalled at once.
+    /// Every non-idle thread stalled at once. Non-idle: made a usermm call in the
+    /// last 30 to 40 ms, or stalled (a program thread on transparent memory counts
+    /// only while its fault is served).
     pub full: Shares,
     /// Total time with at least one thread stalled, since the Vm started.
     pub total_some: Duration,
@@ -131,6 +133,10 @@ const TICK: Duration = Duration::from_millis(10);
 const RECENT_TICKS: u64 = 4;
 /// A slot's value while its thread is stalled (non-idle whatever the tick).
 const STALLED: u64 = u64::MAX;
+/// `Psi::tick`: the clock runs. The count below it only grows (a restart jumps it
+/// `RECENT_TICKS` ahead), so a call stamped in an earlier episode never reads as
+/// recent in a later one.
+const RUNNING: u64 = 1 << 63;
 /// Time constants of the three averages, in seconds.
 const TAUS: [f64; 3] = [10.0, 60.0, 300.0];
 /// Samples per trigger window.
@@ -322,8 +328,8 @@ impl Psi {
     #[inline(always)]
     pub fn touch(&self) {
         let t = self.tick.0.load(Ordering::Relaxed);
-        if t != 0 {
-            self.touch_at(t);
+        if t & RUNNING != 0 {
+            self.touch_at(t & !RUNNING);
         }
     }
 
@@ -339,6 +345,11 @@ impl Psi {
                 s.0.store(t, Ordering::Relaxed);
             }
         }
+    }
+
+    /// The clock's count now.
+    fn ticks(&self) -> u64 {
+        self.tick.0.load(Ordering::SeqCst) & !RUNNING
     }
 
     fn recent(&self, s: &Slot, now: u64) -> bool {
@@ -359,11 +370,17 @@ impl Psi {
             DEPTH.with(|d| d.set(d.get() - 1));
             return None;
         }
-        if self.tick.0.load(Ordering::Relaxed) == 0
+        let t = self.tick.0.load(Ordering::Relaxed);
+        if t & RUNNING == 0
             && self
                 .tick
                 .0
-                .compare_exchange(0, 1, Ordering::Relaxed, Ordering::Relaxed)
+                .compare_exchange(
+                    t,
+                    (t + RECENT_TICKS) | RUNNING,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
                 .is_ok()
         {
             // Start the clock: the `usermm-psi` thread moves it on. One wake-up
@@ -404,7 +421,7 @@ impl Psi {
     /// without one.
     fn active_count(&self) -> u64 {
         let used = SLOTS_USED.load(Ordering::Relaxed);
-        let now = self.tick.0.load(Ordering::SeqCst);
+        let now = self.ticks();
         self.slots[..used]
             .iter()
             .filter(|s| self.recent(s, now))
@@ -449,9 +466,7 @@ impl Psi {
         }
         match slot {
             // It runs again: a call now.
-            Some(s) => {
-                s.0.store(self.tick.0.load(Ordering::Relaxed), Ordering::SeqCst)
-            }
+            Some(s) => s.0.store(self.ticks(), Ordering::SeqCst),
             None => {
                 self.shared.0.fetch_sub(1, Ordering::SeqCst);
             }
@@ -648,12 +663,19 @@ impl Psi {
                 // A period without a stall: stop the clock (the next stall starts
                 // it again).
                 let (some, _) = self.totals(now);
+                let t = self.tick.0.load(Ordering::SeqCst);
                 if some == quiet_since && self.some.load(Ordering::SeqCst) >> TIME_BITS == 0 {
-                    self.tick.0.store(0, Ordering::Relaxed);
+                    // Fails if a stall restarted it meanwhile: then it runs on.
+                    let _ = self.tick.0.compare_exchange(
+                        t,
+                        t & !RUNNING,
+                        Ordering::SeqCst,
+                        Ordering::Relaxed,
+                    );
                 }
                 quiet_since = some;
             }
-            let ticking = self.tick.0.load(Ordering::Relaxed) != 0;
+            let ticking = self.tick.0.load(Ordering::Relaxed) & RUNNING != 0;
             if ticking && now >= next_tick {
                 self.tick.0.fetch_add(1, Ordering::SeqCst);
                 next_tick = now + tick;
@@ -812,7 +834,7 @@ mod tests {
         assert_eq!(p.some.load(Ordering::Relaxed), 0);
         assert_eq!(p.shared.0.load(Ordering::Relaxed), 0);
         assert_ne!(
-            p.tick.0.load(Ordering::Relaxed),
+            p.tick.0.load(Ordering::Relaxed) & RUNNING,
             0,
             "a stall starts the clock"
         );
@@ -822,7 +844,7 @@ mod tests {
     /// for 20 ms. Returns the `full` total.
     fn full_with_other_calling(ticks: u64) -> u64 {
         let p = Arc::new(Psi::new());
-        p.tick.0.store(1, Ordering::Relaxed);
+        p.tick.0.store(1 | RUNNING, Ordering::Relaxed);
         let (tx, rx) = std::sync::mpsc::channel();
         let (tx2, rx2) = std::sync::mpsc::channel::<()>();
         let q = p.clone();
@@ -853,6 +875,25 @@ mod tests {
     #[test]
     fn a_thread_that_stopped_calling_is_idle() {
         assert!(full_with_other_calling(RECENT_TICKS) >= 19_000);
+    }
+
+    #[test]
+    fn a_call_of_an_earlier_episode_is_not_recent() {
+        let p = Arc::new(Psi::new());
+        {
+            let _s = p.stall(); // starts the clock
+        }
+        let q = p.clone();
+        std::thread::spawn(move || q.touch()).join().unwrap();
+        // The clock stops (a quiet period) and a later stall starts it again.
+        let t = p.tick.0.load(Ordering::Relaxed);
+        p.tick.0.store(t & !RUNNING, Ordering::Relaxed);
+        let full0 = p.totals(p.now_us()).1;
+        {
+            let _s = p.stall();
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(p.totals(p.now_us()).1 - full0 >= 19_000);
     }
 
     #[test]

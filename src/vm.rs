@@ -341,7 +341,8 @@ impl Vm {
     /// time of that window — as the kernel's PSI triggers. It runs on a thread of the
     /// Vm (`usermm-psi`), never on the fault path; a slow callback delays the others.
     /// Dropping the returned handle removes the trigger (no call starts after the
-    /// drop returns).
+    /// drop returns); dropping the last handle of the Vm waits for a callback
+    /// that is running (unless made by it).
     ///
     /// Errors: `InvalidArgument` for a window outside 500 ms ..= 10 s, or a threshold
     /// of zero or longer than the window.
