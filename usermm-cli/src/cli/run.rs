@@ -955,7 +955,7 @@ fn workload(
             .as_secs_f64(),
     };
     out(format!(
-        "  pressure    some {:.1}%  full {:.1}% of the accesses' time stalled  (avg10 at the end {:.1}% / {:.1}%; whole run {} / {})",
+        "  pressure    stalled some {:.1}%  full {:.1}% of the accesses' time  (avg10 {:.1}% / {:.1}%; whole run {} / {})",
         pressure.timed_some_pct,
         pressure.timed_full_pct,
         pressure.some_avg10,
