@@ -329,7 +329,8 @@ impl Vm {
 
     /// Memory pressure, as `/proc/pressure/memory`: the share of wall time threads
     /// lost stalled on memory (a fault's device read, or reclaim) — `some` (at least
-    /// one thread) and `full` (every thread inside a usermm call at once) — as
+    /// one thread) and `full` (at once every thread that made a usermm call in the
+    /// last 30–40 ms, or is stalled) — as
     /// decaying averages over 10, 60 and 300 s, in percent, and the totals since the
     /// Vm started. See `docs/design.md`, "Pressure".
     pub fn pressure(&self) -> crate::Pressure {
