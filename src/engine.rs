@@ -106,6 +106,9 @@ pub(crate) struct Engine {
     /// The host files open through `map_file` and `Vm::open`, as the page-I/O
     /// threads see them (preallocated; see `filemap::slots`).
     pub files: crate::filemap::slots::FileSlots,
+    /// Stall accounting and pressure triggers (`crate::psi`; atomics on the fault
+    /// path, its own leaf mutex elsewhere).
+    pub psi: Arc<crate::psi::Psi>,
 }
 
 impl Engine {
@@ -141,6 +144,7 @@ impl Engine {
             foreign_reads: AtomicU64::new(0),
             spaces: Mutex::new(Vec::new()),
             files: crate::filemap::slots::FileSlots::new(cfg.max_files),
+            psi: Arc::new(crate::psi::Psi::new()),
         })
     }
 

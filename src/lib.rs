@@ -26,7 +26,8 @@
 //! `swap::swapoff` and `reclaim` → `engine` (the struct of parts) → `swap::table`,
 //! `pageio`, `frame` (arena, reverse map), `pte` (entry encoding and bit locks) →
 //! `device` (trait, spec and `open`, file, nbd, mirror, faulty), `sync`, `sys` (raw
-//! memory system calls), `addr`, `error`, `stats`, `lockdep` (the lock validator,
+//! memory system calls), `addr`, `error`, `stats`, `psi` (pressure stall
+//! information: stall marks, averages, triggers), `lockdep` (the lock validator,
 //! feature `lockdep`: hooks only, below everything). Nothing imports upward (`scripts/check-cycles.py src` checks
 //! that no two modules import each other, directly or through others). The
 //! architecture, the life of a page and the invariants: `docs/design.md`.
@@ -103,6 +104,10 @@
 //! Engine::kswapd_lock (Mutex<bool>, leaf; `kswapd_wake`)  reclaim::{kswapd, wake_kswapd}
 //! PageIo::sleep (Mutex<()>, leaf; `wake`)       PageIo::{run, kick}
 //! VmInner::threads (Mutex, leaf)                Vm::new, VmInner::drop
+//! Psi::ctl (Mutex, leaf; `wake`)                Vm::{pressure, on_pressure}, PressureTrigger::drop,
+//!   Psi::{run, stop} (the `usermm-psi` thread; never held across a callback; the fault
+//!   path takes no lock of psi's, only its atomics)
+//! Psi::thread (Mutex, leaf)                     Psi::{start, stop}
 //! device internals (nbd send/parked/broke/reconnector, mirror resync): leaves under
 //!   nothing of the engine's: a device is called with at most a BUSY claim held.
 //! ```
@@ -138,6 +143,7 @@ pub mod lockdep;
 mod lockdep;
 mod mm;
 mod pageio;
+mod psi;
 mod pte;
 mod reclaim;
 pub mod stats;
@@ -154,6 +160,7 @@ pub use error::{Error, Result};
 pub use mm::msync::{fsck, FsckReport};
 pub use mm::region::{Region, Share};
 pub use mm::transparent::TransparentRegion;
+pub use psi::{Pressure, PressureTrigger, Shares};
 pub use stats::{Stats, SwapInfo};
 #[doc(hidden)]
 pub use vm::ForkTicket;

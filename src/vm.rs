@@ -64,6 +64,7 @@ impl Drop for VmInner {
         crate::reclaim::wake_kswapd(&self.eng);
         self.eng.swap.kick_maintenance();
         self.eng.io.shutdown();
+        self.eng.psi.stop();
         // Threads finish their current request and exit. One stuck in a device that
         // never answers must not hang the last `drop`: after the bound it is left
         // to finish on its own (it holds its own `Arc` of the engine, so nothing it
@@ -130,6 +131,7 @@ impl Vm {
                     })?,
             );
         }
+        eng.psi.start()?;
         Ok(Vm {
             inner: Arc::new(VmInner {
                 eng,
@@ -357,6 +359,37 @@ impl Vm {
         crate::swap::swapoff::swapoff(self.eng(), id)
     }
 
+    /// Memory pressure, as `/proc/pressure/memory`: the share of wall time threads
+    /// lost stalled on memory (a fault's device read, or reclaim) — `some` (at least
+    /// one thread) and `full` (at once every thread that made a usermm call in the
+    /// last 30–40 ms, or is stalled) — as
+    /// decaying averages over 10, 60 and 300 s, in percent, and the totals since the
+    /// Vm started. See `docs/design.md`, "Pressure".
+    pub fn pressure(&self) -> crate::Pressure {
+        self.eng().psi.pressure()
+    }
+
+    /// Calls `callback` when threads were stalled on memory (`some`) for at least
+    /// `threshold` within the last `window`, at most once per window, with the stall
+    /// time of that window — as the kernel's PSI triggers. It runs on a thread of the
+    /// Vm (`usermm-psi`), never on the fault path; a slow callback delays the others.
+    /// Dropping the returned handle removes the trigger (no call starts after the
+    /// drop returns); dropping the last handle of the Vm waits for a callback
+    /// that is running (unless made by it).
+    ///
+    /// Errors: `InvalidArgument` for a window outside 500 ms ..= 10 s, or a threshold
+    /// of zero or longer than the window.
+    pub fn on_pressure(
+        &self,
+        threshold: Duration,
+        window: Duration,
+        callback: impl FnMut(Duration) + Send + 'static,
+    ) -> Result<crate::PressureTrigger> {
+        self.eng()
+            .psi
+            .trigger(threshold, window, Box::new(callback))
+    }
+
     /// A snapshot of the counters.
     pub fn stats(&self) -> Stats {
         self.eng()
@@ -489,6 +522,7 @@ impl AddressSpace {
         if crate::mm::fault::holds_pin(&self.inner, 0, u64::MAX, false) {
             return Err(Error::WouldDeadlock("fork"));
         }
+        self.inner.eng.psi.touch();
         let child = AddressSpace::register(&self._vm);
         crate::mm::fork::fork_into(&self.inner, &child.inner)?;
         Ok(child)
@@ -500,6 +534,7 @@ impl AddressSpace {
     /// Errors: `InvalidArgument` for a zero or overflowing length; `OutOfMemory` when
     /// no gap of that size is left in the 128 TiB address space.
     pub fn map_anon(&self, len: usize) -> Result<Region> {
+        self.inner.eng.psi.touch();
         self.inner.map_anon(len)
     }
 
@@ -513,6 +548,7 @@ impl AddressSpace {
         if crate::mm::fault::holds_pin(&self.inner, first, end, false) {
             return Err(Error::WouldDeadlock("unmap"));
         }
+        self.inner.eng.psi.touch();
         self.inner.unmap(r)
     }
 
@@ -528,6 +564,7 @@ impl AddressSpace {
     /// journal cannot be recovered; `InvalidArgument` for an empty file or one that
     /// is not a regular file; `OutOfMemory` when no gap of that size is left.
     pub fn map_file(&self, path: impl AsRef<Path>, share: Share) -> Result<Region> {
+        self.inner.eng.psi.touch();
         let ino = self._vm.open_inode(path.as_ref())?;
         if share == Share::Atomic {
             crate::mm::msync::prepare_atomic(&ino)?;
@@ -547,6 +584,7 @@ impl AddressSpace {
     /// fails (the pages stay dirty, the mapping usable; for `Atomic` the file then
     /// holds the previous commit, or this one if it reached the journal).
     pub fn msync(&self, r: &Region) -> Result<()> {
+        self.inner.eng.psi.touch();
         crate::mm::msync::msync(&self.inner, *r)
     }
 
@@ -564,12 +602,14 @@ impl AddressSpace {
     /// `OutOfSwap` if no frame can be had.
     #[inline]
     pub fn read(&self, addr: VAddr, buf: &mut [u8]) -> Result<()> {
+        self.inner.eng.psi.touch();
         crate::mm::fault::read(&self.inner, addr, buf)
     }
 
     /// Writes `data` at `addr`. Errors as for `read` (a bad range writes nothing).
     #[inline]
     pub fn write(&self, addr: VAddr, data: &[u8]) -> Result<()> {
+        self.inner.eng.psi.touch();
         crate::mm::fault::write(&self.inner, addr, data)
     }
 
@@ -580,6 +620,7 @@ impl AddressSpace {
     /// Errors as for `read`, and `WouldDeadlock` if this thread holds a `PageMut`
     /// of the same page (it would wait for itself).
     pub fn page(&self, addr: VAddr) -> Result<PageRef<'_>> {
+        self.inner.eng.psi.touch();
         let p = crate::mm::fault::pin(&self.inner, addr, Want::Shared)?;
         crate::mm::fault::note_pin(&self.inner, addr.vpn(), false);
         if let Some((ino, pg)) = &p.file {
@@ -604,6 +645,7 @@ impl AddressSpace {
     /// of other threads may be loading concurrently). Errors as for `read`, and
     /// `WouldDeadlock` if this thread holds any guard on the same page.
     pub fn page_mut(&self, addr: VAddr) -> Result<PageMut<'_>> {
+        self.inner.eng.psi.touch();
         let p = crate::mm::fault::pin(&self.inner, addr, Want::Exclusive)?;
         crate::mm::fault::note_pin(&self.inner, addr.vpn(), true);
         if let Some((ino, pg)) = &p.file {
@@ -646,6 +688,7 @@ impl File {
     /// frame can be had; `WouldDeadlock` if this thread holds a `PageMut` on a page
     /// of the range (through a mapping).
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<usize> {
+        self.ino.eng.psi.touch();
         self.check_pins(offset, buf.len(), true)?;
         self.ino.read_at(buf, offset)
     }
@@ -657,6 +700,7 @@ impl File {
     /// Errors: as `read_at`, `WouldDeadlock` for any guard on a page of the range,
     /// and `InvalidArgument` past 128 TiB.
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<usize> {
+        self.ino.eng.psi.touch();
         self.check_pins(offset, buf.len(), false)?;
         self.ino.write_at(buf, offset)
     }

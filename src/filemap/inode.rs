@@ -234,6 +234,8 @@ impl Inode {
         }
         crate::pte::claimed(pte);
         let eng = &*self.eng;
+        // The frame (may reclaim) and the file read are a stall (`crate::psi`).
+        let _stall = (fill == Fill::Read).then(|| eng.psi.stall());
         let undo = |e: Error| {
             pte.store(EMPTY, Ordering::Release);
             crate::pte::released(pte);

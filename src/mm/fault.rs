@@ -377,6 +377,7 @@ fn wait_page(sp: &SpaceInner, a: VAddr, forbid: u64) {
     let v = pte.load(Ordering::Acquire);
     match Pte::decode(v) {
         Pte::Busy => {
+            let _stall = sp.eng.psi.stall(); // waiting for another thread's fault
             crate::pte::wait_claim();
             wait_until(|| pte.load(Ordering::Acquire) != BUSY)
         }
@@ -504,6 +505,7 @@ fn fault_zero(
         // SAFETY: the frame was just allocated to us and is not yet visible.
         None => unsafe { zero_frame(frame) },
         Some((ino, pg)) => {
+            let _stall = sp.eng.psi.stall(); // the file read
             let res = BOUNCE.with(|b| {
                 let mut b = b.borrow_mut();
                 if b.is_none() {
@@ -551,6 +553,7 @@ fn fault_swapin(
     crate::pte::claimed(pte);
     drop(regions);
     let eng = &*sp.eng;
+    let _stall = eng.psi.stall(); // the frame (may reclaim) and the device read
     let pfn = match crate::reclaim::alloc_frame(eng, AllocCtx::Reserve) {
         Ok(p) => p,
         Err(err) => {

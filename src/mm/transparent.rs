@@ -727,6 +727,8 @@ impl TRegion {
                     // A forked child: the page may be its parent's, on the parent's
                     // swap (`mm::transparent_foreign`); else a zero page.
                     let idx = (page - self.base) / PS;
+                    // The program thread waits for a read from the parent's swap.
+                    let _stall = self.foreign.is_some().then(|| eng.psi.stall());
                     let foreign = match super::transparent_foreign::fill(
                         self.foreign.as_deref(),
                         idx,
@@ -763,6 +765,8 @@ impl TRegion {
                     {
                         continue;
                     }
+                    // The program thread is stalled until the page is mapped.
+                    let _stall = eng.psi.stall();
                     let pfn = match crate::reclaim::alloc_frame(eng, AllocCtx::Reserve) {
                         Ok(p) => p,
                         Err(err) => {

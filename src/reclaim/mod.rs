@@ -864,6 +864,7 @@ pub(crate) fn alloc_frame(eng: &Engine, ctx: AllocCtx) -> Result<Pfn> {
     let mut errs_seen = None;
     let mut failing: Option<Failing> = None;
     let mut no_slot = None;
+    let mut stall = None; // from the first failed allocation on (`crate::psi`)
     loop {
         let seen = eng.frames.events();
         if let Some(p) = eng.frames.alloc(AllocCtx::Normal) {
@@ -873,6 +874,7 @@ pub(crate) fn alloc_frame(eng: &Engine, ctx: AllocCtx) -> Result<Pfn> {
             return Ok(p);
         }
         wake_kswapd(eng);
+        stall.get_or_insert_with(|| eng.psi.stall());
         Counters::inc(&eng.cnt.direct_reclaim);
         let r = shrink_direct(eng, SCAN_BATCH);
         if r.evicted > 0 {

@@ -161,6 +161,11 @@ pub struct Snap {
     pub reads: u64,
     /// Pages written to swap so far.
     pub writes: u64,
+    /// Microseconds with at least one thread stalled on memory so far (usermm's
+    /// `Vm::pressure().total_some`; 0 for systems without it).
+    pub stall_some_us: u64,
+    /// Likewise with every thread stalled (`total_full`).
+    pub stall_full_us: u64,
 }
 
 /// What one timed phase measured.
@@ -184,6 +189,11 @@ pub struct Measured {
     pub sink: u64,
     /// Accesses done in the warm-up.
     pub warm_accesses: u64,
+    /// Microseconds of the timed phase with at least one thread stalled on memory
+    /// (usermm's pressure; 0 for systems without it).
+    pub stall_some_us: u64,
+    /// Likewise with every thread stalled.
+    pub stall_full_us: u64,
 }
 
 impl Measured {
@@ -528,6 +538,8 @@ pub fn measure<T: Target>(
                 m.major_faults = s1.major_faults.saturating_sub(s0.major_faults);
                 m.device_reads = s1.reads.saturating_sub(s0.reads);
                 m.device_writes = s1.writes.saturating_sub(s0.writes);
+                m.stall_some_us = s1.stall_some_us.saturating_sub(s0.stall_some_us);
+                m.stall_full_us = s1.stall_full_us.saturating_sub(s0.stall_full_us);
             }
         }
         phase.store(STOP, Ordering::Relaxed);

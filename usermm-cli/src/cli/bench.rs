@@ -168,6 +168,12 @@ struct Record {
     warmup_accesses: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     queue_depth: Option<u32>,
+    /// Percent of the timed phase with at least one thread stalled on memory / all
+    /// of them stalled (usermm's `Vm::pressure`; usermm systems only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stall_some_pct: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stall_full_pct: Option<f64>,
     /// Words of the sampled pages checked after the timed phase (pointer columns).
     #[serde(skip_serializing_if = "Option::is_none")]
     verified_words: Option<u64>,
@@ -280,10 +286,13 @@ fn run_usermm(
     let (vm, target) = usermm_vm(budget, io_threads, swap, spec)?;
     let snap = || {
         let s = vm.stats();
+        let p = vm.pressure();
         Snap {
             major_faults: s.pgmajfault,
             reads: s.pswpin,
             writes: s.pswpout,
+            stall_some_us: p.total_some.as_micros() as u64,
+            stall_full_us: p.total_full.as_micros() as u64,
         }
     };
     let m = access::drive(&target, spec, warmup, timed, &snap)?;
@@ -345,10 +354,13 @@ fn hit_path(
     access::fill(&plain, spec)?;
     let snap = || {
         let s = vm.stats();
+        let p = vm.pressure();
         Snap {
             major_faults: s.pgmajfault,
             reads: s.pswpin,
             writes: s.pswpout,
+            stall_some_us: p.total_some.as_micros() as u64,
+            stall_full_us: p.total_full.as_micros() as u64,
         }
     };
     let round = (timed / 3).max(Duration::from_millis(200));
@@ -1266,6 +1278,8 @@ fn records(outs: &[CellOut], bounds: &[usermm_testkit::bounds::Bounds]) -> Vec<R
             seconds: None,
             warmup_accesses: None,
             queue_depth: None,
+            stall_some_pct: None,
+            stall_full_pct: None,
             verified_words: None,
             error: None,
             note: None,
@@ -1289,6 +1303,11 @@ fn records(outs: &[CellOut], bounds: &[usermm_testkit::bounds::Bounds]) -> Vec<R
                     rec.accesses = Some(m.accesses);
                     rec.seconds = Some(m.secs);
                     rec.warmup_accesses = Some(m.warm_accesses);
+                    if matches!(system, "usermm" | "transparent" | "usermm-nbd") {
+                        let pct = |us: u64| us as f64 / 1e6 / m.secs.max(1e-9) * 100.0;
+                        rec.stall_some_pct = Some(pct(m.stall_some_us));
+                        rec.stall_full_pct = Some(pct(m.stall_full_us));
+                    }
                 }
                 Err(e) => rec.error = Some(e.clone()),
             }

@@ -106,6 +106,11 @@ struct ChildReport {
     device_reads: u64,
     device_writes: u64,
     warm_accesses: u64,
+    /// Stall time of the timed phase (usermm's pressure; absent from older children).
+    #[serde(default)]
+    stall_some_us: u64,
+    #[serde(default)]
+    stall_full_us: u64,
     /// Histogram buckets (index, count) with a non-zero count.
     hist: Vec<(u32, u64)>,
     verified: Verified,
@@ -136,6 +141,8 @@ pub fn run_and_report(
         device_reads: m.device_reads,
         device_writes: m.device_writes,
         warm_accesses: m.warm_accesses,
+        stall_some_us: m.stall_some_us,
+        stall_full_us: m.stall_full_us,
         hist: m.hist.buckets(),
         verified,
     };
@@ -236,6 +243,8 @@ pub fn run(
         device_reads: r.device_reads,
         device_writes: r.device_writes,
         warm_accesses: r.warm_accesses,
+        stall_some_us: r.stall_some_us,
+        stall_full_us: r.stall_full_us,
         ..Default::default()
     };
     m.hist = access::LatHist::from_buckets(&r.hist);

@@ -377,6 +377,7 @@ fn child(a: ChildArgs) -> Result<(), String> {
             major_faults: majflt(),
             reads: i,
             writes: o,
+            ..Snap::default()
         }
     };
     bench_child::run_and_report(&target, &a.work, &snap)

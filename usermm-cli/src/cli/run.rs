@@ -533,6 +533,27 @@ struct Report {
     swap_out_mib: f64,
     peak_rss_bytes: Option<u64>,
     metadata_bytes: u64,
+    /// Memory pressure (`Vm::pressure`, PSI-like).
+    pressure: PressureReport,
+}
+
+/// Memory pressure of a run: the Vm's decaying averages at its end (percent of wall
+/// time, as `/proc/pressure/memory`), the stall shares of the timed phase, and the
+/// total stall time of the whole run.
+#[derive(Serialize, Debug)]
+struct PressureReport {
+    some_avg10: f64,
+    some_avg60: f64,
+    some_avg300: f64,
+    full_avg10: f64,
+    full_avg60: f64,
+    full_avg300: f64,
+    /// Percent of the timed phase with at least one thread stalled / all stalled.
+    timed_some_pct: f64,
+    timed_full_pct: f64,
+    /// Seconds stalled over the whole run (some / full).
+    total_some_s: f64,
+    total_full_s: f64,
 }
 
 // ------------------------------------------------------------------ main
@@ -717,6 +738,7 @@ fn workload(
         .map(|t| vec![0; ctx.owned(t) as usize])
         .collect();
     let s_start = vm.stats();
+    let p_start = vm.pressure();
     let t_start = Instant::now();
 
     // 1. Fill: every page written once, whole.
@@ -753,6 +775,7 @@ fn workload(
         prog.println("injected: page 0 word 5 overwritten with 0xdeadbeef behind the model's back");
     }
     let s_fill = vm.stats();
+    let p_fill = vm.pressure();
     if !ctx.failed() && !util::interrupted() {
         prog.println(&format!(
             "fill: {} pages in {} ({} pages/s), pswpout {}",
@@ -810,6 +833,7 @@ fn workload(
     }
     let timed_time = t_timed.elapsed();
     let s_timed = vm.stats();
+    let p_timed = vm.pressure();
 
     // 3. Final verification: every page read whole and checked.
     let mut pages_verified = 0;
@@ -849,6 +873,7 @@ fn workload(
     }
     prog.finish();
     let s_end = vm.stats();
+    let p_end = vm.pressure();
     let failure = ctx
         .failure
         .lock()
@@ -909,6 +934,34 @@ fn workload(
         fmt_count(total.pgscan),
         fmt_count(total.pgsteal),
         fmt_count(total.direct_reclaim)
+    ));
+    let share = |d: Duration| 100.0 * d.as_secs_f64() / secs;
+    let pressure = PressureReport {
+        some_avg10: p_end.some.avg10,
+        some_avg60: p_end.some.avg60,
+        some_avg300: p_end.some.avg300,
+        full_avg10: p_end.full.avg10,
+        full_avg60: p_end.full.avg60,
+        full_avg300: p_end.full.avg300,
+        timed_some_pct: share(p_timed.total_some.saturating_sub(p_fill.total_some)),
+        timed_full_pct: share(p_timed.total_full.saturating_sub(p_fill.total_full)),
+        total_some_s: p_end
+            .total_some
+            .saturating_sub(p_start.total_some)
+            .as_secs_f64(),
+        total_full_s: p_end
+            .total_full
+            .saturating_sub(p_start.total_full)
+            .as_secs_f64(),
+    };
+    out(format!(
+        "  pressure    stalled some {:.1}%  full {:.1}% of the accesses' time  (avg10 {:.1}% / {:.1}%; whole run {} / {})",
+        pressure.timed_some_pct,
+        pressure.timed_full_pct,
+        pressure.some_avg10,
+        pressure.full_avg10,
+        fmt_dur(Duration::from_secs_f64(pressure.total_some_s)),
+        fmt_dur(Duration::from_secs_f64(pressure.total_full_s))
     ));
     out(format!(
         "  verified    {} words in {} reads; {} of {} pages in the final pass",
@@ -973,6 +1026,7 @@ fn workload(
             total,
             peak_rss_bytes: rss,
             metadata_bytes: meta,
+            pressure,
         };
         let text = serde_json::to_string_pretty(&rep).expect("serializable");
         if let Err(e) = std::fs::write(path, text + "\n") {

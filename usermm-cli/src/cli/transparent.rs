@@ -110,10 +110,13 @@ fn child(a: ChildArgs) -> Result<(), (i32, String)> {
     let target = unsafe { RawTarget::new(region.as_ptr(), region.len()) };
     let snap = || {
         let s = vm.stats();
+        let p = vm.pressure();
         Snap {
             major_faults: s.pgmajfault,
             reads: s.pswpin,
             writes: s.pswpout,
+            stall_some_us: p.total_some.as_micros() as u64,
+            stall_full_us: p.total_full.as_micros() as u64,
         }
     };
     bench_child::run_and_report(&target, &a.work, &snap).map_err(fail)?;
