@@ -529,6 +529,11 @@ impl Inode {
         flush(&mut run, run_start, &buf);
         result?;
         if durable {
+            // An Atomic commit's emptied journal must not be replayed over what
+            // this sync makes durable (`Journal::settle`).
+            if let Some(j) = self.commit.lock().as_mut() {
+                j.settle().map_err(|e| with_path(&self.path, e))?;
+            }
             // The page-I/O threads' write-backs of this file that are in flight
             // are part of what must be durable.
             wait_until(|| eng.files.get(self.slot).inflight.load(Ordering::Acquire) == 0);

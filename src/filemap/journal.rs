@@ -59,7 +59,15 @@
 //! 4. `checkpoint` (and `recover`, the same routine): the log is scanned, checked as
 //!    above, and each page of the committed transaction is read back from the log and
 //!    written to the data store at `index * 4096`; then **the data store is synced
-//!    before the log is emptied** (`set_len(0)`, sync).
+//!    before the log is emptied** (`set_len(0)`; `recover` syncs that at once).
+//! 5. `checkpoint` does not sync the emptied log: that sync would be a third per
+//!    msync. Until the log's next sync (the next commit, or `settle`) a crash may
+//!    find the checkpointed transaction still there and replay it, which rewrites
+//!    pages the data store already holds durably (idempotent); a new transaction
+//!    written over it from offset 0 has another seq, so no mix of the two can
+//!    validate. The one thing a stale replay could undo is a write to the data
+//!    store made durable by someone else after the checkpoint: such a writer calls
+//!    `settle` first (`Inode::sync` does).
 //!
 //! Data is written only by step 4, only for a transaction whose commit record the
 //! scan has just found valid, and the log is emptied only once those writes are
@@ -232,6 +240,8 @@ pub(crate) struct Journal<S: Store> {
     state: State,
     /// The seq the next transaction gets.
     next_seq: u64,
+    /// `checkpoint` emptied the log without syncing it (see `settle`).
+    unsynced_reset: bool,
     /// The planted bug of the crash test: `commit` returns without syncing the log.
     #[cfg(test)]
     plant_skip_commit_sync: bool,
@@ -383,6 +393,7 @@ impl<S: Store> Journal<S> {
                 State::Unknown
             },
             next_seq: fresh_seq(),
+            unsynced_reset: false,
             #[cfg(test)]
             plant_skip_commit_sync: false,
         })
@@ -404,7 +415,7 @@ impl<S: Store> Journal<S> {
         data: &dyn Store,
         on_page: &mut dyn FnMut(u64, &[u8]),
     ) -> io::Result<Recovery> {
-        self.replay(data, on_page)
+        self.replay(data, on_page, true)
     }
 
     /// Starts a transaction. `InvalidInput` while a committed transaction waits for
@@ -454,7 +465,7 @@ impl<S: Store> Journal<S> {
                     ..Recovery::default()
                 })
             }
-            State::Unknown | State::Committed(_) => self.replay(data, on_page),
+            State::Unknown | State::Committed(_) => self.replay(data, on_page, false),
         }
     }
 
@@ -465,14 +476,31 @@ impl<S: Store> Journal<S> {
         self.log.set_len(0)?;
         self.log.sync()?;
         self.state = State::Clean;
+        self.unsynced_reset = false;
         Ok(())
     }
 
-    /// Scan, replay, data sync, log reset: `recover` and `checkpoint`.
+    /// Makes a log emptied by `checkpoint` durably empty (see "Protocol and sync
+    /// points", step 5). Call it before making other writes to the data store
+    /// durable; nothing to do otherwise.
+    pub fn settle(&mut self) -> io::Result<()> {
+        if self.unsynced_reset {
+            let _na = lockdep::no_alloc("journal settle");
+            lockdep::might_block("journal log sync");
+            self.log.sync()?;
+            self.unsynced_reset = false;
+        }
+        Ok(())
+    }
+
+    /// Scan, replay, data sync, log reset: `recover` and `checkpoint`. `durable`:
+    /// the emptied log is synced (recovery); else it is left to the next sync of
+    /// the log (`checkpoint`, see step 5).
     fn replay(
         &mut self,
         data: &dyn Store,
         on_page: &mut dyn FnMut(u64, &[u8]),
+        durable: bool,
     ) -> io::Result<Recovery> {
         let (len, found) = {
             let _na = lockdep::no_alloc("journal scan");
@@ -508,7 +536,14 @@ impl<S: Store> Journal<S> {
             lockdep::might_block("journal data sync");
             data.sync()?;
         }
-        self.reset()?;
+        if durable {
+            self.reset()?;
+        } else {
+            let _na = lockdep::no_alloc("journal reset");
+            self.log.set_len(0)?;
+            self.state = State::Clean;
+            self.unsynced_reset = true;
+        }
         Ok(Recovery {
             replayed_pages: found.pages,
             discarded_bytes: len.saturating_sub(found.end),
