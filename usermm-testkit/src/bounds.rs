@@ -259,7 +259,7 @@ pub fn gclock_misses(t: &[u32], from: usize, frames: usize, pages: u64, max: u8)
 /// small one (as many as the main FIFO holds). A page leaving the small FIFO moves to
 /// main if it was hit there, else is evicted (and remembered as a ghost); a miss on
 /// a ghost enters main directly. Main evicts like CLOCK with a 2-bit counter.
-pub fn s3fifo_misses(t: &[u32], from: usize, frames: usize, pages: u64) -> u64 {
+pub fn s3fifo_misses(t: &[u32], from: usize, frames: usize, pages: u64, fmax: u8) -> u64 {
     use std::collections::VecDeque;
     const OUT: u8 = 0;
     const SMALL: u8 = 1;
@@ -277,7 +277,7 @@ pub fn s3fifo_misses(t: &[u32], from: usize, frames: usize, pages: u64) -> u64 {
     for (i, &p) in t.iter().enumerate() {
         let pi = p as usize;
         if state[pi] != OUT {
-            freq[pi] = (freq[pi] + 1).min(3);
+            freq[pi] = (freq[pi] + 1).min(fmax);
             continue;
         }
         if i >= from {
@@ -332,6 +332,79 @@ pub fn s3fifo_misses(t: &[u32], from: usize, frames: usize, pages: u64) -> u64 {
     misses
 }
 
+/// S3-FIFO as the engine runs it (`reclaim`): a 1-bit reference (the entry's
+/// accessed bit, which the faulting access itself sets), a small FIFO of 10 % of the
+/// frames that new pages enter, a main CLOCK over the rest, and a ghost table of
+/// `frames / 2` entries (a later key that hashes to an entry overwrites it). A small
+/// page's first visit only clears the bit the fault set and sends it round the small
+/// FIFO once more; at its second visit a page used since is promoted to main, one
+/// not used is evicted and leaves a ghost. A page faulted back while its ghost is
+/// there goes to main.
+pub fn s3fifo_engine_misses(t: &[u32], from: usize, frames: usize, pages: u64) -> u64 {
+    use std::collections::VecDeque;
+    const OUT: u8 = 0;
+    const SMALL1: u8 = 1; // not yet visited
+    const SMALL2: u8 = 2; // visited once
+    const MAIN: u8 = 3;
+    let small_cap = (frames / 10).max(1);
+    let nghost = (frames / 2).max(1);
+    let mut state = vec![OUT; pages as usize];
+    let mut refb = vec![false; pages as usize];
+    let mut ghost = vec![u32::MAX; nghost];
+    let gh = |p: u32| (u64::from(p).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32) as usize % nghost;
+    let mut small: VecDeque<u32> = VecDeque::new();
+    let mut main: VecDeque<u32> = VecDeque::new();
+    let mut misses = 0u64;
+    for (i, &p) in t.iter().enumerate() {
+        let pi = p as usize;
+        if state[pi] != OUT {
+            refb[pi] = true;
+            continue;
+        }
+        if i >= from {
+            misses += 1;
+        }
+        while small.len() + main.len() >= frames {
+            if small.len() > small_cap || main.is_empty() {
+                let q = small.pop_front().expect("small is not empty");
+                let qi = q as usize;
+                if state[qi] == SMALL1 {
+                    refb[qi] = false;
+                    state[qi] = SMALL2;
+                    small.push_back(q);
+                } else if refb[qi] {
+                    refb[qi] = false;
+                    state[qi] = MAIN;
+                    main.push_back(q);
+                } else {
+                    state[qi] = OUT;
+                    ghost[gh(q)] = q;
+                }
+            } else {
+                let q = main.pop_front().expect("main is not empty");
+                let qi = q as usize;
+                if refb[qi] {
+                    refb[qi] = false;
+                    main.push_back(q);
+                } else {
+                    state[qi] = OUT;
+                }
+            }
+        }
+        refb[pi] = true; // the faulting access
+        let g = gh(p);
+        if ghost[g] == p {
+            ghost[g] = u32::MAX;
+            state[pi] = MAIN;
+            main.push_back(p);
+        } else {
+            state[pi] = SMALL1;
+            small.push_back(p);
+        }
+    }
+    misses
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -374,10 +447,12 @@ mod tests {
                 let clock = pct(clock_misses(&t, start, frames, s.pages));
                 let g2 = pct(gclock_misses(&t, start, frames, s.pages, 2));
                 let g3 = pct(gclock_misses(&t, start, frames, s.pages, 3));
-                let s3 = pct(s3fifo_misses(&t, start, frames, s.pages));
+                let s3 = pct(s3fifo_misses(&t, start, frames, s.pages, 3));
+                let s1 = pct(s3fifo_misses(&t, start, frames, s.pages, 1));
+                let cs3 = pct(s3fifo_engine_misses(&t, start, frames, s.pages));
                 let min = pct(min_misses(&t, start, frames, s.pages));
-                println!("{name} W/B={wb}: CLOCK {clock:.1} GCLOCK2 {g2:.1} GCLOCK3 {g3:.1} S3-FIFO {s3:.1} MIN {min:.1}");
-                for x in [g2, g3, s3] {
+                println!("{name} W/B={wb}: CLOCK {clock:.1} GCLOCK2 {g2:.1} GCLOCK3 {g3:.1} S3-FIFO {s3:.1} S3-FIFO-1bit {s1:.1} S3-FIFO-engine {cs3:.1} MIN {min:.1}");
+                for x in [g2, g3, s3, s1, cs3] {
                     assert!(
                         x < clock + 1.5 && x > min,
                         "{name} {wb}: {x} vs CLOCK {clock}"
