@@ -17,6 +17,7 @@ pub struct Config {
     pub(crate) io_requests: usize,
     pub(crate) background_reclaim: bool,
     pub(crate) max_files: usize,
+    pub(crate) s3fifo: bool,
 }
 
 impl Default for Config {
@@ -28,6 +29,7 @@ impl Default for Config {
             io_requests: 256,
             background_reclaim: true,
             max_files: 1024,
+            s3fifo: true,
         }
     }
 }
@@ -67,6 +69,15 @@ impl Config {
     /// preallocated slot the page-I/O threads write it back through). Default 1024.
     pub fn max_files(mut self, n: usize) -> Self {
         self.max_files = n;
+        self
+    }
+
+    /// Reclaim's replacement policy: S3-FIFO (a small probation FIFO for new pages
+    /// and a ghost table, in front of CLOCK; the default) or, with `false`, plain
+    /// CLOCK (second chance). See the `reclaim` module for what each does and why
+    /// S3-FIFO is the default.
+    pub fn s3fifo(mut self, on: bool) -> Self {
+        self.s3fifo = on;
         self
     }
 

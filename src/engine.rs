@@ -19,7 +19,7 @@ use crate::addr::{Pfn, PAGE_SIZE};
 use crate::config::Config;
 use crate::error::Result;
 use crate::frame::rmap::Rmap;
-use crate::frame::{FrameArena, F_FILE, F_INUSE, F_TRANSPARENT};
+use crate::frame::{FrameArena, F_FILE, F_INUSE, F_SMALL, F_TRANSPARENT};
 use crate::pageio::PageIo;
 use crate::pte::{Pte, P_ACCESSED, P_DIRTY};
 use crate::stats::{Counters, Stats};
@@ -27,6 +27,21 @@ use crate::swap::SwapTable;
 use crate::sync::{
     Arc, AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Condvar, Mutex, Ordering, Weak,
 };
+
+/// The ghost key of a swapped page: its entry (`Pte::swapped`, never 0).
+pub(crate) fn ghost_key_swap(entry: u64) -> u64 {
+    entry
+}
+
+/// The ghost key of a file page (`filemap::slots::index`): odd, so it never equals
+/// a swapped entry (whose low bits are 2).
+pub(crate) fn ghost_key_file(index: u64) -> u64 {
+    (index << 2) | 1
+}
+
+fn ghost_slot(key: u64, len: usize) -> usize {
+    (key.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32) as usize % len
+}
 
 /// What kind of page `Engine::publish` installs.
 #[derive(Clone, Copy)]
@@ -106,6 +121,22 @@ pub(crate) struct Engine {
     /// The host files open through `map_file` and `Vm::open`, as the page-I/O
     /// threads see them (preallocated; see `filemap::slots`).
     pub files: crate::filemap::slots::FileSlots,
+    /// S3-FIFO's small FIFO (see `reclaim`, "Policy"): `pfn | epoch << 32` of the
+    /// pages on probation, pushed at install, popped by reclaim. Lock-free, sized
+    /// at start (`2 × small_cap`); a page that finds it full starts in main.
+    pub small: crossbeam_queue::ArrayQueue<u64>,
+    /// How many pages the small FIFO keeps before reclaim takes from it (10 % of
+    /// the frames); 0 with plain CLOCK (`Config::s3fifo(false)`).
+    pub small_cap: usize,
+    /// S3-FIFO's ghosts: keys (`ghost_key`) of pages evicted from the small FIFO
+    /// unused; one per slot of a hash table of `frames / 2` (a later key that hashes
+    /// to a slot replaces it). A page faulted in while its ghost is here skips the
+    /// small FIFO.
+    pub ghost: Box<[AtomicU64]>,
+    /// Frames whose page is on probation (`F_SMALL`) but whose entry in the small
+    /// FIFO was dropped (reclaim found the frame busy and the FIFO full): the hand
+    /// takes them as main pages instead of passing over them. A bit per frame.
+    pub orphans: Box<[AtomicU64]>,
     /// Stall accounting and pressure triggers (`crate::psi`; atomics on the fault
     /// path, its own leaf mutex elsewhere).
     pub psi: Arc<crate::psi::Psi>,
@@ -123,7 +154,12 @@ impl Engine {
         cfg.check()?;
         let n = cfg.frames()?;
         let wm = cfg.resolved_watermarks(n)?;
+        let small_cap = if cfg.s3fifo { (n / 10).max(1) } else { 0 };
         Ok(Engine {
+            small: crossbeam_queue::ArrayQueue::new((2 * small_cap).max(1)),
+            small_cap,
+            ghost: (0..(n / 2).max(64)).map(|_| AtomicU64::new(0)).collect(),
+            orphans: (0..n.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
             frames: Arc::new(FrameArena::new(n, wm)?),
             rmap: Rmap::default(),
             swap: Arc::new(SwapTable::default()),
@@ -165,7 +201,10 @@ impl Engine {
     /// Metadata of the engine's parts (page tables are counted by their pool, see
     /// `Vm::stats`).
     pub fn metadata_bytes(&self) -> usize {
-        self.frames.metadata_bytes()
+        self.small.capacity() * 16
+            + self.ghost.len() * 8
+            + self.orphans.len() * 8
+            + self.frames.metadata_bytes()
             + self.swap.metadata_bytes()
             + self.io.metadata_bytes()
             + self.rmap.metadata_bytes()
@@ -180,14 +219,50 @@ impl Engine {
         dev.is_active() && self.swap.free_slots() >= self.io.capacity() as u64
     }
 
+    /// Records a ghost (see `ghost`): `key` is a page's `ghost_key`.
+    pub fn ghost_insert(&self, key: u64) {
+        if self.small_cap > 0 {
+            self.ghost[ghost_slot(key, self.ghost.len())].store(key, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether `key`'s ghost is here (taking it out).
+    pub fn ghost_take(&self, key: u64) -> bool {
+        let hit = self.small_cap > 0
+            && self.ghost[ghost_slot(key, self.ghost.len())]
+                .compare_exchange(key, 0, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok();
+        if hit {
+            Counters::inc(&self.cnt.ghost_hits);
+        }
+        hit
+    }
+
+    /// Marks (`on`) or clears frame `pfn` in `orphans`.
+    pub fn set_orphan(&self, pfn: Pfn, on: bool) {
+        let (w, b) = (pfn.0 as usize / 64, 1u64 << (pfn.0 % 64));
+        if on {
+            self.orphans[w].fetch_or(b, Ordering::Relaxed);
+        } else if self.orphans[w].load(Ordering::Relaxed) & b != 0 {
+            self.orphans[w].fetch_and(!b, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether frame `pfn` is in `orphans`.
+    pub fn is_orphan(&self, pfn: Pfn) -> bool {
+        self.orphans[pfn.0 as usize / 64].load(Ordering::Relaxed) & (1 << (pfn.0 % 64)) != 0
+    }
+
     /// Publishes `pfn` (filled) as the page of `pte`, which the caller claimed as
     /// `BUSY` (or holds locked). `swap` is the encoded swap copy it keeps (0 for none);
-    /// `dirty` whether it must be written before it can be dropped.
-    pub fn install(&self, pte: &AtomicU64, pfn: Pfn, swap: u64, dirty: bool) {
+    /// `dirty` whether it must be written before it can be dropped; `fresh`: a page
+    /// coming into memory (a fault), which starts on probation in the small FIFO
+    /// (not a copy-on-write copy or swapoff's, nor one whose ghost was here).
+    pub fn install(&self, pte: &AtomicU64, pfn: Pfn, swap: u64, dirty: bool, fresh: bool) {
         if !self.arena_used.load(Ordering::Relaxed) {
             self.arena_used.store(true, Ordering::Relaxed);
         }
-        self.publish(pte, pfn, swap, dirty, Kind::Anon);
+        self.publish(pte, pfn, swap, dirty, Kind::Anon, fresh);
     }
 
     /// Publishes `pfn` as the budget token of the transparent page at `addr`, whose
@@ -201,7 +276,7 @@ impl Engine {
         swap: u64,
         dirty: bool,
     ) {
-        self.publish(pte, pfn, swap, dirty, Kind::Transparent(addr));
+        self.publish(pte, pfn, swap, dirty, Kind::Transparent(addr), false);
     }
 
     /// Publishes `pfn` (filled) as page `index` (`filemap::slots::index`) of a
@@ -209,10 +284,11 @@ impl Engine {
     /// (`BUSY`). `dirty`: it differs from the file.
     pub fn install_file(&self, pte: &AtomicU64, pfn: Pfn, index: u64, dirty: bool) {
         self.arena_used.store(true, Ordering::Relaxed);
-        self.publish(pte, pfn, 0, dirty, Kind::File(index));
+        let fresh = !self.ghost_take(ghost_key_file(index));
+        self.publish(pte, pfn, 0, dirty, Kind::File(index), fresh);
     }
 
-    fn publish(&self, pte: &AtomicU64, pfn: Pfn, swap: u64, dirty: bool, kind: Kind) {
+    fn publish(&self, pte: &AtomicU64, pfn: Pfn, swap: u64, dirty: bool, kind: Kind, fresh: bool) {
         let d = self.frames.desc(pfn);
         // A frame just allocated for this page: mapped by nobody, so nobody can be
         // waiting for it while holding a lock we hold (reclaim only try-locks).
@@ -227,6 +303,13 @@ impl Engine {
             Kind::File(index) => {
                 d.flags.store(F_INUSE | F_FILE, Ordering::Relaxed);
                 d.index.store(index, Ordering::Relaxed);
+            }
+        }
+        if fresh && self.small_cap > 0 {
+            let epoch = u64::from(d.epoch.load(Ordering::Relaxed));
+            if self.small.push(u64::from(pfn.0) | (epoch << 32)).is_ok() {
+                d.flags.fetch_or(F_SMALL, Ordering::Relaxed);
+                self.set_orphan(pfn, false);
             }
         }
         self.rmap.add(d, pfn, pte);
@@ -268,6 +351,9 @@ impl Engine {
             filein: l(&c.filein),
             fileout: l(&c.fileout),
             file_write_errors: l(&c.file_write_errors),
+            small_evicted: l(&c.small_evicted),
+            small_promoted: l(&c.small_promoted),
+            ghost_hits: l(&c.ghost_hits),
             free_frames: self.frames.free_count() as u64,
             total_frames: self.frames.nframes() as u64,
             metadata_bytes: (self.metadata_bytes() + pt_bytes) as u64,

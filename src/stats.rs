@@ -24,6 +24,9 @@ pub(crate) struct Counters {
     pub filein: AtomicU64,
     pub fileout: AtomicU64,
     pub file_write_errors: AtomicU64,
+    pub small_evicted: AtomicU64,
+    pub small_promoted: AtomicU64,
+    pub ghost_hits: AtomicU64,
 }
 
 impl Counters {
@@ -103,6 +106,13 @@ pub struct Stats {
     pub fileout: u64,
     /// File write-backs that failed (the pages stayed resident and dirty).
     pub file_write_errors: u64,
+    /// Pages reclaim evicted from S3-FIFO's small FIFO unused since they came in
+    /// (`Config::s3fifo`).
+    pub small_evicted: u64,
+    /// Pages promoted from the small FIFO to main (used while on probation).
+    pub small_promoted: u64,
+    /// Faults on pages whose ghost was there (they skipped the small FIFO).
+    pub ghost_hits: u64,
     /// Free frames now.
     pub free_frames: u64,
     /// Frames in the budget.

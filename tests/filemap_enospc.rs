@@ -78,7 +78,8 @@ fn page(ver: u8, i: usize) -> Vec<u8> {
 
 fn vm(swapdir: &Path) -> Vm {
     let vm = Vm::new(Config::default().memory_budget(1 << 20)).unwrap();
-    vm.swapon(SwapSpec::file(swapdir.join("swap"), 16 << 20)).unwrap();
+    vm.swapon(SwapSpec::file(swapdir.join("swap"), 16 << 20))
+        .unwrap();
     vm
 }
 
@@ -105,7 +106,11 @@ fn atomic_commit_on_a_full_disk_fails_cleanly_and_succeeds_later() {
         }
         other => panic!("msync on a full disk: {other:?}"),
     }
-    assert_eq!(std::fs::read(&p).unwrap(), v0, "the file changed without a commit");
+    assert_eq!(
+        std::fs::read(&p).unwrap(),
+        v0,
+        "the file changed without a commit"
+    );
     let mut b = vec![0u8; PS];
     for i in 0..n {
         mm.read(r.start() + (i * PS) as u64, &mut b).unwrap();

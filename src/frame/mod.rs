@@ -42,6 +42,10 @@ pub(crate) const F_TRANSPARENT: u32 = 8;
 /// is the cache's entry, `PageDesc::index` says which file and page, and the file
 /// (not a swap slot) is where it is written back (see `reclaim`).
 pub(crate) const F_FILE: u32 = 16;
+/// The page is in reclaim's small FIFO (S3-FIFO's probation queue, see `reclaim`).
+pub(crate) const F_SMALL: u32 = 32;
+/// ... and the small FIFO has visited it once already.
+pub(crate) const F_SEEN: u32 = 64;
 
 /// Who may take a frame below the min watermark.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]

@@ -465,7 +465,7 @@ fn cow_break(
     d.unlock();
     // The entry is still locked (and no longer in `old`'s map); `new` is mapped by
     // nobody, so taking its frame lock here cannot wait on an entry lock.
-    sp.eng.install(pte, new, 0, true);
+    sp.eng.install(pte, new, 0, true, false);
     Counters::inc(&eng.cnt.pgfault);
     Counters::inc(&eng.cnt.cow_faults);
     Ok(())
@@ -526,7 +526,7 @@ fn fault_zero(
             }
         }
     }
-    sp.eng.install(pte, pfn, 0, true);
+    sp.eng.install(pte, pfn, 0, true, true);
     Counters::inc(&sp.eng.cnt.pgfault);
     Ok(())
 }
@@ -590,12 +590,14 @@ fn fault_swapin(
         Counters::inc(&eng.cnt.read_errors);
         return Err(err);
     }
+    // A page evicted from the small FIFO unused and wanted again: straight to main.
+    let fresh = !eng.ghost_take(crate::engine::ghost_key_swap(v));
     if !dev.as_ref().is_some_and(|d| eng.keeps_swap_copy(d)) {
         // The slot goes now and the page is dirty again (see `keeps_swap_copy`).
-        sp.eng.install(pte, pfn, 0, true);
+        sp.eng.install(pte, pfn, 0, true, fresh);
         eng.swap.put(e);
     } else {
-        sp.eng.install(pte, pfn, v, false);
+        sp.eng.install(pte, pfn, v, false, fresh);
     }
     Counters::inc(&eng.cnt.pgfault);
     Counters::inc(&eng.cnt.pgmajfault);

@@ -267,7 +267,7 @@ fn bring_back(
         Ok(pfn) => {
             // SAFETY: the frame is ours and not yet visible.
             unsafe { copy_in(eng.frames.frame_ptr(pfn), data) };
-            eng.install(pte, pfn, 0, true);
+            eng.install(pte, pfn, 0, true, false);
             crate::stats::Counters::inc(&eng.cnt.pswpin);
         }
         Err(_) => {

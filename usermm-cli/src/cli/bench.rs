@@ -107,6 +107,10 @@ pub struct BenchArgs {
     /// Page-I/O threads of usermm's engine [default: the library's, 16].
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=256))]
     io_threads: Option<u32>,
+    /// usermm's replacement policy: `s3fifo` (the default) or `clock` (plain
+    /// second chance, to compare).
+    #[arg(long, default_value = "s3fifo", value_parser = ["s3fifo", "clock"])]
+    policy: String,
 }
 
 fn parse_wb(s: &str) -> Result<f64, String> {
@@ -308,13 +312,17 @@ fn run_usermm(
 
 /// A fresh `Vm` with the budget and one swap file, and the workload's region in a
 /// new space.
+///
+/// The policy comes from `--policy` (set once by `main`, before any cell runs).
 fn usermm_vm(
     budget: u64,
     io_threads: Option<u32>,
     swap: SwapSpec,
     spec: &WorkSpec,
 ) -> Result<(Vm, UsermmTarget), String> {
-    let mut cfg = Config::default().memory_budget(budget as usize);
+    let mut cfg = Config::default()
+        .memory_budget(budget as usize)
+        .s3fifo(!PLAIN_CLOCK.load(std::sync::atomic::Ordering::Relaxed));
     if let Some(n) = io_threads {
         cfg = cfg.io_threads(n as usize);
     }
@@ -399,8 +407,12 @@ fn now_unix() -> u64 {
 }
 
 /// Runs the command; returns the exit code.
+/// `--policy clock` (read by `usermm_vm`).
+static PLAIN_CLOCK: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 pub fn main(a: BenchArgs) -> i32 {
     util::install_ctrlc();
+    PLAIN_CLOCK.store(a.policy == "clock", std::sync::atomic::Ordering::Relaxed);
     match bench(a) {
         Ok(code) => code,
         Err(e) => {

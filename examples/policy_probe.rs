@@ -1,0 +1,58 @@
+//! Miss rates of reclaim's two policies on one seeded trace (issue 10 item 1):
+//! `cargo run --release --example policy_probe -- [zipf|hotcold|uniform] [W/B]`.
+//! Runs the same accesses with `Config::s3fifo(true)` and `(false)` and prints the
+//! major faults per access and the S3-FIFO counters.
+
+use usermm::{Config, SwapSpec, Vm, PAGE_SIZE};
+use usermm_testkit::workload::{Pattern, Rng, Sampler};
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let pat = Pattern::parse(args.get(1).map_or("zipf", |s| s.as_str())).unwrap();
+    let wb: f64 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(4.0);
+    let frames: usize = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(4096);
+    let pages = (frames as f64 * wb) as u64;
+    let dir = tempfile::tempdir().unwrap();
+    for s3 in [true, false] {
+        let vm = Vm::new(
+            Config::default()
+                .memory_budget(frames * PAGE_SIZE)
+                .s3fifo(s3),
+        )
+        .unwrap();
+        vm.swapon(SwapSpec::file(
+            dir.path().join(format!("swap{s3}")),
+            pages * 2 * PAGE_SIZE as u64,
+        ))
+        .unwrap();
+        let mm = vm.new_space();
+        let r = mm.map_anon(pages as usize * PAGE_SIZE).unwrap();
+        for p in 0..pages {
+            mm.write(r.start() + p * PAGE_SIZE as u64, &p.to_le_bytes())
+                .unwrap();
+        }
+        let sampler = Sampler::new(pat, pages);
+        let mut rng = Rng::new(869731107);
+        let mut b = [0u8; 8];
+        let n = 400_000u64;
+        for _ in 0..pages {
+            let p = sampler.sample(&mut rng);
+            mm.read(r.start() + p * PAGE_SIZE as u64, &mut b).unwrap();
+        }
+        let s0 = vm.stats();
+        for _ in 0..n {
+            let p = sampler.sample(&mut rng);
+            mm.read(r.start() + p * PAGE_SIZE as u64, &mut b).unwrap();
+        }
+        let s = vm.stats();
+        println!(
+            "{} {} W/B={wb}: miss {:.2}%  small evicted {} promoted {} ghost hits {}",
+            if s3 { "s3fifo" } else { "clock " },
+            pat.name(),
+            100.0 * (s.pgmajfault - s0.pgmajfault) as f64 / n as f64,
+            s.small_evicted - s0.small_evicted,
+            s.small_promoted - s0.small_promoted,
+            s.ghost_hits - s0.ghost_hits
+        );
+    }
+}
