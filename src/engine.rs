@@ -80,6 +80,10 @@ pub(crate) struct Engine {
     pub cnt: Counters,
     /// CLOCK hand over the frame arena (relaxed atomic; any reclaimer moves it).
     pub hand: AtomicUsize,
+    /// Frames the hand has visited since it last dropped or queued a page (relaxed):
+    /// past a whole sweep, main has nothing to give and reclaim takes from the small
+    /// FIFO whatever its length (S3-FIFO's "or main is empty").
+    pub hand_idle: AtomicUsize,
     /// Whether kswapd was asked to run. Protected by itself (the mutex), paired with
     /// `kswapd_wake`.
     pub kswapd_lock: Mutex<bool>,
@@ -166,6 +170,7 @@ impl Engine {
             io: PageIo::new(cfg.io_requests)?,
             cnt: Counters::default(),
             hand: AtomicUsize::new(0),
+            hand_idle: AtomicUsize::new(0),
             kswapd_lock: Mutex::new(false),
             kswapd_wake: Condvar::new(),
             shutdown: AtomicBool::new(false),

@@ -4,7 +4,8 @@
 //! ## Policy: S3-FIFO in front of CLOCK (issue 10 item 1)
 //! A page that comes into memory by a fault goes on probation: into the small FIFO
 //! (`Engine::small`, 10 % of the frames, lock-free, entries `pfn | epoch << 32`)
-//! and marked `F_SMALL`. While the FIFO holds more than its share, reclaim takes
+//! and marked `F_SMALL`. While the FIFO holds more than its share (or the hand has
+//! found nothing to take in a whole sweep: `Engine::hand_idle`), reclaim takes
 //! from its head: the first visit only clears the reference bit (the faulting
 //! access set it) and sends the page round once more (`F_SEEN`); at the second, a
 //! page used since is promoted to main, and one not used is dropped at once and
@@ -118,8 +119,11 @@ fn shrink_for(eng: &Engine, nr: usize, want: usize, queued_counts: bool) -> Scan
         if zap.full() {
             zap.flush(eng);
         }
-        // S3-FIFO: the small FIFO first while it holds more than its share.
-        if eng.small.len() > eng.small_cap {
+        // S3-FIFO: the small FIFO first while it holds more than its share, or
+        // when the hand has found nothing in a whole sweep.
+        if eng.small.len() > eng.small_cap
+            || (eng.hand_idle.load(Ordering::Relaxed) > n && !eng.small.is_empty())
+        {
             if let Some(key) = eng.small.pop() {
                 let pfn = Pfn(key as u32);
                 let d = eng.frames.desc(pfn);
@@ -138,7 +142,13 @@ fn shrink_for(eng: &Engine, nr: usize, want: usize, queued_counts: bool) -> Scan
         // One frame at a time, so that stopping early (below) leaves the hand on
         // the page that could not be queued, instead of skipping past it.
         let pfn = Pfn((eng.hand.fetch_add(1, Ordering::Relaxed) % n) as u32);
+        let before = r.evicted + r.queued + r.staged;
         reclaim_frame(eng, pfn, false, &mut r, &mut zap);
+        if r.evicted + r.queued + r.staged == before {
+            eng.hand_idle.fetch_add(1, Ordering::Relaxed);
+        } else if eng.hand_idle.load(Ordering::Relaxed) != 0 {
+            eng.hand_idle.store(0, Ordering::Relaxed);
+        }
         if r.evicted + if queued_counts { r.queued } else { 0 } >= want {
             break;
         }
