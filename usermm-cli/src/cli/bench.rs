@@ -117,6 +117,10 @@ pub struct BenchArgs {
     /// --compressed: both]. The regular matrix takes one.
     #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = Content::parse)]
     content: Vec<Content>,
+    /// The size of usermm's zpool in --compressed (at most the budget) [default:
+    /// half the budget].
+    #[arg(long, value_name = "SIZE", value_parser = util::parse_size)]
+    zpool_size: Option<u64>,
     /// Page-I/O threads of usermm's engine [default: the library's, 16].
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=256))]
     io_threads: Option<u32>,
@@ -576,6 +580,7 @@ fn bench(a: BenchArgs) -> Result<i32, String> {
             io_threads: a.io_threads,
             json: a.json.clone(),
             no_kernel: a.no_kernel,
+            zpool_size: a.zpool_size.unwrap_or(budget / 2).min(budget),
         });
     }
     if a.content.len() > 1 {

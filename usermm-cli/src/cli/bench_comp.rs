@@ -3,7 +3,7 @@
 //! all three systems, interleaved cell by cell in an order that rotates:
 //!
 //! - `usermm-zpool`: a child process (`usermm bench-zpool-child`, hidden) with a
-//!   fresh `Vm` of the budget, `zpool:?size=B/2&algo=lz4&prio=10` above a swap
+//!   fresh `Vm` of the budget, `zpool:?size=B/2&algo=lz4&prio=10` (`--zpool-size`) above a swap
 //!   file, doing the accesses through the API like the `usermm` column. Its memory
 //!   is the child's peak RSS (VmHWM: everything, the pool's frames included) and
 //!   the most the pool held (sampled every 20 ms).
@@ -13,8 +13,10 @@
 //!   peak charge and zram's `mem_used_max` (not charged to the cgroup).
 //! - `kernel-zswap`: the same child and cgroup, swapping to a swap file with zswap
 //!   enabled (lz4 where the kernel has it, pool percent as it was;
-//!   `kernel_comp::Zswap`). Its pool: debugfs `pool_total_size` sampled every 10 ms
-//!   (charged to the cgroup by kernels since 5.19, so the cgroup's peak includes it).
+//!   `kernel_comp::Zswap`). Its pool: debugfs `pool_total_size` sampled every 10 ms.
+//!   Neither kernel pool is charged to a v1 memory cgroup here (the pools grew past
+//!   the limit while the cgroup's peak stayed at it), so the process's memory is
+//!   the cgroup's peak plus the pool.
 //!
 //! A kernel child the OOM killer kills (the cgroup's `oom_kill` count rose) is
 //! recorded as such — `oom_kills` ≥ 1 and an error, no rate — and never run again.
@@ -50,6 +52,8 @@ pub struct Plan {
     pub io_threads: Option<u32>,
     pub json: Option<PathBuf>,
     pub no_kernel: bool,
+    /// Bytes of usermm's zpool (`--zpool-size`, half the budget by default).
+    pub zpool_size: u64,
 }
 
 /// The systems, in the order of the table.
@@ -96,9 +100,9 @@ struct CellOut {
     sys: [SysOut; 3],
 }
 
-/// The zpool spec of the usermm column: half the budget.
-fn zpool_spec(budget: u64) -> String {
-    let size = (budget / 2 / PAGE_SIZE as u64).max(1) * PAGE_SIZE as u64;
+/// The zpool spec of the usermm column.
+fn zpool_spec(bytes: u64) -> String {
+    let size = (bytes / PAGE_SIZE as u64).max(1) * PAGE_SIZE as u64;
     format!("zpool:?size={size}&algo=lz4&prio=10")
 }
 
@@ -147,7 +151,7 @@ pub fn run(p: Plan) -> Result<i32, String> {
         fmt_dur(p.warmup),
         fmt_dur(p.timed),
         p.seed,
-        zpool_spec(budget)
+        zpool_spec(p.zpool_size)
     );
     for l in super::bench::stale_leftovers() {
         eprintln!("warning: left over by an earlier run (not touched): {l}");
@@ -353,7 +357,7 @@ fn run_zpool(p: &Plan, swap: &std::path::Path, swap_size: u64, spec: &WorkSpec) 
         "--swap-size".to_string(),
         swap_size.to_string(),
         "--zpool".to_string(),
-        zpool_spec(p.budget),
+        zpool_spec(p.zpool_size),
     ];
     if let Some(n) = p.io_threads {
         extra.extend(["--io-threads".to_string(), n.to_string()]);
@@ -518,9 +522,10 @@ fn print_table(outs: &[CellOut], budget: u64) {
         "acc/s = accesses/s; p50/p99 of every {}th access; majflt/s = major faults/s (usermm: from the \
          pool or the file; kernel: from zram or swap, zswap hits included);\n\
          peakMiB: usermm = the child's peak RSS (the pool's frames included), kernel = the cgroup's peak \
-         charge (limit {}); poolMiB: zpool frames / zram mem_used_max (NOT charged to the cgroup) /\n\
-         zswap pool_total_size (charged to the cgroup); oom = the cgroup's OOM kills in the run (not \
-         retried); pages: compr = 1 word in 4 random, the rest zero; random = every word random.",
+         charge (limit {}); poolMiB: zpool frames (inside peakMiB) / zram mem_used_max / zswap\n\
+         pool_total_size (the kernel's pools are not charged to the cgroup: add them); oom = the cgroup's \
+         OOM kills in the run (not retried); pages: compr = 1 word in 4 random, the rest zero; random = \
+         every word random.",
         usermm_testkit::driver::SAMPLE_EVERY,
         fmt_bytes(budget)
     );
