@@ -554,13 +554,26 @@ fn print_table(outs: &[CellOut], budget: u64) {
             .iter()
             .filter_map(|o| o.sys[i].verified.as_ref())
             .collect();
-        if !vs.is_empty() {
+        let failed = outs
+            .iter()
+            .filter(|o| {
+                o.sys[i]
+                    .result
+                    .as_ref()
+                    .is_err_and(|e| e.contains(verify::FAILED))
+            })
+            .count();
+        if !vs.is_empty() || failed > 0 {
             println!(
                 "content check, {sys}: {} cells, {} pages and {} words checked after the timed phase: {}",
-                vs.len(),
+                vs.len() + failed,
                 vs.iter().map(|v| v.pages).sum::<u64>(),
                 vs.iter().map(|v| v.words).sum::<u64>(),
-                "all as written"
+                if failed == 0 {
+                    "all as written".to_string()
+                } else {
+                    format!("FAILED in {failed} cells (see above; not counted in the totals)")
+                }
             );
         }
     }

@@ -275,7 +275,13 @@ mod tests {
         let (a, b) = (pages[1] as usize * 512, pages[2] as usize * 512);
         let saved: Vec<u64> = buf[a..a + 512].to_vec();
         buf.copy_within(b..b + 512, a);
-        assert!(check(&t, &spec, &m, &pages).mismatches > 400);
+        // (Compressible pages share their zero words: only the 128 random ones differ.)
+        let most = if content == Content::Compressible {
+            100
+        } else {
+            400
+        };
+        assert!(check(&t, &spec, &m, &pages).mismatches > most);
         buf[a..a + 512].copy_from_slice(&saved);
 
         // A stale value: a word written twice gets its older value back.
