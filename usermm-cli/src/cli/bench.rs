@@ -12,6 +12,11 @@
 //! same size). Each system gets the fill (every page written once), an untimed
 //! warm-up and the timed phase; the two pointer columns then check a sample of
 //! pages against the access sequence (`verify`).
+//!
+//! `--compressed` runs the compressed-tier comparison instead (`bench_comp`):
+//! usermm on a zpool against kernel zram and zswap, on pages of a given
+//! compressibility (`--content`, `driver::Content`; the matrix above keeps the
+//! incompressible default unless told otherwise).
 
 use super::device::{Op, ProbeFile, ProbeResult};
 use super::kernel::KernelSwap;
@@ -43,6 +48,16 @@ Systems, measured in the same run and interleaved per cell:
   device  random 4 KiB O_DIRECT reads on a file in --dir at queue depth = threads (the
           miss-path ceiling); a separate table shows reads and writes at depth 1, threads, 32
 
+With --compressed, only the compressed tiers, on compressible and incompressible pages:
+  usermm-zpool  a child with a Vm of the budget, zpool:?size=B/2&algo=lz4&prio=10 above a
+          swap file (--zpool-size); peak = its peak RSS, pool = the zpool's frames
+  kernel-zram   the kernel child in a memory cgroup of the budget swapping to /dev/zram0
+          (sized like the file, lz4 or lzo-rle); pool = zram mem_used_max
+  kernel-zswap  the same, swapping to a swap file with zswap enabled; pool = pool_total_size
+  An OOM kill of a kernel child is counted (oom_kills) and never retried; without root or
+  with zram/zswap missing a column says SKIP: reason. zram, zswap's parameters and debugfs
+  are put back as they were.
+
 Ratios: um/kern, tr/kern and um/plain compare accesses/s (tr = transparent); um/dev
 compares usermm's major faults/s with the device's random reads/s at equal queue depth.
 After the timed phase, the transparent and kernel children check 256 pages against the
@@ -50,7 +65,8 @@ access sequence; a wrong word is the column's error and the exit status is 1.
 
 Examples:
   usermm bench --quick --json out.json --plot out.svg
-  usermm bench --budget 256M --patterns uniform,zipf --threads 1,2 --duration 5s")]
+  usermm bench --budget 256M --patterns uniform,zipf --threads 1,2 --duration 5s
+  usermm bench --compressed --quick --json out.json")]
 pub struct BenchArgs {
     /// RAM budget B for usermm and the kernel's cgroup [default: 64M with --quick, else 128M].
     #[arg(long, value_name = "SIZE", value_parser = util::parse_budget)]
