@@ -301,6 +301,9 @@ pub(super) struct Meta {
     pub(super) transparent: String,
     pub(super) device_buffered: bool,
     pub(super) machine: String,
+    /// usermm's zpool spec (`--compressed` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(super) zpool: Option<String>,
 }
 
 #[derive(Serialize, Debug)]
@@ -1060,6 +1063,7 @@ fn bench(a: BenchArgs) -> Result<i32, String> {
                 transparent: transparent_status.clone(),
                 device_buffered,
                 machine: machine_desc(),
+                zpool: None,
             },
             records: records(&outs, &bounds),
             device_probe: probes

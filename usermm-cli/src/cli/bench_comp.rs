@@ -313,6 +313,7 @@ pub fn run(p: Plan) -> Result<i32, String> {
                 transparent: "not run (--compressed)".into(),
                 device_buffered: false,
                 machine: super::bench::machine_desc(),
+                zpool: Some(format!("{} above a swap file", zpool_spec(p.zpool_size))),
             },
             records: records(&outs),
             device_probe: Vec::new(),
