@@ -419,6 +419,7 @@ mod tests {
             words: 1,
             seed: 42,
             warm_accesses: pages,
+            content: Default::default(),
         }
     }
 

@@ -150,6 +150,66 @@ pub struct WorkSpec {
     pub seed: u64,
     /// Warm-up length in accesses (all threads together), capped by a time limit.
     pub warm_accesses: u64,
+    /// What the pages hold: the fill and the words the accesses write.
+    pub content: Content,
+}
+
+/// Page contents of a workload: how well they compress. The fill writes them, and
+/// the accesses' writes keep them that way (see [`Content::write_off`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Content {
+    /// Every word random ([`fill_data`]): what compressors cannot shrink. The
+    /// default, and the only content before compressed tiers were measured.
+    #[default]
+    Incompressible,
+    /// One word in four random, the other three zero: ~3× with lz4 or lzo, well
+    /// under the half page a zpool (or zswap) wants. Writes go to the random words
+    /// only, so a page written many times compresses as well as after the fill.
+    Compressible,
+}
+
+impl Content {
+    /// `compressible` or `incompressible` (also `random`).
+    pub fn parse(s: &str) -> Result<Content, String> {
+        match s.trim() {
+            "incompressible" | "random" => Ok(Content::Incompressible),
+            "compressible" => Ok(Content::Compressible),
+            _ => Err(format!(
+                "content {s:?} is neither compressible nor incompressible"
+            )),
+        }
+    }
+
+    /// The name `parse` reads back.
+    pub fn name(self) -> &'static str {
+        match self {
+            Content::Incompressible => "incompressible",
+            Content::Compressible => "compressible",
+        }
+    }
+
+    /// The byte offset a write drawn at `off` goes to: `off` itself, or for
+    /// compressible pages the random word of its group of four (so the zero words
+    /// stay zero). Reads go to `off`. The verifier maps offsets the same way.
+    #[inline]
+    pub fn write_off(self, off: u64) -> u64 {
+        match self {
+            Content::Incompressible => off,
+            Content::Compressible => off & !31,
+        }
+    }
+
+    /// Contents of page `page` for the fill.
+    pub fn fill(self, page: u64, seed: u64, buf: &mut [u8]) {
+        fill_data(page, seed, buf);
+        if self == Content::Compressible {
+            for (i, c) in buf.chunks_exact_mut(8).enumerate() {
+                if i % 4 != 0 {
+                    c.fill(0);
+                }
+            }
+        }
+    }
 }
 
 /// Counters of the system under test, read at the phase boundaries.
@@ -381,7 +441,7 @@ pub fn fill<T: Target>(target: &T, spec: &WorkSpec) -> Result<(), String> {
                         if interrupted() || err.lock().map(|e| e.is_some()).unwrap_or(true) {
                             return;
                         }
-                        fill_data(p, spec.seed, &mut buf);
+                        spec.content.fill(p, spec.seed, &mut buf);
                         if let Err(e) = target.fill(p, &buf) {
                             *err.lock().unwrap_or_else(|e| e.into_inner()) =
                                 Some(format!("fill: write of page {p}: {e}"));
@@ -431,6 +491,7 @@ fn worker<T: Target>(
             for _ in 0..words {
                 let off = page * PAGE_SIZE as u64 + rng.below(WORDS_PER_PAGE) * 8;
                 let r = if write {
+                    let off = spec.content.write_off(off);
                     target.write(off, off ^ n)
                 } else {
                     target.read(off).map(|v| sink ^= v)
@@ -590,6 +651,7 @@ mod tests {
             words: 2,
             seed: 9,
             warm_accesses: 0,
+            content: Content::Incompressible,
         };
         let run = || {
             let mut v = vec![0u64; 64 * 512];
@@ -611,5 +673,27 @@ mod tests {
             v
         };
         assert_eq!(run(), run());
+    }
+
+    #[test]
+    fn compressible_content() {
+        let mut a = vec![0u8; PAGE_SIZE];
+        let mut b = vec![0u8; PAGE_SIZE];
+        Content::Incompressible.fill(3, 5, &mut a);
+        fill_data(3, 5, &mut b);
+        assert_eq!(a, b, "the default content is the old fill");
+        Content::Compressible.fill(3, 5, &mut a);
+        for (i, w) in a.chunks_exact(8).enumerate() {
+            let v = u64::from_le_bytes(w.try_into().unwrap());
+            assert_eq!(v == 0, i % 4 != 0, "word {i}");
+        }
+        assert_eq!(Content::Compressible.write_off(4096 + 7 * 8), 4096 + 4 * 8);
+        assert_eq!(
+            Content::Incompressible.write_off(4096 + 7 * 8),
+            4096 + 7 * 8
+        );
+        for c in [Content::Compressible, Content::Incompressible] {
+            assert_eq!(Content::parse(c.name()), Ok(c));
+        }
     }
 }

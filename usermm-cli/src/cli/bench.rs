@@ -12,6 +12,11 @@
 //! same size). Each system gets the fill (every page written once), an untimed
 //! warm-up and the timed phase; the two pointer columns then check a sample of
 //! pages against the access sequence (`verify`).
+//!
+//! `--compressed` runs the compressed-tier comparison instead (`bench_comp`):
+//! usermm on a zpool against kernel zram and zswap, on pages of a given
+//! compressibility (`--content`, `driver::Content`; the matrix above keeps the
+//! incompressible default unless told otherwise).
 
 use super::device::{Op, ProbeFile, ProbeResult};
 use super::kernel::KernelSwap;
@@ -22,7 +27,9 @@ use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use usermm::{Config, SwapSpec, Vm, PAGE_SIZE};
-use usermm_testkit::driver::{self as access, Measured, RawTarget, Snap, UsermmTarget, WorkSpec};
+use usermm_testkit::driver::{
+    self as access, Content, Measured, RawTarget, Snap, UsermmTarget, WorkSpec,
+};
 use usermm_testkit::workload::Pattern;
 
 /// Arguments of `usermm bench`.
@@ -41,6 +48,16 @@ Systems, measured in the same run and interleaved per cell:
   device  random 4 KiB O_DIRECT reads on a file in --dir at queue depth = threads (the
           miss-path ceiling); a separate table shows reads and writes at depth 1, threads, 32
 
+With --compressed, only the compressed tiers, on compressible and incompressible pages:
+  usermm-zpool  a child with a Vm of the budget, zpool:?size=B/2&algo=lz4&prio=10 above a
+          swap file (--zpool-size); peak = its peak RSS, pool = the zpool's frames
+  kernel-zram   the kernel child in a memory cgroup of the budget swapping to /dev/zram0
+          (sized like the file, lz4 or lzo-rle); pool = zram mem_used_max
+  kernel-zswap  the same, swapping to a swap file with zswap enabled; pool = pool_total_size
+  An OOM kill of a kernel child is counted (oom_kills) and never retried; without root or
+  with zram/zswap missing a column says SKIP: reason. zram, zswap's parameters and debugfs
+  are put back as they were.
+
 Ratios: um/kern, tr/kern and um/plain compare accesses/s (tr = transparent); um/dev
 compares usermm's major faults/s with the device's random reads/s at equal queue depth.
 After the timed phase, the transparent and kernel children check 256 pages against the
@@ -48,7 +65,8 @@ access sequence; a wrong word is the column's error and the exit status is 1.
 
 Examples:
   usermm bench --quick --json out.json --plot out.svg
-  usermm bench --budget 256M --patterns uniform,zipf --threads 1,2 --duration 5s")]
+  usermm bench --budget 256M --patterns uniform,zipf --threads 1,2 --duration 5s
+  usermm bench --compressed --quick --json out.json")]
 pub struct BenchArgs {
     /// RAM budget B for usermm and the kernel's cgroup [default: 64M with --quick, else 128M].
     #[arg(long, value_name = "SIZE", value_parser = util::parse_budget)]
@@ -104,6 +122,21 @@ pub struct BenchArgs {
     /// `map_transparent` region).
     #[arg(long)]
     no_transparent: bool,
+    /// Only the compressed-tier comparison: usermm on a zpool (half the budget, lz4)
+    /// above a swap file against kernel zram and kernel zswap in a memory cgroup of
+    /// the budget (root), on compressible and incompressible pages. With --quick:
+    /// budget 64M, W/B 4, uniform and hotcold, write ratio 0 and 0.5, 1 thread.
+    #[arg(long)]
+    compressed: bool,
+    /// Page contents, comma separated: compressible (1 word in 4 random, the rest
+    /// zero) or incompressible (every word random) [default: incompressible;
+    /// --compressed: both]. The regular matrix takes one.
+    #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = Content::parse)]
+    content: Vec<Content>,
+    /// The size of usermm's zpool in --compressed (at most the budget) [default:
+    /// half the budget].
+    #[arg(long, value_name = "SIZE", value_parser = util::parse_size)]
+    zpool_size: Option<u64>,
     /// Page-I/O threads of usermm's engine [default: the library's, 16].
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=256))]
     io_threads: Option<u32>,
@@ -153,42 +186,91 @@ struct CellOut {
 }
 
 #[derive(Serialize, Debug)]
-struct Record {
-    system: &'static str,
-    pattern: String,
-    w_over_b: f64,
-    threads: u32,
-    write_ratio: f64,
-    accesses_per_s: Option<f64>,
-    major_faults: Option<u64>,
-    p50_us: Option<f64>,
-    p99_us: Option<f64>,
-    device_reads: Option<u64>,
-    device_writes: Option<u64>,
+pub(super) struct Record {
+    pub(super) system: &'static str,
+    pub(super) pattern: String,
+    pub(super) w_over_b: f64,
+    pub(super) threads: u32,
+    pub(super) write_ratio: f64,
+    pub(super) accesses_per_s: Option<f64>,
+    pub(super) major_faults: Option<u64>,
+    pub(super) p50_us: Option<f64>,
+    pub(super) p99_us: Option<f64>,
+    pub(super) device_reads: Option<u64>,
+    pub(super) device_writes: Option<u64>,
     /// Accesses (or device operations) in the timed phase, and its length.
-    accesses: Option<u64>,
-    seconds: Option<f64>,
+    pub(super) accesses: Option<u64>,
+    pub(super) seconds: Option<f64>,
     /// Accesses of the untimed warm-up.
-    warmup_accesses: Option<u64>,
+    pub(super) warmup_accesses: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    queue_depth: Option<u32>,
+    pub(super) queue_depth: Option<u32>,
     /// Percent of the timed phase with at least one thread stalled on memory / all
     /// of them stalled (usermm's `Vm::pressure`; usermm systems only).
     #[serde(skip_serializing_if = "Option::is_none")]
-    stall_some_pct: Option<f64>,
+    pub(super) stall_some_pct: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    stall_full_pct: Option<f64>,
+    pub(super) stall_full_pct: Option<f64>,
     /// Words of the sampled pages checked after the timed phase (pointer columns).
     #[serde(skip_serializing_if = "Option::is_none")]
-    verified_words: Option<u64>,
+    pub(super) verified_words: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    error: Option<String>,
+    pub(super) error: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    note: Option<String>,
+    pub(super) note: Option<String>,
+    /// Page contents of the cell (`Content::name`).
+    pub(super) content: &'static str,
+    /// OOM kills of the run (kernel systems of `--compressed`; not retried).
+    pub(super) oom_kills: Option<u64>,
+    /// Peak memory of the run: a child's peak RSS (usermm-zpool) or the memory
+    /// cgroup's peak charge (kernel-zram, kernel-zswap).
+    pub(super) peak_bytes: Option<u64>,
+    /// The compressed pool at its largest (zpool frames, zram `mem_used_max`, zswap
+    /// `pool_total_size`).
+    pub(super) pool_bytes: Option<u64>,
+}
+
+impl Record {
+    /// A record with the cell's fields and nothing measured.
+    pub(super) fn empty(
+        system: &'static str,
+        pattern: String,
+        w_over_b: f64,
+        threads: u32,
+        write_ratio: f64,
+        content: Content,
+    ) -> Record {
+        Record {
+            system,
+            pattern,
+            w_over_b,
+            threads,
+            write_ratio,
+            accesses_per_s: None,
+            major_faults: None,
+            p50_us: None,
+            p99_us: None,
+            device_reads: None,
+            device_writes: None,
+            accesses: None,
+            seconds: None,
+            warmup_accesses: None,
+            queue_depth: None,
+            stall_some_pct: None,
+            stall_full_pct: None,
+            verified_words: None,
+            error: None,
+            note: None,
+            content: content.name(),
+            oom_kills: None,
+            peak_bytes: None,
+            pool_bytes: None,
+        }
+    }
 }
 
 #[derive(Serialize, Debug)]
-struct ProbeRecord {
+pub(super) struct ProbeRecord {
     op: &'static str,
     queue_depth: u32,
     iops: f64,
@@ -197,40 +279,43 @@ struct ProbeRecord {
 }
 
 #[derive(Serialize, Debug)]
-struct HitPath {
-    working_set_bytes: u64,
-    usermm_accesses_per_s: Option<f64>,
-    plain_accesses_per_s: Option<f64>,
-    ratio: Option<f64>,
-    usermm_p50_us: Option<f64>,
-    plain_p50_us: Option<f64>,
-    error: Option<String>,
+pub(super) struct HitPath {
+    pub(super) working_set_bytes: u64,
+    pub(super) usermm_accesses_per_s: Option<f64>,
+    pub(super) plain_accesses_per_s: Option<f64>,
+    pub(super) ratio: Option<f64>,
+    pub(super) usermm_p50_us: Option<f64>,
+    pub(super) plain_p50_us: Option<f64>,
+    pub(super) error: Option<String>,
 }
 
 #[derive(Serialize, Debug)]
-struct Meta {
-    command: String,
-    date_unix: u64,
-    seed: u64,
-    budget_bytes: u64,
-    words_per_access: u32,
-    warmup_s: f64,
-    warmup_rule: String,
-    timed_s: f64,
-    plain_timed_s: f64,
-    dir: String,
-    kernel: String,
-    transparent: String,
-    device_buffered: bool,
-    machine: String,
+pub(super) struct Meta {
+    pub(super) command: String,
+    pub(super) date_unix: u64,
+    pub(super) seed: u64,
+    pub(super) budget_bytes: u64,
+    pub(super) words_per_access: u32,
+    pub(super) warmup_s: f64,
+    pub(super) warmup_rule: String,
+    pub(super) timed_s: f64,
+    pub(super) plain_timed_s: f64,
+    pub(super) dir: String,
+    pub(super) kernel: String,
+    pub(super) transparent: String,
+    pub(super) device_buffered: bool,
+    pub(super) machine: String,
+    /// usermm's zpool spec (`--compressed` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(super) zpool: Option<String>,
 }
 
 #[derive(Serialize, Debug)]
-struct JsonOut {
-    meta: Meta,
-    records: Vec<Record>,
-    device_probe: Vec<ProbeRecord>,
-    hit_path: HitPath,
+pub(super) struct JsonOut {
+    pub(super) meta: Meta,
+    pub(super) records: Vec<Record>,
+    pub(super) device_probe: Vec<ProbeRecord>,
+    pub(super) hit_path: HitPath,
 }
 
 /// A cell as the progress lines and notes name it.
@@ -244,7 +329,7 @@ fn cell_name(c: &Cell) -> String {
     )
 }
 
-fn pattern_label(p: &Pattern) -> String {
+pub(super) fn pattern_label(p: &Pattern) -> String {
     match p {
         Pattern::Uniform => "uniform".into(),
         Pattern::HotCold { hot_frac, hot_prob } => {
@@ -268,7 +353,7 @@ fn fmt_ratio(r: f64) -> String {
     }
 }
 
-fn fmt_us(v: f64) -> String {
+pub(super) fn fmt_us(v: f64) -> String {
     if v < 10.0 {
         format!("{v:.2}")
     } else if v < 100.0 {
@@ -399,7 +484,7 @@ fn run_plain(
     access::drive(&target, spec, warmup, timed, &Snap::default)
 }
 
-fn now_unix() -> u64 {
+pub(super) fn now_unix() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -477,6 +562,65 @@ fn bench(a: BenchArgs) -> Result<i32, String> {
     } else {
         a.write_ratios.clone()
     };
+    if a.compressed {
+        let dir = a.dir.clone().unwrap_or_else(std::env::temp_dir);
+        if !dir.is_dir() {
+            eprintln!(
+                "usermm bench: error: --dir {} is not a directory",
+                dir.display()
+            );
+            return Ok(2);
+        }
+        if a.plot.is_some() {
+            eprintln!("usermm bench: note: --plot is not drawn for --compressed");
+        }
+        let or = |v: &Vec<_>, d| if v.is_empty() { d } else { v.clone() };
+        return super::bench_comp::run(super::bench_comp::Plan {
+            budget,
+            seed,
+            timed,
+            warmup,
+            patterns: or(
+                &a.patterns,
+                vec![
+                    Pattern::Uniform,
+                    Pattern::HotCold {
+                        hot_frac: 0.1,
+                        hot_prob: 0.9,
+                    },
+                ],
+            ),
+            wbs: if a.w_over_b.is_empty() {
+                vec![4.0]
+            } else {
+                a.w_over_b.clone()
+            },
+            wrs,
+            contents: if a.content.is_empty() {
+                vec![Content::Compressible, Content::Incompressible]
+            } else {
+                a.content.clone()
+            },
+            threads: if a.threads.is_empty() {
+                vec![1]
+            } else {
+                a.threads.clone()
+            },
+            words: a.words,
+            dir,
+            io_threads: a.io_threads,
+            json: a.json.clone(),
+            no_kernel: a.no_kernel,
+            zpool_size: a.zpool_size.unwrap_or(budget / 2).min(budget),
+        });
+    }
+    if a.content.len() > 1 {
+        eprintln!(
+            "usermm bench: error: the regular matrix takes one --content (--compressed takes a list)"
+        );
+        return Ok(2);
+    }
+    let content = a.content.first().copied().unwrap_or_default();
     let mut cells = Vec::new();
     for (pi, &pattern) in patterns.iter().enumerate() {
         let threads: Vec<u32> = if !a.threads.is_empty() {
@@ -641,6 +785,7 @@ fn bench(a: BenchArgs) -> Result<i32, String> {
         words: 1,
         seed,
         warm_accesses: hit_pages,
+        content,
     };
     let hit = if util::interrupted() {
         Err("interrupted".to_string())
@@ -703,6 +848,7 @@ fn bench(a: BenchArgs) -> Result<i32, String> {
             seed,
             // One access per page, or the warm-up time, whichever comes first.
             warm_accesses: pages_of(c.w_over_b),
+            content,
         };
         let name = cell_name(c);
         // Rotate the order of the systems from cell to cell, so none always runs
@@ -929,6 +1075,7 @@ fn bench(a: BenchArgs) -> Result<i32, String> {
                 transparent: transparent_status.clone(),
                 device_buffered,
                 machine: machine_desc(),
+                zpool: None,
             },
             records: records(&outs, &bounds),
             device_probe: probes
@@ -981,7 +1128,7 @@ fn show(r: &Result<f64, &String>) -> String {
 }
 
 /// Anything of ours still active: swap areas or cgroups named after this process.
-fn leftover_check() -> Vec<String> {
+pub(super) fn leftover_check() -> Vec<String> {
     let pid = std::process::id();
     let mut v = Vec::new();
     let swaps = std::fs::read_to_string("/proc/swaps").unwrap_or_default();
@@ -1003,7 +1150,7 @@ fn leftover_check() -> Vec<String> {
 
 /// Swap areas and cgroups left by an earlier bench that was killed (SIGKILL, power
 /// loss): reported with the commands that remove them, never touched.
-fn stale_leftovers() -> Vec<String> {
+pub(super) fn stale_leftovers() -> Vec<String> {
     let alive = |pid: &str| Path::new("/proc").join(pid).exists();
     let mut v = Vec::new();
     let swaps = std::fs::read_to_string("/proc/swaps").unwrap_or_default();
@@ -1044,7 +1191,7 @@ fn stale_leftovers() -> Vec<String> {
     v
 }
 
-fn machine_desc() -> String {
+pub(super) fn machine_desc() -> String {
     let cpus = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(0);
@@ -1274,27 +1421,15 @@ fn records(outs: &[CellOut], bounds: &[usermm_testkit::bounds::Bounds]) -> Vec<R
     let mut v = Vec::new();
     for (o, b) in outs.iter().zip(bounds) {
         let c = &o.cell;
-        let base = |system: &'static str| Record {
-            system,
-            pattern: pattern_label(&c.pattern),
-            w_over_b: c.w_over_b,
-            threads: c.threads,
-            write_ratio: c.write_ratio,
-            accesses_per_s: None,
-            major_faults: None,
-            p50_us: None,
-            p99_us: None,
-            device_reads: None,
-            device_writes: None,
-            accesses: None,
-            seconds: None,
-            warmup_accesses: None,
-            queue_depth: None,
-            stall_some_pct: None,
-            stall_full_pct: None,
-            verified_words: None,
-            error: None,
-            note: None,
+        let base = |system: &'static str| {
+            Record::empty(
+                system,
+                pattern_label(&c.pattern),
+                c.w_over_b,
+                c.threads,
+                c.write_ratio,
+                o.spec.content,
+            )
         };
         for (system, r) in [
             ("usermm", &o.usermm),

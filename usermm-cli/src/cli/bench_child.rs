@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use std::io::Read;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-use usermm_testkit::driver::{self as access, RawTarget, Snap, WorkSpec};
+use usermm_testkit::driver::{self as access, Content, Snap, Target, WorkSpec};
 use usermm_testkit::workload::Pattern;
 
 /// Exit status of a child that could not set up its memory at all (the column is
@@ -60,6 +60,9 @@ pub struct WorkArgs {
     /// Pages to check after the timed phase (0: none).
     #[arg(long, default_value_t = 0)]
     verify_pages: u64,
+    /// Page contents (`Content::parse`).
+    #[arg(long, default_value = "incompressible", value_parser = Content::parse)]
+    content: Content,
 }
 
 impl WorkArgs {
@@ -73,6 +76,7 @@ impl WorkArgs {
             words: self.words,
             seed: self.seed,
             warm_accesses: self.warmup_accesses,
+            content: self.content,
         }
     }
 
@@ -89,6 +93,7 @@ impl WorkArgs {
             ("--warmup-accesses", spec.warm_accesses.to_string()),
             ("--timed-ms", timed.as_millis().to_string()),
             ("--verify-pages", VERIFY_PAGES.to_string()),
+            ("--content", spec.content.name().to_string()),
         ]
         .into_iter()
         .flat_map(|(k, v)| [k.to_string(), v])
@@ -114,14 +119,30 @@ struct ChildReport {
     /// Histogram buckets (index, count) with a non-zero count.
     hist: Vec<(u32, u64)>,
     verified: Verified,
+    /// The child's memory (absent from older children).
+    #[serde(default)]
+    mem: ChildMem,
+}
+
+/// The memory a child used: its peak resident set, and the most its compressed
+/// pool held (usermm's zpool; the kernel's pools are read by the parent).
+#[derive(Serialize, Deserialize, Debug, Default, Clone, Copy)]
+pub struct ChildMem {
+    /// VmHWM of the child at the end: every page it ever had resident at once,
+    /// heap, stacks and (for usermm) the budget's frames, the pool's included.
+    pub peak_rss_bytes: Option<u64>,
+    /// Peak bytes of budget frames a zpool held (sampled).
+    pub pool_bytes: Option<u64>,
 }
 
 /// In the child: the fill, warm-up and timed phase on `target`, then the content
-/// check; prints the report on stdout.
-pub fn run_and_report(
-    target: &RawTarget,
+/// check; prints the report on stdout with the peak RSS and what `pool` says the
+/// compressed pool held at most (`None`: no pool of ours).
+pub fn run_and_report<T: Target>(
+    target: &T,
     a: &WorkArgs,
     snap: &(dyn Fn() -> Snap + Sync),
+    pool: &dyn Fn() -> Option<u64>,
 ) -> Result<(), String> {
     let spec = a.spec();
     let m = access::drive(
@@ -145,6 +166,10 @@ pub fn run_and_report(
         stall_full_us: m.stall_full_us,
         hist: m.hist.buckets(),
         verified,
+        mem: ChildMem {
+            peak_rss_bytes: util::peak_rss(),
+            pool_bytes: pool(),
+        },
     };
     println!("{}", serde_json::to_string(&r).map_err(|e| e.to_string())?);
     std::hint::black_box(m.sink);
@@ -162,6 +187,20 @@ pub fn run(
     warmup: Duration,
     timed: Duration,
 ) -> Result<(access::Measured, Verified), String> {
+    run_watched(subcommand, extra, what, spec, warmup, timed, &mut || {}).map(|(m, v, _)| (m, v))
+}
+
+/// `run`, calling `watch` every 10 ms while the child runs (to sample what the
+/// parent can see of it, e.g. a kernel pool), and returning the child's memory too.
+pub fn run_watched(
+    subcommand: &str,
+    extra: &[String],
+    what: &str,
+    spec: &WorkSpec,
+    warmup: Duration,
+    timed: Duration,
+    watch: &mut dyn FnMut(),
+) -> Result<(access::Measured, Verified, ChildMem), String> {
     let exe = std::env::current_exe().map_err(|e| format!("cannot find our own binary: {e}"))?;
     let mut cmd = Command::new(exe);
     cmd.arg(subcommand)
@@ -199,6 +238,7 @@ pub fn run(
             Ok(None) => {}
             Err(e) => break Err(format!("waiting for the {what} child: {e}")),
         }
+        watch();
         if util::interrupted() || Instant::now() > limit {
             let _ = child.kill();
             let _ = child.wait();
@@ -252,5 +292,5 @@ pub fn run(
     r.verified
         .result()
         .map_err(|e| format!("{}/s measured, but {e}", util::fmt_num(m.rate())))?;
-    Ok((m, r.verified))
+    Ok((m, r.verified, r.mem))
 }

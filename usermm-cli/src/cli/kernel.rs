@@ -8,7 +8,7 @@
 //! turned off (only the exact file this process enabled) and deleted — on normal
 //! exit, on error, on panic (Drop) and on Ctrl-C (the undo registry).
 
-use super::bench_child::{self, WorkArgs};
+use super::bench_child::{self, ChildMem, WorkArgs};
 use super::sys::cpath;
 use super::util::{self, Registered, Undo};
 use super::verify::Verified;
@@ -48,7 +48,7 @@ fn write_file(p: &Path, v: &str) -> Result<(), String> {
 
 /// Writes a swap header (the format `mkswap` writes: version 1, last page, magic
 /// `SWAPSPACE2` at the end of the first page).
-fn write_swap_header(f: &File, pages: u64) -> Result<(), String> {
+pub fn write_swap_header(f: &File, pages: u64) -> Result<(), String> {
     let mut h = vec![0u8; PAGE_SIZE];
     h[1024..1028].copy_from_slice(&1u32.to_ne_bytes());
     let last = u32::try_from(pages - 1).map_err(|_| "swap file too large".to_string())?;
@@ -62,6 +62,33 @@ fn write_swap_header(f: &File, pages: u64) -> Result<(), String> {
         .map_err(|e| format!("cannot write the swap header: {e}"))?;
     f.sync_all()
         .map_err(|e| format!("cannot sync the swap file: {e}"))
+}
+
+/// `swapon(2)` of `path` at the highest priority, so the kernel uses it first even
+/// if the machine has swap of its own. The caller has registered its swapoff.
+pub fn swapon_top(path: &Path) -> Result<(), String> {
+    let c = cpath(path)?;
+    // SWAP_FLAG_PREFER | priority (linux/swap.h).
+    const SWAP_FLAG_PREFER: libc::c_int = 0x8000;
+    const SWAP_FLAG_PRIO_MASK: libc::c_int = 0x7fff;
+    let flags = SWAP_FLAG_PREFER | (32767 & SWAP_FLAG_PRIO_MASK);
+    // SAFETY: plain syscall with a valid C string.
+    if unsafe { libc::swapon(c.as_ptr(), flags) } != 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(format!("swapon {}: {e}", path.display()));
+    }
+    Ok(())
+}
+
+/// One run of the workload in the cgroup, with what the kernel did to it.
+#[derive(Debug)]
+pub struct KernelRun {
+    /// The measurement, or why there is none (an OOM kill among the reasons).
+    pub result: Result<(access::Measured, Verified, ChildMem), String>,
+    /// OOM kills in the cgroup during the run (not retried).
+    pub oom_kills: u64,
+    /// The cgroup's peak memory charge during the run, in bytes.
+    pub peak_bytes: Option<u64>,
 }
 
 impl KernelSwap {
@@ -119,18 +146,9 @@ impl KernelSwap {
         write_swap_header(&file, pages).map_err(cleanup_file)?;
         drop(file);
         let undo_swap = util::register(Undo::Swapoff(path.clone()));
-        let c = cpath(&path).map_err(cleanup_file)?;
-        // Highest priority, so the kernel uses this file first even if the machine
-        // has swap of its own.
-        // SWAP_FLAG_PREFER | priority (linux/swap.h).
-        const SWAP_FLAG_PREFER: libc::c_int = 0x8000;
-        const SWAP_FLAG_PRIO_MASK: libc::c_int = 0x7fff;
-        let flags = SWAP_FLAG_PREFER | (32767 & SWAP_FLAG_PRIO_MASK);
-        // SAFETY: plain syscall with a valid C string.
-        if unsafe { libc::swapon(c.as_ptr(), flags) } != 0 {
-            let e = std::io::Error::last_os_error();
+        if let Err(e) = swapon_top(&path) {
             undo_swap.forget();
-            return Err(cleanup_file(format!("swapon {}: {e}", path.display())));
+            return Err(cleanup_file(e));
         }
 
         // The cgroup.
@@ -258,6 +276,74 @@ impl KernelSwap {
         bench_child::run("bench-kernel-child", &extra, "kernel", spec, warmup, timed)
     }
 
+    /// Turns the swap file on (at the highest priority) or off; the comparison with
+    /// zram keeps it off while zram is the swap.
+    pub fn swap_enable(&self, on: bool) -> Result<(), String> {
+        if on == super::sys::swap_active(&self.swap_path) {
+            return Ok(());
+        }
+        if on {
+            swapon_top(&self.swap_path)
+        } else {
+            super::sys::swapoff(&self.swap_path)
+        }
+    }
+
+    /// The cgroup's peak charge so far (v1 `memory.max_usage_in_bytes`, v2
+    /// `memory.peak`), and its reset (v1 only: v2's is since creation).
+    fn peak(&self) -> Option<u64> {
+        let f = match self.kind {
+            CgroupKind::V1 => "memory.max_usage_in_bytes",
+            CgroupKind::V2 => "memory.peak",
+        };
+        std::fs::read_to_string(self.cgroup.join(f))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+    }
+
+    fn reset_peak(&self) {
+        if let CgroupKind::V1 = self.kind {
+            let _ = write_file(&self.cgroup.join("memory.max_usage_in_bytes"), "0");
+        }
+    }
+
+    /// Runs the workload once in the cgroup, calling `watch` every 10 ms meanwhile:
+    /// an OOM kill is counted and is the run's result (never run again), with the
+    /// cgroup's peak charge.
+    pub fn run_counted(
+        &self,
+        spec: &WorkSpec,
+        warmup: Duration,
+        timed: Duration,
+        watch: &mut dyn FnMut(),
+    ) -> KernelRun {
+        let before = self.oom_kills();
+        self.reset_peak();
+        let procs = self.cgroup.join("cgroup.procs");
+        let extra = ["--cgroup-procs".to_string(), procs.display().to_string()];
+        let result = bench_child::run_watched(
+            "bench-kernel-child",
+            &extra,
+            "kernel",
+            spec,
+            warmup,
+            timed,
+            watch,
+        );
+        let oom_kills = self.oom_kills().saturating_sub(before);
+        let result = match result {
+            Err(e) if oom_kills > 0 => Err(format!(
+                "OOM-killed by the kernel in its memory cgroup (limit = budget, swap free): {e}"
+            )),
+            r => r,
+        };
+        KernelRun {
+            result,
+            oom_kills,
+            peak_bytes: self.peak(),
+        }
+    }
+
     /// Removes the cgroup, turns the swap file off and deletes it.
     pub fn teardown(&mut self) -> Result<(), String> {
         if self.torn_down {
@@ -380,5 +466,5 @@ fn child(a: ChildArgs) -> Result<(), String> {
             ..Snap::default()
         }
     };
-    bench_child::run_and_report(&target, &a.work, &snap)
+    bench_child::run_and_report(&target, &a.work, &snap, &|| None)
 }

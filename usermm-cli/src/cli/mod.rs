@@ -6,9 +6,11 @@ use clap::{Parser, Subcommand};
 pub mod bench;
 pub mod bench_bounds;
 pub mod bench_child;
+pub mod bench_comp;
 pub mod device;
 pub mod exec;
 pub mod kernel;
+pub mod kernel_comp;
 pub mod nbdserver;
 pub mod plot;
 pub mod run;
@@ -55,6 +57,9 @@ enum Cmd {
     /// Internal: the kernel-swap child process of `usermm bench`.
     #[command(name = "bench-kernel-child", hide = true)]
     BenchKernelChild(kernel::ChildArgs),
+    /// Internal: the usermm-zpool child process of `usermm bench --compressed`.
+    #[command(name = "bench-zpool-child", hide = true)]
+    BenchZpoolChild(bench_comp::ChildArgs),
     /// Internal: the transparent-column child process of `usermm bench`.
     #[command(name = "bench-transparent-child", hide = true)]
     BenchTransparentChild(transparent::ChildArgs),
@@ -73,6 +78,7 @@ pub fn main() -> i32 {
         Some(Cmd::Exec(a)) => exec::main(a),
         Some(Cmd::BenchKernelChild(a)) => kernel::child_main(a),
         Some(Cmd::BenchTransparentChild(a)) => transparent::child_main(a),
+        Some(Cmd::BenchZpoolChild(a)) => bench_comp::child_main(a),
     }
 }
 

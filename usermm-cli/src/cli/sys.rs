@@ -1,6 +1,7 @@
-//! The kernel's swap areas and memory cgroups, at the level of single system calls
-//! and files: what the undo registry ([`super::util`]) and the kernel-swap reference
-//! ([`super::kernel`]) both need. Depends on nothing else in the command.
+//! The kernel's swap areas, memory cgroups, parameter files, mounts and modules, at
+//! the level of single system calls and files: what the undo registry
+//! ([`super::util`]) and the kernel references ([`super::kernel`],
+//! [`super::kernel_comp`]) both need. Depends on nothing else in the command.
 
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
@@ -73,5 +74,72 @@ pub fn remove_cgroup(path: &Path) -> Result<(), String> {
                 ))
             }
         }
+    }
+}
+
+/// Writes `v` to a kernel parameter or sysfs file.
+pub fn write_param(p: &Path, v: &str) -> Result<(), String> {
+    std::fs::write(p, v).map_err(|e| format!("cannot write {v:?} to {}: {e}", p.display()))
+}
+
+/// Reads a kernel parameter or sysfs file, trimmed.
+pub fn read_param(p: &Path) -> Result<String, String> {
+    std::fs::read_to_string(p)
+        .map(|s| s.trim().to_string())
+        .map_err(|e| format!("cannot read {}: {e}", p.display()))
+}
+
+/// Unmounts `p` (a file system this process mounted).
+pub fn umount(p: &Path) -> Result<(), String> {
+    let c = cpath(p)?;
+    // SAFETY: plain syscall with a valid C string.
+    if unsafe { libc::umount(c.as_ptr()) } != 0 {
+        return Err(format!(
+            "umount {}: {} — unmount it by hand: umount {}",
+            p.display(),
+            std::io::Error::last_os_error(),
+            p.display()
+        ));
+    }
+    Ok(())
+}
+
+/// Mounts debugfs on `p`.
+pub fn mount_debugfs(p: &Path) -> Result<(), String> {
+    let c = cpath(p)?;
+    let fs = c"debugfs";
+    // SAFETY: plain syscall with valid C strings and no data.
+    if unsafe { libc::mount(fs.as_ptr(), c.as_ptr(), fs.as_ptr(), 0, std::ptr::null()) } != 0 {
+        return Err(format!(
+            "mount -t debugfs debugfs {}: {}",
+            p.display(),
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
+}
+
+/// Whether a file system is mounted on exactly `p` (`/proc/mounts`).
+pub fn mounted(p: &Path) -> bool {
+    let want = p.display().to_string();
+    std::fs::read_to_string("/proc/mounts")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some(want.as_str()))
+}
+
+/// Runs `modprobe ARGS`.
+pub fn modprobe(args: &[&str]) -> Result<(), String> {
+    let st = std::process::Command::new("modprobe")
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .map_err(|e| format!("cannot run modprobe: {e}"))?;
+    if st.success() {
+        Ok(())
+    } else {
+        Err(format!("modprobe {} failed ({st})", args.join(" ")))
     }
 }

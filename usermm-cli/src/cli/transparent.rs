@@ -119,7 +119,7 @@ fn child(a: ChildArgs) -> Result<(), (i32, String)> {
             stall_full_us: p.total_full.as_micros() as u64,
         }
     };
-    bench_child::run_and_report(&target, &a.work, &snap).map_err(fail)?;
+    bench_child::run_and_report(&target, &a.work, &snap, &|| None).map_err(fail)?;
     let s = vm.stats();
     if s.write_errors + s.read_errors > 0 {
         return Err(fail(format!(

@@ -332,6 +332,15 @@ pub enum Undo {
     Kill(i32),
     /// Remove a cgroup directory we created.
     RemoveCgroup(PathBuf),
+    /// Write a value back into a kernel parameter file we changed (e.g. zswap's
+    /// `enabled` and `compressor`): the path and the value it had.
+    Restore(PathBuf, String),
+    /// Reset a zram device we set up (`/sys/block/zramN`; after its swapoff).
+    ResetZram(PathBuf),
+    /// Unmount a file system we mounted (debugfs).
+    Unmount(PathBuf),
+    /// Unload a kernel module we loaded (`modprobe -r`).
+    Unload(String),
 }
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
@@ -396,6 +405,10 @@ fn perform(u: &Undo) -> Result<(), String> {
             Ok(())
         }
         Undo::RemoveCgroup(p) => super::sys::remove_cgroup(p),
+        Undo::Restore(p, v) => super::sys::write_param(p, v),
+        Undo::ResetZram(p) => super::sys::write_param(&p.join("reset"), "1"),
+        Undo::Unmount(p) => super::sys::umount(p),
+        Undo::Unload(m) => super::sys::modprobe(&["-r", m]),
     }
 }
 
