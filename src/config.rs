@@ -18,6 +18,7 @@ pub struct Config {
     pub(crate) background_reclaim: bool,
     pub(crate) max_files: usize,
     pub(crate) s3fifo: bool,
+    pub(crate) readahead: bool,
 }
 
 impl Default for Config {
@@ -30,6 +31,7 @@ impl Default for Config {
             background_reclaim: true,
             max_files: 1024,
             s3fifo: true,
+            readahead: true,
         }
     }
 }
@@ -78,6 +80,14 @@ impl Config {
     /// S3-FIFO is the default.
     pub fn s3fifo(mut self, on: bool) -> Self {
         self.s3fifo = on;
+        self
+    }
+
+    /// Swap-in readahead for sequential faults (default on): after two faults on
+    /// consecutive pages, the pages after the faulting one are read in the same
+    /// request while they sit in the slots after its slot (4 pages, doubling to 32).
+    pub fn readahead(mut self, on: bool) -> Self {
+        self.readahead = on;
         self
     }
 

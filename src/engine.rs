@@ -141,6 +141,8 @@ pub(crate) struct Engine {
     /// FIFO was dropped (reclaim found the frame busy and the FIFO full): the hand
     /// takes them as main pages instead of passing over them. A bit per frame.
     pub orphans: Box<[AtomicU64]>,
+    /// Swap-in readahead on (`Config::readahead`).
+    pub readahead: bool,
     /// Stall accounting and pressure triggers (`crate::psi`; atomics on the fault
     /// path, its own leaf mutex elsewhere).
     pub psi: Arc<crate::psi::Psi>,
@@ -164,6 +166,7 @@ impl Engine {
             small_cap,
             ghost: (0..(n / 2).max(64)).map(|_| AtomicU64::new(0)).collect(),
             orphans: (0..n.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+            readahead: cfg.readahead,
             frames: Arc::new(FrameArena::new(n, wm)?),
             rmap: Rmap::default(),
             swap: Arc::new(SwapTable::default()),

@@ -45,7 +45,8 @@ thread_local! {
     /// are `!Send`, so a pin belongs to the thread that took it, and an access that
     /// would wait for one of them can tell it would wait for itself (issue 9 item 7).
     static HELD: RefCell<Vec<(usize, u64, bool)>> = const { RefCell::new(Vec::new()) };
-    /// A page-aligned buffer per faulting thread: swap-in reads the device into it
+    /// A page-aligned buffer per faulting thread (`RA_MAX + 1` pages, for a read
+    /// with readahead): swap-in reads the device into it
     /// and copies into the frame with atomic stores, so no non-atomic write ever
     /// lands in a frame that a stale optimistic reader may be loading (item 8).
     static BOUNCE: RefCell<Option<AlignedPages>> = const { RefCell::new(None) };
@@ -266,7 +267,7 @@ fn read_slow(sp: &SpaceInner, a: VAddr, dst: &mut [u8]) -> Result<()> {
                 }
                 (Pte::Swapped(_), _) => {
                     if let Some(pte) = pte {
-                        fault_swapin(sp, pte, v, regions)?;
+                        fault_swapin(sp, a.vpn(), pte, v, regions)?;
                     }
                 }
                 (Pte::Busy | Pte::Present(_), _) => {}
@@ -353,7 +354,7 @@ fn prepare_write(sp: &SpaceInner, a: VAddr, forbid: u64) -> Result<FilePage> {
                 let src = file.map(|(ino, _, pg)| (ino, pg));
                 return fault_zero(sp, pte, regions, src).map(|()| None);
             }
-            Pte::Swapped(_) => return fault_swapin(sp, pte, v, regions).map(|()| None),
+            Pte::Swapped(_) => return fault_swapin(sp, a.vpn(), pte, v, regions).map(|()| None),
             Pte::Present(pfn)
                 if forbid & P_COW != 0
                     && v & P_COW != 0
@@ -509,7 +510,7 @@ fn fault_zero(
             let res = BOUNCE.with(|b| {
                 let mut b = b.borrow_mut();
                 if b.is_none() {
-                    *b = Some(AlignedPages::new(1)?);
+                    *b = Some(AlignedPages::new(RA_MAX + 1)?);
                 }
                 let buf = b.as_mut().expect("set above").page_mut(0);
                 ino.read_page(pg, buf)?;
@@ -537,6 +538,7 @@ fn fault_zero(
 /// `fault_zero`): neither the frame allocation nor the device read holds a lock.
 fn fault_swapin(
     sp: &SpaceInner,
+    vpn: u64,
     pte: &AtomicU64,
     v: u64,
     regions: RwLockReadGuard<'_, RegionTree>,
@@ -563,19 +565,32 @@ fn fault_swapin(
         }
     };
     let dev = eng.swap.get(e.dev);
+    // Readahead: the pages after this one, if the faults here run sequentially
+    // and those pages sit in the slots after this one's (claimed, with frames).
+    let mut ra = [(0u64, Pfn(0)); RA_MAX];
+    let nra = match &dev {
+        // Not on a device being removed (invariant 3).
+        Some(d) if eng.readahead && d.is_active() => claim_ahead(sp, vpn, e, &mut ra),
+        _ => 0,
+    };
     let res = match &dev {
         Some(dev) => BOUNCE.with(|b| {
             let mut b = b.borrow_mut();
             if b.is_none() {
-                *b = Some(AlignedPages::new(1)?);
+                *b = Some(AlignedPages::new(RA_MAX + 1)?);
             }
-            let buf = b.as_mut().expect("set above").page_mut(0);
-            dev.read(e.slot, buf)?;
+            let b = b.as_mut().expect("set above");
+            if nra == 0 {
+                dev.read(e.slot, b.page_mut(0))?;
+            } else {
+                dev.read_span(e.slot, b.pages_mut(nra + 1))?;
+                dev.verify(e.slot, b.page(0))?;
+            }
             // SAFETY: the frame is ours (allocated, not yet published). Stale
             // optimistic readers may still load from it (and discard what they read,
             // since `install` moves the entry's version), so it is written only with
             // atomic stores (`copy_in`); the device wrote into our own buffer.
-            unsafe { copy_in(eng.frames.frame_ptr(pfn), buf) };
+            unsafe { copy_in(eng.frames.frame_ptr(pfn), b.page(0)) };
             Ok(())
         }),
         None => Err(Error::Device {
@@ -584,25 +599,137 @@ fn fault_swapin(
         }),
     };
     if let Err(err) = res {
+        unclaim_ahead(sp, vpn, &ra[..nra], 0);
         eng.frames.free(pfn);
         pte.store(v, Ordering::Release);
         released(pte);
         Counters::inc(&eng.cnt.read_errors);
         return Err(err);
     }
-    // A page evicted from the small FIFO unused and wanted again: straight to main.
-    let fresh = !eng.ghost_take(crate::engine::ghost_key_swap(v));
-    if !dev.as_ref().is_some_and(|d| eng.keeps_swap_copy(d)) {
-        // The slot goes now and the page is dirty again (see `keeps_swap_copy`).
-        sp.eng.install(pte, pfn, 0, true, fresh);
-        eng.swap.put(e);
-    } else {
-        sp.eng.install(pte, pfn, v, false, fresh);
+    let keep = dev.as_ref().is_some_and(|d| eng.keeps_swap_copy(d));
+    install_swapped(eng, pte, pfn, v, keep);
+    if let Some(dev) = &dev {
+        if nra > 0 {
+            BOUNCE.with(|b| {
+                let b = b.borrow();
+                let b = b.as_ref().expect("filled above");
+                for (i, &(qv, qpfn)) in ra[..nra].iter().enumerate() {
+                    if dev.verify(e.slot + i as u64 + 1, b.page(i + 1)).is_err() {
+                        // Stays on swap (a demand read will report it), and so do
+                        // the pages after it.
+                        unclaim_ahead(sp, vpn, &ra[..nra], i);
+                        break;
+                    }
+                    // SAFETY: as above, for the readahead page's own frame.
+                    unsafe { copy_in(eng.frames.frame_ptr(qpfn), b.page(i + 1)) };
+                    let q = sp.pt.lookup(vpn + i as u64 + 1).expect("claimed above");
+                    install_swapped(eng, q, qpfn, qv, keep);
+                    Counters::inc(&eng.cnt.pswpin);
+                    Counters::inc(&eng.cnt.read_around);
+                }
+            });
+        }
     }
     Counters::inc(&eng.cnt.pgfault);
     Counters::inc(&eng.cnt.pgmajfault);
     Counters::inc(&eng.cnt.pswpin);
     Ok(())
+}
+
+/// Most pages read ahead of one swap-in fault.
+const RA_MAX: usize = 32;
+
+/// Installs a page read from its slot (`v` = its `Swapped` entry) into `pte`,
+/// which the caller claimed: clean with its swap copy kept (`keep`), or dirty
+/// with the slot given back (see `Engine::keeps_swap_copy`).
+fn install_swapped(eng: &crate::engine::Engine, pte: &AtomicU64, pfn: Pfn, v: u64, keep: bool) {
+    // A page evicted from the small FIFO unused and wanted again: straight to main.
+    let fresh = !eng.ghost_take(crate::engine::ghost_key_swap(v));
+    if keep {
+        eng.install(pte, pfn, v, false, fresh);
+    } else {
+        eng.install(pte, pfn, 0, true, fresh);
+        if let Pte::Swapped(e) = Pte::decode(v) {
+            eng.swap.put(e);
+        }
+    }
+}
+
+/// Readahead for a swap-in fault of page `vpn` (slot `e`): adaptive, from the
+/// space's fault history (`SpaceInner::ra`). After two faults in a row on
+/// consecutive pages the window opens at 4 pages and doubles with each further one
+/// (up to `RA_MAX`); any other fault closes it, so random access reads nothing
+/// ahead. Within the window it claims (`BUSY`) the following pages while they are
+/// swapped in the following slots of the same device (pages evicted together were
+/// written together: one read brings them all), each with a frame taken without
+/// reclaim (never below the min watermark; the background reclaimer is woken
+/// below low). Returns how many it claimed, in `ra`
+/// as (their `Swapped` value, their frame).
+fn claim_ahead(
+    sp: &SpaceInner,
+    vpn: u64,
+    e: crate::addr::SwapEntry,
+    ra: &mut [(u64, Pfn)],
+) -> usize {
+    let eng = &*sp.eng;
+    let prev = sp.ra.load(Ordering::Relaxed);
+    let (last, run) = (prev >> 8, prev & 0xff);
+    let run = if vpn == last + 1 {
+        (run + 1).min(255)
+    } else if vpn == last {
+        run
+    } else {
+        0
+    };
+    let window = if run >= 2 {
+        (4usize << (run - 2).min(3)).min(ra.len())
+    } else {
+        0
+    };
+    if window > 0 && eng.frames.free_count() < eng.frames.wmark[0] + window {
+        // Room for the window: clean pages dropped, dirty ones queued (no I/O here,
+        // invariant 1), a bounded scan; what it does not free, the window loses.
+        crate::reclaim::shrink(eng, 4 * window, window);
+    }
+    let mut n = 0;
+    while n < window {
+        if eng.frames.free_count() <= eng.frames.wmark[0] {
+            break;
+        }
+        let q = vpn + n as u64 + 1;
+        let Some(qp) = sp.pt.lookup(q) else { break };
+        let qv = qp.load(Ordering::Acquire);
+        match Pte::decode(qv) {
+            Pte::Swapped(f) if f.dev == e.dev && f.slot == e.slot + n as u64 + 1 => {}
+            _ => break,
+        }
+        if qp
+            .compare_exchange(qv, BUSY, Ordering::AcqRel, Ordering::Relaxed)
+            .is_err()
+        {
+            break;
+        }
+        let Some(qpfn) = eng.frames.alloc(AllocCtx::Normal) else {
+            qp.store(qv, Ordering::Release);
+            break;
+        };
+        ra[n] = (qv, qpfn);
+        n += 1;
+    }
+    sp.ra
+        .store(((vpn + n as u64) << 8) | run, Ordering::Relaxed);
+    n
+}
+
+/// Gives back the claims of `claim_ahead` from the `from`-th on: entries as they
+/// were, frames freed.
+fn unclaim_ahead(sp: &SpaceInner, vpn: u64, ra: &[(u64, Pfn)], from: usize) {
+    for (i, &(qv, qpfn)) in ra.iter().enumerate().skip(from) {
+        sp.eng.frames.free(qpfn);
+        if let Some(q) = sp.pt.lookup(vpn + i as u64 + 1) {
+            q.store(qv, Ordering::Release);
+        }
+    }
 }
 
 /// A page pinned for a guard: its entry and frame, and for a page of a shared

@@ -114,15 +114,22 @@ fn shrink_for(eng: &Engine, nr: usize, want: usize, queued_counts: bool) -> Scan
     let n = eng.frames.nframes();
     let mut r = ScanResult::default();
     let mut zap = ZapBatch::new();
+    let mut small_next = true;
     while r.scanned < nr.min(n) {
         r.scanned += 1;
         if zap.full() {
             zap.flush(eng);
         }
         // S3-FIFO: the small FIFO first while it holds more than its share, or
-        // when the hand has found nothing in a whole sweep.
-        if eng.small.len() > eng.small_cap
-            || (eng.hand_idle.load(Ordering::Relaxed) > n && !eng.small.is_empty())
+        // when the hand has found nothing in a whole sweep. A visit there that
+        // freed nothing (a dirty page queued, a page busy or sent round again)
+        // hands the next turn to the hand, so clean main pages are still found
+        // while the FIFO's head is all dirty (a failing device: only clean pages
+        // can be freed then).
+        let small_turn = std::mem::replace(&mut small_next, true);
+        if small_turn
+            && (eng.small.len() > eng.small_cap
+                || (eng.hand_idle.load(Ordering::Relaxed) > n && !eng.small.is_empty()))
         {
             if let Some(key) = eng.small.pop() {
                 let pfn = Pfn(key as u32);
@@ -131,7 +138,9 @@ fn shrink_for(eng: &Engine, nr: usize, want: usize, queued_counts: bool) -> Scan
                 if d.epoch.load(Ordering::Relaxed) == (key >> 32) as u32
                     && d.flags.load(Ordering::Relaxed) & F_SMALL != 0
                 {
+                    let before = r.evicted;
                     reclaim_frame(eng, pfn, true, &mut r, &mut zap);
+                    small_next = r.evicted > before;
                 }
                 if r.evicted + if queued_counts { r.queued } else { 0 } >= want || r.pool_empty {
                     break;
