@@ -122,6 +122,10 @@ pub(crate) struct Engine {
     /// Device of the most recent failed page-out (for the error of an allocation
     /// that cannot progress because page-out keeps failing). Relaxed atomic.
     pub last_write_error_dev: AtomicU8,
+    /// The errno of the most recent failed write-back of a file page, or 0 when the
+    /// most recent failed page-out was to a swap device (relaxed): what an
+    /// allocation that gives up reports (see `reclaim::alloc_frame`).
+    pub last_write_error_file: crate::sync::AtomicI32,
     /// The host files open through `map_file` and `Vm::open`, as the page-I/O
     /// threads see them (preallocated; see `filemap::slots`).
     pub files: crate::filemap::slots::FileSlots,
@@ -178,6 +182,7 @@ impl Engine {
             kswapd_wake: Condvar::new(),
             shutdown: AtomicBool::new(false),
             last_write_error_dev: AtomicU8::new(0),
+            last_write_error_file: crate::sync::AtomicI32::new(0),
             uffd: std::sync::OnceLock::new(),
             transparent_out: AtomicU64::new(0),
             transparent_frozen: AtomicBool::new(false),

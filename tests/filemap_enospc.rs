@@ -155,3 +155,56 @@ fn shared_write_back_on_a_full_disk_fails_cleanly_and_succeeds_later() {
     assert_eq!(std::fs::read(&p).unwrap(), want);
     drop((r, mm, vm));
 }
+
+/// Review finding: under memory pressure, with every file write-back failing, an
+/// access that needs a frame must give up with a clear error instead of waiting
+/// forever; what was written stays, and reaches the file once there is room.
+#[test]
+fn pressure_on_a_full_disk_gives_up_cleanly() {
+    let Some(fs) = Tmpfs::mount(512) else { return };
+    let p = fs.path().join("big-sparse");
+    let n = 1024usize; // 4 MiB of holes; the budget is 256 KiB
+    std::fs::File::create(&p)
+        .unwrap()
+        .set_len((n * PS) as u64)
+        .unwrap();
+    let vm = Vm::new(Config::default().memory_budget(256 << 10)).unwrap();
+    let mm = vm.new_space();
+    let r = mm.map_file(&p, Share::Shared).unwrap();
+    let filler = fill(fs.path(), 16 << 10);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (mm2, start) = (mm.clone(), r.start());
+    std::thread::spawn(move || {
+        for i in 0..n {
+            if let Err(e) = mm2.write(start + (i * PS) as u64, &page(3, i)) {
+                let _ = tx.send(Err((i, e)));
+                return;
+            }
+        }
+        let _ = tx.send(Ok(()));
+    });
+    let got = rx
+        .recv_timeout(std::time::Duration::from_secs(120))
+        .expect("a write hung on a full disk");
+    let (failed_at, e) = got.expect_err("4 MiB cannot fit in 256 KiB with no room on disk");
+    assert!(
+        matches!(&e, Error::Io(io) if io.to_string().contains("keeps failing")),
+        "page {failed_at}: {e:?}"
+    );
+    std::fs::remove_file(&filler).unwrap();
+    let mut b = vec![0u8; PS];
+    for i in 0..failed_at {
+        mm.read(r.start() + (i * PS) as u64, &mut b).unwrap();
+        assert_eq!(b, page(3, i), "page {i} was lost");
+    }
+    mm.msync(&r).ok();
+    mm.msync(&r).unwrap();
+    let disk = std::fs::read(&p).unwrap();
+    for i in 0..failed_at {
+        assert_eq!(
+            &disk[i * PS..(i + 1) * PS],
+            &page(3, i)[..],
+            "page {i} on disk"
+        );
+    }
+}

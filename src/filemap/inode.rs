@@ -531,8 +531,12 @@ impl Inode {
         if durable {
             // An Atomic commit's emptied journal must not be replayed over what
             // this sync makes durable (`Journal::settle`).
-            if let Some(j) = self.commit.lock().as_mut() {
-                j.settle().map_err(|e| with_path(&self.path, e))?;
+            // `try_lock`: a commit in progress holds it (and may wait for a guard
+            // of the thread that called us); its own log sync replaces the log.
+            if let Some(mut c) = self.commit.try_lock() {
+                if let Some(j) = c.as_mut() {
+                    j.settle().map_err(|e| with_path(&self.path, e))?;
+                }
             }
             // The page-I/O threads' write-backs of this file that are in flight
             // are part of what must be durable.

@@ -45,7 +45,7 @@ use crate::frame::copy_out;
 use crate::mm::fault::{pin, unpin, Want};
 use crate::mm::region::{Region, Share};
 use crate::mm::space::SpaceInner;
-use crate::pte::{Pte, EMPTY};
+use crate::pte::{Pte, EMPTY, P_SHARED_ONE};
 use crate::sync::Ordering;
 use std::fs::File;
 use std::io;
@@ -231,6 +231,11 @@ pub(crate) fn msync(sp: &SpaceInner, r: Region) -> Result<()> {
 fn commit(sp: &SpaceInner, ino: &Inode, r: Region) -> Result<()> {
     let jp = journal_path(&ino.path);
     let io_err = |e: io::Error| with_path(&jp, e);
+    // The commit pins the region's pages, waiting out writers: with a guard of
+    // this thread's on one of them it would wait for itself (holding the lock).
+    if crate::mm::fault::holds_pin(sp, r.start.vpn(), r.end().vpn(), true) {
+        return Err(Error::WouldDeadlock("msync of an Atomic mapping"));
+    }
     let mut guard = ino.commit.lock();
     let j = guard
         .as_mut()
@@ -252,6 +257,16 @@ fn commit(sp: &SpaceInner, ino: &Inode, r: Region) -> Result<()> {
     if pages.is_empty() {
         return Ok(());
     }
+    // A previous commit whose checkpoint failed (its data write or sync) is still
+    // in the log: finish it first (a no-op when the log is clean).
+    j.checkpoint(
+        &Clipped {
+            file: &ino.file,
+            len: ino.len(),
+        },
+        &mut |_, _| {},
+    )
+    .map_err(io_err)?;
     let file_pages = ino.pages();
     let mut buf = vec![0u8; PAGE_SIZE];
     // (page number, entry value after the copy) of each page committed.
@@ -265,8 +280,11 @@ fn commit(sp: &SpaceInner, ino: &Inode, r: Region) -> Result<()> {
         let p = pin(sp, VAddr(vpn * PAGE_SIZE as u64), Want::Shared)?;
         // SAFETY: the frame is pinned shared: nobody writes it while we copy.
         unsafe { copy_out(sp.eng.frames.frame_ptr(p.pfn), &mut buf) };
+        // The entry as it is while pinned (no write can move it meanwhile), less
+        // our pin: what it is after `unpin` if nothing writes the page since.
+        let seen = p.pte.load(Ordering::Acquire) - P_SHARED_ONE;
         unpin(p.pte, p.pfn, Want::Shared);
-        copied.push((vpn, p.pte.load(Ordering::Acquire)));
+        copied.push((vpn, seen));
         txn.add(pg, &buf).map_err(io_err)?;
     }
     txn.commit().map_err(io_err)?;

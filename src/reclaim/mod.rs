@@ -189,27 +189,30 @@ fn reclaim_frame(eng: &Engine, pfn: Pfn, small: bool, r: &mut ScanResult, zap: &
         return;
     }
     if f & F_WRITEBACK != 0 {
+        if small {
+            requeue(eng, d, pfn);
+        }
         return;
     }
     if !d.try_lock() {
         r.busy += 1;
         if small {
-            // Busy now: back to the FIFO's tail. If it is full (installs took the
-            // room), the hand will find the page instead.
-            let key = u64::from(pfn.0) | (u64::from(d.epoch.load(Ordering::Relaxed)) << 32);
-            if eng.small.push(key).is_err() {
-                eng.set_orphan(pfn, true);
-            }
+            requeue(eng, d, pfn);
         }
         return;
     }
     let f = d.flags.load(Ordering::Relaxed);
-    if f & F_INUSE == 0
-        || f & F_WRITEBACK != 0
-        || d.mapcount.load(Ordering::Relaxed) == 0
-        || (small && f & F_SMALL == 0)
-    {
+    if f & F_INUSE == 0 || (small && f & F_SMALL == 0) {
         d.unlock();
+        return;
+    }
+    if f & F_WRITEBACK != 0 || d.mapcount.load(Ordering::Relaxed) == 0 {
+        // Under write-back (an msync's, `Inode::sync`) or being unmapped: still on
+        // probation, not to be lost from the FIFO.
+        d.unlock();
+        if small {
+            requeue(eng, d, pfn);
+        }
         return;
     }
     // Second chance: a page used through any of its mappings stays.
@@ -371,6 +374,16 @@ fn reclaim_frame(eng: &Engine, pfn: Pfn, small: bool, r: &mut ScanResult, zap: &
     d.unlock();
     eng.io.submit(req);
     r.queued += 1;
+}
+
+/// Sends a probation page that reclaim could not look at now back to the small
+/// FIFO's tail; if the FIFO is full (installs took the room), it becomes an orphan
+/// that the hand takes (`Engine::orphans`): never in neither.
+fn requeue(eng: &Engine, d: &PageDesc, pfn: Pfn) {
+    let key = u64::from(pfn.0) | (u64::from(d.epoch.load(Ordering::Relaxed)) << 32);
+    if eng.small.push(key).is_err() {
+        eng.set_orphan(pfn, true);
+    }
 }
 
 /// Moves a page of the small FIFO to main (it was used on probation, or could not
@@ -767,6 +780,10 @@ fn complete_file(eng: &Engine, i: u32) {
         Err(e) => {
             eng.files.failed(slot, e);
             Counters::inc(&eng.cnt.file_write_errors);
+            // A failed page-out like any other for an allocation's give-up.
+            Counters::inc(&eng.cnt.write_errors);
+            eng.last_write_error_file
+                .store(e.raw_os_error().unwrap_or(libc::EIO), Ordering::Relaxed);
             false
         }
     };
@@ -836,6 +853,7 @@ fn finish_writeback(eng: &Engine, i: u32, ok: bool, zap: &mut ZapBatch) {
     } else {
         Counters::inc(&eng.cnt.write_errors);
         eng.last_write_error_dev.store(e.dev, Ordering::Relaxed);
+        eng.last_write_error_file.store(0, Ordering::Relaxed);
     }
     let d = eng.frames.desc(pfn);
     d.lock();
@@ -1032,6 +1050,17 @@ pub(crate) fn alloc_frame(eng: &Engine, ctx: AllocCtx) -> Result<Pfn> {
                 || (errs != before && failed > 1 && f.since.elapsed() >= GIVE_UP_AFTER)
         });
         if give_up {
+            let errno = eng.last_write_error_file.load(Ordering::Relaxed);
+            if errno != 0 {
+                let os = std::io::Error::from_raw_os_error(errno);
+                return Err(Error::Io(std::io::Error::new(
+                    os.kind(),
+                    format!(
+                        "write-back of a mapped file keeps failing ({os}): no frame can be \
+                         freed for this access; the file's pages stay dirty in memory"
+                    ),
+                )));
+            }
             let dev = eng.last_write_error_dev.load(Ordering::Relaxed);
             let name = eng
                 .swap

@@ -26,6 +26,9 @@ impl<T> Mutex<T> {
     pub fn lock(&self) -> MutexGuard<'_, T> {
         MutexGuard(Some(self.0.lock().unwrap()))
     }
+    pub fn try_lock(&self) -> Option<MutexGuard<'_, T>> {
+        self.0.try_lock().ok().map(|g| MutexGuard(Some(g)))
+    }
     pub fn get_mut(&mut self) -> &mut T {
         self.0.get_mut().unwrap()
     }

@@ -72,6 +72,30 @@ impl<T> Mutex<T> {
             addr,
         }
     }
+    /// Takes the lock if it is free (no wait).
+    #[cfg_attr(feature = "lockdep", track_caller)]
+    pub fn try_lock(&self) -> Option<MutexGuard<'_, T>> {
+        let g = match self.inner.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+        };
+        #[cfg(feature = "lockdep")]
+        let addr = self as *const Self as usize;
+        #[cfg(feature = "lockdep")]
+        lockdep::acquire(
+            self.key.class(),
+            Kind::Sleep,
+            addr,
+            true,
+            Location::caller(),
+        );
+        Some(MutexGuard {
+            inner: Some(g),
+            #[cfg(feature = "lockdep")]
+            addr,
+        })
+    }
     pub fn get_mut(&mut self) -> &mut T {
         self.inner.get_mut().unwrap_or_else(PoisonError::into_inner)
     }
