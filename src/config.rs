@@ -17,6 +17,7 @@ pub struct Config {
     pub(crate) io_requests: usize,
     pub(crate) background_reclaim: bool,
     pub(crate) max_files: usize,
+    pub(crate) speculative_faults: bool,
 }
 
 impl Default for Config {
@@ -28,6 +29,7 @@ impl Default for Config {
             io_requests: 256,
             background_reclaim: true,
             max_files: 1024,
+            speculative_faults: true,
         }
     }
 }
@@ -67,6 +69,16 @@ impl Config {
     /// preallocated slot the page-I/O threads write it back through). Default 1024.
     pub fn max_files(mut self, n: usize) -> Self {
         self.max_files = n;
+        self
+    }
+
+    /// Whether a fault finds its region without its space's regions lock (default
+    /// true): it reads a snapshot of the regions optimistically and validates after
+    /// claiming its page, so `map_anon`, `unmap` and `fork` on one thread never
+    /// stall faults on others. `false` forces the locked lookup on every fault (for
+    /// comparison: `cargo run --release --example spec_fault`).
+    pub fn speculative_faults(mut self, on: bool) -> Self {
+        self.speculative_faults = on;
         self
     }
 

@@ -109,6 +109,9 @@ pub(crate) struct Engine {
     /// Stall accounting and pressure triggers (`crate::psi`; atomics on the fault
     /// path, its own leaf mutex elsewhere).
     pub psi: Arc<crate::psi::Psi>,
+    /// `Config::speculative_faults`: faults look their region up without the
+    /// regions lock (`mm::lookup`). Set at start-up.
+    pub speculative: bool,
 }
 
 impl Engine {
@@ -145,6 +148,7 @@ impl Engine {
             spaces: Mutex::new(Vec::new()),
             files: crate::filemap::slots::FileSlots::new(cfg.max_files),
             psi: Arc::new(crate::psi::Psi::new()),
+            speculative: cfg.speculative_faults,
         })
     }
 

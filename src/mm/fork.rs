@@ -88,9 +88,8 @@ pub(crate) fn fork_into(sp: &SpaceInner, child: &SpaceInner) -> Result<()> {
         }
         // Two regions locks: the child's is nobody else's yet (lockdep: nested).
         let mut theirs = child.regions.write_nested();
-        child.regions_seq.write_begin();
         *theirs = regions.clone();
-        child.regions_seq.write_end();
+        child.publish(&theirs);
         drop(theirs);
         for (start, len) in regions.spans_from(0) {
             sp.pt.share_into(

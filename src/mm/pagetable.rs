@@ -15,10 +15,21 @@
 //! No lock on lookups or node creation (CAS). `LeafPool::free` (Mutex) is a leaf lock
 //! around the recycled-leaf list. `unshare` and `share_into` run under the owning
 //! space's regions write lock (their callers say so).
+//!
+//! A fault that found its region without that lock (`mm::lookup`) claims an entry
+//! of a leaf it looked up without it too, so it must be able to tell, after the
+//! claim, that the table did not replace the leaf meanwhile. Two changes replace
+//! a slot's value: fork's tag (`tag_all`) and `unshare`. The fault checks the slot
+//! again (`Hit::still`), and, because `unshare` copies the entries *before* it
+//! stores the new slot (a claim landing between the two would be left in the old
+//! leaf), `unshare` also moves the table's sequence count `copies` around the copy:
+//! odd from before it reads the first entry (SeqCst fence) until the slot is stored.
 
 use crate::addr::{PAGE_SHIFT, VADDR_BITS};
 use crate::pte::EMPTY;
-use crate::sync::{Arc, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Mutex, Ordering};
+use crate::sync::{
+    fence, Arc, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Mutex, Ordering, SeqCount,
+};
 use std::alloc::{alloc_zeroed, dealloc, Layout};
 
 const LEAF_BITS: u32 = 12;
@@ -127,6 +138,9 @@ impl Drop for LeafPool {
 pub(crate) struct PageTable {
     top: Box<[AtomicPtr<Mid>]>,
     pool: Arc<LeafPool>,
+    /// Odd while `unshare` copies a leaf (see the module header); moved only under
+    /// the space's regions write lock, read by speculative faults (`mm::lookup`).
+    pub copies: SeqCount,
 }
 
 impl std::fmt::Debug for PageTable {
@@ -175,7 +189,11 @@ impl PageTable {
             TOP_LEN * std::mem::size_of::<AtomicPtr<Mid>>(),
             Ordering::Relaxed,
         );
-        PageTable { top, pool }
+        PageTable {
+            top,
+            pool,
+            copies: SeqCount::default(),
+        }
     }
 
     #[inline]
@@ -256,6 +274,22 @@ impl PageTable {
         }
         // SAFETY: type-stable leaf, see `hit`.
         unsafe { &(*untag(leaf)).e[split(vpn).2] }
+    }
+
+    /// `hit` for the entry of `vpn`, creating the nodes on the way (as `entry`).
+    pub fn entry_hit(&self, vpn: u64) -> Hit<'_> {
+        let lslot = self.ensure_slot(vpn);
+        self.entry(vpn);
+        let leaf = lslot.load(Ordering::Acquire);
+        debug_assert!(!leaf.is_null(), "entry() made the leaf");
+        // SAFETY: type-stable leaf, see `hit`; non-null (made by `entry`, and a
+        // slot is only emptied by `clear`, which needs `&mut self`).
+        let pte = unsafe { &(*untag(leaf)).e[split(vpn).2] };
+        Hit {
+            pte,
+            slot: lslot,
+            leaf,
+        }
     }
 
     /// Calls `f(vpn, entry)` for every existing entry in `[first, end)`, skipping
@@ -369,16 +403,23 @@ impl PageTable {
         let new = self.pool.get();
         // SAFETY: a fresh leaf from the pool, not yet visible.
         let n = unsafe { &*new };
+        // A speculative fault claims, fences, then reads `copies`; we make it odd,
+        // fence, then read the entries: either it sees the copy under way (and
+        // undoes its claim) or the copy sees its claim (and waits it out).
+        self.copies.write_begin();
+        fence(Ordering::SeqCst);
         for i in 0..LEAF_LEN {
             if !copy(&l.e[i], &n.e[i]) {
                 for e in &n.e[..i] {
                     release(e);
                 }
                 self.pool.put(new);
+                self.copies.write_end();
                 return false;
             }
         }
         slot.store(new, Ordering::Release);
+        self.copies.write_end();
         self.drop_use(old, &mut release);
         true
     }

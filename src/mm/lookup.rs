@@ -1,0 +1,167 @@
+//! Finding the region of a fault: speculatively, without the space's regions lock,
+//! or under its read lock (the fallback). Keeps the "optimistic readers never spin"
+//! half of docs/design.md invariant 5 for the fault path.
+//!
+//! ## What is read optimistically
+//! The space's current `Snapshot` (`SpaceInner::snap`, an `ArcSwap`: a load takes no
+//! lock, and the snapshot lives while this lookup holds it), the `RegionView` of
+//! the region containing the address (start, length, for a file mapping a `Weak`
+//! of its inode and how it is shared), that view's sequence count, and the page
+//! table's `copies` count. A file region's `Weak` is upgraded at once: the fault
+//! holds its own `Arc<Inode>` from then on, whatever happens to the region.
+//!
+//! ## How it is validated
+//! A snapshot is consistent by construction (the writer builds it under the write
+//! lock), but may be stale. A view's count is even while its region is mapped and
+//! odd for good once it is removed, so:
+//! - `Found::valid`: for a step that claims nothing (a read of a never-written page
+//!   as zeros, a read or write through the page cache): the count has not moved
+//!   since the lookup, so the region was mapped when the entry was read.
+//! - `Found::confirm`: after the fault claimed its entry (`BUSY`, or `P_LOCK` for a
+//!   copy-on-write break), a SeqCst fence, then: the region's count has not moved
+//!   (unmap makes it odd, fences, then releases the entries: it either sees the
+//!   claim and waits for it, or the fault sees the odd count), the table's `copies`
+//!   count has not moved (an `unshare` copies entries before it replaces the leaf,
+//!   see `pagetable`), and the table's slot still holds the leaf the entry is in
+//!   (fork's tag and `unshare` both change it; fork tags, fences, then looks for
+//!   locked entries, as for the hit path's writes). Once confirmed, the claim is
+//!   what keeps unmap and fork off the page, exactly as on the locked path.
+//!
+//! ## The fallback
+//! When the view's count is odd at the lookup, the inode is already gone, or a
+//! validation fails, the fault undoes its claim (the entry gets back the value it
+//! claimed) and does that step again under the regions read lock, which it holds
+//! from the lookup to the claim as before. Each step tries speculatively at most
+//! once: no reader spins or retries unboundedly on a count. With
+//! `Config::speculative_faults(false)` every lookup takes the lock.
+
+use crate::addr::PAGE_SIZE;
+use crate::error::{Error, Result};
+use crate::filemap::inode::Inode;
+use crate::mm::pagetable::{Hit, PageTable};
+use crate::mm::region::{RegionTree, Share, Snapshot};
+use crate::mm::space::SpaceInner;
+use crate::sync::{fence, Arc, Ordering, RwLockReadGuard};
+use arc_swap::Guard;
+
+/// A region found for a fault, and what keeps the finding good until the fault has
+/// claimed its entry. Drop it right after the claim is confirmed: on the locked
+/// path it holds the regions read lock.
+pub(crate) struct Found<'a> {
+    how: How<'a>,
+    /// For a file mapping: its inode (this fault's own reference), how it is shared,
+    /// and the file page of the address.
+    pub file: Option<(Arc<Inode>, Share, u64)>,
+}
+
+enum How<'a> {
+    /// Under the regions read lock, held since the lookup (until this drops).
+    Locked { _held: RwLockReadGuard<'a, RegionTree> },
+    /// Without it: the snapshot, the view's index in it, the view's count and the
+    /// table's `copies` count at the lookup.
+    Spec {
+        snap: Guard<Arc<Snapshot>>,
+        idx: usize,
+        seq: u64,
+        copies: u64,
+        pt: &'a PageTable,
+    },
+}
+
+impl Found<'_> {
+    /// Whether the lookup still holds, for a step that claimed nothing: the region
+    /// is still mapped (see the module header). Always true on the locked path.
+    #[inline]
+    pub fn valid(&self) -> bool {
+        match &self.how {
+            How::Locked { .. } => true,
+            How::Spec { snap, idx, seq, .. } => !snap.view(*idx).seq.read_retry(*seq),
+        }
+    }
+
+    /// Whether a claim just taken on `hit.pte` (a `BUSY` claim or the entry lock)
+    /// may stand: the region is still mapped and the entry still in this table's
+    /// leaf (see the module header). Always true on the locked path. On false the
+    /// caller undoes its claim and falls back to the locked path.
+    #[inline]
+    pub fn confirm(&self, hit: &Hit<'_>) -> bool {
+        match &self.how {
+            How::Locked { .. } => true,
+            How::Spec {
+                snap,
+                idx,
+                seq,
+                copies,
+                pt,
+            } => {
+                // Claim, then look: paired with unmap's count-then-fence-then-release,
+                // `unshare`'s count-then-fence-then-copy and fork's tag-then-fence-
+                // then-scan.
+                fence(Ordering::SeqCst);
+                !snap.view(*idx).seq.read_retry(*seq)
+                    && !pt.copies.read_retry(*copies)
+                    && hit.still(Ordering::Relaxed)
+            }
+        }
+    }
+
+    /// Whether this lookup took no lock.
+    pub fn speculative(&self) -> bool {
+        matches!(self.how, How::Spec { .. })
+    }
+}
+
+/// Finds the region containing `addr`: without the regions lock if `spec` (and the
+/// snapshot's view of it is usable), else under the read lock.
+///
+/// Errors: `BadAddress` when no region contains `addr` (in the current snapshot,
+/// which every `map_*` and `unmap` publishes before it returns).
+#[inline]
+pub(crate) fn find(sp: &SpaceInner, addr: u64, spec: bool) -> Result<Found<'_>> {
+    if spec {
+        if let Some(f) = find_spec(sp, addr)? {
+            return Ok(f);
+        }
+    }
+    let regions = sp.regions.read();
+    let vma = regions.find(addr).ok_or(Error::BadAddress { addr })?;
+    let file = vma.file_page(addr).map(|(i, s, p)| (i.clone(), s, p));
+    Ok(Found {
+        how: How::Locked { _held: regions },
+        file,
+    })
+}
+
+/// The speculative lookup; `None` when it cannot be used (fall back).
+#[inline]
+fn find_spec(sp: &SpaceInner, addr: u64) -> Result<Option<Found<'_>>> {
+    // Sampled before the leaf is looked up (by the caller, after this).
+    let Some(copies) = sp.pt.copies.read_begin() else {
+        return Ok(None);
+    };
+    let snap = sp.snap.load();
+    let Some(idx) = snap.index_of(addr) else {
+        return Err(Error::BadAddress { addr });
+    };
+    let view = snap.view(idx);
+    let Some(seq) = view.seq.read_begin() else {
+        return Ok(None); // removed: this snapshot is stale
+    };
+    let file = match &view.file {
+        None => None,
+        Some((w, share)) => match w.upgrade() {
+            Some(ino) => Some((ino, *share, (addr - view.start) / PAGE_SIZE as u64)),
+            None => return Ok(None), // its last mapping is going
+        },
+    };
+    Ok(Some(Found {
+        how: How::Spec {
+            snap,
+            idx,
+            seq,
+            copies,
+            pt: &sp.pt,
+        },
+        file,
+    }))
+}
