@@ -616,6 +616,10 @@ fn fault_swapin(sp: &SpaceInner, hit: &Hit<'_>, v: u64, found: Found<'_>) -> Res
     let Pte::Swapped(e) = Pte::decode(v) else {
         return Ok(Step::Done(()));
     };
+    if found.speculative() && hit.shared() {
+        // A claim there is made under the lock (see `lookup`).
+        return Ok(Step::Fallback);
+    }
     if pte
         .compare_exchange(v, BUSY, Ordering::AcqRel, Ordering::Relaxed)
         .is_err()

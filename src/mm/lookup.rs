@@ -6,9 +6,10 @@
 //! The space's current `Snapshot` (`SpaceInner::snap`, an `ArcSwap`: a load takes no
 //! lock, and the snapshot lives while this lookup holds it), the `RegionView` of
 //! the region containing the address (start, length, for a file mapping a `Weak`
-//! of its inode and how it is shared), that view's sequence count, and the page
-//! table's `copies` count. A file region's `Weak` is upgraded at once: the fault
-//! holds its own `Arc<Inode>` from then on, whatever happens to the region.
+//! of its inode and how it is shared) and that view's sequence count; then (by the
+//! caller) the page table's slot of the leaf and the entry. A file region's `Weak`
+//! is upgraded at once: the fault holds its own `Arc<Inode>` from then on, whatever
+//! happens to the region.
 //!
 //! ## How it is validated
 //! A snapshot is consistent by construction (the writer builds it under the write
@@ -20,12 +21,16 @@
 //! - `Found::confirm`: after the fault claimed its entry (`BUSY`, or `P_LOCK` for a
 //!   copy-on-write break), a SeqCst fence, then: the region's count has not moved
 //!   (unmap makes it odd, fences, then releases the entries: it either sees the
-//!   claim and waits for it, or the fault sees the odd count), the table's `copies`
-//!   count has not moved (an `unshare` copies entries before it replaces the leaf,
-//!   see `pagetable`), and the table's slot still holds the leaf the entry is in
-//!   (fork's tag and `unshare` both change it; fork tags, fences, then looks for
-//!   locked entries, as for the hit path's writes). Once confirmed, the claim is
-//!   what keeps unmap and fork off the page, exactly as on the locked path.
+//!   claim and waits for it, or the fault sees the odd count), and the table's slot
+//!   still holds the leaf the entry is in, untagged as it was at the lookup (fork's
+//!   tag and `unshare` both change it: fork tags, fences, then looks for locked
+//!   entries, as for the hit path's writes; `unshare` copies only a tagged leaf and
+//!   fences before it reads the entries, see `pagetable`). A claim in a leaf that
+//!   was already shared at the lookup (after a fork, only a swap-in read makes
+//!   one) is not confirmed: the copy of such a leaf may be under way, reading
+//!   entries before it replaces the slot, so that claim is made under the lock.
+//!   Once confirmed, the claim is what keeps unmap and fork off the page, exactly
+//!   as on the locked path.
 //!
 //! ## The fallback
 //! When the view's count is odd at the lookup, the inode is already gone, or a
@@ -38,7 +43,7 @@
 use crate::addr::PAGE_SIZE;
 use crate::error::{Error, Result};
 use crate::filemap::inode::Inode;
-use crate::mm::pagetable::{Hit, PageTable};
+use crate::mm::pagetable::Hit;
 use crate::mm::region::{RegionTree, Share, Snapshot};
 use crate::mm::space::SpaceInner;
 use crate::sync::{fence, Arc, Ordering, RwLockReadGuard};
@@ -57,14 +62,12 @@ pub(crate) struct Found<'a> {
 enum How<'a> {
     /// Under the regions read lock, held since the lookup (until this drops).
     Locked { _held: RwLockReadGuard<'a, RegionTree> },
-    /// Without it: the snapshot, the view's index in it, the view's count and the
-    /// table's `copies` count at the lookup.
+    /// Without it: the snapshot, the view's index in it and the view's count at
+    /// the lookup.
     Spec {
         snap: Guard<Arc<Snapshot>>,
         idx: usize,
         seq: u64,
-        copies: u64,
-        pt: &'a PageTable,
     },
 }
 
@@ -87,19 +90,12 @@ impl Found<'_> {
     pub fn confirm(&self, hit: &Hit<'_>) -> bool {
         match &self.how {
             How::Locked { .. } => true,
-            How::Spec {
-                snap,
-                idx,
-                seq,
-                copies,
-                pt,
-            } => {
-                // Claim, then look: paired with unmap's count-then-fence-then-release,
-                // `unshare`'s count-then-fence-then-copy and fork's tag-then-fence-
-                // then-scan.
+            How::Spec { snap, idx, seq } => {
+                // Claim, then look: paired with unmap's count-then-fence-then-release
+                // and fork's tag-then-fence-then-scan (which `unshare` follows).
                 fence(Ordering::SeqCst);
-                !snap.view(*idx).seq.read_retry(*seq)
-                    && !pt.copies.read_retry(*copies)
+                !hit.shared()
+                    && !snap.view(*idx).seq.read_retry(*seq)
                     && hit.still(Ordering::Relaxed)
             }
         }
@@ -135,10 +131,6 @@ pub(crate) fn find(sp: &SpaceInner, addr: u64, spec: bool) -> Result<Found<'_>> 
 /// The speculative lookup; `None` when it cannot be used (fall back).
 #[inline]
 fn find_spec(sp: &SpaceInner, addr: u64) -> Result<Option<Found<'_>>> {
-    // Sampled before the leaf is looked up (by the caller, after this).
-    let Some(copies) = sp.pt.copies.read_begin() else {
-        return Ok(None);
-    };
     let snap = sp.snap.load();
     let Some(idx) = snap.index_of(addr) else {
         return Err(Error::BadAddress { addr });
@@ -155,13 +147,7 @@ fn find_spec(sp: &SpaceInner, addr: u64) -> Result<Option<Found<'_>>> {
         },
     };
     Ok(Some(Found {
-        how: How::Spec {
-            snap,
-            idx,
-            seq,
-            copies,
-            pt: &sp.pt,
-        },
+        how: How::Spec { snap, idx, seq },
         file,
     }))
 }

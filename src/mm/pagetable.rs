@@ -19,17 +19,17 @@
 //! A fault that found its region without that lock (`mm::lookup`) claims an entry
 //! of a leaf it looked up without it too, so it must be able to tell, after the
 //! claim, that the table did not replace the leaf meanwhile. Two changes replace
-//! a slot's value: fork's tag (`tag_all`) and `unshare`. The fault checks the slot
-//! again (`Hit::still`), and, because `unshare` copies the entries *before* it
-//! stores the new slot (a claim landing between the two would be left in the old
-//! leaf), `unshare` also moves the table's sequence count `copies` around the copy:
-//! odd from before it reads the first entry (SeqCst fence) until the slot is stored.
+//! a slot's value: fork's tag (`tag_all`) and `unshare`, which copies only a tagged
+//! leaf. Such a fault claims only in a leaf that was not tagged when it looked it
+//! up, then fences and checks the slot again (`Hit::still`): a copy of that leaf
+//! needs a tag first, which the fault sees, or else the copy (which fences before
+//! it reads the entries) sees the claim and waits for it. A claim in a leaf that
+//! was already tagged is made under the regions read lock instead, which keeps
+//! `unshare` out.
 
 use crate::addr::{PAGE_SHIFT, VADDR_BITS};
 use crate::pte::EMPTY;
-use crate::sync::{
-    fence, Arc, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Mutex, Ordering, SeqCount,
-};
+use crate::sync::{fence, Arc, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Mutex, Ordering};
 use std::alloc::{alloc_zeroed, dealloc, Layout};
 
 const LEAF_BITS: u32 = 12;
@@ -138,9 +138,6 @@ impl Drop for LeafPool {
 pub(crate) struct PageTable {
     top: Box<[AtomicPtr<Mid>]>,
     pool: Arc<LeafPool>,
-    /// Odd while `unshare` copies a leaf (see the module header); moved only under
-    /// the space's regions write lock, read by speculative faults (`mm::lookup`).
-    pub copies: SeqCount,
 }
 
 impl std::fmt::Debug for PageTable {
@@ -189,11 +186,7 @@ impl PageTable {
             TOP_LEN * std::mem::size_of::<AtomicPtr<Mid>>(),
             Ordering::Relaxed,
         );
-        PageTable {
-            top,
-            pool,
-            copies: SeqCount::default(),
-        }
+        PageTable { top, pool }
     }
 
     #[inline]
@@ -403,10 +396,10 @@ impl PageTable {
         let new = self.pool.get();
         // SAFETY: a fresh leaf from the pool, not yet visible.
         let n = unsafe { &*new };
-        // A speculative fault claims, fences, then reads `copies`; we make it odd,
-        // fence, then read the entries: either it sees the copy under way (and
-        // undoes its claim) or the copy sees its claim (and waits it out).
-        self.copies.write_begin();
+        // The leaf was tagged (by fork, then a fence) before this copy; a speculative
+        // fault claims, fences, then checks the slot still holds the untagged leaf
+        // it saw: it sees the tag (and undoes its claim) or we see its claim here
+        // (and wait it out). See the module header.
         fence(Ordering::SeqCst);
         for i in 0..LEAF_LEN {
             if !copy(&l.e[i], &n.e[i]) {
@@ -414,12 +407,10 @@ impl PageTable {
                     release(e);
                 }
                 self.pool.put(new);
-                self.copies.write_end();
                 return false;
             }
         }
         slot.store(new, Ordering::Release);
-        self.copies.write_end();
         self.drop_use(old, &mut release);
         true
     }
