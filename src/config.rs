@@ -18,6 +18,7 @@ pub struct Config {
     pub(crate) background_reclaim: bool,
     pub(crate) max_files: usize,
     pub(crate) speculative_faults: bool,
+    pub(crate) fault_lookup_delay: std::time::Duration,
 }
 
 impl Default for Config {
@@ -30,6 +31,7 @@ impl Default for Config {
             background_reclaim: true,
             max_files: 1024,
             speculative_faults: true,
+            fault_lookup_delay: std::time::Duration::ZERO,
         }
     }
 }
@@ -79,6 +81,16 @@ impl Config {
     /// comparison: `cargo run --release --example spec_fault`).
     pub fn speculative_faults(mut self, on: bool) -> Self {
         self.speculative_faults = on;
+        self
+    }
+
+    /// For tests only: every speculative region lookup of a fault sleeps this long
+    /// after it has read the region and before the fault claims its page, so that
+    /// races with `unmap` and fork happen on every run instead of once in a while
+    /// (`tests/spec_fault.rs`). Default zero (no sleep).
+    #[doc(hidden)]
+    pub fn fault_lookup_delay(mut self, d: std::time::Duration) -> Self {
+        self.fault_lookup_delay = d;
         self
     }
 

@@ -112,6 +112,8 @@ pub(crate) struct Engine {
     /// `Config::speculative_faults`: faults look their region up without the
     /// regions lock (`mm::lookup`). Set at start-up.
     pub speculative: bool,
+    /// `Config::fault_lookup_delay` (tests only). Set at start-up.
+    pub lookup_delay: std::time::Duration,
 }
 
 impl Engine {
@@ -149,6 +151,7 @@ impl Engine {
             files: crate::filemap::slots::FileSlots::new(cfg.max_files),
             psi: Arc::new(crate::psi::Psi::new()),
             speculative: cfg.speculative_faults,
+            lookup_delay: cfg.fault_lookup_delay,
         })
     }
 

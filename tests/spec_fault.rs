@@ -269,21 +269,25 @@ const DEAD: u64 = 3;
 /// slot may outlive the space.
 #[test]
 fn unmap_and_remap_racing_faults_never_mix_regions() {
-    for spec in [true, false] {
+    // Speculative with a widened window (every lookup sleeps before its claim: a
+    // claim left unvalidated fails this within a few generations), speculative as
+    // it runs, and the locked path.
+    for (spec, delay) in [(true, 20), (true, 0), (false, 0)] {
         watchdog(Duration::from_secs(180), move |note| {
-            race(spec, Duration::from_secs(4), note)
+            race(spec, Duration::from_micros(delay), Duration::from_secs(3), note)
         });
     }
 }
 
-fn race(spec: bool, secs: Duration, note: &Note) {
+fn race(spec: bool, delay: Duration, secs: Duration, note: &Note) {
     const CHURN: u64 = 64;
     const NEIGH: u64 = 256;
     let dir = tempfile::tempdir().unwrap();
     let vm = Vm::new(
         Config::default()
             .memory_budget(1 << 20)
-            .speculative_faults(spec),
+            .speculative_faults(spec)
+            .fault_lookup_delay(delay),
     )
     .unwrap();
     let dev = vm
@@ -448,13 +452,29 @@ fn race(spec: bool, secs: Duration, note: &Note) {
     assert!(s.pswpin > 0, "no swap-in: the budget did not bite ({s:?})");
     note.set("tear down: nothing may be left");
     drop(mm);
+    // Page-outs under way when the space went finish on the page-I/O threads.
+    let used = || {
+        vm.swaps()
+            .iter()
+            .find(|d| d.id == dev)
+            .map_or(0, |d| d.used)
+    };
+    let t = Instant::now();
+    while (used() != 0 || vm.stats().free_frames != vm.stats().total_frames)
+        && t.elapsed() < Duration::from_secs(10)
+    {
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let s = vm.stats();
-    assert_eq!(s.free_frames, s.total_frames, "frames left: {s:?}");
-    let used = vm
-        .swaps()
-        .iter()
-        .find(|d| d.id == dev)
-        .map_or(0, |d| d.used);
-    assert_eq!(used, 0, "swap slots left after every space went");
-    eprintln!("speculative {spec}: {gens} generations, {checked} reads checked, {s:?}");
+    assert_eq!(
+        s.free_frames, s.total_frames,
+        "frames left (speculative: {spec}): {s:?}"
+    );
+    assert_eq!(
+        used(),
+        0,
+        "swap slots left after every space went (speculative: {spec}), {:?} later",
+        t.elapsed()
+    );
+    eprintln!("speculative {spec} (delay {delay:?}): {gens} generations, {checked} reads checked, {s:?}");
 }

@@ -146,6 +146,9 @@ fn find_spec(sp: &SpaceInner, addr: u64) -> Result<Option<Found<'_>>> {
             None => return Ok(None), // its last mapping is going
         },
     };
+    if !sp.eng.lookup_delay.is_zero() {
+        std::thread::sleep(sp.eng.lookup_delay); // tests widen the race window
+    }
     Ok(Some(Found {
         how: How::Spec { snap, idx, seq },
         file,
