@@ -58,7 +58,9 @@ type Lat = std::sync::Mutex<[Vec<u32>; 2]>;
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let secs: f64 = args.get(1).map_or(8.0, |s| s.parse().expect("SECS"));
-    let pause: u64 = args.get(2).map_or(50, |s| s.parse().expect("MAPPER_PAUSE_US"));
+    let pause: u64 = args
+        .get(2)
+        .map_or(50, |s| s.parse().expect("MAPPER_PAUSE_US"));
     let regions: u64 = args.get(3).map_or(1000, |s| s.parse().expect("REGIONS"));
     println!(
         "spec_fault: {secs} s per mode, phases of 250 ms, mapper pause {pause} us, \
@@ -67,15 +69,7 @@ fn main() {
     );
     println!(
         "{:<8} {:<7} {:>10} {:>10} {:>10} {:>9} {:>9} {:>11} {:>9}",
-        "mode",
-        "mapper",
-        "zero/s",
-        "swapin/s",
-        "faults/s",
-        "p99.9",
-        "max",
-        "mapper/s",
-        "round"
+        "mode", "mapper", "zero/s", "swapin/s", "faults/s", "p99.9", "max", "mapper/s", "round"
     );
     let mut ratios = Vec::new();
     for spec in [true, false] {

@@ -10,7 +10,16 @@
 //! version moved on. Neither touches the frame's descriptor.
 //!
 //! ## Fault path
-//! Under the space's regions read lock (so unmap cannot run under us):
+//! First the region (`lookup::find`): speculatively, with no lock (a snapshot of the
+//! space's regions and the region's sequence count), or, when that does not
+//! validate or `Config::speculative_faults(false)`, under the space's regions read
+//! lock, held until the entry is claimed. A speculative fault validates after its
+//! claim (`Found::confirm`: the region still mapped, the entry still in this
+//! table's unshared leaf) and, if that fails, undoes the claim and does the step
+//! again on the locked path; a step that claims nothing (zeros for a never-written
+//! page, the page cache of a file mapping) validates after reading the entry
+//! (`Found::valid`). Either way unmap cannot go past a claimed entry (its release
+//! waits for the claim) and no fault installs into a region that is gone. Then:
 //! - `Empty`: a read returns zeros and takes no frame; a write (or a guard) claims the
 //!   entry (`Empty` → `BUSY` by CAS), takes a frame, zeroes it and installs it.
 //! - `Swapped(e)`: claim the entry (`BUSY`), take a frame, read the slot *in this
@@ -19,11 +28,15 @@
 //!   be dropped again without I/O. The claim is the swap cache: a concurrent fault on
 //!   the same page sees `BUSY` and waits for the one read, instead of reading again.
 //!   On a device error the entry goes back to `Swapped(e)` (nothing is lost) and the
-//!   access gets `Error::Device`.
+//!   access gets `Error::Device`. (In a leaf shared with a fork child the claim is
+//!   made on the locked path: see `lookup`.)
 //! - `BUSY`: another thread is faulting the page in: wait until it is done.
+//! - copy-on-write (`cow_break`): allocates with nothing held, then looks the region
+//!   up again and validates once it holds the entry lock.
 //!
-//! Taking a frame may reclaim directly (see `reclaim`), with only the regions read
-//! lock and the claimed entry held; reclaim needs neither.
+//! Taking a frame may reclaim directly (see `reclaim`), with only the claimed entry
+//! held; reclaim needs none. A file region found speculatively is used through the
+//! fault's own `Arc<Inode>`, taken before validation.
 
 use crate::addr::{Pfn, VAddr, PAGE_SIZE, VADDR_END};
 use crate::device::AlignedPages;
@@ -274,7 +287,9 @@ enum Step<T> {
 /// fast path may now succeed or the page must be waited for.
 fn read_found(sp: &SpaceInner, a: VAddr, dst: &mut [u8], mut f: Found<'_>) -> Result<Step<bool>> {
     let hit = sp.pt.hit(a.vpn());
-    let v = hit.as_ref().map_or(EMPTY, |h| h.pte.load(Ordering::Acquire));
+    let v = hit
+        .as_ref()
+        .map_or(EMPTY, |h| h.pte.load(Ordering::Acquire));
     match (Pte::decode(v), f.file.as_ref().map(|x| x.1)) {
         // A shared file mapping reads the page cache; a private one an untouched
         // page as in the file.

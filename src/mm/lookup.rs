@@ -61,7 +61,9 @@ pub(crate) struct Found<'a> {
 
 enum How<'a> {
     /// Under the regions read lock, held since the lookup (until this drops).
-    Locked { _held: RwLockReadGuard<'a, RegionTree> },
+    Locked {
+        _held: RwLockReadGuard<'a, RegionTree>,
+    },
     /// Without it: the snapshot, the view's index in it and the view's count at
     /// the lookup.
     Spec {

@@ -179,7 +179,10 @@ impl Snapshot {
     /// The index of the region containing `addr`.
     #[inline]
     pub fn index_of(&self, addr: u64) -> Option<usize> {
-        let i = self.views.partition_point(|v| v.start <= addr).checked_sub(1)?;
+        let i = self
+            .views
+            .partition_point(|v| v.start <= addr)
+            .checked_sub(1)?;
         (addr < self.views[i].end()).then_some(i)
     }
     /// The view at `idx` (from `index_of`).
