@@ -400,7 +400,7 @@ fn race(spec: bool, delay: Duration, secs: Duration, note: &Note) {
                                 let first = g1 + u64::from(ph == DEAD);
                                 let mapped = g >= first && g <= g2;
                                 let ok = match by {
-                                    0 => v == 0 && !(same && ph == LIVE && p % 2 == 0),
+                                    0 => v == 0 && !(same && ph == LIVE && p.is_multiple_of(2)),
                                     BY_MAPPER => pg == p && mapped && (!same || g == g1),
                                     BY_FAULTER => pg == p && mapped,
                                     _ => false,
