@@ -530,6 +530,8 @@ fn cow_break(
             return Ok(Step::Done(()));
         }
     };
+    // The entry lock was taken with weaker orderings than `confirm` wants.
+    fence(Ordering::SeqCst);
     if !found.confirm(&now) {
         unlock_entry(pte, 0, 0);
         give_up(Some(d));
@@ -569,8 +571,9 @@ fn cow_break(
 /// reclaim and sleep, holds no lock.
 fn fault_zero(sp: &SpaceInner, hit: &Hit<'_>, found: Found<'_>, src: FilePage) -> Result<Step<()>> {
     let pte = hit.pte;
+    // SeqCst: `Found::confirm` relies on it.
     if pte
-        .compare_exchange(EMPTY, BUSY, Ordering::AcqRel, Ordering::Relaxed)
+        .compare_exchange(EMPTY, BUSY, Ordering::SeqCst, Ordering::Relaxed)
         .is_err()
     {
         return Ok(Step::Done(())); // someone else is faulting it; the caller retries
@@ -635,8 +638,9 @@ fn fault_swapin(sp: &SpaceInner, hit: &Hit<'_>, v: u64, found: Found<'_>) -> Res
         // A claim there is made under the lock (see `lookup`).
         return Ok(Step::Fallback);
     }
+    // SeqCst: `Found::confirm` relies on it.
     if pte
-        .compare_exchange(v, BUSY, Ordering::AcqRel, Ordering::Relaxed)
+        .compare_exchange(v, BUSY, Ordering::SeqCst, Ordering::Relaxed)
         .is_err()
     {
         return Ok(Step::Done(()));

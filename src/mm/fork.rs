@@ -12,8 +12,8 @@
 //! fault on the locked path claims meanwhile), then the child's, under which the
 //! child's first snapshot of regions is published. Faults that found their region
 //! speculatively do not take the lock: one whose claim lands after `tag_all` sees the
-//! tag when it validates (claim, fence, check the slot; `tag_all` stores, fences,
-//! then scans) and undoes it, one that claimed earlier is a `BUSY` entry like any
+//! tag when it validates (a SeqCst claim, then a SeqCst load of the slot;
+//! `tag_all` stores, fences, then scans) and undoes it, one that claimed earlier is a `BUSY` entry like any
 //! other claimed before the fork (the leaf is shared with the claim in it, and the
 //! page is installed into the shared leaf), and a swap-in claim in an already
 //! shared leaf is made on the locked path (`mm::lookup`). `copy_entry` takes a frame lock, then the

@@ -18,8 +18,9 @@
 //! - `Found::valid`: for a step that claims nothing (a read of a never-written page
 //!   as zeros, a read or write through the page cache): the count has not moved
 //!   since the lookup, so the region was mapped when the entry was read.
-//! - `Found::confirm`: after the fault claimed its entry (`BUSY`, or `P_LOCK` for a
-//!   copy-on-write break), a SeqCst fence, then: the region's count has not moved
+//! - `Found::confirm`: after the fault claimed its entry (`BUSY` by a SeqCst CAS,
+//!   or `P_LOCK` and a SeqCst fence for a copy-on-write break), SeqCst loads: the
+//!   region's count has not moved
 //!   (unmap makes it odd, fences, then releases the entries: it either sees the
 //!   claim and waits for it, or the fault sees the odd count), and the table's slot
 //!   still holds the leaf the entry is in, untagged as it was at the lookup (fork's
@@ -46,7 +47,7 @@ use crate::filemap::inode::Inode;
 use crate::mm::pagetable::Hit;
 use crate::mm::region::{RegionTree, Share, Snapshot};
 use crate::mm::space::SpaceInner;
-use crate::sync::{fence, Arc, Ordering, RwLockReadGuard};
+use crate::sync::{Arc, Ordering, RwLockReadGuard};
 use arc_swap::Guard;
 
 /// A region found for a fault, and what keeps the finding good until the fault has
@@ -84,21 +85,24 @@ impl Found<'_> {
         }
     }
 
-    /// Whether a claim just taken on `hit.pte` (a `BUSY` claim or the entry lock)
-    /// may stand: the region is still mapped and the entry still in this table's
-    /// leaf (see the module header). Always true on the locked path. On false the
-    /// caller undoes its claim and falls back to the locked path.
+    /// Whether a claim just taken on `hit.pte` may stand: the region is still mapped
+    /// and the entry still in this table's leaf, unshared (see the module header).
+    /// Always true on the locked path. On false the caller undoes its claim and
+    /// falls back to the locked path.
+    ///
+    /// Precondition: the claim was a SeqCst read-modify-write, or the caller fenced
+    /// (SeqCst) after it. The loads here are SeqCst, so in the single total order
+    /// they come after the claim: paired with unmap's count-then-fence-then-release
+    /// and fork's tag-then-fence-then-scan (which `unshare` follows), either the
+    /// writer sees the claim or this sees the writer.
     #[inline]
     pub fn confirm(&self, hit: &Hit<'_>) -> bool {
         match &self.how {
             How::Locked { .. } => true,
             How::Spec { snap, idx, seq } => {
-                // Claim, then look: paired with unmap's count-then-fence-then-release
-                // and fork's tag-then-fence-then-scan (which `unshare` follows).
-                fence(Ordering::SeqCst);
                 !hit.shared()
-                    && !snap.view(*idx).seq.read_retry(*seq)
-                    && hit.still(Ordering::Relaxed)
+                    && !snap.view(*idx).seq.read_retry_sc(*seq)
+                    && hit.still(Ordering::SeqCst)
             }
         }
     }

@@ -21,9 +21,9 @@
 //! claim, that the table did not replace the leaf meanwhile. Two changes replace
 //! a slot's value: fork's tag (`tag_all`) and `unshare`, which copies only a tagged
 //! leaf. Such a fault claims only in a leaf that was not tagged when it looked it
-//! up, then fences and checks the slot again (`Hit::still`): a copy of that leaf
-//! needs a tag first, which the fault sees, or else the copy (which fences before
-//! it reads the entries) sees the claim and waits for it. A claim in a leaf that
+//! up, then checks the slot again (`Hit::still`; the claim and the check are
+//! SeqCst): a copy of that leaf needs a tag first, which the fault sees, or else
+//! the copy (which fences before it reads the entries) sees the claim and waits. A claim in a leaf that
 //! was already tagged is made under the regions read lock instead, which keeps
 //! `unshare` out.
 
@@ -253,6 +253,11 @@ impl PageTable {
 
     /// The entry for `vpn`, creating the nodes on the way (metadata, not budget).
     pub fn entry(&self, vpn: u64) -> &AtomicU64 {
+        self.entry_hit(vpn).pte
+    }
+
+    /// `hit` for the entry of `vpn`, creating the nodes on the way (as `entry`).
+    pub fn entry_hit(&self, vpn: u64) -> Hit<'_> {
         let lslot = self.ensure_slot(vpn);
         let mut leaf = lslot.load(Ordering::Acquire);
         if leaf.is_null() {
@@ -266,17 +271,6 @@ impl PageTable {
             }
         }
         // SAFETY: type-stable leaf, see `hit`.
-        unsafe { &(*untag(leaf)).e[split(vpn).2] }
-    }
-
-    /// `hit` for the entry of `vpn`, creating the nodes on the way (as `entry`).
-    pub fn entry_hit(&self, vpn: u64) -> Hit<'_> {
-        let lslot = self.ensure_slot(vpn);
-        self.entry(vpn);
-        let leaf = lslot.load(Ordering::Acquire);
-        debug_assert!(!leaf.is_null(), "entry() made the leaf");
-        // SAFETY: type-stable leaf, see `hit`; non-null (made by `entry`, and a
-        // slot is only emptied by `clear`, which needs `&mut self`).
         let pte = unsafe { &(*untag(leaf)).e[split(vpn).2] };
         Hit {
             pte,
@@ -397,9 +391,9 @@ impl PageTable {
         // SAFETY: a fresh leaf from the pool, not yet visible.
         let n = unsafe { &*new };
         // The leaf was tagged (by fork, then a fence) before this copy; a speculative
-        // fault claims, fences, then checks the slot still holds the untagged leaf
-        // it saw: it sees the tag (and undoes its claim) or we see its claim here
-        // (and wait it out). See the module header.
+        // fault claims, then checks the slot still holds the untagged leaf it saw
+        // (both SeqCst): it sees the tag (and undoes its claim) or we see its claim
+        // here (and wait it out). See the module header.
         fence(Ordering::SeqCst);
         for i in 0..LEAF_LEN {
             if !copy(&l.e[i], &n.e[i]) {

@@ -189,7 +189,7 @@ impl SpaceInner {
             let gone = regions.remove(r.start.0);
             self.publish(&regions);
             // The region's count is odd now; a speculative fault claims its entry,
-            // fences, then reads the count, and the release below reads the entries
+            // reads the count (SeqCst, both), and the release below reads the entries
             // after this fence: one of the two sees the other (see the header).
             fence(Ordering::SeqCst);
             self.dying.lock().insert(r.start.0, r.len);
