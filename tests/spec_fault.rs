@@ -163,8 +163,25 @@ fn fault_under_held_unmap(spec: bool, wait: Duration, note: &Note) -> (bool, Dur
         let mm = mm.clone();
         std::thread::spawn(move || mm.unmap(r))
     };
-    // Let it reach the lock (it cannot get past the claim while the gate is shut).
-    std::thread::sleep(Duration::from_millis(500));
+    // Wait until it holds (or waits for) the write lock: a reader of the region
+    // list (`regions()`, which takes the read lock) then blocks. It cannot get past
+    // the claim while the gate is shut.
+    let t = Instant::now();
+    let probe = loop {
+        let probe = {
+            let mm = mm.clone();
+            std::thread::spawn(move || mm.regions().len())
+        };
+        std::thread::sleep(Duration::from_millis(100));
+        if !probe.is_finished() {
+            break probe;
+        }
+        probe.join().unwrap();
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "unmap never took the lock"
+        );
+    };
     note.set("fault in the same space: swap-in, zero-fill, a never-written read");
     let swapins = vm.stats().pswpin;
     let faulter = {
@@ -194,6 +211,7 @@ fn fault_under_held_unmap(spec: bool, wait: Duration, note: &Note) -> (bool, Dur
     note.set("open the gate");
     gate.closed.store(false, Ordering::SeqCst);
     let took = faulter.join().unwrap();
+    probe.join().unwrap();
     assert_eq!(reader.join().unwrap().unwrap(), 1000u64.to_le_bytes());
     unmapper.join().unwrap().unwrap();
     if done {
