@@ -20,9 +20,9 @@
 //!   since the lookup, so the region was mapped when the entry was read.
 //! - `Found::confirm`: after the fault claimed its entry (`BUSY` by a SeqCst CAS,
 //!   or `P_LOCK` and a SeqCst fence for a copy-on-write break), SeqCst loads: the
-//!   region's count has not moved
-//!   (unmap makes it odd, fences, then releases the entries: it either sees the
-//!   claim and waits for it, or the fault sees the odd count), and the table's slot
+//!   region's count has not moved (unmap makes it odd, fences, then releases the
+//!   entries: it either sees the claim and waits for it, or the fault sees the odd
+//!   count), and the table's slot
 //!   still holds the leaf the entry is in, untagged as it was at the lookup (fork's
 //!   tag and `unshare` both change it: fork tags, fences, then looks for locked
 //!   entries, as for the hit path's writes; `unshare` copies only a tagged leaf and
@@ -33,12 +33,18 @@
 //!   Once confirmed, the claim is what keeps unmap and fork off the page, exactly
 //!   as on the locked path.
 //!
+//! An address in no region of the snapshot is `BadAddress` at once: every `map_*`
+//! and `unmap` publishes its snapshot before it returns, so the snapshot a fault
+//! loads reflects every change that happened before the fault began.
+//!
 //! ## The fallback
 //! When the view's count is odd at the lookup, the inode is already gone, or a
 //! validation fails, the fault undoes its claim (the entry gets back the value it
 //! claimed) and does that step again under the regions read lock, which it holds
 //! from the lookup to the claim as before. Each step tries speculatively at most
-//! once: no reader spins or retries unboundedly on a count. With
+//! once per round of its caller (a round ends by waiting for another thread's
+//! claim, lock or pin, as on the locked path): no reader spins or retries
+//! unboundedly on a count. With
 //! `Config::speculative_faults(false)` every lookup takes the lock.
 
 use crate::addr::PAGE_SIZE;
