@@ -19,6 +19,8 @@ pub struct Config {
     pub(crate) max_files: usize,
     pub(crate) s3fifo: bool,
     pub(crate) readahead: bool,
+    pub(crate) speculative_faults: bool,
+    pub(crate) fault_lookup_delay: std::time::Duration,
 }
 
 impl Default for Config {
@@ -32,6 +34,8 @@ impl Default for Config {
             max_files: 1024,
             s3fifo: true,
             readahead: true,
+            speculative_faults: true,
+            fault_lookup_delay: std::time::Duration::ZERO,
         }
     }
 }
@@ -88,6 +92,26 @@ impl Config {
     /// request while they sit in the slots after its slot (4 pages, doubling to 32).
     pub fn readahead(mut self, on: bool) -> Self {
         self.readahead = on;
+        self
+    }
+
+    /// Whether a fault finds its region without its space's regions lock (default
+    /// true): it reads a snapshot of the regions optimistically and validates after
+    /// claiming its page, so `map_anon`, `unmap` and `fork` on one thread never
+    /// stall faults on others. `false` forces the locked lookup on every fault (for
+    /// comparison: `cargo run --release --example spec_fault`).
+    pub fn speculative_faults(mut self, on: bool) -> Self {
+        self.speculative_faults = on;
+        self
+    }
+
+    /// For tests only: every speculative region lookup of a fault sleeps this long
+    /// after it has read the region and before the fault claims its page, so that
+    /// races with `unmap` and fork happen on every run instead of once in a while
+    /// (`tests/spec_fault.rs`). Default zero (no sleep).
+    #[doc(hidden)]
+    pub fn fault_lookup_delay(mut self, d: std::time::Duration) -> Self {
+        self.fault_lookup_delay = d;
         self
     }
 

@@ -150,6 +150,11 @@ pub(crate) struct Engine {
     /// Stall accounting and pressure triggers (`crate::psi`; atomics on the fault
     /// path, its own leaf mutex elsewhere).
     pub psi: Arc<crate::psi::Psi>,
+    /// `Config::speculative_faults`: faults look their region up without the
+    /// regions lock (`mm::lookup`). Set at start-up.
+    pub speculative: bool,
+    /// `Config::fault_lookup_delay` (tests only). Set at start-up.
+    pub lookup_delay: std::time::Duration,
 }
 
 impl Engine {
@@ -194,6 +199,8 @@ impl Engine {
             spaces: Mutex::new(Vec::new()),
             files: crate::filemap::slots::FileSlots::new(cfg.max_files),
             psi: Arc::new(crate::psi::Psi::new()),
+            speculative: cfg.speculative_faults,
+            lookup_delay: cfg.fault_lookup_delay,
         })
     }
 

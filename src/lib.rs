@@ -53,10 +53,16 @@
 //! entry lock there), and `P_LOCK` inside `P_LOCK` under a frame lock (reclaim
 //! locking every mapping of one page).
 //! ```text
-//! SpaceInner::regions (RwLock; read: slow-path access; write: map, unmap, fork)
-//! │   mm::fault::{read_slow, prepare_write, try_pin}, mm::space::{map_anon, unmap}, mm::fork::fork_into
+//! SpaceInner::regions (RwLock; write: map, unmap, fork; read: a fault's fallback
+//! │   when its speculative lookup did not validate, msync, swapoff's walk)
+//! │   mm::lookup::find (from mm::fault::{read_slow, prepare_write, cow_break}),
+//! │   mm::space::{map_vma, unmap}, mm::fork::fork_into
+//! │   (A fault's speculative lookup takes no lock: `SpaceInner::snap`, an `ArcSwap`
+//! │   stored under the write lock, and the region's sequence count; it is validated
+//! │   after the claim below and never waited on: docs/design.md invariant 5.)
 //! ├── SpaceInner::dying (Mutex, leaf)                  map_anon, unmap
-//! ├── LeafPool::free (Mutex, leaf)                     PageTable::{entry, unshare} (leaf alloc/recycle)
+//! ├── LeafPool::free (Mutex, leaf)                     PageTable::{entry, unshare} (leaf alloc/recycle;
+//! │                                                   also under nothing: a speculative fault's entry_hit)
 //! ├── entry claim BUSY (claim; held across a frame allocation and one device read)
 //! │   │   mm::fault::{fault_zero, fault_swapin}, mm::fork::copy_entry, swap::swapoff::bring_back,
 //! │   │   mm::transparent_fork::prepare (a transparent entry, around SwapDevice::dup only)
@@ -112,9 +118,9 @@
 //!   nothing of the engine's: a device is called with at most a BUSY claim held.
 //! ```
 //! Rules that keep the tree a tree:
-//! - No lock is held across device I/O: a fault holds only its `BUSY` claim (and the
-//!   regions read lock, until the speculative fault path lands) while it reads a
-//!   slot; swapoff holds none while it reads (`SpaceWalk::swapped_on` drops the
+//! - No lock is held across device I/O: a fault holds only its `BUSY` claim while it
+//!   reads a slot (the regions read lock, on the fallback path, only until the
+//!   claim); swapoff holds none while it reads (`SpaceWalk::swapped_on` drops the
 //!   regions lock before the reads); page-I/O threads hold none while they write.
 //! - Reclaim and the page-I/O threads never take a regions lock, never wait on a
 //!   `BUSY` claim and never allocate a frame (invariants 1 and 2); they only

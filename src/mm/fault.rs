@@ -10,7 +10,16 @@
 //! version moved on. Neither touches the frame's descriptor.
 //!
 //! ## Fault path
-//! Under the space's regions read lock (so unmap cannot run under us):
+//! First the region (`lookup::find`): speculatively, with no lock (a snapshot of the
+//! space's regions and the region's sequence count), or, when that does not
+//! validate or `Config::speculative_faults(false)`, under the space's regions read
+//! lock, held until the entry is claimed. A speculative fault validates after its
+//! claim (`Found::confirm`: the region still mapped, the entry still in this
+//! table's unshared leaf) and, if that fails, undoes the claim and does the step
+//! again on the locked path; a step that claims nothing (zeros for a never-written
+//! page, the page cache of a file mapping) validates after reading the entry
+//! (`Found::valid`). Either way unmap cannot go past a claimed entry (its release
+//! waits for the claim) and no fault installs into a region that is gone. Then:
 //! - `Empty`: a read returns zeros and takes no frame; a write (or a guard) claims the
 //!   entry (`Empty` → `BUSY` by CAS), takes a frame, zeroes it and installs it.
 //! - `Swapped(e)`: claim the entry (`BUSY`), take a frame, read the slot *in this
@@ -19,25 +28,31 @@
 //!   be dropped again without I/O. The claim is the swap cache: a concurrent fault on
 //!   the same page sees `BUSY` and waits for the one read, instead of reading again.
 //!   On a device error the entry goes back to `Swapped(e)` (nothing is lost) and the
-//!   access gets `Error::Device`.
+//!   access gets `Error::Device`. (In a leaf shared with a fork child the claim is
+//!   made on the locked path: see `lookup`.)
 //! - `BUSY`: another thread is faulting the page in: wait until it is done.
+//! - copy-on-write (`cow_break`): allocates with nothing held, then looks the region
+//!   up again and validates once it holds the entry lock.
 //!
-//! Taking a frame may reclaim directly (see `reclaim`), with only the regions read
-//! lock and the claimed entry held; reclaim needs neither.
+//! Taking a frame may reclaim directly (see `reclaim`), with only the claimed entry
+//! held; reclaim needs none. A file region found speculatively is used through the
+//! fault's own `Arc<Inode>`, taken before validation.
 
 use crate::addr::{Pfn, VAddr, PAGE_SIZE, VADDR_END};
 use crate::device::AlignedPages;
 use crate::error::{Error, Result};
 use crate::filemap::inode::Inode;
 use crate::frame::{copy_in, copy_out, zero_frame, AllocCtx};
-use crate::mm::region::{RegionTree, Share};
+use crate::mm::lookup::{self, Found};
+use crate::mm::pagetable::Hit;
+use crate::mm::region::Share;
 use crate::mm::space::SpaceInner;
 use crate::pte::{
     lock_present, released, try_lock_present, unlock_entry, Pte, BUSY, EMPTY, P_ACCESSED, P_COW,
     P_DIRTY, P_EXCL, P_LOCK, P_SHARED, P_SHARED_ONE, TAG_MASK, TAG_PRESENT,
 };
 use crate::stats::Counters;
-use crate::sync::{fence, wait_until, Arc, AtomicU64, Ordering, RwLockReadGuard};
+use crate::sync::{fence, wait_until, Arc, AtomicU64, Ordering};
 use std::cell::RefCell;
 
 thread_local! {
@@ -167,7 +182,7 @@ fn for_each_page(
         }
         return f(sp, addr, 0..len);
     }
-    sp.regions.read().range_mapped(addr.0, len as u64)?;
+    sp.range_mapped(addr.0, len as u64)?;
     let mut done = 0;
     while done < len {
         let a = VAddr(addr.0 + done as u64);
@@ -245,38 +260,72 @@ fn read_slow(sp: &SpaceInner, a: VAddr, dst: &mut [u8]) -> Result<()> {
         return Err(Error::WouldDeadlock("reading a page"));
     }
     loop {
-        {
-            let regions = sp.regions.read();
-            let vma = regions.find(a.0).ok_or(Error::BadAddress { addr: a.0 })?;
-            let file = vma.file_page(a.0).map(|(i, s, p)| (i.clone(), s, p));
-            let pte = sp.pt.lookup(a.vpn());
-            let v = pte.map_or(EMPTY, |p| p.load(Ordering::Acquire));
-            match (Pte::decode(v), file) {
-                // A shared file mapping reads the page cache; a private one an
-                // untouched page as in the file.
-                (_, Some((ino, Share::Shared, pg))) | (Pte::Empty, Some((ino, _, pg))) => {
-                    drop(regions);
-                    file_access(&ino, pg, a, true)?;
-                    return ino
-                        .read(pg, a.page_offset(), dst)
-                        .map_err(|e| at_addr(e, a));
-                }
-                (Pte::Empty, None) => {
-                    dst.fill(0);
-                    return Ok(());
-                }
-                (Pte::Swapped(_), _) => {
-                    if let Some(pte) = pte {
-                        fault_swapin(sp, a.vpn(), pte, v, regions)?;
-                    }
-                }
-                (Pte::Busy | Pte::Present(_), _) => {}
+        // One speculative try per round; a change seen falls back to the lock.
+        let mut spec = sp.eng.speculative;
+        let done = loop {
+            match read_found(sp, a, dst, lookup::find(sp, a.0, spec)?)? {
+                Step::Done(done) => break done,
+                Step::Fallback => spec = false,
             }
-        }
-        if read_fast(sp, a, dst) {
+        };
+        if done || read_fast(sp, a, dst) {
             return Ok(());
         }
         wait_page(sp, a, P_EXCL);
+    }
+}
+
+/// What a step of the fault path that found its region (`lookup::find`) did.
+enum Step<T> {
+    /// It went as far as it could: the caller goes on with `T`.
+    Done(T),
+    /// A speculative lookup did not validate; nothing was changed (a claim taken
+    /// was undone). Do the step again under the regions lock.
+    Fallback,
+}
+
+/// `read_slow`'s step: `Done(true)` if it copied the bytes, `Done(false)` if the
+/// fast path may now succeed or the page must be waited for.
+fn read_found(sp: &SpaceInner, a: VAddr, dst: &mut [u8], mut f: Found<'_>) -> Result<Step<bool>> {
+    let hit = sp.pt.hit(a.vpn());
+    let v = hit
+        .as_ref()
+        .map_or(EMPTY, |h| h.pte.load(Ordering::Acquire));
+    match (Pte::decode(v), f.file.as_ref().map(|x| x.1)) {
+        // A shared file mapping reads the page cache; a private one an untouched
+        // page as in the file.
+        (_, Some(Share::Shared)) | (Pte::Empty, Some(_)) => {
+            if !f.valid() {
+                return Ok(Step::Fallback);
+            }
+            let (ino, _, pg) = f.file.take().expect("matched a file");
+            drop(f);
+            file_access(&ino, pg, a, true)?;
+            ino.read(pg, a.page_offset(), dst)
+                .map_err(|e| at_addr(e, a))?;
+            Ok(Step::Done(true))
+        }
+        (Pte::Empty, None) => {
+            if !f.valid() {
+                return Ok(Step::Fallback);
+            }
+            dst.fill(0);
+            Ok(Step::Done(true))
+        }
+        (Pte::Swapped(_), _) => match hit {
+            Some(hit) => Ok(fault_swapin(sp, a.vpn(), &hit, v, f)?.map(|()| false)),
+            None => Ok(Step::Done(false)),
+        },
+        (Pte::Busy | Pte::Present(_), _) => Ok(Step::Done(false)),
+    }
+}
+
+impl<T> Step<T> {
+    fn map<U>(self, f: impl FnOnce(T) -> U) -> Step<U> {
+        match self {
+            Step::Done(t) => Step::Done(f(t)),
+            Step::Fallback => Step::Fallback,
+        }
     }
 }
 
@@ -332,41 +381,64 @@ fn prepare_write(sp: &SpaceInner, a: VAddr, forbid: u64) -> Result<FilePage> {
         sp.unshare(a.vpn())?;
         return Ok(None);
     }
-    {
-        let regions = sp.regions.read();
-        let vma = regions.find(a.0).ok_or(Error::BadAddress { addr: a.0 })?;
-        let file = vma.file_page(a.0).map(|(i, s, p)| (i.clone(), s, p));
-        if let Some((ino, share, pg)) = &file {
-            file_access(ino, *pg, a, forbid & P_SHARED == 0)?;
-            if *share == Share::Shared {
-                return Ok(Some((ino.clone(), *pg)));
-            }
-        }
-        if sp.pt.is_shared(a.vpn()) {
-            // A fork shared the leaf after the check above: a page installed now
-            // would show this write to the child. Retry, to copy the leaf first.
-            return Ok(None);
-        }
-        let pte = sp.pt.entry(a.vpn());
-        let v = pte.load(Ordering::Acquire);
-        match Pte::decode(v) {
-            Pte::Empty => {
-                let src = file.map(|(ino, _, pg)| (ino, pg));
-                return fault_zero(sp, pte, regions, src).map(|()| None);
-            }
-            Pte::Swapped(_) => return fault_swapin(sp, a.vpn(), pte, v, regions).map(|()| None),
-            Pte::Present(pfn)
-                if forbid & P_COW != 0
-                    && v & P_COW != 0
-                    && v & (P_LOCK | P_EXCL | P_SHARED) == 0 =>
-            {
-                return cow_break(sp, a, pte, pfn, regions).map(|()| None)
-            }
-            Pte::Busy | Pte::Present(_) => {}
+    let mut spec = sp.eng.speculative;
+    loop {
+        match write_found(sp, a, forbid, lookup::find(sp, a.0, spec)?)? {
+            Step::Done(Next::Wait) => break,
+            Step::Done(Next::Retry) => return Ok(None),
+            Step::Done(Next::File(ino, pg)) => return Ok(Some((ino, pg))),
+            Step::Fallback => spec = false,
         }
     }
     wait_page(sp, a, forbid & !P_COW);
     Ok(None)
+}
+
+/// What `prepare_write` does after its step.
+enum Next {
+    /// Retry the fast path.
+    Retry,
+    /// The page is present (locked or pinned) or being faulted in: wait for it with
+    /// no lock held, then retry.
+    Wait,
+    /// A page of a shared file mapping: the caller accesses the page cache.
+    File(Arc<Inode>, u64),
+}
+
+/// `prepare_write`'s step, on the region `f` found.
+fn write_found(sp: &SpaceInner, a: VAddr, forbid: u64, mut f: Found<'_>) -> Result<Step<Next>> {
+    if let Some((ino, share, pg)) = &f.file {
+        file_access(ino, *pg, a, forbid & P_SHARED == 0)?;
+        if *share == Share::Shared {
+            if !f.valid() {
+                return Ok(Step::Fallback);
+            }
+            let (ino, _, pg) = f.file.take().expect("checked above");
+            return Ok(Step::Done(Next::File(ino, pg)));
+        }
+    }
+    let hit = sp.pt.entry_hit(a.vpn());
+    if hit.shared() {
+        // A fork shared the leaf after the check in `prepare_write`: a page
+        // installed now would show this write to the child. Retry, to copy the
+        // leaf first.
+        return Ok(Step::Done(Next::Retry));
+    }
+    let v = hit.pte.load(Ordering::Acquire);
+    match Pte::decode(v) {
+        Pte::Empty => {
+            let src = f.file.take().map(|(ino, _, pg)| (ino, pg));
+            return Ok(fault_zero(sp, &hit, f, src)?.map(|()| Next::Retry));
+        }
+        Pte::Swapped(_) => return Ok(fault_swapin(sp, a.vpn(), &hit, v, f)?.map(|()| Next::Retry)),
+        Pte::Present(pfn)
+            if forbid & P_COW != 0 && v & P_COW != 0 && v & (P_LOCK | P_EXCL | P_SHARED) == 0 =>
+        {
+            return Ok(cow_break(sp, a, &hit, pfn, f)?.map(|()| Next::Retry))
+        }
+        Pte::Busy | Pte::Present(_) => {}
+    }
+    Ok(Step::Done(Next::Wait))
 }
 
 /// Waits (without locks) until the page at `a` is neither being faulted in nor
@@ -390,21 +462,25 @@ fn wait_page(sp: &SpaceInner, a: VAddr, forbid: u64) {
     }
 }
 
-/// Copy-on-write fault: `pte` maps `old` shared with other entries (after a fork).
-/// Gives this entry a private copy, or, if the other mappings are gone, just takes
-/// the frame for itself. Returns when a retry of the write may succeed.
+/// Copy-on-write fault: `hit.pte` maps `old` shared with other entries (after a
+/// fork). Gives this entry a private copy, or, if the other mappings are gone, just
+/// takes the frame for itself. Returns when a retry of the write may succeed.
 fn cow_break(
     sp: &SpaceInner,
     a: VAddr,
-    pte: &AtomicU64,
+    hit: &Hit<'_>,
     old: Pfn,
-    regions: RwLockReadGuard<'_, RegionTree>,
-) -> Result<()> {
+    found: Found<'_>,
+) -> Result<Step<()>> {
     let eng = &*sp.eng;
+    let pte = hit.pte;
     let d = eng.frames.desc(old);
     d.lock();
     if d.mapcount.load(Ordering::Relaxed) == 1 {
-        // The last mapping: nothing to copy.
+        // The last mapping: nothing to copy. (Whichever table this entry is in by
+        // now, and whether or not its region is still mapped, its page is no longer
+        // shared: the frame lock orders this against unmap's release and a leaf
+        // copy, which both take it.)
         if let Some(v) = try_lock_present(pte, P_EXCL | P_SHARED) {
             if Pte::pfn(v) == old {
                 unlock_entry(pte, P_COW, 0);
@@ -413,46 +489,59 @@ fn cow_break(
             }
         }
         d.unlock();
-        return Ok(());
+        return Ok(Step::Done(()));
     }
     d.unlock();
     // Allocating may reclaim (and sleep): no lock at all is held here, not even the
     // regions lock. Without it the leaf may have been copied (fork's `unshare`) or
-    // the region unmapped meanwhile, so `pte` is looked up again under the lock
-    // before it is trusted: the same entry of a private leaf of a mapped region.
-    drop(regions);
+    // the region unmapped meanwhile, so the region is looked up again and `pte`
+    // trusted only if it is the same entry of a private leaf of a mapped region,
+    // validated (`Found::confirm`) once the entry is locked.
+    let spec = found.speculative();
+    drop(found);
     let new = crate::reclaim::alloc_frame(eng, AllocCtx::Normal)?;
-    let regions = sp.regions.read();
-    let same = regions.range_mapped(a.0, 1).is_ok()
-        && sp
-            .pt
-            .hit(a.vpn())
-            .is_some_and(|h| !h.shared() && std::ptr::eq(h.pte, pte));
-    if !same {
-        drop(regions);
+    let give_up = |d: Option<&crate::frame::PageDesc>| {
+        if let Some(d) = d {
+            d.unlock();
+        }
         eng.frames.free(new);
-        return Ok(()); // the caller retries from the start
-    }
+    };
+    let found = match lookup::find(sp, a.0, spec) {
+        Ok(f) => f,
+        Err(e) => {
+            give_up(None);
+            return Err(e);
+        }
+    };
+    let now = sp.pt.hit(a.vpn());
+    let Some(now) = now.filter(|h| !h.shared() && std::ptr::eq(h.pte, pte)) else {
+        give_up(None);
+        return Ok(Step::Done(())); // the caller retries from the start
+    };
     d.lock();
     match try_lock_present(pte, P_EXCL | P_SHARED) {
         Some(v) if Pte::pfn(v) == old && v & P_COW != 0 => {}
         Some(_) => {
             unlock_entry(pte, 0, 0);
-            d.unlock();
-            eng.frames.free(new);
-            return Ok(());
+            give_up(Some(d));
+            return Ok(Step::Done(()));
         }
         None => {
-            d.unlock();
-            eng.frames.free(new);
-            return Ok(());
+            give_up(Some(d));
+            return Ok(Step::Done(()));
         }
     };
+    // The entry lock was taken with weaker orderings than `confirm` wants.
+    fence(Ordering::SeqCst);
+    if !found.confirm(&now) {
+        unlock_entry(pte, 0, 0);
+        give_up(Some(d));
+        return Ok(Step::Fallback);
+    }
     if d.mapcount.load(Ordering::Relaxed) == 1 {
         unlock_entry(pte, P_COW, 0);
-        d.unlock();
-        eng.frames.free(new);
-        return Ok(());
+        give_up(Some(d));
+        return Ok(Step::Done(()));
     }
     // SAFETY: `old` is shared copy-on-write, so nobody writes it; `new` is ours and
     // not yet visible (stale readers only load from it).
@@ -467,32 +556,36 @@ fn cow_break(
     // The entry is still locked (and no longer in `old`'s map); `new` is mapped by
     // nobody, so taking its frame lock here cannot wait on an entry lock.
     sp.eng.install(pte, new, 0, true, false);
+    drop(found);
     Counters::inc(&eng.cnt.pgfault);
     Counters::inc(&eng.cnt.cow_faults);
-    Ok(())
+    Ok(Step::Done(()))
 }
 
-/// Zero-fill fault: `pte` was `Empty`. With `src`, the page of a private file
+/// Zero-fill fault: `hit.pte` was `Empty`. With `src`, the page of a private file
 /// mapping: filled from that file page (through its page cache) instead.
 ///
-/// Called with the regions read lock, which it drops once the entry is claimed: the
-/// `BUSY` claim keeps unmap (its release waits for the claim) and fork (a copy of
-/// the leaf waits for it) from going past this page, so the allocation below, which
-/// may reclaim and sleep, holds no lock.
-fn fault_zero(
-    sp: &SpaceInner,
-    pte: &AtomicU64,
-    regions: RwLockReadGuard<'_, RegionTree>,
-    src: FilePage,
-) -> Result<()> {
+/// Called with the region `found` (under the regions read lock, or speculatively),
+/// which it drops once the entry is claimed and the claim confirmed: the `BUSY`
+/// claim keeps unmap (its release waits for the claim) and fork (a copy of the leaf
+/// waits for it) from going past this page, so the allocation below, which may
+/// reclaim and sleep, holds no lock.
+fn fault_zero(sp: &SpaceInner, hit: &Hit<'_>, found: Found<'_>, src: FilePage) -> Result<Step<()>> {
+    let pte = hit.pte;
+    // SeqCst: `Found::confirm` relies on it.
     if pte
-        .compare_exchange(EMPTY, BUSY, Ordering::AcqRel, Ordering::Relaxed)
+        .compare_exchange(EMPTY, BUSY, Ordering::SeqCst, Ordering::Relaxed)
         .is_err()
     {
-        return Ok(()); // someone else is faulting it; the caller retries
+        return Ok(Step::Done(())); // someone else is faulting it; the caller retries
     }
     crate::pte::claimed(pte);
-    drop(regions);
+    if !found.confirm(hit) {
+        pte.store(EMPTY, Ordering::Release);
+        released(pte);
+        return Ok(Step::Fallback);
+    }
+    drop(found);
     let pfn = match crate::reclaim::alloc_frame(&sp.eng, AllocCtx::Normal) {
         Ok(p) => p,
         Err(e) => {
@@ -529,31 +622,43 @@ fn fault_zero(
     }
     sp.eng.install(pte, pfn, 0, true, true);
     Counters::inc(&sp.eng.cnt.pgfault);
-    Ok(())
+    Ok(Step::Done(()))
 }
 
-/// Swap-in fault: `pte` held `v` = `Swapped(e)`.
+/// Swap-in fault: `hit.pte` held `v` = `Swapped(e)`.
 ///
-/// Called with the regions read lock, dropped once the entry is claimed (as in
-/// `fault_zero`): neither the frame allocation nor the device read holds a lock.
+/// Called with the region `found`, dropped once the entry is claimed and the claim
+/// confirmed (as in `fault_zero`): neither the frame allocation nor the device read
+/// holds a lock.
 fn fault_swapin(
     sp: &SpaceInner,
     vpn: u64,
-    pte: &AtomicU64,
+    hit: &Hit<'_>,
     v: u64,
-    regions: RwLockReadGuard<'_, RegionTree>,
-) -> Result<()> {
+    found: Found<'_>,
+) -> Result<Step<()>> {
+    let pte = hit.pte;
     let Pte::Swapped(e) = Pte::decode(v) else {
-        return Ok(());
+        return Ok(Step::Done(()));
     };
+    if found.speculative() && hit.shared() {
+        // A claim there is made under the lock (see `lookup`).
+        return Ok(Step::Fallback);
+    }
+    // SeqCst: `Found::confirm` relies on it.
     if pte
-        .compare_exchange(v, BUSY, Ordering::AcqRel, Ordering::Relaxed)
+        .compare_exchange(v, BUSY, Ordering::SeqCst, Ordering::Relaxed)
         .is_err()
     {
-        return Ok(());
+        return Ok(Step::Done(()));
     }
     crate::pte::claimed(pte);
-    drop(regions);
+    if !found.confirm(hit) {
+        pte.store(v, Ordering::Release);
+        released(pte);
+        return Ok(Step::Fallback);
+    }
+    drop(found);
     let eng = &*sp.eng;
     let _stall = eng.psi.stall(); // the frame (may reclaim) and the device read
     let pfn = match crate::reclaim::alloc_frame(eng, AllocCtx::Reserve) {
@@ -633,7 +738,7 @@ fn fault_swapin(
     Counters::inc(&eng.cnt.pgfault);
     Counters::inc(&eng.cnt.pgmajfault);
     Counters::inc(&eng.cnt.pswpin);
-    Ok(())
+    Ok(Step::Done(()))
 }
 
 /// Most pages read ahead of one swap-in fault.
@@ -697,6 +802,11 @@ fn claim_ahead(
             break;
         }
         let q = vpn + n as u64 + 1;
+        // Not through a leaf shared with a fork child (its claims are made under
+        // the regions lock, see `lookup`).
+        if sp.pt.is_shared(q) {
+            break;
+        }
         let Some(qp) = sp.pt.lookup(q) else { break };
         let qv = qp.load(Ordering::Acquire);
         match Pte::decode(qv) {

@@ -8,8 +8,15 @@
 //! (`fault::cow_break`).
 //!
 //! ## Locking
-//! The parent's regions write lock for the whole snapshot (so no fault installs or
-//! unmaps meanwhile), then the child's. `copy_entry` takes a frame lock, then the
+//! The parent's regions write lock for the whole snapshot (so no unmap runs and no
+//! fault on the locked path claims meanwhile), then the child's, under which the
+//! child's first snapshot of regions is published. Faults that found their region
+//! speculatively do not take the lock: one whose claim lands after `tag_all` sees the
+//! tag when it validates (a SeqCst claim, then a SeqCst load of the slot;
+//! `tag_all` stores, fences, then scans) and undoes it, one that claimed earlier is a `BUSY` entry like any
+//! other claimed before the fork (the leaf is shared with the claim in it, and the
+//! page is installed into the shared leaf), and a swap-in claim in an already
+//! shared leaf is made on the locked path (`mm::lookup`). `copy_entry` takes a frame lock, then the
 //! entry's bit lock, as everywhere; it claims a swapped entry (`BUSY`) to take a
 //! slot reference, and never allocates a frame.
 
@@ -88,9 +95,8 @@ pub(crate) fn fork_into(sp: &SpaceInner, child: &SpaceInner) -> Result<()> {
         }
         // Two regions locks: the child's is nobody else's yet (lockdep: nested).
         let mut theirs = child.regions.write_nested();
-        child.regions_seq.write_begin();
         *theirs = regions.clone();
-        child.regions_seq.write_end();
+        child.publish(&theirs);
         drop(theirs);
         for (start, len) in regions.spans_from(0) {
             sp.pt.share_into(

@@ -5,6 +5,8 @@
 //! - `pagetable`: the sparse radix tree of entries (their meaning is `crate::pte`).
 //! - `space`: `SpaceInner`, one address space: map, unmap, exit, and how swapoff
 //!   walks it (`crate::engine::SpaceWalk`).
+//! - `lookup`: finding a fault's region, speculatively (no lock, validated after
+//!   the claim) or under the regions read lock (the fallback).
 //! - `fault`: resolving an access: the lock-free hit path, zero-fill, swap-in,
 //!   copy-on-write, page pins.
 //! - `fork`: copy-on-write snapshots with shared page-table leaves.
@@ -18,6 +20,7 @@
 pub(crate) mod entry;
 pub(crate) mod fault;
 pub(crate) mod fork;
+pub(crate) mod lookup;
 pub(crate) mod msync;
 pub(crate) mod pagetable;
 pub(crate) mod region;

@@ -15,10 +15,21 @@
 //! No lock on lookups or node creation (CAS). `LeafPool::free` (Mutex) is a leaf lock
 //! around the recycled-leaf list. `unshare` and `share_into` run under the owning
 //! space's regions write lock (their callers say so).
+//!
+//! A fault that found its region without that lock (`mm::lookup`) claims an entry
+//! of a leaf it looked up without it too, so it must be able to tell, after the
+//! claim, that the table did not replace the leaf meanwhile. Two changes replace
+//! a slot's value: fork's tag (`tag_all`) and `unshare`, which copies only a tagged
+//! leaf. Such a fault claims only in a leaf that was not tagged when it looked it
+//! up, then checks the slot again (`Hit::still`; the claim and the check are
+//! SeqCst): a copy of that leaf needs a tag first, which the fault sees, or else
+//! the copy (which fences before it reads the entries) sees the claim and waits. A claim in a leaf that
+//! was already tagged is made under the regions read lock instead, which keeps
+//! `unshare` out.
 
 use crate::addr::{PAGE_SHIFT, VADDR_BITS};
 use crate::pte::EMPTY;
-use crate::sync::{Arc, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Mutex, Ordering};
+use crate::sync::{fence, Arc, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Mutex, Ordering};
 use std::alloc::{alloc_zeroed, dealloc, Layout};
 
 const LEAF_BITS: u32 = 12;
@@ -242,6 +253,11 @@ impl PageTable {
 
     /// The entry for `vpn`, creating the nodes on the way (metadata, not budget).
     pub fn entry(&self, vpn: u64) -> &AtomicU64 {
+        self.entry_hit(vpn).pte
+    }
+
+    /// `hit` for the entry of `vpn`, creating the nodes on the way (as `entry`).
+    pub fn entry_hit(&self, vpn: u64) -> Hit<'_> {
         let lslot = self.ensure_slot(vpn);
         let mut leaf = lslot.load(Ordering::Acquire);
         if leaf.is_null() {
@@ -255,7 +271,12 @@ impl PageTable {
             }
         }
         // SAFETY: type-stable leaf, see `hit`.
-        unsafe { &(*untag(leaf)).e[split(vpn).2] }
+        let pte = unsafe { &(*untag(leaf)).e[split(vpn).2] };
+        Hit {
+            pte,
+            slot: lslot,
+            leaf,
+        }
     }
 
     /// Calls `f(vpn, entry)` for every existing entry in `[first, end)`, skipping
@@ -369,6 +390,11 @@ impl PageTable {
         let new = self.pool.get();
         // SAFETY: a fresh leaf from the pool, not yet visible.
         let n = unsafe { &*new };
+        // The leaf was tagged (by fork, then a fence) before this copy; a speculative
+        // fault claims, then checks the slot still holds the untagged leaf it saw
+        // (both SeqCst): it sees the tag (and undoes its claim) or we see its claim
+        // here (and wait it out). See the module header.
+        fence(Ordering::SeqCst);
         for i in 0..LEAF_LEN {
             if !copy(&l.e[i], &n.e[i]) {
                 for e in &n.e[..i] {

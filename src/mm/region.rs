@@ -1,8 +1,8 @@
 //! Regions of an address space (the kernel's VMAs) and the tree that holds them.
 //!
 //! Owns: [`Region`] (the public, `Copy` handle `map_anon` returns), `Vma` (what the
-//! engine keeps per region: kind, flags, backing, a sequence count) and `RegionTree`
-//! (start → `Vma`). The tree as a whole is covered by its space's `regions_seq`.
+//! engine keeps per region: kind, flags, backing, and a `RegionView` with its
+//! sequence count), `RegionTree` (start → `Vma`) and `Snapshot` (what faults read).
 //!
 //! Kinds: anonymous, and file-backed (`map_file`, with a [`Share`] mode). The fault
 //! path dispatches on the kind it finds:
@@ -18,14 +18,19 @@
 //!
 //! ## Locking
 //! A `RegionTree` lives inside its space's `regions` RwLock: read to look a region
-//! up, write to change it. Every change also moves the space's `regions_seq` (and the
-//! removed region's own count), so an optimistic reader that looked regions up without the lock
-//! can tell that what it read is stale and fall back to the locked path.
+//! up on the fallback path, write to change it. A fault looks its region up without
+//! that lock (`mm::lookup`), in a [`Snapshot`]: an immutable sorted copy of what it
+//! needs of every region (`RegionView`s, shared with the `Vma`s), which the writer
+//! publishes through the space's `ArcSwap` after every change, under the write lock.
+//! A snapshot may be stale by the time it is read; each view carries the region's
+//! sequence count, made odd for good when the region is removed (`RegionTree::remove`),
+//! so a reader that begins with an even count and validates after it has claimed its
+//! entry knows the region was still mapped when the claim landed.
 
 use crate::addr::{VAddr, PAGE_SIZE, VADDR_END};
 use crate::error::{Error, Result};
 use crate::filemap::inode::Inode;
-use crate::sync::{Arc, SeqCount};
+use crate::sync::{Arc, SeqCount, Weak};
 use std::collections::BTreeMap;
 
 /// A mapped region of an address space, as returned by `map_anon`.
@@ -128,8 +133,78 @@ pub(crate) struct Vma {
     pub kind: RegionKind,
     pub flags: RegionFlags,
     pub backing: Backing,
-    /// Moved on every change of this region (see the module header).
+    /// What a fault reads of this region without the regions lock (the same
+    /// `Arc` is in every snapshot published while the region is mapped).
+    pub view: Arc<RegionView>,
+}
+
+/// What a fault needs of a region, read without the regions lock: immutable but
+/// for `seq`.
+#[derive(Debug)]
+pub(crate) struct RegionView {
+    pub start: u64,
+    pub len: u64,
+    /// For a file mapping: its inode and how it is shared. `Weak`: a view may live
+    /// on in a reader's stale snapshot after the region is gone, and must not keep
+    /// the file open (its last mapping writes it back when it goes, see `unmap`); a
+    /// fault upgrades it to a reference of its own before validating.
+    pub file: Option<(Weak<Inode>, Share)>,
+    /// The region's sequence count: even while it is mapped, odd for good once
+    /// `RegionTree::remove` took it out (no region changes in place today).
     pub seq: SeqCount,
+}
+
+impl RegionView {
+    fn new(start: u64, len: u64, file: Option<(Weak<Inode>, Share)>) -> Arc<RegionView> {
+        Arc::new(RegionView {
+            start,
+            len,
+            file,
+            seq: SeqCount::default(),
+        })
+    }
+    pub fn end(&self) -> u64 {
+        self.start + self.len
+    }
+}
+
+/// An immutable copy of a space's regions for lock-free lookups (see the module
+/// header): their views, sorted by start.
+#[derive(Debug, Default)]
+pub(crate) struct Snapshot {
+    views: Vec<Arc<RegionView>>,
+}
+
+impl Snapshot {
+    /// The index of the region containing `addr`.
+    #[inline]
+    pub fn index_of(&self, addr: u64) -> Option<usize> {
+        let i = self
+            .views
+            .partition_point(|v| v.start <= addr)
+            .checked_sub(1)?;
+        (addr < self.views[i].end()).then_some(i)
+    }
+    /// The view at `idx` (from `index_of`).
+    #[inline]
+    pub fn view(&self, idx: usize) -> &RegionView {
+        &self.views[idx]
+    }
+    /// As `RegionTree::range_mapped`.
+    pub fn range_mapped(&self, addr: u64, len: u64) -> Result<()> {
+        let end = addr
+            .checked_add(len)
+            .filter(|&e| e <= VADDR_END)
+            .ok_or(Error::BadAddress { addr })?;
+        let mut at = addr;
+        while at < end {
+            match self.index_of(at) {
+                Some(i) => at = self.views[i].end(),
+                None => return Err(Error::BadAddress { addr: at }),
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Vma {
@@ -141,7 +216,7 @@ impl Vma {
             kind: RegionKind::Anonymous,
             flags: RegionFlags::READ.union(RegionFlags::WRITE),
             backing: Backing::Zero,
-            seq: SeqCount::default(),
+            view: RegionView::new(start, len, None),
         }
     }
     /// A read-write mapping of the file `inode` (`len` bytes, a page multiple).
@@ -151,8 +226,8 @@ impl Vma {
             len,
             kind: RegionKind::File(share),
             flags: RegionFlags::READ.union(RegionFlags::WRITE),
+            view: RegionView::new(start, len, Some((Arc::downgrade(&inode), share))),
             backing: Backing::File(inode),
-            seq: SeqCount::default(),
         }
     }
     pub fn end(&self) -> u64 {
@@ -176,16 +251,23 @@ impl Vma {
 }
 
 impl Clone for Vma {
-    /// A copy for a forked space: same kind, flags and backing; its sequence count
-    /// starts where the original's is.
+    /// A copy for a forked space: same kind, flags and backing; a view of its own
+    /// (the child's snapshots are the child's), whose sequence count starts where the
+    /// original's is.
     fn clone(&self) -> Vma {
+        let view = Arc::new(RegionView {
+            start: self.view.start,
+            len: self.view.len,
+            file: self.view.file.clone(),
+            seq: SeqCount::new(self.view.seq.get()),
+        });
         Vma {
             start: self.start,
             len: self.len,
             kind: self.kind,
             flags: self.flags,
             backing: self.backing.clone(),
-            seq: SeqCount::new(self.seq.get()),
+            view,
         }
     }
 }
@@ -214,10 +296,18 @@ impl RegionTree {
     }
     pub fn remove(&mut self, start: u64) -> Option<Vma> {
         let v = self.map.remove(&start)?;
-        // Whoever read it optimistically must see it changed.
-        v.seq.write_begin();
-        v.seq.write_end();
+        // Whoever reads it optimistically (in a snapshot that still holds it) must
+        // see it gone: the count stays odd for good, so a reader that begins now
+        // falls back, and one that began before fails its validation.
+        v.view.seq.write_begin();
         Some(v)
+    }
+    /// A snapshot of the tree for lock-free lookups (published by the writer that
+    /// holds the write lock, see `SpaceInner::publish`).
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            views: self.map.values().map(|v| v.view.clone()).collect(),
+        }
     }
     pub fn iter(&self) -> impl Iterator<Item = &Vma> {
         self.map.values()

@@ -1,24 +1,34 @@
 //! Address spaces (the kernel's mm): regions, the page table, and tearing pages
 //! down on unmap and exit.
 //!
-//! Owns: `SpaceInner`: its regions (a `RegionTree` of `Vma`s, see `region`), their
-//! sequence count, the ranges being unmapped (`dying`) and its page table; and how
-//! swapoff walks a space (`SpaceWalk`).
+//! Owns: `SpaceInner`: its regions (a `RegionTree` of `Vma`s, see `region`), the
+//! snapshot of them that faults read without a lock (`snap`), the ranges being
+//! unmapped (`dying`) and its page table; and how swapoff walks a space
+//! (`SpaceWalk`).
 //!
 //! ## Locking
-//! `regions` (RwLock) is taken for reading by every slow-path access (fault, zero
-//! read, pinning) until it has claimed the entry it fills (`BUSY`) or found the page
-//! present, and for writing by `map_anon`, `unmap` and fork. Frames are allocated
-//! (and direct reclaim runs) with no regions lock held: the claim keeps unmap and
-//! fork from going past the page meanwhile. Order: regions → frame lock → entry
-//! lock → swap map lock; reclaim takes no region lock (invariant 4). The hit path
-//! takes no lock at all (see `fault`).
+//! `regions` (RwLock) is taken for writing by `map_anon`, `map_file`, `unmap` and
+//! fork, which publish a new `Snapshot` of the tree into `snap` before they let go
+//! of it. A fault reads `snap` instead of taking the lock (`mm::lookup`, docs/design.md
+//! invariant 5) and validates what it read after claiming its entry; only when a
+//! validation fails, or with `Config::speculative_faults(false)`, does it take
+//! `regions` for reading, until it has claimed the entry it fills (`BUSY`) or found
+//! the page present. Either way, frames are allocated (and direct reclaim runs)
+//! with no regions lock held: the claim keeps unmap and fork from going past the
+//! page meanwhile. Order: regions → frame lock → entry lock → swap map lock;
+//! reclaim takes no region lock (invariant 4). The hit path takes no lock at all
+//! (see `fault`).
 //!
-//! `unmap` removes the region under the write lock, so no new fault can start in it,
-//! and then releases its pages with the lock dropped: resident pages under their
-//! frame lock, swapped pages by dropping their slot reference. Until that is done
-//! the range is in `dying`: `map_anon` does not hand it out and fork waits for it
-//! (a fork in that window would share leaves that still hold the dying entries).
+//! `unmap` removes the region under the write lock (its view's count goes odd for
+//! good, a snapshot without it is published, then a SeqCst fence), so no new fault
+//! can start in it, and a speculative fault that found it earlier either sees the
+//! odd count after its claim and undoes the claim, or has claimed before the fence,
+//! and the release below waits for it and releases what it installed. The release
+//! runs with the lock dropped: resident pages under their frame lock, swapped pages
+//! by dropping their slot reference. Until that is done the range is in `dying`:
+//! `map_anon` does not hand it out (so no page of the old region can appear in a
+//! new one at the same address) and fork waits for it (a fork in that window would
+//! share leaves that still hold the dying entries).
 
 use crate::addr::{PAGE_SIZE, VADDR_END};
 use crate::engine::{Engine, SpaceWalk};
@@ -26,9 +36,10 @@ use crate::error::{Error, Result};
 use crate::filemap::inode::Inode;
 use crate::mm::entry::{copy_entry, release_entry};
 use crate::mm::pagetable::{LeafPool, PageTable, LEAF_PAGES};
-use crate::mm::region::{Region, RegionTree, Share, Vma};
+use crate::mm::region::{Region, RegionTree, Share, Snapshot, Vma};
 use crate::pte::Pte;
-use crate::sync::{Arc, AtomicU64, Ordering, RwLock, SeqCount};
+use crate::sync::{fence, Arc, AtomicU64, Ordering, RwLock};
+use arc_swap::ArcSwap;
 use std::collections::BTreeMap;
 
 /// Lowest address handed out: the first 4 GiB stay unmapped, so small integers and
@@ -39,12 +50,13 @@ pub(crate) const MAP_BASE: u64 = 1 << 32;
 pub(crate) struct SpaceInner {
     pub eng: Arc<Engine>,
     pub pt: PageTable,
-    /// The regions. Read-locked by every slow-path access to find its region;
-    /// write-locked by map, unmap and fork.
+    /// The regions. Write-locked by map, unmap and fork; read-locked by a fault
+    /// only on its fallback path (see the module header), and by msync and swapoff.
     pub regions: RwLock<RegionTree>,
-    /// Moved (under the `regions` write lock) around every change of `regions`, so a
-    /// reader without the lock can validate what it read (see `region`).
-    pub regions_seq: SeqCount,
+    /// What faults read instead of `regions`: a snapshot of it, replaced (stored
+    /// only under `regions`' write lock, by `publish`) after every change. Loads
+    /// take no lock; a snapshot lives while a reader holds it (`arc-swap`).
+    pub snap: ArcSwap<Snapshot>,
     /// Ranges being unmapped (start → length): no longer accessible, not yet free to
     /// map again until their pages are released. Protected by `regions`' write lock
     /// for insertion and lookup; removal takes it too.
@@ -61,7 +73,7 @@ impl SpaceInner {
             pt: PageTable::new(leaves),
             eng,
             regions: RwLock::new(RegionTree::default()),
-            regions_seq: SeqCount::default(),
+            snap: ArcSwap::from_pointee(Snapshot::default()),
             dying: crate::sync::Mutex::new(BTreeMap::new()),
             ra: AtomicU64::new(0),
         }
@@ -131,10 +143,28 @@ impl SpaceInner {
         }
         let vma = make(at);
         let r = vma.handle();
-        self.regions_seq.write_begin();
         regions.insert(vma);
-        self.regions_seq.write_end();
+        self.publish(&regions);
         Ok(r)
+    }
+
+    /// Publishes a snapshot of `regions` for speculative faults. Precondition: the
+    /// caller holds the regions write lock (`regions` is its guard), so snapshots
+    /// are stored in the order of the changes. The old snapshot goes when its last
+    /// reader lets go of it; it holds no file open (views hold `Weak`s).
+    pub fn publish(&self, regions: &RegionTree) {
+        self.snap.store(Arc::new(regions.snapshot()));
+    }
+
+    /// Whether `[addr, addr + len)` lies inside mapped regions (see
+    /// `RegionTree::range_mapped`), read from the snapshot unless speculative faults
+    /// are off.
+    pub fn range_mapped(&self, addr: u64, len: u64) -> Result<()> {
+        if self.eng.speculative {
+            self.snap.load().range_mapped(addr, len)
+        } else {
+            self.regions.read().range_mapped(addr, len)
+        }
     }
 
     pub fn regions(&self) -> Vec<Region> {
@@ -161,9 +191,12 @@ impl SpaceInner {
                 self.unshare(vpn)?;
                 vpn = (vpn | (LEAF_PAGES - 1)) + 1;
             }
-            self.regions_seq.write_begin();
             let gone = regions.remove(r.start.0);
-            self.regions_seq.write_end();
+            self.publish(&regions);
+            // The region's count is odd now; a speculative fault claims its entry,
+            // reads the count (SeqCst, both), and the release below reads the entries
+            // after this fence: one of the two sees the other (see the header).
+            fence(Ordering::SeqCst);
             self.dying.lock().insert(r.start.0, r.len);
             gone
         };

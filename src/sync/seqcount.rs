@@ -39,6 +39,13 @@ impl SeqCount {
         let v = self.0.load(Ordering::Acquire);
         (v & 1 == 0).then_some(v)
     }
+    /// `read_retry` for a reader whose last step was a SeqCst read-modify-write (a
+    /// claim): a SeqCst load, ordered after it in the single total order, so a
+    /// writer that fences (SeqCst) after `write_begin` and then reads what the
+    /// claim wrote sees the claim, or this sees the write. No fence on x86.
+    pub fn read_retry_sc(&self, start: u64) -> bool {
+        self.0.load(Ordering::SeqCst) != start
+    }
     /// Whether a read begun at `start` must be discarded (a write happened since).
     pub fn read_retry(&self, start: u64) -> bool {
         // Loads of the read must complete before the count is sampled again.
