@@ -37,7 +37,7 @@
 use crate::addr::{Pfn, PAGE_SIZE};
 use crate::engine::Engine;
 use crate::error::{Error, Result};
-use crate::frame::{copy_in, copy_out, zero_frame, AllocCtx, F_FILE, F_INUSE, F_WRITEBACK};
+use crate::frame::{copy_in, copy_out, AllocCtx, F_FILE, F_INUSE, F_WRITEBACK};
 use crate::mm::pagetable::{LeafPool, PageTable};
 use crate::pte::{
     lock_present, try_lock_present, unlock_entry, Pte, BUSY, EMPTY, P_ACCESSED, P_DIRTY, P_EXCL,
@@ -167,11 +167,12 @@ pub(crate) struct Inode {
 
 /// Where a file page's fault gets its bytes.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Fill {
+enum Fill<'a> {
     /// Read the file.
     Read,
-    /// Zeros: the caller overwrites the whole page.
-    Zero,
+    /// These bytes (a whole page): a write of the whole page, whose bytes are in
+    /// the frame before the page is published (never a page of zeros meanwhile).
+    Data(&'a [u8]),
 }
 
 impl Inode {
@@ -202,8 +203,9 @@ impl Inode {
 
     /// Brings page `pgoff` into the cache, or waits for whoever holds its entry
     /// (a fault, or a lock or pin in `forbid`). Returns when a retry may find the
-    /// page present and free.
-    fn fault(&self, pgoff: u64, fill: Fill, forbid: u64) -> Result<()> {
+    /// page present and free: true if this call installed it (with `Fill::Data`,
+    /// the write is done).
+    fn fault(&self, pgoff: u64, fill: Fill<'_>, forbid: u64) -> Result<bool> {
         let pte = self.pt.entry(pgoff);
         let v = pte.load(Ordering::Acquire);
         match Pte::decode(v) {
@@ -211,14 +213,14 @@ impl Inode {
             Pte::Busy => {
                 crate::pte::wait_claim();
                 wait_until(|| pte.load(Ordering::Acquire) != BUSY);
-                return Ok(());
+                return Ok(false);
             }
             Pte::Present(_) => {
                 wait_until(|| {
                     let now = pte.load(Ordering::Acquire);
                     now != v || now & (P_LOCK | forbid) == 0
                 });
-                return Ok(());
+                return Ok(false);
             }
             Pte::Swapped(_) => {
                 debug_assert!(false, "a file page in swap");
@@ -230,7 +232,7 @@ impl Inode {
             .compare_exchange(EMPTY, BUSY, Ordering::AcqRel, Ordering::Relaxed)
             .is_err()
         {
-            return Ok(());
+            return Ok(false);
         }
         crate::pte::claimed(pte);
         let eng = &*self.eng;
@@ -247,8 +249,9 @@ impl Inode {
         };
         let frame = eng.frames.frame_ptr(pfn);
         match fill {
-            // SAFETY: the frame was just allocated to us and is not yet visible.
-            Fill::Zero => unsafe { zero_frame(frame) },
+            // SAFETY: the frame was just allocated to us and is not yet visible;
+            // `copy_in` stores atomically (stale optimistic readers may load it).
+            Fill::Data(src) => unsafe { copy_in(frame, src) },
             Fill::Read => {
                 if let Err(e) = self.read_file_page(pgoff, |page| {
                     // SAFETY: as above; stale optimistic readers only load from it,
@@ -264,9 +267,10 @@ impl Inode {
             }
         }
         let index = crate::filemap::slots::index(self.slot, pgoff);
-        eng.install_file(pte, pfn, index, fill == Fill::Zero);
+        let data = matches!(fill, Fill::Data(_));
+        eng.install_file(pte, pfn, index, data);
         Counters::inc(&eng.cnt.pgfault);
-        Ok(())
+        Ok(data)
     }
 
     /// Reads page `pgoff` from the file (zeros past its end) and hands it to `f`.
@@ -363,11 +367,13 @@ impl Inode {
                 return Ok(());
             }
             let fill = if off == 0 && src.len() == PAGE_SIZE {
-                Fill::Zero
+                Fill::Data(src)
             } else {
                 Fill::Read
             };
-            self.fault(pgoff, fill, P_EXCL | P_SHARED)?;
+            if self.fault(pgoff, fill, P_EXCL | P_SHARED)? && off == 0 && src.len() == PAGE_SIZE {
+                return Ok(());
+            }
         }
     }
 
@@ -538,9 +544,11 @@ impl Inode {
                     j.settle().map_err(|e| with_path(&self.path, e))?;
                 }
             }
-            // The page-I/O threads' write-backs of this file that are in flight
-            // are part of what must be durable.
-            wait_until(|| eng.files.get(self.slot).inflight.load(Ordering::Acquire) == 0);
+            // The page-I/O threads' write-backs of this file queued before now are
+            // part of what must be durable (later ones are not ours to wait for).
+            let slot = eng.files.get(self.slot);
+            let target = slot.submitted.load(Ordering::Acquire);
+            wait_until(|| slot.completed.load(Ordering::Acquire) >= target);
             self.file
                 .sync_data()
                 .map_err(|e| with_path(&self.path, e))?;
@@ -700,6 +708,20 @@ impl Inode {
             d.unlock();
             eng.frames.free(pfn);
             return;
+        }
+    }
+
+    /// `invalidate` of every cached page (the file was written behind the cache:
+    /// a journal replayed into it).
+    pub fn invalidate_all(&self) {
+        let mut pages = Vec::new();
+        self.pt.for_each(0, self.pages(), |pg, pte| {
+            if pte.load(Ordering::Relaxed) != EMPTY {
+                pages.push(pg);
+            }
+        });
+        for pg in pages {
+            self.invalidate(pg);
         }
     }
 

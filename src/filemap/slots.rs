@@ -47,6 +47,11 @@ pub(crate) struct FileSlot {
     pub len: AtomicU64,
     /// Write-backs of this file's pages queued or being written.
     pub inflight: AtomicU64,
+    /// Write-backs queued ever, and completed ever: a sync waits for those queued
+    /// before it began (`completed` reaching `submitted` as it read it), not for
+    /// the queue to empty, which under steady pressure it may never do.
+    pub submitted: AtomicU64,
+    pub completed: AtomicU64,
     /// Write-backs that failed, ever (`msync` and `File::sync` report a change).
     pub errors: AtomicU64,
     /// The errno of the last failed write-back.
@@ -70,6 +75,8 @@ impl FileSlots {
                     fd: AtomicI32::new(-1),
                     len: AtomicU64::new(0),
                     inflight: AtomicU64::new(0),
+                    submitted: AtomicU64::new(0),
+                    completed: AtomicU64::new(0),
                     errors: AtomicU64::new(0),
                     last_errno: AtomicI32::new(0),
                 })
@@ -93,6 +100,8 @@ impl FileSlots {
         let slot = &self.slots[s as usize];
         slot.len.store(len, Ordering::Relaxed);
         slot.inflight.store(0, Ordering::Relaxed);
+        slot.submitted.store(0, Ordering::Relaxed);
+        slot.completed.store(0, Ordering::Relaxed);
         slot.errors.store(0, Ordering::Relaxed);
         slot.last_errno.store(0, Ordering::Relaxed);
         slot.fd.store(fd, Ordering::Release);

@@ -201,8 +201,13 @@ pub(crate) fn prepare_atomic(ino: &Inode) -> Result<()> {
         file: &ino.file,
         len: ino.len(),
     };
-    j.recover(&clip, &mut |_, _| {})
+    let rep = j
+        .recover(&clip, &mut |_, _| {})
         .map_err(|e| with_path(&jp, e))?;
+    if rep.replayed_pages > 0 {
+        // Another process's commit reached the file behind this Vm's cache.
+        ino.invalidate_all();
+    }
     *c = Some(j);
     Ok(())
 }
@@ -297,9 +302,14 @@ fn commit(sp: &SpaceInner, ino: &Inode, r: Region) -> Result<()> {
     for &(vpn, _) in &copied {
         ino.invalidate(vpn - first);
     }
-    let regions = sp.regions.read();
-    if regions.get(r.start.0).is_some_and(|v| v.len == r.len) {
-        let mut bufs = AlignedPages::new(2)?;
+    // Private copies equal to the commit go; those reclaim sent to swap meanwhile
+    // are compared with the file afterwards, without the regions lock.
+    let mut swapped = Vec::new();
+    {
+        let regions = sp.regions.read();
+        if regions.get(r.start.0).is_none_or(|v| v.len != r.len) {
+            return Ok(());
+        }
         for (vpn, v) in copied {
             if sp.pt.is_shared(vpn) {
                 continue; // a fork shares the leaf: the copy stays
@@ -308,8 +318,17 @@ fn commit(sp: &SpaceInner, ino: &Inode, r: Region) -> Result<()> {
                 continue;
             };
             if !crate::mm::entry::release_if_unchanged(&sp.eng, pte, v) {
-                drop_if_as_in_file(sp, ino, pte, vpn - first, &mut bufs);
+                let now = pte.load(Ordering::Acquire);
+                if matches!(Pte::decode(now), Pte::Swapped(_)) {
+                    swapped.push((vpn, now));
+                }
             }
+        }
+    }
+    if !swapped.is_empty() {
+        let mut bufs = AlignedPages::new(2)?;
+        for (vpn, v) in swapped {
+            drop_if_as_in_file(sp, ino, r, vpn, first, v, &mut bufs);
         }
     }
     Ok(())
@@ -320,37 +339,58 @@ fn commit(sp: &SpaceInner, ino: &Inode, r: Region) -> Result<()> {
 /// with the file's (which now hold the commit). Equal: the private copy goes (the
 /// mapping reads the file again); different (written again, or the file changed
 /// meanwhile): it stays, and belongs to the next commit. Errors leave it.
+///
+/// The entry is claimed (`BUSY`, from `v`, its value seen) under the regions read
+/// lock, as a fault claims; the reads run without the lock, and the claim keeps
+/// unmap and fork off the entry meanwhile (and its slot from being freed and
+/// reused under us).
 fn drop_if_as_in_file(
     sp: &SpaceInner,
     ino: &Inode,
-    pte: &crate::sync::AtomicU64,
-    pg: u64,
+    r: Region,
+    vpn: u64,
+    first: u64,
+    v: u64,
     bufs: &mut AlignedPages,
 ) {
-    let v = pte.load(Ordering::Acquire);
     let Pte::Swapped(e) = Pte::decode(v) else {
         return;
     };
-    let Some(dev) = sp.eng.swap.get(e.dev) else {
-        return;
+    let pte = {
+        let regions = sp.regions.read();
+        if regions.get(r.start.0).is_none_or(|x| x.len != r.len) || sp.pt.is_shared(vpn) {
+            return;
+        }
+        let Some(pte) = sp.pt.lookup(vpn) else {
+            return;
+        };
+        if pte
+            .compare_exchange(v, crate::pte::BUSY, Ordering::AcqRel, Ordering::Relaxed)
+            .is_err()
+        {
+            return;
+        }
+        crate::pte::claimed(pte);
+        pte
     };
-    let (a, b) = bufs.pages_mut(2).split_at_mut(PAGE_SIZE);
-    if dev.read(e.slot, a).is_err() {
-        return;
-    }
-    b.fill(0);
-    let off = pg * PAGE_SIZE as u64;
-    let n = ino.len().saturating_sub(off).min(PAGE_SIZE as u64) as usize;
-    if std::os::unix::fs::FileExt::read_exact_at(&ino.file, &mut b[..n], off).is_err() {
-        return;
-    }
-    if a[..n] != b[..n] || a[n..].iter().any(|&x| x != 0) {
-        return;
-    }
-    if pte
-        .compare_exchange(v, EMPTY, Ordering::AcqRel, Ordering::Relaxed)
-        .is_ok()
-    {
+    let same = sp.eng.swap.get(e.dev).is_some_and(|dev| {
+        let (a, b) = bufs.pages_mut(2).split_at_mut(PAGE_SIZE);
+        if dev.read(e.slot, a).is_err() {
+            return false;
+        }
+        b.fill(0);
+        let off = (vpn - first) * PAGE_SIZE as u64;
+        let n = ino.len().saturating_sub(off).min(PAGE_SIZE as u64) as usize;
+        std::os::unix::fs::FileExt::read_exact_at(&ino.file, &mut b[..n], off).is_ok()
+            && a[..n] == b[..n]
+            && a[n..].iter().all(|&x| x == 0)
+    });
+    if same {
+        pte.store(EMPTY, Ordering::Release);
+        crate::pte::released(pte);
         sp.eng.swap.put(e);
+    } else {
+        pte.store(v, Ordering::Release);
+        crate::pte::released(pte);
     }
 }

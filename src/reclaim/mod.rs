@@ -439,7 +439,9 @@ fn reclaim_file(eng: &Engine, d: &PageDesc, pfn: Pfn, f: u32, dirty: bool, r: &m
     rq.entry.store(0, Ordering::Relaxed);
     rq.file.store(FILE_REQ | index, Ordering::Relaxed);
     let (slot, _) = crate::filemap::slots::split(index);
-    eng.files.get(slot).inflight.fetch_add(1, Ordering::AcqRel);
+    let fs = eng.files.get(slot);
+    fs.inflight.fetch_add(1, Ordering::AcqRel);
+    fs.submitted.fetch_add(1, Ordering::AcqRel);
     d.unlock();
     eng.io.submit(req);
     r.queued += 1;
@@ -817,7 +819,9 @@ fn complete_file(eng: &Engine, i: u32) {
         eng.frames.free(pfn);
     }
     // Last: the file's descriptor may be closed once this reaches zero.
-    eng.files.get(slot).inflight.fetch_sub(1, Ordering::AcqRel);
+    let fs = eng.files.get(slot);
+    fs.completed.fetch_add(1, Ordering::AcqRel);
+    fs.inflight.fetch_sub(1, Ordering::AcqRel);
     eng.io.release(i);
     eng.frames.notify_waiters();
 }
