@@ -495,19 +495,52 @@ pub(super) fn now_unix() -> u64 {
 /// `--policy clock` (read by `usermm_vm`).
 static PLAIN_CLOCK: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
-pub fn main(a: BenchArgs) -> i32 {
+/// What `main` leaves to its caller: an exit code, or the compressed-tier
+/// comparison to run (`bench_comp`, which uses this module, so this one does not
+/// call it: the CLI's dispatch does).
+pub enum Outcome {
+    Exit(i32),
+    Compressed(Box<CompPlan>),
+}
+
+/// The compressed-tier comparison's parameters (from `usermm bench --compressed`).
+#[derive(Debug)]
+pub struct CompPlan {
+    pub budget: u64,
+    pub seed: u64,
+    pub timed: Duration,
+    pub warmup: Duration,
+    pub patterns: Vec<Pattern>,
+    pub wbs: Vec<f64>,
+    pub wrs: Vec<f64>,
+    pub contents: Vec<Content>,
+    pub threads: Vec<u32>,
+    pub words: u32,
+    pub dir: PathBuf,
+    pub io_threads: Option<u32>,
+    pub json: Option<PathBuf>,
+    pub no_kernel: bool,
+    /// Bytes of usermm's zpool (`--zpool-size`, half the budget by default).
+    pub zpool_size: u64,
+}
+
+pub fn main(a: BenchArgs) -> Outcome {
     util::install_ctrlc();
     PLAIN_CLOCK.store(a.policy == "clock", std::sync::atomic::Ordering::Relaxed);
-    match bench(a) {
-        Ok(code) => code,
+    let mut comp = None;
+    match bench(a, &mut comp) {
+        Ok(code) => match comp {
+            Some(p) => Outcome::Compressed(Box::new(p)),
+            None => Outcome::Exit(code),
+        },
         Err(e) => {
             eprintln!("usermm bench: error: {e}");
-            1
+            Outcome::Exit(1)
         }
     }
 }
 
-fn bench(a: BenchArgs) -> Result<i32, String> {
+fn bench(a: BenchArgs, comp: &mut Option<CompPlan>) -> Result<i32, String> {
     if let Some(p) = &a.plot {
         let ext = p.extension().and_then(|e| e.to_str()).unwrap_or("");
         if !ext.eq_ignore_ascii_case("svg") {
@@ -575,7 +608,7 @@ fn bench(a: BenchArgs) -> Result<i32, String> {
             eprintln!("usermm bench: note: --plot is not drawn for --compressed");
         }
         let or = |v: &Vec<_>, d| if v.is_empty() { d } else { v.clone() };
-        return super::bench_comp::run(super::bench_comp::Plan {
+        *comp = Some(CompPlan {
             budget,
             seed,
             timed,
@@ -613,6 +646,7 @@ fn bench(a: BenchArgs) -> Result<i32, String> {
             no_kernel: a.no_kernel,
             zpool_size: a.zpool_size.unwrap_or(budget / 2).min(budget),
         });
+        return Ok(0);
     }
     if a.content.len() > 1 {
         eprintln!(

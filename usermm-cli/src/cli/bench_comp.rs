@@ -36,24 +36,18 @@ use usermm_testkit::driver::{Content, Measured, Snap, UsermmTarget, WorkSpec};
 use usermm_testkit::workload::Pattern;
 
 /// The comparison's parameters (from `usermm bench`'s flags).
-#[derive(Debug)]
-pub struct Plan {
-    pub budget: u64,
-    pub seed: u64,
-    pub timed: Duration,
-    pub warmup: Duration,
-    pub patterns: Vec<Pattern>,
-    pub wbs: Vec<f64>,
-    pub wrs: Vec<f64>,
-    pub contents: Vec<Content>,
-    pub threads: Vec<u32>,
-    pub words: u32,
-    pub dir: PathBuf,
-    pub io_threads: Option<u32>,
-    pub json: Option<PathBuf>,
-    pub no_kernel: bool,
-    /// Bytes of usermm's zpool (`--zpool-size`, half the budget by default).
-    pub zpool_size: u64,
+pub use super::bench::CompPlan as Plan;
+
+/// Runs the comparison `usermm bench --compressed` asked for; returns the exit
+/// code.
+pub fn main(p: Plan) -> i32 {
+    match run(p) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("usermm bench: error: {e}");
+            1
+        }
+    }
 }
 
 /// The systems, in the order of the table.

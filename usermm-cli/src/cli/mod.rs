@@ -71,7 +71,11 @@ pub fn main() -> i32 {
     match cli.cmd {
         None => run::main(run::RunArgs::default_args()),
         Some(Cmd::Run(a)) => run::main(a),
-        Some(Cmd::Bench(a)) => bench::main(a),
+        Some(Cmd::Bench(a)) => match bench::main(a) {
+            bench::Outcome::Exit(code) => code,
+            bench::Outcome::Compressed(plan) => bench_comp::main(*plan),
+        },
+        Some(Cmd::Stress(a)) if a.which == "files" => stress_files::main(a),
         Some(Cmd::Stress(a)) => stress::main(a),
         Some(Cmd::Swaps(a)) => swaps::main(a),
         Some(Cmd::Fsck(a)) => fsck(a),

@@ -111,9 +111,6 @@ pub fn main(a: StressArgs) -> i32 {
     if a.which == "all" {
         return main_all(a);
     }
-    if a.which == "files" {
-        return super::stress_files::main(a);
-    }
     let budget = a.budget.unwrap_or(DEFAULT_BUDGET);
     let (dir, vm) = match setup(&a.dir, budget) {
         Ok(x) => x,
