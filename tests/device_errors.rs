@@ -33,7 +33,14 @@ struct Setup {
 
 fn setup(pages: u64) -> Setup {
     let dir = tempfile::tempdir().unwrap();
-    let vm = Vm::new(Config::default().memory_budget(FRAMES * PAGE_SIZE)).unwrap();
+    // No readahead: these tests count one device read (and one major fault) per
+    // page they read back, and decide which reads fail page by page.
+    let vm = Vm::new(
+        Config::default()
+            .memory_budget(FRAMES * PAGE_SIZE)
+            .readahead(false),
+    )
+    .unwrap();
     let (faulty, _) = faulty_swap(&vm, dir.path(), "swap", 32 << 20);
     let mm = vm.new_space();
     let r = mm.map_anon((pages * PS) as usize).unwrap();

@@ -660,7 +660,8 @@ fn batched_page_out_failure_loses_no_page() {
         "no successful page-out went through the batched path"
     );
     check("after the retried page-outs");
-    assert_eq!(vm.stats().pgmajfault, s2.pgmajfault + n);
+    // Every page came back from the device (by its own fault or read ahead).
+    assert_eq!(vm.stats().pswpin, s2.pswpin + n);
 }
 
 /// One swap device per file: a second device on a file in use (another `open`,
