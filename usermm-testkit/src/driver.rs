@@ -762,4 +762,55 @@ mod tests {
             assert_eq!(Content::parse(c.name()), Ok(c));
         }
     }
+
+    #[test]
+    fn a_stream_continues_one_sequence() {
+        // Two warm-ups on one stream leave memory exactly as one fresh sequence of
+        // the same length does (the writes store their access number), and the
+        // generator where that sequence leaves it.
+        let spec = WorkSpec {
+            pages: 64,
+            pattern: Pattern::Zipf { theta: 0.99 },
+            write_ratio: 0.5,
+            threads: 1,
+            words: 2,
+            seed: 11,
+            warm_accesses: 5000,
+            content: Content::Incompressible,
+        };
+        let mut v = vec![0u64; 64 * 512];
+        // SAFETY: `v` outlives the target and is not used otherwise meanwhile.
+        let t = unsafe { RawTarget::new(v.as_mut_ptr().cast(), v.len() * 8) };
+        fill(&t, &spec).unwrap();
+        let mut st = Stream::new(&spec);
+        let long = Duration::from_secs(60);
+        let a = measure_stream(&t, &spec, &mut st, long, Duration::ZERO, &Snap::default).unwrap();
+        let b = measure_stream(&t, &spec, &mut st, long, Duration::ZERO, &Snap::default).unwrap();
+        let n = st.total();
+        assert_eq!(a.stream_start, 0);
+        assert!(b.stream_start >= a.warm_accesses && b.stream_start + b.warm_accesses <= n);
+        assert!(n >= 10_000, "{n}");
+
+        let mut model = vec![0u64; 64 * 512];
+        // SAFETY: as above, for `model`.
+        let mt = unsafe { RawTarget::new(model.as_mut_ptr().cast(), model.len() * 8) };
+        fill(&mt, &spec).unwrap();
+        let mut rng = thread_rng(spec.seed, 0);
+        let sampler = Sampler::new(spec.pattern, spec.pages);
+        for k in 0..n {
+            let page = sampler.sample(&mut rng);
+            let write = rng.unit() < spec.write_ratio;
+            for _ in 0..spec.words {
+                let off = page * PAGE_SIZE as u64 + rng.below(WORDS_PER_PAGE) * 8;
+                if write {
+                    mt.write(off, off ^ k).unwrap();
+                }
+            }
+        }
+        assert!(
+            v == model,
+            "memory differs from one sequence of {n} accesses"
+        );
+        assert_eq!(st.rngs[0].next_u64(), rng.next_u64());
+    }
 }

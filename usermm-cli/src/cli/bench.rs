@@ -103,11 +103,11 @@ pub struct BenchArgs {
     budget: Option<u64>,
     /// A small matrix that runs in under ten minutes: budget 64M, W/B 1.25 and 4,
     /// all patterns, write ratio 0 and 0.5, 1 thread (2 threads for the first
-    /// pattern), 7 rounds of 0.6 s timed per cell and system, no NBD column.
+    /// pattern), 3 rounds of 1.5 s timed per cell and system, no NBD column.
     #[arg(long)]
     quick: bool,
     /// Timed phases (rounds) per cell and system, the systems alternating within
-    /// each round; the tables show medians [default: 5; --quick: 7].
+    /// each round; the tables show medians [default: 5; --quick: 3].
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=100))]
     repeats: Option<u32>,
     /// Compare two JSON files of `usermm bench --json` cell by cell (um/kern and
@@ -142,7 +142,7 @@ pub struct BenchArgs {
     /// Write ratios, comma separated [default: 0,0.5].
     #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = util::parse_ratio)]
     write_ratios: Vec<f64>,
-    /// Timed phase per cell, system and round [default: 3s; --quick: 0.6s].
+    /// Timed phase per cell, system and round [default: 3s; --quick: 1.5s].
     #[arg(long, value_name = "TIME", value_parser = util::parse_duration)]
     duration: Option<Duration>,
     /// Longest untimed warm-up after the fill, per cell and system (once: the
@@ -373,8 +373,8 @@ fn show_setup(r: &Result<Option<Setup>, &String>) -> String {
 }
 
 /// `--quick`'s rounds per cell and system, and each round's timed window.
-const QUICK_REPEATS: u32 = 7;
-const QUICK_TIMED_MS: u64 = 600;
+const QUICK_REPEATS: u32 = 3;
+const QUICK_TIMED_MS: u64 = 1500;
 
 /// How often a cell starts the kernel's child again after an OOM kill during its
 /// rounds (each time: the fill and the warm-up again).
@@ -386,8 +386,8 @@ const KERNEL_RESTARTS: u32 = 3;
 /// of the kernel, their order flipping from round to round (so neither always
 /// follows the other's write-back); the two cheap references run first or last.
 fn round_order(r: usize) -> [usize; 5] {
-    let three = if r % 2 == 0 { [2, 4, 3] } else { [3, 4, 2] };
-    if (r / 2) % 2 == 0 {
+    let three = if r.is_multiple_of(2) { [2, 4, 3] } else { [3, 4, 2] };
+    if (r / 2).is_multiple_of(2) {
         [0, 1, three[0], three[1], three[2]]
     } else {
         [three[0], three[1], three[2], 1, 0]
@@ -847,10 +847,9 @@ fn bench(a: BenchArgs) -> Result<i32, String> {
     let budget = a.budget.unwrap_or(if quick { 64 << 20 } else { 128 << 20 });
     let budget = budget / PAGE_SIZE as u64 * PAGE_SIZE as u64;
     let seed = a.seed.unwrap_or_else(util::time_seed);
-    // --quick: many short rounds rather than a few long ones. On this shared
-    // machine a burst of load from elsewhere lasts seconds and moves one round's
-    // ratio by up to 4x; a median of 7 rounds shrugs off three such rounds where
-    // a median of 3 shrugs off one (measured: README, "Results").
+    // --quick: 3 rounds of 1.5 s. 7 rounds of 0.6 s (the same time) agreed worse
+    // between two runs here (README, "Results"): a short window is more at the
+    // mercy of the transient after the re-warm and of a single burst of load.
     let timed = a
         .duration
         .unwrap_or(Duration::from_millis(if quick && !a.compressed {
@@ -860,9 +859,7 @@ fn bench(a: BenchArgs) -> Result<i32, String> {
         } else {
             3000
         }));
-    let repeats = a
-        .repeats
-        .unwrap_or(if quick { QUICK_REPEATS } else { 5 });
+    let repeats = a.repeats.unwrap_or(if quick { QUICK_REPEATS } else { 5 });
     // The first warm-up's cap (its length is in accesses, see `warm_per_page`); the
     // `--compressed` comparison keeps its single, shorter warm-up.
     let warmup = a
@@ -1844,13 +1841,13 @@ fn print_table(outs: &[CellOut], repeats: u32) {
         );
     }
     println!(
-        "Medians of {repeats} repeats per cell and system, the systems alternating within each repeat, each kept alive\n\
-         (filled and warmed up once) across the repeats. usermm, transp (transparent), kernel, plain: accesses/s; \
+        "Medians of {repeats} rounds per cell and system, the systems alternating within each round, each kept alive\n\
+         (filled and warmed up once) across the rounds. usermm, transp (transparent), kernel, plain: accesses/s; \
          p50/p99 of every {}th access\nover all repeats; majflt/s = major faults per second; miss% = major faults per access; \
-         dev rd/s = random 4 KiB O_DIRECT reads/s at queue\ndepth = thr; um/kern, tr/kern = the median of the per-repeat \
+         dev rd/s = random 4 KiB O_DIRECT reads/s at queue\ndepth = thr; um/kern, tr/kern = the median of the per-round \
          ratios of accesses/s [their min-max]; um/plain = ratio of the medians; um/dev =\nusermm major faults/s over dev rd/s \
          (the share of the device's random-read limit the miss path reaches). Warm-up before the\nfirst repeat: two accesses \
-         per page of the working set (one for uniform) or the warm-up limit; a short re-warm before each repeat.",
+         per page of the working set (one for uniform) or the warm-up limit; a short re-warm before each round.",
         access::SAMPLE_EVERY
     );
     let mut errs: Vec<String> = Vec::new();
