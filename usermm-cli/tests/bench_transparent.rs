@@ -1,7 +1,9 @@
 //! `usermm bench` with its transparent column, on the smallest configuration (one
-//! cell, a 1 MiB budget, no kernel or NBD column): the table has the column with a
-//! positive rate, the JSON has a `transparent` record with a positive rate and no
-//! error, and the content check after the timed phase passed.
+//! cell, a 1 MiB budget, no kernel or NBD column, two repeats): the table has the
+//! column with a positive rate, the JSON has a `transparent` record with a positive
+//! rate and no error, and the content check after the last repeat passed; the
+//! records carry their repeats (count, per-repeat rates, min and max around the
+//! median). No timing is asserted.
 
 use std::process::Command;
 
@@ -62,6 +64,8 @@ fn bench_has_transparent_column() {
             "200ms",
             "--seed",
             "7",
+            "--repeats",
+            "2",
             "--no-nbd",
             "--no-kernel",
             "--dir",
@@ -122,6 +126,36 @@ fn bench_has_transparent_column() {
     assert!(t["major_faults"].as_u64().is_some_and(|n| n > 0), "{t}");
     assert!(t["verified_words"].as_u64().is_some_and(|n| n > 0), "{t}");
     assert_eq!(v["meta"]["transparent"], "ok", "{text}");
+
+    // The repeats (issue 10, item 5): every measured system's record says how many
+    // timed phases it is the median of, lists their rates, and the median lies
+    // between their min and max. Without the kernel column there is no ratio to it.
+    assert_eq!(v["meta"]["repeats"], 2, "{text}");
+    for system in ["usermm", "transparent", "plain", "device"] {
+        let r = recs
+            .iter()
+            .find(|r| r["system"] == system)
+            .unwrap_or_else(|| panic!("no {system} record: {text}"));
+        assert!(r.get("error").is_none(), "{r}");
+        assert_eq!(r["repeats"], 2, "{r}");
+        let all: Vec<f64> = r["accesses_per_s_repeats"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no accesses_per_s_repeats: {r}"))
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect();
+        assert_eq!(all.len(), 2, "{r}");
+        let (lo, hi) = (
+            r["accesses_per_s_min"].as_f64().unwrap(),
+            r["accesses_per_s_max"].as_f64().unwrap(),
+        );
+        let med = r["accesses_per_s"].as_f64().unwrap();
+        assert!(lo <= med && med <= hi && lo > 0.0, "{r}");
+        assert_eq!(lo, all.iter().cloned().fold(f64::INFINITY, f64::min), "{r}");
+        assert!(r.get("ratio_vs_kernel").is_none(), "{r}");
+    }
+    assert!(t["warmup_seconds"].as_f64().is_some(), "{t}");
+    assert!(t["fill_seconds"].as_f64().is_some(), "{t}");
 
     // The replacement bounds of the same trace (issue 10): a table row and a JSON
     // record. Uniform at W = 2 B: A0 keeps half the pages, so it misses half the

@@ -8,6 +8,11 @@
 //! stores one. Before timing, every page is written once, whole (the fill), and the
 //! workload runs untimed for a warm-up. Every 64th access is timed with `Instant`.
 //!
+//! A [`Stream`] carries each thread's generator and count from one [`measure_stream`]
+//! to the next, so a system kept alive across repeated timed phases (`usermm bench
+//! --repeats`) sees one continuing access sequence: its state (what is resident,
+//! what the policy learnt) carries over, and the content check replays one sequence.
+//!
 //! The driver knows nothing of the program that runs it: a program with a Ctrl-C
 //! handler and things to clean up installs [`Hooks`] (`usermm bench` does), so
 //! that the workload stops when interrupted and a stuck run cleans up before the
@@ -249,6 +254,9 @@ pub struct Measured {
     pub sink: u64,
     /// Accesses done in the warm-up.
     pub warm_accesses: u64,
+    /// Accesses of the stream before this warm-up (all threads; 0 for a fresh
+    /// stream): the sequence ends at `stream_start + warm_accesses + accesses`.
+    pub stream_start: u64,
     /// Microseconds of the timed phase with at least one thread stalled on memory
     /// (usermm's pressure; 0 for systems without it).
     pub stall_some_us: u64,
@@ -464,19 +472,45 @@ pub fn fill<T: Target>(target: &T, spec: &WorkSpec) -> Result<(), String> {
     Ok(())
 }
 
+/// Each thread's place in the access sequence: its generator and its count of
+/// accesses so far (the `n` its writes store). A fresh stream starts every thread at
+/// access 0; [`measure_stream`] leaves it where the threads stopped.
+#[derive(Debug, Clone)]
+pub struct Stream {
+    rngs: Vec<Rng>,
+    counts: Vec<u64>,
+}
+
+impl Stream {
+    /// Every thread of `spec` at the start of its sequence.
+    pub fn new(spec: &WorkSpec) -> Stream {
+        Stream {
+            rngs: (0..spec.threads)
+                .map(|t| thread_rng(spec.seed, t))
+                .collect(),
+            counts: vec![0; spec.threads as usize],
+        }
+    }
+
+    /// Accesses of all threads so far.
+    pub fn total(&self) -> u64 {
+        self.counts.iter().sum()
+    }
+}
+
 fn worker<T: Target>(
     target: &T,
     spec: &WorkSpec,
-    t: u32,
+    place: (&mut Rng, &mut u64),
     phase: &AtomicU8,
     count: &AtomicU64,
     err: &Mutex<Option<String>>,
 ) -> (LatHist, u64) {
     let sampler = Sampler::new(spec.pattern, spec.pages);
-    let mut rng = thread_rng(spec.seed, t);
+    let (rng, n_out) = place;
     let mut hist = LatHist::default();
     let mut sink = 0u64;
-    let mut n = 0u64;
+    let mut n = *n_out;
     let words = spec.words;
     loop {
         let ph = phase.load(Ordering::Relaxed);
@@ -486,7 +520,7 @@ fn worker<T: Target>(
         let timed = ph == TIMED;
         for k in 0..SAMPLE_EVERY {
             let t0 = (timed && k == 0).then(Instant::now);
-            let page = sampler.sample(&mut rng);
+            let page = sampler.sample(rng);
             let write = rng.unit() < spec.write_ratio;
             for _ in 0..words {
                 let off = page * PAGE_SIZE as u64 + rng.below(WORDS_PER_PAGE) * 8;
@@ -501,6 +535,7 @@ fn worker<T: Target>(
                     *err.lock().unwrap_or_else(|e| e.into_inner()) =
                         Some(format!("{what} of page {page}: {e}"));
                     phase.store(STOP, Ordering::Relaxed);
+                    *n_out = n;
                     return (hist, sink);
                 }
             }
@@ -511,6 +546,7 @@ fn worker<T: Target>(
         }
         count.store(n, Ordering::Relaxed);
     }
+    *n_out = n;
     (hist, sink)
 }
 
@@ -541,8 +577,33 @@ pub fn measure<T: Target>(
     timed: Duration,
     snap: &(dyn Fn() -> Snap + Sync),
 ) -> Result<Measured, String> {
+    measure_stream(target, spec, &mut Stream::new(spec), warmup, timed, snap)
+}
+
+/// `measure`, continuing the access sequence where `stream` left it (and leaving
+/// it where the threads stop). The warm-up is `spec.warm_accesses` accesses from
+/// here (or `warmup`, whichever ends first); `Measured::warm_accesses` counts the
+/// accesses of this warm-up only. A `timed` of zero makes it a warm-up alone.
+pub fn measure_stream<T: Target>(
+    target: &T,
+    spec: &WorkSpec,
+    stream: &mut Stream,
+    warmup: Duration,
+    timed: Duration,
+    snap: &(dyn Fn() -> Snap + Sync),
+) -> Result<Measured, String> {
+    assert_eq!(
+        stream.counts.len(),
+        spec.threads as usize,
+        "a stream of this spec"
+    );
     let phase = AtomicU8::new(WARM);
-    let counts: Vec<Padded> = (0..spec.threads).map(|_| Padded::default()).collect();
+    let start = stream.total();
+    let counts: Vec<Padded> = stream
+        .counts
+        .iter()
+        .map(|&c| Padded(AtomicU64::new(c)))
+        .collect();
     let err = Mutex::new(None);
     let total = || {
         counts
@@ -576,17 +637,22 @@ pub fn measure<T: Target>(
     };
     let mut m = Measured::default();
     let results: Vec<(LatHist, u64)> = std::thread::scope(|s| {
-        let hs: Vec<_> = (0..spec.threads)
-            .map(|t| {
-                let (phase, count, err) = (&phase, &counts[t as usize].0, &err);
-                s.spawn(move || worker(target, spec, t, phase, count, err))
+        let hs: Vec<_> = stream
+            .rngs
+            .iter_mut()
+            .zip(stream.counts.iter_mut())
+            .zip(&counts)
+            .map(|((rng, n), count)| {
+                let (phase, count, err) = (&phase, &count.0, &err);
+                s.spawn(move || worker(target, spec, (rng, n), phase, count, err))
             })
             .collect();
         let mut stall = Stall::new("timed accesses");
-        if nap(warmup, spec.warm_accesses, &mut stall) {
+        if nap(warmup, start.saturating_add(spec.warm_accesses), &mut stall) {
             let s0 = snap();
             let n0 = total();
-            m.warm_accesses = n0;
+            m.warm_accesses = n0 - start;
+            m.stream_start = start;
             let t0 = Instant::now();
             phase.store(TIMED, Ordering::Relaxed);
             let ok = nap(timed, u64::MAX, &mut stall);
@@ -695,5 +761,56 @@ mod tests {
         for c in [Content::Compressible, Content::Incompressible] {
             assert_eq!(Content::parse(c.name()), Ok(c));
         }
+    }
+
+    #[test]
+    fn a_stream_continues_one_sequence() {
+        // Two warm-ups on one stream leave memory exactly as one fresh sequence of
+        // the same length does (the writes store their access number), and the
+        // generator where that sequence leaves it.
+        let spec = WorkSpec {
+            pages: 64,
+            pattern: Pattern::Zipf { theta: 0.99 },
+            write_ratio: 0.5,
+            threads: 1,
+            words: 2,
+            seed: 11,
+            warm_accesses: 5000,
+            content: Content::Incompressible,
+        };
+        let mut v = vec![0u64; 64 * 512];
+        // SAFETY: `v` outlives the target and is not used otherwise meanwhile.
+        let t = unsafe { RawTarget::new(v.as_mut_ptr().cast(), v.len() * 8) };
+        fill(&t, &spec).unwrap();
+        let mut st = Stream::new(&spec);
+        let long = Duration::from_secs(60);
+        let a = measure_stream(&t, &spec, &mut st, long, Duration::ZERO, &Snap::default).unwrap();
+        let b = measure_stream(&t, &spec, &mut st, long, Duration::ZERO, &Snap::default).unwrap();
+        let n = st.total();
+        assert_eq!(a.stream_start, 0);
+        assert!(b.stream_start >= a.warm_accesses && b.stream_start + b.warm_accesses <= n);
+        assert!(n >= 10_000, "{n}");
+
+        let mut model = vec![0u64; 64 * 512];
+        // SAFETY: as above, for `model`.
+        let mt = unsafe { RawTarget::new(model.as_mut_ptr().cast(), model.len() * 8) };
+        fill(&mt, &spec).unwrap();
+        let mut rng = thread_rng(spec.seed, 0);
+        let sampler = Sampler::new(spec.pattern, spec.pages);
+        for k in 0..n {
+            let page = sampler.sample(&mut rng);
+            let write = rng.unit() < spec.write_ratio;
+            for _ in 0..spec.words {
+                let off = page * PAGE_SIZE as u64 + rng.below(WORDS_PER_PAGE) * 8;
+                if write {
+                    mt.write(off, off ^ k).unwrap();
+                }
+            }
+        }
+        assert!(
+            v == model,
+            "memory differs from one sequence of {n} accesses"
+        );
+        assert_eq!(st.rngs[0].next_u64(), rng.next_u64());
     }
 }

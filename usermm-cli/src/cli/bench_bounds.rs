@@ -28,12 +28,12 @@ fn measured(m: &Result<Measured, String>) -> String {
 }
 
 /// One row of the table: the cell's name, the measurements of usermm, transparent
-/// and the kernel, and the cell's bounds.
-pub type Row<'a> = (String, [&'a Result<Measured, String>; 3], Bounds);
+/// and the kernel (the medians of their repeats), and the cell's bounds.
+pub type Row = (String, [Result<Measured, String>; 3], Bounds);
 
 /// One row per cell: label, then the measured systems' miss% (usermm, transparent,
 /// kernel), then the simulated ones.
-pub fn print(rows: &[Row<'_>]) {
+pub fn print(rows: &[Row]) {
     println!();
     println!("miss% per access: measured, and what the same trace allows (same budget, simulated)");
     println!(
@@ -45,9 +45,9 @@ pub fn print(rows: &[Row<'_>]) {
         println!(
             "{:<31} | {:>6} {:>6} {:>6} | {:>6.1} {:>6.1} {:>6.1} {:>6.1}",
             label,
-            measured(sys[0]),
-            measured(sys[1]),
-            measured(sys[2]),
+            measured(&sys[0]),
+            measured(&sys[1]),
+            measured(&sys[2]),
             100.0 * b.lru,
             100.0 * b.clock,
             100.0 * b.a0,

@@ -63,6 +63,10 @@ pub struct WorkArgs {
     /// Page contents (`Content::parse`).
     #[arg(long, default_value = "incompressible", value_parser = Content::parse)]
     content: Content,
+    /// A session (see [`Session`]): after the fill and the warm-up, print a ready
+    /// line and run one timed phase per `run` line read on stdin until `end`.
+    #[arg(long)]
+    session: bool,
 }
 
 impl WorkArgs {
@@ -137,13 +141,17 @@ pub struct ChildMem {
 
 /// In the child: the fill, warm-up and timed phase on `target`, then the content
 /// check; prints the report on stdout with the peak RSS and what `pool` says the
-/// compressed pool held at most (`None`: no pool of ours).
+/// compressed pool held at most (`None`: no pool of ours). With `--session`, the
+/// session protocol instead (`session_child`).
 pub fn run_and_report<T: Target>(
     target: &T,
     a: &WorkArgs,
     snap: &(dyn Fn() -> Snap + Sync),
     pool: &dyn Fn() -> Option<u64>,
 ) -> Result<(), String> {
+    if a.session {
+        return session_child(target, a, snap, pool);
+    }
     let spec = a.spec();
     let m = access::drive(
         target,
@@ -177,21 +185,9 @@ pub fn run_and_report<T: Target>(
 }
 
 /// In the parent: runs `usermm <subcommand> <extra> <the cell's flags>` and reads
-/// its report. `what` names the column in messages. A child that exits with
-/// [`EXIT_UNAVAILABLE`] gives `Err("unavailable: <its stderr>")`.
-pub fn run(
-    subcommand: &str,
-    extra: &[String],
-    what: &str,
-    spec: &WorkSpec,
-    warmup: Duration,
-    timed: Duration,
-) -> Result<(access::Measured, Verified), String> {
-    run_watched(subcommand, extra, what, spec, warmup, timed, &mut || {}).map(|(m, v, _)| (m, v))
-}
-
-/// `run`, calling `watch` every 10 ms while the child runs (to sample what the
-/// parent can see of it, e.g. a kernel pool), and returning the child's memory too.
+/// its report, calling `watch` every 10 ms while the child runs (to sample what the
+/// parent can see of it, e.g. a kernel pool). `what` names the column in messages.
+/// A child that exits with [`EXIT_UNAVAILABLE`] gives `Err("unavailable: <its stderr>")`.
 pub fn run_watched(
     subcommand: &str,
     extra: &[String],
@@ -293,4 +289,347 @@ pub fn run_watched(
         .result()
         .map_err(|e| format!("{}/s measured, but {e}", util::fmt_num(m.rate())))?;
     Ok((m, r.verified, r.mem))
+}
+
+// ------------------------------------------------------------------ sessions
+
+/// The child's first line in a session: the fill and the warm-up are done.
+#[derive(Serialize, Deserialize, Debug)]
+struct Ready {
+    fill_secs: f64,
+    warm_accesses: u64,
+    warm_secs: f64,
+}
+
+/// The child's last line in a session: the content check after the last timed
+/// phase, and its memory.
+#[derive(Serialize, Deserialize, Debug)]
+struct End {
+    verified: Verified,
+    mem: ChildMem,
+}
+
+/// The child side of a session: fill, the warm-up (`--warmup-accesses`, capped at
+/// `--warmup-ms`), a `Ready` line; then per line `run WARM_MS WARM_ACCESSES TIMED_MS`
+/// on stdin a re-warm and a timed phase continuing the same access sequence (a
+/// `ChildReport` line, its `verified` empty), until `end`: the content check of the
+/// whole sequence and an `End` line.
+fn session_child<T: Target>(
+    target: &T,
+    a: &WorkArgs,
+    snap: &(dyn Fn() -> Snap + Sync),
+    pool: &dyn Fn() -> Option<u64>,
+) -> Result<(), String> {
+    let spec = a.spec();
+    let f0 = Instant::now();
+    access::fill(target, &spec)?;
+    let fill_secs = f0.elapsed().as_secs_f64();
+    let mut stream = access::Stream::new(&spec);
+    let w0 = Instant::now();
+    let w = access::measure_stream(
+        target,
+        &spec,
+        &mut stream,
+        Duration::from_millis(a.warmup_ms),
+        Duration::ZERO,
+        snap,
+    )?;
+    line(&Ready {
+        fill_secs,
+        warm_accesses: w.warm_accesses,
+        warm_secs: w0.elapsed().as_secs_f64(),
+    });
+    let mut last: Option<access::Measured> = None;
+    for l in std::io::stdin().lines() {
+        let l = l.map_err(|e| format!("reading the session's stdin: {e}"))?;
+        let f: Vec<&str> = l.split_whitespace().collect();
+        match f.as_slice() {
+            ["run", wm, wa, tm] => {
+                let num = |x: &str| {
+                    x.parse::<u64>()
+                        .map_err(|_| format!("bad session line {l:?}"))
+                };
+                let mut sp = spec;
+                sp.warm_accesses = num(wa)?;
+                let m = access::measure_stream(
+                    target,
+                    &sp,
+                    &mut stream,
+                    Duration::from_millis(num(wm)?),
+                    Duration::from_millis(num(tm)?),
+                    snap,
+                )?;
+                line(&report_of(&m, Verified::default(), ChildMem::default()));
+                std::hint::black_box(m.sink);
+                last = Some(m);
+            }
+            ["end"] => break,
+            _ => return Err(format!("bad session line {l:?}")),
+        }
+    }
+    let verified = match &last {
+        Some(m) => {
+            let pages = verify::sample_pages(&spec, a.verify_pages);
+            verify::check(target, &spec, m, &pages)
+        }
+        None => Verified::default(),
+    };
+    line(&End {
+        verified,
+        mem: ChildMem {
+            peak_rss_bytes: util::peak_rss(),
+            pool_bytes: pool(),
+        },
+    });
+    Ok(())
+}
+
+/// Prints one message of a session as a line of JSON on stdout.
+fn line<T: Serialize>(v: &T) {
+    println!(
+        "{}",
+        serde_json::to_string(v).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+    );
+}
+
+fn report_of(m: &access::Measured, verified: Verified, mem: ChildMem) -> ChildReport {
+    ChildReport {
+        accesses: m.accesses,
+        secs: m.secs,
+        fill_secs: m.fill_secs,
+        major_faults: m.major_faults,
+        device_reads: m.device_reads,
+        device_writes: m.device_writes,
+        warm_accesses: m.warm_accesses,
+        stall_some_us: m.stall_some_us,
+        stall_full_us: m.stall_full_us,
+        hist: m.hist.buckets(),
+        verified,
+        mem,
+    }
+}
+
+fn measured_of(r: &ChildReport) -> access::Measured {
+    let mut m = access::Measured {
+        accesses: r.accesses,
+        secs: r.secs,
+        fill_secs: r.fill_secs,
+        major_faults: r.major_faults,
+        device_reads: r.device_reads,
+        device_writes: r.device_writes,
+        warm_accesses: r.warm_accesses,
+        stall_some_us: r.stall_some_us,
+        stall_full_us: r.stall_full_us,
+        ..Default::default()
+    };
+    m.hist = access::LatHist::from_buckets(&r.hist);
+    m
+}
+
+/// What a session's set-up did: the fill and the first warm-up.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Setup {
+    /// Seconds of the fill.
+    pub fill_secs: f64,
+    /// Accesses of the first warm-up, and its seconds.
+    pub warm_accesses: u64,
+    pub warm_secs: f64,
+}
+
+/// A child kept alive across the repeats of a cell (`usermm bench --repeats`): it
+/// fills and warms up once, then runs one timed phase per [`Session::round`], the
+/// access sequence continuing from round to round, and checks its content at
+/// [`Session::finish`]. Killed when dropped unfinished.
+#[derive(Debug)]
+pub struct Session {
+    child: std::process::Child,
+    stdin: Option<std::process::ChildStdin>,
+    lines: std::sync::mpsc::Receiver<String>,
+    err_t: Option<std::thread::JoinHandle<String>>,
+    kill: util::Registered,
+    what: String,
+}
+
+impl Session {
+    /// Starts `usermm <subcommand> <extra> <the cell's flags> --session` and waits
+    /// for its fill and warm-up (`spec.warm_accesses` accesses, at most `warmup`).
+    pub fn start(
+        subcommand: &str,
+        extra: &[String],
+        what: &str,
+        spec: &WorkSpec,
+        warmup: Duration,
+    ) -> Result<(Session, Setup), String> {
+        let exe =
+            std::env::current_exe().map_err(|e| format!("cannot find our own binary: {e}"))?;
+        let mut child = Command::new(exe)
+            .arg(subcommand)
+            .args(extra)
+            .args(WorkArgs::to_flags(spec, warmup, Duration::ZERO))
+            .arg("--session")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("cannot start the {what} child: {e}"))?;
+        let kill = util::register(Undo::Kill(child.id() as i32));
+        let out = child.stdout.take();
+        let mut err_pipe = child.stderr.take();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            if let Some(o) = out {
+                for l in std::io::BufReader::new(o).lines() {
+                    let Ok(l) = l else { break };
+                    if tx.send(l).is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+        let err_t = std::thread::spawn(move || {
+            let mut s = String::new();
+            if let Some(e) = err_pipe.as_mut() {
+                let _ = e.read_to_string(&mut s);
+            }
+            s
+        });
+        let mut s = Session {
+            stdin: child.stdin.take(),
+            child,
+            lines,
+            err_t: Some(err_t),
+            kill,
+            what: what.to_string(),
+        };
+        let l = s.line(warmup + Duration::from_secs(120))?;
+        let r: Ready = serde_json::from_str(&l)
+            .map_err(|e| format!("unreadable ready line from the {what} child ({e}): {l:?}"))?;
+        Ok((
+            s,
+            Setup {
+                fill_secs: r.fill_secs,
+                warm_accesses: r.warm_accesses,
+                warm_secs: r.warm_secs,
+            },
+        ))
+    }
+
+    /// One re-warm (`warm_accesses`, at most `warmup`) and timed phase.
+    pub fn round(
+        &mut self,
+        warmup: Duration,
+        warm_accesses: u64,
+        timed: Duration,
+    ) -> Result<access::Measured, String> {
+        self.send(&format!(
+            "run {} {warm_accesses} {}",
+            warmup.as_millis(),
+            timed.as_millis()
+        ))?;
+        let l = self.line(warmup + timed + Duration::from_secs(120))?;
+        let r: ChildReport = serde_json::from_str(&l).map_err(|e| {
+            format!(
+                "unreadable report from the {} child ({e}): {l:?}",
+                self.what
+            )
+        })?;
+        Ok(measured_of(&r))
+    }
+
+    /// Ends the session: the content check of the sequence so far (an `Err` for a
+    /// wrong word) and the child's memory.
+    pub fn finish(mut self) -> Result<(Verified, ChildMem), String> {
+        self.send("end")?;
+        let l = self.line(Duration::from_secs(120))?;
+        let e: End = serde_json::from_str(&l).map_err(|e| {
+            format!(
+                "unreadable end line from the {} child ({e}): {l:?}",
+                self.what
+            )
+        })?;
+        self.stdin = None;
+        let _ = self.child.wait();
+        self.kill.forget();
+        e.verified.result()?;
+        Ok((e.verified, e.mem))
+    }
+
+    fn send(&mut self, l: &str) -> Result<(), String> {
+        use std::io::Write;
+        let r = match self.stdin.as_mut() {
+            Some(i) => writeln!(i, "{l}").and_then(|()| i.flush()),
+            None => Err(std::io::ErrorKind::BrokenPipe.into()),
+        };
+        r.map_err(|_| self.died())
+    }
+
+    /// The child's next line of stdout, within `limit`.
+    fn line(&mut self, limit: Duration) -> Result<String, String> {
+        let end = Instant::now() + limit;
+        loop {
+            match self.lines.recv_timeout(Duration::from_millis(10)) {
+                Ok(l) => return Ok(l),
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return Err(self.died()),
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            }
+            if util::interrupted() {
+                self.stop();
+                return Err("interrupted".into());
+            }
+            if Instant::now() > end {
+                self.stop();
+                return Err(format!(
+                    "the {} child did not answer in time (killed)",
+                    self.what
+                ));
+            }
+        }
+    }
+
+    fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.kill.forget();
+    }
+
+    /// Why the child went away: its exit status and stderr.
+    fn died(&mut self) -> String {
+        self.stdin = None;
+        let status = self.child.wait();
+        self.kill.forget();
+        let err = self
+            .err_t
+            .take()
+            .and_then(|t| t.join().ok())
+            .unwrap_or_default();
+        let err = err.trim();
+        let why = match status {
+            Ok(st) => {
+                use std::os::unix::process::ExitStatusExt;
+                if st.code() == Some(EXIT_UNAVAILABLE) {
+                    return format!("unavailable: {err}");
+                }
+                match st.signal() {
+                    Some(9) => "killed by SIGKILL".to_string(),
+                    Some(7) => "killed by SIGBUS".to_string(),
+                    Some(s) => format!("killed by signal {s}"),
+                    None => format!("exited with {st}"),
+                }
+            }
+            Err(e) => format!("could not be waited for ({e})"),
+        };
+        if err.is_empty() {
+            format!("{} child {why}", self.what)
+        } else {
+            format!("{} child {why}: {err}", self.what)
+        }
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        // Reaped already (finished, died or stopped): kill and wait do nothing.
+        self.stop();
+    }
 }

@@ -219,8 +219,20 @@ impl KernelSwap {
         )
     }
 
+    /// A session of the workload in a child inside the cgroup (`bench_child::Session`):
+    /// filled and warmed up once, then timed round by round.
+    pub fn start_session(
+        &self,
+        spec: &WorkSpec,
+        warmup: Duration,
+    ) -> Result<(bench_child::Session, bench_child::Setup), String> {
+        let procs = self.cgroup.join("cgroup.procs");
+        let extra = ["--cgroup-procs".to_string(), procs.display().to_string()];
+        bench_child::Session::start("bench-kernel-child", &extra, "kernel", spec, warmup)
+    }
+
     /// OOM kills in the cgroup so far.
-    fn oom_kills(&self) -> u64 {
+    pub fn oom_kills(&self) -> u64 {
         let file = match self.kind {
             CgroupKind::V1 => "memory.oom_control",
             CgroupKind::V2 => "memory.events",
@@ -233,47 +245,6 @@ impl KernelSwap {
                     .and_then(|v| v.trim().parse().ok())
             })
             .unwrap_or(0)
-    }
-
-    /// Runs the workload in a child process inside the cgroup. If the kernel
-    /// OOM-kills it (memcg reclaim sometimes gives up while swap writes are in
-    /// flight), the cell is run once more; the result says so in its note.
-    pub fn run_child(
-        &self,
-        spec: &WorkSpec,
-        warmup: Duration,
-        timed: Duration,
-    ) -> Result<(access::Measured, Verified, Option<String>), String> {
-        let before = self.oom_kills();
-        match self.run_child_once(spec, warmup, timed) {
-            Ok((m, v)) => Ok((m, v, None)),
-            Err(e) if self.oom_kills() > before && !util::interrupted() => {
-                let note = format!(
-                    "the kernel OOM-killed the first attempt in its memory cgroup ({e}) although \
-                     swap had room; the cell was run again"
-                );
-                let again = self.oom_kills();
-                match self.run_child_once(spec, warmup, timed) {
-                    Ok((m, v)) => Ok((m, v, Some(note))),
-                    Err(e2) if self.oom_kills() > again => Err(format!(
-                        "OOM-killed by the kernel twice in its memory cgroup (limit = budget, swap free): {e2}"
-                    )),
-                    Err(e2) => Err(e2),
-                }
-            }
-            Err(e) => Err(e),
-        }
-    }
-
-    fn run_child_once(
-        &self,
-        spec: &WorkSpec,
-        warmup: Duration,
-        timed: Duration,
-    ) -> Result<(access::Measured, Verified), String> {
-        let procs = self.cgroup.join("cgroup.procs");
-        let extra = ["--cgroup-procs".to_string(), procs.display().to_string()];
-        bench_child::run("bench-kernel-child", &extra, "kernel", spec, warmup, timed)
     }
 
     /// Turns the swap file on (at the highest priority) or off; the comparison with

@@ -10,11 +10,10 @@
 //! used, `available` says why once and the column reads "unavailable: <reason>".
 
 use super::bench_child::{self, WorkArgs, EXIT_UNAVAILABLE};
-use super::verify::Verified;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use usermm::{Config, SwapSpec, Vm, PAGE_SIZE};
-use usermm_testkit::driver::{Measured, RawTarget, Snap, WorkSpec};
+use usermm_testkit::driver::{RawTarget, Snap, WorkSpec};
 
 /// Whether this process can map a transparent region (a one-page region of a
 /// small Vm without swap, dropped at once); `Err` is the reason it cannot.
@@ -26,16 +25,16 @@ pub fn available() -> Result<(), String> {
     Ok(())
 }
 
-/// One measurement: the child with a fresh Vm of `budget` on the swap file `swap`.
-pub fn run(
+/// A session (`bench_child::Session`): the child with a fresh Vm of `budget` on the
+/// swap file `swap`, filled and warmed up once, then timed round by round.
+pub fn start_session(
     budget: u64,
     io_threads: Option<u32>,
     swap: &Path,
     swap_size: u64,
     spec: &WorkSpec,
     warmup: Duration,
-    timed: Duration,
-) -> Result<(Measured, Verified), String> {
+) -> Result<(bench_child::Session, bench_child::Setup), String> {
     let mut extra = vec![
         "--budget".to_string(),
         budget.to_string(),
@@ -47,13 +46,12 @@ pub fn run(
     if let Some(n) = io_threads {
         extra.extend(["--io-threads".to_string(), n.to_string()]);
     }
-    bench_child::run(
+    bench_child::Session::start(
         "bench-transparent-child",
         &extra,
         "transparent",
         spec,
         warmup,
-        timed,
     )
 }
 

@@ -130,7 +130,7 @@ pub fn check<T: Target>(target: &T, spec: &WorkSpec, m: &Measured, pages: &[u64]
         }
     }
     // Each thread's count at the end of the timed phase: exact with one thread.
-    let total = m.warm_accesses + m.accesses;
+    let total = m.stream_start + m.warm_accesses + m.accesses;
     let lo = if v.exact { total } else { 0 };
     let cap = total.saturating_mul(2).saturating_add(1 << 20);
     let mut hi = lo + BATCH;
