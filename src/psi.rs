@@ -83,6 +83,7 @@
 //! Everything else is atomics.
 
 use crate::error::{Error, Result};
+use crate::sync::EngineSpawn;
 use crate::sync::{Arc, AtomicU64, Condvar, Mutex, Ordering};
 use std::cell::Cell;
 use std::thread::JoinHandle;
@@ -563,7 +564,7 @@ impl Psi {
         let me = self.clone();
         let t = std::thread::Builder::new()
             .name("usermm-psi".into())
-            .spawn(move || {
+            .spawn_engine(move || {
                 crate::sync::mark_engine_thread();
                 me.run()
             })?;

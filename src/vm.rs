@@ -17,6 +17,7 @@ use crate::mm::pagetable::LeafPool;
 use crate::mm::region::{Region, Share};
 use crate::mm::space::SpaceInner;
 use crate::stats::{Stats, SwapInfo};
+use crate::sync::EngineSpawn;
 use crate::sync::{Arc, AtomicU64, Mutex, Ordering, Weak};
 use std::marker::PhantomData;
 use std::path::Path;
@@ -103,7 +104,7 @@ impl Vm {
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("usermm-pageio-{i}"))
-                    .spawn(move || {
+                    .spawn_engine(move || {
                         crate::sync::mark_engine_thread();
                         e.io.run(&|req| crate::reclaim::complete_writeback(&e, req))
                     })?,
@@ -114,7 +115,7 @@ impl Vm {
             threads.push(
                 std::thread::Builder::new()
                     .name("usermm-discard".into())
-                    .spawn(move || {
+                    .spawn_engine(move || {
                         crate::sync::mark_engine_thread();
                         e.swap.maintain(&e.shutdown)
                     })?,
@@ -125,7 +126,7 @@ impl Vm {
             threads.push(
                 std::thread::Builder::new()
                     .name("usermm-kswapd".into())
-                    .spawn(move || {
+                    .spawn_engine(move || {
                         crate::sync::mark_engine_thread();
                         crate::reclaim::kswapd(&e)
                     })?,

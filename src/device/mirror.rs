@@ -42,6 +42,7 @@
 use super::BlockDevice;
 use crate::device::AlignedPages;
 use crate::error::{Error, Result};
+use crate::sync::EngineSpawn;
 use crate::sync::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::io;
 use std::sync::Arc;
@@ -164,7 +165,7 @@ impl MirrorDevice {
         let s2 = sh.clone();
         let t = std::thread::Builder::new()
             .name("usermm-mirror-resync".into())
-            .spawn(move || {
+            .spawn_engine(move || {
                 crate::sync::mark_engine_thread();
                 resync_thread(&s2, buf)
             })?;

@@ -73,6 +73,7 @@ use crate::pte::{
 };
 use crate::stats::Counters;
 use crate::sync::raw::AtomicU8;
+use crate::sync::EngineSpawn;
 use crate::sync::{wait_until, Arc, AtomicU64, Mutex, Ordering};
 use crate::uffd::{self, Fault, Uffd};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -217,7 +218,7 @@ impl Host {
             let bounce = AlignedPages::new(1 + READ_AROUND)?;
             let spawned = std::thread::Builder::new()
                 .name(format!("usermm-uffd-{cpu}"))
-                .spawn(move || {
+                .spawn_engine(move || {
                     crate::sync::mark_engine_thread();
                     pin_to(cpu);
                     h.run(zero, bounce)

@@ -87,6 +87,7 @@ use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::pte::{Pte, BUSY};
 use crate::swap::SwapDevice;
+use crate::sync::EngineSpawn;
 use crate::sync::{wait_until, wait_until_for, Arc, AtomicBool, AtomicUsize, Mutex, Ordering};
 use std::os::fd::RawFd;
 
@@ -325,7 +326,7 @@ impl ForkPrep {
         let spawned = std::thread::Builder::new()
             .name("usermm-forkwait".into())
             .stack_size(64 << 10)
-            .spawn(move || {
+            .spawn_engine(move || {
                 crate::sync::mark_engine_thread();
                 let mut b = [0u8; 64];
                 loop {

@@ -81,10 +81,66 @@ thread_local! {
     static ENGINE_THREAD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
+/// Threads of usermm's spawned and not yet marked (`engine_spawning`,
+/// `mark_engine_thread`).
+static ENGINE_STARTING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Says that the caller is about to start one of usermm's threads (call
+/// `engine_spawn_failed` if the spawn fails). Until the thread marks itself, an
+/// allocator that serves a program from transparent memory must not serve
+/// anyone from it (`engine_threads_starting`): the new thread allocates before its
+/// own code runs (the C library's bookkeeping of its thread-locals), and it may be
+/// the fault handler that the program, holding the allocator's lock, waits for.
+pub fn engine_spawning() {
+    ENGINE_STARTING.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+}
+
+/// Undoes `engine_spawning` for a thread that did not start.
+pub fn engine_spawn_failed() {
+    let _ = ENGINE_STARTING.fetch_update(
+        std::sync::atomic::Ordering::AcqRel,
+        std::sync::atomic::Ordering::Acquire,
+        |n| n.checked_sub(1),
+    );
+}
+
+/// Starting one of usermm's threads: `engine_spawning` around
+/// `std::thread::Builder::spawn` (the thread marks itself with
+/// `mark_engine_thread`, first thing).
+pub trait EngineSpawn {
+    /// `spawn`, counted in `engine_threads_starting` until the thread marks itself.
+    fn spawn_engine<F, T>(self, f: F) -> std::io::Result<std::thread::JoinHandle<T>>
+    where
+        F: FnOnce() -> T + Send + 'static,
+        T: Send + 'static;
+}
+
+impl EngineSpawn for std::thread::Builder {
+    fn spawn_engine<F, T>(self, f: F) -> std::io::Result<std::thread::JoinHandle<T>>
+    where
+        F: FnOnce() -> T + Send + 'static,
+        T: Send + 'static,
+    {
+        engine_spawning();
+        let r = self.spawn(f);
+        if r.is_err() {
+            engine_spawn_failed();
+        }
+        r
+    }
+}
+
+/// How many of usermm's threads are starting (spawned, not yet marked).
+pub fn engine_threads_starting() -> usize {
+    ENGINE_STARTING.load(std::sync::atomic::Ordering::Acquire)
+}
+
 /// Marks the calling thread as one of usermm's own (page-I/O, reclaim, fault
-/// handler, device helpers). Called first thing by every thread the library starts.
+/// handler, device helpers). Called first thing by every thread the library starts
+/// (after `engine_spawning` in the thread that started it).
 pub fn mark_engine_thread() {
     ENGINE_THREAD.with(|c| c.set(true));
+    engine_spawn_failed();
     #[cfg(feature = "lockdep")]
     crate::lockdep::mark_engine_thread();
 }

@@ -503,7 +503,15 @@ static INIT: extern "C" fn() = init;
 /// usermm's own threads (a fault handler must never fault on what it serves; glibc
 /// calls malloc for such a thread's TLS destructors, for instance).
 fn ready() -> bool {
-    STATE.load(Ordering::Acquire) == 2 && !usermm::sync::is_engine_thread() && !spawning()
+    STATE.load(Ordering::Acquire) == 2
+        && !usermm::sync::is_engine_thread()
+        && !spawning()
+        // A thread of usermm's that has started but not marked itself yet: it
+        // allocates before its own code runs (glibc's bookkeeping of its
+        // thread-locals), and it may be the fault handler that a program thread,
+        // holding the heap's lock and faulting on the heap, waits for. glibc
+        // serves everyone meanwhile (`free` tells the blocks apart by address).
+        && usermm::sync::engine_threads_starting() == 0
 }
 
 /// The thread that is starting one of usermm's threads from the program's side

@@ -66,6 +66,7 @@ mod conn;
 use crate::addr::PAGE_SIZE;
 use crate::device::BlockDevice;
 use crate::error::{Error, Result};
+use crate::sync::EngineSpawn;
 use crate::sync::{AtomicBool, AtomicU64, Mutex, Ordering};
 use conn::{Conn, Fail};
 use proto::Negotiated;
@@ -362,7 +363,7 @@ impl NbdDevice {
         let s2 = sh.clone();
         let h = std::thread::Builder::new()
             .name("usermm-nbd-reconnect".into())
-            .spawn(move || {
+            .spawn_engine(move || {
                 crate::sync::mark_engine_thread();
                 reconnector(&s2)
             })
