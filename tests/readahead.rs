@@ -61,7 +61,7 @@ fn a_sequential_scan_is_read_ahead_and_random_access_is_not() {
     );
     // At this budget (1,024 frames) about half: the slots of pages evicted by
     // two reclaimers at once interleave, and readahead follows slots (see
-    // `fault::claim_ahead`); with 8,192 frames 95 % (examples/readahead_probe.rs).
+    // `fault::claim_ahead`); with 8,192 frames about 40 % (examples/readahead_probe.rs).
     assert!(
         ahead * 4 > reads,
         "a quarter of the pages at least should come in ahead: {ahead} of {reads}"
