@@ -33,14 +33,20 @@
 //!   over), capped by `--warmup` (10 s with `--quick`) for a slow machine. A
 //!   re-warm of a fifth of the timed window (50–500 ms) before each repeat
 //!   restarts the threads on the kept state, so no timed window starts cold.
-//! - *Sized for ten minutes.* `--quick` (16 cells, 3 rounds of 1.5 s) takes about
-//!   seven minutes here (413–432 s). Two back-to-back runs agreed on um/kern
+//! - *Sized for ten minutes.* `--quick` (16 cells, 3 rounds of 1.5 s, plus the two
+//!   scan cells below) took about seven minutes here (413–432 s) before the scan
+//!   cells. Two back-to-back runs agreed on um/kern
 //!   within ±10 % in 6 and 9 of 16 cells (two pairs; 7 rounds of 0.6 s, the same
 //!   time, gave 3 of 16): a round's ratio moves by ±15–20 % and whole runs drift,
 //!   so ±10 % in every cell is not reached on this shared machine (README,
 //!   "Results"). The NBD column (usermm on qemu-nbd, measured once per cell after
 //!   the rounds) is left out of `--quick` unless `--nbd`. `--compare A.json
 //!   B.json` prints two runs' ratios cell by cell and how many agree within ±10 %.
+//!
+//! **Scan cells** (readahead's, issue 10 item 3): with the default patterns, ratios
+//! and threads, two more cells run at W/B = 4, one thread, reads only: a sequential
+//! scan (`seq`) and a stride-16 one (`seq-stride16`, `Pattern::Seq`), each thread
+//! scanning from a random page and wrapping around.
 //!
 //! The two pointer columns check a sample of pages against the access sequence after
 //! their last repeat (`verify`).
@@ -407,7 +413,7 @@ fn round_order(r: usize) -> [usize; 5] {
 /// over) is enough.
 fn warm_per_page(p: &Pattern) -> u64 {
     match p {
-        Pattern::Uniform => 1,
+        Pattern::Uniform | Pattern::Seq { .. } => 1,
         _ => 2,
     }
 }
@@ -686,6 +692,7 @@ pub(super) fn pattern_label(p: &Pattern) -> String {
             }
         }
         Pattern::Zipf { theta } => format!("zipf{theta}"),
+        Pattern::Seq { .. } => p.name(),
     }
 }
 
@@ -1032,6 +1039,18 @@ fn bench(a: BenchArgs, comp: &mut Option<CompPlan>) -> Result<i32, String> {
                     });
                 }
             }
+        }
+    }
+    // The scan cells (readahead's): a sequential and a stride-16 scan at W/B = 4,
+    // one thread, reads only, when the patterns and ratios are the defaults.
+    if a.patterns.is_empty() && wbs.contains(&4.0) && a.threads.is_empty() && wrs.contains(&0.0) {
+        for stride in [1, 16] {
+            cells.push(Cell {
+                pattern: Pattern::Seq { stride },
+                w_over_b: 4.0,
+                threads: 1,
+                write_ratio: 0.0,
+            });
         }
     }
     let pages_of = |wb: f64| ((budget as f64 * wb) as u64 / PAGE_SIZE as u64).max(1);
