@@ -670,6 +670,15 @@ pub(super) struct JsonOut {
     pub(super) hit_path: HitPath,
 }
 
+/// The device probe a cell is compared with: a sequential scan with the device's
+/// sequential reads (in pages/s), everything else with its random reads.
+fn dev_op(p: &Pattern) -> Op {
+    match p {
+        Pattern::Seq { stride: 1 } => Op::SeqRead,
+        _ => Op::Read,
+    }
+}
+
 /// A cell as the progress lines and notes name it.
 fn cell_name(c: &Cell) -> String {
     format!(
@@ -1183,9 +1192,9 @@ fn bench(a: BenchArgs, comp: &mut Option<CompPlan>) -> Result<i32, String> {
         Duration::from_secs(1)
     };
     let mut probes = Vec::new();
-    for op in [Op::Read, Op::Write] {
+    for op in [Op::Read, Op::Write, Op::SeqRead] {
         for &d in &depths {
-            if util::interrupted() {
+            if util::interrupted() || (op == Op::SeqRead && d != 1) {
                 break;
             }
             let r = probe.probe(op, d, probe_dur, seed)?;
@@ -1404,8 +1413,12 @@ fn bench(a: BenchArgs, comp: &mut Option<CompPlan>) -> Result<i32, String> {
                         if dev_err.is_some() {
                             continue;
                         }
-                        match probe.probe(Op::Read, c.threads, cell_probe, seed ^ pages ^ r as u64)
-                        {
+                        match probe.probe(
+                            dev_op(&c.pattern),
+                            c.threads,
+                            cell_probe,
+                            seed ^ pages ^ r as u64,
+                        ) {
                             Ok(d) => {
                                 tick(&mut prog, format!("{rn} device: {}/s", fmt_num(d.iops())));
                                 dev_reps.push(d);
@@ -1896,7 +1909,14 @@ fn print_table(outs: &[CellOut], repeats: u32) {
             dev,
             vs_kern(&o.usermm),
             vs_kern(&o.transparent),
-            ratio(umaj, o.device.as_ref().ok().map(|d| d.iops())),
+            ratio(
+                if dev_op(&c.pattern) == Op::SeqRead {
+                    ur
+                } else {
+                    umaj
+                },
+                o.device.as_ref().ok().map(|d| d.iops())
+            ),
             ratio(ur, o.plain.as_ref().ok().map(|g| g.rate.median)),
         );
     }
@@ -1906,7 +1926,7 @@ fn print_table(outs: &[CellOut], repeats: u32) {
          p50/p99 of every {}th access\nover all rounds; majflt/s = major faults per second; miss% = major faults per access; \
          dev rd/s = random 4 KiB O_DIRECT reads/s at queue\ndepth = thr; um/kern, tr/kern = the median of the per-round \
          ratios of accesses/s [their min-max]; um/plain = ratio of the medians; um/dev =\nusermm major faults/s over dev rd/s \
-         (the share of the device's random-read limit the miss path reaches). Warm-up before the\nfirst round: two accesses \
+         (the share of the device's random-read limit the miss path reaches; for seq, usermm accesses/s over the device's sequential\nreads of 128 KiB in pages/s). Warm-up before the\nfirst round: two accesses \
          per page of the working set (one for uniform) or the warm-up limit; a short re-warm before each round.",
         access::SAMPLE_EVERY
     );
