@@ -99,6 +99,23 @@ fn strided_and_backward_scans_are_read_ahead_when_their_slots_follow_them() {
         "the scan should swap most pages in: {reads}"
     );
     assert!(ahead * 4 > reads, "backwards: {ahead} of {reads} ahead");
+    // Stride 16 over pages in address order: their slots are 16 apart, so only a
+    // device that keeps scattered reads in flight at once (io_uring on a local
+    // file) reads them ahead.
+    let concurrent = vm.swaps()[0].concurrent_reads;
+    let s1 = vm.stats();
+    scan(&mm, &r, strided(pages, 16));
+    let s2 = vm.stats();
+    let (reads, ahead) = (s2.pswpin - s1.pswpin, s2.read_around - s1.read_around);
+    println!("stride 16 over address order: {reads} reads, {ahead} ahead (concurrent reads: {concurrent})");
+    if concurrent {
+        assert!(
+            ahead * 4 > reads,
+            "scattered stride 16: {ahead} of {reads} ahead"
+        );
+    } else {
+        eprintln!("SKIP: scattered readahead: the swap file has no io_uring here");
+    }
     // Rewritten in a stride-16 order, the pages are evicted (and their new copies
     // written) in that order; a strided read scan then finds them together.
     for p in strided(pages, 16) {

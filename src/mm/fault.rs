@@ -670,22 +670,32 @@ fn fault_swapin(
         }
     };
     let dev = eng.swap.get(e.dev);
-    // Readahead: the pages that continue this space's faults' stride, if their
-    // slots sit close to this one's (claimed, with frames); `lo` is the span's
-    // first slot.
+    // Readahead: the pages that continue this space's faults' stride (claimed,
+    // with frames), read with this one as one span of slots, or (`scattered`) each
+    // from its own slot, all in flight at once. `pos` gives a page's place in the
+    // bounce buffer.
     let mut ra = [RaPage::NONE; RA_MAX];
-    let (nra, lo) = match &dev {
+    let nra = match &dev {
         // Not on a device being removed (invariant 3).
-        Some(d) if eng.readahead && d.is_active() => claim_ahead(sp, vpn, e, &mut ra),
-        _ => (0, e.slot),
+        Some(d) if eng.readahead && d.is_active() => {
+            claim_ahead(sp, vpn, e, &mut ra, d.reads_concurrently())
+        }
+        _ => 0,
     };
-    let hi = ra[..nra]
+    let (lo, hi) = ra[..nra]
         .iter()
-        .map(|q| q.slot)
-        .max()
-        .unwrap_or(e.slot)
-        .max(e.slot);
-    let at = (e.slot - lo) as usize;
+        .fold((e.slot, e.slot), |(l, h), q| (l.min(q.slot), h.max(q.slot)));
+    let scattered = nra > 0 && !dense(hi - lo + 1, nra);
+    // Page `i` of the readahead (`RA_MAX` for the faulting page itself).
+    let pos = |i: usize| -> usize {
+        let slot = if i == RA_MAX { e.slot } else { ra[i].slot };
+        match (scattered, i) {
+            (false, _) => (slot - lo) as usize,
+            (true, RA_MAX) => 0,
+            (true, i) => i + 1,
+        }
+    };
+    let at = pos(RA_MAX);
     let res = match &dev {
         Some(dev) => BOUNCE.with(|b| {
             let mut b = b.borrow_mut();
@@ -695,6 +705,14 @@ fn fault_swapin(
             let b = b.as_mut().expect("set above");
             if nra == 0 {
                 dev.read(e.slot, b.page_mut(0))?;
+            } else if scattered {
+                let mut slots = [0u64; RA_MAX + 1];
+                slots[0] = e.slot;
+                for (s, q) in slots[1..].iter_mut().zip(&ra[..nra]) {
+                    *s = q.slot;
+                }
+                dev.read_scattered(&slots[..nra + 1], b.pages_mut(nra + 1))?;
+                dev.verify(e.slot, b.page(at))?;
             } else {
                 // One read of the span of slots (at most `RA_MAX + 1`).
                 dev.read_span(lo, b.pages_mut((hi - lo) as usize + 1))?;
@@ -728,7 +746,7 @@ fn fault_swapin(
                 let b = b.borrow();
                 let b = b.as_ref().expect("filled above");
                 for (i, q) in ra[..nra].iter().enumerate() {
-                    let off = (q.slot - lo) as usize;
+                    let off = pos(i);
                     if dev.verify(q.slot, b.page(off)).is_err() {
                         // Stays on swap (a demand read will report it), and so do
                         // the pages after it.
@@ -789,6 +807,13 @@ impl RaPage {
     };
 }
 
+/// Whether a span of `span` slots holding `used` readahead pages (besides the
+/// faulting one) is worth one read of the whole span: at most `RA_MAX + 1` slots,
+/// at most half of them other pages.
+fn dense(span: u64, used: usize) -> bool {
+    span <= RA_MAX as u64 + 1 && span <= 2 * (used as u64 + 1)
+}
+
 /// Largest stride (in pages, either direction) that readahead follows.
 const RA_STRIDE_MAX: i64 = 256;
 
@@ -816,24 +841,25 @@ fn ra_page(vpn: u64, stride: i64, k: usize) -> Option<u64> {
 /// one; at most `RA_STRIDE_MAX` pages) the window opens at 4 pages and doubles
 /// with each further such fault (up to `RA_MAX`); any other fault closes it, so
 /// random access reads nothing ahead. Within the window it claims (`BUSY`) the
-/// pages that continue the stride while they are swapped on the same device in
-/// slots close to this one's, before or after it: the span of slots read (this
-/// one's and the claimed ones') is at most `RA_MAX + 1` and at most twice the
-/// pages used. Pages evicted together, in the order they were used, were written
-/// close together (interleaved with other pages when two reclaimers evict at
-/// once), and a page read back keeps its slot while it stays clean, so a scan
-/// that repeats an earlier order, forwards or backwards, finds its pages in one
-/// span; a strided scan over pages written in address order does not (the span
-/// would be mostly other pages), and is left to demand reads. Each page gets a
-/// frame taken without reclaim (never below the min watermark; the background
-/// reclaimer is woken below low). Returns how many it claimed, in `ra`, and the
-/// span's first slot.
+/// pages that continue the stride while they are swapped on the same device.
+/// Where the device keeps several reads in flight (`scattered`: a local file
+/// with io_uring) their slots may be anywhere: the caller reads them all at once
+/// unless they make a `dense` span. Elsewhere only slots that keep the span
+/// (this one's and the claimed ones', before or after it) `dense` are taken: one
+/// request reads them. Pages evicted together, in the order they were used,
+/// were written close together (interleaved with other pages when two
+/// reclaimers evict at once, and scattered where the CLOCK hand, which goes in
+/// frame order, evicted them), and a page read back keeps its slot while it
+/// stays clean. Each page gets a frame taken without reclaim (never below the
+/// min watermark; the background reclaimer is woken below low). Returns how
+/// many it claimed, in `ra`.
 fn claim_ahead(
     sp: &SpaceInner,
     vpn: u64,
     e: crate::addr::SwapEntry,
     ra: &mut [RaPage],
-) -> (usize, u64) {
+    scattered: bool,
+) -> usize {
     let eng = &*sp.eng;
     let (last, stride, run) = ra_unpack(sp.ra.load(Ordering::Relaxed));
     let delta = (vpn as i64).wrapping_sub(last as i64);
@@ -871,8 +897,7 @@ fn claim_ahead(
             _ => break,
         };
         let (nlo, nhi) = (lo.min(slot), hi.max(slot));
-        let span = nhi - nlo + 1;
-        if span > RA_MAX as u64 + 1 || span > 2 * (n as u64 + 2) {
+        if !scattered && !dense(nhi - nlo + 1, n + 1) {
             break;
         }
         let want = window - n;
@@ -907,7 +932,7 @@ fn claim_ahead(
         n += 1;
     }
     sp.ra.store(ra_pack(end, stride, run), Ordering::Relaxed);
-    (n, lo)
+    n
 }
 
 /// Gives back the claims of `claim_ahead` from the `from`-th on: entries as they
