@@ -17,6 +17,13 @@ pub mod mirror;
 pub mod nbd;
 pub mod spec;
 mod uring;
+
+/// Makes the calling thread's io_uring ring for scattered reads now, if io_uring
+/// works here (a thread that must not allocate while it serves faults calls it
+/// first: the transparent-fault handlers).
+pub(crate) fn prepare_scattered_reads() {
+    uring::prepare();
+}
 pub use buf::AlignedPages;
 
 use std::fmt;

@@ -3,9 +3,11 @@
 //! a fault that reads a stride's next 32 pages submits them together and waits for
 //! all of them, so the device sees them at depth 32 instead of one after another.
 //!
-//! Owns: one ring per calling thread (thread-local, made at its first use: a few
-//! pages of ring memory outside the budget, like the fault path's bounce buffer,
-//! and never on a page-I/O thread, which does not read), and whether io_uring
+//! Owns: one ring per calling thread (thread-local, made at its first use, or by
+//! `prepare` for a thread that must not allocate while it serves faults — the
+//! transparent-fault handlers: a few pages of ring memory outside the budget, like
+//! the fault path's bounce buffer; never on a page-I/O thread, which does not
+//! read), and whether io_uring
 //! works on this machine at all (`available`, probed once). Where it does not (an
 //! old kernel, `kernel.io_uring_disabled`, a seccomp filter), callers fall back to
 //! one positioned read after another.
@@ -40,6 +42,24 @@ thread_local! {
 pub(crate) fn available() -> bool {
     static OK: OnceLock<bool> = OnceLock::new();
     *OK.get_or_init(|| IoUring::new(4).is_ok())
+}
+
+/// Makes the calling thread's ring now (if io_uring works), so that its first
+/// `read_scattered` does not.
+pub(crate) fn prepare() {
+    if available() {
+        RING.with(|cell| {
+            let mut slot = cell.borrow_mut();
+            if slot.is_none() {
+                if let Ok(ring) = IoUring::new(MAX_READS as u32) {
+                    *slot = Some(Ring {
+                        ring,
+                        pid: std::process::id(),
+                    });
+                }
+            }
+        });
+    }
 }
 
 /// Reads the page at byte offset `offs[i]` of `fd` into page `i` of `buf`, all in
