@@ -21,6 +21,7 @@ pub struct Config {
     pub(crate) readahead: bool,
     pub(crate) speculative_faults: bool,
     pub(crate) fault_lookup_delay: std::time::Duration,
+    pub(crate) fault_timing: bool,
 }
 
 impl Default for Config {
@@ -36,6 +37,7 @@ impl Default for Config {
             readahead: true,
             speculative_faults: true,
             fault_lookup_delay: std::time::Duration::ZERO,
+            fault_timing: false,
         }
     }
 }
@@ -112,6 +114,14 @@ impl Config {
     #[doc(hidden)]
     pub fn fault_lookup_delay(mut self, d: std::time::Duration) -> Self {
         self.fault_lookup_delay = d;
+        self
+    }
+
+    /// For measurements: swap-in faults time their steps (`Vm::fault_timing`,
+    /// `examples/fault_cost.rs`), at about 150 ns a fault. Default off.
+    #[doc(hidden)]
+    pub fn fault_timing(mut self, on: bool) -> Self {
+        self.fault_timing = on;
         self
     }
 

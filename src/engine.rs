@@ -155,6 +155,8 @@ pub(crate) struct Engine {
     pub speculative: bool,
     /// `Config::fault_lookup_delay` (tests only). Set at start-up.
     pub lookup_delay: std::time::Duration,
+    /// `Config::fault_timing`: the swap-in fault's steps, timed (measurements only).
+    pub timing: Option<crate::stats::FaultTiming>,
 }
 
 impl Engine {
@@ -201,6 +203,7 @@ impl Engine {
             psi: Arc::new(crate::psi::Psi::new()),
             speculative: cfg.speculative_faults,
             lookup_delay: cfg.fault_lookup_delay,
+            timing: cfg.fault_timing.then(crate::stats::FaultTiming::default),
         })
     }
 

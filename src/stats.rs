@@ -136,3 +136,44 @@ pub struct Stats {
     /// Write-backs that failed (the page stayed in the pool).
     pub zpool_writeback_errors: u64,
 }
+
+/// The steps of a swap-in fault that `Config::fault_timing` times, in order.
+pub const FAULT_STEPS: [&str; 6] = [
+    "claim (entry CAS, region check)",
+    "frame (allocation, direct reclaim)",
+    "readahead claims",
+    "device read (submission and wait)",
+    "checksum",
+    "map (copy into the frame, install)",
+];
+
+/// Nanoseconds spent in each of `FAULT_STEPS` over all timed swap-in faults, and
+/// how many there were (relaxed atomics; `Config::fault_timing` only).
+/// (`std`'s atomics under every backend: counters, not a protocol.)
+#[derive(Debug, Default)]
+pub struct FaultTiming {
+    pub(crate) ns: [std::sync::atomic::AtomicU64; 6],
+    pub(crate) faults: std::sync::atomic::AtomicU64,
+}
+
+impl FaultTiming {
+    /// Adds one fault whose steps ended at `marks[1..]`, having begun at `marks[0]`.
+    pub(crate) fn record(&self, marks: &[std::time::Instant; 7]) {
+        for (i, ns) in self.ns.iter().enumerate() {
+            let d = marks[i + 1].saturating_duration_since(marks[i]);
+            ns.fetch_add(d.as_nanos() as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+        self.faults
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// (faults timed, mean nanoseconds of each step).
+    pub fn means(&self) -> (u64, [f64; 6]) {
+        let n = self.faults.load(std::sync::atomic::Ordering::Relaxed);
+        let mut m = [0.0; 6];
+        for (x, ns) in m.iter_mut().zip(&self.ns) {
+            *x = ns.load(std::sync::atomic::Ordering::Relaxed) as f64 / n.max(1) as f64;
+        }
+        (n, m)
+    }
+}

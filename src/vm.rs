@@ -392,6 +392,13 @@ impl Vm {
             .trigger(threshold, window, Box::new(callback))
     }
 
+    /// With `Config::fault_timing`: how many swap-in faults were timed and the mean
+    /// nanoseconds of each of their steps (`stats::FAULT_STEPS`); `None` without.
+    #[doc(hidden)]
+    pub fn fault_timing(&self) -> Option<(u64, [f64; 6])> {
+        self.eng().timing.as_ref().map(|t| t.means())
+    }
+
     /// A snapshot of the counters.
     pub fn stats(&self) -> Stats {
         self.eng()

@@ -645,6 +645,19 @@ fn fault_swapin(
         // A claim there is made under the lock (see `lookup`).
         return Ok(Step::Fallback);
     }
+    // `Config::fault_timing`: the end of each step (`stats::FAULT_STEPS`).
+    let mut marks = sp
+        .eng
+        .timing
+        .is_some()
+        .then(|| [std::time::Instant::now(); 7]);
+    macro_rules! mark {
+        ($i:expr) => {
+            if let Some(m) = marks.as_mut() {
+                m[$i] = std::time::Instant::now();
+            }
+        };
+    }
     // SeqCst: `Found::confirm` relies on it.
     if pte
         .compare_exchange(v, BUSY, Ordering::SeqCst, Ordering::Relaxed)
@@ -659,6 +672,7 @@ fn fault_swapin(
         return Ok(Step::Fallback);
     }
     drop(found);
+    mark!(1);
     let eng = &*sp.eng;
     let _stall = eng.psi.stall(); // the frame (may reclaim) and the device read
     let pfn = match crate::reclaim::alloc_frame(eng, AllocCtx::Reserve) {
@@ -669,6 +683,7 @@ fn fault_swapin(
             return Err(err);
         }
     };
+    mark!(2);
     let dev = eng.swap.get(e.dev);
     // Readahead: the pages that continue this space's faults' stride (claimed,
     // with frames), read with this one as one span of slots, or (`scattered`) each
@@ -686,6 +701,7 @@ fn fault_swapin(
         .iter()
         .fold((e.slot, e.slot), |(l, h), q| (l.min(q.slot), h.max(q.slot)));
     let scattered = nra > 0 && !dense(hi - lo + 1, nra);
+    mark!(3);
     // Where each page lands in the bounce buffer: `gather[0]` the faulting page's,
     // `gather[i + 1]` readahead page `i`'s (set by `read_gather` when scattered).
     let mut gather = [0usize; RA_MAX + 1];
@@ -703,7 +719,9 @@ fn fault_swapin(
             }
             let b = b.as_mut().expect("set above");
             if nra == 0 {
-                dev.read(e.slot, b.page_mut(0))?;
+                dev.read_unchecked(e.slot, b.page_mut(0))?;
+                mark!(4);
+                dev.verify(e.slot, b.page(0))?;
             } else if scattered {
                 let mut slots = [0u64; RA_MAX + 1];
                 slots[0] = e.slot;
@@ -715,12 +733,15 @@ fn fault_swapin(
                     b.pages_mut(nra + 1),
                     &mut gather[..nra + 1],
                 )?;
+                mark!(4);
                 dev.verify(e.slot, b.page(gather[0]))?;
             } else {
                 // One read of the span of slots (at most `RA_MAX + 1`).
                 dev.read_span(lo, b.pages_mut((hi - lo) as usize + 1))?;
+                mark!(4);
                 dev.verify(e.slot, b.page(gather[0]))?;
             }
+            mark!(5);
             // SAFETY: the frame is ours (allocated, not yet published). Stale
             // optimistic readers may still load from it (and discard what they read,
             // since `install` moves the entry's version), so it is written only with
@@ -769,6 +790,10 @@ fn fault_swapin(
     Counters::inc(&eng.cnt.pgfault);
     Counters::inc(&eng.cnt.pgmajfault);
     Counters::inc(&eng.cnt.pswpin);
+    mark!(6);
+    if let (Some(t), Some(m)) = (&eng.timing, &marks) {
+        t.record(m);
+    }
     Ok(Step::Done(()))
 }
 

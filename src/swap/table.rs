@@ -784,24 +784,23 @@ impl SwapDevice {
     /// Reads `slot` into `buf` and checks it against the recorded checksum.
     #[cfg_attr(feature = "lockdep", track_caller)]
     pub fn read(&self, slot: u64, buf: &mut [u8]) -> Result<()> {
+        self.read_unchecked(slot, buf)?;
+        self.verify(slot, buf)
+    }
+
+    /// Reads `slot` into `buf` (from the pool if it holds the slot) without the
+    /// checksum check (`verify`).
+    #[cfg_attr(feature = "lockdep", track_caller)]
+    pub fn read_unchecked(&self, slot: u64, buf: &mut [u8]) -> Result<()> {
         crate::lockdep::might_block("device read");
         let dev_err = |source| Error::Device {
             dev: self.dev.name().to_string(),
             source,
         };
         match self.pool_load(slot, buf) {
-            Some(r) => r.map_err(dev_err)?,
-            None => self.dev.read_page(slot, buf).map_err(dev_err)?,
+            Some(r) => r.map_err(dev_err),
+            None => self.dev.read_page(slot, buf).map_err(dev_err),
         }
-        let want = self.csum[slot as usize].load(Ordering::Acquire);
-        let got = crc32c::crc32c(buf);
-        if got != want {
-            return Err(dev_err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("checksum mismatch in slot {slot}: read {got:#010x}, wrote {want:#010x}"),
-            )));
-        }
-        Ok(())
     }
 }
 

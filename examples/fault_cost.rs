@@ -1,0 +1,107 @@
+//! What a swap-in fault costs beyond the device's own read (issue 10 item 2): one
+//! thread reads random words of a working set 4× the budget (readahead off, so
+//! every miss is one 4 KiB read at depth 1), and between batches of those accesses
+//! reads random slots of the same swap file itself with `pread` + O_DIRECT, so both
+//! see the same machine. Prints the p50/p90 of a faulting access and of a device
+//! read, their difference (what usermm adds), and the mean time of each step of
+//! the fault (`Config::fault_timing`).
+//!
+//! `cargo run --release --example fault_cost -- [budget-MiB] [dir]`
+
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::time::Instant;
+use usermm::stats::FAULT_STEPS;
+use usermm::{Config, SwapSpec, Vm, PAGE_SIZE};
+use usermm_testkit::workload::Rng;
+
+fn pct(v: &mut [u64], p: f64) -> f64 {
+    v.sort_unstable();
+    v[((v.len() - 1) as f64 * p) as usize] as f64 / 1000.0
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let mib: usize = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(64);
+    let dir = tempfile::tempdir_in(args.get(2).map_or("/var/tmp", |s| s.as_str())).unwrap();
+    let pages = 4 * (mib << 20) as u64 / PAGE_SIZE as u64;
+    let swap = dir.path().join("swap");
+    let vm = Vm::new(
+        Config::default()
+            .memory_budget(mib << 20)
+            .readahead(false)
+            .fault_timing(true),
+    )
+    .unwrap();
+    vm.swapon(SwapSpec::file(&swap, pages * 2 * PAGE_SIZE as u64))
+        .unwrap();
+    let mm = vm.new_space();
+    let r = mm.map_anon(pages as usize * PAGE_SIZE).unwrap();
+    for p in 0..pages {
+        mm.write(r.start() + p * PAGE_SIZE as u64, &p.to_le_bytes())
+            .unwrap();
+    }
+    // The same file, read directly (the device's own latency).
+    let raw = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&swap)
+        .unwrap();
+    let layout = std::alloc::Layout::from_size_align(PAGE_SIZE, PAGE_SIZE).unwrap();
+    // SAFETY: a page-sized, page-aligned allocation, freed at the end.
+    let buf = unsafe { std::alloc::alloc_zeroed(layout) };
+    // SAFETY: `buf` is PAGE_SIZE bytes, ours until the dealloc below.
+    let page = unsafe { std::slice::from_raw_parts_mut(buf, PAGE_SIZE) };
+    // Slots are handed out from the start of the file: the first half of the
+    // working set's worth holds written pages (an unwritten block would read as
+    // zeros without I/O).
+    let slots = pages / 2;
+    let mut rng = Rng::new(7);
+    let (mut faults, mut reads) = (Vec::new(), Vec::new());
+    let t0 = vm.fault_timing().unwrap();
+    let start = Instant::now();
+    while faults.len() < 40_000 && start.elapsed().as_secs() < 60 {
+        for _ in 0..500 {
+            let p = rng.below(pages);
+            let mut w = [0u8; 8];
+            let maj = vm.stats().pgmajfault;
+            let t = Instant::now();
+            mm.read(r.start() + p * PAGE_SIZE as u64, &mut w).unwrap();
+            let ns = t.elapsed().as_nanos() as u64;
+            assert_eq!(u64::from_le_bytes(w), p, "page {p}");
+            if vm.stats().pgmajfault != maj {
+                faults.push(ns);
+            }
+        }
+        for _ in 0..200 {
+            let s = rng.below(slots);
+            let t = Instant::now();
+            raw.read_exact_at(page, s * PAGE_SIZE as u64).unwrap();
+            reads.push(t.elapsed().as_nanos() as u64);
+        }
+    }
+    let t1 = vm.fault_timing().unwrap();
+    // SAFETY: allocated above with this layout.
+    unsafe { std::alloc::dealloc(buf, layout) };
+    let (f50, f90) = (pct(&mut faults, 0.5), pct(&mut faults, 0.9));
+    let (d50, d90) = (pct(&mut reads, 0.5), pct(&mut reads, 0.9));
+    println!(
+        "budget {mib} MiB, W = {} MiB, 1 thread, readahead off: {} faulting accesses, {} device reads",
+        (pages * PAGE_SIZE as u64) >> 20,
+        faults.len(),
+        reads.len()
+    );
+    println!("faulting access: p50 {f50:.1} µs  p90 {f90:.1} µs");
+    println!("device read:     p50 {d50:.1} µs  p90 {d90:.1} µs");
+    println!(
+        "usermm adds:     p50 {:.1} µs  p90 {:.1} µs",
+        f50 - d50,
+        f90 - d90
+    );
+    let n = t1.0 - t0.0;
+    println!("steps of the {n} swap-in faults (mean µs):");
+    for (i, name) in FAULT_STEPS.iter().enumerate() {
+        // Means over both snapshots' totals: (t1 * n1 - t0 * n0) / n.
+        let total = t1.1[i] * t1.0 as f64 - t0.1[i] * t0.0 as f64;
+        println!("  {name:<38} {:>8.2}", total / n.max(1) as f64 / 1000.0);
+    }
+}
