@@ -35,11 +35,7 @@ fn main() {
     vm.swapon(SwapSpec::file(&swap, pages * 2 * PAGE_SIZE as u64))
         .unwrap();
     let mm = vm.new_space();
-    let r = mm.map_anon(pages as usize * PAGE_SIZE).unwrap();
-    for p in 0..pages {
-        mm.write(r.start() + p * PAGE_SIZE as u64, &p.to_le_bytes())
-            .unwrap();
-    }
+    let r = usermm_testkit::pattern::map_numbered(&mm, pages).unwrap();
     // The same file, read directly (the device's own latency).
     let raw = std::fs::OpenOptions::new()
         .read(true)

@@ -26,11 +26,7 @@ fn main() {
         ))
         .unwrap();
         let mm = vm.new_space();
-        let r = mm.map_anon(pages as usize * PAGE_SIZE).unwrap();
-        for p in 0..pages {
-            mm.write(r.start() + p * PAGE_SIZE as u64, &p.to_le_bytes())
-                .unwrap();
-        }
+        let r = usermm_testkit::pattern::map_numbered(&mm, pages).unwrap();
         let sampler = Sampler::new(pat, pages);
         let mut rng = Rng::new(869731107);
         let mut b = [0u8; 8];

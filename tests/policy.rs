@@ -24,11 +24,7 @@ fn miss(pattern: Pattern, wb: f64, s3fifo: bool) -> (f64, usermm::Stats) {
     ))
     .unwrap();
     let mm = vm.new_space();
-    let r = mm.map_anon(pages as usize * PAGE_SIZE).unwrap();
-    for p in 0..pages {
-        mm.write(r.start() + p * PAGE_SIZE as u64, &p.to_le_bytes())
-            .unwrap();
-    }
+    let r = usermm_testkit::pattern::map_numbered(&mm, pages).unwrap();
     let sampler = Sampler::new(pattern, pages);
     let mut rng = Rng::new(0x5eed);
     let mut b = [0u8; 8];

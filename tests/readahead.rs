@@ -31,10 +31,7 @@ fn setup(
     vm.swapon(SwapSpec::file(dir.path().join("swap"), pages * 2 * PS))
         .unwrap();
     let mm = vm.new_space();
-    let r = mm.map_anon((pages * PS) as usize).unwrap();
-    for p in 0..pages {
-        mm.write(r.start() + p * PS, &p.to_le_bytes()).unwrap();
-    }
+    let r = usermm_testkit::pattern::map_numbered(&mm, pages).unwrap();
     (dir, vm, mm, r, pages)
 }
 
@@ -46,32 +43,52 @@ fn scan(mm: &usermm::AddressSpace, r: &usermm::Region, order: impl Iterator<Item
     }
 }
 
-#[test]
-fn a_sequential_scan_is_read_ahead_and_random_access_is_not() {
-    let (_d, vm, mm, r, pages) = setup(true);
+/// Scans in `order` (checking every page), prints and returns the pages read from
+/// swap and how many of them came in ahead of their fault.
+fn measured_scan(
+    what: &str,
+    vm: &Vm,
+    mm: &usermm::AddressSpace,
+    r: &usermm::Region,
+    order: impl Iterator<Item = u64>,
+) -> (u64, u64) {
     let s0 = vm.stats();
-    scan(&mm, &r, 0..pages);
+    scan(mm, r, order);
     let s1 = vm.stats();
     let (reads, ahead) = (s1.pswpin - s0.pswpin, s1.read_around - s0.read_around);
     println!(
-        "sequential: {reads} reads, {ahead} ahead, {} faults",
+        "{what}: {reads} reads, {ahead} ahead, {} faults",
         s1.pgmajfault - s0.pgmajfault
     );
+    (reads, ahead)
+}
+
+/// A scan that swaps most of the pages in and reads at least a quarter of them
+/// ahead.
+fn read_ahead_scan(
+    what: &str,
+    vm: &Vm,
+    mm: &usermm::AddressSpace,
+    r: &usermm::Region,
+    pages: u64,
+    order: impl Iterator<Item = u64>,
+) {
+    let (reads, ahead) = measured_scan(what, vm, mm, r, order);
     assert!(
         reads > pages / 2,
-        "the scan should swap most pages in: {reads}"
+        "{what}: most pages should swap in: {reads}"
     );
-    // About 80 % here (the slots of pages evicted by two reclaimers at once
-    // interleave; readahead reads the span, see `fault::claim_ahead`).
-    assert!(
-        ahead * 4 > reads,
-        "a quarter of the pages at least should come in ahead: {ahead} of {reads}"
-    );
+    assert!(ahead * 4 > reads, "{what}: {ahead} of {reads} ahead");
+}
+
+#[test]
+fn a_sequential_scan_is_read_ahead_and_random_access_is_not() {
+    let (_d, vm, mm, r, pages) = setup(true);
+    // About 95 % here (see `fault::claim_ahead`).
+    read_ahead_scan("sequential", &vm, &mm, &r, pages, 0..pages);
     let mut rng = Rng::new(3);
-    scan(&mm, &r, (0..pages).map(|_| rng.below(pages)));
-    let s2 = vm.stats();
-    let (reads, ahead) = (s2.pswpin - s1.pswpin, s2.read_around - s1.read_around);
-    println!("uniform: {reads} reads, {ahead} ahead");
+    let order = (0..pages).map(|_| rng.below(pages));
+    let (reads, ahead) = measured_scan("uniform", &vm, &mm, &r, order);
     assert!(reads > pages / 4, "{reads}");
     assert!(
         ahead * 50 <= reads,
@@ -89,30 +106,13 @@ fn strided_and_backward_scans_are_read_ahead_when_their_slots_follow_them() {
     let (_d, vm, mm, r, pages) = setup(true);
     // Backwards over pages written (and evicted) in address order: the span of
     // slots lies before the faulting page's.
-    let s0 = vm.stats();
-    scan(&mm, &r, (0..pages).rev());
-    let s1 = vm.stats();
-    let (reads, ahead) = (s1.pswpin - s0.pswpin, s1.read_around - s0.read_around);
-    println!("backwards: {reads} reads, {ahead} ahead");
-    assert!(
-        reads > pages / 2,
-        "the scan should swap most pages in: {reads}"
-    );
-    assert!(ahead * 4 > reads, "backwards: {ahead} of {reads} ahead");
+    read_ahead_scan("backwards", &vm, &mm, &r, pages, (0..pages).rev());
     // Stride 16 over pages in address order: their slots are 16 apart, so only a
     // device that keeps scattered reads in flight at once (io_uring on a local
     // file) reads them ahead.
-    let concurrent = vm.swaps()[0].concurrent_reads;
-    let s1 = vm.stats();
-    scan(&mm, &r, strided(pages, 16));
-    let s2 = vm.stats();
-    let (reads, ahead) = (s2.pswpin - s1.pswpin, s2.read_around - s1.read_around);
-    println!("stride 16 over address order: {reads} reads, {ahead} ahead (concurrent reads: {concurrent})");
-    if concurrent {
-        assert!(
-            ahead * 4 > reads,
-            "scattered stride 16: {ahead} of {reads} ahead"
-        );
+    if vm.swaps()[0].concurrent_reads {
+        let order = strided(pages, 16);
+        read_ahead_scan("stride 16, address order", &vm, &mm, &r, pages, order);
     } else {
         eprintln!("SKIP: scattered readahead: the swap file has no io_uring here");
     }
@@ -121,19 +121,8 @@ fn strided_and_backward_scans_are_read_ahead_when_their_slots_follow_them() {
     for p in strided(pages, 16) {
         mm.write(r.start() + p * PS, &p.to_le_bytes()).unwrap();
     }
-    let s1 = vm.stats();
-    scan(&mm, &r, strided(pages, 16));
-    let s2 = vm.stats();
-    let (reads, ahead) = (s2.pswpin - s1.pswpin, s2.read_around - s1.read_around);
-    println!(
-        "stride 16: {reads} reads, {ahead} ahead, {} faults",
-        s2.pgmajfault - s1.pgmajfault
-    );
-    assert!(
-        reads > pages / 2,
-        "the scan should swap most pages in: {reads}"
-    );
-    assert!(ahead * 4 > reads, "stride 16: {ahead} of {reads} ahead");
+    let order = strided(pages, 16);
+    read_ahead_scan("stride 16, stride order", &vm, &mm, &r, pages, order);
 }
 
 #[test]

@@ -17,7 +17,9 @@
 //!   [`GEN_OFFSET`] in a page, for the fork/swapoff races where each side of a fork
 //!   writes its own generation.
 //!
-//! And [`fill_random`] and [`first_diff`] (a readable description of a mismatch).
+//! And [`fill_random`], [`first_diff`] (a readable description of a mismatch) and
+//! [`map_numbered`] (a region whose pages hold their own numbers, for probes that
+//! only need to tell pages apart).
 
 use std::time::Instant;
 
@@ -25,6 +27,16 @@ use usermm::{AddressSpace, Region, VAddr, Vm, PAGE_SIZE};
 
 use crate::watchdog;
 use crate::workload::{mix, Rng, GOLDEN};
+
+/// Maps `pages` anonymous pages in `mm` and writes each page's number (little
+/// endian) into its first 8 bytes, in address order.
+pub fn map_numbered(mm: &AddressSpace, pages: u64) -> usermm::Result<Region> {
+    let r = mm.map_anon(pages as usize * PAGE_SIZE)?;
+    for p in 0..pages {
+        mm.write(r.start() + p * PAGE_SIZE as u64, &p.to_le_bytes())?;
+    }
+    Ok(r)
+}
 
 /// 8-byte words in a page.
 pub const WORDS_PER_PAGE: u64 = (PAGE_SIZE / 8) as u64;
