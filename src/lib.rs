@@ -136,6 +136,19 @@
 
 #![warn(missing_docs)]
 
+/// Whether the model tests' planted bug `$name` (`sync::Plant::$name`) is on: the
+/// constant `false` without `--cfg usermm_shuttle`, so a plant costs the default
+/// build nothing. See `sync::plant` and `model`.
+macro_rules! planted {
+    ($name:ident) => {{
+        #[cfg(usermm_shuttle)]
+        let on = crate::sync::planted(crate::sync::Plant::$name);
+        #[cfg(not(usermm_shuttle))]
+        let on = false;
+        on
+    }};
+}
+
 pub mod addr;
 pub mod config;
 pub mod device;
@@ -148,6 +161,9 @@ pub mod lockdep;
 #[cfg(not(feature = "lockdep"))]
 mod lockdep;
 mod mm;
+#[cfg(usermm_shuttle)]
+#[doc(hidden)]
+pub mod model;
 mod pageio;
 mod psi;
 mod pte;

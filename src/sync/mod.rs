@@ -43,24 +43,47 @@ pub use std::sync::{Arc, Weak};
 mod seqcount;
 pub use seqcount::SeqCount;
 
+#[cfg(usermm_shuttle)]
+mod plant;
+#[cfg(usermm_shuttle)]
+pub use plant::{planted, session, Plant, Session};
+
 /// Spin, then yield, then sleep in growing steps until `done()` holds.
 ///
 /// Used for the rare waits on another thread's short critical section (a page being
 /// faulted in, a frame locked by a writer). It never holds a lock while it waits,
 /// and it cannot miss a wake-up because there is none to miss: it polls.
+///
+/// Under the model checker (`--cfg usermm_shuttle`) every round yields to the
+/// schedule instead: a spin or an OS sleep would never let the thread it waits
+/// for run.
 pub fn wait_until(mut done: impl FnMut() -> bool) {
     let mut round = 0u32;
     while !done() {
-        if round < 64 {
+        if cfg!(usermm_shuttle) {
+            yield_now();
+        } else if round < 64 {
             std::hint::spin_loop();
         } else if round < 80 {
             yield_now();
         } else {
             let us = (20u64 << ((round - 80).min(6))).min(1000);
-            std::thread::sleep(std::time::Duration::from_micros(us));
+            sleep(std::time::Duration::from_micros(us));
         }
         round = round.saturating_add(1);
     }
+}
+
+/// Sleeps for `d`; under the model checker, yields to the schedule instead (time
+/// does not pass there, and an OS sleep would stop every model thread).
+pub fn sleep(d: std::time::Duration) {
+    #[cfg(usermm_shuttle)]
+    {
+        let _ = d;
+        shuttle::thread::yield_now();
+    }
+    #[cfg(not(usermm_shuttle))]
+    std::thread::sleep(d);
 }
 
 /// `wait_until` with a bound: false if `done()` still does not hold after `limit`.
