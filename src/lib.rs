@@ -20,7 +20,8 @@
 //! ```
 //!
 //! # Layers
-//! `vm` (the public handles) → `mm` (spaces, regions, page tables, faults, fork,
+//! `model` (hooks of the model tests, only with `--cfg usermm_shuttle`) → `vm` (the
+//! public handles) → `mm` (spaces, regions, page tables, faults, fork,
 //! msync) → `filemap` (the page cache of host files, the journal; `filemap::slots`
 //! sits below `reclaim`, which writes file pages back through it) →
 //! `swap::swapoff` and `reclaim` → `engine` (the struct of parts) → `swap::table`,

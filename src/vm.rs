@@ -91,7 +91,8 @@ pub struct Vm {
 
 impl Vm {
     /// Maps the frame arena and the page-out pool and starts the background
-    /// reclaimer and the page-I/O threads.
+    /// reclaimer and the page-I/O threads (none under the model checker's
+    /// `--cfg usermm_shuttle`: see `sync`).
     ///
     /// Errors: `Error::Config` for a budget under 64 KiB (16 frames) or bad
     /// watermarks, thread counts or pool sizes; `Error::Io` if memory cannot be mapped

@@ -10,15 +10,28 @@
 //!   fork, which `usermm exec` children need);
 //! - `--cfg usermm_shuttle`: `shuttle`'s locks, condition variables and atomics,
 //!   behind wrappers with parking_lot's API (no poisoning; `Condvar::wait_for` on a
-//!   guard in place), so a shuttle test can schedule the engine's own code. Build with
-//!   `RUSTFLAGS="--cfg usermm_shuttle" cargo test --test model_sync`.
+//!   guard in place), so a shuttle test can schedule the engine's own code.
 //!
 //! Page-table nodes are allocated zeroed (`mm::pagetable`); shuttle's atomics are
 //! valid when zeroed (a `RefCell` and an `Option` with a null niche), which the
 //! shuttle model test checks before relying on it.
 //!
-//! Threads, sleeps and I/O are not switched: a model test drives the engine's
-//! protocols from shuttle threads of its own.
+//! Threads and I/O are not switched: under the cfg `Vm::new` starts no thread, and a
+//! model test drives the engine from shuttle threads of its own (`crate::model`;
+//! the page-I/O loop among them). Waits are switched: every round of [`wait_until`] and
+//! every [`sleep`] yields to the schedule instead of spinning or sleeping, since an
+//! OS sleep would stop every model thread.
+//!
+//! What is model-checked this way (docs/design.md, "Model checking"):
+//! `tests/model_sync.rs` (`SeqCount` on a miniature) and `tests/model_engine.rs`
+//! (the engine's swapoff against swap-in faults and reclaim with page-out, and its
+//! speculative faults against unmap and fork, through the public API, with
+//! `crate::model::check` after every schedule). Each has a planted bug it must
+//! catch: `plant.rs` holds the switch (only under the cfg), and the engine's code
+//! reads it through the crate root's `planted!` macro, the constant `false`
+//! without the cfg. Run them with
+//! `RUSTFLAGS="--cfg usermm_shuttle" CARGO_TARGET_DIR=target/shuttle cargo test
+//! --release -p usermm --test model_sync --test model_engine`.
 //!
 //! With the feature `lockdep` the default backend's locks report every acquisition
 //! and release to the lock validator (`crate::lockdep`); the shuttle backend is not
