@@ -8,9 +8,9 @@
 //! frames, slot counts, devices).
 //!
 //! - `swapoff_races_swapin_and_reclaim`: a thread faults swapped pages back in and
-//!   writes them, another takes their device out of service (`Vm::swapoff`), a
-//!   third reclaims (pages go to the second device); the page-I/O loop runs on a
-//!   fourth.
+//!   writes them, a second reads them in the other order, another takes their
+//!   device out of service (`Vm::swapoff`), a fourth reclaims (pages go to the
+//!   second device); the page-I/O loop runs on a fifth.
 //! - `speculative_fault_races_unmap`: a fault through the speculative region lookup
 //!   (`mm::lookup`, the region's sequence count) races `unmap` of its region.
 //!
@@ -157,6 +157,23 @@ fn swapoff_model(files: &Files) {
             }
         })
     };
+    // A second faulting thread on the same pages, in the other order: a page one
+    // of them is reading in is `BUSY` for the other, which waits for that one read
+    // (the claim is the swap cache) and then sees the page as it was or as the
+    // first thread wrote it.
+    let reader = {
+        let mm = mm.clone();
+        shuttle::thread::spawn(move || {
+            for i in (0..PAGES).rev() {
+                let mut b = [0u8; 8];
+                mm.read(page(&r, i), &mut b).expect("read during swapoff");
+                assert!(
+                    b == old(i) || b == new(i),
+                    "page {i} read a value it never held: {b:?}"
+                );
+            }
+        })
+    };
     let remover = {
         let vm = vm.clone();
         shuttle::thread::spawn(move || vm.swapoff(a))
@@ -164,6 +181,7 @@ fn swapoff_model(files: &Files) {
     // This thread reclaims meanwhile: resident pages go to `b` (or stay).
     vm.reclaim(1);
     faulter.join().expect("faulter");
+    reader.join().expect("reader");
     remover.join().expect("swapoff thread").expect("swapoff");
     io.stop();
 
