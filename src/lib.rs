@@ -115,6 +115,9 @@
 //!   Psi::{run, stop} (the `usermm-psi` thread; never held across a callback; the fault
 //!   path takes no lock of psi's, only its atomics)
 //! Psi::thread (Mutex, leaf)                     Psi::{start, stop}
+//! sync::plant's session lock (a `std` Mutex; only with --cfg usermm_shuttle): held
+//!   by a model test for its whole run, outside any model execution; no engine lock
+//!   is taken under or over it                   sync::plant::session
 //! device internals (nbd send/parked/broke/reconnector, mirror resync): leaves under
 //!   nothing of the engine's: a device is called with at most a BUSY claim held.
 //! ```
