@@ -63,6 +63,10 @@ pub struct SwapInfo {
     pub prio: i32,
     /// "active" for a device in service.
     pub state: &'static str,
+    /// Whether readahead keeps its reads of scattered slots on this device in
+    /// flight at once (io_uring on a local file); false where it reads them one
+    /// by one, and then reads ahead only pages whose slots are close together.
+    pub concurrent_reads: bool,
 }
 
 /// A snapshot of a Vm's counters (`Vm::stats`).

@@ -347,6 +347,7 @@ impl Vm {
                 memory: d.memory_bytes(),
                 prio: d.prio,
                 state: d.state_name(),
+                concurrent_reads: d.reads_concurrently(),
             })
             .collect()
     }

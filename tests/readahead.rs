@@ -1,5 +1,7 @@
 //! Swap-in readahead (issue 10 item 3): a sequential scan over swapped pages reads
-//! most pages ahead of their faults (and every page is right); random access reads
+//! most pages ahead of their faults (and every page is right), and so do a
+//! backward scan and a strided one whose pages were written in its order; random
+//! access reads
 //! nothing ahead (at most 2 % of its reads); a device being removed gets none
 //! (invariant 3); `Config::readahead(false)` turns it off.
 
@@ -59,9 +61,8 @@ fn a_sequential_scan_is_read_ahead_and_random_access_is_not() {
         reads > pages / 2,
         "the scan should swap most pages in: {reads}"
     );
-    // At this budget (1,024 frames) about half: the slots of pages evicted by
-    // two reclaimers at once interleave, and readahead follows slots (see
-    // `fault::claim_ahead`); with 8,192 frames about 40 % (examples/readahead_probe.rs).
+    // About 80 % here (the slots of pages evicted by two reclaimers at once
+    // interleave; readahead reads the span, see `fault::claim_ahead`).
     assert!(
         ahead * 4 > reads,
         "a quarter of the pages at least should come in ahead: {ahead} of {reads}"
@@ -76,6 +77,63 @@ fn a_sequential_scan_is_read_ahead_and_random_access_is_not() {
         ahead * 50 <= reads,
         "random access read ahead {ahead} of {reads}"
     );
+}
+
+/// Pages `0, s, 2s, …`, then `1, 1 + s, …`: a stride-`s` scan of `pages`.
+fn strided(pages: u64, s: u64) -> impl Iterator<Item = u64> {
+    (0..s).flat_map(move |j| (j..pages).step_by(s as usize))
+}
+
+#[test]
+fn strided_and_backward_scans_are_read_ahead_when_their_slots_follow_them() {
+    let (_d, vm, mm, r, pages) = setup(true);
+    // Backwards over pages written (and evicted) in address order: the span of
+    // slots lies before the faulting page's.
+    let s0 = vm.stats();
+    scan(&mm, &r, (0..pages).rev());
+    let s1 = vm.stats();
+    let (reads, ahead) = (s1.pswpin - s0.pswpin, s1.read_around - s0.read_around);
+    println!("backwards: {reads} reads, {ahead} ahead");
+    assert!(
+        reads > pages / 2,
+        "the scan should swap most pages in: {reads}"
+    );
+    assert!(ahead * 4 > reads, "backwards: {ahead} of {reads} ahead");
+    // Stride 16 over pages in address order: their slots are 16 apart, so only a
+    // device that keeps scattered reads in flight at once (io_uring on a local
+    // file) reads them ahead.
+    let concurrent = vm.swaps()[0].concurrent_reads;
+    let s1 = vm.stats();
+    scan(&mm, &r, strided(pages, 16));
+    let s2 = vm.stats();
+    let (reads, ahead) = (s2.pswpin - s1.pswpin, s2.read_around - s1.read_around);
+    println!("stride 16 over address order: {reads} reads, {ahead} ahead (concurrent reads: {concurrent})");
+    if concurrent {
+        assert!(
+            ahead * 4 > reads,
+            "scattered stride 16: {ahead} of {reads} ahead"
+        );
+    } else {
+        eprintln!("SKIP: scattered readahead: the swap file has no io_uring here");
+    }
+    // Rewritten in a stride-16 order, the pages are evicted (and their new copies
+    // written) in that order; a strided read scan then finds them together.
+    for p in strided(pages, 16) {
+        mm.write(r.start() + p * PS, &p.to_le_bytes()).unwrap();
+    }
+    let s1 = vm.stats();
+    scan(&mm, &r, strided(pages, 16));
+    let s2 = vm.stats();
+    let (reads, ahead) = (s2.pswpin - s1.pswpin, s2.read_around - s1.read_around);
+    println!(
+        "stride 16: {reads} reads, {ahead} ahead, {} faults",
+        s2.pgmajfault - s1.pgmajfault
+    );
+    assert!(
+        reads > pages / 2,
+        "the scan should swap most pages in: {reads}"
+    );
+    assert!(ahead * 4 > reads, "stride 16: {ahead} of {reads} ahead");
 }
 
 #[test]

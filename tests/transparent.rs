@@ -347,6 +347,66 @@ fn neighbours_on_consecutive_slots_come_in_one_read() {
     );
 }
 
+/// Read-around of pages whose slots are scattered (rewritten in a shuffled order,
+/// so evicted out of address order): where the swap file reads through io_uring,
+/// a sequential pass still brings most pages in with the page that faulted, each
+/// with its own bytes.
+#[test]
+fn neighbours_on_scattered_slots_come_in_together_with_io_uring() {
+    let Some((_d, vm)) = setup(1 << 20, 16 << 20) else {
+        return;
+    };
+    if !vm.swaps()[0].concurrent_reads {
+        eprintln!("SKIP: scattered read-around: no io_uring for the swap file here");
+        return;
+    }
+    let pages = 128;
+    let r = vm.map_transparent(pages * PS).unwrap();
+    let at = |p: usize, w: usize| word(&r, p * PS / 8 + w);
+    for p in 0..pages {
+        at(p, 0).store(p as u64, Ordering::Relaxed);
+    }
+    assert!(vm.reclaim(pages) >= pages / 2, "{:?}", vm.stats());
+    // Rewritten in a shuffled order (37 is coprime with 128), a few at a time
+    // with reclaim in between, so their new slots follow the shuffle.
+    for chunk in (0..pages)
+        .map(|i| i * 37 % pages)
+        .collect::<Vec<_>>()
+        .chunks(16)
+    {
+        for &p in chunk {
+            at(p, 0).store(p as u64 * 3 + 5, Ordering::Relaxed);
+            at(p, 511).store(!(p as u64), Ordering::Relaxed);
+        }
+        vm.reclaim(16);
+    }
+    vm.reclaim(pages);
+    let before = vm.stats();
+    assert!(
+        before.pswpout >= 2 * pages as u64 * 3 / 4,
+        "the rewritten pages were not written out again: {before:?}"
+    );
+    for p in 0..pages {
+        assert_eq!(
+            at(p, 0).load(Ordering::Relaxed),
+            p as u64 * 3 + 5,
+            "page {p}"
+        );
+        assert_eq!(at(p, 511).load(Ordering::Relaxed), !(p as u64), "page {p}");
+    }
+    let after = vm.stats();
+    let majors = after.pgmajfault - before.pgmajfault;
+    let ins = after.pswpin - before.pswpin;
+    println!(
+        "scattered: {majors} major faults, {ins} pages read, {} around",
+        after.read_around - before.read_around
+    );
+    assert!(
+        majors * 2 < ins,
+        "{majors} major faults for {ins} pages read: scattered read-around did not batch"
+    );
+}
+
 /// A swap device that fails the read of an evicted page: the faulting thread gets
 /// SIGBUS with a line on stderr that names the device, never zeros. In a child
 /// process, as above.

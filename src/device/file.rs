@@ -8,6 +8,10 @@
 //! device is dropped), so a second swap device on the same file — another Vm,
 //! another process — is refused instead of overwriting this one's pages.
 //!
+//! `read_scattered` (readahead of pages in scattered slots) keeps its reads in
+//! flight at once through io_uring (`super::uring`) where it works, else reads
+//! them one by one.
+//!
 //! No locks in the engine's sense: positioned I/O on one descriptor is safe from
 //! many threads. No
 //! allocation on the I/O paths, errors included (they run on page-I/O threads):
@@ -30,6 +34,8 @@ pub struct FileDevice {
     path: PathBuf,
     pages: u64,
     direct: bool,
+    /// Whether `read_scattered` uses io_uring (`super::uring::available`).
+    uring: bool,
 }
 
 /// Whether `text`, a file spec, carries `direct=0` (a file device named by its spec
@@ -176,6 +182,7 @@ impl FileDevice {
             path: path.to_path_buf(),
             pages,
             direct,
+            uring: super::uring::available(),
         })
     }
 
@@ -302,6 +309,28 @@ impl BlockDevice for FileDevice {
             }
             return Ok(());
         }
+    }
+    fn read_scattered(&self, slots: &[u64], buf: &mut [u8]) -> io::Result<()> {
+        let n = slots.len();
+        if n == 0 || n > super::uring::MAX_READS || buf.len() != n * PAGE_SIZE {
+            return Err(io::ErrorKind::InvalidInput.into());
+        }
+        let mut offs = [0u64; super::uring::MAX_READS];
+        for (o, &slot) in offs.iter_mut().zip(slots) {
+            *o = self.offset(slot)? as u64;
+        }
+        if self.uring && n > 1 {
+            if let Some(r) = super::uring::read_scattered(self.file.as_raw_fd(), &offs[..n], buf) {
+                return r;
+            }
+        }
+        for (&slot, page) in slots.iter().zip(buf.chunks_exact_mut(PAGE_SIZE)) {
+            self.read_page(slot, page)?;
+        }
+        Ok(())
+    }
+    fn reads_concurrently(&self) -> bool {
+        self.uring
     }
     fn read_pages(&self, first: u64, buf: &mut [u8]) -> io::Result<()> {
         let n = buf.len() / PAGE_SIZE;

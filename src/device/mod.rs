@@ -16,6 +16,14 @@ pub mod file;
 pub mod mirror;
 pub mod nbd;
 pub mod spec;
+mod uring;
+
+/// Makes the calling thread's io_uring ring for scattered reads now, if io_uring
+/// works here (a thread that must not allocate while it serves faults calls it
+/// first: the transparent-fault handlers).
+pub(crate) fn prepare_scattered_reads() {
+    uring::prepare();
+}
 pub use buf::AlignedPages;
 
 use std::fmt;
@@ -43,6 +51,27 @@ pub trait BlockDevice: Send + Sync + fmt::Debug {
             self.read_page(first + i as u64, page)?;
         }
         Ok(())
+    }
+    /// Reads slot `slots[i]` into page `i` of `buf`, for every `i` (at most 64; a
+    /// readahead of pages whose slots are not adjacent). The default reads them one
+    /// after the other; a device that keeps them all in flight at once overrides it
+    /// and says so in `reads_concurrently`.
+    fn read_scattered(&self, slots: &[u64], buf: &mut [u8]) -> io::Result<()> {
+        if buf.len() != slots.len() * crate::addr::PAGE_SIZE {
+            return Err(io::ErrorKind::InvalidInput.into());
+        }
+        for (&slot, page) in slots
+            .iter()
+            .zip(buf.chunks_exact_mut(crate::addr::PAGE_SIZE))
+        {
+            self.read_page(slot, page)?;
+        }
+        Ok(())
+    }
+    /// Whether `read_scattered` keeps its reads in flight at once (then a
+    /// scattered readahead costs about one read's latency, not one per page).
+    fn reads_concurrently(&self) -> bool {
+        false
     }
     /// Whether `write_pages` merges adjacent slots into one request (a local file
     /// does; a network client must not: ordering and merging are the server's job,

@@ -674,14 +674,32 @@ fn fault_swapin(
         }
     };
     let dev = eng.swap.get(e.dev);
-    // Readahead: the pages after this one, if the faults here run sequentially
-    // and those pages sit in the slots after this one's (claimed, with frames).
-    let mut ra = [(0u64, Pfn(0)); RA_MAX];
+    // Readahead: the pages that continue this space's faults' stride (claimed,
+    // with frames), read with this one as one span of slots, or (`scattered`) each
+    // from its own slot, all in flight at once. `pos` gives a page's place in the
+    // bounce buffer.
+    let mut ra = [RaPage::NONE; RA_MAX];
     let nra = match &dev {
         // Not on a device being removed (invariant 3).
-        Some(d) if eng.readahead && d.is_active() => claim_ahead(sp, vpn, e, &mut ra),
+        Some(d) if eng.readahead && d.is_active() => {
+            claim_ahead(sp, vpn, e, &mut ra, d.reads_concurrently())
+        }
         _ => 0,
     };
+    let (lo, hi) = ra[..nra]
+        .iter()
+        .fold((e.slot, e.slot), |(l, h), q| (l.min(q.slot), h.max(q.slot)));
+    let scattered = nra > 0 && !dense(hi - lo + 1, nra);
+    // Page `i` of the readahead (`RA_MAX` for the faulting page itself).
+    let pos = |i: usize| -> usize {
+        let slot = if i == RA_MAX { e.slot } else { ra[i].slot };
+        match (scattered, i) {
+            (false, _) => (slot - lo) as usize,
+            (true, RA_MAX) => 0,
+            (true, i) => i + 1,
+        }
+    };
+    let at = pos(RA_MAX);
     let res = match &dev {
         Some(dev) => BOUNCE.with(|b| {
             let mut b = b.borrow_mut();
@@ -691,15 +709,24 @@ fn fault_swapin(
             let b = b.as_mut().expect("set above");
             if nra == 0 {
                 dev.read(e.slot, b.page_mut(0))?;
+            } else if scattered {
+                let mut slots = [0u64; RA_MAX + 1];
+                slots[0] = e.slot;
+                for (s, q) in slots[1..].iter_mut().zip(&ra[..nra]) {
+                    *s = q.slot;
+                }
+                dev.read_scattered(&slots[..nra + 1], b.pages_mut(nra + 1))?;
+                dev.verify(e.slot, b.page(at))?;
             } else {
-                dev.read_span(e.slot, b.pages_mut(nra + 1))?;
-                dev.verify(e.slot, b.page(0))?;
+                // One read of the span of slots (at most `RA_MAX + 1`).
+                dev.read_span(lo, b.pages_mut((hi - lo) as usize + 1))?;
+                dev.verify(e.slot, b.page(at))?;
             }
             // SAFETY: the frame is ours (allocated, not yet published). Stale
             // optimistic readers may still load from it (and discard what they read,
             // since `install` moves the entry's version), so it is written only with
             // atomic stores (`copy_in`); the device wrote into our own buffer.
-            unsafe { copy_in(eng.frames.frame_ptr(pfn), b.page(0)) };
+            unsafe { copy_in(eng.frames.frame_ptr(pfn), b.page(at)) };
             Ok(())
         }),
         None => Err(Error::Device {
@@ -708,7 +735,7 @@ fn fault_swapin(
         }),
     };
     if let Err(err) = res {
-        unclaim_ahead(sp, vpn, &ra[..nra], 0);
+        unclaim_ahead(sp, &ra[..nra], 0);
         eng.frames.free(pfn);
         pte.store(v, Ordering::Release);
         released(pte);
@@ -722,17 +749,18 @@ fn fault_swapin(
             BOUNCE.with(|b| {
                 let b = b.borrow();
                 let b = b.as_ref().expect("filled above");
-                for (i, &(qv, qpfn)) in ra[..nra].iter().enumerate() {
-                    if dev.verify(e.slot + i as u64 + 1, b.page(i + 1)).is_err() {
+                for (i, q) in ra[..nra].iter().enumerate() {
+                    let off = pos(i);
+                    if dev.verify(q.slot, b.page(off)).is_err() {
                         // Stays on swap (a demand read will report it), and so do
                         // the pages after it.
-                        unclaim_ahead(sp, vpn, &ra[..nra], i);
+                        unclaim_ahead(sp, &ra[..nra], i);
                         break;
                     }
                     // SAFETY: as above, for the readahead page's own frame.
-                    unsafe { copy_in(eng.frames.frame_ptr(qpfn), b.page(i + 1)) };
-                    let q = sp.pt.lookup(vpn + i as u64 + 1).expect("claimed above");
-                    install_swapped(eng, q, qpfn, qv, keep);
+                    unsafe { copy_in(eng.frames.frame_ptr(q.pfn), b.page(off)) };
+                    let pte = sp.pt.lookup(q.vpn).expect("claimed above");
+                    install_swapped(eng, pte, q.pfn, q.v, keep);
                     Counters::inc(&eng.cnt.pswpin);
                     Counters::inc(&eng.cnt.read_around);
                 }
@@ -764,48 +792,103 @@ fn install_swapped(eng: &crate::engine::Engine, pte: &AtomicU64, pfn: Pfn, v: u6
     }
 }
 
+/// A page claimed by `claim_ahead`: its page number, its `Swapped` value, its
+/// slot, and the frame it goes to.
+#[derive(Clone, Copy)]
+struct RaPage {
+    vpn: u64,
+    v: u64,
+    slot: u64,
+    pfn: Pfn,
+}
+
+impl RaPage {
+    const NONE: RaPage = RaPage {
+        vpn: 0,
+        v: 0,
+        slot: 0,
+        pfn: Pfn(0),
+    };
+}
+
+/// Whether a span of `span` slots holding `used` readahead pages (besides the
+/// faulting one) is worth one read of the whole span: at most `RA_MAX + 1` slots,
+/// at most half of them other pages.
+fn dense(span: u64, used: usize) -> bool {
+    span <= RA_MAX as u64 + 1 && span <= 2 * (used as u64 + 1)
+}
+
+/// Largest stride (in pages, either direction) that readahead follows.
+const RA_STRIDE_MAX: i64 = 256;
+
+/// `SpaceInner::ra`: the last page a fault brought in or read ahead (bits 28..64),
+/// the stride between the last two faults (bits 8..28, two's complement), and how
+/// many faults in a row kept that stride (bits 0..8).
+fn ra_pack(last: u64, stride: i64, run: u64) -> u64 {
+    (last << 28) | (((stride as u64) & 0xf_ffff) << 8) | run.min(255)
+}
+
+fn ra_unpack(v: u64) -> (u64, i64, u64) {
+    let stride = (((v >> 8) & 0xf_ffff) << 44) as i64 >> 44;
+    (v >> 28, stride, v & 0xff)
+}
+
+/// The page `k` strides after `vpn`, if it is a page number.
+fn ra_page(vpn: u64, stride: i64, k: usize) -> Option<u64> {
+    let q = vpn.checked_add_signed(stride.checked_mul(k as i64)?)?;
+    (q < VADDR_END >> crate::addr::PAGE_SHIFT).then_some(q)
+}
+
 /// Readahead for a swap-in fault of page `vpn` (slot `e`): adaptive, from the
-/// space's fault history (`SpaceInner::ra`). After two faults in a row on
-/// consecutive pages the window opens at 4 pages and doubles with each further one
-/// (up to `RA_MAX`); any other fault closes it, so random access reads nothing
-/// ahead. Within the window it claims (`BUSY`) the following pages while they are
-/// swapped in the following slots of the same device (pages evicted together were
-/// written together: one read brings them all), each with a frame taken without
-/// reclaim (never below the min watermark; the background reclaimer is woken
-/// below low). Returns how many it claimed, in `ra`
-/// as (their `Swapped` value, their frame).
+/// space's fault history (`SpaceInner::ra`). After three faults in a row a
+/// constant stride apart (1 for a sequential scan, −1 backwards, 16 for a strided
+/// one; at most `RA_STRIDE_MAX` pages) the window opens at 4 pages and doubles
+/// with each further such fault (up to `RA_MAX`); any other fault closes it, so
+/// random access reads nothing ahead. Within the window it claims (`BUSY`) the
+/// pages that continue the stride while they are swapped on the same device.
+/// Where the device keeps several reads in flight (`scattered`: a local file
+/// with io_uring) their slots may be anywhere: the caller reads them all at once
+/// unless they make a `dense` span. Elsewhere only slots that keep the span
+/// (this one's and the claimed ones', before or after it) `dense` are taken: one
+/// request reads them. Pages evicted together, in the order they were used,
+/// were written close together (interleaved with other pages when two
+/// reclaimers evict at once, and scattered where the CLOCK hand, which goes in
+/// frame order, evicted them), and a page read back keeps its slot while it
+/// stays clean. Each page gets a frame taken without reclaim (never below the
+/// min watermark; the background reclaimer is woken below low). Returns how
+/// many it claimed, in `ra`.
 fn claim_ahead(
     sp: &SpaceInner,
     vpn: u64,
     e: crate::addr::SwapEntry,
-    ra: &mut [(u64, Pfn)],
+    ra: &mut [RaPage],
+    scattered: bool,
 ) -> usize {
     let eng = &*sp.eng;
-    let prev = sp.ra.load(Ordering::Relaxed);
-    let (last, run) = (prev >> 8, prev & 0xff);
-    let run = if vpn == last + 1 {
-        (run + 1).min(255)
-    } else if vpn == last {
-        run
+    let (last, stride, run) = ra_unpack(sp.ra.load(Ordering::Relaxed));
+    let delta = (vpn as i64).wrapping_sub(last as i64);
+    let (stride, run) = if delta == 0 {
+        (stride, run)
+    } else if delta == stride {
+        (stride, run + 1)
+    } else if delta.abs() <= RA_STRIDE_MAX {
+        (delta, 1)
     } else {
-        0
+        (0, 0)
     };
-    let window = if run >= 2 {
+    let window = if run >= 2 && stride != 0 {
         (4usize << (run - 2).min(3)).min(ra.len())
     } else {
         0
     };
-    if window > 0 && eng.frames.free_count() < eng.frames.wmark[0] + window {
-        // Room for the window: clean pages dropped, dirty ones queued (no I/O here,
-        // invariant 1), a bounded scan; what it does not free, the window loses.
-        crate::reclaim::shrink(eng, 4 * window, window);
-    }
     let mut n = 0;
+    let mut end = vpn;
+    let (mut lo, mut hi) = (e.slot, e.slot);
+    let mut shrunk = false;
     while n < window {
-        if eng.frames.free_count() <= eng.frames.wmark[0] {
+        let Some(q) = ra_page(vpn, stride, n + 1) else {
             break;
-        }
-        let q = vpn + n as u64 + 1;
+        };
         // Not through a leaf shared with a fork child (its claims are made under
         // the regions lock, see `lookup`).
         if sp.pt.is_shared(q) {
@@ -813,9 +896,24 @@ fn claim_ahead(
         }
         let Some(qp) = sp.pt.lookup(q) else { break };
         let qv = qp.load(Ordering::Acquire);
-        match Pte::decode(qv) {
-            Pte::Swapped(f) if f.dev == e.dev && f.slot == e.slot + n as u64 + 1 => {}
+        let slot = match Pte::decode(qv) {
+            Pte::Swapped(f) if f.dev == e.dev && f.slot != e.slot => f.slot,
             _ => break,
+        };
+        let (nlo, nhi) = (lo.min(slot), hi.max(slot));
+        if !scattered && !dense(nhi - nlo + 1, n + 1) {
+            break;
+        }
+        let want = window - n;
+        if !shrunk && eng.frames.free_count() < eng.frames.wmark[0] + want {
+            // Room for the rest of the window: clean pages dropped, dirty ones
+            // queued (no I/O here, invariant 1), a bounded scan, once; what it
+            // does not free, the window loses.
+            crate::reclaim::shrink(eng, 4 * want, want);
+            shrunk = true;
+        }
+        if eng.frames.free_count() <= eng.frames.wmark[0] {
+            break;
         }
         if qp
             .compare_exchange(qv, BUSY, Ordering::AcqRel, Ordering::Relaxed)
@@ -827,21 +925,27 @@ fn claim_ahead(
             qp.store(qv, Ordering::Release);
             break;
         };
-        ra[n] = (qv, qpfn);
+        ra[n] = RaPage {
+            vpn: q,
+            v: qv,
+            slot,
+            pfn: qpfn,
+        };
+        (lo, hi) = (nlo, nhi);
+        end = q;
         n += 1;
     }
-    sp.ra
-        .store(((vpn + n as u64) << 8) | run, Ordering::Relaxed);
+    sp.ra.store(ra_pack(end, stride, run), Ordering::Relaxed);
     n
 }
 
 /// Gives back the claims of `claim_ahead` from the `from`-th on: entries as they
 /// were, frames freed.
-fn unclaim_ahead(sp: &SpaceInner, vpn: u64, ra: &[(u64, Pfn)], from: usize) {
-    for (i, &(qv, qpfn)) in ra.iter().enumerate().skip(from) {
-        sp.eng.frames.free(qpfn);
-        if let Some(q) = sp.pt.lookup(vpn + i as u64 + 1) {
-            q.store(qv, Ordering::Release);
+fn unclaim_ahead(sp: &SpaceInner, ra: &[RaPage], from: usize) {
+    for q in ra.iter().skip(from) {
+        sp.eng.frames.free(q.pfn);
+        if let Some(qp) = sp.pt.lookup(q.vpn) {
+            qp.store(q.v, Ordering::Release);
         }
     }
 }
@@ -939,4 +1043,24 @@ pub(crate) fn unpin(pte: &AtomicU64, pfn: Pfn, want: Want) {
     };
     pte.store(new, Ordering::Release);
     released(pte);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{ra_pack, ra_page, ra_unpack, RA_STRIDE_MAX};
+
+    #[test]
+    fn readahead_state_round_trips() {
+        let last = (1u64 << 35) - 1;
+        for stride in [-RA_STRIDE_MAX, -16, -1, 0, 1, 16, RA_STRIDE_MAX] {
+            for run in [0u64, 1, 2, 255] {
+                assert_eq!(ra_unpack(ra_pack(last, stride, run)), (last, stride, run));
+            }
+        }
+        assert_eq!(ra_unpack(ra_pack(5, 1, 1000)).2, 255, "run saturates");
+        assert_eq!(ra_page(10, -1, 3), Some(7));
+        assert_eq!(ra_page(2, -1, 3), None, "below page 0");
+        assert_eq!(ra_page(last, 1, 1), None, "past the last page");
+        assert_eq!(ra_page(100, 16, 2), Some(132));
+    }
 }

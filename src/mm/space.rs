@@ -61,9 +61,10 @@ pub(crate) struct SpaceInner {
     /// map again until their pages are released. Protected by `regions`' write lock
     /// for insertion and lookup; removal takes it too.
     pub dying: crate::sync::Mutex<BTreeMap<u64, u64>>,
-    /// Readahead state of swap-in faults (`fault::read_ahead`): the last page a
-    /// fault brought in (or read ahead) `<< 8`, and how many faults in a row
-    /// followed it. Relaxed: a lost update only costs a window.
+    /// Readahead state of swap-in faults (`fault::claim_ahead`): the last page a
+    /// fault brought in (or read ahead), the stride of the last faults and how many
+    /// faults in a row kept it (`fault::ra_pack`). Relaxed: a lost update only
+    /// costs a window.
     pub ra: AtomicU64,
 }
 

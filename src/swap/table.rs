@@ -346,6 +346,44 @@ impl SwapDevice {
         Ok(())
     }
 
+    /// Reads slot `slots[i]` into page `i` of `buf` (at most 64 slots), in flight at
+    /// once where the device can (`reads_concurrently`). No checksum check.
+    #[cfg_attr(feature = "lockdep", track_caller)]
+    pub fn read_scattered(&self, slots: &[u64], buf: &mut [u8]) -> Result<()> {
+        crate::lockdep::might_block("device read");
+        let dev_err = |source| Error::Device {
+            dev: self.dev.name().to_string(),
+            source,
+        };
+        if slots.len() > 64 || buf.len() != slots.len() * PAGE_SIZE {
+            return Err(dev_err(io::ErrorKind::InvalidInput.into()));
+        }
+        // As in `read_span`: slots in the pool before the device read are taken
+        // from the pool after it, or read again if they left it meanwhile.
+        let mut pooled = 0u64;
+        for (i, &slot) in slots.iter().enumerate() {
+            if self.pooled(slot) {
+                pooled |= 1 << i;
+            }
+        }
+        self.dev.read_scattered(slots, buf).map_err(dev_err)?;
+        for (i, page) in buf.chunks_exact_mut(PAGE_SIZE).enumerate() {
+            if pooled & (1 << i) == 0 {
+                continue;
+            }
+            match self.pool_load(slots[i], page) {
+                Some(r) => r.map_err(dev_err)?,
+                None => self.dev.read_page(slots[i], page).map_err(dev_err)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether `read_scattered` keeps its reads in flight at once.
+    pub fn reads_concurrently(&self) -> bool {
+        self.dev.reads_concurrently()
+    }
+
     /// Checks a page read from `slot` against the checksum recorded when it was written.
     pub fn verify(&self, slot: u64, page: &[u8]) -> Result<()> {
         let want = self.csum[slot as usize].load(Ordering::Acquire);

@@ -4,6 +4,8 @@
 //! Everything here is deterministic given the seed, so a failing run can be
 //! replayed with the seed it printed. No locks; each thread owns its generator.
 
+use std::cell::Cell;
+
 /// xoshiro256** seeded through splitmix64.
 #[derive(Clone, Debug)]
 pub struct Rng {
@@ -90,11 +92,20 @@ pub enum Pattern {
         /// The exponent, in (0, 1).
         theta: f64,
     },
+    /// A scan: each thread's sampler visits `0, s, 2s, …` up to the end, then
+    /// `1, 1 + s, …`, and so on (`s` = `stride`; 1 is a sequential scan), from a
+    /// random first page, wrapping around for ever. Every page is equally likely
+    /// over a whole cycle, so the replacement bounds treat it as uniform.
+    Seq {
+        /// Pages between two accesses (≥ 1).
+        stride: u64,
+    },
 }
 
 impl Pattern {
     /// Parses `uniform`, `hotcold` (90 % of accesses to 10 % of pages), `hotcold:F:P`,
-    /// `zipf` (θ = 0.99) or `zipf:THETA`.
+    /// `zipf` (θ = 0.99), `zipf:THETA`, `seq` (a sequential scan) or `seq:STRIDE`
+    /// (a strided one, STRIDE pages apart: `seq:16`).
     pub fn parse(s: &str) -> Result<Pattern, String> {
         let mut it = s.split(':');
         let name = it.next().unwrap_or("");
@@ -114,10 +125,15 @@ impl Pattern {
             }
             ("zipf", []) => Pattern::Zipf { theta: 0.99 },
             ("zipf", [t]) if *t > 0.0 && *t < 1.0 => Pattern::Zipf { theta: *t },
+            ("seq", []) => Pattern::Seq { stride: 1 },
+            ("seq", [k]) if *k >= 1.0 && *k <= 1e9 && k.fract() == 0.0 => {
+                Pattern::Seq { stride: *k as u64 }
+            }
             _ => {
                 return Err(format!(
-                "unknown pattern {s:?} (uniform, hotcold[:FRAC:PROB], zipf[:THETA] with 0<THETA<1)"
-            ))
+                    "unknown pattern {s:?} (uniform, hotcold[:FRAC:PROB], zipf[:THETA] with \
+                     0<THETA<1, seq[:STRIDE] with a whole STRIDE >= 1)"
+                ))
             }
         };
         Ok(p)
@@ -131,11 +147,14 @@ impl Pattern {
                 format!("hotcold{:.0}/{:.0}", hot_prob * 100.0, hot_frac * 100.0)
             }
             Pattern::Zipf { theta } => format!("zipf{theta}"),
+            Pattern::Seq { stride: 1 } => "seq".into(),
+            Pattern::Seq { stride } => format!("seq-stride{stride}"),
         }
     }
 }
 
-/// Draws page indices in `0..n` following a pattern.
+/// Draws page indices in `0..n` following a pattern. One per thread: a scan keeps
+/// its position in it.
 #[derive(Clone, Debug)]
 pub struct Sampler {
     pattern: Pattern,
@@ -147,6 +166,8 @@ pub struct Sampler {
     zetan: f64,
     eta: f64,
     theta: f64,
+    /// A scan's next page (`Pattern::Seq`); `u64::MAX` before the first.
+    cursor: Cell<u64>,
 }
 
 /// A bijection of `0..n` that scatters neighbouring ranks (so hot pages are not
@@ -169,9 +190,10 @@ impl Sampler {
             zetan: 0.0,
             eta: 0.0,
             theta: 0.0,
+            cursor: Cell::new(u64::MAX),
         };
         match pattern {
-            Pattern::Uniform => {}
+            Pattern::Uniform | Pattern::Seq { .. } => {}
             Pattern::HotCold { hot_frac, .. } => {
                 s.hot = ((n as f64 * hot_frac) as u64).clamp(1, n);
             }
@@ -193,7 +215,7 @@ impl Sampler {
     /// is `page_of_rank(0..b)` (`bounds`' A0).
     pub fn page_of_rank(&self, r: u64) -> u64 {
         match self.pattern {
-            Pattern::Uniform => r,
+            Pattern::Uniform | Pattern::Seq { .. } => r,
             Pattern::HotCold { .. } | Pattern::Zipf { .. } => scatter(r, self.n),
         }
     }
@@ -222,6 +244,22 @@ impl Sampler {
                     ((self.n as f64) * (self.eta * u - self.eta + 1.0).powf(self.alpha)) as u64
                 };
                 scatter(rank.min(self.n - 1), self.n)
+            }
+            Pattern::Seq { stride } => {
+                let mut cur = self.cursor.get();
+                if cur == u64::MAX {
+                    cur = rng.below(self.n);
+                }
+                let mut next = cur + stride;
+                if next >= self.n {
+                    // The next offset within the stride, from its first page.
+                    next = (next % stride + 1) % stride;
+                    if next >= self.n {
+                        next = 0;
+                    }
+                }
+                self.cursor.set(next);
+                cur
             }
         }
     }
@@ -294,8 +332,49 @@ mod tests {
     }
 
     #[test]
+    fn scans_visit_every_page_once_per_cycle() {
+        for (p, n) in [
+            ("seq", 1000u64),
+            ("seq:16", 1000),
+            ("seq:16", 1024),
+            ("seq:7", 5),
+        ] {
+            let pat = Pattern::parse(p).unwrap();
+            let Pattern::Seq { stride } = pat else {
+                panic!("{p} is not a scan")
+            };
+            let s = Sampler::new(pat, n);
+            let mut r = Rng::new(3);
+            let mut prev = s.sample(&mut r);
+            let mut seen = vec![0u32; n as usize];
+            seen[prev as usize] += 1;
+            let mut jumps = 0;
+            for _ in 1..n {
+                let x = s.sample(&mut r);
+                seen[x as usize] += 1;
+                if x != prev + stride {
+                    jumps += 1;
+                }
+                prev = x;
+            }
+            assert!(seen.iter().all(|&c| c == 1), "{p} over {n}: {seen:?}");
+            assert!(jumps <= stride.min(n), "{p} over {n}: {jumps} jumps");
+        }
+        assert_eq!(Pattern::parse("seq:16").unwrap().name(), "seq-stride16");
+        assert_eq!(Pattern::parse("seq").unwrap().name(), "seq");
+    }
+
+    #[test]
     fn parse_errors() {
-        for bad in ["", "zipf:2", "hotcold:0.1", "nope", "zipf:x"] {
+        for bad in [
+            "",
+            "zipf:2",
+            "hotcold:0.1",
+            "nope",
+            "zipf:x",
+            "seq:0",
+            "seq:1.5",
+        ] {
             assert!(Pattern::parse(bad).is_err(), "{bad}");
         }
     }

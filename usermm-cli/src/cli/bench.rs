@@ -33,14 +33,20 @@
 //!   over), capped by `--warmup` (10 s with `--quick`) for a slow machine. A
 //!   re-warm of a fifth of the timed window (50–500 ms) before each repeat
 //!   restarts the threads on the kept state, so no timed window starts cold.
-//! - *Sized for ten minutes.* `--quick` (16 cells, 3 rounds of 1.5 s) takes about
-//!   seven minutes here (413–432 s). Two back-to-back runs agreed on um/kern
+//! - *Sized for ten minutes.* `--quick` (16 cells, 3 rounds of 1.5 s, plus the two
+//!   scan cells below) took about seven minutes here (413–432 s) before the scan
+//!   cells. Two back-to-back runs agreed on um/kern
 //!   within ±10 % in 6 and 9 of 16 cells (two pairs; 7 rounds of 0.6 s, the same
 //!   time, gave 3 of 16): a round's ratio moves by ±15–20 % and whole runs drift,
 //!   so ±10 % in every cell is not reached on this shared machine (README,
 //!   "Results"). The NBD column (usermm on qemu-nbd, measured once per cell after
 //!   the rounds) is left out of `--quick` unless `--nbd`. `--compare A.json
 //!   B.json` prints two runs' ratios cell by cell and how many agree within ±10 %.
+//!
+//! **Scan cells** (readahead's, issue 10 item 3): with the default patterns, ratios
+//! and threads, two more cells run at W/B = 4, one thread, reads only: a sequential
+//! scan (`seq`) and a stride-16 one (`seq-stride16`, `Pattern::Seq`), each thread
+//! scanning from a random page and wrapping around.
 //!
 //! The two pointer columns check a sample of pages against the access sequence after
 //! their last repeat (`verify`).
@@ -407,7 +413,7 @@ fn round_order(r: usize) -> [usize; 5] {
 /// over) is enough.
 fn warm_per_page(p: &Pattern) -> u64 {
     match p {
-        Pattern::Uniform => 1,
+        Pattern::Uniform | Pattern::Seq { .. } => 1,
         _ => 2,
     }
 }
@@ -664,6 +670,15 @@ pub(super) struct JsonOut {
     pub(super) hit_path: HitPath,
 }
 
+/// The device probe a cell is compared with: a sequential scan with the device's
+/// sequential reads (in pages/s), everything else with its random reads.
+fn dev_op(p: &Pattern) -> Op {
+    match p {
+        Pattern::Seq { stride: 1 } => Op::SeqRead,
+        _ => Op::Read,
+    }
+}
+
 /// A cell as the progress lines and notes name it.
 fn cell_name(c: &Cell) -> String {
     format!(
@@ -686,6 +701,7 @@ pub(super) fn pattern_label(p: &Pattern) -> String {
             }
         }
         Pattern::Zipf { theta } => format!("zipf{theta}"),
+        Pattern::Seq { .. } => p.name(),
     }
 }
 
@@ -1034,6 +1050,18 @@ fn bench(a: BenchArgs, comp: &mut Option<CompPlan>) -> Result<i32, String> {
             }
         }
     }
+    // The scan cells (readahead's): a sequential and a stride-16 scan at W/B = 4,
+    // one thread, reads only, when the patterns and ratios are the defaults.
+    if a.patterns.is_empty() && wbs.contains(&4.0) && a.threads.is_empty() && wrs.contains(&0.0) {
+        for stride in [1, 16] {
+            cells.push(Cell {
+                pattern: Pattern::Seq { stride },
+                w_over_b: 4.0,
+                threads: 1,
+                write_ratio: 0.0,
+            });
+        }
+    }
     let pages_of = |wb: f64| ((budget as f64 * wb) as u64 / PAGE_SIZE as u64).max(1);
     let max_pages = wbs.iter().map(|&w| pages_of(w)).max().unwrap_or(1);
     let max_ws = max_pages * PAGE_SIZE as u64;
@@ -1164,9 +1192,9 @@ fn bench(a: BenchArgs, comp: &mut Option<CompPlan>) -> Result<i32, String> {
         Duration::from_secs(1)
     };
     let mut probes = Vec::new();
-    for op in [Op::Read, Op::Write] {
+    for op in [Op::Read, Op::Write, Op::SeqRead] {
         for &d in &depths {
-            if util::interrupted() {
+            if util::interrupted() || (op == Op::SeqRead && d != 1) {
                 break;
             }
             let r = probe.probe(op, d, probe_dur, seed)?;
@@ -1385,8 +1413,12 @@ fn bench(a: BenchArgs, comp: &mut Option<CompPlan>) -> Result<i32, String> {
                         if dev_err.is_some() {
                             continue;
                         }
-                        match probe.probe(Op::Read, c.threads, cell_probe, seed ^ pages ^ r as u64)
-                        {
+                        match probe.probe(
+                            dev_op(&c.pattern),
+                            c.threads,
+                            cell_probe,
+                            seed ^ pages ^ r as u64,
+                        ) {
                             Ok(d) => {
                                 tick(&mut prog, format!("{rn} device: {}/s", fmt_num(d.iops())));
                                 dev_reps.push(d);
@@ -1877,7 +1909,14 @@ fn print_table(outs: &[CellOut], repeats: u32) {
             dev,
             vs_kern(&o.usermm),
             vs_kern(&o.transparent),
-            ratio(umaj, o.device.as_ref().ok().map(|d| d.iops())),
+            ratio(
+                if dev_op(&c.pattern) == Op::SeqRead {
+                    ur
+                } else {
+                    umaj
+                },
+                o.device.as_ref().ok().map(|d| d.iops())
+            ),
             ratio(ur, o.plain.as_ref().ok().map(|g| g.rate.median)),
         );
     }
@@ -1887,7 +1926,7 @@ fn print_table(outs: &[CellOut], repeats: u32) {
          p50/p99 of every {}th access\nover all rounds; majflt/s = major faults per second; miss% = major faults per access; \
          dev rd/s = random 4 KiB O_DIRECT reads/s at queue\ndepth = thr; um/kern, tr/kern = the median of the per-round \
          ratios of accesses/s [their min-max]; um/plain = ratio of the medians; um/dev =\nusermm major faults/s over dev rd/s \
-         (the share of the device's random-read limit the miss path reaches). Warm-up before the\nfirst round: two accesses \
+         (the share of the device's random-read limit the miss path reaches; for seq, usermm accesses/s over the device's sequential\nreads of 128 KiB in pages/s). Warm-up before the\nfirst round: two accesses \
          per page of the working set (one for uniform) or the warm-up limit; a short re-warm before each round.",
         access::SAMPLE_EVERY
     );

@@ -33,6 +33,7 @@ pub fn pattern_arg(p: &Pattern) -> String {
         Pattern::Uniform => "uniform".into(),
         Pattern::HotCold { hot_frac, hot_prob } => format!("hotcold:{hot_frac}:{hot_prob}"),
         Pattern::Zipf { theta } => format!("zipf:{theta}"),
+        Pattern::Seq { stride } => format!("seq:{stride}"),
     }
 }
 

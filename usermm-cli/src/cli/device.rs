@@ -57,7 +57,15 @@ pub enum Op {
     Read,
     /// Random 4 KiB writes.
     Write,
+    /// Sequential reads of `SEQ_PAGES` pages, each thread from a random page of its
+    /// own, wrapping around; counted in 4 KiB pages (so its "IOPS" are pages/s,
+    /// comparable with a scan's accesses/s).
+    SeqRead,
 }
+
+/// Pages per `Op::SeqRead` request: 128 KiB, the kernel's default readahead and
+/// about usermm's largest readahead span.
+pub const SEQ_PAGES: usize = 32;
 
 impl Op {
     /// Its name.
@@ -65,6 +73,7 @@ impl Op {
         match self {
             Op::Read => "read",
             Op::Write => "write",
+            Op::SeqRead => "seqread",
         }
     }
 }
@@ -159,7 +168,8 @@ impl ProbeFile {
         Ok(pf)
     }
 
-    /// Random 4 KiB `op`s at queue depth `depth` for `dur`.
+    /// `op`s at queue depth `depth` for `dur` (random 4 KiB reads or writes, or
+    /// sequential 128 KiB reads counted in pages).
     pub fn probe(
         &self,
         op: Op,
@@ -176,22 +186,37 @@ impl ProbeFile {
                     s.spawn(move || {
                         let mut rng =
                             Rng::new(seed ^ (u64::from(t) + 1).wrapping_mul(0xD6E8_FEB8_6659_FD93));
-                        let mut buf = AlignedBuf::new(PAGE_SIZE, 0x5A);
+                        let mut buf = AlignedBuf::new(PAGE_SIZE * SEQ_PAGES, 0x5A);
                         let mut hist = LatHist::default();
                         let mut n = 0u64;
+                        let seq = self.pages / SEQ_PAGES as u64;
+                        let mut next = rng.below(seq.max(1));
                         while !stop.load(Ordering::Relaxed) {
-                            let off = rng.below(self.pages) * PAGE_SIZE as u64;
                             let t0 = Instant::now();
-                            let r = match op {
-                                Op::Read => self.file.read_exact_at(buf.as_mut_slice(), off),
-                                Op::Write => self.file.write_all_at(buf.as_slice(), off),
+                            let (r, off, pages) = match op {
+                                Op::Read | Op::Write => {
+                                    let off = rng.below(self.pages) * PAGE_SIZE as u64;
+                                    let b = &mut buf.as_mut_slice()[..PAGE_SIZE];
+                                    let r = if op == Op::Read {
+                                        self.file.read_exact_at(b, off)
+                                    } else {
+                                        self.file.write_all_at(b, off)
+                                    };
+                                    (r, off, 1)
+                                }
+                                Op::SeqRead => {
+                                    let off = next * (SEQ_PAGES * PAGE_SIZE) as u64;
+                                    next = (next + 1) % seq.max(1);
+                                    let r = self.file.read_exact_at(buf.as_mut_slice(), off);
+                                    (r, off, SEQ_PAGES as u64)
+                                }
                             };
                             if let Err(e) = r {
                                 stop.store(true, Ordering::Relaxed);
                                 return Err(format!("{} at {off}: {e}", op.name()));
                             }
                             hist.record(t0.elapsed().as_nanos() as u64);
-                            n += 1;
+                            n += pages;
                         }
                         Ok((n, hist))
                     })
