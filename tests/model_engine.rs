@@ -11,8 +11,11 @@
 //!   writes them, a second reads them in the other order, another takes their
 //!   device out of service (`Vm::swapoff`), a fourth reclaims (pages go to the
 //!   second device); the page-I/O loop runs on a fifth.
-//! - `speculative_fault_races_unmap`: a fault through the speculative region lookup
-//!   (`mm::lookup`, the region's sequence count) races `unmap` of its region.
+//! - `speculative_fault_races_unmap`: faults through the speculative region lookup
+//!   (`mm::lookup`, the region's sequence count) race `unmap` of their region
+//!   (zero-fill, resident and, with a swap device, swap-in).
+//! - `speculative_fault_races_fork`: a speculative zero-fill fault and a hit-path
+//!   write race `fork` of their space; afterwards the two spaces stay separate.
 //!
 //! Each has a planted twin: exactly one change in the engine, switched on for that
 //! test only (`usermm::model::session`, see `sync::plant`), which the checker must
@@ -350,6 +353,26 @@ fn fork_model() {
         c1 == old(1) || c0 == new(0),
         "the fork saw the writes out of order"
     );
+    // From now on the two are separate: writes on either side stay there (each
+    // breaks copy-on-write or unshares a leaf the race may have left shared).
+    for i in 0..2 {
+        mm.write(page(&r, i), &[0xee; 8]).expect("parent write");
+    }
+    child.write(page(&r, 1), &[0xcc; 8]).expect("child write");
+    assert_eq!(
+        read(&child, 0),
+        c0,
+        "a parent's write after fork reached the child"
+    );
+    assert_eq!(read(&child, 1), [0xcc; 8], "the child lost its own write");
+    assert_eq!(
+        read(&mm, 1),
+        [0xee; 8],
+        "a child's write reached the parent"
+    );
+    if let Err(e) = model::check(&vm, &[&mm, &child], r.start().0..r.end().0) {
+        panic!("after writes on both sides of the fork: {e}");
+    }
     drop(child);
     drop(mm);
     assert_eq!(
