@@ -310,22 +310,29 @@ impl BlockDevice for FileDevice {
             return Ok(());
         }
     }
-    fn read_scattered(&self, slots: &[u64], buf: &mut [u8]) -> io::Result<()> {
-        let n = slots.len();
-        if n == 0 || n > super::uring::MAX_READS || buf.len() != n * PAGE_SIZE {
+    fn read_scattered(&self, runs: &[(u64, u32)], buf: &mut [u8]) -> io::Result<()> {
+        let n = runs.len();
+        let pages: u64 = runs.iter().map(|r| u64::from(r.1)).sum();
+        if n == 0 || n > super::uring::MAX_READS || buf.len() as u64 != pages * PAGE_SIZE as u64 {
             return Err(io::ErrorKind::InvalidInput.into());
         }
-        let mut offs = [0u64; super::uring::MAX_READS];
-        for (o, &slot) in offs.iter_mut().zip(slots) {
-            *o = self.offset(slot)? as u64;
+        let mut reqs = [(0u64, 0u32); super::uring::MAX_READS];
+        for (r, &(first, count)) in reqs.iter_mut().zip(runs) {
+            if count == 0 || first.saturating_add(u64::from(count)) > self.pages {
+                return Err(io::ErrorKind::InvalidInput.into());
+            }
+            *r = (self.offset(first)? as u64, count * PAGE_SIZE as u32);
         }
         if self.uring && n > 1 {
-            if let Some(r) = super::uring::read_scattered(self.file.as_raw_fd(), &offs[..n], buf) {
+            if let Some(r) = super::uring::read_scattered(self.file.as_raw_fd(), &reqs[..n], buf) {
                 return r;
             }
         }
-        for (&slot, page) in slots.iter().zip(buf.chunks_exact_mut(PAGE_SIZE)) {
-            self.read_page(slot, page)?;
+        let mut at = 0;
+        for &(first, count) in runs {
+            let len = count as usize * PAGE_SIZE;
+            self.read_pages(first, &mut buf[at..at + len])?;
+            at += len;
         }
         Ok(())
     }

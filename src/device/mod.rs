@@ -52,19 +52,21 @@ pub trait BlockDevice: Send + Sync + fmt::Debug {
         }
         Ok(())
     }
-    /// Reads slot `slots[i]` into page `i` of `buf`, for every `i` (at most 64; a
-    /// readahead of pages whose slots are not adjacent). The default reads them one
-    /// after the other; a device that keeps them all in flight at once overrides it
-    /// and says so in `reads_concurrently`.
-    fn read_scattered(&self, slots: &[u64], buf: &mut [u8]) -> io::Result<()> {
-        if buf.len() != slots.len() * crate::addr::PAGE_SIZE {
+    /// Reads runs of consecutive slots, `runs[k] = (first, count)`, one after the
+    /// other into `buf` (at most 64 runs; a readahead of pages whose slots are
+    /// not all adjacent). The default reads them one after the other; a device
+    /// that keeps them all in flight at once overrides it and says so in
+    /// `reads_concurrently`.
+    fn read_scattered(&self, runs: &[(u64, u32)], buf: &mut [u8]) -> io::Result<()> {
+        let pages: usize = runs.iter().map(|r| r.1 as usize).sum();
+        if buf.len() != pages * crate::addr::PAGE_SIZE {
             return Err(io::ErrorKind::InvalidInput.into());
         }
-        for (&slot, page) in slots
-            .iter()
-            .zip(buf.chunks_exact_mut(crate::addr::PAGE_SIZE))
-        {
-            self.read_page(slot, page)?;
+        let mut at = 0;
+        for &(first, count) in runs {
+            let len = count as usize * crate::addr::PAGE_SIZE;
+            self.read_pages(first, &mut buf[at..at + len])?;
+            at += len;
         }
         Ok(())
     }

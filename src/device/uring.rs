@@ -1,7 +1,8 @@
-//! Several page reads in flight at once through io_uring, for readahead of pages
-//! whose slots are not adjacent (`BlockDevice::read_scattered` of the file device):
-//! a fault that reads a stride's next 32 pages submits them together and waits for
-//! all of them, so the device sees them at depth 32 instead of one after another.
+//! Several reads in flight at once through io_uring, for readahead of pages whose
+//! slots are not all adjacent (`BlockDevice::read_scattered` of the file device:
+//! one read per run of adjacent slots): a fault that reads a stride's next 32
+//! pages submits them together and waits for all of them, so the device sees them
+//! at depth 32 instead of one after another.
 //!
 //! Owns: one ring per calling thread (thread-local, made at its first use, or by
 //! `prepare` for a thread that must not allocate while it serves faults — the
@@ -62,12 +63,23 @@ pub(crate) fn prepare() {
     }
 }
 
-/// Reads the page at byte offset `offs[i]` of `fd` into page `i` of `buf`, all in
-/// flight at once. `None` if this thread has no ring and cannot make one (the
-/// caller reads them itself).
-pub(crate) fn read_scattered(fd: RawFd, offs: &[u64], buf: &mut [u8]) -> Option<io::Result<()>> {
-    let n = offs.len();
-    if n == 0 || n > MAX_READS || buf.len() != n * PAGE_SIZE {
+/// Reads `reqs[k] = (byte offset, bytes)` of `fd` one after the other into `buf`
+/// (each a multiple of pages), all in flight at once. `None` if this thread has
+/// no ring and cannot make one (the caller reads them itself).
+pub(crate) fn read_scattered(
+    fd: RawFd,
+    reqs: &[(u64, u32)],
+    buf: &mut [u8],
+) -> Option<io::Result<()>> {
+    let n = reqs.len();
+    let total: usize = reqs.iter().map(|r| r.1 as usize).sum();
+    if n == 0
+        || n > MAX_READS
+        || buf.len() != total
+        || reqs
+            .iter()
+            .any(|r| r.1 == 0 || !(r.1 as usize).is_multiple_of(PAGE_SIZE))
+    {
         return Some(Err(io::ErrorKind::InvalidInput.into()));
     }
     RING.with(|cell| {
@@ -82,17 +94,28 @@ pub(crate) fn read_scattered(fd: RawFd, offs: &[u64], buf: &mut [u8]) -> Option<
             *slot = Some(Ring { ring, pid });
         }
         let ring = &mut slot.as_mut().expect("made above").ring;
-        Some(submit_and_reap(ring, fd, offs, buf))
+        Some(submit_and_reap(ring, fd, reqs, buf))
     })
 }
 
-fn submit_and_reap(ring: &mut IoUring, fd: RawFd, offs: &[u64], buf: &mut [u8]) -> io::Result<()> {
-    let n = offs.len();
+fn submit_and_reap(
+    ring: &mut IoUring,
+    fd: RawFd,
+    reqs: &[(u64, u32)],
+    buf: &mut [u8],
+) -> io::Result<()> {
+    let n = reqs.len();
     let mut submitted = 0usize;
+    // The expected length of each read, by its index (`user_data`).
+    let mut want = [0u32; MAX_READS];
     {
         let mut sq = ring.submission();
-        for (i, (&off, page)) in offs.iter().zip(buf.chunks_exact_mut(PAGE_SIZE)).enumerate() {
-            let e = opcode::Read::new(types::Fd(fd), page.as_mut_ptr(), PAGE_SIZE as u32)
+        let mut rest = buf;
+        for (i, &(off, len)) in reqs.iter().enumerate() {
+            let (part, tail) = rest.split_at_mut(len as usize);
+            rest = tail;
+            want[i] = len;
+            let e = opcode::Read::new(types::Fd(fd), part.as_mut_ptr(), len)
                 .offset(off)
                 .build()
                 .user_data(i as u64);
@@ -132,7 +155,8 @@ fn submit_and_reap(ring: &mut IoUring, fd: RawFd, offs: &[u64], buf: &mut [u8]) 
         for cqe in ring.completion() {
             reaped += 1;
             let r = cqe.result();
-            if r != PAGE_SIZE as i32 && result.is_ok() {
+            let len = want[(cqe.user_data() as usize).min(MAX_READS - 1)];
+            if r as i64 != i64::from(len) && result.is_ok() {
                 result = Err(if r < 0 {
                     io::Error::from_raw_os_error(-r)
                 } else {
@@ -163,32 +187,38 @@ mod tests {
             f.write_all_at(&[p as u8; PAGE_SIZE], p * PAGE_SIZE as u64)
                 .unwrap();
         }
-        let offs: Vec<u64> = [5u64, 63, 0, 17, 17].iter().map(|p| p * 4096).collect();
-        let mut buf = vec![0u8; offs.len() * PAGE_SIZE];
-        read_scattered(f.as_raw_fd(), &offs, &mut buf)
+        // Runs of pages (first page, count), in any order, one overlapping another.
+        let runs = [(5u64, 1u32), (60, 4), (0, 2), (17, 1), (17, 3)];
+        let reqs: Vec<(u64, u32)> = runs.iter().map(|&(p, c)| (p * 4096, c * 4096)).collect();
+        let pages: Vec<u64> = runs
+            .iter()
+            .flat_map(|&(p, c)| p..p + u64::from(c))
+            .collect();
+        let mut buf = vec![0u8; pages.len() * PAGE_SIZE];
+        read_scattered(f.as_raw_fd(), &reqs, &mut buf)
             .expect("a ring")
             .unwrap();
         for (i, page) in buf.chunks_exact(PAGE_SIZE).enumerate() {
-            assert!(
-                page.iter().all(|&b| b == (offs[i] / 4096) as u8),
-                "page {i}"
-            );
+            assert!(page.iter().all(|&b| b == pages[i] as u8), "page {i}");
         }
         // Past the end: a short read, reported; the other reads still land.
-        let offs = [64 * 4096u64, 3 * 4096];
-        let mut buf = vec![0u8; 2 * PAGE_SIZE];
-        let r = read_scattered(f.as_raw_fd(), &offs, &mut buf).expect("a ring");
+        let reqs = [(63 * 4096u64, 2 * 4096u32), (3 * 4096, 4096)];
+        let mut buf = vec![0u8; 3 * PAGE_SIZE];
+        let r = read_scattered(f.as_raw_fd(), &reqs, &mut buf).expect("a ring");
         assert_eq!(r.unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
-        assert!(buf[PAGE_SIZE..].iter().all(|&b| b == 3));
+        assert!(buf[2 * PAGE_SIZE..].iter().all(|&b| b == 3));
         // A bad descriptor.
-        let r = read_scattered(-1, &[0], &mut [0u8; PAGE_SIZE]).expect("a ring");
+        let r = read_scattered(-1, &[(0, 4096)], &mut [0u8; PAGE_SIZE]).expect("a ring");
         assert_eq!(r.unwrap_err().raw_os_error(), Some(libc::EBADF));
-        assert_eq!(
-            read_scattered(f.as_raw_fd(), &[0], &mut [0u8; 10])
-                .unwrap()
-                .unwrap_err()
-                .kind(),
-            io::ErrorKind::InvalidInput
-        );
+        // Lengths that are not whole pages, or do not match the buffer.
+        for bad in [&[(0u64, 4096u32)][..], &[(0, 10)], &[(0, 0)]] {
+            assert_eq!(
+                read_scattered(f.as_raw_fd(), bad, &mut [0u8; 10])
+                    .expect("checked before any ring")
+                    .unwrap_err()
+                    .kind(),
+                io::ErrorKind::InvalidInput
+            );
+        }
     }
 }

@@ -690,16 +690,15 @@ fn fault_swapin(
         .iter()
         .fold((e.slot, e.slot), |(l, h), q| (l.min(q.slot), h.max(q.slot)));
     let scattered = nra > 0 && !dense(hi - lo + 1, nra);
-    // Page `i` of the readahead (`RA_MAX` for the faulting page itself).
-    let pos = |i: usize| -> usize {
-        let slot = if i == RA_MAX { e.slot } else { ra[i].slot };
-        match (scattered, i) {
-            (false, _) => (slot - lo) as usize,
-            (true, RA_MAX) => 0,
-            (true, i) => i + 1,
+    // Where each page lands in the bounce buffer: `gather[0]` the faulting page's,
+    // `gather[i + 1]` readahead page `i`'s (set by `read_gather` when scattered).
+    let mut gather = [0usize; RA_MAX + 1];
+    if !scattered {
+        gather[0] = (e.slot - lo) as usize;
+        for (g, q) in gather[1..].iter_mut().zip(&ra[..nra]) {
+            *g = (q.slot - lo) as usize;
         }
-    };
-    let at = pos(RA_MAX);
+    }
     let res = match &dev {
         Some(dev) => BOUNCE.with(|b| {
             let mut b = b.borrow_mut();
@@ -715,18 +714,22 @@ fn fault_swapin(
                 for (s, q) in slots[1..].iter_mut().zip(&ra[..nra]) {
                     *s = q.slot;
                 }
-                dev.read_scattered(&slots[..nra + 1], b.pages_mut(nra + 1))?;
-                dev.verify(e.slot, b.page(at))?;
+                dev.read_gather(
+                    &slots[..nra + 1],
+                    b.pages_mut(nra + 1),
+                    &mut gather[..nra + 1],
+                )?;
+                dev.verify(e.slot, b.page(gather[0]))?;
             } else {
                 // One read of the span of slots (at most `RA_MAX + 1`).
                 dev.read_span(lo, b.pages_mut((hi - lo) as usize + 1))?;
-                dev.verify(e.slot, b.page(at))?;
+                dev.verify(e.slot, b.page(gather[0]))?;
             }
             // SAFETY: the frame is ours (allocated, not yet published). Stale
             // optimistic readers may still load from it (and discard what they read,
             // since `install` moves the entry's version), so it is written only with
             // atomic stores (`copy_in`); the device wrote into our own buffer.
-            unsafe { copy_in(eng.frames.frame_ptr(pfn), b.page(at)) };
+            unsafe { copy_in(eng.frames.frame_ptr(pfn), b.page(gather[0])) };
             Ok(())
         }),
         None => Err(Error::Device {
@@ -750,7 +753,7 @@ fn fault_swapin(
                 let b = b.borrow();
                 let b = b.as_ref().expect("filled above");
                 for (i, q) in ra[..nra].iter().enumerate() {
-                    let off = pos(i);
+                    let off = gather[i + 1];
                     if dev.verify(q.slot, b.page(off)).is_err() {
                         // Stays on swap (a demand read will report it), and so do
                         // the pages after it.

@@ -607,9 +607,10 @@ impl TRegion {
         }
     }
 
-    /// Maps the pages read with `page` (in `bounce` after it): each checked against
-    /// its checksum, mapped clean and protected, keeping its copy. One that fails
-    /// its check or cannot be mapped stays on swap, and so do those after it.
+    /// Maps the pages read with `page` (page `i` of `ra` at page `gather[i]` of
+    /// `bounce`): each checked against its checksum, mapped clean and protected,
+    /// keeping its copy. One that fails its check or cannot be mapped stays on
+    /// swap, and so do those after it.
     fn map_around(
         &self,
         page: u64,
@@ -617,6 +618,7 @@ impl TRegion {
         dev: &crate::swap::SwapDevice,
         bounce: &AlignedPages,
         ra: &[(u64, crate::addr::Pfn)],
+        gather: &[usize],
     ) {
         let eng = &*self.eng;
         for (i, &(qv, qpfn)) in ra.iter().enumerate() {
@@ -625,9 +627,10 @@ impl TRegion {
                 Pte::Swapped(f) => f.slot,
                 _ => e.slot + i as u64 + 1,
             };
-            let ok = dev.verify(slot, bounce.page(i + 1)).is_ok() && {
+            let at = gather[i];
+            let ok = dev.verify(slot, bounce.page(at)).is_ok() && {
                 // SAFETY: page i + 1 of the bounce buffer is ours, PAGE_SIZE long.
-                let mapped = unsafe { self.uffd.copy(q, bounce.ptr(i + 1), PS, uffd::COPY_WP) };
+                let mapped = unsafe { self.uffd.copy(q, bounce.ptr(at), PS, uffd::COPY_WP) };
                 matches!(mapped, Ok(true))
             };
             if !ok {
@@ -807,7 +810,13 @@ impl TRegion {
                         (nra, adjacent) =
                             self.claim_around(page, e, &mut ra, dev.reads_concurrently());
                     }
+                    // Where each page lands in `bounce`: `gather[0]` this page's,
+                    // `gather[i + 1]` read-around page `i`'s.
+                    let mut gather = [0usize; 1 + READ_AROUND];
                     let read = if adjacent {
+                        for (i, g) in gather.iter_mut().enumerate() {
+                            *g = i;
+                        }
                         dev.read_span(e.slot, bounce.pages_mut(1 + nra))
                     } else {
                         let mut slots = [0u64; 1 + READ_AROUND];
@@ -817,9 +826,13 @@ impl TRegion {
                                 *s = f.slot;
                             }
                         }
-                        dev.read_scattered(&slots[..1 + nra], bounce.pages_mut(1 + nra))
+                        dev.read_gather(
+                            &slots[..1 + nra],
+                            bounce.pages_mut(1 + nra),
+                            &mut gather[..1 + nra],
+                        )
                     }
-                    .and_then(|()| dev.verify(e.slot, bounce.page(0)));
+                    .and_then(|()| dev.verify(e.slot, bounce.page(gather[0])));
                     if let Err(err) = read {
                         eng.frames.free(pfn);
                         pte.store(v, Ordering::Release);
@@ -842,7 +855,7 @@ impl TRegion {
                     let keep = !written && keeps;
                     let mode = if keep { uffd::COPY_WP } else { 0 };
                     // SAFETY: the bounce page is ours and PAGE_SIZE long.
-                    let mapped = unsafe { self.uffd.copy(page, bounce.ptr(0), PS, mode) };
+                    let mapped = unsafe { self.uffd.copy(page, bounce.ptr(gather[0]), PS, mode) };
                     if let Err(err) = mapped {
                         eng.frames.free(pfn);
                         pte.store(v, Ordering::Release);
@@ -856,7 +869,7 @@ impl TRegion {
                         eng.install_transparent(pte, pfn, page, 0, true);
                         eng.swap.put(e);
                     }
-                    self.map_around(page, e, &dev, bounce, &ra[..nra]);
+                    self.map_around(page, e, &dev, bounce, &ra[..nra], &gather[1..1 + nra]);
                     Counters::inc(&eng.cnt.pgfault);
                     Counters::inc(&eng.cnt.pgmajfault);
                     Counters::inc(&eng.cnt.pswpin);

@@ -346,40 +346,67 @@ impl SwapDevice {
         Ok(())
     }
 
-    /// Reads slot `slots[i]` into page `i` of `buf` (at most 64 slots), in flight at
-    /// once where the device can (`reads_concurrently`). No checksum check.
+    /// Reads slots `slots[i]` (distinct, at most 64) into `buf`, one page each:
+    /// slot `i` lands at page `at[i]` (the slots in increasing order), and each run
+    /// of adjacent slots comes in one request, all in flight at once where the
+    /// device can (`reads_concurrently`). No checksum check.
     #[cfg_attr(feature = "lockdep", track_caller)]
-    pub fn read_scattered(&self, slots: &[u64], buf: &mut [u8]) -> Result<()> {
+    pub fn read_gather(&self, slots: &[u64], buf: &mut [u8], at: &mut [usize]) -> Result<()> {
         crate::lockdep::might_block("device read");
         let dev_err = |source| Error::Device {
             dev: self.dev.name().to_string(),
             source,
         };
-        if slots.len() > 64 || buf.len() != slots.len() * PAGE_SIZE {
+        let n = slots.len();
+        if n > 64 || buf.len() != n * PAGE_SIZE || at.len() != n {
             return Err(dev_err(io::ErrorKind::InvalidInput.into()));
         }
+        let mut order = [0u8; 64];
+        for (i, o) in order[..n].iter_mut().enumerate() {
+            *o = i as u8;
+        }
+        order[..n].sort_unstable_by_key(|&i| slots[i as usize]);
+        let mut runs = [(0u64, 0u32); 64];
+        let mut nruns = 0usize;
         // As in `read_span`: slots in the pool before the device read are taken
-        // from the pool after it, or read again if they left it meanwhile.
+        // from the pool after it, or read again if they left it meanwhile (bit
+        // `rank` for the `rank`-th slot in increasing order).
         let mut pooled = 0u64;
-        for (i, &slot) in slots.iter().enumerate() {
+        for (rank, &i) in order[..n].iter().enumerate() {
+            let slot = slots[i as usize];
+            at[i as usize] = rank;
             if self.pooled(slot) {
-                pooled |= 1 << i;
+                pooled |= 1 << rank;
+            }
+            match nruns.checked_sub(1).map(|k| &mut runs[k]) {
+                Some(r) if r.0 + u64::from(r.1) == slot => r.1 += 1,
+                Some(r) if r.0 + u64::from(r.1) > slot => {
+                    // Not distinct.
+                    return Err(dev_err(io::ErrorKind::InvalidInput.into()));
+                }
+                _ => {
+                    runs[nruns] = (slot, 1);
+                    nruns += 1;
+                }
             }
         }
-        self.dev.read_scattered(slots, buf).map_err(dev_err)?;
-        for (i, page) in buf.chunks_exact_mut(PAGE_SIZE).enumerate() {
-            if pooled & (1 << i) == 0 {
+        self.dev
+            .read_scattered(&runs[..nruns], buf)
+            .map_err(dev_err)?;
+        for (rank, page) in buf.chunks_exact_mut(PAGE_SIZE).enumerate() {
+            if pooled & (1 << rank) == 0 {
                 continue;
             }
-            match self.pool_load(slots[i], page) {
+            let slot = slots[order[rank] as usize];
+            match self.pool_load(slot, page) {
                 Some(r) => r.map_err(dev_err)?,
-                None => self.dev.read_page(slots[i], page).map_err(dev_err)?,
+                None => self.dev.read_page(slot, page).map_err(dev_err)?,
             }
         }
         Ok(())
     }
 
-    /// Whether `read_scattered` keeps its reads in flight at once.
+    /// Whether `read_gather` keeps its reads in flight at once.
     pub fn reads_concurrently(&self) -> bool {
         self.dev.reads_concurrently()
     }

@@ -72,7 +72,7 @@ use usermm_testkit::driver::{
 use usermm_testkit::workload::Pattern;
 
 /// Arguments of `usermm bench`.
-#[derive(clap::Args, Debug)]
+#[derive(clap::Args, Debug, Clone)]
 #[command(after_help = "\
 Systems, measured in the same run and interleaved per cell:
   usermm  the library through its API (read/write of 8-byte words), swap file in --dir
@@ -119,6 +119,17 @@ pub struct BenchArgs {
     /// each round; the tables show medians [default: 5; --quick: 3].
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=100))]
     repeats: Option<u32>,
+    /// The scale check: the same cells at budget 64M and 2G (W/B 4: a working
+    /// set of 256 MiB, then 8 GiB), uniform and zipf, read-only, 2 threads, usermm
+    /// and the kernel (no transparent or NBD column), then each system's major
+    /// faults/s and accesses/s at both sizes side by side: the cost of a fault
+    /// must not grow with the size. Needs about 32 GiB free in --dir and 12 GiB
+    /// of RAM; takes about 15 minutes. `--json F` writes F-64M.json and F-2G.json.
+    #[arg(long, conflicts_with_all = ["quick", "compressed", "compare", "budget", "w_over_b", "threads", "write_ratios"])]
+    scale: bool,
+    /// The two budgets of `--scale` (for a quick check of the mode itself).
+    #[arg(long, hide = true, num_args = 2, value_parser = util::parse_budget, requires = "scale")]
+    scale_budgets: Vec<u64>,
     /// Compare two JSON files of `usermm bench --json` cell by cell (um/kern and
     /// tr/kern) and exit; nothing is measured.
     #[arg(long, num_args = 2, value_names = ["A", "B"])]
@@ -875,6 +886,12 @@ pub struct CompPlan {
 pub fn main(a: BenchArgs) -> Outcome {
     util::install_ctrlc();
     PLAIN_CLOCK.store(a.policy == "clock", std::sync::atomic::Ordering::Relaxed);
+    if a.scale {
+        return Outcome::Exit(scale(a).unwrap_or_else(|e| {
+            eprintln!("usermm bench: error: {e}");
+            1
+        }));
+    }
     let mut comp = None;
     match bench(a, &mut comp) {
         Ok(code) => match comp {
@@ -2202,6 +2219,134 @@ fn plot_series(outs: &[CellOut]) -> Vec<super::plot::Series> {
 /// `--compare A B`: the um/kern and tr/kern ratios of two `--json` files, cell by
 /// cell (the median per-repeat ratio where the file has it, else the ratio of the
 /// rates), and how many cells agree within ±10 %.
+/// The budgets `--scale` compares (`--scale-budgets` overrides them).
+const SCALE_BUDGETS: [u64; 2] = [64 << 20, 2 << 30];
+
+/// `--scale`: the regular bench at both budgets, then the per-size table.
+fn scale(a: BenchArgs) -> Result<i32, String> {
+    let tmp = tempfile::tempdir().map_err(|e| format!("cannot make a directory: {e}"))?;
+    let mut jsons = Vec::new();
+    let budgets = match a.scale_budgets[..] {
+        [x, y] => [x, y],
+        _ => SCALE_BUDGETS,
+    };
+    // 64M, 2G: as `--budget` takes them.
+    let labels = budgets.map(|b| match b {
+        b if b % (1 << 30) == 0 => format!("{}G", b >> 30),
+        b if b % (1 << 20) == 0 => format!("{}M", b >> 20),
+        b => format!("{}K", b >> 10),
+    });
+    for (budget, label) in budgets.into_iter().zip(&labels) {
+        let mut s = a.clone();
+        s.scale = false;
+        s.budget = Some(budget);
+        if s.patterns.is_empty() {
+            s.patterns = vec![Pattern::Uniform, Pattern::Zipf { theta: 0.99 }];
+        }
+        s.w_over_b = vec![4.0];
+        s.threads = vec![2];
+        s.write_ratios = vec![0.0];
+        s.no_transparent = true;
+        s.no_nbd = true;
+        s.plot = None;
+        s.repeats = Some(a.repeats.unwrap_or(3));
+        let path = match &a.json {
+            Some(p) => {
+                let stem = p.with_extension("");
+                PathBuf::from(format!("{}-{label}.json", stem.display()))
+            }
+            None => tmp.path().join(format!("scale-{label}.json")),
+        };
+        s.json = Some(path.clone());
+        eprintln!(
+            "usermm bench --scale: budget {label}, working set {}",
+            fmt_bytes(budget * 4)
+        );
+        let code = bench(s, &mut None)?;
+        if code != 0 {
+            return Ok(code);
+        }
+        jsons.push(path);
+    }
+    print_scale(&jsons[0], &jsons[1], &labels)?;
+    Ok(0)
+}
+
+/// The `--scale` table from the two runs' JSON: per pattern and system, major
+/// faults/s and accesses/s at both budgets, and large over small.
+fn print_scale(small: &Path, large: &Path, labels: &[String; 2]) -> Result<(), String> {
+    let load = |p: &Path| -> Result<Vec<serde_json::Value>, String> {
+        let t =
+            std::fs::read_to_string(p).map_err(|e| format!("cannot read {}: {e}", p.display()))?;
+        let j: serde_json::Value =
+            serde_json::from_str(&t).map_err(|e| format!("{} is not JSON: {e}", p.display()))?;
+        Ok(j["records"].as_array().cloned().unwrap_or_default())
+    };
+    let (a, b) = (load(small)?, load(large)?);
+    // (major faults/s, accesses/s) of a system in a pattern's cell.
+    let figures = |recs: &[serde_json::Value], pat: &str, sys: &str| {
+        let r = recs
+            .iter()
+            .find(|r| r["pattern"] == pat && r["system"] == sys);
+        let rate = r.and_then(|r| r["accesses_per_s"].as_f64());
+        let faults = r.and_then(|r| {
+            let (f, t) = (r["major_faults"].as_f64()?, r["seconds"].as_f64()?);
+            (t > 0.0).then(|| f / t)
+        });
+        (faults, rate)
+    };
+    println!();
+    let [l0, l1] = labels;
+    println!("scale: W/B 4, 2 threads, read-only; budget {l0} against {l1}");
+    println!(
+        "{:<9} {:<7} | {:>13} {:>13} {:>7} | {:>13} {:>13} {:>7}",
+        "pattern",
+        "system",
+        format!("majflt/s {l0}"),
+        format!("majflt/s {l1}"),
+        "ratio",
+        format!("acc/s {l0}"),
+        format!("acc/s {l1}"),
+        "ratio"
+    );
+    println!("{}", "-".repeat(88));
+    let mut pats: Vec<String> = Vec::new();
+    for r in &a {
+        if let Some(p) = r["pattern"].as_str() {
+            if !pats.iter().any(|x| x == p) {
+                pats.push(p.to_string());
+            }
+        }
+    }
+    let num = |v: Option<f64>| v.map(fmt_num).unwrap_or_else(|| "-".into());
+    let div = |x: Option<f64>, y: Option<f64>| match (x, y) {
+        (Some(x), Some(y)) if x > 0.0 => format!("{:.2}", y / x),
+        _ => "-".into(),
+    };
+    for p in &pats {
+        for sys in ["usermm", "kernel"] {
+            let (fa, ra) = figures(&a, p, sys);
+            let (fb, rb) = figures(&b, p, sys);
+            println!(
+                "{:<9} {:<7} | {:>13} {:>13} {:>7} | {:>13} {:>13} {:>7}",
+                p,
+                sys,
+                num(fa),
+                num(fb),
+                div(fa, fb),
+                num(ra),
+                num(rb),
+                div(ra, rb)
+            );
+        }
+    }
+    println!(
+        "majflt/s: major faults per second of the timed phases (medians); ratio = {l1} over {l0}: near 1, a fault\n\
+         costs the same at the larger size (the miss rate is the same at equal W/B)."
+    );
+    Ok(())
+}
+
 fn compare(a: &Path, b: &Path) -> Result<i32, String> {
     let load = |p: &Path| -> Result<serde_json::Value, String> {
         let t =

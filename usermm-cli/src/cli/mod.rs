@@ -42,7 +42,7 @@ enum Cmd {
     /// Run a verified random-access workload under a memory budget (the main job).
     Run(run::RunArgs),
     /// Measure usermm side by side with plain memory, the device and kernel swap.
-    Bench(bench::BenchArgs),
+    Bench(Box<bench::BenchArgs>),
     /// Bounded stress runs: `swapoff` (seed 002's races), `files` (seed 000: shared
     /// file mappings under a tiny budget) or `all` (differential workload, fork/exit,
     /// swapoff/swapon and an NBD server restarted, at once).
@@ -71,7 +71,7 @@ pub fn main() -> i32 {
     match cli.cmd {
         None => run::main(run::RunArgs::default_args()),
         Some(Cmd::Run(a)) => run::main(a),
-        Some(Cmd::Bench(a)) => match bench::main(a) {
+        Some(Cmd::Bench(a)) => match bench::main(*a) {
             bench::Outcome::Exit(code) => code,
             bench::Outcome::Compressed(plan) => bench_comp::main(*plan),
         },
