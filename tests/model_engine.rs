@@ -218,6 +218,9 @@ fn swapoff_races_swapin_and_reclaim() {
 #[test]
 fn planted_swapoff_claim_by_store_is_caught() {
     let files = Files::new();
+    // The failing schedule's threads are abandoned with what they hold (shuttle
+    // does not unwind them), the files among it: remove them by path.
+    let dir = files.dir.path().to_owned();
     let msg = planted_failure(
         Plant::SwapoffClaimsByStore,
         "swapoff claims the entry by a store",
@@ -234,6 +237,7 @@ fn planted_swapoff_claim_by_store_is_caught() {
     // locked replaced (the engine's own assertion in `reclaim::lock_mappings`), or
     // an entry still names the device after swapoff removed it (the fault that
     // reads it fails).
+    let _ = std::fs::remove_dir_all(&dir);
     let broken = [
         "frame leaked",
         "slot count mismatch",
