@@ -20,7 +20,8 @@
 //! ```
 //!
 //! # Layers
-//! `vm` (the public handles) → `mm` (spaces, regions, page tables, faults, fork,
+//! `model` (hooks of the model tests, only with `--cfg usermm_shuttle`) → `vm` (the
+//! public handles) → `mm` (spaces, regions, page tables, faults, fork,
 //! msync) → `filemap` (the page cache of host files, the journal; `filemap::slots`
 //! sits below `reclaim`, which writes file pages back through it) →
 //! `swap::swapoff` and `reclaim` → `engine` (the struct of parts) → `swap::table`,
@@ -114,6 +115,9 @@
 //!   Psi::{run, stop} (the `usermm-psi` thread; never held across a callback; the fault
 //!   path takes no lock of psi's, only its atomics)
 //! Psi::thread (Mutex, leaf)                     Psi::{start, stop}
+//! sync::plant's session lock (a `std` Mutex; only with --cfg usermm_shuttle): held
+//!   by a model test for its whole run, outside any model execution; no engine lock
+//!   is taken under or over it                   sync::plant::session
 //! device internals (nbd send/parked/broke/reconnector, mirror resync): leaves under
 //!   nothing of the engine's: a device is called with at most a BUSY claim held.
 //! ```
@@ -136,6 +140,19 @@
 
 #![warn(missing_docs)]
 
+/// Whether the model tests' planted bug `$name` (`sync::Plant::$name`) is on: the
+/// constant `false` without `--cfg usermm_shuttle`, so a plant costs the default
+/// build nothing. See `sync::plant` and `model`.
+macro_rules! planted {
+    ($name:ident) => {{
+        #[cfg(usermm_shuttle)]
+        let on = crate::sync::planted(crate::sync::Plant::$name);
+        #[cfg(not(usermm_shuttle))]
+        let on = false;
+        on
+    }};
+}
+
 pub mod addr;
 pub mod config;
 pub mod device;
@@ -148,6 +165,9 @@ pub mod lockdep;
 #[cfg(not(feature = "lockdep"))]
 mod lockdep;
 mod mm;
+#[cfg(usermm_shuttle)]
+#[doc(hidden)]
+pub mod model;
 mod pageio;
 mod psi;
 mod pte;

@@ -91,13 +91,37 @@ pub struct Vm {
 
 impl Vm {
     /// Maps the frame arena and the page-out pool and starts the background
-    /// reclaimer and the page-I/O threads.
+    /// reclaimer and the page-I/O threads (none under the model checker's
+    /// `--cfg usermm_shuttle`: see `sync`).
     ///
     /// Errors: `Error::Config` for a budget under 64 KiB (16 frames) or bad
     /// watermarks, thread counts or pool sizes; `Error::Io` if memory cannot be mapped
     /// or a thread cannot start.
     pub fn new(cfg: Config) -> Result<Vm> {
         let eng = Arc::new(Engine::new(&cfg)?);
+        #[cfg(not(usermm_shuttle))]
+        let threads = Self::start_threads(&eng, &cfg)?;
+        // Under the model checker the engine's threads would be OS threads using
+        // shuttle's primitives outside a schedule: none starts, and a model test
+        // runs their work from threads of its own (`crate::model`).
+        #[cfg(usermm_shuttle)]
+        let threads = Vec::new();
+        Ok(Vm {
+            inner: Arc::new(VmInner {
+                eng,
+                leaves: Arc::new(LeafPool::new()),
+                threads: Mutex::new(threads),
+                transparent: Mutex::new(None),
+                files: Arc::new(FileTable::default()),
+            }),
+        })
+    }
+
+    /// Starts the page-I/O threads, the discard thread, the background reclaimer
+    /// (unless turned off) and the pressure thread. (Not called under the model
+    /// checker, but built: what it starts stays checked by the compiler there.)
+    #[cfg_attr(usermm_shuttle, allow(dead_code))]
+    fn start_threads(eng: &Arc<Engine>, cfg: &Config) -> Result<Vec<JoinHandle<()>>> {
         let mut threads = Vec::new();
         for i in 0..cfg.io_threads {
             let e = eng.clone();
@@ -133,15 +157,13 @@ impl Vm {
             );
         }
         eng.psi.start()?;
-        Ok(Vm {
-            inner: Arc::new(VmInner {
-                eng,
-                leaves: Arc::new(LeafPool::new()),
-                threads: Mutex::new(threads),
-                transparent: Mutex::new(None),
-                files: Arc::new(FileTable::default()),
-            }),
-        })
+        Ok(threads)
+    }
+
+    /// The engine (for `crate::model`).
+    #[cfg(usermm_shuttle)]
+    pub(crate) fn engine(&self) -> &Arc<Engine> {
+        &self.inner.eng
     }
 
     fn eng(&self) -> &Engine {
@@ -510,6 +532,12 @@ pub struct AddressSpace {
 }
 
 impl AddressSpace {
+    /// The space's insides (for `crate::model`).
+    #[cfg(usermm_shuttle)]
+    pub(crate) fn space(&self) -> &Arc<SpaceInner> {
+        &self.inner
+    }
+
     fn register(vm: &Arc<VmInner>) -> AddressSpace {
         let inner = Arc::new(SpaceInner::new(vm.eng.clone(), vm.leaves.clone()));
         let weak: Weak<SpaceInner> = Arc::downgrade(&inner);

@@ -54,6 +54,10 @@ use crate::pte::{
 use crate::stats::Counters;
 use crate::sync::{fence, wait_until, Arc, AtomicU64, Ordering};
 use std::cell::RefCell;
+// Under the model checker these are per model thread: shuttle runs all its threads
+// on one OS thread, whose own thread-locals they would share.
+#[cfg(usermm_shuttle)]
+use shuttle::thread_local;
 
 thread_local! {
     /// The pins this thread's guards hold: (space, page number, exclusive). Guards

@@ -299,7 +299,9 @@ impl RegionTree {
         // Whoever reads it optimistically (in a snapshot that still holds it) must
         // see it gone: the count stays odd for good, so a reader that begins now
         // falls back, and one that began before fails its validation.
-        v.view.seq.write_begin();
+        if !planted!(UnmapKeepsCountEven) {
+            v.view.seq.write_begin();
+        }
         Some(v)
     }
     /// A snapshot of the tree for lock-free lookups (published by the writer that

@@ -1093,7 +1093,7 @@ pub(crate) fn alloc_frame(eng: &Engine, ctx: AllocCtx) -> Result<Pfn> {
             continue; // still sweeping: reference bits are being cleared
         }
         if r.busy > 0 && fruitless < 8 * n {
-            std::thread::yield_now();
+            crate::sync::yield_now();
             continue;
         }
         if eng.frames.free_count() > eng.frames.wmark[0] {

@@ -126,7 +126,7 @@ fn drain(eng: &Engine, dev: &SwapDevice) -> Result<()> {
         } else {
             // Something is on its way out (a space being dropped, a page-out
             // completing); give it a moment.
-            std::thread::sleep(Duration::from_millis(1));
+            crate::sync::sleep(Duration::from_millis(1));
         }
     }
 }
@@ -257,7 +257,9 @@ fn bring_back(
         dev: dev.id.0,
         slot,
     });
-    if pte
+    if planted!(SwapoffClaimsByStore) {
+        pte.store(BUSY, Ordering::Release);
+    } else if pte
         .compare_exchange(v, BUSY, Ordering::AcqRel, Ordering::Relaxed)
         .is_err()
     {

@@ -582,6 +582,12 @@ impl SwapDevice {
         }
     }
 
+    /// The reference count of every slot (for the model tests' checks, `crate::model`).
+    #[cfg(usermm_shuttle)]
+    pub fn slot_counts(&self) -> Vec<u16> {
+        self.map.lock().count.to_vec()
+    }
+
     /// Drops one reference on `slot`.
     pub fn put_slot(&self, slot: u64) {
         self.put(slot)

@@ -10,15 +10,28 @@
 //!   fork, which `usermm exec` children need);
 //! - `--cfg usermm_shuttle`: `shuttle`'s locks, condition variables and atomics,
 //!   behind wrappers with parking_lot's API (no poisoning; `Condvar::wait_for` on a
-//!   guard in place), so a shuttle test can schedule the engine's own code. Build with
-//!   `RUSTFLAGS="--cfg usermm_shuttle" cargo test --test model_sync`.
+//!   guard in place), so a shuttle test can schedule the engine's own code.
 //!
 //! Page-table nodes are allocated zeroed (`mm::pagetable`); shuttle's atomics are
 //! valid when zeroed (a `RefCell` and an `Option` with a null niche), which the
 //! shuttle model test checks before relying on it.
 //!
-//! Threads, sleeps and I/O are not switched: a model test drives the engine's
-//! protocols from shuttle threads of its own.
+//! Threads and I/O are not switched: under the cfg `Vm::new` starts no thread, and a
+//! model test drives the engine from shuttle threads of its own (`crate::model`;
+//! the page-I/O loop among them). Waits are switched: every round of [`wait_until`] and
+//! every [`sleep`] yields to the schedule instead of spinning or sleeping, since an
+//! OS sleep would stop every model thread.
+//!
+//! What is model-checked this way (docs/design.md, "Model checking"):
+//! `tests/model_sync.rs` (`SeqCount` on a miniature) and `tests/model_engine.rs`
+//! (the engine's swapoff against swap-in faults and reclaim with page-out, and its
+//! speculative faults against unmap and fork, through the public API, with
+//! `crate::model::check` after every schedule). Each has a planted bug it must
+//! catch: `plant.rs` holds the switch (only under the cfg), and the engine's code
+//! reads it through the crate root's `planted!` macro, the constant `false`
+//! without the cfg. Run them with
+//! `RUSTFLAGS="--cfg usermm_shuttle" CARGO_TARGET_DIR=target/shuttle cargo test
+//! --release -p usermm --test model_sync --test model_engine`.
 //!
 //! With the feature `lockdep` the default backend's locks report every acquisition
 //! and release to the lock validator (`crate::lockdep`); the shuttle backend is not
@@ -43,24 +56,47 @@ pub use std::sync::{Arc, Weak};
 mod seqcount;
 pub use seqcount::SeqCount;
 
+#[cfg(usermm_shuttle)]
+mod plant;
+#[cfg(usermm_shuttle)]
+pub use plant::{planted, session, Plant, Session};
+
 /// Spin, then yield, then sleep in growing steps until `done()` holds.
 ///
 /// Used for the rare waits on another thread's short critical section (a page being
 /// faulted in, a frame locked by a writer). It never holds a lock while it waits,
 /// and it cannot miss a wake-up because there is none to miss: it polls.
+///
+/// Under the model checker (`--cfg usermm_shuttle`) every round yields to the
+/// schedule instead: a spin or an OS sleep would never let the thread it waits
+/// for run.
 pub fn wait_until(mut done: impl FnMut() -> bool) {
     let mut round = 0u32;
     while !done() {
-        if round < 64 {
+        if cfg!(usermm_shuttle) {
+            yield_now();
+        } else if round < 64 {
             std::hint::spin_loop();
         } else if round < 80 {
             yield_now();
         } else {
             let us = (20u64 << ((round - 80).min(6))).min(1000);
-            std::thread::sleep(std::time::Duration::from_micros(us));
+            sleep(std::time::Duration::from_micros(us));
         }
         round = round.saturating_add(1);
     }
+}
+
+/// Sleeps for `d`; under the model checker, yields to the schedule instead (time
+/// does not pass there, and an OS sleep would stop every model thread).
+pub fn sleep(d: std::time::Duration) {
+    #[cfg(usermm_shuttle)]
+    {
+        let _ = d;
+        shuttle::thread::yield_now();
+    }
+    #[cfg(not(usermm_shuttle))]
+    std::thread::sleep(d);
 }
 
 /// `wait_until` with a bound: false if `done()` still does not hold after `limit`.
