@@ -8,7 +8,8 @@
 //!    the budget through a shared mapping, then `msync`: usermm (budget B) against
 //!    the kernel in a memory cgroup v1 of B (root; skipped otherwise).
 //!
-//! `cargo run --release --example msync_bench -- [--dir DIR] [--reps N] [--budget-mib B]`
+//! `cargo run --release --example msync_bench -- [--dir DIR] [--reps N] [--budget-mib B] [--part1]`
+//! (`--part1`: part 1 only.)
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -163,6 +164,9 @@ fn main() {
         );
     }
     drop(vm);
+    if std::env::args().any(|a| a == "--part1") {
+        return;
+    }
     pageout(work.path(), budget_mib);
 }
 

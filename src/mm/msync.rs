@@ -16,7 +16,9 @@
 //!    buffer;
 //! 3. commits: the log is synced — **the durability point**;
 //! 4. checkpoints: the journal writes the committed pages to the file in place,
-//!    syncs the file, then empties and syncs the log;
+//!    syncs the file, then empties the log in place (its first header zeroed; the
+//!    log keeps its size, made once by `prepare_atomic`, so the next commit's log
+//!    sync overwrites written blocks: a flush of data alone);
 //! 5. drops the file's clean page-cache copies of those pages (they were read
 //!    before step 4) and the private copies whose entry did not change since step 2
 //!    (a page written again meanwhile stays private: it belongs to the next commit).
@@ -40,7 +42,7 @@ use crate::addr::{VAddr, PAGE_SIZE};
 use crate::device::AlignedPages;
 use crate::error::{Error, Result};
 use crate::filemap::inode::Inode;
-use crate::filemap::journal::{Journal, Store};
+use crate::filemap::journal::{log_bytes, Journal, Store, SHADOW_RECORDS};
 use crate::frame::copy_out;
 use crate::mm::fault::{pin, unpin, Want};
 use crate::mm::region::{Region, Share};
@@ -208,6 +210,9 @@ pub(crate) fn prepare_atomic(ino: &Inode) -> Result<()> {
         // Another process's commit reached the file behind this Vm's cache.
         ino.invalidate_all();
     }
+    // The log's working size, written once: commits that fit overwrite it in place.
+    j.reserve(log_bytes(SHADOW_RECORDS as u64))
+        .map_err(|e| with_path(&jp, e))?;
     *c = Some(j);
     Ok(())
 }
