@@ -541,7 +541,8 @@ impl Inode {
             // of the thread that called us); its own log sync replaces the log.
             if let Some(mut c) = self.commit.try_lock() {
                 if let Some(j) = c.as_mut() {
-                    j.settle().map_err(|e| with_path(&self.path, e))?;
+                    j.settle(&crate::mm::msync::Clipped::of(self))
+                        .map_err(|e| with_path(&self.path, e))?;
                 }
             }
             // The page-I/O threads' write-backs of this file queued before now are

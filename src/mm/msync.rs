@@ -82,9 +82,19 @@ fn try_flock(f: &File) -> io::Result<bool> {
 
 /// The data file as the journal writes it: whole pages, clipped to the file's
 /// length (the tail of its last page is not the file's).
-struct Clipped<'a> {
+pub(crate) struct Clipped<'a> {
     file: &'a File,
     len: u64,
+}
+
+impl<'a> Clipped<'a> {
+    /// The file of `ino` at its current length.
+    pub(crate) fn of(ino: &'a Inode) -> Self {
+        Clipped {
+            file: &ino.file,
+            len: ino.len(),
+        }
+    }
 }
 
 impl Store for Clipped<'_> {
@@ -211,7 +221,7 @@ pub(crate) fn prepare_atomic(ino: &Inode) -> Result<()> {
         ino.invalidate_all();
     }
     // The log's working size, written once: commits that fit overwrite it in place.
-    j.reserve(log_bytes(SHADOW_RECORDS as u64))
+    j.reserve(4 * log_bytes(SHADOW_RECORDS as u64))
         .map_err(|e| with_path(&jp, e))?;
     *c = Some(j);
     Ok(())
