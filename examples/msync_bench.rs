@@ -3,7 +3,9 @@
 //! 1. `msync` of 1 / 64 / 4096 dirty pages: usermm `Share::Atomic` and
 //!    `Share::Shared`, against the same writes with `pwrite` + `fdatasync` on a plain
 //!    file, and the kernel's `mmap(MAP_SHARED)` + `msync(MS_SYNC)`. Median of
-//!    `--reps` rounds (default 9), each dirtying pages spread over a 64 MiB file.
+//!    `--reps` rounds (default 9), each dirtying pages spread over a 64 MiB file;
+//!    the last column is the ratio of the means (an Atomic msync's flush, the
+//!    file's sync, comes once every few commits: the means count it).
 //! 2. Page-out of dirty shared pages under pressure: write every page of a file 4×
 //!    the budget through a shared mapping, then `msync`: usermm (budget B) against
 //!    the kernel in a memory cgroup v1 of B (root; skipped otherwise).
@@ -24,6 +26,10 @@ fn arg(name: &str) -> Option<String> {
     a.iter()
         .position(|x| x == name)
         .and_then(|i| a.get(i + 1).cloned())
+}
+
+fn mean(v: &[Duration]) -> Duration {
+    v.iter().sum::<Duration>() / v.len() as u32
 }
 
 fn median(mut v: Vec<Duration>) -> Duration {
@@ -60,14 +66,15 @@ fn main() {
         dir.display()
     );
     println!(
-        "{:>6} {:>12} {:>12} {:>12} {:>12} {:>10} {:>10}",
+        "{:>6} {:>12} {:>12} {:>12} {:>12} {:>10} {:>10} {:>14}",
         "pages",
         "usermm-atomic",
         "usermm-shared",
         "pwrite+fsync",
         "kernel-msync",
         "atomic/pw",
-        "shared/pw"
+        "shared/pw",
+        "mean atomic/pw"
     );
     let vm = Vm::new(Config::default().memory_budget(64 << 20)).unwrap();
     vm.swapon(SwapSpec::file(work.path().join("swap"), 256 << 20))
@@ -146,6 +153,8 @@ fn main() {
         }
         // SAFETY: the mapping above, no longer used.
         unsafe { libc::munmap(base, len) };
+        // Means as well: an Atomic msync's flush (file sync) comes every few commits.
+        let mean_ratio = mean(&t_atomic).as_secs_f64() / mean(&t_pw).as_secs_f64();
         let (a, s, pw, k) = (
             median(t_atomic),
             median(t_shared),
@@ -154,13 +163,14 @@ fn main() {
         );
         let ms = |d: Duration| format!("{:.3} ms", d.as_secs_f64() * 1e3);
         println!(
-            "{n:>6} {:>12} {:>12} {:>12} {:>12} {:>9.2}x {:>9.2}x",
+            "{n:>6} {:>12} {:>12} {:>12} {:>12} {:>9.2}x {:>9.2}x {:>13.2}x",
             ms(a),
             ms(s),
             ms(pw),
             ms(k),
             a.as_secs_f64() / pw.as_secs_f64(),
-            s.as_secs_f64() / pw.as_secs_f64()
+            s.as_secs_f64() / pw.as_secs_f64(),
+            mean_ratio
         );
     }
     drop(vm);

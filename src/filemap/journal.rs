@@ -10,8 +10,8 @@
 //! "Locking/allocation" below).
 //!
 //! ## On-disk format (log store)
-//! A transaction is a run of records from offset 0, all little-endian, each with a
-//! 64-byte header:
+//! The log holds a **run** of transactions, back to back from offset 0. A
+//! transaction is a run of records, all little-endian, each with a 64-byte header:
 //! ```text
 //! offset  size  page record ("UMJP")        commit record ("UMJC")
 //!  0       4    magic b"UMJP"               magic b"UMJC"
@@ -24,95 +24,117 @@
 //! 60       4    crc32c(bytes 0..60 ++ page) crc32c(bytes 0..60)
 //! 64    4096    the page image              (nothing: the record is 64 bytes)
 //! ```
-//! so page record `i` is at `i * 4160` and the commit record at `n * 4160`.
+//! so in a transaction starting at `s`, page record `i` is at `s + i * 4160` and
+//! the commit record at `s + n * 4160`.
 //! `chain` = crc32c(seq as 8 bytes) extended by the crc of every page record in
-//! order (4 bytes each, `crc32c_append`). The transaction is committed iff, read from
-//! offset 0, records 0..n all carry the magic, version, the seq of record 0 and their
-//! own ordinal, each checks against its crc, and the record after them is a commit
-//! record with the same seq, the count n, the chain of those n crcs and a valid crc.
-//! Anything else — a zero-filled hole, a torn record (its crc), garbage, a record of
-//! another transaction (its seq or ordinal), a commit record whose transaction lost
-//! or changed a record (its count or chain) — makes the whole log uncommitted, and
-//! it is discarded. Bytes after the commit record are ignored: zeros, or records
-//! of earlier, longer transactions (see below). A log of 0 bytes, or whose first
-//! 64 bytes are zeros, is **empty**. A page index may appear more than once;
-//! records are replayed in order, so the later image wins.
+//! order (4 bytes each, `crc32c_append`). A transaction starting at `s` is committed
+//! iff, read from `s`, records 0..n all carry the magic, version, the seq of record 0
+//! and their own ordinal, each checks against its crc, and the record after them is
+//! a commit record with the same seq, the count n, the chain of those n crcs and a
+//! valid crc. The run is read from offset 0: the first transaction (any seq), then
+//! the one starting at its end if it is committed **and its seq is one more**, and
+//! so on; the run ends at the first place where that fails. Anything there — a
+//! zero-filled hole, a torn record (its crc), garbage, a record of another
+//! transaction (its seq or ordinal), a commit record whose transaction lost or
+//! changed a record (its count or chain), an older transaction (its seq) — ends
+//! the run and is ignored: an unfinished next transaction, or stale bytes of
+//! earlier ones (see below). A log of 0 bytes, or whose first 64 bytes are zeros,
+//! is **empty**. A page index may appear more than once; records are replayed in
+//! order, transactions in the run's order, so the later image wins.
 //!
 //! ## Emptying in place
-//! The log is not truncated after a checkpoint: it keeps its length, and is
-//! emptied by zeroing its first header (one 64-byte write at offset 0). The next
-//! transaction overwrites the same blocks from offset 0; a log sync that only
-//! overwrites blocks the file already has is a flush of data alone (`fdatasync`
-//! has no size or extent change to commit through the file system's journal — on
-//! ext4 that halves the cost of a small commit's log sync). [`Journal::reserve`]
-//! makes the log a given size of written zeros once, when it is opened (the first
-//! Atomic mapping of the file), so small transactions never grow it; a larger one
-//! grows it by its own writes, once. Only `recover` truncates the log (to 0 bytes,
-//! synced): `fsck` leaves no journal bytes behind.
+//! The log is not truncated after a flush: it keeps its length, and is emptied by
+//! zeroing its first header (one 64-byte write at offset 0). The next run
+//! overwrites the same blocks from offset 0; a log sync that only overwrites
+//! blocks the file already has is a flush of data alone (`fdatasync` has no size or
+//! extent change to commit through the file system's journal — on ext4 that halves
+//! the cost of a small commit's log sync). [`Journal::reserve`] makes the log a
+//! given size of written zeros once, when it is opened (the first Atomic mapping
+//! of the file), so small transactions never grow it; a larger one grows it by its
+//! own writes, once. Only `recover` truncates the log (to 0 bytes, synced): `fsck`
+//! leaves no journal bytes behind.
+//!
+//! ## Deferred flush
+//! A checkpoint writes the committed pages to the data store but does not sync it:
+//! the transaction stays in the log, and the next one is written after it (the
+//! run). So a commit costs one sync, the log's. The run is **flushed** — the data
+//! store synced, then the log emptied — when another transaction as large as the
+//! last would not fit in the `reserve`d size (without `reserve`, at every
+//! checkpoint), by `settle` (which `Inode::sync` calls before it makes the file
+//! durable, and so its teardown), and before an abandoned transaction is dropped.
+//! Recovery replays the whole run in order. Until the flush, readers of the data
+//! store see the new pages (they are written), and a crash loses only the data
+//! store's unsynced writes, which the log holds.
 //!
 //! Sequence numbers start at a random value per [`Journal`] (std's `RandomState`
 //! keys) and increase by one per transaction, so a record left in the file by an
 //! earlier process — which a file system that exposes stale blocks after a crash
-//! (ext4 `data=writeback`) could show beyond a new transaction's end — does not
-//! carry the new transaction's seq. An older *committed* transaction can reappear
-//! only if the emptying that followed its checkpoint did not reach the disk; it is
-//! then replayed again, harmlessly: its pages are already in the file (synced
-//! before the emptying), and nothing newer is, because a newer transaction commits
-//! by a log sync, which makes that emptying durable too.
+//! (ext4 `data=writeback`) could show beyond a run's end — does not carry the seq
+//! that continues the run, and records of an earlier run of this journal have
+//! smaller seqs. An older *committed* run can reappear only if the emptying that
+//! followed its flush did not reach the disk; it is then replayed again,
+//! harmlessly: its pages are already in the file (synced before the emptying), and
+//! nothing newer is, because a newer transaction commits by a log sync, which makes
+//! that emptying durable too.
 //!
 //! ## Protocol and sync points
 //! 1. `begin`: if an earlier transaction was abandoned (or failed), the log is
-//!    emptied first (in place, synced). A transaction is always written from
-//!    offset 0 of an empty log: emptied by this journal (synced, or see step 5),
-//!    or found empty by `new`, or recovered.
+//!    emptied first (in place, synced) — if the run before it is unflushed,
+//!    `begin` refuses and `checkpoint` flushes and empties. A transaction is
+//!    written at the end of the run: offset 0 of an empty log (emptied by this
+//!    journal, synced or see step 5; found empty by `new`; or recovered), or just
+//!    after the last checkpointed transaction, with the next seq.
 //! 2. `add`: the page record goes into the shadow buffer; a full buffer is written
 //!    to the log (no sync).
 //! 3. `commit`: the buffered records and the commit record are written in one
 //!    write, then the log is synced. **Log sync = commit**: the durability point.
-//! 4. `checkpoint` (and `recover`, the same routine): the log is scanned, checked as
-//!    above, and each page of the committed transaction is read back from the log and
-//!    written to the data store at `index * 4096`; then **the data store is synced
-//!    before the log is emptied** (in place by `checkpoint`; `recover` truncates
-//!    it and syncs that at once).
-//! 5. `checkpoint` does not sync the emptied log: that sync would be a third per
+//! 4. `checkpoint`: the transaction is scanned where `commit` wrote it, checked as
+//!    above, and each of its pages is read back from the log and written to the
+//!    data store at `index * 4096` (no sync). `recover` does the same for every
+//!    transaction of the run, in order, then syncs the data store and truncates
+//!    the log (synced). A flush (see above) **syncs the data store before the log
+//!    is emptied**.
+//! 5. A flush does not sync the emptied log: that sync would be a third per
 //!    msync. Until the log's next sync (the next commit, or `settle`) a crash may
-//!    find the checkpointed transaction still there and replay it, which rewrites
-//!    pages the data store already holds durably (idempotent); a new transaction
-//!    written over it from offset 0 has another seq, so no mix of the two can
-//!    validate. The one thing a stale replay could undo is a write to the data
-//!    store made durable by someone else after the checkpoint: such a writer calls
-//!    `settle` first (`Inode::sync` does).
+//!    find the flushed run still there and replay it, which rewrites pages the
+//!    data store already holds durably (idempotent); a new transaction written over
+//!    it from offset 0 has another seq, so no mix of the two can validate. The one
+//!    thing a stale replay could undo is a write to the data store made durable by
+//!    someone else after the flush: such a writer calls `settle` first
+//!    (`Inode::sync` does).
 //!
 //! Data is written only by step 4, only for a transaction whose commit record the
-//! scan has just found valid, and the log is emptied only once those writes are
-//! durable. So at any crash:
-//! - before the commit's log sync returned: the log holds no valid commit record
-//!   (it, or a page record, or part of one, did not reach the disk: the crc, count
-//!   or chain fails) and the data store was not touched since the previous
-//!   checkpoint: recovery discards the log, the file is the previous version. Or the
-//!   device happened to persist everything before the crash: the log is committed
-//!   and recovery makes the file the new version. `commit` had not returned `Ok`, so
-//!   the caller promised nothing; either way it is one version.
-//! - after `commit` returned `Ok`, during the data writes or the data sync: the file
-//!   may hold any mix of old and new pages of the transaction, but the log still
-//!   holds the whole committed transaction: recovery writes every page of it again
-//!   (full-page images: idempotent) and syncs, giving the new version.
-//! - after the data sync, during the log's emptying: the log is either still the
-//!   committed transaction (replayed again, harmlessly) or empty; the file is the new
+//! scan has just found valid, and the log is emptied only once the writes of every
+//! transaction in it are durable. So at any crash:
+//! - before the commit's log sync returned: the new transaction has no valid
+//!   commit record (it, or a page record, or part of one, did not reach the disk:
+//!   the crc, count or chain fails), so the run ends before it, and the data store
+//!   holds none of it: recovery replays the run before it (the previous version).
+//!   Or the device happened to persist everything before the crash: recovery
+//!   makes the file the new version. `commit` had not returned `Ok`, so the caller
+//!   promised nothing; either way it is one version.
+//! - after `commit` returned `Ok`, during the data writes, before or during the
+//!   flush's data sync: the file may hold any mix of old and new pages of the
+//!   run's transactions, but the log still holds the whole run: recovery writes
+//!   every page of it again in order (full-page images: idempotent) and syncs,
+//!   giving the last version.
+//! - after the flush's data sync, during the log's emptying: the log is either
+//!   still the run (replayed again, harmlessly) or empty; the file is the last
 //!   version. The emptying is one write of 64 bytes inside the first sector: if
-//!   only part of it reached the disk, the first header no longer checks (its crc),
-//!   so the log is uncommitted — the same as empty.
-//! - after the emptying, while the next transaction is written over the old one
+//!   only part of it reached the disk, the first header no longer checks (its
+//!   crc), so the log holds no run — the same as empty.
+//! - after the emptying, while the next transaction is written over the old run
 //!   (before its log sync): if the emptying did not reach the disk, the disk holds
-//!   the old transaction with some of the new one's sectors written over it. A
+//!   the old run with some of the new transaction's sectors written over it. A
 //!   record with any sector of the new one fails its crc (the page and header are
-//!   one crc) or carries the new seq; so either nothing validates (discarded), or
-//!   exactly the old transaction does, because every sector the new one wrote
-//!   there held the same bytes (replayed again, harmlessly, as above).
-//! - after a new, shorter transaction committed over a longer old one: the bytes
-//!   after its commit record are the old one's records (another seq): ignored.
-//!   The old one's record 0 was overwritten durably by the new one's commit sync,
-//!   so it can never validate again.
+//!   one crc) or carries the new seq; so either the run ends earlier (what it
+//!   still replays is durable in the file already), or the old run replays whole,
+//!   because every sector the new one wrote there held the same bytes (again,
+//!   harmlessly).
+//! - after a new transaction committed over an old run: the bytes after its commit
+//!   record are the old run's (smaller seqs) or zeros: they end the run. The old
+//!   run's record 0 was overwritten durably by the new commit's log sync, so it
+//!   can never validate again.
 //! - during `recover` itself: the same cases as the last four; recovering again is
 //!   always allowed.
 //! - during `begin`'s emptying of an abandoned transaction: it has no commit record
@@ -122,8 +144,8 @@
 //!
 //! ## Errors
 //! I/O errors propagate unchanged. A failing `add` or `commit` (ENOSPC on the log,
-//! say) leaves the transaction uncommitted and the data store untouched; the next
-//! `begin` (or `checkpoint`) empties the log. `checkpoint` after a failed data
+//! say) leaves the transaction uncommitted and the data store untouched by it;
+//! the next `begin` (or `checkpoint`) empties the log. `checkpoint` after a failed data
 //! write keeps the transaction committed: it may be retried, and `begin` refuses
 //! (`InvalidInput`) until it succeeds, as it does before `recover` on a log that was
 //! not empty at `new`. A log that changes under a committed transaction (its scan
@@ -134,7 +156,8 @@
 //! No locks: the caller serialises transactions (`begin`, `checkpoint` and `recover`
 //! take `&mut self`, a [`Txn`] borrows the journal mutably), and the stores do
 //! positioned I/O. Invariant 4: whatever a commit needs is allocated before, in
-//! `new` (the shadow buffer); `add`, `commit`, `checkpoint` and `recover` allocate
+//! `new` (the shadow buffer); `add`, `commit`, `checkpoint`, `settle`, `reserve`
+//! and `recover` allocate
 //! nothing — records are encoded in place in the shadow buffer, read back into it
 //! in chunks, and the pages handed to `on_page` and written to the data store are
 //! slices of it — so a commit or a checkpoint under a lock that reclaim needs cannot
@@ -145,16 +168,14 @@
 //! `MemStore` keeps a durable image and the unsynced operations; its `crash` keeps
 //! a random subset of them, writes torn at 512-byte sectors. The exhaustive test
 //! runs three transactions (random pages, duplicate indices) over a data store
-//! of 8 pages, crashes the machine at every I/O operation in turn, then crashes
-//! recovery at every one of its operations and recovers again, and checks that the
-//! file is exactly one version: the last committed, or the next if its commit
-//! failed only at the log sync. Half the scenarios `reserve` the log first, and
-//! their transactions differ in size, so shorter ones are written over longer
-//! ones in place. Two planted bugs (no log sync in `commit`; the in-place
-//! emptying before the data sync in `checkpoint`) must be caught by the same
-//! checker.
-
-// The mapping side (`Share::Atomic`) that calls the journal is not in yet.
+//! of 8 pages (a third of the scenarios flush at every checkpoint, a third
+//! sometimes, a third only at the final `settle`), crashes the machine at every
+//! I/O operation in turn, then crashes recovery at every one of its operations and
+//! recovers again, and checks that the file is exactly one version: the last
+//! committed, or the next if its commit failed only at the log sync. Transactions
+//! differ in size, so shorter ones are written over longer ones in place. Two
+//! planted bugs (no log sync in `commit`; the in-place emptying before the data
+//! sync in a flush) must be caught by the same checker.
 
 use crate::addr::PAGE_SIZE;
 use crate::lockdep;

@@ -16,16 +16,23 @@
 //!    buffer;
 //! 3. commits: the log is synced — **the durability point**;
 //! 4. checkpoints: the journal writes the committed pages to the file in place,
-//!    syncs the file, then empties the log in place (its first header zeroed; the
-//!    log keeps its size, made once by `prepare_atomic`, so the next commit's log
-//!    sync overwrites written blocks: a flush of data alone);
+//!    without syncing it: the transaction stays in the log, and the next commit
+//!    goes after it. Once another as large would not fit in the log's working size
+//!    (1 MiB of zeros written once by `prepare_atomic`), the checkpoint flushes:
+//!    syncs the file, then empties the log in place (its first header zeroed, its
+//!    size kept, so a commit's log sync only overwrites written blocks: a flush of
+//!    data alone). `File::sync`, `Share::Shared` msyncs and the file's teardown
+//!    flush first (`Inode::sync` → `Journal::settle`). So a small msync costs one
+//!    sync, the log's;
 //! 5. drops the file's clean page-cache copies of those pages (they were read
 //!    before step 4) and the private copies whose entry did not change since step 2
 //!    (a page written again meanwhile stays private: it belongs to the next commit).
 //!
 //! A crash before 3 leaves the previous version (the log has no commit record); a
-//! crash after 3 is repaired by replaying the log when the file is next mapped or
-//! opened (`recover_on_open`) or by `usermm fsck PATH`.
+//! crash after 3 is repaired by replaying the log — every committed transaction
+//! not yet flushed, in order — when the file is next mapped or opened
+//! (`recover_on_open`) or by `usermm fsck PATH`. Until a flush, the file's pages
+//! are written but not durable; the log is what makes them so.
 //!
 //! ## Locking and allocation (invariant 4)
 //! `Inode::commit` (Mutex) is taken first; under it the region's regions lock (read,
