@@ -174,7 +174,10 @@ fn atomic_mapping_touches_the_file_only_at_msync() {
     }
     // The journal is emptied in place: its first header zeroed, its size kept.
     let jb = std::fs::read(&journal).unwrap();
-    assert!(jb.len() >= 64 && jb[..64].iter().all(|&b| b == 0), "journal not emptied");
+    assert!(
+        jb.len() >= 64 && jb[..64].iter().all(|&b| b == 0),
+        "journal not emptied"
+    );
     assert_eq!(
         std::fs::metadata(&p).unwrap().len(),
         n * PS as u64 + 100,

@@ -129,7 +129,8 @@ fn sigkill_during_atomic_msync_leaves_one_committed_version() {
         done += 1;
         // The journal keeps its size (emptied in place: its first header zeroed);
         // one whose first header is not zeros holds a transaction, whole or torn.
-        let jbytes = std::fs::read(dir.path().join("atomic.dat.usermm-journal")).unwrap_or_default();
+        let jbytes =
+            std::fs::read(dir.path().join("atomic.dat.usermm-journal")).unwrap_or_default();
         let jlen = jbytes.len();
         let held = jbytes.iter().take(64).any(|&b| b != 0);
         if held {

@@ -523,8 +523,10 @@ impl<S: Store> Journal<S> {
         let mut r = Recovery::default();
         let mut off = 0u64;
         let mut expect = None;
-        while !empty {
-            let found = {
+        loop {
+            let found = if empty {
+                None
+            } else {
                 let _na = lockdep::no_alloc("journal scan");
                 lockdep::might_block("journal log read");
                 scan_txn(&self.log, &mut self.shadow, off, expect)?
@@ -690,23 +692,33 @@ impl<S: Store> Journal<S> {
     /// still fits in `bytes` (see "Deferred flush"). Later transactions that fit
     /// overwrite allocated, written blocks in place, so their log sync is a flush of
     /// data alone, without a file-system metadata commit (see "Emptying in place").
-    /// Only on an empty log (`InvalidInput` otherwise: `recover` first). Uses the
-    /// shadow buffer; allocates nothing.
+    /// Only on an empty log (`InvalidInput` otherwise: `recover` first). After an
+    /// error (ENOSPC, say) the log is cut back to its length before, and the
+    /// journal works as without `reserve`. Uses the shadow buffer; allocates
+    /// nothing.
     pub fn reserve(&mut self, bytes: u64) -> io::Result<()> {
         if self.state != State::Ready || self.tail != 0 {
             return Err(io::ErrorKind::InvalidInput.into());
         }
         let _na = lockdep::no_alloc("journal reserve");
         lockdep::might_block("journal log write");
-        let mut len = self.log.len()?;
-        if len < bytes {
+        let was = self.log.len()?;
+        if was < bytes {
             self.shadow.fill(0);
-            while len < bytes {
-                let n = (bytes - len).min(self.shadow.len() as u64) as usize;
-                self.log.write_all_at(&self.shadow[..n], len)?;
-                len += n as u64;
+            let mut len = was;
+            let mut zero_fill = || {
+                while len < bytes {
+                    let n = (bytes - len).min(self.shadow.len() as u64) as usize;
+                    self.log.write_all_at(&self.shadow[..n], len)?;
+                    len += n as u64;
+                }
+                self.log.sync()
+            };
+            if let Err(e) = zero_fill() {
+                // ENOSPC, say: give the space back; the journal works without.
+                let _ = self.log.set_len(was);
+                return Err(e);
             }
-            self.log.sync()?;
             self.unsynced_reset = false;
         }
         self.reserved = bytes;
@@ -1306,13 +1318,14 @@ mod tests {
             if sc.abandon[v as usize - 1] {
                 // Its records reach the log (more than a buffer's worth); the next
                 // begin must empty the log of them.
-                let Ok(mut t) = j.begin() else { return out };
-                for p in 0..4 {
-                    if t.add(p, &image(JUNK, p)).is_err() {
-                        return out;
+                {
+                    let Ok(mut t) = j.begin() else { return out };
+                    for p in 0..4 {
+                        if t.add(p, &image(JUNK, p)).is_err() {
+                            return out;
+                        }
                     }
                 }
-                drop(t);
                 // With unflushed transactions in the log `begin` refuses: a
                 // checkpoint flushes them and empties the log.
                 if j.pending_bytes() > 0 && j.checkpoint(data, &mut |_, _| {}).is_err() {
@@ -1807,7 +1820,12 @@ mod tests {
         assert_eq!(log.len().unwrap(), size, "length kept");
         assert!(emptied(&log.current()));
         assert!(
-            !log.m.lock().unwrap().pending.iter().any(|o| matches!(o, Op::SetLen(_))),
+            !log.m
+                .lock()
+                .unwrap()
+                .pending
+                .iter()
+                .any(|o| matches!(o, Op::SetLen(_))),
             "no truncation on the common path"
         );
         // A transaction of 2 pages over the stale one of 5, crashed after commit.
@@ -1910,14 +1928,20 @@ mod tests {
         let last = txn(&mut j, 3, &[2, 3]);
         // Three transactions of 2 pages in a log of 9 records: none flushed yet.
         assert_eq!(j.pending_bytes(), 3 * (2 * REC + COMMIT) as u64);
-        assert_eq!(data.counts(), (6, 0), "pages written, the data store not synced");
+        assert_eq!(
+            data.counts(),
+            (6, 0),
+            "pages written, the data store not synced"
+        );
         assert_eq!(log.counts().1, 4, "the reserve's sync and one per commit");
         // The data store's writes are lost in the crash; the log has them all.
         log.crash(&mut Rng::new(7));
         data.crash(&mut Rng::new(8));
         let mut j2 = Journal::new(log.clone()).unwrap();
         let mut order = Vec::new();
-        let r = j2.recover(&*data, &mut |i, p| order.push((i, p[0]))).unwrap();
+        let r = j2
+            .recover(&*data, &mut |i, p| order.push((i, p[0])))
+            .unwrap();
         assert_eq!((r.replayed_pages, r.seq, r.discarded_bytes), (6, last, 0));
         let stamp = |v: u64, p: u64| image(v, p)[0];
         assert_eq!(
@@ -1969,15 +1993,39 @@ mod tests {
         t.add(0, &image(3, 0)).unwrap();
         t.commit().unwrap();
         j.checkpoint(&*data, &mut |_, _| {}).unwrap();
-        let mut t = j.begin().unwrap();
-        t.add(1, &image(JUNK, 1)).unwrap();
-        drop(t);
+        {
+            let mut t = j.begin().unwrap();
+            t.add(1, &image(JUNK, 1)).unwrap();
+        }
         assert_eq!(j.begin().unwrap_err().kind(), io::ErrorKind::InvalidInput);
-        j.checkpoint(&*data, &mut |_, _| panic!("abandoned")).unwrap();
+        j.checkpoint(&*data, &mut |_, _| panic!("abandoned"))
+            .unwrap();
         assert_eq!(j.pending_bytes(), 0);
         assert!(emptied(&log.durable()));
         assert!(data_page(&data.durable(), 0) == image(3, 0));
         j.begin().unwrap();
+    }
+
+    /// `reserve` on a log without room: the error, the log cut back to its
+    /// length, and the journal working without a reserve (flushing every time).
+    #[test]
+    fn reserve_without_room_leaves_the_log_as_it_was() {
+        let log = Arc::new(MemStore {
+            enospc_past: Some(5 * REC as u64),
+            ..MemStore::default()
+        });
+        let data = Arc::new(MemStore::with_image(Scenario::base()));
+        let mut j = Journal::with_capacity(log.clone(), 2).unwrap();
+        let err = j.reserve(8 * REC as u64).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ENOSPC));
+        assert_eq!(log.len().unwrap(), 0);
+        let mut t = j.begin().unwrap();
+        t.add(1, &image(1, 1)).unwrap();
+        t.commit().unwrap();
+        j.checkpoint(&*data, &mut |_, _| {}).unwrap();
+        assert_eq!(j.pending_bytes(), 0, "flushed: nothing reserved");
+        assert_eq!(data.counts().1, 1);
+        assert!(data_page(&data.durable(), 1) == image(1, 1));
     }
 
     /// The version each page of a data image carries (`image`'s stamp).

@@ -18,7 +18,8 @@
 //! 4. checkpoints: the journal writes the committed pages to the file in place,
 //!    without syncing it: the transaction stays in the log, and the next commit
 //!    goes after it. Once another as large would not fit in the log's working size
-//!    (1 MiB of zeros written once by `prepare_atomic`), the checkpoint flushes:
+//!    (`RESERVE`, 1 MiB of zeros written once by `prepare_atomic`; none if the
+//!    file system has no room: then every checkpoint flushes), the checkpoint flushes:
 //!    syncs the file, then empties the log in place (its first header zeroed, its
 //!    size kept, so a commit's log sync only overwrites written blocks: a flush of
 //!    data alone). `File::sync`, `Share::Shared` msyncs and the file's teardown
@@ -128,6 +129,10 @@ impl Store for Clipped<'_> {
     }
 }
 
+/// The working size of an Atomic file's log (`Journal::reserve`): four
+/// transactions of a shadow buffer's worth of pages (1 MiB).
+const RESERVE: u64 = 4 * log_bytes(SHADOW_RECORDS as u64);
+
 /// What `fsck` found and did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FsckReport {
@@ -228,8 +233,10 @@ pub(crate) fn prepare_atomic(ino: &Inode) -> Result<()> {
         ino.invalidate_all();
     }
     // The log's working size, written once: commits that fit overwrite it in place.
-    j.reserve(4 * log_bytes(SHADOW_RECORDS as u64))
-        .map_err(|e| with_path(&jp, e))?;
+    // Without it (no room on the file system, say) the journal still works: it
+    // grows the log as commits need and flushes at every checkpoint; a real I/O
+    // error shows again at the first commit.
+    let _ = j.reserve(RESERVE);
     *c = Some(j);
     Ok(())
 }
