@@ -148,7 +148,10 @@
 //! the next `begin` (or `checkpoint`) empties the log. `checkpoint` after a failed data
 //! write keeps the transaction committed: it may be retried, and `begin` refuses
 //! (`InvalidInput`) until it succeeds, as it does before `recover` on a log that was
-//! not empty at `new`. A log that changes under a committed transaction (its scan
+//! not empty at `new`. A flush whose data sync failed does not trust a later sync
+//! (the kernel may have dropped the failed pages): `begin` refuses, and the next
+//! `checkpoint` recovers — writes the whole run again from the log, syncs, and
+//! truncates the log. A log that changes under a committed transaction (its scan
 //! no longer finds exactly what `commit` wrote) is `InvalidData`. Errors the journal
 //! makes itself are bare `ErrorKind`s (no message: building one would allocate).
 //!
@@ -657,7 +660,13 @@ impl<S: Store> Journal<S> {
         {
             let _na = lockdep::no_alloc("journal data sync");
             lockdep::might_block("journal data sync");
-            data.sync()?;
+            if let Err(e) = data.sync() {
+                // The kernel may have dropped the pages that failed: a later sync
+                // succeeding proves nothing. The run is written again from the
+                // log (`checkpoint` recovers) before the log may be emptied.
+                self.state = State::Unknown;
+                return Err(e);
+            }
         }
         let _na = lockdep::no_alloc("journal reset");
         self.invalidate()?;
@@ -726,10 +735,15 @@ impl<S: Store> Journal<S> {
     }
 
     /// Flushes what `checkpoint` left unflushed — syncs `data`, then empties the
-    /// log — and makes the emptied log durable (see "Deferred flush" and step 5).
+    /// log — and makes the emptied log durable (see "Deferred flush" and step 5);
+    /// after a failed flush, recovers instead (see "Errors").
     /// Call it before making other writes to the data store durable; nothing to do
     /// otherwise. An open or failed transaction is left as it is.
     pub fn settle(&mut self, data: &dyn Store) -> io::Result<()> {
+        if self.state == State::Unknown {
+            // A failed flush (or a log not recovered yet): write it all again.
+            return self.recover(data, &mut |_, _| {}).map(|_| ());
+        }
         self.flush(data)?;
         if self.unsynced_reset {
             let _na = lockdep::no_alloc("journal settle");
@@ -2026,6 +2040,72 @@ mod tests {
         assert_eq!(j.pending_bytes(), 0, "flushed: nothing reserved");
         assert_eq!(data.counts().1, 1);
         assert!(data_page(&data.durable(), 1) == image(1, 1));
+    }
+
+    /// A data store whose next `sync` fails (EIO), as a disk error would.
+    struct FailSync {
+        mem: Arc<MemStore>,
+        fail: AtomicBool,
+    }
+
+    impl Store for FailSync {
+        fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<usize> {
+            self.mem.read_at(buf, off)
+        }
+        fn write_all_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
+            self.mem.write_all_at(buf, off)
+        }
+        fn sync(&self) -> io::Result<()> {
+            if self.fail.swap(false, Ordering::SeqCst) {
+                return Err(io::Error::from_raw_os_error(libc::EIO));
+            }
+            self.mem.sync()
+        }
+        fn len(&self) -> io::Result<u64> {
+            self.mem.len()
+        }
+        fn set_len(&self, len: u64) -> io::Result<()> {
+            self.mem.set_len(len)
+        }
+    }
+
+    /// A flush whose data sync fails is not retried as a bare sync (the kernel may
+    /// have dropped the failed pages): `begin` refuses, and the next `checkpoint`
+    /// (or `settle`) writes the whole run again from the log before emptying it.
+    #[test]
+    fn failed_flush_rewrites_the_run_from_the_log() {
+        for via_settle in [false, true] {
+            let log = Arc::new(MemStore::default());
+            let mem = Arc::new(MemStore::with_image(Scenario::base()));
+            let data = FailSync {
+                mem: mem.clone(),
+                fail: AtomicBool::new(false),
+            };
+            let mut j = Journal::with_capacity(log.clone(), 2).unwrap();
+            j.reserve(9 * REC as u64).unwrap();
+            for v in 1..=2u64 {
+                let mut t = j.begin().unwrap();
+                t.add(v, &image(v, v)).unwrap();
+                t.commit().unwrap();
+                j.checkpoint(&data, &mut |_, _| {}).unwrap();
+            }
+            data.fail.store(true, Ordering::SeqCst);
+            assert_eq!(j.settle(&data).unwrap_err().raw_os_error(), Some(libc::EIO));
+            // The pages the failed sync lost.
+            mem.restore(Scenario::base());
+            assert_eq!(j.begin().unwrap_err().kind(), io::ErrorKind::InvalidInput);
+            let mut seen = Vec::new();
+            if via_settle {
+                j.settle(&data).unwrap();
+            } else {
+                let r = j.checkpoint(&data, &mut |i, _| seen.push(i)).unwrap();
+                assert_eq!(r.replayed_pages, 2);
+                assert_eq!(seen, [1, 2]);
+            }
+            assert_eq!(sc_versions(&mem.durable()), [0, 1, 2, 0, 0, 0, 0, 0]);
+            assert!(log.durable().is_empty(), "recovered: truncated");
+            j.begin().unwrap();
+        }
     }
 
     /// The version each page of a data image carries (`image`'s stamp).
