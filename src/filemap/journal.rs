@@ -2042,6 +2042,41 @@ mod tests {
         assert!(data_page(&data.durable(), 1) == image(1, 1));
     }
 
+    /// A flushed run's second transaction, left whole right where a new run's
+    /// first one (of the same size) ends, does not continue the new run: its seq
+    /// is not the next one. Replayed, it would put an older page over a newer.
+    #[test]
+    fn stale_transaction_of_a_flushed_run_does_not_continue_a_new_one() {
+        let log = Arc::new(MemStore::default());
+        let data = Arc::new(MemStore::with_image(Scenario::base()));
+        let mut j = Journal::with_capacity(log.clone(), 2).unwrap();
+        j.reserve(20 * REC as u64).unwrap();
+        let mut txn = |j: &mut Journal<Arc<MemStore>>, v: u64, pages: &[u64]| {
+            let mut t = j.begin().unwrap();
+            for &p in pages {
+                t.add(p, &image(v, p)).unwrap();
+            }
+            let seq = t.seq();
+            t.commit().unwrap();
+            j.checkpoint(&*data, &mut |_, _| {}).unwrap();
+            seq
+        };
+        txn(&mut j, 1, &[1, 2]);
+        txn(&mut j, 2, &[1]);
+        j.settle(&*data).unwrap();
+        assert_eq!(sc_versions(&data.durable()), [0, 2, 1, 0, 0, 0, 0, 0]);
+        // The new run's first transaction ends where the stale second one starts.
+        let seq = txn(&mut j, 3, &[1, 2]);
+        drop(j);
+        let img = log.durable();
+        let at = 2 * REC + COMMIT;
+        assert_eq!(&img[at..at + 4], b"UMJP", "the stale transaction is there");
+        let mut j = Journal::new(log.clone()).unwrap();
+        let r = j.recover(&*data, &mut |_, _| {}).unwrap();
+        assert_eq!((r.replayed_pages, r.seq), (2, seq));
+        assert_eq!(sc_versions(&data.durable()), [0, 3, 3, 0, 0, 0, 0, 0]);
+    }
+
     /// A data store whose next `sync` fails (EIO), as a disk error would.
     struct FailSync {
         mem: Arc<MemStore>,
