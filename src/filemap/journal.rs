@@ -61,7 +61,8 @@
 //! store synced, then the log emptied — when another transaction as large as the
 //! last would not fit in the `reserve`d size (without `reserve`, at every
 //! checkpoint), by `settle` (which `Inode::sync` calls before it makes the file
-//! durable, and so its teardown), and before an abandoned transaction is dropped.
+//! durable, and so its teardown), and before the log of an abandoned transaction
+//! is emptied (its seq is not reused: the next transaction begins a new run).
 //! Recovery replays the whole run in order. Until the flush, readers of the data
 //! store see the new pages (they are written), and a crash loses only the data
 //! store's unsynced writes, which the log holds.
