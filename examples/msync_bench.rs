@@ -3,12 +3,16 @@
 //! 1. `msync` of 1 / 64 / 4096 dirty pages: usermm `Share::Atomic` and
 //!    `Share::Shared`, against the same writes with `pwrite` + `fdatasync` on a plain
 //!    file, and the kernel's `mmap(MAP_SHARED)` + `msync(MS_SYNC)`. Median of
-//!    `--reps` rounds (default 9), each dirtying pages spread over a 64 MiB file.
+//!    `--reps` rounds (default 9), each dirtying pages spread over a 64 MiB file,
+//!    the four systems' rounds interleaved (so drift and other load hit all alike);
+//!    the last column is the ratio of the means (an Atomic msync's flush, the
+//!    file's sync, comes once every few commits: the means count it).
 //! 2. Page-out of dirty shared pages under pressure: write every page of a file 4×
 //!    the budget through a shared mapping, then `msync`: usermm (budget B) against
 //!    the kernel in a memory cgroup v1 of B (root; skipped otherwise).
 //!
-//! `cargo run --release --example msync_bench -- [--dir DIR] [--reps N] [--budget-mib B]`
+//! `cargo run --release --example msync_bench -- [--dir DIR] [--reps N] [--budget-mib B] [--part1]`
+//! (`--part1`: part 1 only.)
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -23,6 +27,10 @@ fn arg(name: &str) -> Option<String> {
     a.iter()
         .position(|x| x == name)
         .and_then(|i| a.get(i + 1).cloned())
+}
+
+fn mean(v: &[Duration]) -> Duration {
+    v.iter().sum::<Duration>() / v.len() as u32
 }
 
 fn median(mut v: Vec<Duration>) -> Duration {
@@ -59,56 +67,43 @@ fn main() {
         dir.display()
     );
     println!(
-        "{:>6} {:>12} {:>12} {:>12} {:>12} {:>10} {:>10}",
+        "{:>6} {:>12} {:>12} {:>12} {:>12} {:>10} {:>10} {:>14}",
         "pages",
         "usermm-atomic",
         "usermm-shared",
         "pwrite+fsync",
         "kernel-msync",
         "atomic/pw",
-        "shared/pw"
+        "shared/pw",
+        "mean atomic/pw"
     );
     let vm = Vm::new(Config::default().memory_budget(64 << 20)).unwrap();
     vm.swapon(SwapSpec::file(work.path().join("swap"), 256 << 20))
         .unwrap();
     for n in [1u64, 64, 4096] {
-        // usermm, Atomic and Shared.
+        // The four systems' rounds interleave (their order rotating), so the
+        // machine's drift and other load fall on all of them alike.
         let mut t_atomic = Vec::new();
         let mut t_shared = Vec::new();
-        for (share, out) in [
-            (Share::Atomic, &mut t_atomic),
-            (Share::Shared, &mut t_shared),
-        ] {
+        let mut t_pw = Vec::new();
+        let mut t_k = Vec::new();
+        // usermm, Atomic and Shared.
+        let mut maps = Vec::new();
+        for share in [Share::Atomic, Share::Shared] {
             let p = work.path().join(format!("u-{n}-{share:?}"));
             make(&p);
             let mm = vm.new_space();
             let r = mm.map_file(&p, share).unwrap();
-            for round in 0..reps {
-                for i in pages(n, round) {
-                    mm.write(r.start() + i * PS as u64, &page).unwrap();
-                }
-                let t = Instant::now();
-                mm.msync(&r).unwrap();
-                out.push(t.elapsed());
-            }
+            maps.push((mm, r));
         }
         // pwrite + fdatasync.
         let p = work.path().join(format!("p-{n}"));
         make(&p);
-        let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
-        let mut t_pw = Vec::new();
-        for round in 0..reps {
-            let t = Instant::now();
-            for i in pages(n, round) {
-                f.write_all_at(&page, i * PS as u64).unwrap();
-            }
-            f.sync_data().unwrap();
-            t_pw.push(t.elapsed());
-        }
+        let pf = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
         // Kernel mmap + msync(MS_SYNC).
         let p = work.path().join(format!("k-{n}"));
         make(&p);
-        let f = std::fs::OpenOptions::new()
+        let kf = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .open(&p)
@@ -121,30 +116,56 @@ fn main() {
                 len,
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_SHARED,
-                std::os::fd::AsRawFd::as_raw_fd(&f),
+                std::os::fd::AsRawFd::as_raw_fd(&kf),
                 0,
             )
         };
         assert_ne!(base, libc::MAP_FAILED);
-        let mut t_k = Vec::new();
         for round in 0..reps {
-            for i in pages(n, round) {
-                // SAFETY: inside the mapping.
-                unsafe {
-                    std::ptr::copy_nonoverlapping(
-                        page.as_ptr(),
-                        (base as *mut u8).add(i as usize * PS),
-                        PS,
-                    )
-                };
+            for sys in 0..4 {
+                match (sys + round) % 4 {
+                    s @ (0 | 1) => {
+                        let (mm, r) = &maps[s as usize];
+                        for i in pages(n, round) {
+                            mm.write(r.start() + i * PS as u64, &page).unwrap();
+                        }
+                        let t = Instant::now();
+                        mm.msync(r).unwrap();
+                        let out = if s == 0 { &mut t_atomic } else { &mut t_shared };
+                        out.push(t.elapsed());
+                    }
+                    2 => {
+                        let t = Instant::now();
+                        for i in pages(n, round) {
+                            pf.write_all_at(&page, i * PS as u64).unwrap();
+                        }
+                        pf.sync_data().unwrap();
+                        t_pw.push(t.elapsed());
+                    }
+                    _ => {
+                        for i in pages(n, round) {
+                            // SAFETY: inside the mapping.
+                            unsafe {
+                                std::ptr::copy_nonoverlapping(
+                                    page.as_ptr(),
+                                    (base as *mut u8).add(i as usize * PS),
+                                    PS,
+                                )
+                            };
+                        }
+                        let t = Instant::now();
+                        // SAFETY: the mapping above.
+                        assert_eq!(unsafe { libc::msync(base, len, libc::MS_SYNC) }, 0);
+                        t_k.push(t.elapsed());
+                    }
+                }
             }
-            let t = Instant::now();
-            // SAFETY: the mapping above.
-            assert_eq!(unsafe { libc::msync(base, len, libc::MS_SYNC) }, 0);
-            t_k.push(t.elapsed());
         }
         // SAFETY: the mapping above, no longer used.
         unsafe { libc::munmap(base, len) };
+        drop(maps);
+        // Means as well: an Atomic msync's flush (file sync) comes every few commits.
+        let mean_ratio = mean(&t_atomic).as_secs_f64() / mean(&t_pw).as_secs_f64();
         let (a, s, pw, k) = (
             median(t_atomic),
             median(t_shared),
@@ -153,16 +174,20 @@ fn main() {
         );
         let ms = |d: Duration| format!("{:.3} ms", d.as_secs_f64() * 1e3);
         println!(
-            "{n:>6} {:>12} {:>12} {:>12} {:>12} {:>9.2}x {:>9.2}x",
+            "{n:>6} {:>12} {:>12} {:>12} {:>12} {:>9.2}x {:>9.2}x {:>13.2}x",
             ms(a),
             ms(s),
             ms(pw),
             ms(k),
             a.as_secs_f64() / pw.as_secs_f64(),
-            s.as_secs_f64() / pw.as_secs_f64()
+            s.as_secs_f64() / pw.as_secs_f64(),
+            mean_ratio
         );
     }
     drop(vm);
+    if std::env::args().any(|a| a == "--part1") {
+        return;
+    }
     pageout(work.path(), budget_mib);
 }
 

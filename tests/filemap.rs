@@ -172,7 +172,12 @@ fn atomic_mapping_touches_the_file_only_at_msync() {
     for i in 0..n {
         assert_eq!(file_page(&p, i), page(4, i), "page {i}");
     }
-    assert_eq!(std::fs::metadata(&journal).unwrap().len(), 0);
+    // The journal is emptied in place: its first header zeroed, its size kept.
+    let jb = std::fs::read(&journal).unwrap();
+    assert!(
+        jb.len() >= 64 && jb[..64].iter().all(|&b| b == 0),
+        "journal not emptied"
+    );
     assert_eq!(
         std::fs::metadata(&p).unwrap().len(),
         n * PS as u64 + 100,
@@ -377,4 +382,53 @@ fn differential_shared_and_private_under_pressure() {
         s.fileout > 0 && s.filein > 0 && s.pswpout > s.fileout,
         "{s:?}"
     );
+}
+
+/// Small Atomic commits cost one sync: their pages reach the file at `msync` (and
+/// read back from it), but stay in the journal, unflushed, until the file is
+/// synced (`File::sync`) or its last mapping goes; then the journal is emptied.
+#[test]
+fn small_atomic_commits_stay_in_the_journal_until_the_file_is_synced() {
+    let dir = tempfile::tempdir().unwrap();
+    let vm = vm(dir.path(), 1 << 20);
+    let p = make_file(dir.path(), "small", 16, 0);
+    let journal = dir.path().join("small.usermm-journal");
+    let held = |j: &Path| std::fs::read(j).unwrap()[..64].iter().any(|&b| b != 0);
+    let mm = vm.new_space();
+    let r = mm.map_file(&p, Share::Atomic).unwrap();
+    // The journal's working size, written once at the first Atomic mapping.
+    let jlen = std::fs::metadata(&journal).unwrap().len();
+    assert!(jlen >= 1 << 20, "journal of {jlen} bytes");
+    assert!(!held(&journal));
+    for v in 1..=3u64 {
+        mm.write(r.start() + v * PS as u64, &page(v, v)).unwrap();
+        mm.msync(&r).unwrap();
+        assert_eq!(file_page(&p, v), page(v, v), "commit {v} is in the file");
+        assert!(held(&journal), "commit {v} stays in the journal");
+    }
+    assert_eq!(
+        std::fs::metadata(&journal).unwrap().len(),
+        jlen,
+        "no growth"
+    );
+    // `File::sync` flushes the run: the file synced, then the journal emptied.
+    let f = vm.open(&p).unwrap();
+    f.sync().unwrap();
+    assert!(!held(&journal), "File::sync flushes the journal");
+    // Another commit, then teardown flushes it too.
+    mm.write(r.start(), &page(4, 0)).unwrap();
+    mm.msync(&r).unwrap();
+    assert!(held(&journal));
+    drop((f, r, mm, vm));
+    assert!(!held(&journal), "the file's teardown flushes the journal");
+    let want: Vec<Vec<u8>> = (0..16)
+        .map(|i| match i {
+            0 => page(4, 0),
+            1..=3 => page(i, i),
+            _ => page(0, i),
+        })
+        .collect();
+    for (i, w) in want.iter().enumerate() {
+        assert_eq!(&file_page(&p, i as u64), w, "page {i}");
+    }
 }

@@ -535,13 +535,19 @@ impl Inode {
         flush(&mut run, run_start, &buf);
         result?;
         if durable {
-            // An Atomic commit's emptied journal must not be replayed over what
-            // this sync makes durable (`Journal::settle`).
+            // Atomic commits still in the journal (unflushed, or emptied but not
+            // synced) must not be replayed over what this sync makes durable:
+            // `Journal::settle` syncs their pages and empties the log first.
             // `try_lock`: a commit in progress holds it (and may wait for a guard
-            // of the thread that called us); its own log sync replaces the log.
+            // of the thread that called us); then the journal's run stays until
+            // its next flush, and a crash before that replays it — over a page
+            // this sync made durable only if a Shared mapping or handle wrote a
+            // page that an Atomic commit of the same file also wrote (racing
+            // writers of one page: the order between them is not promised).
             if let Some(mut c) = self.commit.try_lock() {
                 if let Some(j) = c.as_mut() {
-                    j.settle().map_err(|e| with_path(&self.path, e))?;
+                    j.settle(&crate::mm::msync::Clipped::of(self))
+                        .map_err(|e| with_path(&self.path, e))?;
                 }
             }
             // The page-I/O threads' write-backs of this file queued before now are

@@ -10,8 +10,8 @@
 //! "Locking/allocation" below).
 //!
 //! ## On-disk format (log store)
-//! A transaction is a run of records from offset 0, all little-endian, each with a
-//! 64-byte header:
+//! The log holds a **run** of transactions, back to back from offset 0. A
+//! transaction is a run of records, all little-endian, each with a 64-byte header:
 //! ```text
 //! offset  size  page record ("UMJP")        commit record ("UMJC")
 //!  0       4    magic b"UMJP"               magic b"UMJC"
@@ -24,79 +24,135 @@
 //! 60       4    crc32c(bytes 0..60 ++ page) crc32c(bytes 0..60)
 //! 64    4096    the page image              (nothing: the record is 64 bytes)
 //! ```
-//! so page record `i` is at `i * 4160` and the commit record at `n * 4160`.
+//! so in a transaction starting at `s`, page record `i` is at `s + i * 4160` and
+//! the commit record at `s + n * 4160`.
 //! `chain` = crc32c(seq as 8 bytes) extended by the crc of every page record in
-//! order (4 bytes each, `crc32c_append`). The transaction is committed iff, read from
-//! offset 0, records 0..n all carry the magic, version, the seq of record 0 and their
-//! own ordinal, each checks against its crc, and the record after them is a commit
-//! record with the same seq, the count n, the chain of those n crcs and a valid crc.
-//! Anything else — a zero-filled hole, a torn record (its crc), garbage, a record of
-//! another transaction (its seq or ordinal), a commit record whose transaction lost
-//! or changed a record (its count or chain) — makes the whole log uncommitted, and
-//! it is discarded. Bytes after the commit record are ignored (`discarded_bytes`).
-//! A page index may appear more than once; records are replayed in order, so the
-//! later image wins.
+//! order (4 bytes each, `crc32c_append`). A transaction starting at `s` is committed
+//! iff, read from `s`, records 0..n all carry the magic, version, the seq of record 0
+//! and their own ordinal, each checks against its crc, and the record after them is
+//! a commit record with the same seq, the count n, the chain of those n crcs and a
+//! valid crc. The run is read from offset 0: the first transaction (any seq), then
+//! the one starting at its end if it is committed **and its seq is one more**, and
+//! so on; the run ends at the first place where that fails. Anything there — a
+//! zero-filled hole, a torn record (its crc), garbage, a record of another
+//! transaction (its seq or ordinal), a commit record whose transaction lost or
+//! changed a record (its count or chain), an older transaction (its seq) — ends
+//! the run and is ignored: an unfinished next transaction, or stale bytes of
+//! earlier ones (see below). A log of 0 bytes, or whose first 64 bytes are zeros,
+//! is **empty**. A page index may appear more than once; records are replayed in
+//! order, transactions in the run's order, so the later image wins.
+//!
+//! ## Emptying in place
+//! The log is not truncated after a flush: it keeps its length, and is emptied by
+//! zeroing its first header (one 64-byte write at offset 0). The next run
+//! overwrites the same blocks from offset 0; a log sync that only overwrites
+//! blocks the file already has is a flush of data alone (`fdatasync` has no size or
+//! extent change to commit through the file system's journal — on ext4 that halves
+//! the cost of a small commit's log sync). [`Journal::reserve`] makes the log a
+//! given size of written zeros once, when it is opened (the first Atomic mapping
+//! of the file), so small transactions never grow it; a larger one grows it by its
+//! own writes, once. Only `recover` truncates the log (to 0 bytes, synced): `fsck`
+//! leaves no journal bytes behind.
+//!
+//! ## Deferred flush
+//! A checkpoint writes the committed pages to the data store but does not sync it:
+//! the transaction stays in the log, and the next one is written after it (the
+//! run). So a commit costs one sync, the log's. The run is **flushed** — the data
+//! store synced, then the log emptied — when another transaction as large as the
+//! last would not fit in the `reserve`d size (without `reserve`, at every
+//! checkpoint), by `settle` (which `Inode::sync` calls before it makes the file
+//! durable, and so its teardown), and before the log of an abandoned transaction
+//! is emptied (its seq is not reused: the next transaction begins a new run).
+//! Recovery replays the whole run in order. Until the flush, readers of the data
+//! store see the new pages (they are written), and a crash loses only the data
+//! store's unsynced writes, which the log holds.
 //!
 //! Sequence numbers start at a random value per [`Journal`] (std's `RandomState`
 //! keys) and increase by one per transaction, so a record left in the file by an
 //! earlier process — which a file system that exposes stale blocks after a crash
-//! (ext4 `data=writeback`) could show beyond a new transaction's end — does not
-//! carry the new transaction's seq. An older *committed* transaction can reappear
-//! only if the emptying that followed its checkpoint did not reach the disk; it is
-//! then replayed again, harmlessly: its pages are already in the file (synced
-//! before the emptying), and nothing newer is, because a newer transaction commits
-//! by a log sync, which makes that emptying durable too.
+//! (ext4 `data=writeback`) could show beyond a run's end — does not carry the seq
+//! that continues the run, and records of an earlier run of this journal have
+//! smaller seqs. An older *committed* run can reappear only if the emptying that
+//! followed its flush did not reach the disk; it is then replayed again,
+//! harmlessly: its pages are already in the file (synced before the emptying), and
+//! nothing newer is, because a newer transaction commits by a log sync, which makes
+//! that emptying durable too.
 //!
 //! ## Protocol and sync points
 //! 1. `begin`: if an earlier transaction was abandoned (or failed), the log is
-//!    emptied first (`set_len(0)`, sync). A transaction is always written from
-//!    offset 0 of an empty log: emptied and synced by this journal, or found empty
-//!    by `new`.
+//!    emptied first (in place, synced) — if the run before it is unflushed,
+//!    `begin` refuses and `checkpoint` flushes and empties. A transaction is
+//!    written at the end of the run: offset 0 of an empty log (emptied by this
+//!    journal, synced or see step 5; found empty by `new`; or recovered), or just
+//!    after the last checkpointed transaction, with the next seq.
 //! 2. `add`: the page record goes into the shadow buffer; a full buffer is written
 //!    to the log (no sync).
 //! 3. `commit`: the buffered records and the commit record are written in one
 //!    write, then the log is synced. **Log sync = commit**: the durability point.
-//! 4. `checkpoint` (and `recover`, the same routine): the log is scanned, checked as
-//!    above, and each page of the committed transaction is read back from the log and
-//!    written to the data store at `index * 4096`; then **the data store is synced
-//!    before the log is emptied** (`set_len(0)`; `recover` syncs that at once).
-//! 5. `checkpoint` does not sync the emptied log: that sync would be a third per
+//! 4. `checkpoint`: the transaction is scanned where `commit` wrote it, checked as
+//!    above, and each of its pages is read back from the log and written to the
+//!    data store at `index * 4096` (no sync). `recover` does the same for every
+//!    transaction of the run, in order, then syncs the data store and truncates
+//!    the log (synced). A flush (see above) **syncs the data store before the log
+//!    is emptied**.
+//! 5. A flush does not sync the emptied log: that sync would be a third per
 //!    msync. Until the log's next sync (the next commit, or `settle`) a crash may
-//!    find the checkpointed transaction still there and replay it, which rewrites
-//!    pages the data store already holds durably (idempotent); a new transaction
-//!    written over it from offset 0 has another seq, so no mix of the two can
-//!    validate. The one thing a stale replay could undo is a write to the data
-//!    store made durable by someone else after the checkpoint: such a writer calls
-//!    `settle` first (`Inode::sync` does).
+//!    find the flushed run still there and replay it, which rewrites pages the
+//!    data store already holds durably (idempotent); a new transaction written over
+//!    it from offset 0 has another seq, so no mix of the two can validate. The one
+//!    thing a stale replay could undo is a write to the data store made durable by
+//!    someone else after the flush: such a writer calls `settle` first
+//!    (`Inode::sync` does).
 //!
 //! Data is written only by step 4, only for a transaction whose commit record the
-//! scan has just found valid, and the log is emptied only once those writes are
-//! durable. So at any crash:
-//! - before the commit's log sync returned: the log holds no valid commit record
-//!   (it, or a page record, or part of one, did not reach the disk: the crc, count
-//!   or chain fails) and the data store was not touched since the previous
-//!   checkpoint: recovery discards the log, the file is the previous version. Or the
-//!   device happened to persist everything before the crash: the log is committed
-//!   and recovery makes the file the new version. `commit` had not returned `Ok`, so
-//!   the caller promised nothing; either way it is one version.
-//! - after `commit` returned `Ok`, during the data writes or the data sync: the file
-//!   may hold any mix of old and new pages of the transaction, but the log still
-//!   holds the whole committed transaction: recovery writes every page of it again
-//!   (full-page images: idempotent) and syncs, giving the new version.
-//! - after the data sync, during the log's emptying: the log is either still the
-//!   committed transaction (replayed again, harmlessly) or empty; the file is the new
-//!   version.
-//! - during `recover` itself: the same two cases as the last two; recovering again
-//!   is always allowed.
-//! - during `begin`'s emptying of an abandoned transaction: it has no commit record.
+//! scan has just found valid, and the log is emptied only once the writes of every
+//! transaction in it are durable. So at any crash:
+//! - before the commit's log sync returned: the new transaction has no valid
+//!   commit record (it, or a page record, or part of one, did not reach the disk:
+//!   the crc, count or chain fails), so the run ends before it, and the data store
+//!   holds none of it: recovery replays the run before it (the previous version).
+//!   Or the device happened to persist everything before the crash: recovery
+//!   makes the file the new version. `commit` had not returned `Ok`, so the caller
+//!   promised nothing; either way it is one version.
+//! - after `commit` returned `Ok`, during the data writes, before or during the
+//!   flush's data sync: the file may hold any mix of old and new pages of the
+//!   run's transactions, but the log still holds the whole run: recovery writes
+//!   every page of it again in order (full-page images: idempotent) and syncs,
+//!   giving the last version.
+//! - after the flush's data sync, during the log's emptying: the log is either
+//!   still the run (replayed again, harmlessly) or empty; the file is the last
+//!   version. The emptying is one write of 64 bytes inside the first sector: if
+//!   only part of it reached the disk, the first header no longer checks (its
+//!   crc), so the log holds no run — the same as empty.
+//! - after the emptying, while the next transaction is written over the old run
+//!   (before its log sync): if the emptying did not reach the disk, the disk holds
+//!   the old run with some of the new transaction's sectors written over it. A
+//!   record with any sector of the new one fails its crc (the page and header are
+//!   one crc) or carries the new seq; so either the run ends earlier (what it
+//!   still replays is durable in the file already), or the old run replays whole,
+//!   because every sector the new one wrote there held the same bytes (again,
+//!   harmlessly).
+//! - after a new transaction committed over an old run: the bytes after its commit
+//!   record are the old run's (smaller seqs) or zeros: they end the run. The old
+//!   run's record 0 was overwritten durably by the new commit's log sync, so it
+//!   can never validate again.
+//! - during `recover` itself: the same cases as the last four; recovering again is
+//!   always allowed.
+//! - during `begin`'s emptying of an abandoned transaction: it has no commit record
+//!   (or one its `commit` did not report: in doubt, as above); emptied or not, it
+//!   is one of the two versions.
+//! - during `reserve`: it writes zeros past the log's end only, on an empty log.
 //!
 //! ## Errors
 //! I/O errors propagate unchanged. A failing `add` or `commit` (ENOSPC on the log,
-//! say) leaves the transaction uncommitted and the data store untouched; the next
-//! `begin` (or `checkpoint`) empties the log. `checkpoint` after a failed data
+//! say) leaves the transaction uncommitted and the data store untouched by it;
+//! the next `begin` (or `checkpoint`) empties the log. `checkpoint` after a failed data
 //! write keeps the transaction committed: it may be retried, and `begin` refuses
 //! (`InvalidInput`) until it succeeds, as it does before `recover` on a log that was
-//! not empty at `new`. A log that changes under a committed transaction (its scan
+//! not empty at `new`. A flush whose data sync failed does not trust a later sync
+//! (the kernel may have dropped the failed pages): `begin` refuses, and the next
+//! `checkpoint` recovers — writes the whole run again from the log, syncs, and
+//! truncates the log. A log that changes under a committed transaction (its scan
 //! no longer finds exactly what `commit` wrote) is `InvalidData`. Errors the journal
 //! makes itself are bare `ErrorKind`s (no message: building one would allocate).
 //!
@@ -104,7 +160,8 @@
 //! No locks: the caller serialises transactions (`begin`, `checkpoint` and `recover`
 //! take `&mut self`, a [`Txn`] borrows the journal mutably), and the stores do
 //! positioned I/O. Invariant 4: whatever a commit needs is allocated before, in
-//! `new` (the shadow buffer); `add`, `commit`, `checkpoint` and `recover` allocate
+//! `new` (the shadow buffer); `add`, `commit`, `checkpoint`, `settle`, `reserve`
+//! and `recover` allocate
 //! nothing — records are encoded in place in the shadow buffer, read back into it
 //! in chunks, and the pages handed to `on_page` and written to the data store are
 //! slices of it — so a commit or a checkpoint under a lock that reclaim needs cannot
@@ -115,13 +172,14 @@
 //! `MemStore` keeps a durable image and the unsynced operations; its `crash` keeps
 //! a random subset of them, writes torn at 512-byte sectors. The exhaustive test
 //! runs three transactions (random pages, duplicate indices) over a data store
-//! of 8 pages, crashes the machine at every I/O operation in turn, then crashes
-//! recovery at every one of its operations and recovers again, and checks that the
-//! file is exactly one version: the last committed, or the next if its commit
-//! failed only at the log sync. A planted bug (no log sync in `commit`) must be
-//! caught by the same checker.
-
-// The mapping side (`Share::Atomic`) that calls the journal is not in yet.
+//! of 8 pages (a third of the scenarios flush at every checkpoint, a third
+//! sometimes, a third only at the final `settle`), crashes the machine at every
+//! I/O operation in turn, then crashes recovery at every one of its operations and
+//! recovers again, and checks that the file is exactly one version: the last
+//! committed, or the next if its commit failed only at the log sync. Transactions
+//! differ in size, so shorter ones are written over longer ones in place. Two
+//! planted bugs (no log sync in `commit`; the in-place emptying before the data
+//! sync in a flush) must be caught by the same checker.
 
 use crate::addr::PAGE_SIZE;
 use crate::lockdep;
@@ -186,6 +244,11 @@ impl<T: Store + ?Sized> Store for Arc<T> {
 pub(crate) const SHADOW_RECORDS: usize = 64;
 /// Record header bytes.
 const HDR: usize = 64;
+/// The log bytes of a transaction of `pages` pages (what [`Journal::reserve`]
+/// needs for it to fit).
+pub(crate) const fn log_bytes(pages: u64) -> u64 {
+    pages * REC as u64 + COMMIT as u64
+}
 /// A page record: header and page image.
 const REC: usize = HDR + PAGE_SIZE;
 /// A commit record: a header alone.
@@ -203,8 +266,10 @@ const MAX_INDEX: u64 = u64::MAX / PAGE_SIZE as u64 - 1;
 pub(crate) struct Recovery {
     /// Page records written to the data store (duplicates included).
     pub replayed_pages: u64,
-    /// Log bytes not replayed: an uncommitted or torn tail, garbage, or all of an
-    /// abandoned transaction.
+    /// The log's length if it held bytes but no committed transaction and was not
+    /// empty (an unfinished or torn transaction, garbage); else 0 (bytes after a
+    /// committed transaction's end, or behind an emptied header, are stale or
+    /// reserved, not discarded).
     pub discarded_bytes: u64,
     /// The seq of the replayed transaction (0: none).
     pub seq: u64,
@@ -213,10 +278,12 @@ pub(crate) struct Recovery {
 /// What the journal knows of its log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
-    /// Not empty at `new` and not recovered yet: `begin` refuses.
+    /// Not empty at `new` and not recovered yet (or being recovered): `begin`
+    /// refuses.
     Unknown,
-    /// Durably empty.
-    Clean,
+    /// No transaction open or waiting: the log holds the unflushed run
+    /// `[0, tail)` (none if `tail` is 0), then nothing that validates.
+    Ready,
     /// May hold records of a transaction that was abandoned or whose commit failed.
     Dirty,
     /// Holds this committed transaction, not yet (all) written to the data store.
@@ -228,6 +295,8 @@ enum State {
 struct Found {
     seq: u64,
     pages: u64,
+    /// Log offset of its first record.
+    start: u64,
     /// Log offset just past the commit record.
     end: u64,
 }
@@ -242,9 +311,20 @@ pub(crate) struct Journal<S: Store> {
     next_seq: u64,
     /// `checkpoint` emptied the log without syncing it (see `settle`).
     unsynced_reset: bool,
+    /// The end of the run of checkpointed, unflushed transactions at the log's
+    /// start: where the next transaction goes (0: none, the log is empty).
+    tail: u64,
+    /// What `reserve` made the log: the run is flushed before it outgrows it.
+    reserved: u64,
+    /// The log bytes of the last transaction checkpointed.
+    last_bytes: u64,
     /// The planted bug of the crash test: `commit` returns without syncing the log.
     #[cfg(test)]
     plant_skip_commit_sync: bool,
+    /// The planted bug of the emptying: `checkpoint` empties the log before it
+    /// syncs the data store.
+    #[cfg(test)]
+    plant_empty_before_data_sync: bool,
 }
 
 impl<S: Store> std::fmt::Debug for Journal<S> {
@@ -253,6 +333,8 @@ impl<S: Store> std::fmt::Debug for Journal<S> {
             .field("shadow_bytes", &self.shadow.len())
             .field("state", &self.state)
             .field("next_seq", &self.next_seq)
+            .field("tail", &self.tail)
+            .field("reserved", &self.reserved)
             .finish()
     }
 }
@@ -267,6 +349,8 @@ pub(crate) struct Txn<'a, S: Store> {
     chain: u32,
     /// Bytes staged in the shadow buffer.
     fill: usize,
+    /// Log offset of the transaction's first record.
+    start: u64,
     /// Log offset where the shadow buffer's first byte goes.
     off: u64,
 }
@@ -388,14 +472,19 @@ impl<S: Store> Journal<S> {
             log,
             shadow: vec![0u8; records * REC + COMMIT].into_boxed_slice(),
             state: if len == 0 {
-                State::Clean
+                State::Ready
             } else {
                 State::Unknown
             },
             next_seq: fresh_seq(),
             unsynced_reset: false,
+            tail: 0,
+            reserved: 0,
+            last_bytes: 0,
             #[cfg(test)]
             plant_skip_commit_sync: false,
+            #[cfg(test)]
+            plant_empty_before_data_sync: false,
         })
     }
 
@@ -405,85 +494,258 @@ impl<S: Store> Journal<S> {
         &self.log
     }
 
-    /// Replays the last committed, not yet checkpointed transaction (if any) onto
-    /// `data`, syncs `data`, then empties the log (`set_len(0)` + sync). A torn or
-    /// uncommitted tail is discarded. Idempotent: crashing during `recover` and
-    /// recovering again is fine. `on_page(index, bytes)` is called for every page
-    /// replayed, before it is written to `data`.
+    /// Committed transactions checkpointed but not yet flushed (their pages are
+    /// written to the data store, not synced there): the log bytes they hold.
+    #[cfg(test)]
+    pub fn pending_bytes(&self) -> u64 {
+        self.tail
+    }
+
+    /// Replays every committed transaction the log holds (the run from offset 0,
+    /// in order) onto `data`, syncs `data`, then empties the log (truncated to 0
+    /// bytes + sync; see [`reserve`](Self::reserve) to make it its working size
+    /// again). A torn or uncommitted tail is discarded. Idempotent: crashing during
+    /// `recover` and recovering again is fine. `on_page(index, bytes)` is called for
+    /// every page replayed, before it is written to `data`.
     pub fn recover(
         &mut self,
         data: &dyn Store,
         on_page: &mut dyn FnMut(u64, &[u8]),
     ) -> io::Result<Recovery> {
-        self.replay(data, on_page, true)
+        let (len, empty) = {
+            let _na = lockdep::no_alloc("journal scan");
+            lockdep::might_block("journal log read");
+            let len = self.log.len()?;
+            let first = read_full(&self.log, &mut self.shadow[..HDR], 0)?;
+            (
+                len,
+                first == 0 || (first == HDR && self.shadow[..HDR].iter().all(|&b| b == 0)),
+            )
+        };
+        // From the first replayed page until the log is emptied, nothing may be
+        // dropped: the data store may hold part of what the log holds.
+        let mut r = Recovery::default();
+        let mut off = 0u64;
+        let mut expect = None;
+        loop {
+            let found = if empty {
+                None
+            } else {
+                let _na = lockdep::no_alloc("journal scan");
+                lockdep::might_block("journal log read");
+                scan_txn(&self.log, &mut self.shadow, off, expect)?
+            };
+            let Some(found) = found else { break };
+            self.state = State::Unknown;
+            self.apply(data, found, on_page)?;
+            r.replayed_pages += found.pages;
+            r.seq = found.seq;
+            self.next_seq = self.next_seq.max(found.seq + 1);
+            off = found.end;
+            expect = Some(found.seq + 1);
+        }
+        if r.seq != 0 {
+            let _na = lockdep::no_alloc("journal data sync");
+            lockdep::might_block("journal data sync");
+            data.sync()?;
+        } else if !empty {
+            r.discarded_bytes = len;
+        }
+        if len != 0 || self.state != State::Ready || self.tail != 0 {
+            let _na = lockdep::no_alloc("journal reset");
+            lockdep::might_block("journal log sync");
+            self.log.set_len(0)?;
+            self.log.sync()?;
+        }
+        self.state = State::Ready;
+        self.tail = 0;
+        self.unsynced_reset = false;
+        Ok(r)
     }
 
-    /// Starts a transaction. `InvalidInput` while a committed transaction waits for
-    /// `checkpoint`, or before `recover` on a log that was not empty at `new`. Empties
-    /// the log first if the previous transaction was abandoned or failed.
+    /// Starts a transaction, written to the log after the transactions already
+    /// checkpointed but not flushed (at offset 0 of an empty log). `InvalidInput`
+    /// while a committed transaction waits for `checkpoint`, before `recover` on a
+    /// log that was not empty at `new`, or after an abandoned or failed transaction
+    /// while unflushed ones are in the log (`checkpoint` first: it flushes them and
+    /// empties the log). After an abandoned or failed transaction with nothing
+    /// unflushed, empties the log first (in place, synced).
     pub fn begin(&mut self) -> io::Result<Txn<'_, S>> {
         match self.state {
             State::Unknown | State::Committed(_) => {
                 return Err(io::ErrorKind::InvalidInput.into());
             }
+            State::Dirty if self.tail != 0 => return Err(io::ErrorKind::InvalidInput.into()),
             State::Dirty => self.reset()?,
-            State::Clean => {}
+            State::Ready => {}
         }
         // From the first write on, the log may hold records of this transaction.
         self.state = State::Dirty;
         let seq = self.next_seq;
         self.next_seq += 1;
+        let off = self.tail;
         Ok(Txn {
             j: self,
             seq,
             pages: 0,
             chain: chain_seed(seq),
             fill: 0,
-            off: 0,
+            start: off,
+            off,
         })
     }
 
     /// After a commit: writes the committed pages to `data` (reading them back from
     /// the log, so no copy of the pages is kept in memory), calling `on_page` before
-    /// each write, syncs `data`, then empties the log and syncs it. The same routine
-    /// as recovery. With nothing committed: empties the log of an abandoned or failed
-    /// transaction (no page replayed), or does nothing.
+    /// each write — the same routine as recovery — and leaves the transaction in
+    /// the log, unflushed (see "Deferred flush"): the next transaction goes after
+    /// it. If another as large would not fit in the `reserve`d log, flushes: syncs
+    /// `data`, then empties the log in place (not synced: step 5 of the protocol).
+    /// With nothing committed: flushes and durably empties the log of an abandoned
+    /// or failed transaction (no page replayed), or does nothing. On a log that was
+    /// not empty at `new`: `recover`.
     pub fn checkpoint(
         &mut self,
         data: &dyn Store,
         on_page: &mut dyn FnMut(u64, &[u8]),
     ) -> io::Result<Recovery> {
-        match self.state {
-            State::Clean => Ok(Recovery::default()),
+        let c = match self.state {
+            State::Ready => return Ok(Recovery::default()),
             // Not replayed even if a commit record reached the log: its `commit`
             // failed, so the transaction is not committed as far as the caller knows.
             State::Dirty => {
                 let len = self.log.len()?;
+                self.flush(data)?;
                 self.reset()?;
-                Ok(Recovery {
+                return Ok(Recovery {
                     discarded_bytes: len,
                     ..Recovery::default()
-                })
+                });
             }
-            State::Unknown | State::Committed(_) => self.replay(data, on_page, false),
+            State::Unknown => return self.recover(data, on_page),
+            State::Committed(c) => c,
+        };
+        let found = {
+            let _na = lockdep::no_alloc("journal scan");
+            lockdep::might_block("journal log read");
+            scan_txn(&self.log, &mut self.shadow, c.start, Some(c.seq))?
+        };
+        if found != Some(c) {
+            // What `commit` synced is not there: not ours to paper over.
+            return Err(io::ErrorKind::InvalidData.into());
         }
+        self.apply(data, c, on_page)?;
+        self.state = State::Ready;
+        self.tail = c.end;
+        self.last_bytes = c.end - c.start;
+        if self.tail + self.last_bytes > self.reserved {
+            self.flush(data)?;
+        }
+        Ok(Recovery {
+            replayed_pages: c.pages,
+            discarded_bytes: 0,
+            seq: c.seq,
+        })
     }
 
-    /// Empties the log durably.
-    fn reset(&mut self) -> io::Result<()> {
+    /// If unflushed transactions are in the log (their pages written to `data`):
+    /// syncs `data`, then empties the log in place, not synced (step 5).
+    fn flush(&mut self, data: &dyn Store) -> io::Result<()> {
+        if self.tail == 0 {
+            return Ok(());
+        }
+        #[cfg(test)]
+        if self.plant_empty_before_data_sync {
+            self.invalidate()?;
+        }
+        {
+            let _na = lockdep::no_alloc("journal data sync");
+            lockdep::might_block("journal data sync");
+            if let Err(e) = data.sync() {
+                // The kernel may have dropped the pages that failed: a later sync
+                // succeeding proves nothing. The run is written again from the
+                // log (`checkpoint` recovers) before the log may be emptied.
+                self.state = State::Unknown;
+                return Err(e);
+            }
+        }
         let _na = lockdep::no_alloc("journal reset");
+        self.invalidate()?;
+        self.tail = 0;
+        self.unsynced_reset = true;
+        Ok(())
+    }
+
+    /// Empties the log durably, in place (its first header zeroed). Only with
+    /// nothing unflushed in it.
+    fn reset(&mut self) -> io::Result<()> {
+        debug_assert_eq!(self.tail, 0);
+        let _na = lockdep::no_alloc("journal reset");
+        self.invalidate()?;
         lockdep::might_block("journal log sync");
-        self.log.set_len(0)?;
         self.log.sync()?;
-        self.state = State::Clean;
+        self.state = State::Ready;
         self.unsynced_reset = false;
         Ok(())
     }
 
-    /// Makes a log emptied by `checkpoint` durably empty (see "Protocol and sync
-    /// points", step 5). Call it before making other writes to the data store
-    /// durable; nothing to do otherwise.
-    pub fn settle(&mut self) -> io::Result<()> {
+    /// Empties the log in place, not synced: zeroes the first record's header, so
+    /// no transaction starts at offset 0 (see "Emptying in place").
+    fn invalidate(&mut self) -> io::Result<()> {
+        lockdep::might_block("journal log write");
+        self.log.write_all_at(&[0u8; HDR], 0)
+    }
+
+    /// Makes the log at least `bytes` long with written zeros (keeping what is
+    /// there below its current length), syncs it, and lets checkpointed
+    /// transactions accumulate in it, unflushed, while another as large as the last
+    /// still fits in `bytes` (see "Deferred flush"). Later transactions that fit
+    /// overwrite allocated, written blocks in place, so their log sync is a flush of
+    /// data alone, without a file-system metadata commit (see "Emptying in place").
+    /// Only on an empty log (`InvalidInput` otherwise: `recover` first). After an
+    /// error (ENOSPC, say) the log is cut back to its length before, and the
+    /// journal works as without `reserve`. Uses the shadow buffer; allocates
+    /// nothing.
+    pub fn reserve(&mut self, bytes: u64) -> io::Result<()> {
+        if self.state != State::Ready || self.tail != 0 {
+            return Err(io::ErrorKind::InvalidInput.into());
+        }
+        let _na = lockdep::no_alloc("journal reserve");
+        lockdep::might_block("journal log write");
+        let was = self.log.len()?;
+        if was < bytes {
+            self.shadow.fill(0);
+            let mut len = was;
+            let mut zero_fill = || {
+                while len < bytes {
+                    let n = (bytes - len).min(self.shadow.len() as u64) as usize;
+                    self.log.write_all_at(&self.shadow[..n], len)?;
+                    len += n as u64;
+                }
+                self.log.sync()
+            };
+            if let Err(e) = zero_fill() {
+                // ENOSPC, say: give the space back; the journal works without.
+                let _ = self.log.set_len(was);
+                return Err(e);
+            }
+            self.unsynced_reset = false;
+        }
+        self.reserved = bytes;
+        Ok(())
+    }
+
+    /// Flushes what `checkpoint` left unflushed — syncs `data`, then empties the
+    /// log — and makes the emptied log durable (see "Deferred flush" and step 5);
+    /// after a failed flush, recovers instead (see "Errors").
+    /// Call it before making other writes to the data store durable; nothing to do
+    /// otherwise. An open or failed transaction is left as it is.
+    pub fn settle(&mut self, data: &dyn Store) -> io::Result<()> {
+        if self.state == State::Unknown {
+            // A failed flush (or a log not recovered yet): write it all again.
+            return self.recover(data, &mut |_, _| {}).map(|_| ());
+        }
+        self.flush(data)?;
         if self.unsynced_reset {
             let _na = lockdep::no_alloc("journal settle");
             lockdep::might_block("journal log sync");
@@ -491,64 +753,6 @@ impl<S: Store> Journal<S> {
             self.unsynced_reset = false;
         }
         Ok(())
-    }
-
-    /// Scan, replay, data sync, log reset: `recover` and `checkpoint`. `durable`:
-    /// the emptied log is synced (recovery); else it is left to the next sync of
-    /// the log (`checkpoint`, see step 5).
-    fn replay(
-        &mut self,
-        data: &dyn Store,
-        on_page: &mut dyn FnMut(u64, &[u8]),
-        durable: bool,
-    ) -> io::Result<Recovery> {
-        let (len, found) = {
-            let _na = lockdep::no_alloc("journal scan");
-            lockdep::might_block("journal log read");
-            let len = self.log.len()?;
-            (len, scan(&self.log, &mut self.shadow)?)
-        };
-        let Some(found) = found else {
-            if let State::Committed(_) = self.state {
-                // What `commit` synced is gone: not ours to paper over.
-                return Err(io::ErrorKind::InvalidData.into());
-            }
-            if len != 0 || self.state != State::Clean {
-                self.reset()?;
-            }
-            return Ok(Recovery {
-                discarded_bytes: len,
-                ..Recovery::default()
-            });
-        };
-        if let State::Committed(c) = self.state {
-            if c != found {
-                return Err(io::ErrorKind::InvalidData.into());
-            }
-        }
-        // From here until the log is emptied the transaction must not be dropped
-        // (`begin` would), as the data store may hold part of it.
-        self.state = State::Committed(found);
-        self.next_seq = self.next_seq.max(found.seq + 1);
-        self.apply(data, found, on_page)?;
-        {
-            let _na = lockdep::no_alloc("journal data sync");
-            lockdep::might_block("journal data sync");
-            data.sync()?;
-        }
-        if durable {
-            self.reset()?;
-        } else {
-            let _na = lockdep::no_alloc("journal reset");
-            self.log.set_len(0)?;
-            self.state = State::Clean;
-            self.unsynced_reset = true;
-        }
-        Ok(Recovery {
-            replayed_pages: found.pages,
-            discarded_bytes: len.saturating_sub(found.end),
-            seq: found.seq,
-        })
     }
 
     /// Reads the page records of `found` back from the log, chunk by chunk through
@@ -567,7 +771,7 @@ impl<S: Store> Journal<S> {
             let got = {
                 let _na = lockdep::no_alloc("journal checkpoint read");
                 lockdep::might_block("journal log read");
-                read_full(&self.log, chunk, done * REC as u64)?
+                read_full(&self.log, chunk, found.start + done * REC as u64)?
             };
             if got != chunk.len() {
                 return Err(io::ErrorKind::InvalidData.into());
@@ -595,11 +799,17 @@ impl<S: Store> Journal<S> {
     }
 }
 
-/// Reads the log from offset 0 through `buf` and returns its committed transaction,
-/// if it holds one (the rules in the module header).
-fn scan<S: Store>(log: &S, buf: &mut [u8]) -> io::Result<Option<Found>> {
+/// Reads the log from `start` through `buf` and returns the committed transaction
+/// that begins there, if one does (the rules in the module header); `expect`: the
+/// seq it must have (the one after its predecessor in the run).
+fn scan_txn<S: Store>(
+    log: &S,
+    buf: &mut [u8],
+    start: u64,
+    expect: Option<u64>,
+) -> io::Result<Option<Found>> {
     debug_assert!(buf.len() >= REC + HDR);
-    let mut off = 0u64;
+    let mut off = start;
     let mut seq = 0u64;
     let mut pages = 0u64;
     let mut chain = 0u32;
@@ -623,6 +833,9 @@ fn scan<S: Store>(log: &S, buf: &mut [u8]) -> io::Result<Option<Found>> {
             if pages == 0 {
                 // Record 0 names the transaction.
                 seq = h.seq;
+                if expect.is_some_and(|e| e != seq) {
+                    return Ok(None);
+                }
                 chain = chain_seed(seq);
             }
             if h.magic == MAGIC_PAGE {
@@ -653,6 +866,7 @@ fn scan<S: Store>(log: &S, buf: &mut [u8]) -> io::Result<Option<Found>> {
                 return Ok(ok.then_some(Found {
                     seq,
                     pages,
+                    start,
                     end: off + (p + COMMIT) as u64,
                 }));
             } else {
@@ -716,8 +930,8 @@ impl<S: Store> Txn<'_, S> {
     pub fn commit(mut self) -> io::Result<()> {
         let _na = lockdep::no_alloc("journal commit");
         if self.pages == 0 {
-            // Nothing was written since `begin` left the log empty.
-            self.j.state = State::Clean;
+            // Nothing was written since `begin`.
+            self.j.state = State::Ready;
             return Ok(());
         }
         let at = self.fill;
@@ -737,6 +951,7 @@ impl<S: Store> Txn<'_, S> {
         self.j.state = State::Committed(Found {
             seq: self.seq,
             pages: self.pages,
+            start: self.start,
             end: self.off,
         });
         Ok(())
@@ -757,7 +972,10 @@ mod tests {
     impl Rng {
         fn new(seed: u64) -> Self {
             let mut r = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
-            r.next();
+            // Nearby seeds give correlated first outputs: skip them.
+            for _ in 0..4 {
+                r.next();
+            }
             r
         }
         fn next(&mut self) -> u64 {
@@ -1017,6 +1235,10 @@ mod tests {
         abandon: Vec<bool>,
         /// expected[v][p]: the version page p carries at version v.
         expected: Vec<Vec<u64>>,
+        /// The log is `reserve`d to this many bytes (zero-filled) before the first
+        /// transaction (0: not): none, some or all of the transactions accumulate
+        /// in it unflushed.
+        reserve: u64,
     }
 
     impl Scenario {
@@ -1053,6 +1275,7 @@ mod tests {
                 txns,
                 abandon,
                 expected,
+                reserve: [0, 6, 40][rng.below(3) as usize] * REC as u64,
             }
         }
 
@@ -1092,7 +1315,7 @@ mod tests {
 
     /// Runs the scenario's transactions, each committed then checkpointed, until an
     /// operation fails.
-    fn run(sc: &Scenario, log: Crashy, data: &Crashy, plant: bool) -> Outcome {
+    fn run(sc: &Scenario, log: Crashy, data: &Crashy, plant: Plant) -> Outcome {
         let clock = log.clock.clone();
         let mut out = Outcome {
             committed: 0,
@@ -1101,16 +1324,27 @@ mod tests {
         let Ok(mut j) = Journal::with_capacity(log, 3) else {
             return out;
         };
-        j.plant_skip_commit_sync = plant;
+        j.plant_skip_commit_sync = plant == Plant::SkipCommitSync;
+        j.plant_empty_before_data_sync = plant == Plant::EmptyBeforeDataSync;
+        if sc.reserve > 0 && j.reserve(sc.reserve).is_err() {
+            return out;
+        }
         for v in 1..=V {
             if sc.abandon[v as usize - 1] {
                 // Its records reach the log (more than a buffer's worth); the next
                 // begin must empty the log of them.
-                let Ok(mut t) = j.begin() else { return out };
-                for p in 0..4 {
-                    if t.add(p, &image(JUNK, p)).is_err() {
-                        return out;
+                {
+                    let Ok(mut t) = j.begin() else { return out };
+                    for p in 0..4 {
+                        if t.add(p, &image(JUNK, p)).is_err() {
+                            return out;
+                        }
                     }
+                }
+                // With unflushed transactions in the log `begin` refuses: a
+                // checkpoint flushes them and empties the log.
+                if j.pending_bytes() > 0 && j.checkpoint(data, &mut |_, _| {}).is_err() {
+                    return out;
                 }
             }
             let Ok(mut t) = j.begin() else { return out };
@@ -1133,6 +1367,8 @@ mod tests {
                 Err(_) => return out,
             }
         }
+        // Flush what is left unflushed, as `Inode::sync` does before its data sync.
+        let _ = j.settle(data);
         out
     }
 
@@ -1159,7 +1395,7 @@ mod tests {
     /// Crashes every scenario at every I/O operation, crash-simulates both stores,
     /// and recovers — crashing the recovery at each of its operations too, then
     /// recovering again. Returns what was checked and the violations found.
-    fn exhaustive(seeds: std::ops::Range<u64>, plant: bool) -> (Coverage, Vec<String>) {
+    fn exhaustive(seeds: std::ops::Range<u64>, plant: Plant) -> (Coverage, Vec<String>) {
         let mut cov = Coverage::default();
         let mut bad = Vec::new();
         for seed in seeds {
@@ -1225,6 +1461,14 @@ mod tests {
         (cov, bad)
     }
 
+    /// A bug planted in the journal for the checker to catch.
+    #[derive(Clone, Copy, PartialEq, Eq)]
+    enum Plant {
+        None,
+        SkipCommitSync,
+        EmptyBeforeDataSync,
+    }
+
     /// What an exhaustive run went through.
     #[derive(Debug, Default)]
     struct Coverage {
@@ -1238,7 +1482,7 @@ mod tests {
 
     #[test]
     fn every_crash_point_recovers_to_one_version() {
-        let (cov, bad) = exhaustive(0..32, false);
+        let (cov, bad) = exhaustive(0..32, Plant::None);
         // The interesting cases happened: crashes mid-checkpoint repaired by a replay,
         // and commits that failed at the sync yet reached the disk.
         assert!(
@@ -1257,10 +1501,22 @@ mod tests {
     /// that `commit` promised lost, or a mix of two.
     #[test]
     fn planted_skipped_commit_sync_is_caught() {
-        let (_, bad) = exhaustive(0..4, true);
+        let (_, bad) = exhaustive(0..4, Plant::SkipCommitSync);
         assert!(
             !bad.is_empty(),
             "the checker missed the skipped commit sync"
+        );
+    }
+
+    /// The planted bug of the in-place emptying: `checkpoint` zeroes the log's
+    /// first header before the data sync. A crash in between must be seen to lose
+    /// the committed version (the log empty, the data a mix).
+    #[test]
+    fn planted_empty_before_data_sync_is_caught() {
+        let (_, bad) = exhaustive(0..4, Plant::EmptyBeforeDataSync);
+        assert!(
+            !bad.is_empty(),
+            "the checker missed the emptying before the data sync"
         );
     }
 
@@ -1512,7 +1768,7 @@ mod tests {
                 .unwrap();
             assert_eq!(r.replayed_pages, 0);
             assert_eq!(data.counts(), (0, 0));
-            assert_eq!(log.len().unwrap(), 0);
+            assert!(emptied(&log.durable()));
             // A transaction that fits.
             let mut t = j.begin().unwrap();
             for i in 0..3 {
@@ -1542,9 +1798,91 @@ mod tests {
         let failed = (0..8).any(|i| t.add(i, &page_of(1, i)).is_err());
         assert!(failed || t.commit().is_err());
         assert!(log.len().unwrap() > 0);
+        assert!(!emptied(&log.current()));
         let _t = j.begin().unwrap();
-        assert_eq!(log.len().unwrap(), 0);
-        assert_eq!(log.durable().len(), 0);
+        assert!(log.len().unwrap() > 0, "emptied in place");
+        assert!(emptied(&log.durable()));
+    }
+
+    /// A log whose first header is zeros: what the in-place emptying leaves.
+    fn emptied(img: &[u8]) -> bool {
+        img.len() >= HDR && img[..HDR].iter().all(|&b| b == 0)
+    }
+
+    /// The in-place log: `reserve` makes it its working size of zeros once; a
+    /// checkpoint empties it by its first header alone (no `set_len`, length
+    /// kept); a shorter transaction is written over a longer one and recovers as
+    /// itself; stale records behind an emptied header are not replayed and not
+    /// "discarded"; only recovery truncates.
+    #[test]
+    fn emptying_in_place_keeps_the_log() {
+        let log = Arc::new(MemStore::default());
+        let data = Arc::new(MemStore::with_image(Scenario::base()));
+        let mut j = Journal::with_capacity(log.clone(), 2).unwrap();
+        let size = 8 * REC as u64;
+        j.reserve(size).unwrap();
+        assert_eq!(log.durable(), vec![0u8; size as usize]);
+        assert_eq!(log.counts().1, 1);
+        // Smaller than the log already: nothing to do.
+        j.reserve(REC as u64).unwrap();
+        assert_eq!(log.counts().1, 1);
+        let mut t = j.begin().unwrap();
+        for i in 0..5 {
+            t.add(i, &page_of(1, i)).unwrap();
+        }
+        t.commit().unwrap();
+        j.checkpoint(&*data, &mut |_, _| {}).unwrap();
+        assert_eq!(log.len().unwrap(), size, "length kept");
+        assert!(emptied(&log.current()));
+        assert!(
+            !log.m
+                .lock()
+                .unwrap()
+                .pending
+                .iter()
+                .any(|o| matches!(o, Op::SetLen(_))),
+            "no truncation on the common path"
+        );
+        // A transaction of 2 pages over the stale one of 5, crashed after commit.
+        let mut t = j.begin().unwrap();
+        let seq = t.seq();
+        t.add(6, &page_of(2, 6)).unwrap();
+        t.add(7, &page_of(2, 7)).unwrap();
+        t.commit().unwrap();
+        drop(j);
+        log.crash(&mut Rng::new(5));
+        data.crash(&mut Rng::new(6));
+        let mut j = Journal::new(log.clone()).unwrap();
+        let mut seen = Vec::new();
+        let r = j.recover(&*data, &mut |i, _| seen.push(i)).unwrap();
+        assert_eq!(
+            r,
+            Recovery {
+                replayed_pages: 2,
+                discarded_bytes: 0,
+                seq
+            }
+        );
+        assert_eq!(seen, [6, 7]);
+        let d = data.durable();
+        assert!((0..5).all(|i| data_page(&d, i) == page_of(1, i)));
+        assert!((6..8).all(|i| data_page(&d, i) == page_of(2, i)));
+        assert!(log.durable().is_empty(), "recovery truncates");
+        // An emptied log with stale records behind its header: nothing replayed,
+        // nothing reported discarded, and truncated.
+        let mut img = vec![0u8; HDR];
+        img.extend_from_slice(&vec![0xAB; 3 * REC]);
+        log.restore(img);
+        let mut j = Journal::new(log.clone()).unwrap();
+        let r = j.recover(&*data, &mut |_, _| panic!("stale")).unwrap();
+        assert_eq!(r, Recovery::default());
+        assert!(log.durable().is_empty());
+        // `reserve` refuses a log that may hold a transaction.
+        let mut j = Journal::new(Arc::new(MemStore::with_image(vec![1; 100]))).unwrap();
+        assert_eq!(
+            j.reserve(size).unwrap_err().kind(),
+            io::ErrorKind::InvalidInput
+        );
     }
 
     #[test]
@@ -1577,6 +1915,240 @@ mod tests {
         j.checkpoint(&*data, &mut |i, _| last = Some(i))
             .unwrap_err(); // the data store cannot grow to 2^64 bytes
         assert_eq!(last, Some(MAX_INDEX));
+    }
+
+    /// The deferred flush: checkpointed transactions accumulate in a reserved log
+    /// (their pages written to the data store, not synced: one sync per commit),
+    /// are all replayed in order after a crash, and are flushed (data sync, log
+    /// emptied) when another as large would not fit, or by `settle`.
+    #[test]
+    fn deferred_flush_accumulates_and_replays_in_order() {
+        let log = Arc::new(MemStore::default());
+        let data = Arc::new(MemStore::with_image(Scenario::base()));
+        let mut j = Journal::with_capacity(log.clone(), 2).unwrap();
+        j.reserve(9 * REC as u64).unwrap();
+        let txn = |j: &mut Journal<Arc<MemStore>>, v: u64, pages: &[u64]| {
+            let mut t = j.begin().unwrap();
+            let seq = t.seq();
+            for &p in pages {
+                t.add(p, &image(v, p)).unwrap();
+            }
+            t.commit().unwrap();
+            let r = j.checkpoint(&*data, &mut |_, _| {}).unwrap();
+            assert_eq!((r.replayed_pages, r.seq), (pages.len() as u64, seq));
+            seq
+        };
+        txn(&mut j, 1, &[0, 1]);
+        txn(&mut j, 2, &[1, 2]);
+        let last = txn(&mut j, 3, &[2, 3]);
+        // Three transactions of 2 pages in a log of 9 records: none flushed yet.
+        assert_eq!(j.pending_bytes(), 3 * (2 * REC + COMMIT) as u64);
+        assert_eq!(
+            data.counts(),
+            (6, 0),
+            "pages written, the data store not synced"
+        );
+        assert_eq!(log.counts().1, 4, "the reserve's sync and one per commit");
+        // The data store's writes are lost in the crash; the log has them all.
+        log.crash(&mut Rng::new(7));
+        data.crash(&mut Rng::new(8));
+        let mut j2 = Journal::new(log.clone()).unwrap();
+        let mut order = Vec::new();
+        let r = j2
+            .recover(&*data, &mut |i, p| order.push((i, p[0])))
+            .unwrap();
+        assert_eq!((r.replayed_pages, r.seq, r.discarded_bytes), (6, last, 0));
+        let stamp = |v: u64, p: u64| image(v, p)[0];
+        assert_eq!(
+            order,
+            [(0, 1), (1, 1), (1, 2), (2, 2), (2, 3), (3, 3)].map(|(p, v)| (p, stamp(v, p)))
+        );
+        assert_eq!(sc_versions(&data.durable()), [1, 2, 3, 3, 0, 0, 0, 0]);
+        // Transactions of 3 pages: the second leaves no room for a third.
+        let log = Arc::new(MemStore::default());
+        let data = Arc::new(MemStore::with_image(Scenario::base()));
+        let mut j = Journal::with_capacity(log.clone(), 2).unwrap();
+        j.reserve(9 * REC as u64).unwrap();
+        let mut t = j.begin().unwrap();
+        for p in 0..3 {
+            t.add(p, &image(1, p)).unwrap();
+        }
+        t.commit().unwrap();
+        j.checkpoint(&*data, &mut |_, _| {}).unwrap();
+        assert_eq!(j.pending_bytes(), (3 * REC + COMMIT) as u64);
+        assert_eq!(data.counts().1, 0);
+        let mut t = j.begin().unwrap();
+        for p in 3..6 {
+            t.add(p, &image(1, p)).unwrap();
+        }
+        t.commit().unwrap();
+        j.checkpoint(&*data, &mut |_, _| {}).unwrap();
+        // 2 × (3 records + commit) in, a third as large would not fit: flushed.
+        assert_eq!(j.pending_bytes(), 0);
+        assert_eq!(data.counts().1, 1);
+        assert!(emptied(&log.current()) && !emptied(&log.durable()));
+        // `settle` makes the emptied log durable; with nothing unflushed, no data sync.
+        j.settle(&*data).unwrap();
+        assert!(emptied(&log.durable()));
+        assert_eq!(data.counts().1, 1);
+        // A transaction left unflushed, then `settle`: data synced, log emptied.
+        let mut t = j.begin().unwrap();
+        t.add(7, &image(2, 7)).unwrap();
+        t.commit().unwrap();
+        j.checkpoint(&*data, &mut |_, _| {}).unwrap();
+        assert!(j.pending_bytes() > 0);
+        j.settle(&*data).unwrap();
+        assert_eq!(j.pending_bytes(), 0);
+        assert_eq!(data.counts().1, 2);
+        assert!(emptied(&log.durable()));
+        assert!(data_page(&data.durable(), 7) == image(2, 7));
+        // A transaction abandoned behind an unflushed one: `begin` refuses until a
+        // checkpoint flushes and empties the log.
+        let mut t = j.begin().unwrap();
+        t.add(0, &image(3, 0)).unwrap();
+        t.commit().unwrap();
+        j.checkpoint(&*data, &mut |_, _| {}).unwrap();
+        {
+            let mut t = j.begin().unwrap();
+            t.add(1, &image(JUNK, 1)).unwrap();
+        }
+        assert_eq!(j.begin().unwrap_err().kind(), io::ErrorKind::InvalidInput);
+        j.checkpoint(&*data, &mut |_, _| panic!("abandoned"))
+            .unwrap();
+        assert_eq!(j.pending_bytes(), 0);
+        assert!(emptied(&log.durable()));
+        assert!(data_page(&data.durable(), 0) == image(3, 0));
+        j.begin().unwrap();
+    }
+
+    /// `reserve` on a log without room: the error, the log cut back to its
+    /// length, and the journal working without a reserve (flushing every time).
+    #[test]
+    fn reserve_without_room_leaves_the_log_as_it_was() {
+        let log = Arc::new(MemStore {
+            enospc_past: Some(5 * REC as u64),
+            ..MemStore::default()
+        });
+        let data = Arc::new(MemStore::with_image(Scenario::base()));
+        let mut j = Journal::with_capacity(log.clone(), 2).unwrap();
+        let err = j.reserve(8 * REC as u64).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ENOSPC));
+        assert_eq!(log.len().unwrap(), 0);
+        let mut t = j.begin().unwrap();
+        t.add(1, &image(1, 1)).unwrap();
+        t.commit().unwrap();
+        j.checkpoint(&*data, &mut |_, _| {}).unwrap();
+        assert_eq!(j.pending_bytes(), 0, "flushed: nothing reserved");
+        assert_eq!(data.counts().1, 1);
+        assert!(data_page(&data.durable(), 1) == image(1, 1));
+    }
+
+    /// A flushed run's second transaction, left whole right where a new run's
+    /// first one (of the same size) ends, does not continue the new run: its seq
+    /// is not the next one. Replayed, it would put an older page over a newer.
+    #[test]
+    fn stale_transaction_of_a_flushed_run_does_not_continue_a_new_one() {
+        let log = Arc::new(MemStore::default());
+        let data = Arc::new(MemStore::with_image(Scenario::base()));
+        let mut j = Journal::with_capacity(log.clone(), 2).unwrap();
+        j.reserve(20 * REC as u64).unwrap();
+        let mut txn = |j: &mut Journal<Arc<MemStore>>, v: u64, pages: &[u64]| {
+            let mut t = j.begin().unwrap();
+            for &p in pages {
+                t.add(p, &image(v, p)).unwrap();
+            }
+            let seq = t.seq();
+            t.commit().unwrap();
+            j.checkpoint(&*data, &mut |_, _| {}).unwrap();
+            seq
+        };
+        txn(&mut j, 1, &[1, 2]);
+        txn(&mut j, 2, &[1]);
+        j.settle(&*data).unwrap();
+        assert_eq!(sc_versions(&data.durable()), [0, 2, 1, 0, 0, 0, 0, 0]);
+        // The new run's first transaction ends where the stale second one starts.
+        let seq = txn(&mut j, 3, &[1, 2]);
+        drop(j);
+        let img = log.durable();
+        let at = 2 * REC + COMMIT;
+        assert_eq!(&img[at..at + 4], b"UMJP", "the stale transaction is there");
+        let mut j = Journal::new(log.clone()).unwrap();
+        let r = j.recover(&*data, &mut |_, _| {}).unwrap();
+        assert_eq!((r.replayed_pages, r.seq), (2, seq));
+        assert_eq!(sc_versions(&data.durable()), [0, 3, 3, 0, 0, 0, 0, 0]);
+    }
+
+    /// A data store whose next `sync` fails (EIO), as a disk error would.
+    struct FailSync {
+        mem: Arc<MemStore>,
+        fail: AtomicBool,
+    }
+
+    impl Store for FailSync {
+        fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<usize> {
+            self.mem.read_at(buf, off)
+        }
+        fn write_all_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
+            self.mem.write_all_at(buf, off)
+        }
+        fn sync(&self) -> io::Result<()> {
+            if self.fail.swap(false, Ordering::SeqCst) {
+                return Err(io::Error::from_raw_os_error(libc::EIO));
+            }
+            self.mem.sync()
+        }
+        fn len(&self) -> io::Result<u64> {
+            self.mem.len()
+        }
+        fn set_len(&self, len: u64) -> io::Result<()> {
+            self.mem.set_len(len)
+        }
+    }
+
+    /// A flush whose data sync fails is not retried as a bare sync (the kernel may
+    /// have dropped the failed pages): `begin` refuses, and the next `checkpoint`
+    /// (or `settle`) writes the whole run again from the log before emptying it.
+    #[test]
+    fn failed_flush_rewrites_the_run_from_the_log() {
+        for via_settle in [false, true] {
+            let log = Arc::new(MemStore::default());
+            let mem = Arc::new(MemStore::with_image(Scenario::base()));
+            let data = FailSync {
+                mem: mem.clone(),
+                fail: AtomicBool::new(false),
+            };
+            let mut j = Journal::with_capacity(log.clone(), 2).unwrap();
+            j.reserve(9 * REC as u64).unwrap();
+            for v in 1..=2u64 {
+                let mut t = j.begin().unwrap();
+                t.add(v, &image(v, v)).unwrap();
+                t.commit().unwrap();
+                j.checkpoint(&data, &mut |_, _| {}).unwrap();
+            }
+            data.fail.store(true, Ordering::SeqCst);
+            assert_eq!(j.settle(&data).unwrap_err().raw_os_error(), Some(libc::EIO));
+            // The pages the failed sync lost.
+            mem.restore(Scenario::base());
+            assert_eq!(j.begin().unwrap_err().kind(), io::ErrorKind::InvalidInput);
+            let mut seen = Vec::new();
+            if via_settle {
+                j.settle(&data).unwrap();
+            } else {
+                let r = j.checkpoint(&data, &mut |i, _| seen.push(i)).unwrap();
+                assert_eq!(r.replayed_pages, 2);
+                assert_eq!(seen, [1, 2]);
+            }
+            assert_eq!(sc_versions(&mem.durable()), [0, 1, 2, 0, 0, 0, 0, 0]);
+            assert!(log.durable().is_empty(), "recovered: truncated");
+            j.begin().unwrap();
+        }
+    }
+
+    /// The version each page of a data image carries (`image`'s stamp).
+    fn sc_versions(data: &[u8]) -> Vec<u64> {
+        (0..NP)
+            .map(|p| u64::from_le_bytes(data_page(data, p)[0..8].try_into().unwrap()))
+            .collect()
     }
 
     /// The `std::fs::File` store: commit in one journal, recover in another.

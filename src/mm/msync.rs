@@ -16,14 +16,24 @@
 //!    buffer;
 //! 3. commits: the log is synced — **the durability point**;
 //! 4. checkpoints: the journal writes the committed pages to the file in place,
-//!    syncs the file, then empties and syncs the log;
+//!    without syncing it: the transaction stays in the log, and the next commit
+//!    goes after it. Once another as large would not fit in the log's working size
+//!    (`RESERVE`, 1 MiB of zeros written once by `prepare_atomic`; none if the
+//!    file system has no room: then every checkpoint flushes), the checkpoint flushes:
+//!    syncs the file, then empties the log in place (its first header zeroed, its
+//!    size kept, so a commit's log sync only overwrites written blocks: a flush of
+//!    data alone). `File::sync`, `Share::Shared` msyncs and the file's teardown
+//!    flush first (`Inode::sync` → `Journal::settle`). So a small msync costs one
+//!    sync, the log's;
 //! 5. drops the file's clean page-cache copies of those pages (they were read
 //!    before step 4) and the private copies whose entry did not change since step 2
 //!    (a page written again meanwhile stays private: it belongs to the next commit).
 //!
 //! A crash before 3 leaves the previous version (the log has no commit record); a
-//! crash after 3 is repaired by replaying the log when the file is next mapped or
-//! opened (`recover_on_open`) or by `usermm fsck PATH`.
+//! crash after 3 is repaired by replaying the log — every committed transaction
+//! not yet flushed, in order — when the file is next mapped or opened
+//! (`recover_on_open`) or by `usermm fsck PATH`. Until a flush, the file's pages
+//! are written but not durable; the log is what makes them so.
 //!
 //! ## Locking and allocation (invariant 4)
 //! `Inode::commit` (Mutex) is taken first; under it the region's regions lock (read,
@@ -40,7 +50,7 @@ use crate::addr::{VAddr, PAGE_SIZE};
 use crate::device::AlignedPages;
 use crate::error::{Error, Result};
 use crate::filemap::inode::Inode;
-use crate::filemap::journal::{Journal, Store};
+use crate::filemap::journal::{log_bytes, Journal, Store, SHADOW_RECORDS};
 use crate::frame::copy_out;
 use crate::mm::fault::{pin, unpin, Want};
 use crate::mm::region::{Region, Share};
@@ -80,9 +90,19 @@ fn try_flock(f: &File) -> io::Result<bool> {
 
 /// The data file as the journal writes it: whole pages, clipped to the file's
 /// length (the tail of its last page is not the file's).
-struct Clipped<'a> {
+pub(crate) struct Clipped<'a> {
     file: &'a File,
     len: u64,
+}
+
+impl<'a> Clipped<'a> {
+    /// The file of `ino` at its current length.
+    pub(crate) fn of(ino: &'a Inode) -> Self {
+        Clipped {
+            file: &ino.file,
+            len: ino.len(),
+        }
+    }
 }
 
 impl Store for Clipped<'_> {
@@ -108,6 +128,10 @@ impl Store for Clipped<'_> {
         ))
     }
 }
+
+/// The working size of an Atomic file's log (`Journal::reserve`): four
+/// transactions of a shadow buffer's worth of pages (1 MiB).
+const RESERVE: u64 = 4 * log_bytes(SHADOW_RECORDS as u64);
 
 /// What `fsck` found and did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -208,6 +232,11 @@ pub(crate) fn prepare_atomic(ino: &Inode) -> Result<()> {
         // Another process's commit reached the file behind this Vm's cache.
         ino.invalidate_all();
     }
+    // The log's working size, written once: commits that fit overwrite it in place.
+    // Without it (no room on the file system, say) the journal still works: it
+    // grows the log as commits need and flushes at every checkpoint; a real I/O
+    // error shows again at the first commit.
+    let _ = j.reserve(RESERVE);
     *c = Some(j);
     Ok(())
 }
