@@ -209,12 +209,20 @@ impl Drop for LeafPool {
 /// Ids of page tables, for the leaf cache's keys: never reused (a 64-bit count).
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
-/// One line of a thread's leaf cache: table `table`'s slot for leaf number `lpn`
-/// (`vpn >> LEAF_BITS`) held `leaf` when this thread last looked.
+/// Bits of a leaf number (`vpn >> LEAF_BITS`).
+const LPN_BITS: u32 = VADDR_BITS - PAGE_SHIFT - LEAF_BITS;
+/// A table whose id does not fit beside a leaf number in a key (after 2^37 tables)
+/// is never cached: its keys have the top bit, which no cached key has.
+const UNCACHED: u64 = 1 << 63;
+/// The key of a line filled for an uncached table: above every key `hit` computes.
+const NEVER: u64 = u64::MAX;
+
+/// One line of a thread's leaf cache: `key` is a table's `key_base` with a leaf
+/// number (`vpn >> LEAF_BITS`) in its low bits; `slot` is that table's slot for
+/// that leaf number, which held `leaf` when this thread last looked.
 #[derive(Clone, Copy)]
 struct Cached {
-    table: u64,
-    lpn: u64,
+    key: u64,
     slot: *const AtomicPtr<Leaf>,
     leaf: *mut Leaf,
 }
@@ -222,13 +230,12 @@ struct Cached {
 const TLB_LEN: usize = 64;
 
 thread_local! {
-    /// This thread's leaf cache (see the module header). Table id 0 is never used,
-    /// so the initial lines match nothing.
+    /// This thread's leaf cache (see the module header). Key 0 is table 0's,
+    /// and table ids start at 1, so the initial lines match nothing.
     static TLB: [Cell<Cached>; TLB_LEN] = const {
         [const {
             Cell::new(Cached {
-                table: 0,
-                lpn: 0,
+                key: 0,
                 slot: std::ptr::null(),
                 leaf: std::ptr::null_mut(),
             })
@@ -239,8 +246,9 @@ thread_local! {
 /// A page table of one address space.
 pub(crate) struct PageTable {
     top: Box<[AtomicPtr<Upper>]>,
-    /// Key of this table's lines in the leaf caches.
-    id: u64,
+    /// This table's id above the leaf-number bits: with a leaf number, the key of
+    /// its lines in the leaf caches (`UNCACHED` if the id does not fit).
+    key_base: u64,
     pool: Arc<LeafPool>,
 }
 
@@ -318,9 +326,15 @@ impl PageTable {
             TOP_LEN * std::mem::size_of::<AtomicPtr<Upper>>(),
             Ordering::Relaxed,
         );
+        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        let key_base = if id < UNCACHED >> LPN_BITS {
+            id << LPN_BITS
+        } else {
+            UNCACHED
+        };
         PageTable {
             top,
-            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            key_base,
             pool,
         }
     }
@@ -356,44 +370,56 @@ impl PageTable {
     #[inline]
     pub fn hit(&self, vpn: u64) -> Option<Hit<'_>> {
         let lpn = vpn >> LEAF_BITS;
-        let c = TLB.with(|t| t[lpn as usize % TLB_LEN].get());
-        if c.table == self.id && c.lpn == lpn {
-            // SAFETY: this thread cached the slot for this table (ids are never
-            // reused), in a mid that lives as long as the table, which the caller
-            // holds (see the module header).
-            let slot = unsafe { &*c.slot };
-            let leaf = slot.load(Ordering::Acquire);
-            if leaf == c.leaf {
-                // SAFETY: leaves are type-stable (see `LeafPool`): the memory is a live
-                // leaf for as long as the Vm exists, even if this table stops
-                // pointing to it.
-                let pte = unsafe { &(*untag(leaf)).e[leaf_index(vpn)] };
-                return Some(Hit { pte, slot, leaf });
-            }
-        }
-        self.hit_walk(vpn)
-    }
-
-    /// `hit` by walking the table; caches the slot it finds.
-    #[inline(never)]
-    fn hit_walk(&self, vpn: u64) -> Option<Hit<'_>> {
-        let slot = self.slot(vpn)?;
-        let leaf = slot.load(Ordering::Acquire);
-        if leaf.is_null() {
+        if lpn >> LPN_BITS != 0 {
+            // Past the table (and its bits would overlap the key's id).
             return None;
         }
-        let lpn = vpn >> LEAF_BITS;
-        TLB.with(|t| {
-            t[lpn as usize % TLB_LEN].set(Cached {
-                table: self.id,
-                lpn,
-                slot,
-                leaf,
-            })
-        });
-        // SAFETY: type-stable leaf, see `hit`.
-        let pte = unsafe { &(*untag(leaf)).e[leaf_index(vpn)] };
-        Some(Hit { pte, slot, leaf })
+        let key = self.key_base | lpn;
+        let line = lpn as usize % TLB_LEN;
+        let mut c = TLB.with(|t| t[line].get());
+        // SAFETY (of the slot's load): this thread cached the slot for this table
+        // (keys are unique to a table: ids are never reused), in a mid that lives as
+        // long as the table, which the caller holds (see the module header).
+        if c.key != key || unsafe { &*c.slot }.load(Ordering::Acquire) != c.leaf {
+            // Walked and cached now (the slot's value loaded by this call), or none.
+            if !self.fill(vpn, line) {
+                return None;
+            }
+            c = TLB.with(|t| t[line].get());
+        }
+        // SAFETY: as above.
+        let slot = unsafe { &*c.slot };
+        // SAFETY: leaves are type-stable (see `LeafPool`): the memory is a live leaf
+        // for as long as the Vm exists, even if this table stops pointing to it.
+        let pte = unsafe { &(*untag(c.leaf)).e[leaf_index(vpn)] };
+        Some(Hit {
+            pte,
+            slot,
+            leaf: c.leaf,
+        })
+    }
+
+    /// Walks the table to the slot for `vpn` and, if it holds a leaf, caches the
+    /// slot and that value in line `line` of this thread's cache; false if there is
+    /// no leaf (nothing cached).
+    #[inline(never)]
+    fn fill(&self, vpn: u64, line: usize) -> bool {
+        let Some(slot) = self.slot(vpn) else {
+            return false;
+        };
+        let leaf = slot.load(Ordering::Acquire);
+        if leaf.is_null() {
+            return false;
+        }
+        // An uncached table's line is used by this call only (`hit` reads it back
+        // right away), under a key no table's lookup computes.
+        let key = if self.key_base == UNCACHED {
+            NEVER
+        } else {
+            self.key_base | (vpn >> LEAF_BITS)
+        };
+        TLB.with(|t| t[line].set(Cached { key, slot, leaf }));
+        true
     }
 
     /// The entry for `vpn` if its leaf exists. `vpn` must be below 2^35.
