@@ -402,6 +402,7 @@ impl PageTable {
     /// Walks the table to the slot for `vpn` and, if it holds a leaf, caches the
     /// slot and that value in line `line` of this thread's cache; false if there is
     /// no leaf (nothing cached).
+    #[cold]
     #[inline(never)]
     fn fill(&self, vpn: u64, line: usize) -> bool {
         let Some(slot) = self.slot(vpn) else {
