@@ -19,15 +19,17 @@
 //! write through them (`unshare`).
 //!
 //! ## The leaf cache (a software TLB)
-//! `hit` does not walk four levels each time: each thread keeps, per table, the
-//! slot and the (tagged) leaf pointer of the last leaves it looked up, 64 of them,
-//! direct-mapped by `vpn >> 9`. A cached pair is used only if the slot still holds
-//! that exact value, loaded at the call, as the walk's last step would load it, so
-//! `hit` returns what the walk returns. The slot address is safe to load: a cache
-//! entry is keyed by the table's `id` (never reused), its slot lies in a mid node
-//! that lives as long as that table, and the caller holds the table. Only the
-//! thread's own cache is written (no shared store on the hit path); a table that
-//! changes a slot writes no cache, the next `hit` sees the new value in the slot.
+//! `hit` does not walk four levels each time: each thread keeps the slot and the
+//! (tagged) leaf pointer of the last leaves it looked up, 64 lines direct-mapped by
+//! `vpn >> 9`, each keyed by the table's id (a 64-bit count, never reused) and the
+//! leaf number. A cached pair is used only if the slot still holds that exact
+//! value, loaded at the call, as the walk's last step would load it, so `hit`
+//! returns what the walk returns. The slot address is safe to load: a line whose key
+//! is this table's was filled by this table, its slot lies in a mid node that lives
+//! as long as the table, and the caller holds the table. Only the thread's own
+//! cache is written (no shared store on the hit path); a table that changes a slot
+//! writes no cache, the next `hit` sees the new value in the slot and walks. What
+//! it saves is measured in docs/design.md ("Hit path"): the walk was not the cost.
 //!
 //! ## Locking
 //! No lock on lookups or node creation (CAS). `LeafPool::free` and `LeafPool::shared`
