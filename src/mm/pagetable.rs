@@ -379,10 +379,14 @@ impl PageTable {
         let key = self.key_base | lpn;
         let line = lpn as usize % TLB_LEN;
         let mut c = TLB.with(|t| t[line].get());
-        // SAFETY (of the slot's load): this thread cached the slot for this table
-        // (keys are unique to a table: ids are never reused), in a mid that lives as
-        // long as the table, which the caller holds (see the module header).
-        if c.key != key || unsafe { &*c.slot }.load(Ordering::Acquire) != c.leaf {
+        let stale = c.key != key || {
+            // SAFETY: the key is this table's, so this thread cached the slot for
+            // this table (ids are never reused), in a mid that lives as long as the
+            // table, which the caller holds (see the module header).
+            let slot = unsafe { &*c.slot };
+            slot.load(Ordering::Acquire) != c.leaf
+        };
+        if stale {
             // Walked and cached now (the slot's value loaded by this call), or none.
             if !self.fill(vpn, line) {
                 return None;
