@@ -216,8 +216,6 @@ const LPN_BITS: u32 = VADDR_BITS - PAGE_SHIFT - LEAF_BITS;
 /// A table whose id does not fit beside a leaf number in a key (after 2^37 tables)
 /// is never cached: its keys have the top bit, which no cached key has.
 const UNCACHED: u64 = 1 << 63;
-/// The key of a line filled for an uncached table: above every key `hit` computes.
-const NEVER: u64 = u64::MAX;
 
 /// One line of a thread's leaf cache: `key` is a table's `key_base` with a leaf
 /// number (`vpn >> LEAF_BITS`) in its low bits; `slot` is that table's slot for
@@ -387,13 +385,11 @@ impl PageTable {
             slot.load(Ordering::Acquire) != c.leaf
         };
         if stale {
-            // Walked and cached now (the slot's value loaded by this call), or none.
-            if !self.fill(vpn, line) {
-                return None;
-            }
-            c = TLB.with(|t| t[line].get());
+            // Walked now (the slot's value loaded by this call), or no leaf.
+            c = self.fill(vpn, line)?;
         }
-        // SAFETY: as above.
+        // SAFETY: `c.slot` is this table's slot for `vpn`, from a line with this
+        // table's key (as above) or from the walk just now.
         let slot = unsafe { &*c.slot };
         // SAFETY: leaves are type-stable (see `LeafPool`): the memory is a live leaf
         // for as long as the Vm exists, even if this table stops pointing to it.
@@ -405,28 +401,26 @@ impl PageTable {
         })
     }
 
-    /// Walks the table to the slot for `vpn` and, if it holds a leaf, caches the
-    /// slot and that value in line `line` of this thread's cache; false if there is
-    /// no leaf (nothing cached).
+    /// Walks the table to the slot for `vpn`: the slot and the value it holds now
+    /// if that is a leaf (cached in line `line` of this thread's cache unless the
+    /// table is `UNCACHED`), else `None`.
     #[cold]
     #[inline(never)]
-    fn fill(&self, vpn: u64, line: usize) -> bool {
-        let Some(slot) = self.slot(vpn) else {
-            return false;
-        };
+    fn fill(&self, vpn: u64, line: usize) -> Option<Cached> {
+        let slot = self.slot(vpn)?;
         let leaf = slot.load(Ordering::Acquire);
         if leaf.is_null() {
-            return false;
+            return None;
         }
-        // An uncached table's line is used by this call only (`hit` reads it back
-        // right away), under a key no table's lookup computes.
-        let key = if self.key_base == UNCACHED {
-            NEVER
-        } else {
-            self.key_base | (vpn >> LEAF_BITS)
+        let c = Cached {
+            key: self.key_base | (vpn >> LEAF_BITS),
+            slot,
+            leaf,
         };
-        TLB.with(|t| t[line].set(Cached { key, slot, leaf }));
-        true
+        if self.key_base != UNCACHED {
+            TLB.with(|t| t[line].set(c));
+        }
+        Some(c)
     }
 
     /// The entry for `vpn` if its leaf exists. `vpn` must be below 2^35.
