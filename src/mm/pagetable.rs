@@ -209,7 +209,9 @@ impl Drop for LeafPool {
 }
 
 /// Ids of page tables, for the leaf cache's keys: never reused (a 64-bit count).
-static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+/// `std`'s atomic under every backend: a counter, not a protocol to model (and a
+/// `static` needs a `const` constructor).
+static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// Bits of a leaf number (`vpn >> LEAF_BITS`).
 const LPN_BITS: u32 = VADDR_BITS - PAGE_SHIFT - LEAF_BITS;
@@ -326,7 +328,7 @@ impl PageTable {
             TOP_LEN * std::mem::size_of::<AtomicPtr<Upper>>(),
             Ordering::Relaxed,
         );
-        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        let id = NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let key_base = if id < UNCACHED >> LPN_BITS {
             id << LPN_BITS
         } else {
