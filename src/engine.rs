@@ -380,6 +380,7 @@ impl Engine {
             free_frames: self.frames.free_count() as u64,
             total_frames: self.frames.nframes() as u64,
             metadata_bytes: (self.metadata_bytes() + pt_bytes) as u64,
+            page_table_bytes: pt_bytes as u64,
             swap_used: self
                 .swap
                 .all()

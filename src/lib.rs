@@ -64,6 +64,8 @@
 //! ├── SpaceInner::dying (Mutex, leaf)                  map_anon, unmap
 //! ├── LeafPool::free (Mutex, leaf)                     PageTable::{entry, unshare} (leaf alloc/recycle;
 //! │                                                   also under nothing: a speculative fault's entry_hit)
+//! ├── LeafPool::shared (Mutex, leaf)                   PageTable::{share_into, unshare, clear} (use counts of
+//! │                                                   shared leaves; also under nothing: Vm::stats, a table's drop)
 //! ├── entry claim BUSY (claim; held across a frame allocation and one device read)
 //! │   │   mm::fault::{fault_zero, fault_swapin}, mm::fork::copy_entry, swap::swapoff::bring_back,
 //! │   │   mm::transparent_fork::prepare (a transparent entry, around SwapDevice::dup only)

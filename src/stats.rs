@@ -123,6 +123,10 @@ pub struct Stats {
     pub total_frames: u64,
     /// Bytes of metadata: page descriptors, page tables, swap maps, the I/O pool.
     pub metadata_bytes: u64,
+    /// Bytes of page tables, part of `metadata_bytes`: every node of every space's
+    /// and file's table (4 KiB a node, 2 KiB a table's top) and the use counts of
+    /// leaves shared after a fork.
+    pub page_table_bytes: u64,
     /// Bytes in use on each swap device, by `SwapId`.
     pub swap_used: Vec<(SwapId, u64)>,
     /// Pages the zpool stored (compressed) since swapon (0 without a pool).

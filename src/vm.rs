@@ -18,7 +18,7 @@ use crate::mm::region::{Region, Share};
 use crate::mm::space::SpaceInner;
 use crate::stats::{Stats, SwapInfo};
 use crate::sync::EngineSpawn;
-use crate::sync::{Arc, AtomicU64, Mutex, Ordering, Weak};
+use crate::sync::{Arc, AtomicU64, Mutex, Weak};
 use std::marker::PhantomData;
 use std::path::Path;
 use std::thread::JoinHandle;
@@ -423,8 +423,7 @@ impl Vm {
 
     /// A snapshot of the counters.
     pub fn stats(&self) -> Stats {
-        self.eng()
-            .stats(self.inner.leaves.bytes.load(Ordering::Relaxed))
+        self.eng().stats(self.inner.leaves.page_table_bytes())
     }
 
     /// The budget in bytes (frames × page size).

@@ -1,7 +1,7 @@
 //! fork: a copy-on-write snapshot of an address space.
 //!
 //! The page table's leaves are shared, not copied (the kernel's "on-demand fork"):
-//! fork costs a few operations per 16 MiB of mapped address space. The first write
+//! fork costs a few operations per 2 MiB of mapped address space. The first write
 //! through a shared leaf (in either space) copies that leaf (`SpaceInner::unshare`
 //! with `entry::copy_entry`), taking a reference on every page and slot in it and marking
 //! shared pages copy-on-write; the write then breaks the copy-on-write of its page
@@ -30,7 +30,7 @@ use crate::sync::{wait_until, AtomicU64, Ordering};
 /// registered with the Vm, so swapoff sees it from the start).
 ///
 /// The page table's leaves are shared, not copied (the kernel's "on-demand fork"):
-/// fork costs a few operations per 16 MiB of mapped address space. The first
+/// fork costs a few operations per 2 MiB of mapped address space. The first
 /// write through a shared leaf (in either space) copies that leaf, taking a
 /// reference on every page and slot in it and marking shared pages
 /// copy-on-write; see `unshare` and `fault::cow_break`.
@@ -42,7 +42,7 @@ pub(crate) fn fork_into(sp: &SpaceInner, child: &SpaceInner) -> Result<()> {
         let regions = sp.regions.write();
         if !sp.dying.lock().is_empty() {
             // An unmap is releasing entries with the lock dropped. Its leaves may
-            // also cover a live region (a leaf spans 16 MiB), so sharing them now
+            // also cover a live region (a leaf spans 2 MiB), so sharing them now
             // would hand the child entries it has no region for — and, once it maps
             // that range, the parent's old pages (issue 9 item 1). Wait it out: the
             // release takes no lock and ends when the guards on its pages are
