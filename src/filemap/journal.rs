@@ -2052,7 +2052,7 @@ mod tests {
         let data = Arc::new(MemStore::with_image(Scenario::base()));
         let mut j = Journal::with_capacity(log.clone(), 2).unwrap();
         j.reserve(20 * REC as u64).unwrap();
-        let mut txn = |j: &mut Journal<Arc<MemStore>>, v: u64, pages: &[u64]| {
+        let txn = |j: &mut Journal<Arc<MemStore>>, v: u64, pages: &[u64]| {
             let mut t = j.begin().unwrap();
             for &p in pages {
                 t.add(p, &image(v, p)).unwrap();
