@@ -546,8 +546,11 @@ impl Inode {
             // writers of one page: the order between them is not promised).
             if let Some(mut c) = self.commit.try_lock() {
                 if let Some(j) = c.as_mut() {
-                    j.settle(&crate::mm::msync::Clipped::of(self))
-                        .map_err(|e| with_path(&self.path, e))?;
+                    j.settle(&crate::filemap::journal::Clipped {
+                        file: &self.file,
+                        len: self.len(),
+                    })
+                    .map_err(|e| with_path(&self.path, e))?;
                 }
             }
             // The page-I/O threads' write-backs of this file queued before now are

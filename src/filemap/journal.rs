@@ -6,7 +6,8 @@
 //! [`Journal::new`] and reused for everything: staging records on their way to the
 //! log, and reading them back at checkpoint and recovery. The data store (the mapped
 //! file) is the caller's; the journal only writes pages of a committed transaction
-//! to it. Keeps docs/design.md invariant 4 (seed 003, XFS shadow buffers; see
+//! to it (through [`Clipped`], the data file as a store of whole pages cut at its
+//! length, which `mm::msync` and `filemap::inode` both hand it). Keeps docs/design.md invariant 4 (seed 003, XFS shadow buffers; see
 //! "Locking/allocation" below).
 //!
 //! ## On-disk format (log store)
@@ -201,6 +202,37 @@ pub(crate) trait Store: Send + Sync {
     fn len(&self) -> io::Result<u64>;
     /// Truncates or extends (with zeros) to `len` bytes.
     fn set_len(&self, len: u64) -> io::Result<()>;
+}
+
+/// The data file as the journal writes it: whole pages, clipped to the file's
+/// length (the tail of its last page is not the file's).
+pub(crate) struct Clipped<'a> {
+    pub file: &'a File,
+    pub len: u64,
+}
+
+impl Store for Clipped<'_> {
+    fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<usize> {
+        std::os::unix::fs::FileExt::read_at(self.file, buf, off)
+    }
+    fn write_all_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
+        let n = (buf.len() as u64).min(self.len.saturating_sub(off)) as usize;
+        if n == 0 {
+            return Ok(());
+        }
+        std::os::unix::fs::FileExt::write_all_at(self.file, &buf[..n], off)
+    }
+    fn sync(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.len)
+    }
+    fn set_len(&self, _len: u64) -> io::Result<()> {
+        Err(io::Error::other(
+            "the journal does not change a data file's length",
+        ))
+    }
 }
 
 impl Store for File {

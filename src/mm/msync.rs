@@ -50,7 +50,7 @@ use crate::addr::{VAddr, PAGE_SIZE};
 use crate::device::AlignedPages;
 use crate::error::{Error, Result};
 use crate::filemap::inode::Inode;
-use crate::filemap::journal::{log_bytes, Journal, Store, SHADOW_RECORDS};
+use crate::filemap::journal::{log_bytes, Clipped, Journal, SHADOW_RECORDS};
 use crate::frame::copy_out;
 use crate::mm::fault::{pin, unpin, Want};
 use crate::mm::region::{Region, Share};
@@ -85,47 +85,6 @@ fn try_flock(f: &File) -> io::Result<bool> {
         Ok(false)
     } else {
         Err(e)
-    }
-}
-
-/// The data file as the journal writes it: whole pages, clipped to the file's
-/// length (the tail of its last page is not the file's).
-pub(crate) struct Clipped<'a> {
-    file: &'a File,
-    len: u64,
-}
-
-impl<'a> Clipped<'a> {
-    /// The file of `ino` at its current length.
-    pub(crate) fn of(ino: &'a Inode) -> Self {
-        Clipped {
-            file: &ino.file,
-            len: ino.len(),
-        }
-    }
-}
-
-impl Store for Clipped<'_> {
-    fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<usize> {
-        std::os::unix::fs::FileExt::read_at(self.file, buf, off)
-    }
-    fn write_all_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
-        let n = (buf.len() as u64).min(self.len.saturating_sub(off)) as usize;
-        if n == 0 {
-            return Ok(());
-        }
-        std::os::unix::fs::FileExt::write_all_at(self.file, &buf[..n], off)
-    }
-    fn sync(&self) -> io::Result<()> {
-        self.file.sync_data()
-    }
-    fn len(&self) -> io::Result<u64> {
-        Ok(self.len)
-    }
-    fn set_len(&self, _len: u64) -> io::Result<()> {
-        Err(io::Error::other(
-            "the journal does not change a data file's length",
-        ))
     }
 }
 
