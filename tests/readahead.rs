@@ -5,6 +5,8 @@
 //! nothing ahead (at most 2 % of its reads); a device being removed gets none
 //! (invariant 3); `Config::readahead(false)` turns it off.
 
+mod common;
+
 use usermm::{Config, SwapSpec, Vm, PAGE_SIZE};
 use usermm_testkit::workload::Rng;
 
@@ -147,4 +149,43 @@ fn readahead_off_reads_nothing_ahead_and_a_scan_racing_swapoff_reads_right() {
     });
     scan(&mm2, &r2, 0..pages2);
     drop((mm, r, vm));
+}
+
+/// A readahead read that fails never fails the demand read it rode on: its pages
+/// go back to swap and the faulting page is read alone. (A mirror whose surviving
+/// leg did not hold a free slot in the middle of a span failed the whole span, and
+/// with it the access.) Here the device fails every read of more than one page.
+#[test]
+fn a_failed_readahead_read_does_not_fail_the_access() {
+    let dir = tempfile::tempdir().unwrap();
+    let frames = 1024u64;
+    let pages = 4 * frames;
+    let vm = Vm::new(Config::default().memory_budget((frames * PS) as usize)).unwrap();
+    let (faulty, _) = common::faulty_swap(&vm, dir.path(), "swap", pages * 2 * PS);
+    let mm = vm.new_space();
+    let r = usermm_testkit::pattern::map_numbered(&mm, pages).unwrap();
+    faulty.set_fail_span_reads(true);
+    let s0 = vm.stats();
+    for p in 0..pages {
+        let mut b = [0u8; 8];
+        mm.read(r.start() + p * PS, &mut b)
+            .unwrap_or_else(|e| panic!("page {p}: {e}"));
+        assert_eq!(u64::from_le_bytes(b), p, "page {p}");
+    }
+    let s1 = vm.stats();
+    let spans = faulty
+        .injected_read_errors
+        .load(std::sync::atomic::Ordering::SeqCst);
+    println!(
+        "{spans} span reads failed; {} pages read, {} ahead, {} read errors",
+        s1.pswpin - s0.pswpin,
+        s1.read_around - s0.read_around,
+        s1.read_errors - s0.read_errors
+    );
+    assert!(
+        spans > 10,
+        "the scan should have tried readahead spans: {spans}"
+    );
+    assert_eq!(s1.read_around, s0.read_around, "nothing came in ahead");
+    assert_eq!(s1.read_errors, s0.read_errors, "no access saw an error");
 }

@@ -27,6 +27,7 @@ pub struct FaultyDevice {
     fail_writes: AtomicBool,
     fail_reads: AtomicBool,
     corrupt_reads: AtomicBool,
+    fail_span_reads: AtomicBool,
     merge_writes: AtomicBool,
     /// Failure probability in parts per million, applied to reads and writes.
     rate_ppm: AtomicU64,
@@ -49,6 +50,7 @@ impl FaultyDevice {
             fail_writes: AtomicBool::new(false),
             fail_reads: AtomicBool::new(false),
             corrupt_reads: AtomicBool::new(false),
+            fail_span_reads: AtomicBool::new(false),
             merge_writes: AtomicBool::new(false),
             rate_ppm: AtomicU64::new(0),
             rng: AtomicU64::new(0x9E37_79B9_7F4A_7C15),
@@ -75,6 +77,12 @@ impl FaultyDevice {
     /// Flips a byte of every page read while `on` (the read itself succeeds).
     pub fn set_corrupt_reads(&self, on: bool) {
         self.corrupt_reads.store(on, Ordering::SeqCst);
+    }
+    /// Fails every read of more than one page (`read_pages`: a readahead span,
+    /// swapoff's drain) while `on`, as a device that cannot serve some slot of a
+    /// span would; single pages still read.
+    pub fn set_fail_span_reads(&self, on: bool) {
+        self.fail_span_reads.store(on, Ordering::SeqCst);
     }
     /// While `on`, says it merges writes when the inner device does, so the engine
     /// sends runs of adjacent slots through [`BlockDevice::write_pages`] (the batched
@@ -126,6 +134,17 @@ impl BlockDevice for FaultyDevice {
     }
     fn pages(&self) -> u64 {
         self.inner.pages()
+    }
+    fn read_pages(&self, first: u64, buf: &mut [u8]) -> io::Result<()> {
+        if buf.len() > crate::addr::PAGE_SIZE && self.fail_span_reads.load(Ordering::SeqCst) {
+            self.injected_read_errors.fetch_add(1, Ordering::SeqCst);
+            return Err(injected());
+        }
+        // Page by page, so every page meets the other knobs.
+        for (i, page) in buf.chunks_exact_mut(crate::addr::PAGE_SIZE).enumerate() {
+            self.read_page(first + i as u64, page)?;
+        }
+        Ok(())
     }
     fn read_page(&self, slot: u64, buf: &mut [u8]) -> io::Result<()> {
         if self.fail_reads.load(Ordering::SeqCst)

@@ -698,7 +698,7 @@ fn fault_swapin(
     // from its own slot, all in flight at once. `pos` gives a page's place in the
     // bounce buffer.
     let mut ra = [RaPage::NONE; RA_MAX];
-    let nra = match &dev {
+    let mut nra = match &dev {
         // Not on a device being removed (invariant 3).
         Some(d) if eng.readahead && d.is_active() => {
             claim_ahead(sp, vpn, e, &mut ra, d.reads_concurrently())
@@ -726,10 +726,8 @@ fn fault_swapin(
                 *b = Some(AlignedPages::new(RA_MAX + 1)?);
             }
             let b = b.as_mut().expect("set above");
-            if nra == 0 {
-                dev.read_unchecked(e.slot, b.page_mut(0))?;
-                mark!(4);
-                dev.verify(e.slot, b.page(0))?;
+            let ahead = if nra == 0 {
+                Ok(())
             } else if scattered {
                 let mut slots = [0u64; RA_MAX + 1];
                 slots[0] = e.slot;
@@ -740,15 +738,23 @@ fn fault_swapin(
                     &slots[..nra + 1],
                     b.pages_mut(nra + 1),
                     &mut gather[..nra + 1],
-                )?;
-                mark!(4);
-                dev.verify(e.slot, b.page(gather[0]))?;
+                )
             } else {
                 // One read of the span of slots (at most `RA_MAX + 1`).
-                dev.read_span(lo, b.pages_mut((hi - lo) as usize + 1))?;
-                mark!(4);
-                dev.verify(e.slot, b.page(gather[0]))?;
+                dev.read_span(lo, b.pages_mut((hi - lo) as usize + 1))
+            };
+            if nra == 0 || ahead.is_err() {
+                // Readahead never fails a demand read: a span may hold slots a
+                // device cannot read (a mirror's leg that does not hold a free
+                // slot), and a readahead page's read may fail where this one's
+                // would not. Its pages go back; this one is read alone.
+                unclaim_ahead(sp, &ra[..nra], 0);
+                nra = 0;
+                gather[0] = 0;
+                dev.read_unchecked(e.slot, b.page_mut(0))?;
             }
+            mark!(4);
+            dev.verify(e.slot, b.page(gather[0]))?;
             mark!(5);
             // SAFETY: the frame is ours (allocated, not yet published). Stale
             // optimistic readers may still load from it (and discard what they read,
