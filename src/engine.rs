@@ -147,6 +147,10 @@ pub(crate) struct Engine {
     pub orphans: Box<[AtomicU64]>,
     /// Swap-in readahead on (`Config::readahead`).
     pub readahead: bool,
+    /// Frames taken by readahead (and transparent read-around) for pages being read,
+    /// not yet installed or given back: `alloc_frame` waits for them rather than
+    /// report memory full while a read in flight holds them (relaxed atomic).
+    pub ra_frames: AtomicUsize,
     /// Stall accounting and pressure triggers (`crate::psi`; atomics on the fault
     /// path, its own leaf mutex elsewhere).
     pub psi: Arc<crate::psi::Psi>,
@@ -178,6 +182,7 @@ impl Engine {
             ghost: (0..(n / 2).max(64)).map(|_| AtomicU64::new(0)).collect(),
             orphans: (0..n.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
             readahead: cfg.readahead,
+            ra_frames: AtomicUsize::new(0),
             frames: Arc::new(FrameArena::new(n, wm)?),
             rmap: Rmap::default(),
             swap: Arc::new(SwapTable::default()),

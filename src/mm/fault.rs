@@ -795,6 +795,7 @@ fn fault_swapin(
                     unsafe { copy_in(eng.frames.frame_ptr(q.pfn), b.page(off)) };
                     let pte = sp.pt.lookup(q.vpn).expect("claimed above");
                     install_swapped(eng, pte, q.pfn, q.v, keep);
+                    eng.ra_frames.fetch_sub(1, Ordering::Relaxed);
                     Counters::inc(&eng.cnt.pswpin);
                     Counters::inc(&eng.cnt.read_around);
                 }
@@ -914,8 +915,12 @@ fn claim_ahead(
     } else {
         (0, 0)
     };
+    // At most a sixteenth of the budget in one window (a tiny budget shared by
+    // several scanning threads must keep frames for their demand faults).
     let window = if run >= 2 && stride != 0 {
-        (4usize << (run - 2).min(3)).min(ra.len())
+        (4usize << (run - 2).min(3))
+            .min(ra.len())
+            .min(eng.frames.nframes() / 16)
     } else {
         0
     };
@@ -963,6 +968,7 @@ fn claim_ahead(
             qp.store(qv, Ordering::Release);
             break;
         };
+        eng.ra_frames.fetch_add(1, Ordering::Relaxed);
         ra[n] = RaPage {
             vpn: q,
             v: qv,
@@ -981,6 +987,7 @@ fn claim_ahead(
 /// were, frames freed.
 fn unclaim_ahead(sp: &SpaceInner, ra: &[RaPage], from: usize) {
     for q in ra.iter().skip(from) {
+        sp.eng.ra_frames.fetch_sub(1, Ordering::Relaxed);
         sp.eng.frames.free(q.pfn);
         if let Some(qp) = sp.pt.lookup(q.vpn) {
             qp.store(q.v, Ordering::Release);

@@ -566,7 +566,9 @@ impl TRegion {
         let mut adjacent = true;
         let eng = &*self.eng;
         let mut n = 0;
-        while n < READ_AROUND {
+        // At most a sixteenth of the budget (as the explicit path's readahead).
+        let most = READ_AROUND.min(eng.frames.nframes() / 16);
+        while n < most {
             let q = page + (n as u64 + 1) * PS;
             if q >= self.base + self.len || eng.frames.free_count() <= eng.frames.wmark[1] {
                 break;
@@ -591,6 +593,7 @@ impl TRegion {
                 break;
             };
             token_only(eng, qpfn);
+            eng.ra_frames.fetch_add(1, Ordering::Relaxed);
             ra[n] = (qv, qpfn);
             n += 1;
         }
@@ -601,6 +604,7 @@ impl TRegion {
     /// they were, frames freed.
     fn unclaim_around(&self, page: u64, ra: &[(u64, crate::addr::Pfn)], from: usize) {
         for (i, &(qv, qpfn)) in ra.iter().enumerate().skip(from) {
+            self.eng.ra_frames.fetch_sub(1, Ordering::Relaxed);
             self.eng.frames.free(qpfn);
             self.entry(page + (i as u64 + 1) * PS)
                 .store(qv, Ordering::Release);
@@ -639,6 +643,7 @@ impl TRegion {
             }
             eng.transparent_out.fetch_sub(1, Ordering::Relaxed);
             eng.install_transparent(self.entry(q), qpfn, q, qv, false);
+            eng.ra_frames.fetch_sub(1, Ordering::Relaxed);
             Counters::inc(&eng.cnt.pswpin);
             Counters::inc(&eng.cnt.read_around);
         }

@@ -1100,6 +1100,14 @@ pub(crate) fn alloc_frame(eng: &Engine, ctx: AllocCtx) -> Result<Pfn> {
             fruitless = 0;
             continue;
         }
+        if eng.ra_frames.load(Ordering::Relaxed) > 0 {
+            // Frames held by readahead reads in flight: installed (then
+            // reclaimable) or given back when their read ends, which it does
+            // (a device read completes or fails). Wait for that.
+            eng.frames.wait_event(seen, Duration::from_millis(1));
+            fruitless = 0;
+            continue;
+        }
         if no_slot == Some(NoSlot::Full) && ctx == AllocCtx::Reserve {
             if let Some(p) = eng.frames.alloc(AllocCtx::Reserve) {
                 return Ok(p);
