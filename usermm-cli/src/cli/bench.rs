@@ -429,19 +429,6 @@ fn warm_per_page(p: &Pattern) -> u64 {
     }
 }
 
-/// usermm's counters for the driver.
-fn vm_snap(vm: &Vm) -> Snap {
-    let s = vm.stats();
-    let p = vm.pressure();
-    Snap {
-        major_faults: s.pgmajfault,
-        reads: s.pswpin,
-        writes: s.pswpout,
-        stall_some_us: p.total_some.as_micros() as u64,
-        stall_full_us: p.total_full.as_micros() as u64,
-    }
-}
-
 /// usermm kept alive across a cell's repeats: a fresh Vm, filled and warmed up
 /// (`spec.warm_accesses` accesses, at most `warmup`).
 fn usermm_setup(
@@ -458,7 +445,7 @@ fn usermm_setup(
     let mut st = Stream::new(spec);
     let w0 = Instant::now();
     let w = access::measure_stream(&target, spec, &mut st, warmup, Duration::ZERO, &|| {
-        vm_snap(&vm)
+        bench_child::vm_snap(&vm)
     })?;
     let setup = Setup {
         fill_secs,
@@ -1462,7 +1449,7 @@ fn bench(a: BenchArgs, comp: &mut Option<CompPlan>) -> Result<i32, String> {
                         let Ok((vm, t, st)) = &mut um else { continue };
                         let m =
                             access::measure_stream(&*t, &rewarm_spec, st, rewarm, timed, &|| {
-                                vm_snap(vm)
+                                bench_child::vm_snap(vm)
                             });
                         round_done(
                             &mut um,

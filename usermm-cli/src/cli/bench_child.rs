@@ -27,6 +27,20 @@ pub const EXIT_UNAVAILABLE: i32 = 3;
 /// at most) to cost milliseconds.
 pub const VERIFY_PAGES: u64 = 256;
 
+/// A Vm's counters for the driver (the usermm system in this process, and the
+/// transparent and zpool children).
+pub fn vm_snap(vm: &usermm::Vm) -> Snap {
+    let s = vm.stats();
+    let p = vm.pressure();
+    Snap {
+        major_faults: s.pgmajfault,
+        reads: s.pswpin,
+        writes: s.pswpout,
+        stall_some_us: p.total_some.as_micros() as u64,
+        stall_full_us: p.total_full.as_micros() as u64,
+    }
+}
+
 /// A pattern as text that `Pattern::parse` reads back exactly.
 pub fn pattern_arg(p: &Pattern) -> String {
     match p {

@@ -32,7 +32,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use usermm::{Config, SwapSpec, Vm, PAGE_SIZE};
-use usermm_testkit::driver::{Content, Measured, Snap, UsermmTarget, WorkSpec};
+use usermm_testkit::driver::{Content, Measured, UsermmTarget, WorkSpec};
 use usermm_testkit::workload::Pattern;
 
 /// The comparison's parameters (from `usermm bench`'s flags).
@@ -682,17 +682,7 @@ fn child(a: ChildArgs) -> Result<(), String> {
     };
     let peak = AtomicU64::new(0);
     let stop = AtomicBool::new(false);
-    let snap = || {
-        let s = vm.stats();
-        let p = vm.pressure();
-        Snap {
-            major_faults: s.pgmajfault,
-            reads: s.pswpin,
-            writes: s.pswpout,
-            stall_some_us: p.total_some.as_micros() as u64,
-            stall_full_us: p.total_full.as_micros() as u64,
-        }
-    };
+    let snap = || bench_child::vm_snap(&vm);
     std::thread::scope(|s| {
         s.spawn(|| {
             while !stop.load(Ordering::Relaxed) {

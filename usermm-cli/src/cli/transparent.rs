@@ -13,7 +13,7 @@ use super::bench_child::{self, WorkArgs, EXIT_UNAVAILABLE};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use usermm::{Config, SwapSpec, Vm, PAGE_SIZE};
-use usermm_testkit::driver::{RawTarget, Snap, WorkSpec};
+use usermm_testkit::driver::{RawTarget, WorkSpec};
 
 /// Whether this process can map a transparent region (a one-page region of a
 /// small Vm without swap, dropped at once); `Err` is the reason it cannot.
@@ -106,17 +106,7 @@ fn child(a: ChildArgs) -> Result<(), (i32, String)> {
     // to pages, and `len` is a page multiple), readable and writable, and lives until
     // the end of this function, after the target's last use; nothing else touches it.
     let target = unsafe { RawTarget::new(region.as_ptr(), region.len()) };
-    let snap = || {
-        let s = vm.stats();
-        let p = vm.pressure();
-        Snap {
-            major_faults: s.pgmajfault,
-            reads: s.pswpin,
-            writes: s.pswpout,
-            stall_some_us: p.total_some.as_micros() as u64,
-            stall_full_us: p.total_full.as_micros() as u64,
-        }
-    };
+    let snap = || bench_child::vm_snap(&vm);
     bench_child::run_and_report(&target, &a.work, &snap, &|| None).map_err(fail)?;
     let s = vm.stats();
     if s.write_errors + s.read_errors > 0 {
