@@ -692,6 +692,26 @@ pub fn measure_stream<T: Target>(
 mod tests {
     use super::*;
 
+    /// `t` filled, then the first `n` accesses of `spec`'s thread-0 sequence
+    /// applied (the writes among them, as the worker does); returns the generator
+    /// where it stopped.
+    fn replay_writes(t: &RawTarget, spec: &WorkSpec, n: u64) -> Rng {
+        fill(t, spec).unwrap();
+        let mut rng = thread_rng(spec.seed, 0);
+        let sampler = Sampler::new(spec.pattern, spec.pages);
+        for k in 0..n {
+            let page = sampler.sample(&mut rng);
+            let write = rng.unit() < spec.write_ratio;
+            for _ in 0..spec.words {
+                let off = page * PAGE_SIZE as u64 + rng.below(WORDS_PER_PAGE) * 8;
+                if write {
+                    t.write(off, off ^ k).unwrap();
+                }
+            }
+        }
+        rng
+    }
+
     #[test]
     fn histogram_quantiles() {
         let mut h = LatHist::default();
@@ -723,19 +743,7 @@ mod tests {
             let mut v = vec![0u64; 64 * 512];
             // SAFETY: `v` outlives the target and is not used otherwise meanwhile.
             let t = unsafe { RawTarget::new(v.as_mut_ptr().cast(), v.len() * 8) };
-            fill(&t, &spec).unwrap();
-            let mut rng = thread_rng(spec.seed, 0);
-            let sampler = Sampler::new(spec.pattern, spec.pages);
-            for n in 0..10_000u64 {
-                let page = sampler.sample(&mut rng);
-                let write = rng.unit() < spec.write_ratio;
-                for _ in 0..spec.words {
-                    let off = page * PAGE_SIZE as u64 + rng.below(WORDS_PER_PAGE) * 8;
-                    if write {
-                        t.write(off, off ^ n).unwrap();
-                    }
-                }
-            }
+            replay_writes(&t, &spec, 10_000);
             v
         };
         assert_eq!(run(), run());
@@ -794,19 +802,7 @@ mod tests {
         let mut model = vec![0u64; 64 * 512];
         // SAFETY: as above, for `model`.
         let mt = unsafe { RawTarget::new(model.as_mut_ptr().cast(), model.len() * 8) };
-        fill(&mt, &spec).unwrap();
-        let mut rng = thread_rng(spec.seed, 0);
-        let sampler = Sampler::new(spec.pattern, spec.pages);
-        for k in 0..n {
-            let page = sampler.sample(&mut rng);
-            let write = rng.unit() < spec.write_ratio;
-            for _ in 0..spec.words {
-                let off = page * PAGE_SIZE as u64 + rng.below(WORDS_PER_PAGE) * 8;
-                if write {
-                    mt.write(off, off ^ k).unwrap();
-                }
-            }
-        }
+        let mut rng = replay_writes(&mt, &spec, n);
         assert!(
             v == model,
             "memory differs from one sequence of {n} accesses"

@@ -286,19 +286,7 @@ pub fn run_watched(
     }
     let r: ChildReport = serde_json::from_str(out.trim())
         .map_err(|e| format!("unreadable report from the {what} child ({e}): {out:?} {err:?}"))?;
-    let mut m = access::Measured {
-        accesses: r.accesses,
-        secs: r.secs,
-        fill_secs: r.fill_secs,
-        major_faults: r.major_faults,
-        device_reads: r.device_reads,
-        device_writes: r.device_writes,
-        warm_accesses: r.warm_accesses,
-        stall_some_us: r.stall_some_us,
-        stall_full_us: r.stall_full_us,
-        ..Default::default()
-    };
-    m.hist = access::LatHist::from_buckets(&r.hist);
+    let m = measured_of(&r);
     // A content error is the column's error, with what was measured.
     r.verified
         .result()
