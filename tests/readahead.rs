@@ -112,11 +112,9 @@ fn strided_and_backward_scans_are_read_ahead_when_their_slots_follow_them() {
     // Stride 16 over pages in address order: their slots are 16 apart, so only a
     // device that keeps scattered reads in flight at once (io_uring on a local
     // file) reads them ahead.
-    if vm.swaps()[0].concurrent_reads {
+    if common::has_uring(&vm, "scattered readahead") {
         let order = strided(pages, 16);
         read_ahead_scan("stride 16, address order", &vm, &mm, &r, pages, order);
-    } else {
-        eprintln!("SKIP: scattered readahead: the swap file has no io_uring here");
     }
     // Rewritten in a stride-16 order, the pages are evicted (and their new copies
     // written) in that order; a strided read scan then finds them together.

@@ -363,8 +363,7 @@ fn neighbours_on_scattered_slots_come_in_together_with_io_uring() {
     let Some((_d, vm)) = setup(1 << 20, 16 << 20) else {
         return;
     };
-    if !vm.swaps()[0].concurrent_reads {
-        eprintln!("SKIP: scattered read-around: no io_uring for the swap file here");
+    if !common::has_uring(&vm, "scattered read-around") {
         return;
     }
     let pages = 128;

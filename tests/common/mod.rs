@@ -105,6 +105,20 @@ pub fn transparent_setup(budget: usize, swap: u64) -> Option<(tempfile::TempDir,
     }
 }
 
+/// Whether a test that needs io_uring reads on its swap file (`SwapInfo::
+/// concurrent_reads`) may run: true if it has them; else SKIP on stderr, or a
+/// failure with USERMM_REQUIRE_URING=1 (as CI sets it).
+pub fn has_uring(vm: &Vm, what: &str) -> bool {
+    if vm.swaps().first().is_some_and(|d| d.concurrent_reads) {
+        return true;
+    }
+    if std::env::var("USERMM_REQUIRE_URING").as_deref() == Ok("1") {
+        panic!("{what}: io_uring required but the swap file has none here");
+    }
+    eprintln!("SKIP: {what}: the swap file has no io_uring here");
+    false
+}
+
 /// Word `i` (8-byte index) of a transparent region, for atomic loads and stores.
 pub fn word(r: &usermm::TransparentRegion, i: usize) -> &std::sync::atomic::AtomicU64 {
     assert!(i * 8 < r.len());
