@@ -118,7 +118,7 @@ impl Config {
     }
 
     /// For measurements: swap-in faults time their steps (`Vm::fault_timing`,
-    /// `examples/fault_cost.rs`), at about 150 ns a fault. Default off.
+    /// `examples/fault_cost.rs`), at the cost of seven clock reads a fault. Default off.
     #[doc(hidden)]
     pub fn fault_timing(mut self, on: bool) -> Self {
         self.fault_timing = on;
