@@ -1,9 +1,9 @@
-//! Miss rates of reclaim's two policies on one seeded trace (issue 10 item 1):
-//! `cargo run --release --example policy_probe -- [zipf|hotcold|uniform] [W/B]`.
-//! Runs the same accesses with `Config::s3fifo(true)` and `(false)` and prints the
-//! major faults per access and the S3-FIFO counters.
+//! Miss rates of reclaim's policies on one seeded trace (issue 10 item 1):
+//! `cargo run --release --example policy_probe -- [zipf|hotcold|uniform] [W/B] [frames]`.
+//! Runs the same accesses with each `Policy` and prints the major faults per
+//! access and the probation counters.
 
-use usermm::{Config, SwapSpec, Vm, PAGE_SIZE};
+use usermm::{Config, Policy, SwapSpec, Vm, PAGE_SIZE};
 use usermm_testkit::workload::{Pattern, Rng, Sampler};
 
 fn main() {
@@ -13,15 +13,15 @@ fn main() {
     let frames: usize = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(4096);
     let pages = (frames as f64 * wb) as u64;
     let dir = tempfile::tempdir().unwrap();
-    for s3 in [true, false] {
+    for pol in [Policy::Frequency, Policy::S3Fifo, Policy::Clock] {
         let vm = Vm::new(
             Config::default()
                 .memory_budget(frames * PAGE_SIZE)
-                .s3fifo(s3),
+                .policy(pol),
         )
         .unwrap();
         vm.swapon(SwapSpec::file(
-            dir.path().join(format!("swap{s3}")),
+            dir.path().join(format!("swap{pol:?}")),
             pages * 2 * PAGE_SIZE as u64,
         ))
         .unwrap();
@@ -30,25 +30,36 @@ fn main() {
         let sampler = Sampler::new(pat, pages);
         let mut rng = Rng::new(869731107);
         let mut b = [0u8; 8];
-        let n = 400_000u64;
+        let n: u64 = args.get(4).and_then(|s| s.parse().ok()).unwrap_or(400_000);
         for _ in 0..pages {
             let p = sampler.sample(&mut rng);
             mm.read(r.start() + p * PAGE_SIZE as u64, &mut b).unwrap();
         }
         let s0 = vm.stats();
-        for _ in 0..n {
+        let mut windows = Vec::new();
+        let mut w0 = s0.pgmajfault;
+        for i in 0..n {
             let p = sampler.sample(&mut rng);
             mm.read(r.start() + p * PAGE_SIZE as u64, &mut b).unwrap();
+            if (i + 1) % 200_000 == 0 {
+                let m = vm.stats().pgmajfault;
+                windows.push(format!("{:.1}", 100.0 * (m - w0) as f64 / 200_000.0));
+                w0 = m;
+            }
         }
+        // Miss % of each window of 200,000 accesses: how fast the policy learns.
+        println!("  windows: {}", windows.join(" "));
         let s = vm.stats();
         println!(
-            "{} {} W/B={wb}: miss {:.2}%  small evicted {} promoted {} ghost hits {}",
-            if s3 { "s3fifo" } else { "clock " },
+            "{:9} {} W/B={wb}: miss {:.2}%  small evicted {} promoted {} ghost hits {} scanned {} stolen {}",
+            format!("{pol:?}"),
             pat.name(),
             100.0 * (s.pgmajfault - s0.pgmajfault) as f64 / n as f64,
             s.small_evicted - s0.small_evicted,
             s.small_promoted - s0.small_promoted,
-            s.ghost_hits - s0.ghost_hits
+            s.ghost_hits - s0.ghost_hits,
+            s.pgscan - s0.pgscan,
+            s.pgsteal - s0.pgsteal,
         );
     }
 }

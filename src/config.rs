@@ -8,6 +8,23 @@ use crate::error::{Error, Result};
 /// The smallest budget accepted: 16 frames.
 pub const MIN_BUDGET_FRAMES: usize = 16;
 
+/// Reclaim's replacement policy ([`Config::policy`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Policy {
+    /// CLOCK (second chance): one reference bit, a hand over the frames.
+    Clock,
+    /// S3-FIFO in front of CLOCK: new pages on probation in a small FIFO (10 % of
+    /// the frames), promoted if used there; a ghost table brings back the pages
+    /// it dropped straight to main.
+    S3Fifo,
+    /// The default: a probation FIFO of 1 % of the frames whose pages enter main
+    /// only if they are used more often than what main last gave up, counted per
+    /// page across its trips to swap (W-TinyLFU's admission test with exact,
+    /// aged counts instead of a sketch).
+    #[default]
+    Frequency,
+}
+
 /// Settings of a [`Vm`](crate::Vm). Start from `Config::default()` and chain setters.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -17,7 +34,7 @@ pub struct Config {
     pub(crate) io_requests: usize,
     pub(crate) background_reclaim: bool,
     pub(crate) max_files: usize,
-    pub(crate) s3fifo: bool,
+    pub(crate) policy: Policy,
     pub(crate) readahead: bool,
     pub(crate) speculative_faults: bool,
     pub(crate) fault_lookup_delay: std::time::Duration,
@@ -33,7 +50,7 @@ impl Default for Config {
             io_requests: 256,
             background_reclaim: true,
             max_files: 1024,
-            s3fifo: true,
+            policy: Policy::Frequency,
             readahead: true,
             speculative_faults: true,
             fault_lookup_delay: std::time::Duration::ZERO,
@@ -80,13 +97,17 @@ impl Config {
         self
     }
 
-    /// Reclaim's replacement policy: S3-FIFO (a small probation FIFO for new pages
-    /// and a ghost table, in front of CLOCK; the default) or, with `false`, plain
-    /// CLOCK (second chance). See the `reclaim` module for what each does and why
-    /// S3-FIFO is the default.
-    pub fn s3fifo(mut self, on: bool) -> Self {
-        self.s3fifo = on;
+    /// Reclaim's replacement policy (default [`Policy::Frequency`]). See the
+    /// `reclaim` module for what each does and why the default won.
+    pub fn policy(mut self, p: Policy) -> Self {
+        self.policy = p;
         self
+    }
+
+    /// `policy(Policy::S3Fifo)` with `true`, `policy(Policy::Clock)` with `false`
+    /// (the setter of the releases before `Policy`).
+    pub fn s3fifo(self, on: bool) -> Self {
+        self.policy(if on { Policy::S3Fifo } else { Policy::Clock })
     }
 
     /// Swap-in readahead for sequential faults (default on): after two faults on

@@ -16,7 +16,7 @@
 //! never across a walk. See the crate root for the whole lock order.
 
 use crate::addr::{Pfn, PAGE_SIZE};
-use crate::config::Config;
+use crate::config::{Config, Policy};
 use crate::error::Result;
 use crate::frame::rmap::Rmap;
 use crate::frame::{FrameArena, F_FILE, F_INUSE, F_SMALL, F_TRANSPARENT};
@@ -25,7 +25,7 @@ use crate::pte::{Pte, P_ACCESSED, P_DIRTY};
 use crate::stats::{Counters, Stats};
 use crate::swap::SwapTable;
 use crate::sync::{
-    Arc, AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Condvar, Mutex, Ordering, Weak,
+    Arc, AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Condvar, Mutex, Ordering, Weak,
 };
 
 /// The ghost key of a swapped page: its entry (`Pte::swapped`, never 0).
@@ -84,6 +84,23 @@ pub(crate) struct Engine {
     /// past a whole sweep, main has nothing to give and reclaim takes from the small
     /// FIFO whatever its length (S3-FIFO's "or main is empty").
     pub hand_idle: AtomicUsize,
+    /// `Policy::Frequency` (see `reclaim`, "Policy"): probation pages enter main by
+    /// their use count (`PageDesc::freq`, kept per slot while on swap).
+    pub freq_on: bool,
+    /// The age of the use counts: a count stamped in an older epoch is halved once
+    /// per epoch since (see `freq_count`). Moved on by reclaim every
+    /// `FREQ_PERIOD` × frames uses counted (relaxed).
+    pub freq_epoch: AtomicU32,
+    /// Uses reclaim has counted (reference bits seen), ever (relaxed).
+    pub freq_uses: AtomicUsize,
+    /// Uses counted (`freq_uses` + major faults) when `freq_epoch` last moved.
+    pub freq_mark: AtomicUsize,
+    /// The use count of the pages the hand takes from main, in sixteenths, as a
+    /// moving average: what a probation page must beat to enter main (relaxed). It
+    /// starts at one use, so before main has given anything up a page must have
+    /// been used twice to enter it (a first pass over new pages, a fill or a scan,
+    /// leaves in the order it came, as it would through S3-FIFO).
+    pub victim_freq: AtomicU32,
     /// Whether kswapd was asked to run. Protected by itself (the mutex), paired with
     /// `kswapd_wake`.
     pub kswapd_lock: Mutex<bool>,
@@ -129,9 +146,10 @@ pub(crate) struct Engine {
     /// The host files open through `map_file` and `Vm::open`, as the page-I/O
     /// threads see them (preallocated; see `filemap::slots`).
     pub files: crate::filemap::slots::FileSlots,
-    /// S3-FIFO's small FIFO (see `reclaim`, "Policy"): `pfn | epoch << 32` of the
+    /// The probation FIFO (see `reclaim`, "Policy"): `pfn | epoch << 32` of the
     /// pages on probation, pushed at install, popped by reclaim. Lock-free, sized
-    /// at start (`2 × small_cap`); a page that finds it full starts in main.
+    /// at start (`4 × small_cap`, at least an eighth of the frames); a page that
+    /// finds it full starts in main.
     pub small: crossbeam_queue::ArrayQueue<u64>,
     /// How many pages the small FIFO keeps before reclaim takes from it (10 % of
     /// the frames); 0 with plain CLOCK (`Config::s3fifo(false)`).
@@ -175,9 +193,20 @@ impl Engine {
         cfg.check()?;
         let n = cfg.frames()?;
         let wm = cfg.resolved_watermarks(n)?;
-        let small_cap = if cfg.s3fifo { (n / 10).max(1) } else { 0 };
+        let small_cap = match cfg.policy {
+            Policy::Clock => 0,
+            Policy::S3Fifo => (n / 10).max(1),
+            Policy::Frequency => (n / 100).max(1),
+        };
         Ok(Engine {
-            small: crossbeam_queue::ArrayQueue::new((2 * small_cap).max(1)),
+            // Room for bursts of installs (readahead, a fill outrunning reclaim)
+            // above the share: a page that finds the FIFO full starts in main.
+            small: crossbeam_queue::ArrayQueue::new((4 * small_cap).max(n / 8).clamp(1, n.max(1))),
+            freq_on: cfg.policy == Policy::Frequency,
+            freq_epoch: AtomicU32::new(0),
+            freq_uses: AtomicUsize::new(0),
+            freq_mark: AtomicUsize::new(0),
+            victim_freq: AtomicU32::new(16),
             small_cap,
             ghost: (0..(n / 2).max(64)).map(|_| AtomicU64::new(0)).collect(),
             orphans: (0..n.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
@@ -266,6 +295,23 @@ impl Engine {
         hit
     }
 
+    /// The use count a stamp (`PageDesc::freq`, a slot's `freq`) stands for now: its
+    /// count (low 4 bits) halved once per epoch since its epoch (high 4 bits). An
+    /// epoch 16 or more behind reads as a recent one (the stamp keeps 4 bits of it);
+    /// its count has been halved to nothing by then anyway, unless nothing was
+    /// stamped for 16 epochs.
+    #[inline]
+    pub fn freq_count(&self, stamp: u8) -> u32 {
+        let age = (self.freq_epoch.load(Ordering::Relaxed) as u8).wrapping_sub(stamp >> 4) & 15;
+        u32::from(stamp & 15) >> age.min(4)
+    }
+
+    /// The stamp of use count `count` (at most 15) now.
+    #[inline]
+    pub fn freq_stamp(&self, count: u32) -> u8 {
+        ((self.freq_epoch.load(Ordering::Relaxed) as u8 & 15) << 4) | count.min(15) as u8
+    }
+
     /// Marks (`on`) or clears frame `pfn` in `orphans`.
     pub fn set_orphan(&self, pfn: Pfn, on: bool) {
         let (w, b) = (pfn.0 as usize / 64, 1u64 << (pfn.0 % 64));
@@ -285,11 +331,24 @@ impl Engine {
     /// `BUSY` (or holds locked). `swap` is the encoded swap copy it keeps (0 for none);
     /// `dirty` whether it must be written before it can be dropped; `fresh`: a page
     /// coming into memory (a fault), which starts on probation in the small FIFO
-    /// (not a copy-on-write copy or swapoff's, nor one whose ghost was here).
-    pub fn install(&self, pte: &AtomicU64, pfn: Pfn, swap: u64, dirty: bool, fresh: bool) {
+    /// (not a copy-on-write copy or swapoff's, nor one whose ghost was here); `uses`:
+    /// the page's use count (`PageDesc::freq`) from now.
+    pub fn install(
+        &self,
+        pte: &AtomicU64,
+        pfn: Pfn,
+        swap: u64,
+        dirty: bool,
+        fresh: bool,
+        uses: u32,
+    ) {
         if !self.arena_used.load(Ordering::Relaxed) {
             self.arena_used.store(true, Ordering::Relaxed);
         }
+        self.frames
+            .desc(pfn)
+            .freq
+            .store(self.freq_stamp(uses), Ordering::Relaxed);
         self.publish(pte, pfn, swap, dirty, Kind::Anon, fresh);
     }
 
@@ -313,6 +372,7 @@ impl Engine {
     pub fn install_file(&self, pte: &AtomicU64, pfn: Pfn, index: u64, dirty: bool) {
         self.arena_used.store(true, Ordering::Relaxed);
         let fresh = !self.ghost_take(ghost_key_file(index));
+        self.frames.desc(pfn).freq.store(0, Ordering::Relaxed);
         self.publish(pte, pfn, 0, dirty, Kind::File(index), fresh);
     }
 

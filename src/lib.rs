@@ -183,7 +183,7 @@ pub mod uffd;
 mod vm;
 
 pub use addr::{SwapId, VAddr, PAGE_SIZE, VADDR_END};
-pub use config::{Config, SwapSpec};
+pub use config::{Config, Policy, SwapSpec};
 pub use error::{Error, Result};
 pub use mm::msync::{fsck, FsckReport};
 pub use mm::region::{Region, Share};

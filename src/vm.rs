@@ -461,9 +461,11 @@ impl Vm {
             }
             if r.pool_empty || (r.evicted == 0 && r.queued == 0 && eng.io.inflight() > 0) {
                 eng.frames.wait_event(seen, Duration::from_millis(10));
-            } else if idle > 2 * n && eng.io.inflight() == 0 {
-                // Two sweeps without queueing or dropping anything: stop if they
-                // freed nothing either (completions free pages too).
+            } else if idle > 4 * n && eng.io.inflight() == 0 {
+                // Four sweeps without queueing or dropping anything (a page may need
+                // a sweep to enter the probation FIFO's turn, its two visits there,
+                // and the hand's spared pass after a promotion): stop if they freed
+                // nothing either (completions free pages too).
                 if freed() == progress {
                     break;
                 }

@@ -26,7 +26,9 @@
 
 use crate::addr::{Pfn, PAGE_SIZE};
 use crate::sync::raw::{AtomicU64 as RawU64, AtomicU8 as RawU8};
-use crate::sync::{AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Condvar, Mutex, Ordering};
+use crate::sync::{
+    AtomicPtr, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Condvar, Mutex, Ordering,
+};
 use std::io;
 use std::time::Duration;
 
@@ -86,6 +88,11 @@ pub(crate) struct PageDesc {
     /// An `F_FILE` page's file slot and page number (`filemap::slots::index`).
     /// Protected by the frame lock; meaningless without `F_FILE`.
     pub index: AtomicU64,
+    /// The page's use count and the epoch it was counted in (`Engine::freq_stamp`):
+    /// faults and reference bits seen by reclaim, for `Policy::Frequency`. Written
+    /// at install and under the frame lock; relaxed (a heuristic: a lost update
+    /// costs nothing but a point of count).
+    pub freq: AtomicU8,
 }
 
 impl PageDesc {
@@ -99,6 +106,7 @@ impl PageDesc {
             owner2: AtomicPtr::new(std::ptr::null_mut()),
             swap: AtomicU64::new(0),
             index: AtomicU64::new(0),
+            freq: AtomicU8::new(0),
         }
     }
 

@@ -563,7 +563,7 @@ fn cow_break(
     d.unlock();
     // The entry is still locked (and no longer in `old`'s map); `new` is mapped by
     // nobody, so taking its frame lock here cannot wait on an entry lock.
-    sp.eng.install(pte, new, 0, true, false);
+    sp.eng.install(pte, new, 0, true, false, 1);
     drop(found);
     Counters::inc(&eng.cnt.pgfault);
     Counters::inc(&eng.cnt.cow_faults);
@@ -628,7 +628,7 @@ fn fault_zero(sp: &SpaceInner, hit: &Hit<'_>, found: Found<'_>, src: FilePage) -
             }
         }
     }
-    sp.eng.install(pte, pfn, 0, true, true);
+    sp.eng.install(pte, pfn, 0, true, true, 1);
     Counters::inc(&sp.eng.cnt.pgfault);
     Ok(Step::Done(()))
 }
@@ -777,7 +777,7 @@ fn fault_swapin(
         return Err(err);
     }
     let keep = dev.as_ref().is_some_and(|d| eng.keeps_swap_copy(d));
-    install_swapped(eng, pte, pfn, v, keep);
+    install_swapped(eng, pte, pfn, v, keep, true);
     if let Some(dev) = &dev {
         if nra > 0 {
             BOUNCE.with(|b| {
@@ -794,7 +794,7 @@ fn fault_swapin(
                     // SAFETY: as above, for the readahead page's own frame.
                     unsafe { copy_in(eng.frames.frame_ptr(q.pfn), b.page(off)) };
                     let pte = sp.pt.lookup(q.vpn).expect("claimed above");
-                    install_swapped(eng, pte, q.pfn, q.v, keep);
+                    install_swapped(eng, pte, q.pfn, q.v, keep, false);
                     eng.ra_frames.fetch_sub(1, Ordering::Relaxed);
                     Counters::inc(&eng.cnt.pswpin);
                     Counters::inc(&eng.cnt.read_around);
@@ -817,14 +817,29 @@ const RA_MAX: usize = 32;
 
 /// Installs a page read from its slot (`v` = its `Swapped` entry) into `pte`,
 /// which the caller claimed: clean with its swap copy kept (`keep`), or dirty
-/// with the slot given back (see `Engine::keeps_swap_copy`).
-fn install_swapped(eng: &crate::engine::Engine, pte: &AtomicU64, pfn: Pfn, v: u64, keep: bool) {
-    // A page evicted from the small FIFO unused and wanted again: straight to main.
-    let fresh = !eng.ghost_take(crate::engine::ghost_key_swap(v));
-    if keep {
-        eng.install(pte, pfn, v, false, fresh);
+/// with the slot given back (see `Engine::keeps_swap_copy`). `touched`: a demand
+/// fault (the access counts as a use), not readahead.
+fn install_swapped(
+    eng: &crate::engine::Engine,
+    pte: &AtomicU64,
+    pfn: Pfn,
+    v: u64,
+    keep: bool,
+    touched: bool,
+) {
+    // S3-FIFO: a page evicted from the small FIFO unused and wanted again goes
+    // straight to main. `Policy::Frequency`: every page comes in on probation,
+    // with the use count it left with (plus this fault).
+    let (fresh, uses) = if eng.freq_on {
+        let kept = eng.freq_count(eng.swap.slot_freq(v));
+        (true, kept + u32::from(touched))
     } else {
-        eng.install(pte, pfn, 0, true, fresh);
+        (!eng.ghost_take(crate::engine::ghost_key_swap(v)), 1)
+    };
+    if keep {
+        eng.install(pte, pfn, v, false, fresh, uses);
+    } else {
+        eng.install(pte, pfn, 0, true, fresh, uses);
         if let Pte::Swapped(e) = Pte::decode(v) {
             eng.swap.put(e);
         }

@@ -269,7 +269,8 @@ fn bring_back(
         Ok(pfn) => {
             // SAFETY: the frame is ours and not yet visible.
             unsafe { copy_in(eng.frames.frame_ptr(pfn), data) };
-            eng.install(pte, pfn, 0, true, false);
+            let uses = eng.freq_count(dev.slot_freq(slot));
+            eng.install(pte, pfn, 0, true, false, uses);
             crate::stats::Counters::inc(&eng.cnt.pswpin);
         }
         Err(_) => {
@@ -277,7 +278,11 @@ fn bring_back(
             let moved = eng.swap.alloc().ok().and_then(|e2| {
                 let d2 = eng.swap.get(e2.dev)?;
                 match d2.write(e2.slot, data) {
-                    Ok(()) => Some(e2),
+                    Ok(()) => {
+                        // The page's use count moves with it.
+                        d2.set_slot_freq(e2.slot, dev.slot_freq(slot));
+                        Some(e2)
+                    }
                     Err(_) => {
                         eng.swap.put(e2);
                         None

@@ -127,6 +127,9 @@ pub(crate) struct SwapDevice {
     /// CRC32C of what was last written to each slot: stored (release) by the thread
     /// that wrote the slot before the slot is published, loaded (acquire) by readers.
     csum: Box<[AtomicU32]>,
+    /// The use count of the page in each slot (`PageDesc::freq`, stamped), kept
+    /// while the page is out for `Policy::Frequency`. Relaxed: a hint.
+    freq: Box<[AtomicU8]>,
     /// Slots in use, readable without `map` (relaxed; exact under it).
     used: AtomicU64,
     /// `DEV_ACTIVE` or `DEV_DRAINING` (swapoff running: no new slots).
@@ -195,6 +198,7 @@ impl SwapDevice {
                 used: 0,
             }),
             csum: (0..pages).map(|_| AtomicU32::new(0)).collect(),
+            freq: (0..pages).map(|_| AtomicU8::new(0)).collect(),
             used: AtomicU64::new(0),
             state: AtomicU8::new(DEV_ACTIVE),
             write_fails: AtomicU64::new(0),
@@ -215,10 +219,10 @@ impl SwapDevice {
         }
     }
 
-    /// Bytes of metadata (counts, checksums, cluster map).
+    /// Bytes of metadata (counts, checksums, use counts, cluster map).
     pub fn metadata_bytes(&self) -> usize {
         let n = self.pages as usize;
-        n * 6
+        n * 7
             + self.zloc.len() * 8
             + self.discards.len() * 8
             + n.div_ceil(CLUSTER as usize) * 7
@@ -409,6 +413,20 @@ impl SwapDevice {
     /// Whether `read_gather` keeps its reads in flight at once.
     pub fn reads_concurrently(&self) -> bool {
         self.dev.reads_concurrently()
+    }
+
+    /// The use-count stamp kept for the page in `slot` (see `SwapTable::slot_freq`).
+    pub fn slot_freq(&self, slot: u64) -> u8 {
+        self.freq
+            .get(slot as usize)
+            .map_or(0, |f| f.load(Ordering::Relaxed))
+    }
+
+    /// Keeps use-count stamp `stamp` for the page in `slot`.
+    pub fn set_slot_freq(&self, slot: u64, stamp: u8) {
+        if let Some(f) = self.freq.get(slot as usize) {
+            f.store(stamp, Ordering::Relaxed);
+        }
     }
 
     /// Checks a page read from `slot` against the checksum recorded when it was written.
@@ -1085,6 +1103,31 @@ impl SwapTable {
                 .and_then(|d| d.as_ref())
                 .is_some_and(|d| d.dup(e.slot, n)),
             _ => false,
+        }
+    }
+
+    /// The use-count stamp kept for the page in the slot of encoded entry `v` (0,
+    /// never used, for anything else).
+    pub fn slot_freq(&self, v: u64) -> u8 {
+        match Pte::decode(v) {
+            Pte::Swapped(e) => self
+                .devs
+                .read()
+                .get(e.dev as usize)
+                .and_then(|d| d.as_ref())
+                .and_then(|d| d.freq.get(e.slot as usize))
+                .map_or(0, |f| f.load(Ordering::Relaxed)),
+            _ => 0,
+        }
+    }
+
+    /// Keeps use-count stamp `stamp` for the page going to (or staying in) the slot
+    /// of encoded entry `v`.
+    pub fn set_slot_freq(&self, v: u64, stamp: u8) {
+        if let Pte::Swapped(e) = Pte::decode(v) {
+            if let Some(Some(d)) = self.devs.read().get(e.dev as usize) {
+                d.set_slot_freq(e.slot, stamp);
+            }
         }
     }
 

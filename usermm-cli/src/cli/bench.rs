@@ -26,11 +26,11 @@
 //!   run one timed phase per request, the plain buffer. The access sequence
 //!   continues from repeat to repeat (`driver::Stream`), so the replacement
 //!   policy's state carries over and the content check at the end replays one
-//!   sequence. The first warm-up is counted in accesses, not time: S3-FIFO's
-//!   frequency bits (and CLOCK's) settle only after every page of the working set
-//!   was seen about twice, so two accesses per page on the skewed patterns and one
-//!   on uniform (where every policy misses alike and one pass turns every frame
-//!   over), capped by `--warmup` (10 s with `--quick`) for a slow machine. A
+//!   sequence. The first warm-up is counted in accesses, not time, so that each
+//!   policy is settled when the timed rounds start (`warm_per_page`: 16 accesses
+//!   per page on zipf, where usermm's frequency policy learns from the faults of
+//!   pages out of memory, two on hot/cold, one on uniform and the scans), capped
+//!   by `--warmup` (15 s with `--quick`) for a slow machine. A
 //!   re-warm of a fifth of the timed window (50–500 ms) before each repeat
 //!   restarts the threads on the kept state, so no timed window starts cold.
 //! - *Sized for ten minutes.* `--quick` (16 cells, 3 rounds of 1.5 s, plus the two
@@ -166,8 +166,9 @@ pub struct BenchArgs {
     #[arg(long, value_name = "TIME", value_parser = util::parse_duration)]
     duration: Option<Duration>,
     /// Longest untimed warm-up after the fill, per cell and system (once: the
-    /// systems are kept alive across the repeats); it ends earlier after two accesses
-    /// per page of the working set (one for uniform) [default: 30s; --quick: 10s].
+    /// systems are kept alive across the repeats); it ends earlier after 16 accesses
+    /// per page of the working set on zipf, two on hot/cold, one on uniform and scans
+    /// [default: 30s; --quick: 15s].
     #[arg(long, value_name = "TIME", value_parser = util::parse_duration)]
     warmup: Option<Duration>,
     /// Skip the usermm-over-NBD column (usermm swapping to a qemu-nbd server on a
@@ -202,9 +203,10 @@ pub struct BenchArgs {
     /// Page-I/O threads of usermm's engine [default: the library's, 16].
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=256))]
     io_threads: Option<u32>,
-    /// usermm's replacement policy: `s3fifo` (the default) or `clock` (plain
-    /// second chance, to compare).
-    #[arg(long, default_value = "s3fifo", value_parser = ["s3fifo", "clock"])]
+    /// usermm's replacement policy: `frequency` (the default: probation pages enter
+    /// main by their use count), `s3fifo` or `clock` (plain second chance), to
+    /// compare.
+    #[arg(long, default_value = "frequency", value_parser = ["frequency", "s3fifo", "clock"])]
     policy: String,
 }
 
@@ -418,13 +420,17 @@ fn round_order(r: usize) -> [usize; 5] {
     }
 }
 
-/// Accesses per page of the working set in the first warm-up: S3-FIFO's frequency
-/// (and the CLOCK bits) need every page seen about twice to settle on the skewed
-/// patterns; on uniform every policy misses alike, so one pass (every frame turned
+/// Accesses per page of the working set in the first warm-up, so that the timed
+/// rounds see each policy settled (the state the A0 column assumes): usermm's
+/// frequency policy learns zipf's many levels of popularity from the faults of
+/// pages out of memory, some 16–20 accesses per page (`reclaim`, "Policy"); on
+/// hot/cold two accesses per page settle every policy (CLOCK is at A0 there);
+/// on uniform and scans every policy misses alike, so one pass (every frame turned
 /// over) is enough.
 fn warm_per_page(p: &Pattern) -> u64 {
     match p {
         Pattern::Uniform | Pattern::Seq { .. } => 1,
+        Pattern::Zipf { .. } => 16,
         _ => 2,
     }
 }
@@ -765,9 +771,13 @@ fn usermm_vm(
     swap: SwapSpec,
     spec: &WorkSpec,
 ) -> Result<(Vm, UsermmTarget), String> {
-    let mut cfg = Config::default()
-        .memory_budget(budget as usize)
-        .s3fifo(!PLAIN_CLOCK.load(std::sync::atomic::Ordering::Relaxed));
+    let mut cfg = Config::default().memory_budget(budget as usize).policy(
+        match POLICY.load(std::sync::atomic::Ordering::Relaxed) {
+            1 => usermm::Policy::S3Fifo,
+            2 => usermm::Policy::Clock,
+            _ => usermm::Policy::Frequency,
+        },
+    );
     if let Some(n) = io_threads {
         cfg = cfg.io_threads(n as usize);
     }
@@ -838,8 +848,8 @@ pub(super) fn now_unix() -> u64 {
 }
 
 /// Runs the command; returns the exit code.
-/// `--policy clock` (read by `usermm_vm`).
-static PLAIN_CLOCK: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// `--policy`: 0 frequency, 1 s3fifo, 2 clock (read by `usermm_vm`).
+static POLICY: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
 
 /// What `main` leaves to its caller: an exit code, or the compressed-tier
 /// comparison to run (`bench_comp`, which uses this module, so this one does not
@@ -872,7 +882,12 @@ pub struct CompPlan {
 
 pub fn main(a: BenchArgs) -> Outcome {
     util::install_ctrlc();
-    PLAIN_CLOCK.store(a.policy == "clock", std::sync::atomic::Ordering::Relaxed);
+    let policy = match a.policy.as_str() {
+        "s3fifo" => 1,
+        "clock" => 2,
+        _ => 0,
+    };
+    POLICY.store(policy, std::sync::atomic::Ordering::Relaxed);
     if a.scale {
         return Outcome::Exit(scale(a).unwrap_or_else(|e| {
             eprintln!("usermm bench: error: {e}");
@@ -925,7 +940,7 @@ fn bench(a: BenchArgs, comp: &mut Option<CompPlan>) -> Result<i32, String> {
     let warmup = a
         .warmup
         .unwrap_or(Duration::from_millis(match (quick, a.compressed) {
-            (true, false) => 10_000,
+            (true, false) => 15_000,
             (false, false) => 30_000,
             (true, true) => 1500,
             (false, true) => 5000,
@@ -1680,9 +1695,10 @@ fn bench(a: BenchArgs, comp: &mut Option<CompPlan>) -> Result<i32, String> {
                 budget_bytes: budget,
                 words_per_access: a.words,
                 warmup_s: warmup.as_secs_f64(),
-                warmup_rule: "once per cell and system (kept alive across the repeats): two \
-                              accesses per page of the working set (one for uniform), or \
-                              warmup_s, whichever ends first; then rewarm_s before each repeat"
+                warmup_rule: "once per cell and system (kept alive across the repeats): 16 \
+                              accesses per page of the working set on zipf, two on hot/cold, \
+                              one on uniform and scans, or warmup_s, whichever ends first; \
+                              then rewarm_s before each repeat"
                     .into(),
                 plain_timed_s: plain_timed.as_secs_f64(),
                 timed_s: timed.as_secs_f64(),
@@ -1930,8 +1946,9 @@ fn print_table(outs: &[CellOut], repeats: u32) {
          p50/p99 of every {}th access\nover all rounds; majflt/s = major faults per second; miss% = major faults per access; \
          dev rd/s = random 4 KiB O_DIRECT reads/s at queue\ndepth = thr; um/kern, tr/kern = the median of the per-round \
          ratios of accesses/s [their min-max]; um/plain = ratio of the medians; um/dev =\nusermm major faults/s over dev rd/s \
-         (the share of the device's random-read limit the miss path reaches; for seq, usermm accesses/s over the device's sequential\nreads of 128 KiB in pages/s). Warm-up before the\nfirst round: two accesses \
-         per page of the working set (one for uniform) or the warm-up limit; a short re-warm before each round.",
+         (the share of the device's random-read limit the miss path reaches; for seq, usermm accesses/s over the device's sequential\nreads of 128 KiB in pages/s). Warm-up before the\nfirst round: 16 accesses \
+         per page of the working set on zipf, two on hot/cold, one on uniform and scans, or the warm-up limit; a short \
+         re-warm before each round.",
         access::SAMPLE_EVERY
     );
     let mut errs: Vec<String> = Vec::new();
