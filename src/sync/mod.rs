@@ -174,6 +174,12 @@ impl EngineSpawn for std::thread::Builder {
     }
 }
 
+/// In a process fork child (one thread): no thread of usermm's is starting here
+/// (those the parent was starting at the fork do not exist in the child).
+pub fn forget_engine_threads_starting() {
+    ENGINE_STARTING.store(0, std::sync::atomic::Ordering::Release);
+}
+
 /// How many of usermm's threads are starting (spawned, not yet marked).
 pub fn engine_threads_starting() -> usize {
     ENGINE_STARTING.load(std::sync::atomic::Ordering::Acquire)
