@@ -252,7 +252,10 @@ pub fn yield_now() {
 
 #[cfg(all(test, not(usermm_shuttle)))]
 mod tests {
-    use super::*;
+    use crate::sync::{
+        engine_threads_starting, is_engine_thread, mark_engine_thread, mark_program_thread,
+        program_thread, EngineSpawn,
+    };
 
     /// A thread known to be the program's stays known while one of usermm's
     /// threads is starting (held here before it marks itself); the starting thread
