@@ -355,6 +355,9 @@ impl ForkPrep {
     /// Vm but this table and the regions' touched bitmaps; closes the old descriptor and
     /// the pipe's read end.
     pub fn child(mut self) -> ForkChild {
+        // The parent's threads that were starting at the fork are not here: the
+        // count must not wait for them (`adopt`, `usermm exec`'s allocator).
+        crate::sync::forget_engine_threads_starting();
         let mut out = ForkChild::default();
         if let Some((rd, wr)) = self.pipe.take() {
             close(rd);
@@ -403,6 +406,13 @@ pub(crate) fn adopt(
     c: ForkChild,
     vm: Arc<dyn std::any::Any + Send + Sync>,
 ) -> Result<Vec<TransparentRegion>> {
+    // Every thread the new Vm started (its handlers among them) reads the C
+    // library's locale data when it starts, before it marks itself, and that data
+    // may be in the heap. Until the regions are adopted nothing of the new Vm can
+    // take a page out of the mapping; after, its reclaim may (staging the locale
+    // data), and a handler still starting would fault there with no handler to
+    // serve it. So the threads run first.
+    crate::sync::wait_until(|| crate::sync::engine_threads_starting() == 0);
     let eng = host.eng.clone();
     let total = c.regions.iter().map(|r| r.recs.len()).sum();
     let keepers = Arc::new(Keepers {

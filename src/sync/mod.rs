@@ -115,6 +115,10 @@ pub fn wait_until_for(limit: std::time::Duration, mut done: impl FnMut() -> bool
 
 thread_local! {
     static ENGINE_THREAD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// Known to be the program's (see `program_thread`).
+    static PROGRAM_THREAD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// Inside `spawn_engine` (the creator of one of usermm's threads).
+    static SPAWNING_HERE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 /// Threads of usermm's spawned and not yet marked (`engine_spawning`,
@@ -158,12 +162,22 @@ impl EngineSpawn for std::thread::Builder {
         T: Send + 'static,
     {
         engine_spawning();
+        // The C library allocates the new thread's bookkeeping (its TLS vector) in
+        // this thread, inside `spawn`: not from the program's heap either.
+        let outer = SPAWNING_HERE.with(|c| c.replace(true));
         let r = self.spawn(f);
+        SPAWNING_HERE.with(|c| c.set(outer));
         if r.is_err() {
             engine_spawn_failed();
         }
         r
     }
+}
+
+/// In a process fork child (one thread): no thread of usermm's is starting here
+/// (those the parent was starting at the fork do not exist in the child).
+pub fn forget_engine_threads_starting() {
+    ENGINE_STARTING.store(0, std::sync::atomic::Ordering::Release);
 }
 
 /// How many of usermm's threads are starting (spawned, not yet marked).
@@ -189,10 +203,95 @@ pub fn is_engine_thread() -> bool {
     ENGINE_THREAD.with(|c| c.get())
 }
 
+/// Whether the calling thread is known to be one of the program's, so that an
+/// allocator serving the program from transparent memory (`usermm exec`'s) may
+/// serve it while one of usermm's threads is starting: it is not usermm's (not
+/// marked), is not starting one of usermm's threads (`spawn_engine`), and either
+/// was declared so (`mark_program_thread`) or is seen now with no thread of
+/// usermm's starting. A thread of usermm's is counted in `engine_threads_starting`
+/// from before it exists until it marks itself, so a thread that sees the count at
+/// zero unmarked is not one of them; remembered, it stays known while others
+/// start. The thread that is starting is never known: its allocations (the C
+/// library's, before its own code runs) go elsewhere, and it may be the fault
+/// handler a program thread holding the allocator's lock waits for.
+///
+/// Not "no thread of usermm's is starting", as it was: that sent every program
+/// allocation outside the budget for as long as a new thread took to be scheduled
+/// (at start-up, 1,000 and more of a program's first 64 KiB blocks on a busy
+/// machine: `usermm-cli/tests/exec_fork.rs`).
+pub fn program_thread() -> bool {
+    if is_engine_thread() || SPAWNING_HERE.with(|c| c.get()) {
+        return false;
+    }
+    if PROGRAM_THREAD.with(|c| c.get()) {
+        return true;
+    }
+    if engine_threads_starting() == 0 {
+        PROGRAM_THREAD.with(|c| c.set(true));
+        return true;
+    }
+    false
+}
+
+/// Declares the calling thread one of the program's (`program_thread`): a thread
+/// that is certainly not usermm's, such as the one running a library constructor
+/// before the program's `main`.
+pub fn mark_program_thread() {
+    if !is_engine_thread() {
+        PROGRAM_THREAD.with(|c| c.set(true));
+    }
+}
+
 /// Gives the CPU (or, under the model checker, the schedule) to another thread.
 pub fn yield_now() {
     #[cfg(usermm_shuttle)]
     shuttle::thread::yield_now();
     #[cfg(not(usermm_shuttle))]
     std::thread::yield_now();
+}
+
+#[cfg(all(test, not(usermm_shuttle)))]
+mod tests {
+    use crate::sync::{
+        engine_threads_starting, is_engine_thread, mark_engine_thread, mark_program_thread,
+        program_thread, EngineSpawn,
+    };
+
+    /// A thread known to be the program's stays known while one of usermm's
+    /// threads is starting (held here before it marks itself); the starting thread
+    /// and a program thread never seen before are not. Under the old rule ("no
+    /// thread of usermm's is starting") the known thread was refused too, and
+    /// `usermm exec` served its allocations outside the budget.
+    #[test]
+    fn program_thread_is_served_while_an_engine_thread_starts() {
+        std::thread::spawn(|| {
+            // Other tests of this binary start Vms: declared, not seen.
+            mark_program_thread();
+            assert!(program_thread());
+            let gate = std::sync::Arc::new(std::sync::Barrier::new(2));
+            let g = gate.clone();
+            let starting = std::thread::Builder::new()
+                .spawn_engine(move || {
+                    // Counted in `engine_threads_starting`, not marked yet.
+                    let before = program_thread();
+                    g.wait();
+                    mark_engine_thread();
+                    (before, program_thread(), is_engine_thread())
+                })
+                .unwrap();
+            assert!(engine_threads_starting() >= 1);
+            assert!(program_thread(), "a known program thread was refused");
+            let unknown = std::thread::spawn(program_thread).join().unwrap();
+            assert!(!unknown, "a thread never seen may be usermm's, starting");
+            gate.wait();
+            let (before, after, engine) = starting.join().unwrap();
+            assert!(
+                !before,
+                "a starting thread of usermm's was taken for the program's"
+            );
+            assert!(!after && engine);
+        })
+        .join()
+        .unwrap();
+    }
 }

@@ -483,6 +483,10 @@ extern "C" fn init() {
     {
         return;
     }
+    // The constructor runs on the program's thread (before `main`, or in the
+    // thread that loads us): known to be the program's even if the threads the Vm
+    // starts have not marked themselves yet when it first allocates.
+    usermm::sync::mark_program_thread();
     match setup() {
         Ok(()) => STATE.store(2, Ordering::Release),
         Err(e) => {
@@ -504,14 +508,15 @@ static INIT: extern "C" fn() = init;
 /// calls malloc for such a thread's TLS destructors, for instance).
 fn ready() -> bool {
     STATE.load(Ordering::Acquire) == 2
-        && !usermm::sync::is_engine_thread()
         && !spawning()
-        // A thread of usermm's that has started but not marked itself yet: it
-        // allocates before its own code runs (glibc's bookkeeping of its
-        // thread-locals), and it may be the fault handler that a program thread,
-        // holding the heap's lock and faulting on the heap, waits for. glibc
-        // serves everyone meanwhile (`free` tells the blocks apart by address).
-        && usermm::sync::engine_threads_starting() == 0
+        // Not one of usermm's threads, nor one that has started but not marked
+        // itself yet (it allocates before its own code runs, glibc's bookkeeping of
+        // its thread-locals, and it may be the fault handler that a program thread,
+        // holding the heap's lock and faulting on the heap, waits for): a thread
+        // known to be the program's. glibc serves the others (`free` tells the
+        // blocks apart by address). Program threads are served from the heap
+        // while one of usermm's threads starts (see `usermm::sync::program_thread`).
+        && usermm::sync::program_thread()
 }
 
 /// The thread that is starting one of usermm's threads from the program's side
@@ -990,6 +995,9 @@ extern "C" fn atfork_child() {
     }
     HEAP.lock.reset();
     MAPS.lock.reset();
+    // The child's only thread, the program's: served from the heap while the new
+    // Vm's threads are still starting.
+    usermm::sync::mark_program_thread();
     STATE.store(2, Ordering::Release);
 }
 
