@@ -1093,42 +1093,33 @@ impl SwapTable {
         }
     }
 
+    /// `f` on the device and slot of encoded entry `v`; None if `v` is not a swap
+    /// entry or names no device.
+    fn on_encoded<R>(&self, v: u64, f: impl FnOnce(&SwapDevice, u64) -> R) -> Option<R> {
+        let Pte::Swapped(e) = Pte::decode(v) else {
+            return None;
+        };
+        let devs = self.devs.read();
+        let d = devs.get(e.dev as usize)?.as_ref()?;
+        Some(f(d, e.slot))
+    }
+
     /// Adds `n` references to the slot of an encoded entry.
     pub fn dup_encoded(&self, v: u64, n: u32) -> bool {
-        match Pte::decode(v) {
-            Pte::Swapped(e) => self
-                .devs
-                .read()
-                .get(e.dev as usize)
-                .and_then(|d| d.as_ref())
-                .is_some_and(|d| d.dup(e.slot, n)),
-            _ => false,
-        }
+        self.on_encoded(v, |d, slot| d.dup(slot, n))
+            .unwrap_or(false)
     }
 
     /// The use-count stamp kept for the page in the slot of encoded entry `v` (0,
     /// never used, for anything else).
     pub fn slot_freq(&self, v: u64) -> u8 {
-        match Pte::decode(v) {
-            Pte::Swapped(e) => self
-                .devs
-                .read()
-                .get(e.dev as usize)
-                .and_then(|d| d.as_ref())
-                .and_then(|d| d.freq.get(e.slot as usize))
-                .map_or(0, |f| f.load(Ordering::Relaxed)),
-            _ => 0,
-        }
+        self.on_encoded(v, |d, slot| d.slot_freq(slot)).unwrap_or(0)
     }
 
     /// Keeps use-count stamp `stamp` for the page going to (or staying in) the slot
     /// of encoded entry `v`.
     pub fn set_slot_freq(&self, v: u64, stamp: u8) {
-        if let Pte::Swapped(e) = Pte::decode(v) {
-            if let Some(Some(d)) = self.devs.read().get(e.dev as usize) {
-                d.set_slot_freq(e.slot, stamp);
-            }
-        }
+        self.on_encoded(v, |d, slot| d.set_slot_freq(slot, stamp));
     }
 
     /// Drops the reference held by an encoded entry (`PageDesc::swap`), if any.
