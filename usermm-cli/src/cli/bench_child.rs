@@ -199,6 +199,94 @@ pub fn run_and_report<T: Target>(
     Ok(())
 }
 
+/// How long past its phases the parent waits for a child before killing it:
+/// `USERMM_BENCH_CHILD_TIMEOUT_S` seconds, 120 unless set.
+fn child_timeout() -> Duration {
+    let s = std::env::var("USERMM_BENCH_CHILD_TIMEOUT_S")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or(120);
+    Duration::from_secs(s)
+}
+
+/// Before a child that overran is killed: writes its threads' stacks to
+/// `/tmp/hang-stacks-<pid>.txt` (user stacks from `gdb -batch` when it is
+/// installed, and each thread's kernel stack, wchan and state from `/proc`) and
+/// prints the path, so a hang leaves evidence.
+fn dump_stacks(pid: u32, what: &str) {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let _ = writeln!(out, "# {what} child {pid}: did not answer in time");
+    let tasks = format!("/proc/{pid}/task");
+    let mut tids: Vec<u32> = std::fs::read_dir(&tasks)
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    tids.sort_unstable();
+    for tid in tids {
+        let f = |n: &str| std::fs::read_to_string(format!("{tasks}/{tid}/{n}")).unwrap_or_default();
+        let state = f("status")
+            .lines()
+            .find(|l| l.starts_with("State:"))
+            .unwrap_or("")
+            .to_string();
+        let _ = writeln!(
+            out,
+            "\n## task {tid} comm={} wchan={} {state}\n{}",
+            f("comm").trim(),
+            f("wchan").trim(),
+            f("stack")
+        );
+    }
+    let path = format!("/tmp/hang-stacks-{pid}.txt");
+    let _ = writeln!(out, "\n# gdb -p {pid} -batch -ex 'thread apply all bt'");
+    let file = match std::fs::write(&path, out)
+        .and_then(|()| std::fs::OpenOptions::new().append(true).open(&path))
+    {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("cannot write {path}: {e}");
+            return;
+        }
+    };
+    // gdb writes straight into the file; given a minute at most (a stuck attach
+    // must not keep the bench from killing the child).
+    let gdb = file.try_clone().and_then(|err| {
+        Command::new("gdb")
+            .args(["-p", &pid.to_string(), "-batch", "-nx"])
+            .args(["-ex", "set pagination off", "-ex", "thread apply all bt"])
+            .stdin(Stdio::null())
+            .stdout(file)
+            .stderr(err)
+            .spawn()
+    });
+    match gdb {
+        Ok(mut g) => {
+            let end = Instant::now() + Duration::from_secs(60);
+            while matches!(g.try_wait(), Ok(None)) {
+                if Instant::now() > end {
+                    let _ = g.kill();
+                    let _ = g.wait();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        Err(e) => {
+            let _ = std::fs::OpenOptions::new()
+                .append(true)
+                .open(&path)
+                .and_then(|mut f| {
+                    use std::io::Write as _;
+                    writeln!(f, "gdb not run: {e}")
+                });
+        }
+    }
+    eprintln!("the {what} child's stacks: {path}");
+}
+
 /// In the parent: runs `usermm <subcommand> <extra> <the cell's flags>` and reads
 /// its report, calling `watch` every 10 ms while the child runs (to sample what the
 /// parent can see of it, e.g. a kernel pool). `what` names the column in messages.
@@ -242,7 +330,7 @@ pub fn run_watched(
         s
     });
     // Generous: the fill of the working set through swap plus the phases.
-    let limit = Instant::now() + warmup + timed + Duration::from_secs(120);
+    let limit = Instant::now() + warmup + timed + child_timeout();
     let status = loop {
         match child.try_wait() {
             Ok(Some(st)) => break Ok(st),
@@ -251,6 +339,9 @@ pub fn run_watched(
         }
         watch();
         if util::interrupted() || Instant::now() > limit {
+            if !util::interrupted() {
+                dump_stacks(child.id(), what);
+            }
             let _ = child.kill();
             let _ = child.wait();
             kill.forget();
@@ -505,7 +596,7 @@ impl Session {
             kill,
             what: what.to_string(),
         };
-        let l = s.line(warmup + Duration::from_secs(120))?;
+        let l = s.line(warmup + child_timeout())?;
         let r: Ready = serde_json::from_str(&l)
             .map_err(|e| format!("unreadable ready line from the {what} child ({e}): {l:?}"))?;
         Ok((
@@ -530,7 +621,7 @@ impl Session {
             warmup.as_millis(),
             timed.as_millis()
         ))?;
-        let l = self.line(warmup + timed + Duration::from_secs(120))?;
+        let l = self.line(warmup + timed + child_timeout())?;
         let r: ChildReport = serde_json::from_str(&l).map_err(|e| {
             format!(
                 "unreadable report from the {} child ({e}): {l:?}",
@@ -544,7 +635,7 @@ impl Session {
     /// wrong word) and the child's memory.
     pub fn finish(mut self) -> Result<(Verified, ChildMem), String> {
         self.send("end")?;
-        let l = self.line(Duration::from_secs(120))?;
+        let l = self.line(child_timeout())?;
         let e: End = serde_json::from_str(&l).map_err(|e| {
             format!(
                 "unreadable end line from the {} child ({e}): {l:?}",
@@ -581,6 +672,7 @@ impl Session {
                 return Err("interrupted".into());
             }
             if Instant::now() > end {
+                dump_stacks(self.child.id(), &self.what);
                 self.stop();
                 return Err(format!(
                     "the {} child did not answer in time (killed)",
