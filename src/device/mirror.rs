@@ -555,7 +555,10 @@ mod tests {
         // and loses every slot.
         fb.set_fail_writes(true);
         m.write_page(3, page(99).page(0)).unwrap();
-        assert_eq!(m.leg_states()[1], LegState::Degraded);
+        // Degraded; the resync thread's probe (a read, which B still answers) may
+        // already have moved it to syncing, whose copies fail while B's writes do.
+        // Never healthy.
+        assert_ne!(m.leg_states()[1], LegState::Healthy);
         assert_eq!(m.held(1).0, 0);
         assert_eq!(m.stats().single_leg_writes, 1);
         for s in 0..16 {
