@@ -739,17 +739,7 @@ fn run_usermm(
     timed: Duration,
 ) -> Result<Measured, String> {
     let (vm, target) = usermm_vm(budget, io_threads, swap, spec)?;
-    let snap = || {
-        let s = vm.stats();
-        let p = vm.pressure();
-        Snap {
-            major_faults: s.pgmajfault,
-            reads: s.pswpin,
-            writes: s.pswpout,
-            stall_some_us: p.total_some.as_micros() as u64,
-            stall_full_us: p.total_full.as_micros() as u64,
-        }
-    };
+    let snap = || bench_child::vm_snap(&vm);
     let m = access::drive(&target, spec, warmup, timed, &snap)?;
     let s = vm.stats();
     if s.write_errors + s.read_errors > 0 {
@@ -815,17 +805,7 @@ fn hit_path(
     let plain = unsafe { RawTarget::new(plain_buf.as_mut_ptr().cast(), len) };
     access::fill(&um, spec)?;
     access::fill(&plain, spec)?;
-    let snap = || {
-        let s = vm.stats();
-        let p = vm.pressure();
-        Snap {
-            major_faults: s.pgmajfault,
-            reads: s.pswpin,
-            writes: s.pswpout,
-            stall_some_us: p.total_some.as_micros() as u64,
-            stall_full_us: p.total_full.as_micros() as u64,
-        }
-    };
+    let snap = || bench_child::vm_snap(&vm);
     let round = (timed / 3).max(Duration::from_millis(200));
     let warm = Duration::from_millis(100);
     let (mut us, mut ps) = (Vec::new(), Vec::new());
