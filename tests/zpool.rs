@@ -419,6 +419,15 @@ fn discard_punches_holes_in_the_swap_file() {
     let after = blocks(&path);
     let d = &vm.swaps()[0];
     println!("file: {full} bytes allocated before, {after} after; {d:?}");
+    if !ok {
+        let out = std::process::Command::new("filefrag")
+            .arg("-v")
+            .arg(&path)
+            .output();
+        if let Ok(o) = out {
+            println!("{}", String::from_utf8_lossy(&o.stdout));
+        }
+    }
     assert!(
         ok,
         "holes not punched: {after} bytes still allocated of {full}"

@@ -23,9 +23,13 @@
 //! maintenance thread (`maintain`, "usermm-discard", every 50 ms or when 256 are
 //! pending) takes them in batches of up to 1024: it claims each one still free
 //! under the map lock (a reference of its own, so the slot cannot be handed out and
-//! written while it is discarded), merges adjacent ones into ranges, calls
-//! `BlockDevice::discard` once per range (a hole punched in a file, one NBD TRIM)
-//! with no lock held, and releases the claims. No request is made per freed page
+//! written while it is discarded), merges adjacent ones into ranges (joined across
+//! gaps of up to `MAX_GAP` free slots, and a range shorter than a local file's
+//! minimum grown over free neighbours, both claimed the same way: an unmap frees in
+//! page order, not slot order, so one batch may hold every other slot of a stretch
+//! whose rest an earlier batch took), calls `BlockDevice::discard` once per range
+//! (a hole punched in a file, one NBD TRIM) with no lock held, and releases the
+//! claims. No request is made per freed page
 //! on the freeing path, and nothing is allocated. It also gives a pool's empty
 //! frames back to the budget. A device whose discard fails stops being asked.
 //!
@@ -68,6 +72,8 @@ const DISCARD_BATCH: usize = 256;
 /// The shortest run of free slots punched out of a local swap file (256 KiB; see
 /// `SwapDevice::flush_discards`).
 const MIN_FILE_RUN: usize = 64;
+/// The widest gap of free slots `flush_discards` joins two queued runs across.
+const MAX_GAP: u64 = 8;
 /// The maintenance thread's tick.
 const MAINT_TICK: Duration = Duration::from_millis(50);
 
@@ -741,16 +747,53 @@ impl SwapDevice {
             };
             let mut i = 0;
             while i < k {
+                // A run: this batch's slots in a row, joined across small gaps of free
+                // slots (claimed here). Frees arrive interleaved (an unmap frees in
+                // page order, slots were handed out in page-out order), so a batch may
+                // hold every other slot of a stretch whose rest an earlier batch took.
                 let mut j = i + 1;
-                while j < k && slots[j] == slots[j - 1] + 1 {
-                    j += 1;
+                let mut hi = slots[i] + 1;
+                loop {
+                    while j < k && slots[j] == hi {
+                        hi += 1;
+                        j += 1;
+                    }
+                    if j < k && slots[j] - hi <= MAX_GAP && self.claim_range(hi, slots[j]) {
+                        hi = slots[j];
+                        continue;
+                    }
+                    break;
                 }
-                if j - i >= min_run && self.discard_on.load(Ordering::Relaxed) {
-                    match self.dev.discard(slots[i], (j - i) as u64) {
+                let mut lo = slots[i];
+                // Freed slots the run covers (this batch's and those between them).
+                let freed = hi - lo;
+                if hi - lo < min_run as u64 {
+                    // A short run may be part of a long free one whose other slots an
+                    // earlier batch took, or that were free already: claim free
+                    // neighbours so the hole covers it. On a busy device the
+                    // neighbours are in use and nothing grows.
+                    (lo, hi) = self.grow_run(lo, hi, min_run as u64);
+                }
+                if hi - lo >= min_run as u64 && self.discard_on.load(Ordering::Relaxed) {
+                    match self.dev.discard(lo, hi - lo) {
                         Ok(()) => {
-                            self.discarded.fetch_add((j - i) as u64, Ordering::Relaxed);
+                            self.discarded.fetch_add(freed, Ordering::Relaxed);
                         }
                         Err(_) => self.discard_on.store(false, Ordering::Relaxed),
+                    }
+                }
+                if hi - lo > (j - i) as u64 {
+                    // The claims of the free slots taken into the run go (the batch's
+                    // own go below).
+                    let mut m = self.map.lock();
+                    let mut b = i;
+                    for s in lo..hi {
+                        if b < j && slots[b] == s {
+                            b += 1;
+                            continue;
+                        }
+                        debug_assert_eq!(m.count[s as usize], 1);
+                        m.count[s as usize] = 0;
                     }
                 }
                 i = j;
@@ -764,6 +807,40 @@ impl SwapDevice {
                 }
             }
         }
+    }
+
+    /// Claims the slots of `[a, b)` if every one is free; claims none otherwise.
+    fn claim_range(&self, a: u64, b: u64) -> bool {
+        let mut m = self.map.lock();
+        if (a..b).any(|s| m.count[s as usize] != 0) {
+            return false;
+        }
+        for s in a..b {
+            m.count[s as usize] = 1;
+        }
+        true
+    }
+
+    /// Grows the run of claimed slots `[lo, hi)` over free neighbours (claiming
+    /// them), at most `4 * min` slots each way, and returns the grown run. If it does
+    /// not reach `min` slots the neighbours' claims are given back and `[lo, hi)`
+    /// returned unchanged.
+    fn grow_run(&self, lo: u64, hi: u64, min: u64) -> (u64, u64) {
+        let mut m = self.map.lock();
+        let (mut a, mut b) = (lo, hi);
+        while a > 0 && lo - a < 4 * min && self.claim_free(&mut m, a - 1) {
+            a -= 1;
+        }
+        while b < self.pages && b - hi < 4 * min && self.claim_free(&mut m, b) {
+            b += 1;
+        }
+        if b - a >= min {
+            return (a, b);
+        }
+        for s in (a..lo).chain(hi..b) {
+            m.count[s as usize] = 0;
+        }
+        (lo, hi)
     }
 
     /// Writes a page to `slot` and records its checksum.
@@ -1257,6 +1334,47 @@ mod tests {
         t.get(0).unwrap().note_write(true);
         assert_eq!(t.alloc().unwrap().dev, 0);
         assert_eq!(t.alloc().unwrap().dev, 0);
+    }
+
+    /// An unmap frees slots in page order, which is not slot order: a batch of the
+    /// discard thread may hold every other slot of a stretch and the next batch the
+    /// rest. Each batch's runs are one slot long; the stretch must still be punched.
+    #[test]
+    fn interleaved_frees_are_punched() {
+        use std::os::unix::fs::MetadataExt;
+        let (d, dv) = dev(1024);
+        let path = d.path().join("s");
+        let t = SwapTable::default();
+        t.add(dv, 0).unwrap();
+        let s = t.get(0).unwrap();
+        let mut buf = crate::device::AlignedPages::new(1).unwrap();
+        buf.page_mut(0).fill(7);
+        for _ in 0..512 {
+            let e = t.alloc().unwrap();
+            s.write(e.slot, buf.page(0)).unwrap();
+        }
+        s.dev.flush().unwrap();
+        let before = std::fs::metadata(&path).unwrap().blocks() * 512;
+        for parity in [1, 0] {
+            for slot in (parity..512).step_by(2) {
+                t.put(SwapEntry { dev: 0, slot });
+            }
+            s.flush_discards();
+        }
+        let after = std::fs::metadata(&path).unwrap().blocks() * 512;
+        // The file is preallocated (1024 slots); the 512 written ones must be holes.
+        assert!(before >= 1024 * 4096, "{before} bytes allocated");
+        assert!(
+            before - after >= 512 * 4096,
+            "{after} of {before} bytes still allocated after 512 slots were freed"
+        );
+        // Counted: the freed slots each punch covered (not the grown edges).
+        let n = s.discarded_bytes() / 4096;
+        assert!((500..=512).contains(&n), "{n} slots counted discarded");
+        // The claims were all given back.
+        assert_eq!(s.used(), 0);
+        let got: Vec<_> = (0..1024).map(|_| t.alloc().unwrap().slot).collect();
+        assert_eq!(got.len(), 1024);
     }
 
     #[test]
