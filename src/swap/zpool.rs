@@ -851,29 +851,53 @@ impl Zpool {
     }
 
     /// Writes back everything (swapoff of the pool). Err if some page could not be
-    /// written (it stays in the pool).
+    /// written (it stays in the pool). A frame another thread is writing back (a
+    /// page-I/O thread making room) is waited for, at most `WRITE_BACK_WAIT`: its
+    /// writes end with the device's own timeouts.
     pub fn write_back_all(&self) -> io::Result<()> {
+        let deadline = std::time::Instant::now() + WRITE_BACK_WAIT;
         loop {
             self.reap();
             if self.frames_held() == 0 {
                 return Ok(());
             }
             let errs = self.cnt.writeback_errors.load(Ordering::Relaxed);
-            let progressed = self.write_back_oldest();
-            if !progressed || self.cnt.writeback_errors.load(Ordering::Relaxed) != errs {
-                self.reap();
-                if self.frames_held() == 0 {
-                    return Ok(());
+            if self.write_back_oldest() {
+                if self.cnt.writeback_errors.load(Ordering::Relaxed) == errs {
+                    continue;
                 }
-                return Err(io::Error::other(format!(
-                    "{}: {} pages could not be written back to the devices below",
-                    self.name,
-                    self.cnt.pages.load(Ordering::Relaxed)
-                )));
+            } else if self.cnt.writeback_errors.load(Ordering::Relaxed) == errs
+                && self.writing_back()
+                && std::time::Instant::now() < deadline
+            {
+                crate::sync::sleep(std::time::Duration::from_millis(1));
+                continue;
             }
+            self.reap();
+            if self.frames_held() == 0 {
+                return Ok(());
+            }
+            let busy = if self.writing_back() {
+                " (or are still being written back by another thread)"
+            } else {
+                ""
+            };
+            return Err(io::Error::other(format!(
+                "{}: {} pages could not be written back to the devices below{busy}",
+                self.name,
+                self.cnt.pages.load(Ordering::Relaxed)
+            )));
         }
     }
+
+    /// Whether some frame is being written back (`write_back_oldest` on a thread).
+    fn writing_back(&self) -> bool {
+        self.inner.lock().f.iter().any(|f| f.live && f.wb)
+    }
 }
+
+/// The longest `write_back_all` waits for another thread's write-back of a frame.
+const WRITE_BACK_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 fn is_zero(page: &[u8]) -> bool {
     page.chunks_exact(8)
@@ -939,6 +963,80 @@ mod tests {
         let mut out = [0u8; COMPRESS_BUF];
         let n = lz4_flex::block::compress_into(&page, &mut out).unwrap();
         assert!(n <= MAX_STORED, "{n}");
+    }
+
+    /// A lower device whose write-back of slot 0 waits until told to go on.
+    struct SlowLower {
+        pool: OnceLock<Arc<Zpool>>,
+        zloc: Vec<AtomicU64>,
+        held: std::sync::Mutex<bool>,
+        cv: std::sync::Condvar,
+        entered: AtomicBool,
+    }
+
+    impl Lower for SlowLower {
+        fn pin(&self, _dev: u8, slot: u64, loc: u64) -> bool {
+            self.zloc[slot as usize].load(Ordering::Acquire) == loc
+        }
+        fn write_back(&self, _dev: u8, slot: u64, _page: &[u8]) -> io::Result<()> {
+            if slot == 0 {
+                self.entered.store(true, Ordering::SeqCst);
+                let mut g = self.held.lock().unwrap();
+                while *g {
+                    g = self.cv.wait(g).unwrap();
+                }
+            }
+            Ok(())
+        }
+        fn unpin(&self, _dev: u8, slot: u64, loc: u64, written: bool) {
+            let z = &self.zloc[slot as usize];
+            if written && z.load(Ordering::Acquire) == loc {
+                self.pool.get().unwrap().drop_chunk(loc);
+                z.store(0, Ordering::Release);
+            }
+        }
+    }
+
+    /// Swapoff of the pool (`write_back_all`) while a page-I/O thread is writing a
+    /// frame back to make room: it waits for that frame instead of failing with
+    /// "0 pages could not be written back" (seen in CI).
+    #[test]
+    fn write_back_all_waits_for_a_write_back_in_flight() {
+        let frames = Arc::new(FrameArena::new(256, [8, 16, 24]).unwrap());
+        let pool = Arc::new(Zpool::new("zpool:t", 1 << 20, Compression::Lz4, 0, frames).unwrap());
+        let lower = Arc::new(SlowLower {
+            pool: OnceLock::new(),
+            zloc: (0..4).map(|_| AtomicU64::new(0)).collect(),
+            held: std::sync::Mutex::new(true),
+            cv: std::sync::Condvar::new(),
+            entered: AtomicBool::new(false),
+        });
+        let _ = lower.pool.set(pool.clone());
+        let weak: Weak<dyn Lower> = Arc::downgrade(&(lower.clone() as Arc<dyn Lower>));
+        pool.set_lower(weak);
+        let mut page = [0u8; PAGE_SIZE];
+        page[..8].copy_from_slice(b"usermm!!");
+        assert!(pool.store(0, 0, &lower.zloc[0], &page));
+        assert_eq!(pool.frames_held(), 1);
+        // A page-I/O thread writes the only frame back and is held in the device.
+        let p2 = pool.clone();
+        let t = std::thread::spawn(move || p2.write_back_oldest());
+        while !lower.entered.load(Ordering::SeqCst) {
+            std::thread::yield_now();
+        }
+        // Released a little later, while swapoff is already waiting.
+        let l2 = lower.clone();
+        let release = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            *l2.held.lock().unwrap() = false;
+            l2.cv.notify_all();
+        });
+        pool.set_draining(true);
+        pool.write_back_all().unwrap();
+        assert_eq!(pool.frames_held(), 0);
+        assert!(t.join().unwrap());
+        release.join().unwrap();
+        assert_eq!(lower.zloc[0].load(Ordering::Relaxed), 0);
     }
 
     #[test]
