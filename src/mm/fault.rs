@@ -897,9 +897,12 @@ fn ra_page(vpn: u64, stride: i64, k: usize) -> Option<u64> {
 /// space's fault history (`SpaceInner::ra`). After three faults in a row a
 /// constant stride apart (1 for a sequential scan, −1 backwards, 16 for a strided
 /// one; at most `RA_STRIDE_MAX` pages) the window opens at 4 pages and doubles
-/// with each further such fault (up to `RA_MAX`); any other fault closes it, so
+/// with each further such fault (up to `RA_MAX`); a fault a few strides on (the
+/// pages between were resident: hits) keeps the run, any other fault closes it, so
 /// random access reads nothing ahead. Within the window it claims (`BUSY`) the
-/// pages that continue the stride while they are swapped on the same device.
+/// pages that continue the stride while they are swapped on the same device,
+/// passing over resident ones (at most a window's worth: pages reclaim kept along
+/// a scan must not end its readahead).
 /// Where the device keeps several reads in flight (`scattered`: a local file
 /// with io_uring) their slots may be anywhere: the caller reads them all at once
 /// unless they make a `dense` span. Elsewhere only slots that keep the span
@@ -925,6 +928,11 @@ fn claim_ahead(
         (stride, run)
     } else if delta == stride {
         (stride, run + 1)
+    } else if stride != 0 && delta % stride == 0 && (2..=RA_MAX as i64).contains(&(delta / stride))
+    {
+        // The stride held, but the pages between were resident (hits): the scan
+        // goes on.
+        (stride, run + 1)
     } else if delta.abs() <= RA_STRIDE_MAX {
         (delta, 1)
     } else {
@@ -943,8 +951,11 @@ fn claim_ahead(
     let mut end = vpn;
     let (mut lo, mut hi) = (e.slot, e.slot);
     let mut shrunk = false;
+    // Pages looked at, and how many of them were resident already.
+    let (mut k, mut skipped) = (0, 0);
     while n < window {
-        let Some(q) = ra_page(vpn, stride, n + 1) else {
+        k += 1;
+        let Some(q) = ra_page(vpn, stride, k) else {
             break;
         };
         // Not through a leaf shared with a fork child (its claims are made under
@@ -956,6 +967,14 @@ fn claim_ahead(
         let qv = qp.load(Ordering::Acquire);
         let slot = match Pte::decode(qv) {
             Pte::Swapped(f) if f.dev == e.dev && f.slot != e.slot => f.slot,
+            // Resident already (the scan will hit it): passed over, so that pages
+            // reclaim left in memory along the scan do not close the window (each
+            // would restart it at 4 pages); at most a window's worth.
+            Pte::Present(_) if skipped < window => {
+                skipped += 1;
+                end = q;
+                continue;
+            }
             _ => break,
         };
         let (nlo, nhi) = (lo.min(slot), hi.max(slot));
