@@ -1658,11 +1658,23 @@ fn bench(a: BenchArgs, comp: &mut Option<CompPlan>) -> Result<i32, String> {
             hit.error.clone().unwrap_or_default()
         ),
     }
+    // "ok" says the column could run here; a cell where it failed says so too.
+    let tr_failed = outs
+        .iter()
+        .filter(|o| {
+            transparent_avail.is_ok() && o.transparent.as_ref().is_err_and(|e| e != "interrupted")
+        })
+        .count();
+    let transparent_line = if tr_failed > 0 {
+        format!("FAILED in {tr_failed} of {} cells (see above)", outs.len())
+    } else {
+        transparent_status.clone()
+    };
     println!(
         "seed {seed}; total time {}; kernel: {}; transparent: {}; cleanup {}",
         fmt_dur(t_all.elapsed()),
         kernel_status,
-        transparent_status,
+        transparent_line,
         if cleanup_ok { "ok" } else { "INCOMPLETE" }
     );
 
