@@ -395,6 +395,56 @@ fn neighbours_on_scattered_slots_come_in_together_with_io_uring() {
     read_back_batched(&vm, pages, |p| p as u64 * 3 + 5, at);
 }
 
+/// Read-around passes over resident pages: a sequential pass through swapped pages
+/// with every eighth one back in memory (a scan hits those without a fault) still
+/// brings most pages in with another's fault. (It stopped at each resident page,
+/// and the fault past it did not count as sequential.)
+#[test]
+fn resident_pages_along_a_scan_do_not_stop_read_around() {
+    let Some((_d, vm)) = setup(1 << 20, 16 << 20) else {
+        return;
+    };
+    if !common::has_uring(&vm, "read-around past resident pages") {
+        return;
+    }
+    let pages = 128;
+    let r = vm.map_transparent(pages * PS).unwrap();
+    let at = |p: usize, w: usize| word(&r, p * PS / 8 + w);
+    for p in 0..pages {
+        at(p, 0).store(p as u64 * 5 + 2, Ordering::Relaxed);
+        at(p, 511).store(!(p as u64), Ordering::Relaxed);
+    }
+    assert!(vm.reclaim(pages) >= pages * 3 / 4, "{:?}", vm.stats());
+    // Islands, brought back backwards (no read-around for them).
+    for p in (0..pages).step_by(8).rev() {
+        assert_eq!(at(p, 0).load(Ordering::Relaxed), p as u64 * 5 + 2);
+    }
+    let before = vm.stats();
+    for p in 0..pages {
+        assert_eq!(
+            at(p, 0).load(Ordering::Relaxed),
+            p as u64 * 5 + 2,
+            "page {p}"
+        );
+        assert_eq!(at(p, 511).load(Ordering::Relaxed), !(p as u64), "page {p}");
+    }
+    let after = vm.stats();
+    let majors = after.pgmajfault - before.pgmajfault;
+    let ins = after.pswpin - before.pswpin;
+    println!(
+        "{majors} major faults, {ins} pages read, {} around",
+        after.read_around - before.read_around
+    );
+    assert!(
+        ins >= pages as u64 / 2,
+        "{ins} pages read: were they evicted?"
+    );
+    assert!(
+        majors * 6 <= ins,
+        "{majors} major faults for {ins} pages read past resident pages"
+    );
+}
+
 /// A swap device that fails the read of an evicted page: the faulting thread gets
 /// SIGBUS with a line on stderr that names the device, never zeros. In a child
 /// process, as above.

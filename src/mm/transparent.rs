@@ -93,12 +93,37 @@ const WRITE_HINT: u8 = 3;
 /// in flight at once (`SwapDevice::reads_concurrently`: one read per page, all at
 /// once) — and the region's recent swap-in faults were mostly next to each other
 /// (`sequential`: off by itself on random access, where it only takes frames from
-/// hotter pages). Only with frames free above the low watermark (never reclaiming
-/// for them); each comes in clean, keeping its copy, so an unused one costs a frame
-/// until the hand drops it. 31 (128 KiB with the faulting page): with 7, a
+/// hotter pages). Only with frames free above the min watermark (never reclaiming
+/// for them; above the low one, where the background reclaimer keeps the free
+/// count, read-around got a few pages at a time and a scan faulted on 11 % of its
+/// pages instead of 3 %); each comes in clean, keeping its copy, so an unused one
+/// costs a frame until the hand drops it. 31 (128 KiB with the faulting page): with 7, a
 /// sequential scan in `usermm bench` faulted on 17 % of its pages and ran at 0.87×
 /// the kernel's rate; with 31, 5 % and 1.54×.
 const READ_AROUND: usize = 31;
+
+/// A swap-in fault this many pages after the last one (or the end of its
+/// read-around) still counts as sequential (`sequential`): the pages between were
+/// resident, so the scan did not fault on them.
+const SEQ_GAP: u64 = 8;
+
+/// A page `claim_around` claimed: where, its entry before the claim, its frame.
+#[derive(Clone, Copy, Debug)]
+struct RaClaim {
+    page: u64,
+    old: u64,
+    pfn: crate::addr::Pfn,
+}
+
+impl Default for RaClaim {
+    fn default() -> Self {
+        RaClaim {
+            page: 0,
+            old: 0,
+            pfn: crate::addr::Pfn(0),
+        }
+    }
+}
 
 /// The per-Vm part: one descriptor and one handler thread for all regions.
 #[derive(Debug)]
@@ -544,7 +569,9 @@ impl TRegion {
     /// lost update among concurrent faults only nudges the average.
     fn sequential(&self, page: u64) -> bool {
         let last = self.last_in.swap(page, Ordering::Relaxed);
-        let near = page.abs_diff(last) == PS;
+        // Next to the last (or to the end of its read-around), or a few pages on:
+        // the pages between were resident (a scan hits them without a fault).
+        let near = page.abs_diff(last) == PS || (page > last && page - last <= SEQ_GAP * PS);
         let s = self.seq_score.load(Ordering::Relaxed);
         let s = s - s / 8 + if near { 32 } else { 0 };
         self.seq_score.store(s, Ordering::Relaxed);
@@ -553,14 +580,16 @@ impl TRegion {
 
     /// Claims (`BUSY`) up to `READ_AROUND` pages after `page` whose entries are
     /// swapped on `e`'s device at the slots right after `e`'s (or, `scattered`, at
-    /// any other slot), each with a free frame taken without reclaim; stops at the
-    /// first that does not qualify. Records each claimed page's old entry and frame
-    /// in `ra`; returns how many, and whether their slots follow `e`'s.
+    /// any other slot, passing over resident pages: a scan hits them), each with a
+    /// free frame taken without reclaim; stops at the first that does not qualify.
+    /// Records each claimed page, its old entry and its frame in `ra`; returns how
+    /// many, and whether their slots follow `e`'s. The region's last swap-in page
+    /// (`sequential`) moves to the last page looked at.
     fn claim_around(
         &self,
         page: u64,
         e: crate::addr::SwapEntry,
-        ra: &mut [(u64, crate::addr::Pfn); READ_AROUND],
+        ra: &mut [RaClaim; READ_AROUND],
         scattered: bool,
     ) -> (usize, bool) {
         let mut adjacent = true;
@@ -568,17 +597,27 @@ impl TRegion {
         let mut n = 0;
         // At most a sixteenth of the budget (as the explicit path's readahead).
         let most = READ_AROUND.min(eng.frames.nframes() / 16);
+        let (mut k, mut skipped, mut last) = (0u64, 0, page);
         while n < most {
-            let q = page + (n as u64 + 1) * PS;
-            if q >= self.base + self.len || eng.frames.free_count() <= eng.frames.wmark[1] {
+            k += 1;
+            let q = page + k * PS;
+            if q >= self.base + self.len || eng.frames.free_count() <= eng.frames.wmark[0] {
                 break;
             }
             let qp = self.entry(q);
             let qv = qp.load(Ordering::Acquire);
             match Pte::decode(qv) {
-                Pte::Swapped(f) if f.dev == e.dev && f.slot == e.slot + n as u64 + 1 => {}
+                Pte::Swapped(f)
+                    if adjacent && f.dev == e.dev && f.slot == e.slot + n as u64 + 1 => {}
                 Pte::Swapped(f) if scattered && f.dev == e.dev && f.slot != e.slot => {
                     adjacent = false;
+                }
+                Pte::Present(_) if scattered && skipped < most => {
+                    // In memory already (or staged: no read either).
+                    skipped += 1;
+                    adjacent = false;
+                    last = q;
+                    continue;
                 }
                 _ => break,
             }
@@ -594,20 +633,25 @@ impl TRegion {
             };
             token_only(eng, qpfn);
             eng.ra_frames.fetch_add(1, Ordering::Relaxed);
-            ra[n] = (qv, qpfn);
+            ra[n] = RaClaim {
+                page: q,
+                old: qv,
+                pfn: qpfn,
+            };
+            last = q;
             n += 1;
         }
+        self.last_in.store(last, Ordering::Relaxed);
         (n, adjacent)
     }
 
     /// Gives back the claims of `claim_around` from the `from`-th on: entries as
     /// they were, frames freed.
-    fn unclaim_around(&self, page: u64, ra: &[(u64, crate::addr::Pfn)], from: usize) {
-        for (i, &(qv, qpfn)) in ra.iter().enumerate().skip(from) {
+    fn unclaim_around(&self, ra: &[RaClaim], from: usize) {
+        for c in ra.iter().skip(from) {
             self.eng.ra_frames.fetch_sub(1, Ordering::Relaxed);
-            self.eng.frames.free(qpfn);
-            self.entry(page + (i as u64 + 1) * PS)
-                .store(qv, Ordering::Release);
+            self.eng.frames.free(c.pfn);
+            self.entry(c.page).store(c.old, Ordering::Release);
         }
     }
 
@@ -617,16 +661,22 @@ impl TRegion {
     /// swap, and so do those after it.
     fn map_around(
         &self,
-        page: u64,
         e: crate::addr::SwapEntry,
         dev: &crate::swap::SwapDevice,
         bounce: &AlignedPages,
-        ra: &[(u64, crate::addr::Pfn)],
+        ra: &[RaClaim],
         gather: &[usize],
     ) {
         let eng = &*self.eng;
-        for (i, &(qv, qpfn)) in ra.iter().enumerate() {
-            let q = page + (i as u64 + 1) * PS;
+        for (
+            i,
+            &RaClaim {
+                page: q,
+                old: qv,
+                pfn: qpfn,
+            },
+        ) in ra.iter().enumerate()
+        {
             let slot = match Pte::decode(qv) {
                 Pte::Swapped(f) => f.slot,
                 _ => e.slot + i as u64 + 1,
@@ -638,7 +688,7 @@ impl TRegion {
                 matches!(mapped, Ok(true))
             };
             if !ok {
-                self.unclaim_around(page, ra, i);
+                self.unclaim_around(ra, i);
                 return;
             }
             eng.transparent_out.fetch_sub(1, Ordering::Relaxed);
@@ -809,7 +859,7 @@ impl TRegion {
                     };
                     let keeps = eng.keeps_swap_copy(&dev);
                     // Claim the pages whose slots follow (see `READ_AROUND`).
-                    let mut ra = [(0u64, crate::addr::Pfn(0)); READ_AROUND];
+                    let mut ra = [RaClaim::default(); READ_AROUND];
                     let (mut nra, mut adjacent) = (0, true);
                     if keeps && self.sequential(page) {
                         (nra, adjacent) =
@@ -826,8 +876,8 @@ impl TRegion {
                     } else {
                         let mut slots = [0u64; 1 + READ_AROUND];
                         slots[0] = e.slot;
-                        for (s, &(qv, _)) in slots[1..].iter_mut().zip(&ra[..nra]) {
-                            if let Pte::Swapped(f) = Pte::decode(qv) {
+                        for (s, c) in slots[1..].iter_mut().zip(&ra[..nra]) {
+                            if let Pte::Swapped(f) = Pte::decode(c.old) {
                                 *s = f.slot;
                             }
                         }
@@ -841,7 +891,7 @@ impl TRegion {
                     if let Err(err) = read {
                         eng.frames.free(pfn);
                         pte.store(v, Ordering::Release);
-                        self.unclaim_around(page, &ra[..nra], 0);
+                        self.unclaim_around(&ra[..nra], 0);
                         Counters::inc(&eng.cnt.read_errors);
                         return Err(err);
                     }
@@ -864,7 +914,7 @@ impl TRegion {
                     if let Err(err) = mapped {
                         eng.frames.free(pfn);
                         pte.store(v, Ordering::Release);
-                        self.unclaim_around(page, &ra[..nra], 0);
+                        self.unclaim_around(&ra[..nra], 0);
                         return Err(Error::Io(err));
                     }
                     eng.transparent_out.fetch_sub(1, Ordering::Relaxed);
@@ -874,7 +924,7 @@ impl TRegion {
                         eng.install_transparent(pte, pfn, page, 0, true);
                         eng.swap.put(e);
                     }
-                    self.map_around(page, e, &dev, bounce, &ra[..nra], &gather[1..1 + nra]);
+                    self.map_around(e, &dev, bounce, &ra[..nra], &gather[1..1 + nra]);
                     Counters::inc(&eng.cnt.pgfault);
                     Counters::inc(&eng.cnt.pgmajfault);
                     Counters::inc(&eng.cnt.pswpin);
