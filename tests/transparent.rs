@@ -325,17 +325,18 @@ fn neighbours_on_consecutive_slots_come_in_one_read() {
         at(p, 511).store(!(p as u64), Ordering::Relaxed);
     }
     assert!(vm.reclaim(pages) >= pages / 2, "{:?}", vm.stats());
-    read_back_batched(&vm, pages, |p| p as u64 * 7 + 1, at);
+    let _ = read_back_batched(&vm, pages, |p| p as u64 * 7 + 1, at);
 }
 
 /// Reads every page back in order (word 0 must be `first(p)`, word 511 `!p`) and
-/// checks that read-around brought at least half the pages with another's fault.
+/// checks that read-around brought at least half the pages with another's fault;
+/// returns the major faults and the pages read.
 fn read_back_batched<'a>(
     vm: &Vm,
     pages: usize,
     first: impl Fn(usize) -> u64,
     at: impl Fn(usize, usize) -> &'a AtomicU64,
-) {
+) -> (u64, u64) {
     let before = vm.stats();
     for p in 0..pages {
         assert_eq!(at(p, 0).load(Ordering::Relaxed), first(p), "page {p}");
@@ -352,6 +353,14 @@ fn read_back_batched<'a>(
         majors * 2 < ins,
         "{majors} major faults for {ins} pages read: read-around did not batch"
     );
+    (majors, ins)
+}
+
+/// A Vm with a 1 MiB budget whose swap file reads through io_uring, or None (the
+/// reason on stderr) where that cannot be had.
+fn uring_setup(what: &str) -> Option<(tempfile::TempDir, Vm)> {
+    let (d, vm) = setup(1 << 20, 16 << 20)?;
+    common::has_uring(&vm, what).then_some((d, vm))
 }
 
 /// Read-around of pages whose slots are scattered (rewritten in a shuffled order,
@@ -360,12 +369,9 @@ fn read_back_batched<'a>(
 /// with its own bytes.
 #[test]
 fn neighbours_on_scattered_slots_come_in_together_with_io_uring() {
-    let Some((_d, vm)) = setup(1 << 20, 16 << 20) else {
+    let Some((_d, vm)) = uring_setup("scattered read-around") else {
         return;
     };
-    if !common::has_uring(&vm, "scattered read-around") {
-        return;
-    }
     let pages = 128;
     let r = vm.map_transparent(pages * PS).unwrap();
     let at = |p: usize, w: usize| word(&r, p * PS / 8 + w);
@@ -392,7 +398,7 @@ fn neighbours_on_scattered_slots_come_in_together_with_io_uring() {
         before.pswpout >= 2 * pages as u64 * 3 / 4,
         "the rewritten pages were not written out again: {before:?}"
     );
-    read_back_batched(&vm, pages, |p| p as u64 * 3 + 5, at);
+    let _ = read_back_batched(&vm, pages, |p| p as u64 * 3 + 5, at);
 }
 
 /// Read-around passes over resident pages: a sequential pass through swapped pages
@@ -401,12 +407,9 @@ fn neighbours_on_scattered_slots_come_in_together_with_io_uring() {
 /// and the fault past it did not count as sequential.)
 #[test]
 fn resident_pages_along_a_scan_do_not_stop_read_around() {
-    let Some((_d, vm)) = setup(1 << 20, 16 << 20) else {
+    let Some((_d, vm)) = uring_setup("read-around past resident pages") else {
         return;
     };
-    if !common::has_uring(&vm, "read-around past resident pages") {
-        return;
-    }
     let pages = 128;
     let r = vm.map_transparent(pages * PS).unwrap();
     let at = |p: usize, w: usize| word(&r, p * PS / 8 + w);
@@ -419,22 +422,7 @@ fn resident_pages_along_a_scan_do_not_stop_read_around() {
     for p in (0..pages).step_by(8).rev() {
         assert_eq!(at(p, 0).load(Ordering::Relaxed), p as u64 * 5 + 2);
     }
-    let before = vm.stats();
-    for p in 0..pages {
-        assert_eq!(
-            at(p, 0).load(Ordering::Relaxed),
-            p as u64 * 5 + 2,
-            "page {p}"
-        );
-        assert_eq!(at(p, 511).load(Ordering::Relaxed), !(p as u64), "page {p}");
-    }
-    let after = vm.stats();
-    let majors = after.pgmajfault - before.pgmajfault;
-    let ins = after.pswpin - before.pswpin;
-    println!(
-        "{majors} major faults, {ins} pages read, {} around",
-        after.read_around - before.read_around
-    );
+    let (majors, ins) = read_back_batched(&vm, pages, |p| p as u64 * 5 + 2, at);
     assert!(
         ins >= pages as u64 / 2,
         "{ins} pages read: were they evicted?"
