@@ -108,6 +108,14 @@ const SCAN_BATCH: usize = 64;
 const GIVE_UP_FAILURES: u64 = 512;
 /// ... or once page-outs have kept failing, none succeeding, for this long.
 const GIVE_UP_AFTER: Duration = Duration::from_secs(2);
+/// How long an allocation waits for pages that are only busy (locked, pinned, being
+/// written by msync) before it reports `OutOfMemory`. None under the model checker
+/// (`usermm_shuttle`), whose schedules are not timed: there the scan count alone
+/// decides, as before.
+#[cfg(not(usermm_shuttle))]
+const BUSY_WAIT: Duration = Duration::from_millis(200);
+#[cfg(usermm_shuttle)]
+const BUSY_WAIT: Duration = Duration::ZERO;
 
 /// What one scan did.
 #[derive(Debug, Default, Clone, Copy)]
@@ -263,7 +271,9 @@ fn reclaim_frame(eng: &Engine, pfn: Pfn, small: bool, r: &mut ScanResult, zap: &
     }
     if f & F_WRITEBACK != 0 || d.mapcount.load(Ordering::Relaxed) == 0 {
         // Under write-back (an msync's, `Inode::sync`) or being unmapped: still on
-        // probation, not to be lost from the FIFO.
+        // probation, not to be lost from the FIFO. Busy: free again soon, so an
+        // allocation that finds only such pages waits (`alloc_frame`).
+        r.busy += 1;
         d.unlock();
         if small {
             requeue(eng, d, pfn);
@@ -1126,6 +1136,7 @@ pub(crate) fn alloc_frame(eng: &Engine, ctx: AllocCtx) -> Result<Pfn> {
     let mut failing: Option<Failing> = None;
     let mut no_slot = None;
     let mut stall = None; // from the first failed allocation on (`crate::psi`)
+    let mut busy_since: Option<Instant> = None;
     loop {
         let seen = eng.frames.events();
         if let Some(p) = eng.frames.alloc(AllocCtx::Normal) {
@@ -1140,6 +1151,7 @@ pub(crate) fn alloc_frame(eng: &Engine, ctx: AllocCtx) -> Result<Pfn> {
         let r = shrink_direct(eng, SCAN_BATCH);
         if r.evicted > 0 {
             fruitless = 0;
+            busy_since = None;
             continue;
         }
         no_slot = r.no_slot.or(no_slot);
@@ -1201,9 +1213,20 @@ pub(crate) fn alloc_frame(eng: &Engine, ctx: AllocCtx) -> Result<Pfn> {
         if fruitless < 3 * n {
             continue; // still sweeping: reference bits are being cleared
         }
-        if r.busy > 0 && fruitless < 8 * n {
-            crate::sync::yield_now();
-            continue;
+        if r.busy > 0 {
+            // Pages locked or pinned right now, or being written by an msync (which
+            // writes from its own thread, not counted in `io.inflight`): their
+            // holders let go. A bounded wait, not a scan count: 8 sweeps of a tiny
+            // budget take microseconds, less than one write (`usermm stress files`,
+            // 48 frames, failed with OutOfMemory on a loaded CI machine).
+            if fruitless < 8 * n {
+                crate::sync::yield_now();
+                continue;
+            }
+            if busy_since.get_or_insert_with(Instant::now).elapsed() < BUSY_WAIT {
+                eng.frames.wait_event(seen, Duration::from_millis(1));
+                continue;
+            }
         }
         if eng.frames.free_count() > eng.frames.wmark[0] {
             fruitless = 0;
