@@ -928,7 +928,10 @@ fn claim_ahead(
         (stride, run)
     } else if delta == stride {
         (stride, run + 1)
-    } else if stride != 0 && delta % stride == 0 && (2..=RA_MAX as i64).contains(&(delta / stride))
+    } else if delta.checked_rem(stride) == Some(0)
+        && delta
+            .checked_div(stride)
+            .is_some_and(|k| (2..=RA_MAX as i64).contains(&k))
     {
         // The stride held, but the pages between were resident (hits): the scan
         // goes on.
