@@ -74,7 +74,7 @@ impl fmt::Display for VAddr {
 }
 
 /// A frame number: index of a page-sized frame in the arena.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Default)]
 pub struct Pfn(pub u32);
 
 /// A swap entry: a device index in the swap table and a slot on it.

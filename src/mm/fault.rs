@@ -719,7 +719,7 @@ fn fault_swapin(
             *g = (q.slot - lo) as usize;
         }
     }
-    let res = match &dev {
+    let res = match dev {
         Some(dev) => BOUNCE.with(|b| {
             let mut b = b.borrow_mut();
             if b.is_none() {
@@ -761,46 +761,47 @@ fn fault_swapin(
             // since `install` moves the entry's version), so it is written only with
             // atomic stores (`copy_in`); the device wrote into our own buffer.
             unsafe { copy_in(eng.frames.frame_ptr(pfn), b.page(gather[0])) };
-            Ok(())
+            Ok(dev)
         }),
         None => Err(Error::Device {
             dev: format!("#{}", e.dev),
             source: std::io::Error::other("no such swap device"),
         }),
     };
-    if let Err(err) = res {
-        unclaim_ahead(sp, &ra[..nra], 0);
-        eng.frames.free(pfn);
-        pte.store(v, Ordering::Release);
-        released(pte);
-        Counters::inc(&eng.cnt.read_errors);
-        return Err(err);
-    }
-    let keep = dev.as_ref().is_some_and(|d| eng.keeps_swap_copy(d));
-    install_swapped(eng, pte, pfn, v, keep, true);
-    if let Some(dev) = &dev {
-        if nra > 0 {
-            BOUNCE.with(|b| {
-                let b = b.borrow();
-                let b = b.as_ref().expect("filled above");
-                for (i, q) in ra[..nra].iter().enumerate() {
-                    let off = gather[i + 1];
-                    if dev.verify(q.slot, b.page(off)).is_err() {
-                        // Stays on swap (a demand read will report it), and so do
-                        // the pages after it.
-                        unclaim_ahead(sp, &ra[..nra], i);
-                        break;
-                    }
-                    // SAFETY: as above, for the readahead page's own frame.
-                    unsafe { copy_in(eng.frames.frame_ptr(q.pfn), b.page(off)) };
-                    let pte = sp.pt.lookup(q.vpn).expect("claimed above");
-                    install_swapped(eng, pte, q.pfn, q.v, keep, false);
-                    eng.ra_frames.fetch_sub(1, Ordering::Relaxed);
-                    Counters::inc(&eng.cnt.pswpin);
-                    Counters::inc(&eng.cnt.read_around);
-                }
-            });
+    let dev = match res {
+        Ok(dev) => dev,
+        Err(err) => {
+            unclaim_ahead(sp, &ra[..nra], 0);
+            eng.frames.free(pfn);
+            pte.store(v, Ordering::Release);
+            released(pte);
+            Counters::inc(&eng.cnt.read_errors);
+            return Err(err);
         }
+    };
+    let keep = eng.keeps_swap_copy(&dev);
+    install_swapped(eng, &dev, pte, pfn, v, keep, true);
+    if nra > 0 {
+        BOUNCE.with(|b| {
+            let b = b.borrow();
+            let b = b.as_ref().expect("filled above");
+            for (i, q) in ra[..nra].iter().enumerate() {
+                let off = gather[i + 1];
+                if dev.verify(q.slot, b.page(off)).is_err() {
+                    // Stays on swap (a demand read will report it), and so do
+                    // the pages after it.
+                    unclaim_ahead(sp, &ra[..nra], i);
+                    break;
+                }
+                // SAFETY: as above, for the readahead page's own frame.
+                unsafe { copy_in(eng.frames.frame_ptr(q.pfn), b.page(off)) };
+                let pte = sp.pt.lookup(q.vpn).expect("claimed above");
+                install_swapped(eng, &dev, pte, q.pfn, q.v, keep, false);
+                eng.ra_frames.fetch_sub(1, Ordering::Relaxed);
+                Counters::inc(&eng.cnt.pswpin);
+                Counters::inc(&eng.cnt.read_around);
+            }
+        });
     }
     Counters::inc(&eng.cnt.pgfault);
     Counters::inc(&eng.cnt.pgmajfault);
@@ -817,10 +818,12 @@ const RA_MAX: usize = 32;
 
 /// Installs a page read from its slot (`v` = its `Swapped` entry) into `pte`,
 /// which the caller claimed: clean with its swap copy kept (`keep`), or dirty
-/// with the slot given back (see `Engine::keeps_swap_copy`). `touched`: a demand
-/// fault (the access counts as a use), not readahead.
+/// with the slot given back (see `Engine::keeps_swap_copy`). `dev`: the device it
+/// was read from (its slot keeps the page's use count). `touched`: a demand fault
+/// (the access counts as a use), not readahead.
 fn install_swapped(
     eng: &crate::engine::Engine,
+    dev: &crate::swap::SwapDevice,
     pte: &AtomicU64,
     pfn: Pfn,
     v: u64,
@@ -831,7 +834,11 @@ fn install_swapped(
     // straight to main. `Policy::Frequency`: every page comes in on probation,
     // with the use count it left with (plus this fault).
     let (fresh, uses) = if eng.freq_on {
-        let kept = eng.freq_count(eng.swap.slot_freq(v));
+        let slot = match Pte::decode(v) {
+            Pte::Swapped(e) => e.slot,
+            _ => u64::MAX, // reads as never used
+        };
+        let kept = eng.freq_count(dev.slot_freq(slot));
         (true, kept + u32::from(touched))
     } else {
         (!eng.ghost_take(crate::engine::ghost_key_swap(v)), 1)

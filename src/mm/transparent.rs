@@ -108,21 +108,11 @@ const READ_AROUND: usize = 31;
 const SEQ_GAP: u64 = 8;
 
 /// A page `claim_around` claimed: where, its entry before the claim, its frame.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, Default)]
 struct RaClaim {
     page: u64,
     old: u64,
     pfn: crate::addr::Pfn,
-}
-
-impl Default for RaClaim {
-    fn default() -> Self {
-        RaClaim {
-            page: 0,
-            old: 0,
-            pfn: crate::addr::Pfn(0),
-        }
-    }
 }
 
 /// The per-Vm part: one descriptor and one handler thread for all regions.
@@ -668,15 +658,8 @@ impl TRegion {
         gather: &[usize],
     ) {
         let eng = &*self.eng;
-        for (
-            i,
-            &RaClaim {
-                page: q,
-                old: qv,
-                pfn: qpfn,
-            },
-        ) in ra.iter().enumerate()
-        {
+        for (i, c) in ra.iter().enumerate() {
+            let (q, qv, qpfn) = (c.page, c.old, c.pfn);
             let slot = match Pte::decode(qv) {
                 Pte::Swapped(f) => f.slot,
                 _ => e.slot + i as u64 + 1,

@@ -270,9 +270,10 @@ fn reclaim_frame(eng: &Engine, pfn: Pfn, small: bool, r: &mut ScanResult, zap: &
         return;
     }
     if f & F_WRITEBACK != 0 || d.mapcount.load(Ordering::Relaxed) == 0 {
-        // Under write-back (an msync's, `Inode::sync`) or being unmapped: still on
-        // probation, not to be lost from the FIFO. Busy: free again soon, so an
-        // allocation that finds only such pages waits (`alloc_frame`).
+        // Under write-back (a queued page-out's, or an msync's, `Inode::sync`) or
+        // being unmapped: still on probation, not to be lost from the FIFO. Busy:
+        // free again soon, so an allocation that finds only such pages waits
+        // (`alloc_frame`).
         r.busy += 1;
         d.unlock();
         if small {
@@ -993,10 +994,10 @@ fn finish_writeback(eng: &Engine, i: u32, ok: bool, zap: &mut ZapBatch) {
                 d.swap.store(ev, Ordering::Relaxed);
                 // Reclaim chose this page; drop it now unless it was used since.
                 // (Also when memory is no longer short, as the kernel reclaims a
-                // page it wrote at once: left resident, it was written again and
-                // its copy dropped before its next eviction, and the 50 %-write
-                // cells of the bench wrote 1.05-1.12 pages per page read instead
-                // of 0.72-0.77, at 0.78 of the read-only cell's major faults/s.)
+                // page it wrote at once: left resident, it was often written again,
+                // its copy dropped, and written out a second time; the bench's
+                // 50 %-write cells at W/B 1.25 wrote 1.05-1.15 pages per page read,
+                // 0.66-0.77 since.)
                 let evicted = if bits & (P_ACCESSED | P_EXCL | P_SHARED) == 0 {
                     evict_locked(eng, d, pfn, ev, zap)
                 } else {

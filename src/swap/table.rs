@@ -421,7 +421,8 @@ impl SwapDevice {
         self.dev.reads_concurrently()
     }
 
-    /// The use-count stamp kept for the page in `slot` (see `SwapTable::slot_freq`).
+    /// The use-count stamp kept for the page in `slot` (0, never used, for a slot
+    /// out of range).
     pub fn slot_freq(&self, slot: u64) -> u8 {
         self.freq
             .get(slot as usize)
@@ -663,13 +664,20 @@ impl SwapDevice {
 
     /// Takes a free slot for a discard: its count becomes 1, so `alloc` passes it
     /// over, but it is not counted in use (`used`, clusters): the claim is the
-    /// discarder's, not a page's. False if the slot is in use again.
+    /// discarder's, not a page's (`release_claim` gives it back). False if the slot
+    /// is in use again.
     fn claim_free(&self, m: &mut SlotMap, slot: u64) -> bool {
         if m.count[slot as usize] != 0 {
             return false;
         }
         m.count[slot as usize] = 1;
         true
+    }
+
+    /// Gives back a claim of `claim_free`: the slot is free again.
+    fn release_claim(m: &mut SlotMap, slot: u64) {
+        debug_assert_eq!(m.count[slot as usize], 1);
+        m.count[slot as usize] = 0;
     }
 
     fn queue_discard(&self, slot: u64) {
@@ -792,8 +800,7 @@ impl SwapDevice {
                             b += 1;
                             continue;
                         }
-                        debug_assert_eq!(m.count[s as usize], 1);
-                        m.count[s as usize] = 0;
+                        Self::release_claim(&mut m, s);
                     }
                 }
                 i = j;
@@ -802,8 +809,7 @@ impl SwapDevice {
                 // The claims go; the slots are free again.
                 let mut m = self.map.lock();
                 for &s in &slots[..k] {
-                    debug_assert_eq!(m.count[s as usize], 1);
-                    m.count[s as usize] = 0;
+                    Self::release_claim(&mut m, s);
                 }
             }
         }
@@ -816,7 +822,7 @@ impl SwapDevice {
             return false;
         }
         for s in a..b {
-            m.count[s as usize] = 1;
+            self.claim_free(&mut m, s);
         }
         true
     }
@@ -838,7 +844,7 @@ impl SwapDevice {
             return (a, b);
         }
         for s in (a..lo).chain(hi..b) {
-            m.count[s as usize] = 0;
+            Self::release_claim(&mut m, s);
         }
         (lo, hi)
     }
@@ -1185,12 +1191,6 @@ impl SwapTable {
     pub fn dup_encoded(&self, v: u64, n: u32) -> bool {
         self.on_encoded(v, |d, slot| d.dup(slot, n))
             .unwrap_or(false)
-    }
-
-    /// The use-count stamp kept for the page in the slot of encoded entry `v` (0,
-    /// never used, for anything else).
-    pub fn slot_freq(&self, v: u64) -> u8 {
-        self.on_encoded(v, |d, slot| d.slot_freq(slot)).unwrap_or(0)
     }
 
     /// Keeps use-count stamp `stamp` for the page going to (or staying in) the slot

@@ -1658,13 +1658,13 @@ fn bench(a: BenchArgs, comp: &mut Option<CompPlan>) -> Result<i32, String> {
             hit.error.clone().unwrap_or_default()
         ),
     }
-    // "ok" says the column could run here; a cell where it failed says so too.
-    let tr_failed = outs
-        .iter()
-        .filter(|o| {
-            transparent_avail.is_ok() && o.transparent.as_ref().is_err_and(|e| e != "interrupted")
-        })
-        .count();
+    // The transparent column failing where it is available (a SIGBUS, an engine
+    // error, a hang) fails the run; "ok" in the closing line says only that it could
+    // run here, so a cell where it failed says so there too.
+    let tr_failed_in = |o: &CellOut| {
+        transparent_avail.is_ok() && o.transparent.as_ref().is_err_and(|e| e != "interrupted")
+    };
+    let tr_failed = outs.iter().filter(|o| tr_failed_in(o)).count();
     let transparent_line = if tr_failed > 0 {
         format!("FAILED in {tr_failed} of {} cells (see above)", outs.len())
     } else {
@@ -1733,15 +1733,14 @@ fn bench(a: BenchArgs, comp: &mut Option<CompPlan>) -> Result<i32, String> {
         eprintln!("wrote {}", path.display());
     }
     // usermm failing, a content check failing, or the transparent column failing
-    // where it is available (a SIGBUS, an engine error) fail the run.
-    let failed = outs.iter().any(|o| {
-        o.usermm.is_err()
-            || [&o.transparent, &o.kernel]
-                .iter()
-                .any(|r| r.as_ref().is_err_and(|e| e.contains(verify::FAILED)))
-            || (transparent_avail.is_ok()
-                && o.transparent.as_ref().is_err_and(|e| e != "interrupted"))
-    });
+    // (`tr_failed_in`) fail the run.
+    let failed = tr_failed > 0
+        || outs.iter().any(|o| {
+            o.usermm.is_err()
+                || [&o.transparent, &o.kernel]
+                    .iter()
+                    .any(|r| r.as_ref().is_err_and(|e| e.contains(verify::FAILED)))
+        });
     Ok(if interrupted {
         130
     } else if failed || !cleanup_ok {
