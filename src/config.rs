@@ -5,6 +5,10 @@
 use crate::addr::PAGE_SIZE;
 use crate::error::{Error, Result};
 
+/// [`Config::read_poll`]'s default: how long a fault's read polls for its
+/// completion before it sleeps.
+pub const DEFAULT_READ_POLL: std::time::Duration = std::time::Duration::from_micros(200);
+
 /// The smallest budget accepted: 16 frames.
 pub const MIN_BUDGET_FRAMES: usize = 16;
 
@@ -39,6 +43,7 @@ pub struct Config {
     pub(crate) speculative_faults: bool,
     pub(crate) fault_lookup_delay: std::time::Duration,
     pub(crate) fault_timing: bool,
+    pub(crate) read_poll: std::time::Duration,
 }
 
 impl Default for Config {
@@ -55,6 +60,7 @@ impl Default for Config {
             speculative_faults: true,
             fault_lookup_delay: std::time::Duration::ZERO,
             fault_timing: false,
+            read_poll: DEFAULT_READ_POLL,
         }
     }
 }
@@ -144,6 +150,20 @@ impl Config {
     #[doc(hidden)]
     pub fn fault_timing(mut self, on: bool) -> Self {
         self.fault_timing = on;
+        self
+    }
+
+    /// How long a fault's read of a swap file (or a mapped file) watches for its
+    /// completion before it sleeps in the kernel (default 200 µs; zero: it
+    /// sleeps at once, as the kernel's swap-in does). Polled reads go through the
+    /// faulting thread's io_uring ring; at most one thread fewer than the CPUs
+    /// polls at a time (the others sleep), so the reclaimer and page-I/O threads
+    /// always have a CPU. On these 2-vCPU VMs a 4 KiB read at depth 1 completes
+    /// at p50 37–43 µs polled against 52–62 µs slept: the difference is the wake-up
+    /// of an idle vCPU. The price is a CPU kept busy while the read is in flight.
+    /// No effect where io_uring is unavailable (`usermm swaps` says so) or on NBD.
+    pub fn read_poll(mut self, spin: std::time::Duration) -> Self {
+        self.read_poll = spin;
         self
     }
 

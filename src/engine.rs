@@ -179,6 +179,8 @@ pub(crate) struct Engine {
     pub lookup_delay: std::time::Duration,
     /// `Config::fault_timing`: the swap-in fault's steps, timed (measurements only).
     pub timing: Option<crate::stats::FaultTiming>,
+    /// How long a fault's device read polls for its completion (`Config::read_poll`).
+    pub read_poll: std::time::Duration,
 }
 
 impl Engine {
@@ -238,6 +240,7 @@ impl Engine {
             speculative: cfg.speculative_faults,
             lookup_delay: cfg.fault_lookup_delay,
             timing: cfg.fault_timing.then(crate::stats::FaultTiming::default),
+            read_poll: cfg.read_poll,
         })
     }
 

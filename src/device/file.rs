@@ -10,7 +10,9 @@
 //!
 //! `read_scattered` (readahead of pages in scattered slots) keeps its reads in
 //! flight at once through io_uring (`super::uring`) where it works, else reads
-//! them one by one.
+//! them one by one. A thread whose reads are polled (`super::uring::polled`: the
+//! fault paths, `Config::read_poll`) reads through its ring too, and watches for
+//! the completion instead of sleeping.
 //!
 //! No locks in the engine's sense: positioned I/O on one descriptor is safe from
 //! many threads. No
@@ -205,6 +207,18 @@ impl FileDevice {
     }
 }
 
+impl FileDevice {
+    /// A read of whole pages at byte offset `off` through the thread's ring, when
+    /// the caller polls its reads (`super::uring::polled`) and io_uring works;
+    /// `None` otherwise (the caller reads with `pread`).
+    fn polled_read(&self, off: i64, buf: &mut [u8]) -> Option<io::Result<()>> {
+        if !self.uring || !super::uring::polling() {
+            return None;
+        }
+        super::uring::read_at(self.file.as_raw_fd(), off as u64, buf)
+    }
+}
+
 fn check_buf(len: usize) -> io::Result<()> {
     if len != PAGE_SIZE {
         return Err(io::ErrorKind::InvalidInput.into());
@@ -222,6 +236,9 @@ impl BlockDevice for FileDevice {
     fn read_page(&self, slot: u64, buf: &mut [u8]) -> io::Result<()> {
         check_buf(buf.len())?;
         let off = self.offset(slot)?;
+        if let Some(r) = self.polled_read(off, buf) {
+            return r;
+        }
         loop {
             // SAFETY: `buf` is a live exclusive buffer of PAGE_SIZE bytes; the kernel
             // writes at most that many bytes into it.
@@ -323,7 +340,7 @@ impl BlockDevice for FileDevice {
             }
             *r = (self.offset(first)? as u64, count * PAGE_SIZE as u32);
         }
-        if self.uring && n > 1 {
+        if self.uring && (n > 1 || super::uring::polling()) {
             if let Some(r) = super::uring::read_scattered(self.file.as_raw_fd(), &reqs[..n], buf) {
                 return r;
             }
@@ -346,6 +363,9 @@ impl BlockDevice for FileDevice {
             || first.saturating_add(n as u64) > self.pages
         {
             return Err(io::ErrorKind::InvalidInput.into());
+        }
+        if let Some(r) = self.polled_read(self.offset(first)?, buf) {
+            return r;
         }
         let mut done = 0usize;
         while done < buf.len() {

@@ -22,10 +22,12 @@
 
 use crate::addr::PAGE_SIZE;
 use io_uring::{opcode, types, IoUring};
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::io;
 use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 /// Reads submitted at once at most (readahead asks for at most 33).
 pub(crate) const MAX_READS: usize = 64;
@@ -37,6 +39,44 @@ struct Ring {
 
 thread_local! {
     static RING: RefCell<Option<Ring>> = const { RefCell::new(None) };
+    /// How long this thread's reads spin on the ring for their completions before
+    /// they sleep in the kernel (`polled`); zero: they sleep at once.
+    static POLL: Cell<Duration> = const { Cell::new(Duration::ZERO) };
+}
+
+/// Threads spinning on their rings right now (`SPIN_CAP` at most).
+static SPINNERS: AtomicUsize = AtomicUsize::new(0);
+
+/// At most this many threads spin at once: one CPU is always left to the
+/// reclaimer and the page-I/O threads (one on a single-CPU machine).
+fn spin_cap() -> usize {
+    static CAP: OnceLock<usize> = OnceLock::new();
+    *CAP.get_or_init(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get().saturating_sub(1))
+            .unwrap_or(1)
+            .max(1)
+    })
+}
+
+/// Runs `f` with this thread's device reads polled for up to `spin` each
+/// (`Config::read_poll`): a read of the file device then goes through the
+/// thread's ring, and the thread watches the completion queue instead of sleeping
+/// until the interrupt's wake-up (measured on these VMs: a 4 KiB O_DIRECT read at
+/// depth 1 completes at p50 37–43 µs polled against 52–62 µs slept; the
+/// difference is the sleeping vCPU's wake-up). A read still in flight after
+/// `spin` sleeps as before.
+pub(crate) fn polled<R>(spin: Duration, f: impl FnOnce() -> R) -> R {
+    let old = POLL.replace(spin);
+    let r = f();
+    POLL.set(old);
+    r
+}
+
+/// Whether this thread's reads are polled now (inside `polled` with a non-zero
+/// spin, and io_uring works here).
+pub(crate) fn polling() -> bool {
+    !POLL.get().is_zero() && available()
 }
 
 /// Whether io_uring works here (probed once, by making a small ring).
@@ -82,6 +122,19 @@ pub(crate) fn read_scattered(
     {
         return Some(Err(io::ErrorKind::InvalidInput.into()));
     }
+    with_ring(|ring| submit_and_reap(ring, fd, reqs, buf))
+}
+
+/// Reads `buf.len()` bytes (whole pages) at byte offset `off` of `fd` through
+/// the thread's ring, polled as `polled` set. `None` if this thread has no ring
+/// and cannot make one (the caller reads with `pread`).
+pub(crate) fn read_at(fd: RawFd, off: u64, buf: &mut [u8]) -> Option<io::Result<()>> {
+    let len = u32::try_from(buf.len()).ok()?;
+    read_scattered(fd, &[(off, len)], buf)
+}
+
+/// Runs `f` on this thread's ring, made first if need be; `None` if it cannot be.
+fn with_ring<R>(f: impl FnOnce(&mut IoUring) -> R) -> Option<R> {
     RING.with(|cell| {
         let mut slot = cell.borrow_mut();
         let pid = std::process::id();
@@ -93,9 +146,18 @@ pub(crate) fn read_scattered(
             let ring = IoUring::new(MAX_READS as u32).ok()?;
             *slot = Some(Ring { ring, pid });
         }
-        let ring = &mut slot.as_mut().expect("made above").ring;
-        Some(submit_and_reap(ring, fd, reqs, buf))
+        Some(f(&mut slot.as_mut().expect("made above").ring))
     })
+}
+
+/// Reaps the completions there are into `on`; returns how many.
+fn reap(ring: &mut IoUring, on: &mut impl FnMut(i32, u64)) -> usize {
+    let mut n = 0;
+    for cqe in ring.completion() {
+        n += 1;
+        on(cqe.result(), cqe.user_data());
+    }
+    n
 }
 
 fn submit_and_reap(
@@ -134,6 +196,45 @@ fn submit_and_reap(
         Ok(())
     };
     let mut reaped = 0usize;
+    // The first read that failed (kept apart from `result`, which the wait sets).
+    let mut failed: Option<io::Error> = None;
+    let mut on_cqe = |r: i32, user: u64| {
+        let len = want[(user as usize).min(MAX_READS - 1)];
+        if r as i64 != i64::from(len) && failed.is_none() {
+            failed = Some(if r < 0 {
+                io::Error::from_raw_os_error(-r)
+            } else {
+                // A short read (the file shrank under us).
+                io::ErrorKind::UnexpectedEof.into()
+            });
+        }
+    };
+    let spin = POLL.get();
+    // Polled: submit without waiting, then watch the completion queue for up to
+    // `spin` (the completions are posted by the task work the interrupt queues to
+    // this thread, which runs on its way back to user space), if fewer than
+    // `spin_cap` threads spin already. What is still in flight then is waited for.
+    if !spin.is_zero() && submitted > 0 {
+        if SPINNERS.fetch_add(1, Ordering::Relaxed) < spin_cap() {
+            let submit = loop {
+                match ring.submit() {
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    r => break r,
+                }
+            };
+            if submit.is_ok() {
+                let t = Instant::now();
+                loop {
+                    reaped += reap(ring, &mut on_cqe);
+                    if reaped == submitted || t.elapsed() >= spin {
+                        break;
+                    }
+                    std::hint::spin_loop();
+                }
+            }
+        }
+        SPINNERS.fetch_sub(1, Ordering::Relaxed);
+    }
     let mut waits = 0u32;
     while reaped < submitted {
         match ring.submit_and_wait(submitted - reaped) {
@@ -152,21 +253,12 @@ fn submit_and_reap(
                 }
             }
         }
-        for cqe in ring.completion() {
-            reaped += 1;
-            let r = cqe.result();
-            let len = want[(cqe.user_data() as usize).min(MAX_READS - 1)];
-            if r as i64 != i64::from(len) && result.is_ok() {
-                result = Err(if r < 0 {
-                    io::Error::from_raw_os_error(-r)
-                } else {
-                    // A short read (the file shrank under us).
-                    io::ErrorKind::UnexpectedEof.into()
-                });
-            }
-        }
+        reaped += reap(ring, &mut on_cqe);
     }
-    result
+    match failed {
+        Some(e) if result.is_ok() => Err(e),
+        _ => result,
+    }
 }
 
 #[cfg(test)]
@@ -226,5 +318,70 @@ mod tests {
                 io::ErrorKind::InvalidInput
             );
         }
+    }
+
+    #[test]
+    fn polled_reads_land_and_a_late_one_is_waited_for() {
+        if !available() {
+            assert_ne!(
+                std::env::var("USERMM_REQUIRE_URING").as_deref(),
+                Ok("1"),
+                "io_uring required but not available here"
+            );
+            eprintln!("SKIP: io_uring is not available here");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let f = std::fs::File::create_new(dir.path().join("f")).unwrap();
+        for p in 0..8u64 {
+            f.write_all_at(&[p as u8 + 1; PAGE_SIZE], p * PAGE_SIZE as u64)
+                .unwrap();
+        }
+        let spin = Duration::from_micros(200);
+        assert!(!polling(), "not polled outside `polled`");
+        polled(spin, || {
+            assert!(polling());
+            let mut page = vec![0u8; PAGE_SIZE];
+            for p in [3u64, 0, 7] {
+                read_at(f.as_raw_fd(), p * PAGE_SIZE as u64, &mut page)
+                    .expect("a ring")
+                    .unwrap();
+                assert!(page.iter().all(|&b| b == p as u8 + 1), "page {p}");
+            }
+            // Errors as unpolled: past the end, a bad descriptor.
+            let r = read_at(f.as_raw_fd(), 8 * PAGE_SIZE as u64, &mut page).expect("a ring");
+            assert_eq!(r.unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
+            let r = read_at(-1, 0, &mut page).expect("a ring");
+            assert_eq!(r.unwrap_err().raw_os_error(), Some(libc::EBADF));
+            // A read that completes long after the spin (a pipe written 50 ms
+            // later): the thread stops spinning and waits for it; it must not
+            // return while the kernel may still write into the buffer.
+            let mut fds = [0i32; 2];
+            // SAFETY: `fds` has room for the two descriptors pipe(2) returns.
+            assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+            let writer = std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(50));
+                let data = [9u8; PAGE_SIZE];
+                // SAFETY: `data` is PAGE_SIZE bytes; `fds[1]` is the pipe's write end.
+                let n = unsafe { libc::write(fds[1], data.as_ptr().cast(), PAGE_SIZE) };
+                assert_eq!(n, PAGE_SIZE as isize);
+                // SAFETY: our descriptor, closed once.
+                unsafe { libc::close(fds[1]) };
+            });
+            page.fill(0);
+            let t = Instant::now();
+            let r = read_at(fds[0], 0, &mut page).expect("a ring");
+            let waited = t.elapsed();
+            writer.join().unwrap();
+            // SAFETY: our descriptor, closed once.
+            unsafe { libc::close(fds[0]) };
+            r.unwrap();
+            assert!(page.iter().all(|&b| b == 9), "the late read's bytes");
+            assert!(
+                waited >= Duration::from_millis(40),
+                "returned after {waited:?}"
+            );
+        });
+        assert!(!polling(), "`polled` restores the thread's setting");
     }
 }

@@ -720,48 +720,50 @@ fn fault_swapin(
         }
     }
     let res = match dev {
-        Some(dev) => BOUNCE.with(|b| {
-            let mut b = b.borrow_mut();
-            if b.is_none() {
-                *b = Some(AlignedPages::new(RA_MAX + 1)?);
-            }
-            let b = b.as_mut().expect("set above");
-            let ahead = if nra == 0 {
-                Ok(())
-            } else if scattered {
-                let mut slots = [0u64; RA_MAX + 1];
-                slots[0] = e.slot;
-                for (s, q) in slots[1..].iter_mut().zip(&ra[..nra]) {
-                    *s = q.slot;
+        Some(dev) => crate::device::uring::polled(eng.read_poll, || {
+            BOUNCE.with(|b| {
+                let mut b = b.borrow_mut();
+                if b.is_none() {
+                    *b = Some(AlignedPages::new(RA_MAX + 1)?);
                 }
-                dev.read_gather(
-                    &slots[..nra + 1],
-                    b.pages_mut(nra + 1),
-                    &mut gather[..nra + 1],
-                )
-            } else {
-                // One read of the span of slots (at most `RA_MAX + 1`).
-                dev.read_span(lo, b.pages_mut((hi - lo) as usize + 1))
-            };
-            if nra == 0 || ahead.is_err() {
-                // Readahead never fails a demand read: a span may hold slots a
-                // device cannot read (a mirror's leg that does not hold a free
-                // slot), and a readahead page's read may fail where this one's
-                // would not. Its pages go back; this one is read alone.
-                unclaim_ahead(sp, &ra[..nra], 0);
-                nra = 0;
-                gather[0] = 0;
-                dev.read_unchecked(e.slot, b.page_mut(0))?;
-            }
-            mark!(4);
-            dev.verify(e.slot, b.page(gather[0]))?;
-            mark!(5);
-            // SAFETY: the frame is ours (allocated, not yet published). Stale
-            // optimistic readers may still load from it (and discard what they read,
-            // since `install` moves the entry's version), so it is written only with
-            // atomic stores (`copy_in`); the device wrote into our own buffer.
-            unsafe { copy_in(eng.frames.frame_ptr(pfn), b.page(gather[0])) };
-            Ok(dev)
+                let b = b.as_mut().expect("set above");
+                let ahead = if nra == 0 {
+                    Ok(())
+                } else if scattered {
+                    let mut slots = [0u64; RA_MAX + 1];
+                    slots[0] = e.slot;
+                    for (s, q) in slots[1..].iter_mut().zip(&ra[..nra]) {
+                        *s = q.slot;
+                    }
+                    dev.read_gather(
+                        &slots[..nra + 1],
+                        b.pages_mut(nra + 1),
+                        &mut gather[..nra + 1],
+                    )
+                } else {
+                    // One read of the span of slots (at most `RA_MAX + 1`).
+                    dev.read_span(lo, b.pages_mut((hi - lo) as usize + 1))
+                };
+                if nra == 0 || ahead.is_err() {
+                    // Readahead never fails a demand read: a span may hold slots a
+                    // device cannot read (a mirror's leg that does not hold a free
+                    // slot), and a readahead page's read may fail where this one's
+                    // would not. Its pages go back; this one is read alone.
+                    unclaim_ahead(sp, &ra[..nra], 0);
+                    nra = 0;
+                    gather[0] = 0;
+                    dev.read_unchecked(e.slot, b.page_mut(0))?;
+                }
+                mark!(4);
+                dev.verify(e.slot, b.page(gather[0]))?;
+                mark!(5);
+                // SAFETY: the frame is ours (allocated, not yet published). Stale
+                // optimistic readers may still load from it (and discard what they read,
+                // since `install` moves the entry's version), so it is written only with
+                // atomic stores (`copy_in`); the device wrote into our own buffer.
+                unsafe { copy_in(eng.frames.frame_ptr(pfn), b.page(gather[0])) };
+                Ok(dev)
+            })
         }),
         None => Err(Error::Device {
             dev: format!("#{}", e.dev),

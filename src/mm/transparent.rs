@@ -851,25 +851,27 @@ impl TRegion {
                     // Where each page lands in `bounce`: `gather[0]` this page's,
                     // `gather[i + 1]` read-around page `i`'s.
                     let mut gather = [0usize; 1 + READ_AROUND];
-                    let read = if adjacent {
-                        for (i, g) in gather.iter_mut().enumerate() {
-                            *g = i;
-                        }
-                        dev.read_span(e.slot, bounce.pages_mut(1 + nra))
-                    } else {
-                        let mut slots = [0u64; 1 + READ_AROUND];
-                        slots[0] = e.slot;
-                        for (s, c) in slots[1..].iter_mut().zip(&ra[..nra]) {
-                            if let Pte::Swapped(f) = Pte::decode(c.old) {
-                                *s = f.slot;
+                    let read = crate::device::uring::polled(eng.read_poll, || {
+                        if adjacent {
+                            for (i, g) in gather.iter_mut().enumerate() {
+                                *g = i;
                             }
+                            dev.read_span(e.slot, bounce.pages_mut(1 + nra))
+                        } else {
+                            let mut slots = [0u64; 1 + READ_AROUND];
+                            slots[0] = e.slot;
+                            for (s, c) in slots[1..].iter_mut().zip(&ra[..nra]) {
+                                if let Pte::Swapped(f) = Pte::decode(c.old) {
+                                    *s = f.slot;
+                                }
+                            }
+                            dev.read_gather(
+                                &slots[..1 + nra],
+                                bounce.pages_mut(1 + nra),
+                                &mut gather[..1 + nra],
+                            )
                         }
-                        dev.read_gather(
-                            &slots[..1 + nra],
-                            bounce.pages_mut(1 + nra),
-                            &mut gather[..1 + nra],
-                        )
-                    }
+                    })
                     .and_then(|()| dev.verify(e.slot, bounce.page(gather[0])));
                     if let Err(err) = read {
                         eng.frames.free(pfn);

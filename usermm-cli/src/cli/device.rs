@@ -1,7 +1,10 @@
-//! The device-limit reference of `usermm bench`: random 4 KiB `pread`/`pwrite`
+//! The device-limit reference of `usermm bench`: random 4 KiB reads and writes
 //! with O_DIRECT on a file in the same directory (so the same file system) as the
 //! swap files, at a given queue depth (that many threads, each with one request in
-//! flight).
+//! flight). Reads are made the way usermm's faults make theirs: through a
+//! `FileDevice`, polled for their completion (`usermm::device::with_read_poll`,
+//! `Config::read_poll`'s default), so that usermm's miss path is compared with the
+//! fastest the device answers the same requests, not with a `pread` that sleeps.
 
 use super::util::{self, Registered, Undo};
 use std::fs::{File, OpenOptions};
@@ -9,6 +12,9 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
+use usermm::config::DEFAULT_READ_POLL;
+use usermm::device::file::FileDevice;
+use usermm::device::{with_read_poll, BlockDevice};
 use usermm::PAGE_SIZE;
 use usermm_testkit::driver::LatHist;
 use usermm_testkit::workload::Rng;
@@ -105,6 +111,8 @@ pub struct ProbeFile {
     pages: u64,
     /// Whether O_DIRECT was refused (tmpfs…) and buffered I/O is used instead.
     pub buffered: bool,
+    /// The same file as a swap device, for the reads (opened once it is written).
+    dev: Option<FileDevice>,
     undo: Registered,
 }
 
@@ -143,11 +151,12 @@ impl ProbeFile {
             }
         };
         let pages = (bytes / PAGE_SIZE as u64).max(256);
-        let pf = ProbeFile {
+        let mut pf = ProbeFile {
             path,
             file,
             pages,
             buffered,
+            dev: None,
             undo,
         };
         // Write it through, 1 MiB at a time, with non-zero data.
@@ -165,6 +174,10 @@ impl ProbeFile {
         pf.file
             .sync_all()
             .map_err(|e| format!("cannot sync the probe file: {e}"))?;
+        pf.dev = Some(
+            FileDevice::open_with(&pf.path, None, "probe", !buffered)
+                .map_err(|e| format!("cannot open the probe file as a device: {e}"))?,
+        );
         Ok(pf)
     }
 
@@ -184,41 +197,46 @@ impl ProbeFile {
                 .map(|t| {
                     let stop = &stop;
                     s.spawn(move || {
-                        let mut rng =
-                            Rng::new(seed ^ (u64::from(t) + 1).wrapping_mul(0xD6E8_FEB8_6659_FD93));
-                        let mut buf = AlignedBuf::new(PAGE_SIZE * SEQ_PAGES, 0x5A);
-                        let mut hist = LatHist::default();
-                        let mut n = 0u64;
-                        let seq = self.pages / SEQ_PAGES as u64;
-                        let mut next = rng.below(seq.max(1));
-                        while !stop.load(Ordering::Relaxed) {
-                            let t0 = Instant::now();
-                            let (r, off, pages) = match op {
-                                Op::Read | Op::Write => {
-                                    let off = rng.below(self.pages) * PAGE_SIZE as u64;
-                                    let b = &mut buf.as_mut_slice()[..PAGE_SIZE];
-                                    let r = if op == Op::Read {
-                                        self.file.read_exact_at(b, off)
-                                    } else {
-                                        self.file.write_all_at(b, off)
-                                    };
-                                    (r, off, 1)
+                        with_read_poll(DEFAULT_READ_POLL, || {
+                            let dev = self.dev.as_ref().ok_or("the probe file has no device")?;
+                            let mut rng = Rng::new(
+                                seed ^ (u64::from(t) + 1).wrapping_mul(0xD6E8_FEB8_6659_FD93),
+                            );
+                            let mut buf = AlignedBuf::new(PAGE_SIZE * SEQ_PAGES, 0x5A);
+                            let mut hist = LatHist::default();
+                            let mut n = 0u64;
+                            let seq = self.pages / SEQ_PAGES as u64;
+                            let mut next = rng.below(seq.max(1));
+                            while !stop.load(Ordering::Relaxed) {
+                                let t0 = Instant::now();
+                                let (r, off, pages) = match op {
+                                    Op::Read | Op::Write => {
+                                        let off = rng.below(self.pages) * PAGE_SIZE as u64;
+                                        let b = &mut buf.as_mut_slice()[..PAGE_SIZE];
+                                        let r = if op == Op::Read {
+                                            dev.read_page(off / PAGE_SIZE as u64, b)
+                                        } else {
+                                            self.file.write_all_at(b, off)
+                                        };
+                                        (r, off, 1)
+                                    }
+                                    Op::SeqRead => {
+                                        let off = next * (SEQ_PAGES * PAGE_SIZE) as u64;
+                                        next = (next + 1) % seq.max(1);
+                                        let first = off / PAGE_SIZE as u64;
+                                        let r = dev.read_pages(first, buf.as_mut_slice());
+                                        (r, off, SEQ_PAGES as u64)
+                                    }
+                                };
+                                if let Err(e) = r {
+                                    stop.store(true, Ordering::Relaxed);
+                                    return Err(format!("{} at {off}: {e}", op.name()));
                                 }
-                                Op::SeqRead => {
-                                    let off = next * (SEQ_PAGES * PAGE_SIZE) as u64;
-                                    next = (next + 1) % seq.max(1);
-                                    let r = self.file.read_exact_at(buf.as_mut_slice(), off);
-                                    (r, off, SEQ_PAGES as u64)
-                                }
-                            };
-                            if let Err(e) = r {
-                                stop.store(true, Ordering::Relaxed);
-                                return Err(format!("{} at {off}: {e}", op.name()));
+                                hist.record(t0.elapsed().as_nanos() as u64);
+                                n += pages;
                             }
-                            hist.record(t0.elapsed().as_nanos() as u64);
-                            n += pages;
-                        }
-                        Ok((n, hist))
+                            Ok((n, hist))
+                        })
                     })
                 })
                 .collect();
