@@ -87,8 +87,11 @@ pub(crate) fn available() -> bool {
 }
 
 /// Makes the calling thread's ring now (if io_uring works), so that its first
-/// `read_scattered` does not.
+/// `read_scattered` or polled read does not, and settles `spin_cap`.
 pub(crate) fn prepare() {
+    // Its first call reads the cgroup's CPU limit (allocating): made here, before
+    // a handler's no-allocation section.
+    spin_cap();
     if available() {
         RING.with(|cell| {
             let mut slot = cell.borrow_mut();
