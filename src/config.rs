@@ -153,12 +153,11 @@ impl Config {
         self
     }
 
-    /// How long a fault's read of a swap file (or a mapped file) watches for its
-    /// completion before it sleeps in the kernel (default 200 µs; zero: it
-    /// sleeps at once, as the kernel's swap-in does). Polled reads go through the
-    /// faulting thread's io_uring ring; at most one thread fewer than the CPUs
-    /// polls at a time (the others sleep), so the reclaimer and page-I/O threads
-    /// always have a CPU. On these 2-vCPU VMs a 4 KiB read at depth 1 completes
+    /// How long a fault's read of a swap file watches for its completion before it
+    /// sleeps in the kernel (default 200 µs; zero: it sleeps at once, as the
+    /// kernel's swap-in does). Polled reads go through the faulting thread's
+    /// io_uring ring; at most as many threads as there are CPUs poll at a time (the
+    /// others sleep). On these 2-vCPU VMs a 4 KiB read at depth 1 completes
     /// at p50 37–43 µs polled against 52–62 µs slept: the difference is the wake-up
     /// of an idle vCPU. The price is a CPU kept busy while the read is in flight.
     /// No effect where io_uring is unavailable (`usermm swaps` says so) or on NBD.

@@ -50,14 +50,18 @@ thread_local! {
 /// Threads spinning on their rings right now (`SPIN_CAP` at most).
 static SPINNERS: AtomicUsize = AtomicUsize::new(0);
 
-/// At most this many threads spin at once: one CPU is always left to the
-/// reclaimer, the page-I/O threads and the rest of the program (none spins on a
-/// single-CPU machine).
+/// At most this many threads spin at once: one per CPU. Leaving one CPU to the
+/// reclaimer and the page-I/O threads (a cap of CPUs - 1) measured worse in the
+/// bench's 2-thread cells on these 2-vCPU VMs (`usermm bench --quick --patterns
+/// uniform,hotcold --w-over-b 1.25,4 --threads 2 --write-ratios 0` and `0.5`,
+/// both caps alternating, two runs each): usermm's accesses/s were higher with
+/// one per CPU in 11 of 16 cell pairs (uniform W/B 1.25 by 12–35 %, hot/cold W/B
+/// 1.25 by 8–22 %), within 2 % in 3, lower in 2 (hot/cold W/B 4: 18 % and 7 %).
+/// A thread that needs a CPU still gets one from the scheduler; a spinner spins
+/// only while its own thread would otherwise sleep.
 fn spin_cap() -> usize {
     static CAP: OnceLock<usize> = OnceLock::new();
-    *CAP.get_or_init(|| {
-        std::thread::available_parallelism().map_or(0, |n| n.get().saturating_sub(1))
-    })
+    *CAP.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
 /// Runs `f` with this thread's device reads polled for up to `spin` each

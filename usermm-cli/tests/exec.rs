@@ -91,8 +91,19 @@ try:
 except OSError as e:
     print('refused', e.errno)
 ";
+    // Its handler's reads slept (`--read-poll 0`); the other exec tests poll them.
     let out = Command::new(USERMM)
-        .args(["exec", "--budget", "32M", "--", py, "-c", prog])
+        .args([
+            "exec",
+            "--budget",
+            "32M",
+            "--read-poll",
+            "0",
+            "--",
+            py,
+            "-c",
+            prog,
+        ])
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);

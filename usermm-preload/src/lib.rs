@@ -5,7 +5,7 @@
 //! ## How
 //! - At load (a constructor, after libc's), it reads its settings from the
 //!   environment `usermm exec` prepared (`USERMM_BUDGET`, `USERMM_SWAP`,
-//!   `USERMM_SWAP_DIR`, `USERMM_HEAP`), makes a Vm, adds the swap devices (or a
+//!   `USERMM_SWAP_DIR`, `USERMM_HEAP`, `USERMM_READ_POLL_US`), makes a Vm, adds the swap devices (or a
 //!   temporary swap file, created 0600 and unlinked at once), maps one transparent
 //!   region for the heap and hands it to `talc`, a maintained allocator that works
 //!   over a given span of memory.
@@ -396,8 +396,14 @@ fn setup() -> Result<(), String> {
 /// A Vm of `budget` bytes with the swap devices `specs`, or a temporary swap file of
 /// `heap` bytes in `dir` when there are none.
 fn new_vm(budget: u64, heap: u64, specs: &[String], dir: &str) -> Result<usermm::Vm, String> {
-    let vm = usermm::Vm::new(usermm::Config::default().memory_budget(budget as usize))
-        .map_err(|e| e.to_string())?;
+    let mut cfg = usermm::Config::default().memory_budget(budget as usize);
+    if let Some(us) = std::env::var("USERMM_READ_POLL_US")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        cfg = cfg.read_poll(std::time::Duration::from_micros(us));
+    }
+    let vm = usermm::Vm::new(cfg).map_err(|e| e.to_string())?;
     for s in specs {
         let spec = usermm::SwapSpec::parse(s).map_err(|e| e.to_string())?;
         vm.swapon(spec).map_err(|e| e.to_string())?;

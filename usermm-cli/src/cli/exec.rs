@@ -32,6 +32,10 @@ pub struct ExecArgs {
     /// program exits.
     #[arg(long)]
     pub stats: bool,
+    /// How long the fault handler's read of a swap file watches for its completion
+    /// before it sleeps (0: at once) [default: the library's, 200us].
+    #[arg(long, value_name = "TIME", value_parser = super::util::parse_duration)]
+    pub read_poll: Option<std::time::Duration>,
     /// The program and its arguments (after `--`).
     #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
     pub command: Vec<String>,
@@ -214,6 +218,11 @@ pub fn main(a: ExecArgs) -> i32 {
         .env("USERMM_SWAP", a.swap.join("\n"))
         .env("USERMM_SWAP_DIR", swap_dir())
         .env("USERMM_STATS", if a.stats { "1" } else { "" })
+        .env(
+            "USERMM_READ_POLL_US",
+            a.read_poll
+                .map_or(String::new(), |d| d.as_micros().to_string()),
+        )
         .exec();
     eprintln!("usermm exec: cannot run {}: {err}", path.display());
     127

@@ -87,6 +87,10 @@ pub struct RunArgs {
     /// Page-I/O threads of the engine [default: the library's, 16].
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=256))]
     pub io_threads: Option<u32>,
+    /// How long a fault's read of a swap file watches for its completion before it
+    /// sleeps (0: at once, as the kernel's swap-in) [default: the library's, 200us].
+    #[arg(long, value_name = "TIME", value_parser = util::parse_duration)]
+    pub read_poll: Option<Duration>,
     /// Testing the checker: after the fill, overwrite one word of page 0 behind the
     /// model's back; the run must then fail verification (exit 1).
     #[arg(long, hide = true)]
@@ -515,6 +519,8 @@ struct Report {
     write_ratio: f64,
     threads: u32,
     words_per_access: u32,
+    /// How long each fault's read polled for its completion (`--read-poll`), µs.
+    read_poll_us: u64,
     swap: Vec<String>,
     fill_s: f64,
     timed_s: f64,
@@ -640,6 +646,9 @@ fn run(a: RunArgs) -> Result<i32, String> {
     let mut cfg = Config::default().memory_budget(a.budget as usize);
     if let Some(n) = a.io_threads {
         cfg = cfg.io_threads(n as usize);
+    }
+    if let Some(d) = a.read_poll {
+        cfg = cfg.read_poll(d);
     }
     let vm = Vm::new(cfg).map_err(|e| format!("cannot start the Vm: {e}"))?;
 
@@ -1010,6 +1019,10 @@ fn workload(
             write_ratio: a.write_ratio,
             threads: a.threads,
             words_per_access: a.words,
+            read_poll_us: a
+                .read_poll
+                .unwrap_or(usermm::config::DEFAULT_READ_POLL)
+                .as_micros() as u64,
             swap: vm.swaps().into_iter().map(|s| s.name).collect(),
             fill_s: fill_time.as_secs_f64(),
             timed_s: timed_time.as_secs_f64(),

@@ -55,16 +55,17 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
     let n: f64 = num.parse().map_err(|_| {
-        format!("duration {s:?} is not a number with an optional unit (ms, s, m, h)")
+        format!("duration {s:?} is not a number with an optional unit (us, ms, s, m, h)")
     })?;
     let secs = match unit.trim() {
         "" | "s" | "sec" | "secs" => n,
+        "us" | "µs" => n / 1e6,
         "ms" => n / 1000.0,
         "m" | "min" => n * 60.0,
         "h" => n * 3600.0,
         u => {
             return Err(format!(
-                "duration {s:?} has an unknown unit {u:?} (ms, s, m, h)"
+                "duration {s:?} has an unknown unit {u:?} (us, ms, s, m, h)"
             ))
         }
     };
