@@ -47,7 +47,7 @@ thread_local! {
     static POLL: Cell<Duration> = const { Cell::new(Duration::ZERO) };
 }
 
-/// Threads spinning on their rings right now (`SPIN_CAP` at most).
+/// Threads spinning on their rings right now (`spin_cap()` at most).
 static SPINNERS: AtomicUsize = AtomicUsize::new(0);
 
 /// At most this many threads spin at once: one per CPU. Leaving one CPU to the
@@ -72,10 +72,15 @@ fn spin_cap() -> usize {
 /// difference is the sleeping vCPU's wake-up). A read still in flight after
 /// `spin` sleeps as before.
 pub(crate) fn polled<R>(spin: Duration, f: impl FnOnce() -> R) -> R {
-    let old = POLL.replace(spin);
-    let r = f();
-    POLL.set(old);
-    r
+    /// Puts the thread's setting back, however `f` ends.
+    struct Restore(Duration);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            POLL.set(self.0);
+        }
+    }
+    let _restore = Restore(POLL.replace(spin));
+    f()
 }
 
 /// Whether this thread's reads are polled now (inside `polled` with a non-zero
