@@ -280,24 +280,33 @@ mod tests {
     use std::os::fd::AsRawFd;
     use std::os::unix::fs::FileExt;
 
-    #[test]
-    fn scattered_reads_land_in_order_and_errors_are_reported() {
+    /// A file of `n` pages, page `p` filled with `byte(p)`, in a temporary
+    /// directory; `None` (SKIP) where io_uring is unavailable, unless CI asks for
+    /// everything (USERMM_REQUIRE_URING=1): then a failure.
+    fn pages_file(n: u64, byte: fn(u64) -> u8) -> Option<(tempfile::TempDir, std::fs::File)> {
         if !available() {
-            // CI asks for everything (USERMM_REQUIRE_URING=1): then a failure.
             assert_ne!(
                 std::env::var("USERMM_REQUIRE_URING").as_deref(),
                 Ok("1"),
                 "io_uring required but not available here"
             );
             eprintln!("SKIP: io_uring is not available here");
-            return;
+            return None;
         }
         let dir = tempfile::tempdir().unwrap();
         let f = std::fs::File::create_new(dir.path().join("f")).unwrap();
-        for p in 0..64u64 {
-            f.write_all_at(&[p as u8; PAGE_SIZE], p * PAGE_SIZE as u64)
+        for p in 0..n {
+            f.write_all_at(&[byte(p); PAGE_SIZE], p * PAGE_SIZE as u64)
                 .unwrap();
         }
+        Some((dir, f))
+    }
+
+    #[test]
+    fn scattered_reads_land_in_order_and_errors_are_reported() {
+        let Some((_dir, f)) = pages_file(64, |p| p as u8) else {
+            return;
+        };
         // Runs of pages (first page, count), in any order, one overlapping another.
         let runs = [(5u64, 1u32), (60, 4), (0, 2), (17, 1), (17, 3)];
         let reqs: Vec<(u64, u32)> = runs.iter().map(|&(p, c)| (p * 4096, c * 4096)).collect();
@@ -335,21 +344,9 @@ mod tests {
 
     #[test]
     fn polled_reads_land_and_a_late_one_is_waited_for() {
-        if !available() {
-            assert_ne!(
-                std::env::var("USERMM_REQUIRE_URING").as_deref(),
-                Ok("1"),
-                "io_uring required but not available here"
-            );
-            eprintln!("SKIP: io_uring is not available here");
+        let Some((_dir, f)) = pages_file(8, |p| p as u8 + 1) else {
             return;
-        }
-        let dir = tempfile::tempdir().unwrap();
-        let f = std::fs::File::create_new(dir.path().join("f")).unwrap();
-        for p in 0..8u64 {
-            f.write_all_at(&[p as u8 + 1; PAGE_SIZE], p * PAGE_SIZE as u64)
-                .unwrap();
-        }
+        };
         let spin = Duration::from_micros(200);
         assert!(!polling(), "not polled outside `polled`");
         polled(spin, || {
