@@ -84,8 +84,9 @@ Systems, measured in the same run and interleaved per cell:
           memory cgroup limited to the budget, with its own swap file (same size, same file
           system) enabled by swapon; needs root. Always cleaned up (swapoff, cgroup, file).
   plain   the same accesses on a Vec<u8> that holds the working set (the ceiling)
-  device  random 4 KiB O_DIRECT reads on a file in --dir at queue depth = threads (the
-          miss-path ceiling); a separate table shows reads and writes at depth 1, threads, 32
+  device  random 4 KiB O_DIRECT reads on a file in --dir at queue depth = threads, polled
+          for as usermm's faults poll for theirs (the miss-path ceiling); a separate table
+          shows reads and writes at depth 1, threads, 32
 
 With --compressed, only the compressed tiers, on compressible and incompressible pages:
   usermm-zpool  a child with a Vm of the budget, zpool:?size=B/2&algo=lz4&prio=10 above a
