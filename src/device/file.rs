@@ -205,12 +205,10 @@ impl FileDevice {
         }
         Ok((slot * PAGE_SIZE as u64) as i64)
     }
-}
 
-impl FileDevice {
     /// A read of whole pages at byte offset `off` through the thread's ring, when
-    /// the caller polls its reads (`super::uring::polled`) and io_uring works;
-    /// `None` otherwise (the caller reads with `pread`).
+    /// the caller polls its reads (`super::uring::polled`) and io_uring works
+    /// (`self.uring`); `None` otherwise (the caller reads with `pread`).
     fn polled_read(&self, off: i64, buf: &mut [u8]) -> Option<io::Result<()>> {
         if !self.uring || !super::uring::polling() {
             return None;

@@ -29,8 +29,9 @@ pub use buf::AlignedPages;
 /// Runs `f` with the device reads it makes on this thread polled, as a fault's
 /// reads are (`Config::read_poll`): a read of a [`file::FileDevice`] goes through
 /// the thread's io_uring ring, and the thread watches for its completion for up
-/// to `spin` before it sleeps (at most as many threads as CPUs poll at a time). For measuring a device the way faults use it (`usermm bench`'s device
-/// probe); no effect on other devices or where io_uring is unavailable.
+/// to `spin` before it sleeps (at most as many threads as CPUs poll at a time).
+/// For measuring a device the way faults use it (`usermm bench`'s device probe);
+/// no effect on other devices or where io_uring is unavailable.
 pub fn with_read_poll<R>(spin: std::time::Duration, f: impl FnOnce() -> R) -> R {
     uring::polled(spin, f)
 }

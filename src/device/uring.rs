@@ -84,9 +84,9 @@ pub(crate) fn polled<R>(spin: Duration, f: impl FnOnce() -> R) -> R {
 }
 
 /// Whether this thread's reads are polled now (inside `polled` with a non-zero
-/// spin, and io_uring works here).
+/// spin). Callers know whether io_uring works (the file device's `uring`).
 pub(crate) fn polling() -> bool {
-    !POLL.get().is_zero() && available()
+    !POLL.get().is_zero()
 }
 
 /// Whether io_uring works here (probed once, by making a small ring).

@@ -4,10 +4,10 @@
 //!
 //! Per cell (pattern × W/B × threads × write ratio) the systems are: the device
 //! (random 4 KiB O_DIRECT reads at queue depth = threads, polled as faults poll),
-//! plain memory (a `Vec` that holds the working set), usermm (a fresh `Vm` with the budget, on a swap
-//! file), transparent (a child process doing the accesses through pointers into a
-//! `map_transparent` region of a fresh `Vm` with the budget, on a swap file of its
-//! own; see `transparent`) and the kernel (a child process in a memory cgroup
+//! plain memory (a `Vec` that holds the working set), usermm (a fresh `Vm` with
+//! the budget, on a swap file), transparent (a child process doing the accesses
+//! through pointers into a `map_transparent` region of a fresh `Vm` with the
+//! budget, on a swap file of its own; see `transparent`) and the kernel (a child process in a memory cgroup
 //! limited to the budget, with a swap file of the same size).
 //!
 //! **Cells to be trusted** (issue 10, item 5). On a shared 2-CPU machine one timed
