@@ -43,6 +43,7 @@ pub struct Config {
     pub(crate) speculative_faults: bool,
     pub(crate) fault_lookup_delay: std::time::Duration,
     pub(crate) fault_timing: bool,
+    pub(crate) stage_every: usize,
     pub(crate) read_poll: std::time::Duration,
 }
 
@@ -60,6 +61,7 @@ impl Default for Config {
             speculative_faults: true,
             fault_lookup_delay: std::time::Duration::ZERO,
             fault_timing: false,
+            stage_every: crate::reclaim::STAGE_EVERY,
             read_poll: DEFAULT_READ_POLL,
         }
     }
@@ -150,6 +152,15 @@ impl Config {
     #[doc(hidden)]
     pub fn fault_timing(mut self, on: bool) -> Self {
         self.fault_timing = on;
+        self
+    }
+
+    /// For measurements and tests: reclaim stages one in `n` of the unused
+    /// transparent pages it comes to (`reclaim::STAGE_EVERY`, the default, says
+    /// why; 1 stages every one, as before that). Values below 1 count as 1.
+    #[doc(hidden)]
+    pub fn stage_every(mut self, n: usize) -> Self {
+        self.stage_every = n.max(1);
         self
     }
 

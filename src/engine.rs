@@ -84,6 +84,11 @@ pub(crate) struct Engine {
     /// past a whole sweep, main has nothing to give and reclaim takes from the small
     /// FIFO whatever its length (S3-FIFO's "or main is empty").
     pub hand_idle: AtomicUsize,
+    /// Unused transparent pages reclaim has come to for staging (relaxed): every
+    /// `stage_every`-th is taken, the others are passed over this time.
+    pub stage_turn: AtomicUsize,
+    /// `Config::stage_every` (`reclaim::STAGE_EVERY` by default).
+    pub stage_every: usize,
     /// `Policy::Frequency` (see `reclaim`, "Policy"): probation pages enter main by
     /// their use count (`PageDesc::freq`, kept per slot while on swap).
     pub freq_on: bool,
@@ -221,6 +226,8 @@ impl Engine {
             cnt: Counters::default(),
             hand: AtomicUsize::new(0),
             hand_idle: AtomicUsize::new(0),
+            stage_turn: AtomicUsize::new(0),
+            stage_every: cfg.stage_every,
             kswapd_lock: Mutex::new(false),
             kswapd_wake: Condvar::new(),
             shutdown: AtomicBool::new(false),

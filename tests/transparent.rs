@@ -9,7 +9,7 @@ use std::time::Duration;
 use usermm::{Config, Vm, PAGE_SIZE};
 
 mod common;
-use common::{transparent_setup as setup, word};
+use common::{transparent_setup as setup, transparent_setup_with, word};
 use usermm_testkit::workload::Rng;
 
 const PS: usize = PAGE_SIZE;
@@ -307,6 +307,62 @@ fn a_staged_page_used_again_keeps_its_later_writes() {
             "page {p} lost its write"
         );
     }
+}
+
+/// Staging one in four of the unused pages reclaim comes to (`STAGE_EVERY`), not
+/// every one: on uniform random reads, where every page is as hot as the next and
+/// staging learns nothing, far fewer staged pages are touched again (each a
+/// userfaultfd round trip), and no more pages are read from swap. The same trace
+/// with every page staged (`stage_every(1)`, the behaviour before) is the planted
+/// bug: it must come out worse.
+#[test]
+fn staging_fewer_pages_costs_fewer_round_trips_and_no_misses() {
+    let (budget, pages) = (8usize << 20, 2560usize); // W/B = 1.25
+    let run = |every: Option<usize>| {
+        let mut cfg = Config::default().memory_budget(budget);
+        if let Some(k) = every {
+            cfg = cfg.stage_every(k);
+        }
+        let (_d, vm) = transparent_setup_with(cfg, (2 * pages * PS) as u64)?;
+        let r = vm.map_transparent(pages * PS).unwrap();
+        for p in 0..pages {
+            word(&r, p * PS / 8).store(p as u64, Ordering::Relaxed);
+        }
+        let mut rng = Rng::new(11);
+        let mut touch = |n: usize| {
+            for _ in 0..n {
+                let p = rng.below(pages as u64) as usize;
+                assert_eq!(word(&r, p * PS / 8).load(Ordering::Relaxed), p as u64);
+            }
+        };
+        touch(30_000);
+        let s0 = vm.stats();
+        let n = 60_000;
+        touch(n);
+        let s1 = vm.stats();
+        let per = |a: u64, b: u64| (b - a) as f64 / n as f64;
+        Some((
+            per(s0.staged_refaults, s1.staged_refaults),
+            per(s0.pgmajfault, s1.pgmajfault),
+        ))
+    };
+    let Some((refaults, majors)) = run(None) else {
+        return;
+    };
+    let (all_refaults, all_majors) = run(Some(1)).expect("set up once already");
+    eprintln!(
+        "staged refaults per access {refaults:.3} (every page staged: {all_refaults:.3}), \
+         major faults {majors:.3} ({all_majors:.3})"
+    );
+    assert!(
+        refaults < 0.6 * all_refaults,
+        "staged refaults per access: {refaults:.3} by default, {all_refaults:.3} with every \
+         unused page staged"
+    );
+    assert!(
+        majors < all_majors + 0.02,
+        "fewer stagings cost misses: {majors:.3} per access against {all_majors:.3}"
+    );
 }
 
 /// Read-around: pages evicted together (consecutive slots) come back in one read

@@ -132,11 +132,13 @@ impl PageIo {
         self.submit.pop()
     }
 
-    /// Wakes the I/O threads if work is queued.
+    /// Wakes one I/O thread if work is queued. A thread that takes a request
+    /// and still sees work queued wakes the next (`run`), so a burst of page-outs
+    /// wakes as many threads as it keeps busy, not all of them per batch.
     pub fn kick(&self) {
         if !self.submit.is_empty() {
             let _g = self.sleep.lock();
-            self.wake.notify_all();
+            self.wake.notify_one();
         }
     }
 
@@ -149,6 +151,8 @@ impl PageIo {
         let _no_alloc = crate::lockdep::no_alloc("page-I/O thread");
         loop {
             if let Some(i) = self.submit.pop() {
+                // More queued than this thread takes: pass the work on.
+                self.kick();
                 let _reclaim = crate::lockdep::reclaim();
                 handle(i);
                 continue;

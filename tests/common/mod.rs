@@ -89,8 +89,14 @@ pub fn reclaim_within(vm: &Vm, pages: usize, limit: Duration, ctx: &str) -> usiz
 /// stderr) where this process may not open a userfaultfd that serves kernel-mode
 /// faults; with USERMM_REQUIRE_UFFD=1 that is a failure instead.
 pub fn transparent_setup(budget: usize, swap: u64) -> Option<(tempfile::TempDir, Vm)> {
+    transparent_setup_with(usermm::Config::default().memory_budget(budget), swap)
+}
+
+/// `transparent_setup` with a configuration of the caller's.
+#[allow(dead_code)] // not every test binary that includes `common` uses it
+pub fn transparent_setup_with(cfg: usermm::Config, swap: u64) -> Option<(tempfile::TempDir, Vm)> {
     let dir = tempfile::tempdir().unwrap();
-    let vm = Vm::new(usermm::Config::default().memory_budget(budget)).unwrap();
+    let vm = Vm::new(cfg).unwrap();
     vm.swapon(usermm::SwapSpec::file(dir.path().join("swap"), swap))
         .unwrap();
     match vm.map_transparent(usermm::PAGE_SIZE) {
