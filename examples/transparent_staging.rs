@@ -1,10 +1,10 @@
-//! What staging costs transparent memory (`reclaim::STAGE_EVERY`): one thread reads
+//! What staging costs transparent memory (`config::DEFAULT_STAGE_EVERY`): one thread reads
 //! random words of a transparent region `W/B` times the 64 MiB budget, drawn from a
 //! pattern, and prints accesses/s with major faults, pages staged and staged pages
 //! touched again (each a userfaultfd round trip without I/O) per access.
 //!
 //! `cargo run --release --example transparent_staging -- [W/B] [seconds] [pattern] [every]`
-//! (defaults 1.25, 3, uniform, the library's `STAGE_EVERY`; patterns as `usermm
+//! (defaults 1.25, 3, uniform, the library's `config::DEFAULT_STAGE_EVERY`; patterns as `usermm
 //! bench --patterns`; needs /dev/userfaultfd).
 use std::time::{Duration, Instant};
 use usermm::{Config, SwapSpec, Vm, PAGE_SIZE};

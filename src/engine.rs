@@ -87,7 +87,7 @@ pub(crate) struct Engine {
     /// Unused transparent pages reclaim has come to for staging (relaxed): every
     /// `stage_every`-th is taken, the others are passed over this time.
     pub stage_turn: AtomicUsize,
-    /// `Config::stage_every` (`reclaim::STAGE_EVERY` by default).
+    /// `Config::stage_every` (`config::DEFAULT_STAGE_EVERY` by default).
     pub stage_every: usize,
     /// `Policy::Frequency` (see `reclaim`, "Policy"): probation pages enter main by
     /// their use count (`PageDesc::freq`, kept per slot while on swap).

@@ -309,7 +309,7 @@ fn a_staged_page_used_again_keeps_its_later_writes() {
     }
 }
 
-/// Staging one in four of the unused pages reclaim comes to (`STAGE_EVERY`), not
+/// Staging one in four of the unused pages reclaim comes to (`config::DEFAULT_STAGE_EVERY`), not
 /// every one: on uniform random reads, where every page is as hot as the next and
 /// staging learns nothing, far fewer staged pages are touched again (each a
 /// userfaultfd round trip), and no more pages are read from swap. The same trace

@@ -31,7 +31,7 @@
 //! (`unstage`: moved back if dirty, copied back write-protected if clean) and marks
 //! it referenced, raising its heat (`P_HEAT`, which spares it that many visits of
 //! the hand). A page still staged when the hand comes back is evicted from the
-//! staging page. Only one in `reclaim::STAGE_EVERY` of the unused pages the hand
+//! staging page. Only one in `config::DEFAULT_STAGE_EVERY` of the unused pages the hand
 //! comes to is staged (the rest wait for a later visit), so a page stays staged
 //! for a short while: long enough for a hot page to be touched, seldom so for one
 //! no hotter than the rest (each touch is a round trip through the handler). Without `UFFDIO_MOVE` (or when the kernel refuses a move) a page is

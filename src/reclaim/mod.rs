@@ -102,30 +102,6 @@ const FREQ_PERIOD: usize = 50;
 /// Frames looked at per batch.
 const SCAN_BATCH: usize = 64;
 
-/// Of the unused transparent pages reclaim comes to (neither staged nor spared by
-/// their heat), one in this many is staged; the others are passed over until a
-/// later visit. A staged page is evicted when the hand comes back to it, so the
-/// fewer pages it stages per sweep, the faster it sweeps and the shorter a page
-/// stays staged: a page that is only as hot as the rest (uniform access) is then
-/// rarely touched while staged, where every such touch costs a userfaultfd round
-/// trip and each staging and unstaging a TLB flush of the program's CPUs, while a
-/// hot page is still touched within the shorter stay and kept. Measured
-/// (`cargo run --release --example transparent_staging -- W/B secs pattern every`,
-/// 64 MiB budget, one thread reading random words; accesses/s and staged refaults
-/// per access; two runs for 1 and 4, one for 8 and 16):
-///
-/// | every | uniform W/B 1.25 | uniform 4 | hot/cold 1.25 | hot/cold 4 | zipf 1.25 | zipf 4 |
-/// |---|---|---|---|---|---|---|
-/// | 1 | 27.9k, 32.1k; 29 % | 12.3–12.6k; 12 % | 274–309k; 3.6 % | 91–95k; 6 % | 171–209k; 6–7 % | 46–56k; 6–8 % |
-/// | 4 | 42.7k, 49.3k; 10 % | 12.4–13.1k; 4 % | 390–395k; 1.3 % | 93–102k; 4 % | 209–210k; 2.4 % | 53–56k; 3 % |
-/// | 8 | 42.9k; 6 % | 12.4k; 2.3 % | 356k; 0.9 % | 88k; 3 % | 248k; 1.6 % | 48k; 2.1 % |
-/// | 16 | 54.0k; 3.6 % | 14.9k; 1.3 % | 388k; 0.6 % | 102k; 2.3 % | 205k; 1.1 % | 52k; 1.3 % |
-///
-/// Misses: the same in every column but zipf W/B 4 (17.9–18.0 % with every page,
-/// 18.4–18.5 with one in 4, 18.9–19.3 with 8 and 16) and hot/cold W/B 4 at 16
-/// (9.9 % against 8.7–9.2). Four: most of the gain, no miss lost.
-pub(crate) const STAGE_EVERY: usize = 4;
-
 /// kswapd wakes the page-I/O threads once this many page-outs are queued (the
 /// most a thread gathers into runs at once, `complete_batch`'s `BATCH`), or
 /// before it waits: a run of adjacent slots is one device request, and single
@@ -416,7 +392,8 @@ fn reclaim_frame(eng: &Engine, pfn: Pfn, small: bool, r: &mut ScanResult, zap: &
             .fetch_add(1, Ordering::Relaxed)
             .is_multiple_of(eng.stage_every)
     {
-        // Not this page's turn: passed over, as if used (`STAGE_EVERY`).
+        // Not this page's turn: passed over, as if used
+        // (`config::DEFAULT_STAGE_EVERY`).
         unlock_mappings(eng, d, pfn, 0, 0);
         d.unlock();
         if small {
