@@ -5,14 +5,17 @@
 use crate::addr::PAGE_SIZE;
 use crate::error::{Error, Result};
 
-/// `Config::stage_every`'s default. Of the unused transparent pages reclaim comes
-/// to (neither staged nor spared by their heat), one in this many is staged; the
-/// others are passed over until a later visit. A staged page is evicted when the
-/// hand comes back to it, so the fewer pages it stages per sweep, the faster it
-/// sweeps and the shorter a page stays staged: a page that is only as hot as the rest (uniform access) is then
-/// rarely touched while staged, where every such touch costs a userfaultfd round
-/// trip and each staging and unstaging a TLB flush of the program's CPUs, while a
-/// hot page is still touched within the shorter stay and kept. Measured
+/// `Config::stage_every`'s default. Of reclaim's visits to a transparent page that
+/// find it unused and not staged, one in this many is the page's turn: it is
+/// staged, or spared by its heat (`P_HEAT`, counted down on turns only); on the
+/// others it is passed over as it is. Without a staging area (no `UFFDIO_MOVE`)
+/// every visit is a turn. A staged page is evicted when the hand comes back to
+/// it, so the fewer pages it stages per sweep, the faster it sweeps and the
+/// shorter a page stays staged: a page that is only as hot as the rest (uniform
+/// access) is then rarely touched while staged, where every such touch costs a
+/// userfaultfd round trip and each staging and unstaging a TLB flush of the
+/// program's CPUs, while a hot page is still touched within the shorter stay and
+/// kept. Measured
 /// (`cargo run --release --example transparent_staging -- W/B secs pattern every`,
 /// 64 MiB budget, one thread reading random words; accesses/s and staged refaults
 /// per access; two runs for 1 and 4, one for 8 and 16):
@@ -181,9 +184,10 @@ impl Config {
         self
     }
 
-    /// For measurements and tests: reclaim stages one in `n` of the unused
-    /// transparent pages it comes to (`DEFAULT_STAGE_EVERY`, the default, says
-    /// why; 1 stages every one, as before that). Values below 1 count as 1.
+    /// For measurements and tests: one in `n` of reclaim's visits to an unused,
+    /// unstaged transparent page is its turn to be staged (`DEFAULT_STAGE_EVERY`,
+    /// the default, says why; 1 makes every visit one, as before that). Values
+    /// below 1 count as 1.
     #[doc(hidden)]
     pub fn stage_every(mut self, n: usize) -> Self {
         self.stage_every = n.max(1);

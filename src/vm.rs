@@ -443,8 +443,9 @@ impl Vm {
         // Sweeps clear reference bits, queue dirty pages and drop clean ones; a page
         // queued in one sweep is dropped by its completion or by a later sweep.
         // Bounded work: a page needs about three visits of the clock hand (clear its
-        // reference bit, queue it, drop it; a transparent page one more, to stage
-        // it, and spare it while it is hot), so this is plenty unless pages cannot go
+        // reference bit, queue it, drop it; a transparent page one more turn, to
+        // stage it, and more while it is hot, a turn coming on one visit in
+        // `config::DEFAULT_STAGE_EVERY`), so this is plenty unless pages cannot go
         // (pinned, swap full, or page-out failing).
         let limit = 16 * (n + pages);
         let mut scanned = 0;

@@ -29,13 +29,16 @@
 //! page of the staging area (`Staging`) and marks the entry `P_STAGED`; the frame
 //! stays. A touch faults (MISSING) and the handler brings it back without I/O
 //! (`unstage`: moved back if dirty, copied back write-protected if clean) and marks
-//! it referenced, raising its heat (`P_HEAT`, which spares it that many visits of
-//! the hand). A page still staged when the hand comes back is evicted from the
-//! staging page. Only one in `config::DEFAULT_STAGE_EVERY` of the unused pages the hand
-//! comes to is staged (the rest wait for a later visit), so a page stays staged
-//! for a short while: long enough for a hot page to be touched, seldom so for one
-//! no hotter than the rest (each touch is a round trip through the handler). Without `UFFDIO_MOVE` (or when the kernel refuses a move) a page is
-//! evicted in place: write-protected and copied if dirty, zapped if clean.
+//! it referenced, raising its heat (`P_HEAT`, which spares it that many of its
+//! turns, below). A page still staged when the hand comes back is evicted from the
+//! staging page. Of the unused, unstaged pages the hand comes to, only one in
+//! `config::DEFAULT_STAGE_EVERY` has its turn (is staged, or spared by its heat,
+//! which counts down on turns only); the rest wait for a later visit. So a page
+//! stays staged for a short while: long enough for a hot page to be touched,
+//! seldom so for one no hotter than the rest (each touch is a round trip through
+//! the handler). Without `UFFDIO_MOVE` (or when the kernel refuses a move) a page
+//! is evicted in place: write-protected and copied if dirty, zapped if clean; every
+//! visit is a turn then.
 //!
 //! ## Who serves faults
 //! One handler thread per CPU this process may run on, pinned to it, all reading

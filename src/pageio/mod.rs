@@ -12,8 +12,11 @@
 //! recurse into waiting on themselves.
 //!
 //! ## Locking
-//! `sleep` (Mutex<()>) only pairs with `wake` to park idle I/O threads; a submitter
-//! takes it after pushing, so an idle thread cannot miss work. Leaf lock.
+//! `sleep` (Mutex<()>) only pairs with `wake` to park idle I/O threads; a kick
+//! takes it after pushing, so an idle thread cannot miss work once kicked (kswapd
+//! pushes up to `reclaim::KICK_BATCH` before it kicks, and kicks before it waits).
+//! A kick wakes one thread; a thread that pops a request with more queued kicks the
+//! next. Leaf lock.
 
 use crate::addr::PAGE_SIZE;
 use crate::device::AlignedPages;

@@ -360,6 +360,34 @@ fn reclaim_frame(eng: &Engine, pfn: Pfn, small: bool, r: &mut ScanResult, zap: &
         r.busy += 1;
         return;
     };
+    let transparent = f & F_TRANSPARENT != 0;
+    // A transparent page not used since it was last looked at leaves the program's
+    // mapping for its staging page first; only if it is still unused when the hand
+    // comes back is it dropped (see `mm::transparent`, "Knowing what is hot").
+    let bits = if transparent {
+        entry_bits(eng, d, pfn)
+    } else {
+        0
+    };
+    let staged = transparent && bits & P_STAGED != 0;
+    if transparent
+        && !staged
+        && eng.staging_addr(pfn).is_some()
+        && !eng
+            .stage_turn
+            .fetch_add(1, Ordering::Relaxed)
+            .is_multiple_of(eng.stage_every)
+    {
+        // Not this page's turn to be looked at (`config::DEFAULT_STAGE_EVERY`):
+        // passed over as it is, a probation page round the FIFO again. Without a
+        // staging area pages are evicted in place, every visit a turn.
+        unlock_mappings(eng, d, pfn, 0, 0);
+        d.unlock();
+        if small {
+            requeue(eng, d, pfn);
+        }
+        return;
+    }
     // Unused on probation (found by the FIFO, or by the hand, which treats a
     // probation page as main): it goes, and a ghost remembers it; if it must be
     // written first and then stays, it is main's.
@@ -378,28 +406,6 @@ fn reclaim_frame(eng: &Engine, pfn: Pfn, small: bool, r: &mut ScanResult, zap: &
             ));
         }
         return reclaim_file(eng, d, pfn, f, dirty, r);
-    }
-    let transparent = f & F_TRANSPARENT != 0;
-    // A transparent page not used since it was last looked at leaves the program's
-    // mapping for its staging page first; only if it is still unused when the hand
-    // comes back is it dropped (see `mm::transparent`, "Knowing what is hot").
-    let bits = entry_bits(eng, d, pfn);
-    let staged = transparent && bits & P_STAGED != 0;
-    if transparent
-        && !staged
-        && !eng
-            .stage_turn
-            .fetch_add(1, Ordering::Relaxed)
-            .is_multiple_of(eng.stage_every)
-    {
-        // Not this page's turn: passed over, as if used
-        // (`config::DEFAULT_STAGE_EVERY`).
-        unlock_mappings(eng, d, pfn, 0, 0);
-        d.unlock();
-        if small {
-            requeue(eng, d, pfn);
-        }
-        return;
     }
     if transparent && !staged && bits & P_HEAT != 0 {
         // Used again after its last staging: spared this visit (GCLOCK).
