@@ -150,18 +150,19 @@ pub(crate) struct ScanResult {
 /// are freed or queued for page-out (whose completion frees them). Queued
 /// page-outs are kicked before returning.
 pub(crate) fn shrink(eng: &Engine, nr: usize, want: usize) -> ScanResult {
-    let r = shrink_for(eng, nr, want, true);
-    if r.queued > 0 {
-        eng.io.kick();
-    }
-    r
+    kicked(eng, shrink_for(eng, nr, want, true))
 }
 
 /// `shrink` for direct reclaim: only a frame freed now satisfies the caller, so a
 /// queued page-out does not end the scan; it goes on looking for a clean page to
 /// drop (and queues the dirty ones it passes) before anyone has to wait for I/O.
 pub(crate) fn shrink_direct(eng: &Engine, nr: usize) -> ScanResult {
-    let r = shrink_for(eng, nr, 1, false);
+    kicked(eng, shrink_for(eng, nr, 1, false))
+}
+
+/// Wakes the page-I/O threads for what a scan queued (kswapd instead gathers
+/// `KICK_BATCH` first).
+fn kicked(eng: &Engine, r: ScanResult) -> ScanResult {
     if r.queued > 0 {
         eng.io.kick();
     }

@@ -1636,14 +1636,15 @@ fn bench(a: BenchArgs, comp: &mut Option<CompPlan>) -> Result<i32, String> {
     let interrupted = util::interrupted();
 
     // Output.
+    let hit_spread = (!hit_ratios.is_empty()).then(|| Spread::of(&hit_ratios));
     let hit = HitPath {
         working_set_bytes: hit_pages * PAGE_SIZE as u64,
         usermm_accesses_per_s: hit_um.as_ref().ok().map(|m| m.rate()),
         plain_accesses_per_s: hit_plain.as_ref().ok().map(|m| m.rate()),
-        ratio: (!hit_ratios.is_empty()).then(|| Spread::of(&hit_ratios).median),
-        ratio_min: (!hit_ratios.is_empty()).then(|| Spread::of(&hit_ratios).min),
-        ratio_max: (!hit_ratios.is_empty()).then(|| Spread::of(&hit_ratios).max),
-        ratio_rounds: hit_ratios.clone(),
+        ratio: hit_spread.map(|s| s.median),
+        ratio_min: hit_spread.map(|s| s.min),
+        ratio_max: hit_spread.map(|s| s.max),
+        ratio_rounds: hit_ratios,
         usermm_p50_us: hit_um.as_ref().ok().map(|m| m.hist.quantile_us(0.5)),
         plain_p50_us: hit_plain.as_ref().ok().map(|m| m.hist.quantile_us(0.5)),
         error: hit_um.as_ref().err().or(hit_plain.as_ref().err()).cloned(),
