@@ -74,6 +74,7 @@ pub struct Config {
     pub(crate) fault_timing: bool,
     pub(crate) stage_every: usize,
     pub(crate) read_poll: std::time::Duration,
+    pub(crate) uring_writes: bool,
 }
 
 impl Default for Config {
@@ -92,6 +93,7 @@ impl Default for Config {
             fault_timing: false,
             stage_every: DEFAULT_STAGE_EVERY,
             read_poll: DEFAULT_READ_POLL,
+            uring_writes: true,
         }
     }
 }
@@ -204,6 +206,18 @@ impl Config {
     /// No effect where io_uring is unavailable (`usermm swaps` says so) or on NBD.
     pub fn read_poll(mut self, spin: std::time::Duration) -> Self {
         self.read_poll = spin;
+        self
+    }
+
+    /// Whether page-I/O threads write swap files through io_uring (default on):
+    /// each thread's ring names the request pool's buffers, registered with the
+    /// kernel once (1 MiB pinned for the default 256 requests, counted against
+    /// RLIMIT_MEMLOCK once: the threads' rings share the registration), and a
+    /// batch's runs of slots are all in flight at once. Off: one `pwritev` per run,
+    /// as where io_uring is unavailable (`usermm swaps` says which a device gets).
+    /// No effect on NBD or a compressed pool.
+    pub fn uring_writes(mut self, on: bool) -> Self {
+        self.uring_writes = on;
         self
     }
 

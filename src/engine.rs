@@ -222,7 +222,7 @@ impl Engine {
             frames: Arc::new(FrameArena::new(n, wm)?),
             rmap: Rmap::default(),
             swap: Arc::new(SwapTable::default()),
-            io: PageIo::new(cfg.io_requests)?,
+            io: PageIo::new(cfg.io_requests, cfg.uring_writes)?,
             cnt: Counters::default(),
             hand: AtomicUsize::new(0),
             hand_idle: AtomicUsize::new(0),

@@ -67,6 +67,13 @@ pub struct SwapInfo {
     /// flight at once (io_uring on a local file); false where it reads them one
     /// by one, and then reads ahead only pages whose slots are close together.
     pub concurrent_reads: bool,
+    /// Whether page-outs to this device go through io_uring (a local file where
+    /// it works and `Config::uring_writes` is on): a batch's runs all in flight
+    /// at once; false: one positioned write per run, or per page on NBD.
+    pub uring_writes: bool,
+    /// Whether those io_uring writes name the request pool's buffers registered
+    /// with the kernel (no mapping of each buffer per write; Linux 6.12 and later).
+    pub registered_buffers: bool,
 }
 
 /// A snapshot of a Vm's counters (`Vm::stats`).

@@ -334,6 +334,10 @@ impl Vm {
 
     /// The swap devices in service, one entry each, like `/proc/swaps`.
     pub fn swaps(&self) -> Vec<SwapInfo> {
+        use crate::device::uring::WriteMode;
+        let mode = self.eng().io.write_mode();
+        let uring_writes = mode != WriteMode::Positioned;
+        let registered = mode == WriteMode::Registered;
         self.eng()
             .swap
             .all()
@@ -348,6 +352,8 @@ impl Vm {
                 prio: d.prio,
                 state: d.state_name(),
                 concurrent_reads: d.reads_concurrently(),
+                uring_writes: uring_writes && d.writes_through_uring(),
+                registered_buffers: registered && d.writes_through_uring(),
             })
             .collect()
     }

@@ -325,6 +325,33 @@ impl BlockDevice for FileDevice {
             return Ok(());
         }
     }
+    fn write_runs(&self, runs: &[(u64, u32)], bufs: &[&[u8]], ok: &mut [bool]) {
+        if self.uring && runs.len() <= super::uring::MAX_WRITES {
+            // Byte offsets, checked like `write_pages` checks them.
+            let mut reqs = [(0u64, 0u32); super::uring::MAX_WRITES];
+            let valid = runs.iter().zip(reqs.iter_mut()).all(|(&(first, n), r)| {
+                let end = first.checked_add(u64::from(n).saturating_sub(1));
+                match (self.offset(first), end.map(|e| self.offset(e))) {
+                    (Ok(off), Some(Ok(_))) if n > 0 => {
+                        *r = (off as u64, n);
+                        true
+                    }
+                    _ => false,
+                }
+            });
+            if valid
+                && bufs.iter().all(|b| b.len() == PAGE_SIZE)
+                && super::uring::write_runs(self.file.as_raw_fd(), &reqs[..runs.len()], bufs, ok)
+                    .is_some()
+            {
+                return;
+            }
+        }
+        super::write_runs_in_turn(self, runs, bufs, ok)
+    }
+    fn writes_through_uring(&self) -> bool {
+        self.uring
+    }
     fn read_scattered(&self, runs: &[(u64, u32)], buf: &mut [u8]) -> io::Result<()> {
         let n = runs.len();
         let pages: u64 = runs.iter().map(|r| u64::from(r.1)).sum();

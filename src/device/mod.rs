@@ -99,6 +99,20 @@ pub trait BlockDevice: Send + Sync + fmt::Debug {
         }
         Ok(())
     }
+    /// Writes runs of consecutive slots, `runs[k] = (first, count)`, taking their
+    /// pages from `bufs` in order (at most 64 pages in all), and says in `ok[k]`
+    /// whether run `k` was written whole: a page-I/O thread's batch. The default
+    /// writes the runs one after the other (`write_pages`); a device that keeps
+    /// them all in flight at once overrides it and says so in
+    /// `writes_through_uring`.
+    fn write_runs(&self, runs: &[(u64, u32)], bufs: &[&[u8]], ok: &mut [bool]) {
+        write_runs_in_turn(self, runs, bufs, ok)
+    }
+    /// Whether page-I/O threads write this device through io_uring
+    /// (`write_runs`) where they could set up a ring.
+    fn writes_through_uring(&self) -> bool {
+        false
+    }
     /// Makes completed writes durable.
     fn flush(&self) -> io::Result<()>;
     /// Whether the device can take I/O now. A network device that lost its server
@@ -114,5 +128,22 @@ pub trait BlockDevice: Send + Sync + fmt::Debug {
     /// that reads its parent's swapped pages (`mm::transparent_fork`).
     fn shared_fd(&self) -> Option<std::os::fd::RawFd> {
         None
+    }
+}
+
+/// `BlockDevice::write_runs` one run after the other, each through `write_pages`.
+pub(crate) fn write_runs_in_turn<D: BlockDevice + ?Sized>(
+    dev: &D,
+    runs: &[(u64, u32)],
+    bufs: &[&[u8]],
+    ok: &mut [bool],
+) {
+    let mut at = 0;
+    for (&(first, count), o) in runs.iter().zip(ok.iter_mut()) {
+        let n = count as usize;
+        *o = bufs
+            .get(at..at + n)
+            .is_some_and(|b| dev.write_pages(first, b).is_ok());
+        at += n;
     }
 }

@@ -42,6 +42,11 @@ struct Ring {
 
 thread_local! {
     static RING: RefCell<Option<Ring>> = const { RefCell::new(None) };
+    /// This thread writes pages through its ring (`prepare_writes` made it, on a
+    /// page-I/O thread), and the request pool's buffers it may name by index
+    /// (`(base, len)` of the one registered buffer), if the clone worked.
+    static WRITES: Cell<Option<(usize, usize)>> = const { Cell::new(None) };
+    static WRITES_ON: Cell<bool> = const { Cell::new(false) };
     /// How long this thread's reads spin on the ring for their completions before
     /// they sleep in the kernel (`polled`); zero: they sleep at once.
     static POLL: Cell<Duration> = const { Cell::new(Duration::ZERO) };
@@ -116,6 +121,176 @@ pub(crate) fn prepare() {
     }
 }
 
+/// Pages written at once at most (a page-I/O thread gathers 32; `write_pages`
+/// takes 64).
+pub(crate) const MAX_WRITES: usize = 64;
+
+/// The page-out request pool's buffers registered with the kernel once (pinned,
+/// counted against RLIMIT_MEMLOCK once: 1 MiB for the default 256 requests) in a
+/// ring of their own, which the page-I/O threads' rings clone
+/// (`IORING_REGISTER_CLONE_BUFFERS`, Linux 6.12) instead of registering them
+/// again each (16 threads would count 16 MiB against a limit of 8).
+pub(crate) struct Registered {
+    ring: IoUring,
+    base: usize,
+    len: usize,
+    /// Whether a ring could clone the registration when it was made (probed
+    /// once: Linux 6.12 and later); where not, the threads' rings write without
+    /// registered buffers.
+    clones: bool,
+}
+
+impl std::fmt::Debug for Registered {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registered")
+            .field("len", &self.len)
+            .finish()
+    }
+}
+
+impl Registered {
+    /// Registers `len` bytes at `base` as buffer 0 of a new ring.
+    ///
+    /// # Safety
+    /// The memory stays mapped while the returned value lives (the kernel pins
+    /// its pages; writes name addresses inside it).
+    pub(crate) unsafe fn new(base: *mut u8, len: usize) -> io::Result<Registered> {
+        if !available() {
+            return Err(io::ErrorKind::Unsupported.into());
+        }
+        let ring = IoUring::new(1)?;
+        let iov = libc::iovec {
+            iov_base: base.cast(),
+            iov_len: len,
+        };
+        // SAFETY: the caller keeps the memory mapped while the ring lives; the
+        // kernel only reads it (writes to the device).
+        unsafe { ring.submitter().register_buffers(&[iov])? };
+        let clones = IoUring::new(1).is_ok_and(|probe| {
+            let src = std::os::fd::AsRawFd::as_raw_fd(&ring);
+            probe.submitter().register_buffers_clone(src).is_ok()
+        });
+        Ok(Registered {
+            ring,
+            base: base as usize,
+            len,
+            clones,
+        })
+    }
+
+    /// Whether the page-I/O threads' rings name these buffers (the clone works
+    /// here).
+    pub(crate) fn clones(&self) -> bool {
+        self.clones
+    }
+}
+
+/// How a page-I/O thread writes pages (`prepare_writes`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum WriteMode {
+    /// Through its ring, naming the request pool's registered buffers.
+    Registered,
+    /// Through its ring, buffers mapped by the kernel per write.
+    Uring,
+    /// One `pwritev` per run (no io_uring here).
+    Positioned,
+}
+
+/// Makes the calling page-I/O thread's ring and clones `reg`'s buffers into it,
+/// so that its page-outs go through `write_runs`. Called before the thread's
+/// no-allocation section (making a ring allocates).
+pub(crate) fn prepare_writes(reg: Option<&Registered>) -> WriteMode {
+    prepare();
+    RING.with(|cell| {
+        let slot = cell.borrow();
+        let Some(r) = slot.as_ref() else {
+            return WriteMode::Positioned;
+        };
+        WRITES_ON.set(true);
+        match reg {
+            Some(reg)
+                if reg.clones
+                    && r.ring
+                        .submitter()
+                        .register_buffers_clone(std::os::fd::AsRawFd::as_raw_fd(&reg.ring))
+                        .is_ok() =>
+            {
+                WRITES.set(Some((reg.base, reg.len)));
+                WriteMode::Registered
+            }
+            _ => WriteMode::Uring,
+        }
+    })
+}
+
+/// Writes runs of pages, `runs[k] = (byte offset, pages)`, taking their pages
+/// from `bufs` in order, all in flight at once (one write a page: the block
+/// layer's plug merges a run's pages into one request, as `pwritev` makes one);
+/// `ok[k]` says whether run `k` was written whole. A page inside the registered
+/// pool is named by its buffer index (no mapping of it per write). `None` on a
+/// thread that `prepare_writes` did not set up (the caller writes itself).
+pub(crate) fn write_runs(
+    fd: RawFd,
+    runs: &[(u64, u32)],
+    bufs: &[&[u8]],
+    ok: &mut [bool],
+) -> Option<()> {
+    if !WRITES_ON.get() {
+        return None;
+    }
+    let pages: usize = runs.iter().map(|r| r.1 as usize).sum();
+    if pages > MAX_WRITES || bufs.len() != pages || ok.len() < runs.len() {
+        return None;
+    }
+    let fixed = WRITES.get();
+    RING.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        let ring = &mut slot.as_mut()?.ring;
+        ok[..runs.len()].fill(true);
+        let mut submitted = 0usize;
+        {
+            let mut sq = ring.submission();
+            let mut at = 0usize;
+            for (k, &(off, n)) in runs.iter().enumerate() {
+                for p in 0..n as usize {
+                    let b = bufs[at + p];
+                    let addr = b.as_ptr() as usize;
+                    let e = match fixed {
+                        Some((base, len)) if addr >= base && addr + b.len() <= base + len => {
+                            opcode::WriteFixed::new(types::Fd(fd), b.as_ptr(), b.len() as u32, 0)
+                                .offset(off + (p * PAGE_SIZE) as u64)
+                                .build()
+                        }
+                        _ => opcode::Write::new(types::Fd(fd), b.as_ptr(), b.len() as u32)
+                            .offset(off + (p * PAGE_SIZE) as u64)
+                            .build(),
+                    };
+                    // SAFETY: the entry points into `bufs[at + p]`, which outlives the
+                    // write: every submitted write is waited for below, whatever fails.
+                    if unsafe { sq.push(&e.user_data(k as u64)) }.is_err() {
+                        ok[k] = false;
+                    } else {
+                        submitted += 1;
+                    }
+                }
+                at += n as usize;
+            }
+        }
+        let mut on_cqe = |r: i32, user: u64| {
+            if r != PAGE_SIZE as i32 {
+                // An error or a short write: the run's pages stay resident.
+                if let Some(o) = ok.get_mut(user as usize) {
+                    *o = false;
+                }
+            }
+        };
+        if wait_all(ring, submitted, 0, &mut on_cqe).is_err() {
+            ok[..runs.len()].fill(false);
+        }
+        Some(())
+    })
+}
+
 /// Reads `reqs[k] = (byte offset, bytes)` of `fd` one after the other into `buf`
 /// (each a multiple of pages), all in flight at once. `None` if this thread has
 /// no ring and cannot make one (the caller reads them itself).
@@ -171,6 +346,40 @@ fn reap(ring: &mut IoUring, on: &mut impl FnMut(i32, u64)) -> usize {
         on(cqe.result(), cqe.user_data());
     }
     n
+}
+
+/// Submits what is queued and waits until `submitted` completions in all have
+/// been reaped into `on` (`reaped` of them already were). Every I/O in flight
+/// lands before this returns, so its buffer can be given back; the first error
+/// of the ring itself (not of an I/O) is returned.
+fn wait_all(
+    ring: &mut IoUring,
+    submitted: usize,
+    mut reaped: usize,
+    on: &mut impl FnMut(i32, u64),
+) -> io::Result<()> {
+    let mut result = Ok(());
+    let mut waits = 0u32;
+    while reaped < submitted {
+        match ring.submit_and_wait(submitted - reaped) {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                // I/O may be in flight: it must land before its buffer is given
+                // back. A ring that refuses to wait at all is broken; give it a few
+                // tries, then wait for the I/O's own completion by polling.
+                waits += 1;
+                if result.is_ok() {
+                    result = Err(e);
+                }
+                if waits > 3 {
+                    std::thread::sleep(std::time::Duration::from_micros(100));
+                }
+            }
+        }
+        reaped += reap(ring, on);
+    }
+    result
 }
 
 fn submit_and_reap(
@@ -248,25 +457,10 @@ fn submit_and_reap(
         }
         SPINNERS.fetch_sub(1, Ordering::Relaxed);
     }
-    let mut waits = 0u32;
-    while reaped < submitted {
-        match ring.submit_and_wait(submitted - reaped) {
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => {
-                // Reads may be in flight: they must land before `buf` is given back.
-                // A ring that refuses to wait at all is broken; give it a few
-                // tries, then wait for the reads' own completion by polling.
-                waits += 1;
-                if result.is_ok() {
-                    result = Err(e);
-                }
-                if waits > 3 {
-                    std::thread::sleep(std::time::Duration::from_micros(100));
-                }
-            }
+    if let Err(e) = wait_all(ring, submitted, reaped, &mut on_cqe) {
+        if result.is_ok() {
+            result = Err(e);
         }
-        reaped += reap(ring, &mut on_cqe);
     }
     match failed {
         Some(e) if result.is_ok() => Err(e),
@@ -278,7 +472,7 @@ fn submit_and_reap(
 mod tests {
     use super::*;
     use std::os::fd::AsRawFd;
-    use std::os::unix::fs::FileExt;
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
 
     /// A file of `n` pages, page `p` filled with `byte(p)`, in a temporary
     /// directory; `None` (SKIP) where io_uring is unavailable, unless CI asks for
@@ -393,5 +587,83 @@ mod tests {
             );
         });
         assert!(!polling(), "`polled` restores the thread's setting");
+    }
+
+    #[test]
+    fn runs_are_written_through_registered_buffers_and_failures_are_per_run() {
+        let Some((_dir, f)) = pages_file(16, |_| 0) else {
+            return;
+        };
+        let pool = crate::device::AlignedPages::new(8).unwrap();
+        // SAFETY: `pool` outlives `reg` (dropped first, below).
+        let reg = unsafe { Registered::new(pool.ptr(0), pool.bytes()) }.unwrap();
+        // A thread of its own, like a page-I/O thread (the rings are per thread).
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let fd = f.as_raw_fd();
+                let mut ok = [false; 3];
+                assert_eq!(
+                    write_runs(fd, &[(0, 1)], &[&[0u8; PAGE_SIZE]], &mut ok),
+                    None
+                );
+                let mode = prepare_writes(Some(&reg));
+                let want = if reg.clones() {
+                    WriteMode::Registered
+                } else {
+                    WriteMode::Uring
+                };
+                assert_eq!(mode, want);
+                let bufs: Vec<&[u8]> = (0..8)
+                    .map(|i| {
+                        // SAFETY: page `i` of `pool`, written here before the
+                        // writes and only read after.
+                        let p = unsafe { std::slice::from_raw_parts_mut(pool.ptr(i), PAGE_SIZE) };
+                        p.fill(0x30 + i as u8);
+                        &*p
+                    })
+                    .collect();
+                // A page from outside the pool (not registered) as well.
+                let outside = crate::device::AlignedPages::new(1).unwrap();
+                // SAFETY: one page of `outside`, only read by the write.
+                let out = unsafe { std::slice::from_raw_parts_mut(outside.ptr(0), PAGE_SIZE) };
+                out.fill(0x7f);
+                let mut all: Vec<&[u8]> = bufs.clone();
+                all.push(out);
+                // Runs: slots 2..5 (3 pages), 9..13 (4), then the unregistered page
+                // at a byte offset O_DIRECT refuses (EINVAL): that run fails and
+                // the others do not.
+                let direct = std::fs::OpenOptions::new()
+                    .write(true)
+                    .custom_flags(libc::O_DIRECT)
+                    .open(_dir.path().join("f"))
+                    .unwrap();
+                let runs = [
+                    (2 * PAGE_SIZE as u64, 3),
+                    (9 * PAGE_SIZE as u64, 4),
+                    (15 * PAGE_SIZE as u64 + 1, 1),
+                ];
+                let mut eight = all[..7].to_vec();
+                eight.push(out);
+                let fd = direct.as_raw_fd();
+                assert_eq!(write_runs(fd, &runs, &eight, &mut ok), Some(()));
+                assert_eq!(ok, [true, true, false]);
+                // The same page at an aligned offset is written.
+                let mut one = [false];
+                let at = [(15 * PAGE_SIZE as u64, 1)];
+                assert_eq!(write_runs(fd, &at, &eight[7..], &mut one), Some(()));
+                assert_eq!(one, [true]);
+                let mut page = [0u8; PAGE_SIZE];
+                for (slot, want) in [(2u64, 0x30u8), (4, 0x32), (9, 0x33), (12, 0x36), (15, 0x7f)] {
+                    f.read_exact_at(&mut page, slot * PAGE_SIZE as u64).unwrap();
+                    assert!(page.iter().all(|&b| b == want), "slot {slot}");
+                }
+                f.read_exact_at(&mut page, 5 * PAGE_SIZE as u64).unwrap();
+                assert!(page.iter().all(|&b| b == 0), "slot 5 was not written");
+                // A descriptor that refuses writes: every run fails, nothing hangs.
+                assert_eq!(write_runs(-1, &runs[..2], &eight[..7], &mut ok), Some(()));
+                assert_eq!(ok[..2], [false, false]);
+            });
+        });
+        drop(reg);
     }
 }

@@ -47,6 +47,12 @@ pub(crate) const FILE_REQ: u64 = 1 << 63;
 /// The request pool and the queue to the I/O threads.
 #[derive(Debug)]
 pub(crate) struct PageIo {
+    /// The buffers registered with io_uring for the threads' rings to clone
+    /// (`Config::uring_writes`; `None` where io_uring or the registration is
+    /// unavailable). Declared before `bufs`: dropped (unregistered) first.
+    registered: Option<crate::device::uring::Registered>,
+    /// Whether the threads set up io_uring writes at all (`Config::uring_writes`).
+    uring_writes: bool,
     /// One page buffer per request, mapped at start; buffer `i` belongs to whoever
     /// holds request `i` (taken from `free`, handed over through `submit`).
     bufs: AlignedPages,
@@ -66,13 +72,25 @@ pub(crate) struct PageIo {
 }
 
 impl PageIo {
-    pub fn new(nreq: usize) -> io::Result<PageIo> {
+    /// A pool of `nreq` requests; `uring_writes`: the threads write through
+    /// io_uring where it works, naming the pool's buffers registered once.
+    pub fn new(nreq: usize, uring_writes: bool) -> io::Result<PageIo> {
         let free = ArrayQueue::new(nreq);
         for i in 0..nreq as u32 {
             let _ = free.push(i);
         }
+        let bufs = AlignedPages::new(nreq)?;
+        let registered = if uring_writes && !cfg!(usermm_shuttle) {
+            // SAFETY: `bufs` is mapped for as long as `registered` lives: the field
+            // order drops `registered` first.
+            unsafe { crate::device::uring::Registered::new(bufs.ptr(0), bufs.bytes()) }.ok()
+        } else {
+            None
+        };
         Ok(PageIo {
-            bufs: AlignedPages::new(nreq)?,
+            registered,
+            uring_writes: uring_writes && !cfg!(usermm_shuttle),
+            bufs,
             reqs: (0..nreq).map(|_| Request::default()).collect(),
             free,
             submit: ArrayQueue::new(nreq),
@@ -151,6 +169,10 @@ impl PageIo {
         // The lock validator's checks (nothing without the feature `lockdep`): this
         // thread never allocates from the heap (invariant 2), and its page-out work
         // runs in reclaim context (invariant 1: it must not allocate a frame).
+        if self.uring_writes {
+            // Before the no-allocation section: making the ring allocates.
+            crate::device::uring::prepare_writes(self.registered.as_ref());
+        }
         let _no_alloc = crate::lockdep::no_alloc("page-I/O thread");
         loop {
             if let Some(i) = self.submit.pop() {
@@ -168,6 +190,17 @@ impl PageIo {
                 return;
             }
             self.wake.wait_for(&mut g, Duration::from_millis(200));
+        }
+    }
+
+    /// How the page-I/O threads write a swap file (each sets its ring up the
+    /// same way as it starts: `uring::prepare_writes`).
+    pub fn write_mode(&self) -> crate::device::uring::WriteMode {
+        use crate::device::uring::WriteMode;
+        match &self.registered {
+            Some(r) if r.clones() => WriteMode::Registered,
+            _ if self.uring_writes && crate::device::uring::available() => WriteMode::Uring,
+            _ => WriteMode::Positioned,
         }
     }
 

@@ -899,22 +899,29 @@ fn complete_batch(eng: &Engine, i: u32, zap: &mut ZapBatch) {
     }
     let batch = &mut batch[..n];
     batch.sort_unstable_by_key(|b| b.0);
+    // The batch's runs of adjacent slots, written together (all in flight at
+    // once where the device writes through io_uring).
+    let mut runs = [(0u64, 0u32); BATCH];
+    let mut nruns = 0;
+    let mut bufs: [&[u8]; BATCH] = [&[]; BATCH];
+    for (k, &(slot, j)) in batch.iter().enumerate() {
+        if nruns > 0 && batch[k - 1].0 + 1 == slot {
+            runs[nruns - 1].1 += 1;
+        } else {
+            runs[nruns] = (slot, 1);
+            nruns += 1;
+        }
+        // SAFETY: request `j` is ours until released; nobody writes its buffer.
+        bufs[k] = unsafe { eng.io.buf_slice(j) };
+    }
+    let mut ok = [false; BATCH];
+    dev.write_runs(&runs[..nruns], &bufs[..n], &mut ok[..nruns]);
     let mut k = 0;
-    while k < n {
-        let mut run = 1;
-        while k + run < n && batch[k + run].0 == batch[k].0 + run as u64 {
-            run += 1;
-        }
-        let mut bufs: [&[u8]; BATCH] = [&[]; BATCH];
-        for (b, &(_, j)) in bufs.iter_mut().zip(&batch[k..k + run]) {
-            // SAFETY: request `j` is ours until released; nobody writes its buffer.
-            *b = unsafe { eng.io.buf_slice(j) };
-        }
-        let ok = dev.write_run(batch[k].0, &bufs[..run]).is_ok();
-        for &(_, j) in &batch[k..k + run] {
+    for (&(_, len), &ok) in runs[..nruns].iter().zip(&ok) {
+        for &(_, j) in &batch[k..k + len as usize] {
             finish_writeback(eng, j, ok, zap);
         }
-        k += run;
+        k += len as usize;
     }
 }
 

@@ -12,7 +12,7 @@
 //!
 //! A compressed pool (`swap::zpool`) is listed in the table like a device, but no
 //! slot is ever allocated on it: it fronts the devices of lower priority. Their
-//! `write`/`write_run` offer each page to it first, `read`/`read_span` look there
+//! `write`/`write_runs` offer each page to it first, `read`/`read_span` look there
 //! first (a slot's location word, `zloc`), and `put` drops a freed slot's chunk.
 //!
 //! ## Discard
@@ -414,6 +414,12 @@ impl SwapDevice {
             }
         }
         Ok(())
+    }
+
+    /// Whether page-I/O threads write this device through io_uring
+    /// (`write_runs`) where their rings are set up for it.
+    pub fn writes_through_uring(&self) -> bool {
+        self.dev.writes_through_uring()
     }
 
     /// Whether `read_gather` keeps its reads in flight at once.
@@ -861,29 +867,51 @@ impl SwapDevice {
         Ok(())
     }
 
-    /// Writes consecutive slots from `first` in one request where the device merges,
-    /// and records their checksums.
+    /// Writes runs of consecutive slots, `runs[k] = (first, count)`, their pages
+    /// taken from `bufs` in order (at most 64 in all), each in one request where
+    /// the device merges and all in flight at once where it writes through
+    /// io_uring; records the checksums of the runs written and says in `ok[k]`
+    /// whether run `k` was.
     #[cfg_attr(feature = "lockdep", track_caller)]
-    pub fn write_run(&self, first: u64, bufs: &[&[u8]]) -> io::Result<()> {
+    pub fn write_runs(&self, runs: &[(u64, u32)], bufs: &[&[u8]], ok: &mut [bool]) {
         crate::lockdep::might_block("device write");
         if self.front().is_none() {
-            self.dev.write_pages(first, bufs)?;
+            self.dev.write_runs(runs, bufs, ok);
         } else {
-            // Pages the pool takes leave holes; the rest go out as runs.
-            let mut i = 0;
-            while i < bufs.len() {
-                let mut j = i;
-                while j < bufs.len() && !self.pool_store(first + j as u64, bufs[j]) {
-                    j += 1;
-                }
-                if j > i {
-                    self.dev.write_pages(first + i as u64, &bufs[i..j])?;
-                }
-                i = j + 1; // page `j`, if any, is in the pool
+            let mut at = 0;
+            for (&(first, n), o) in runs.iter().zip(ok.iter_mut()) {
+                let n = n as usize;
+                *o = bufs
+                    .get(at..at + n)
+                    .is_some_and(|b| self.write_run_fronted(first, b).is_ok());
+                at += n;
             }
         }
-        for (i, b) in bufs.iter().enumerate() {
-            self.csum[(first + i as u64) as usize].store(crc32c::crc32c(b), Ordering::Release);
+        let mut at = 0;
+        for (&(first, n), &o) in runs.iter().zip(ok.iter()) {
+            for (i, b) in bufs.iter().skip(at).take(n as usize).enumerate() {
+                if o {
+                    let sum = crc32c::crc32c(b);
+                    self.csum[(first + i as u64) as usize].store(sum, Ordering::Release);
+                }
+            }
+            at += n as usize;
+        }
+    }
+
+    /// Writes one run where a pool fronts the device: pages the pool takes leave
+    /// holes; the rest go out as runs.
+    fn write_run_fronted(&self, first: u64, bufs: &[&[u8]]) -> io::Result<()> {
+        let mut i = 0;
+        while i < bufs.len() {
+            let mut j = i;
+            while j < bufs.len() && !self.pool_store(first + j as u64, bufs[j]) {
+                j += 1;
+            }
+            if j > i {
+                self.dev.write_pages(first + i as u64, &bufs[i..j])?;
+            }
+            i = j + 1; // page `j`, if any, is in the pool
         }
         Ok(())
     }

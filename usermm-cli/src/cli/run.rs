@@ -91,6 +91,11 @@ pub struct RunArgs {
     /// sleeps (0: at once, as the kernel's swap-in) [default: the library's, 200us].
     #[arg(long, value_name = "TIME", value_parser = util::parse_duration)]
     pub read_poll: Option<Duration>,
+    /// How page-I/O threads write a swap file: `uring` (the default: through
+    /// io_uring, naming registered buffers) or `pwritev` (one positioned write per
+    /// run).
+    #[arg(long, default_value = "uring", value_parser = ["uring", "pwritev"])]
+    pub page_out: String,
     /// Testing the checker: after the fill, overwrite one word of page 0 behind the
     /// model's back; the run must then fail verification (exit 1).
     #[arg(long, hide = true)]
@@ -650,6 +655,7 @@ fn run(a: RunArgs) -> Result<i32, String> {
     if let Some(d) = a.read_poll {
         cfg = cfg.read_poll(d);
     }
+    cfg = cfg.uring_writes(a.page_out != "pwritev");
     let vm = Vm::new(cfg).map_err(|e| format!("cannot start the Vm: {e}"))?;
 
     // Swap: the given devices, or a temporary file sized for the working set.

@@ -1,7 +1,7 @@
 //! `usermm swaps`: opens the given swap specs the way `swapon` would and prints them
 //! like /proc/swaps (name, size, used, priority, state), plus what each gave back
 //! (discarded) and, for a zpool, the budget memory it holds, and whether
-//! readahead reads it through io_uring. A quick check that a
+//! readahead reads it and page-out writes it through io_uring. A quick check that a
 //! spec is usable before a long run.
 
 use usermm::config::SwapKind;
@@ -18,7 +18,8 @@ pub struct SwapsArgs {
 /// Prints a table of devices (shared with `run`). A device whose spec asks for
 /// buffered I/O (`direct=0`) says so after its state: its page cache is outside the
 /// memory budget; so does one whose readahead reads go through io_uring, all in
-/// flight at once (a local file where io_uring works).
+/// flight at once (a local file where io_uring works), and one whose page-outs
+/// do (and whether they name registered buffers).
 pub fn print_table(vm: &Vm) {
     println!(
         "{:<48} {:>10} {:>10} {:>13} {:>11} {:>6}  state",
@@ -26,7 +27,7 @@ pub fn print_table(vm: &Vm) {
     );
     for d in vm.swaps() {
         println!(
-            "{:<48} {:>10} {:>10} {:>13} {:>11} {:>6}  {}{}{}",
+            "{:<48} {:>10} {:>10} {:>13} {:>11} {:>6}  {}{}{}{}",
             d.name,
             d.size >> 10,
             d.used >> 10,
@@ -43,6 +44,11 @@ pub fn print_table(vm: &Vm) {
                 ", io_uring reads"
             } else {
                 ""
+            },
+            match (d.uring_writes, d.registered_buffers) {
+                (true, true) => ", io_uring writes (registered buffers)",
+                (true, false) => ", io_uring writes",
+                _ => "",
             }
         );
     }
