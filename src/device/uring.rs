@@ -5,23 +5,28 @@
 //! at depth 32 instead of one after another. And polled reads (`polled`,
 //! `read_at`): a fault's read submitted through the same ring, its completion
 //! watched for by the thread instead of slept for (the sleeping vCPU's wake-up
-//! was a quarter of a read's time on these VMs).
+//! was a quarter of a read's time on these VMs). And page-out (`write_runs`): a
+//! page-I/O thread's batch of runs, one write a page, all in flight at once,
+//! naming the request pool's buffers registered with the kernel once
+//! (`Registered`, cloned into each thread's ring by `prepare_writes`).
 //!
 //! Owns: one ring per calling thread (thread-local, made at its first use, or by
 //! `prepare` for a thread that must not allocate while it serves faults — the
 //! transparent-fault handlers: a few pages of ring memory outside the budget, like
-//! the fault path's bounce buffer; never on a page-I/O thread, which does not
-//! read), and whether io_uring
+//! the fault path's bounce buffer — or by `prepare_writes` for a page-I/O thread,
+//! which never reads), the registration ring `Registered` (kept by
+//! `pageio::PageIo`), and whether io_uring
 //! works on this machine at all (`available`, probed once). Where it does not (an
 //! old kernel, `kernel.io_uring_disabled`, a seccomp filter), callers fall back to
-//! one positioned read after another.
+//! one positioned read or write after another.
 //!
 //! A ring inherited through `fork` is the parent's (its queues are shared memory):
 //! the child never touches it and makes its own (the owner's pid is kept).
 //!
 //! No locks; one atomic (`SPINNERS`, how many threads spin now). Every submitted
-//! read is waited for before `read_scattered` returns, errors included, so the
-//! kernel never writes into a buffer its caller has taken back.
+//! read is waited for before `read_scattered` returns, and every write before
+//! `write_runs` does, errors included (`wait_all`), so the kernel never touches a
+//! buffer its caller has taken back.
 
 use crate::addr::PAGE_SIZE;
 use io_uring::{opcode, types, IoUring};

@@ -11,6 +11,12 @@
 //! The I/O threads never allocate frames and never wait for reclaim, so they cannot
 //! recurse into waiting on themselves.
 //!
+//! With `Config::uring_writes` (the default) the pool's buffers are also registered
+//! with io_uring once, here (`device::uring::Registered`), and each thread clones
+//! that registration into its own ring as it starts, before its no-allocation
+//! section: a swap file's page-outs then name the buffers by index
+//! (`BlockDevice::write_runs`).
+//!
 //! ## Locking
 //! `sleep` (Mutex<()>) only pairs with `wake` to park idle I/O threads; a kick
 //! takes it after pushing, so an idle thread cannot miss work once kicked (kswapd
