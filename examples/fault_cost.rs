@@ -9,7 +9,12 @@
 //! it makes (polled unless `poll-µs` is 0), and the mean time of each step of the
 //! fault (`Config::fault_timing`).
 //!
-//! `cargo run --release --example fault_cost -- [budget-MiB] [dir] [poll-µs]`
+//! With a write share (the fourth argument, 0 to 1) that share of the accesses
+//! writes its word back (the same value), so evicted pages are dirty and every
+//! such eviction is a page-out: the steps then show whether a fault waits for a
+//! frame (page-out behind it) and how much slower its read is beside the writes.
+//!
+//! `cargo run --release --example fault_cost -- [budget-MiB] [dir] [poll-µs] [write-share]`
 
 use io_uring::{opcode, types, IoUring};
 use std::os::fd::AsRawFd;
@@ -29,6 +34,9 @@ fn main() {
     let mib: usize = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(64);
     let dir = tempfile::tempdir_in(args.get(2).map_or("/var/tmp", |s| s.as_str())).unwrap();
     let poll_us: u64 = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(200);
+    let write_share: f64 = args.get(4).and_then(|s| s.parse().ok()).unwrap_or(0.0);
+    // Accesses whose draw is below this write (out of 2^20).
+    let write_below = (write_share.clamp(0.0, 1.0) * f64::from(1u32 << 20)) as u64;
     let pages = 4 * (mib << 20) as u64 / PAGE_SIZE as u64;
     let swap = dir.path().join("swap");
     let vm = Vm::new(
@@ -72,6 +80,10 @@ fn main() {
             mm.read(r.start() + p * PAGE_SIZE as u64, &mut w).unwrap();
             let ns = t.elapsed().as_nanos() as u64;
             assert_eq!(u64::from_le_bytes(w), p, "page {p}");
+            if write_below > 0 && rng.below(1 << 20) < write_below {
+                // Dirties the page (same bytes): its eviction is a page-out.
+                mm.write(r.start() + p * PAGE_SIZE as u64, &w).unwrap();
+            }
             if vm.stats().pgmajfault != maj {
                 faults.push(ns);
             }
@@ -108,8 +120,9 @@ fn main() {
     let (d50, d90) = (pct(&mut reads, 0.5), pct(&mut reads, 0.9));
     let (q50, q90) = (pct(&mut polled, 0.5), pct(&mut polled, 0.9));
     println!(
-        "budget {mib} MiB, W = {} MiB, 1 thread, readahead off: {} faulting accesses, {} device reads",
+        "budget {mib} MiB, W = {} MiB, 1 thread, readahead off, {:.0} % of accesses write: {} faulting accesses, {} device reads",
         (pages * PAGE_SIZE as u64) >> 20,
+        write_share * 100.0,
         faults.len(),
         reads.len()
     );

@@ -72,7 +72,7 @@ pub struct SwapInfo {
     /// at once; false: one positioned write per run, or per page on NBD.
     pub uring_writes: bool,
     /// Whether those io_uring writes name the request pool's buffers registered
-    /// with the kernel (no mapping of each buffer per write; Linux 6.12 and later).
+    /// with the kernel (no mapping of each buffer per write; Linux 6.15 and later).
     pub registered_buffers: bool,
 }
 

@@ -139,9 +139,9 @@ pub(crate) struct Registered {
     ring: IoUring,
     base: usize,
     len: usize,
-    /// Whether a ring could clone the registration when it was made (probed
-    /// once: Linux 6.12 and later); where not, the threads' rings write without
-    /// registered buffers.
+    /// Whether a ring could clone the registration when it was made and the
+    /// kernel has `WRITEV_FIXED` (probed once: Linux 6.15 and later); where not,
+    /// the threads' rings write without registered buffers.
     clones: bool,
 }
 
@@ -171,10 +171,16 @@ impl Registered {
         // SAFETY: the caller keeps the memory mapped while the ring lives; the
         // kernel only reads it (writes to the device).
         unsafe { ring.submitter().register_buffers(&[iov])? };
-        let clones = IoUring::new(1).is_ok_and(|probe| {
-            let src = std::os::fd::AsRawFd::as_raw_fd(&ring);
-            probe.submitter().register_buffers_clone(src).is_ok()
-        });
+        // Writes name the buffers with `WRITEV_FIXED` (Linux 6.15), in rings that
+        // clone the registration (6.12): both, or the rings write without them.
+        let mut ops = io_uring::Probe::new();
+        let writev_fixed = ring.submitter().register_probe(&mut ops).is_ok()
+            && ops.is_supported(opcode::WritevFixed::CODE);
+        let clones = writev_fixed
+            && IoUring::new(1).is_ok_and(|probe| {
+                let src = std::os::fd::AsRawFd::as_raw_fd(&ring);
+                probe.submitter().register_buffers_clone(src).is_ok()
+            });
         Ok(Registered {
             ring,
             base: base as usize,
@@ -229,11 +235,13 @@ pub(crate) fn prepare_writes(reg: Option<&Registered>) -> WriteMode {
 }
 
 /// Writes runs of pages, `runs[k] = (byte offset, pages)`, taking their pages
-/// from `bufs` in order, all in flight at once (one write a page: the block
-/// layer's plug merges a run's pages into one request, as `pwritev` makes one);
-/// `ok[k]` says whether run `k` was written whole. A page inside the registered
-/// pool is named by its buffer index (no mapping of it per write). `None` on a
-/// thread that `prepare_writes` did not set up (the caller writes itself).
+/// from `bufs` in order, all in flight at once, one vectored write a run (one
+/// request, as `pwritev`; a write a page, left to the block layer's plug to
+/// merge, made 4.6 pages a request where `pwritev` made 7.2 in a `usermm run`
+/// probe); `ok[k]` says whether run `k` was written whole. A run whose pages are
+/// all in the registered pool names them by buffer index (`WRITEV_FIXED`, Linux
+/// 6.15: no mapping of them per write). `None` on a thread that
+/// `prepare_writes` did not set up (the caller writes itself).
 pub(crate) fn write_runs(
     fd: RawFd,
     runs: &[(u64, u32)],
@@ -248,43 +256,63 @@ pub(crate) fn write_runs(
         return None;
     }
     let fixed = WRITES.get();
+    // One iovec a page, on the stack: run `k`'s are a slice of these, alive until
+    // every write has completed (below).
+    let mut iov = [libc::iovec {
+        iov_base: std::ptr::null_mut(),
+        iov_len: 0,
+    }; MAX_WRITES];
+    for (v, b) in iov.iter_mut().zip(bufs) {
+        v.iov_base = b.as_ptr() as *mut libc::c_void;
+        v.iov_len = b.len();
+    }
+    let inside = |b: &[u8]| {
+        fixed.is_some_and(|(base, len)| {
+            let a = b.as_ptr() as usize;
+            a >= base && a + b.len() <= base + len
+        })
+    };
     RING.with(|cell| {
         let mut slot = cell.borrow_mut();
         let ring = &mut slot.as_mut()?.ring;
         ok[..runs.len()].fill(true);
+        // The bytes each run must write (`user_data` is the run's index).
+        let mut want = [0i32; MAX_WRITES];
         let mut submitted = 0usize;
         {
             let mut sq = ring.submission();
             let mut at = 0usize;
             for (k, &(off, n)) in runs.iter().enumerate() {
-                for p in 0..n as usize {
-                    let b = bufs[at + p];
-                    let addr = b.as_ptr() as usize;
-                    let e = match fixed {
-                        Some((base, len)) if addr >= base && addr + b.len() <= base + len => {
-                            opcode::WriteFixed::new(types::Fd(fd), b.as_ptr(), b.len() as u32, 0)
-                                .offset(off + (p * PAGE_SIZE) as u64)
-                                .build()
-                        }
-                        _ => opcode::Write::new(types::Fd(fd), b.as_ptr(), b.len() as u32)
-                            .offset(off + (p * PAGE_SIZE) as u64)
-                            .build(),
-                    };
-                    // SAFETY: the entry points into `bufs[at + p]`, which outlives the
-                    // write: every submitted write is waited for below, whatever fails.
-                    if unsafe { sq.push(&e.user_data(k as u64)) }.is_err() {
-                        ok[k] = false;
-                    } else {
-                        submitted += 1;
-                    }
+                let n = n as usize;
+                let vec = &iov[at..at + n];
+                want[k] = vec.iter().map(|v| v.iov_len as i32).sum();
+                // One vectored write a run (one request, as `pwritev` makes),
+                // naming the registered buffers when every page is in them.
+                let e = if bufs[at..at + n].iter().all(|b| inside(b)) {
+                    opcode::WritevFixed::new(types::Fd(fd), vec.as_ptr(), n as u32, 0)
+                        .offset(off)
+                        .build()
+                } else {
+                    opcode::Writev::new(types::Fd(fd), vec.as_ptr(), n as u32)
+                        .offset(off)
+                        .build()
+                };
+                at += n;
+                // SAFETY: the entry points to `iov[..]` and through it into
+                // `bufs`, which all outlive the write: every submitted write is
+                // waited for below, whatever fails.
+                if unsafe { sq.push(&e.user_data(k as u64)) }.is_err() {
+                    ok[k] = false;
+                } else {
+                    submitted += 1;
                 }
-                at += n as usize;
             }
         }
         let mut on_cqe = |r: i32, user: u64| {
-            if r != PAGE_SIZE as i32 {
+            let k = user as usize;
+            if want.get(k) != Some(&r) {
                 // An error or a short write: the run's pages stay resident.
-                if let Some(o) = ok.get_mut(user as usize) {
+                if let Some(o) = ok.get_mut(k) {
                     *o = false;
                 }
             }

@@ -11,7 +11,7 @@
 //! The I/O threads never allocate frames and never wait for reclaim, so they cannot
 //! recurse into waiting on themselves.
 //!
-//! With `Config::uring_writes` (the default) the pool's buffers are also registered
+//! With `Config::uring_writes` (off by default) the pool's buffers are also registered
 //! with io_uring once, here (`device::uring::Registered`), and each thread clones
 //! that registration into its own ring as it starts, before its no-allocation
 //! section: a swap file's page-outs then name the buffers by index

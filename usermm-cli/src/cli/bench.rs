@@ -209,10 +209,10 @@ pub struct BenchArgs {
     /// compare.
     #[arg(long, default_value = "frequency", value_parser = ["frequency", "s3fifo", "clock"])]
     policy: String,
-    /// How usermm's page-I/O threads write the swap file: `uring` (the default:
-    /// through io_uring, naming registered buffers) or `pwritev` (one positioned
-    /// write per run), to compare.
-    #[arg(long, default_value = "uring", value_parser = ["uring", "pwritev"])]
+    /// How usermm's page-I/O threads write the swap file: `pwritev` (the default:
+    /// one positioned write per run) or `uring` (through io_uring, naming
+    /// registered buffers), to compare.
+    #[arg(long, default_value = "pwritev", value_parser = ["uring", "pwritev"])]
     page_out: String,
 }
 
@@ -782,7 +782,7 @@ fn usermm_vm(
     if let Some(n) = io_threads {
         cfg = cfg.io_threads(n as usize);
     }
-    cfg = cfg.uring_writes(!PWRITEV.load(std::sync::atomic::Ordering::Relaxed));
+    cfg = cfg.uring_writes(URING_WRITES.load(std::sync::atomic::Ordering::Relaxed));
     let vm = Vm::new(cfg).map_err(|e| format!("Vm::new: {e}"))?;
     vm.swapon(swap).map_err(|e| format!("swapon: {e}"))?;
     let mm = vm.new_space();
@@ -859,11 +859,10 @@ pub(super) fn now_unix() -> u64 {
         .unwrap_or(0)
 }
 
-/// Runs the command; returns the exit code.
 /// `--policy`: 0 frequency, 1 s3fifo, 2 clock (read by `usermm_vm`).
 static POLICY: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
-/// `--page-out pwritev` (read by `usermm_vm`).
-static PWRITEV: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// `--page-out uring` (read by `usermm_vm`).
+static URING_WRITES: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// What `main` leaves to its caller: an exit code, or the compressed-tier
 /// comparison to run (`bench_comp`, which uses this module, so this one does not
@@ -894,6 +893,8 @@ pub struct CompPlan {
     pub zpool_size: u64,
 }
 
+/// Runs the command; returns what the caller does next (an exit code, or the
+/// compressed-tier comparison).
 pub fn main(a: BenchArgs) -> Outcome {
     util::install_ctrlc();
     let policy = match a.policy.as_str() {
@@ -902,10 +903,7 @@ pub fn main(a: BenchArgs) -> Outcome {
         _ => 0,
     };
     POLICY.store(policy, std::sync::atomic::Ordering::Relaxed);
-    PWRITEV.store(
-        a.page_out == "pwritev",
-        std::sync::atomic::Ordering::Relaxed,
-    );
+    URING_WRITES.store(a.page_out == "uring", std::sync::atomic::Ordering::Relaxed);
     if a.scale {
         return Outcome::Exit(scale(a).unwrap_or_else(|e| {
             eprintln!("usermm bench: error: {e}");

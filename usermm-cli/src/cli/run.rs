@@ -91,10 +91,10 @@ pub struct RunArgs {
     /// sleeps (0: at once, as the kernel's swap-in) [default: the library's, 200us].
     #[arg(long, value_name = "TIME", value_parser = util::parse_duration)]
     pub read_poll: Option<Duration>,
-    /// How page-I/O threads write a swap file: `uring` (the default: through
-    /// io_uring, naming registered buffers) or `pwritev` (one positioned write per
-    /// run).
-    #[arg(long, default_value = "uring", value_parser = ["uring", "pwritev"])]
+    /// How page-I/O threads write a swap file: `pwritev` (the default: one
+    /// positioned write per run) or `uring` (through io_uring, naming registered
+    /// buffers).
+    #[arg(long, default_value = "pwritev", value_parser = ["uring", "pwritev"])]
     pub page_out: String,
     /// Testing the checker: after the fill, overwrite one word of page 0 behind the
     /// model's back; the run must then fail verification (exit 1).
@@ -655,7 +655,7 @@ fn run(a: RunArgs) -> Result<i32, String> {
     if let Some(d) = a.read_poll {
         cfg = cfg.read_poll(d);
     }
-    cfg = cfg.uring_writes(a.page_out != "pwritev");
+    cfg = cfg.uring_writes(a.page_out == "uring");
     let vm = Vm::new(cfg).map_err(|e| format!("cannot start the Vm: {e}"))?;
 
     // Swap: the given devices, or a temporary file sized for the working set.

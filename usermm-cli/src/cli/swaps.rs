@@ -48,6 +48,12 @@ pub fn print_table(vm: &Vm) {
             match (d.uring_writes, d.registered_buffers) {
                 (true, true) => ", io_uring writes (registered buffers)",
                 (true, false) => ", io_uring writes",
+                // A file written by the page-I/O threads' positioned writes.
+                _ if SwapSpec::parse(&d.name)
+                    .is_ok_and(|s| matches!(s.kind, SwapKind::File { .. })) =>
+                {
+                    ", pwritev writes"
+                }
                 _ => "",
             }
         );
