@@ -98,8 +98,13 @@ static A: Counting = Counting;
 
 /// Page-out storm through `dev`: warm up, then count allocations on the
 /// page-I/O threads while `pages` pages are written under a 1 MiB budget.
-fn storm(name: &str, dev: Arc<dyn BlockDevice>, pages: u64) -> (u64, u64) {
-    let vm = Vm::new(Config::default().memory_budget(1 << 20).io_threads(4)).unwrap();
+/// `uring`: page-out through io_uring (`Config::uring_writes`).
+fn storm(name: &str, dev: Arc<dyn BlockDevice>, pages: u64, uring: bool) -> (u64, u64) {
+    let cfg = Config::default()
+        .memory_budget(1 << 20)
+        .io_threads(4)
+        .uring_writes(uring);
+    let vm = Vm::new(cfg).unwrap();
     vm.swapon_device(dev, 0).unwrap();
     let mm = vm.new_space();
     let r = mm.map_anon(pages as usize * PAGE_SIZE).unwrap();
@@ -173,9 +178,20 @@ fn page_out_storm_allocates_nothing_on_page_io_threads() {
                 "file",
             )
             .unwrap();
-            let (outs, allocs) = storm("file", Arc::new(f), pages);
+            let (outs, allocs) = storm("file", Arc::new(f), pages, false);
             assert!(outs > pages, "a storm: {outs} page-outs");
             assert_eq!(allocs, 0, "the engine's page-out path allocated");
+            // The same through io_uring page-out (rings made before the threads'
+            // no-allocation sections; the writes allocate nothing).
+            let f = usermm::device::file::FileDevice::open(
+                &dir.path().join("u.swap"),
+                Some(64 << 20),
+                "file",
+            )
+            .unwrap();
+            let (outs, allocs) = storm("file, io_uring page-out", Arc::new(f), pages, true);
+            assert!(outs > pages, "a storm: {outs} page-outs");
+            assert_eq!(allocs, 0, "io_uring page-out allocated on page-I/O threads");
 
             if skip_without(
                 "page_out_storm_allocates_nothing_on_page_io_threads",
@@ -197,7 +213,7 @@ fn page_out_storm_allocates_nothing_on_page_io_threads() {
                 "qemu-nbd",
             )
             .unwrap();
-            let (outs, allocs) = storm("qemu-nbd", Arc::new(dev), pages);
+            let (outs, allocs) = storm("qemu-nbd", Arc::new(dev), pages, false);
             assert!(outs > pages, "a storm: {outs} page-outs");
             assert_eq!(
                 allocs, 0,
@@ -228,7 +244,7 @@ fn page_out_storm_allocates_nothing_on_page_io_threads() {
             )
             .unwrap();
             assert_eq!(dev.info().conns, 3);
-            let (outs, allocs) = storm("nbdkit (3 connections)", Arc::new(dev), pages);
+            let (outs, allocs) = storm("nbdkit (3 connections)", Arc::new(dev), pages, false);
             assert!(outs > pages, "a storm: {outs} page-outs");
             assert_eq!(
                 allocs, 0,
