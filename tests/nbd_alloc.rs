@@ -172,24 +172,20 @@ fn page_out_storm_allocates_nothing_on_page_io_threads() {
             let pages = 4096u64;
 
             // Baseline: the engine with a file device.
-            let f = usermm::device::file::FileDevice::open(
-                &dir.path().join("f.swap"),
-                Some(64 << 20),
-                "file",
-            )
-            .unwrap();
-            let (outs, allocs) = storm("file", Arc::new(f), pages, false);
+            let file = |name: &str| {
+                let f = usermm::device::file::FileDevice::open(
+                    &dir.path().join(name),
+                    Some(64 << 20),
+                    "file",
+                );
+                Arc::new(f.unwrap())
+            };
+            let (outs, allocs) = storm("file", file("f.swap"), pages, false);
             assert!(outs > pages, "a storm: {outs} page-outs");
             assert_eq!(allocs, 0, "the engine's page-out path allocated");
             // The same through io_uring page-out (rings made before the threads'
             // no-allocation sections; the writes allocate nothing).
-            let f = usermm::device::file::FileDevice::open(
-                &dir.path().join("u.swap"),
-                Some(64 << 20),
-                "file",
-            )
-            .unwrap();
-            let (outs, allocs) = storm("file, io_uring page-out", Arc::new(f), pages, true);
+            let (outs, allocs) = storm("file, io_uring page-out", file("u.swap"), pages, true);
             assert!(outs > pages, "a storm: {outs} page-outs");
             assert_eq!(allocs, 0, "io_uring page-out allocated on page-I/O threads");
 

@@ -285,21 +285,14 @@ impl BlockDevice for FileDevice {
         true
     }
     fn write_pages(&self, first: u64, bufs: &[&[u8]]) -> io::Result<()> {
-        const MAX: usize = 64;
+        const MAX: usize = super::uring::MAX_WRITES;
         if bufs.is_empty() || bufs.len() > MAX || bufs.iter().any(|b| b.len() != PAGE_SIZE) {
             return Err(io::ErrorKind::InvalidInput.into());
         }
         let off = self.offset(first)?;
         self.offset(first + bufs.len() as u64 - 1)?;
         // On the stack: page-out allocates nothing (invariant 2).
-        let mut iov = [libc::iovec {
-            iov_base: std::ptr::null_mut(),
-            iov_len: 0,
-        }; MAX];
-        for (v, b) in iov.iter_mut().zip(bufs) {
-            v.iov_base = b.as_ptr() as *mut libc::c_void;
-            v.iov_len = PAGE_SIZE;
-        }
+        let iov = super::uring::iovecs(bufs);
         let total = bufs.len() * PAGE_SIZE;
         loop {
             // SAFETY: every iovec points to a live page-sized buffer the kernel only

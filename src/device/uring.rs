@@ -258,14 +258,7 @@ pub(crate) fn write_runs(
     let fixed = WRITES.get();
     // One iovec a page, on the stack: run `k`'s are a slice of these, alive until
     // every write has completed (below).
-    let mut iov = [libc::iovec {
-        iov_base: std::ptr::null_mut(),
-        iov_len: 0,
-    }; MAX_WRITES];
-    for (v, b) in iov.iter_mut().zip(bufs) {
-        v.iov_base = b.as_ptr() as *mut libc::c_void;
-        v.iov_len = b.len();
-    }
+    let iov = iovecs(bufs);
     let inside = |b: &[u8]| {
         fixed.is_some_and(|(base, len)| {
             let a = b.as_ptr() as usize;
@@ -322,6 +315,20 @@ pub(crate) fn write_runs(
         }
         Some(())
     })
+}
+
+/// One iovec per buffer of `bufs` (the first `MAX_WRITES`), on the stack: the
+/// write paths allocate nothing (invariant 2).
+pub(crate) fn iovecs(bufs: &[&[u8]]) -> [libc::iovec; MAX_WRITES] {
+    let mut iov = [libc::iovec {
+        iov_base: std::ptr::null_mut(),
+        iov_len: 0,
+    }; MAX_WRITES];
+    for (v, b) in iov.iter_mut().zip(bufs) {
+        v.iov_base = b.as_ptr() as *mut libc::c_void;
+        v.iov_len = b.len();
+    }
+    iov
 }
 
 /// Reads `reqs[k] = (byte offset, bytes)` of `fd` one after the other into `buf`

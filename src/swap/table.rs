@@ -878,14 +878,9 @@ impl SwapDevice {
         if self.front().is_none() {
             self.dev.write_runs(runs, bufs, ok);
         } else {
-            let mut at = 0;
-            for (&(first, n), o) in runs.iter().zip(ok.iter_mut()) {
-                let n = n as usize;
-                *o = bufs
-                    .get(at..at + n)
-                    .is_some_and(|b| self.write_run_fronted(first, b).is_ok());
-                at += n;
-            }
+            crate::device::each_run(runs, bufs, ok, |first, b| {
+                self.write_run_fronted(first, b).is_ok()
+            });
         }
         let mut at = 0;
         for (&(first, n), &o) in runs.iter().zip(ok.iter()) {
