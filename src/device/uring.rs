@@ -157,8 +157,11 @@ impl Registered {
     /// Registers `len` bytes at `base` as buffer 0 of a new ring.
     ///
     /// # Safety
-    /// The memory stays mapped while the returned value lives (the kernel pins
-    /// its pages; writes name addresses inside it).
+    /// The memory stays mapped while the returned value lives (writes name
+    /// addresses inside it). The kernel pins its pages for as long as this ring or
+    /// a ring that cloned the registration lives (a page-I/O thread's may outlive
+    /// it), so an unmapping while a clone lives frees nothing the kernel uses;
+    /// no write is in flight then (every one is waited for).
     pub(crate) unsafe fn new(base: *mut u8, len: usize) -> io::Result<Registered> {
         if !available() {
             return Err(io::ErrorKind::Unsupported.into());
@@ -252,7 +255,12 @@ pub(crate) fn write_runs(
         return None;
     }
     let pages: usize = runs.iter().map(|r| r.1 as usize).sum();
-    if pages > MAX_WRITES || bufs.len() != pages || ok.len() < runs.len() {
+    if pages > MAX_WRITES
+        || runs.len() > MAX_WRITES
+        || runs.iter().any(|r| r.1 == 0)
+        || bufs.len() != pages
+        || ok.len() < runs.len()
+    {
         return None;
     }
     let fixed = WRITES.get();

@@ -54,8 +54,10 @@ pub(crate) const FILE_REQ: u64 = 1 << 63;
 #[derive(Debug)]
 pub(crate) struct PageIo {
     /// The buffers registered with io_uring for the threads' rings to clone
-    /// (`Config::uring_writes`; `None` where io_uring or the registration is
-    /// unavailable). Declared before `bufs`: dropped (unregistered) first.
+    /// (`Config::uring_writes`; `None` where io_uring, the registration or its
+    /// clone with `WRITEV_FIXED` is unavailable: nothing stays pinned for
+    /// nothing). Declared before `bufs`, so its ring closes first; the kernel's
+    /// pins (this ring's and the threads' clones') keep the pages while any lives.
     registered: Option<crate::device::uring::Registered>,
     /// Whether the threads set up io_uring writes at all (`Config::uring_writes`).
     uring_writes: bool,
@@ -89,7 +91,9 @@ impl PageIo {
         let registered = if uring_writes && !cfg!(usermm_shuttle) {
             // SAFETY: `bufs` is mapped for as long as `registered` lives: the field
             // order drops `registered` first.
-            unsafe { crate::device::uring::Registered::new(bufs.ptr(0), bufs.bytes()) }.ok()
+            unsafe { crate::device::uring::Registered::new(bufs.ptr(0), bufs.bytes()) }
+                .ok()
+                .filter(|r| r.clones())
         } else {
             None
         };
@@ -200,7 +204,9 @@ impl PageIo {
     }
 
     /// How the page-I/O threads write a swap file (each sets its ring up the
-    /// same way as it starts: `uring::prepare_writes`).
+    /// same way as it starts: `uring::prepare_writes`; a thread whose own clone
+    /// of the registration failed where the probe's worked writes without
+    /// registered buffers, which this does not see).
     pub fn write_mode(&self) -> crate::device::uring::WriteMode {
         use crate::device::uring::WriteMode;
         match &self.registered {

@@ -417,9 +417,10 @@ impl SwapDevice {
     }
 
     /// Whether page-I/O threads write this device through io_uring
-    /// (`write_runs`) where their rings are set up for it.
+    /// (`write_runs`) where their rings are set up for it: not while a pool
+    /// fronts it (its runs then go out through `write_pages`).
     pub fn writes_through_uring(&self) -> bool {
-        self.dev.writes_through_uring()
+        self.dev.writes_through_uring() && self.front().is_none()
     }
 
     /// Whether `read_gather` keeps its reads in flight at once.
