@@ -18,9 +18,13 @@ const PS: usize = PAGE_SIZE;
 /// asserts it died of SIGBUS, and returns its stderr.
 fn child_dies_of_sigbus(name: &str, env: &str) -> String {
     use std::os::unix::process::ExitStatusExt;
+    // The child dies of the signal without running destructors: its temporary
+    // directories (a 16 MiB swap file) go in one of ours, removed when we return.
+    let tmp = tempfile::tempdir().unwrap();
     let out = std::process::Command::new(std::env::current_exe().unwrap())
         .args(["--exact", name, "--nocapture"])
         .env(env, "1")
+        .env("TMPDIR", tmp.path())
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
