@@ -5,10 +5,11 @@
 //! at depth 32 instead of one after another. And polled reads (`polled`,
 //! `read_at`): a fault's read submitted through the same ring, its completion
 //! watched for by the thread instead of slept for (the sleeping vCPU's wake-up
-//! was a quarter of a read's time on these VMs). And page-out (`write_runs`): a
-//! page-I/O thread's batch of runs, one write a page, all in flight at once,
-//! naming the request pool's buffers registered with the kernel once
-//! (`Registered`, cloned into each thread's ring by `prepare_writes`).
+//! was a quarter of a read's time on these VMs). And page-out with
+//! `Config::uring_writes` (`write_runs`): a page-I/O thread's batch of runs, one
+//! vectored write a run, all in flight at once, naming the request pool's buffers
+//! registered with the kernel once (`Registered`, cloned into each thread's ring
+//! by `prepare_writes`).
 //!
 //! Owns: one ring per calling thread (thread-local, made at its first use, or by
 //! `prepare` for a thread that must not allocate while it serves faults — the
@@ -47,10 +48,11 @@ struct Ring {
 
 thread_local! {
     static RING: RefCell<Option<Ring>> = const { RefCell::new(None) };
-    /// This thread writes pages through its ring (`prepare_writes` made it, on a
-    /// page-I/O thread), and the request pool's buffers it may name by index
-    /// (`(base, len)` of the one registered buffer), if the clone worked.
+    /// The request pool's buffers this thread's ring may name by index (`(base,
+    /// len)` of the one registered buffer), if `prepare_writes` cloned them.
     static WRITES: Cell<Option<(usize, usize)>> = const { Cell::new(None) };
+    /// This thread writes pages through its ring (`prepare_writes` made it, on a
+    /// page-I/O thread).
     static WRITES_ON: Cell<bool> = const { Cell::new(false) };
     /// How long this thread's reads spin on the ring for their completions before
     /// they sleep in the kernel (`polled`); zero: they sleep at once.

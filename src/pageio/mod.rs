@@ -88,9 +88,12 @@ impl PageIo {
             let _ = free.push(i);
         }
         let bufs = AlignedPages::new(nreq)?;
-        let registered = if uring_writes && !cfg!(usermm_shuttle) {
+        // Not under the model checker: no rings there.
+        let uring_writes = uring_writes && !cfg!(usermm_shuttle);
+        let registered = if uring_writes {
             // SAFETY: `bufs` is mapped for as long as `registered` lives: the field
-            // order drops `registered` first.
+            // order drops `registered` first (the threads' clones may outlive it;
+            // the kernel's pins keep the pages for them, see `Registered::new`).
             unsafe { crate::device::uring::Registered::new(bufs.ptr(0), bufs.bytes()) }
                 .ok()
                 .filter(|r| r.clones())
@@ -99,7 +102,7 @@ impl PageIo {
         };
         Ok(PageIo {
             registered,
-            uring_writes: uring_writes && !cfg!(usermm_shuttle),
+            uring_writes,
             bufs,
             reqs: (0..nreq).map(|_| Request::default()).collect(),
             free,
@@ -210,7 +213,8 @@ impl PageIo {
     pub fn write_mode(&self) -> crate::device::uring::WriteMode {
         use crate::device::uring::WriteMode;
         match &self.registered {
-            Some(r) if r.clones() => WriteMode::Registered,
+            // Kept only where it can be cloned (`new`).
+            Some(_) => WriteMode::Registered,
             _ if self.uring_writes && crate::device::uring::available() => WriteMode::Uring,
             _ => WriteMode::Positioned,
         }

@@ -885,13 +885,14 @@ impl SwapDevice {
         }
         let mut at = 0;
         for (&(first, n), &o) in runs.iter().zip(ok.iter()) {
-            for (i, b) in bufs.iter().skip(at).take(n as usize).enumerate() {
-                if o {
+            let n = n as usize;
+            if let Some(written) = bufs.get(at..at + n).filter(|_| o) {
+                for (i, b) in written.iter().enumerate() {
                     let sum = crc32c::crc32c(b);
                     self.csum[(first + i as u64) as usize].store(sum, Ordering::Release);
                 }
             }
-            at += n as usize;
+            at += n;
         }
     }
 
