@@ -850,7 +850,7 @@ fn install_swapped(
     } else {
         eng.install(pte, pfn, 0, true, fresh, uses);
         if let Pte::Swapped(e) = Pte::decode(v) {
-            eng.swap.put(e);
+            eng.swap.put_live(e);
         }
     }
 }

@@ -913,7 +913,7 @@ impl TRegion {
                         eng.install_transparent(pte, pfn, page, v, false);
                     } else {
                         eng.install_transparent(pte, pfn, page, 0, true);
-                        eng.swap.put(e);
+                        eng.swap.put_live(e);
                     }
                     self.map_around(e, &dev, bounce, &ra[..nra], &gather[1..1 + nra]);
                     Counters::inc(&eng.cnt.pgfault);

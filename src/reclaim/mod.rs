@@ -480,7 +480,7 @@ fn reclaim_frame(eng: &Engine, pfn: Pfn, small: bool, r: &mut ScanResult, zap: &
     if sw != 0 {
         // The old copy is stale: give its slot back; the page gets a fresh one,
         // next to the other pages of this batch.
-        eng.swap.put_encoded(sw);
+        eng.swap.put_encoded_live(sw);
         d.swap.store(0, Ordering::Relaxed);
     }
     // SAFETY: we hold every entry lock of the page, so no writer stores into the
@@ -1053,12 +1053,12 @@ fn finish_writeback(eng: &Engine, i: u32, ok: bool, zap: &mut ZapBatch) {
             // Written again while in flight: the copy is stale already.
             true => {
                 unlock_mappings(eng, d, pfn, 0, 0);
-                eng.swap.put(e);
+                eng.swap.put_live(e);
             }
             false => {
                 // The page stays resident and dirty; a later scan retries.
                 unlock_mappings(eng, d, pfn, 0, P_DIRTY);
-                eng.swap.put(e);
+                eng.swap.put_live(e);
             }
         }
     } else {
