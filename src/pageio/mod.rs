@@ -21,8 +21,8 @@
 //! `sleep` (Mutex<()>) only pairs with `wake` to park idle I/O threads; a kick
 //! takes it after pushing, so an idle thread cannot miss work once kicked (kswapd
 //! pushes up to `reclaim::KICK_BATCH` before it kicks, and kicks before it waits).
-//! A kick wakes one thread; a thread that pops a request with more queued kicks the
-//! next. Leaf lock.
+//! A kick wakes one thread; a thread that has taken its batch with more queued
+//! kicks the next. Leaf lock.
 
 use crate::addr::PAGE_SIZE;
 use crate::device::AlignedPages;
@@ -166,9 +166,10 @@ impl PageIo {
         self.submit.pop()
     }
 
-    /// Wakes one I/O thread if work is queued. A thread that takes a request
-    /// and still sees work queued wakes the next (`run`), so a burst of page-outs
-    /// wakes as many threads as it keeps busy, not all of them per batch.
+    /// Wakes one I/O thread if work is queued. A thread that has taken its
+    /// requests and still sees work queued wakes the next (`run`'s handler), so a
+    /// burst of page-outs wakes as many threads as it keeps busy, not all of them
+    /// per batch.
     pub fn kick(&self) {
         if !self.submit.is_empty() {
             let _g = self.sleep.lock();
@@ -189,8 +190,10 @@ impl PageIo {
         let _no_alloc = crate::lockdep::no_alloc("page-I/O thread");
         loop {
             if let Some(i) = self.submit.pop() {
-                // More queued than this thread takes: pass the work on.
-                self.kick();
+                // `handle` gathers what it writes with this one (`try_pop`) and
+                // then passes what is left to the next thread (`kick`): kicked
+                // here, before the gathering, a second thread raced this one for
+                // the queue and each wrote half a run.
                 let _reclaim = crate::lockdep::reclaim();
                 handle(i);
                 continue;

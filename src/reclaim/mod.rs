@@ -870,6 +870,8 @@ pub(crate) fn complete_writeback(eng: &Engine, i: u32) {
 fn complete_batch(eng: &Engine, i: u32, zap: &mut ZapBatch) {
     const BATCH: usize = 32;
     if eng.io.reqs[i as usize].file.load(Ordering::Relaxed) != 0 {
+        // One request each: the rest is the next thread's.
+        eng.io.kick();
         return complete_file(eng, i);
     }
     let entry = |i: u32| Pte::decode(eng.io.reqs[i as usize].entry.load(Ordering::Relaxed));
@@ -880,8 +882,12 @@ fn complete_batch(eng: &Engine, i: u32, zap: &mut ZapBatch) {
     };
     let dev = match eng.swap.get(e.dev) {
         Some(dev) if dev.dev.merges_writes() => dev,
-        // A network device (or one removed meanwhile): one request per page.
-        _ => return complete_one(eng, i, zap),
+        // A network device (or one removed meanwhile): one request per page,
+        // the rest the next thread's.
+        _ => {
+            eng.io.kick();
+            return complete_one(eng, i, zap);
+        }
     };
     let mut batch = [(0u64, 0u32); BATCH];
     batch[0] = (e.slot, i);
@@ -897,6 +903,8 @@ fn complete_batch(eng: &Engine, i: u32, zap: &mut ZapBatch) {
             _ => complete_one(eng, j, zap),
         }
     }
+    // What this thread did not take is the next one's.
+    eng.io.kick();
     let batch = &mut batch[..n];
     batch.sort_unstable_by_key(|b| b.0);
     // The batch's runs of adjacent slots, written together (all in flight at
