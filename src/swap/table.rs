@@ -1401,11 +1401,15 @@ mod tests {
         assert_eq!(t.alloc().unwrap().dev, 0);
     }
 
-    /// A slot freed while its page lives on (`put_live`: a stale copy, a page back
-    /// in memory) keeps its blocks; the same slots freed because their pages are
-    /// gone are punched.
-    #[test]
-    fn live_frees_keep_their_blocks_and_gone_frees_do_not() {
+    /// A table of one 1024-slot file device with 512 slots taken and written
+    /// (their entries returned, the file flushed), and a reader of the bytes
+    /// the file has allocated.
+    fn half_written() -> (
+        tempfile::TempDir,
+        SwapTable,
+        Vec<SwapEntry>,
+        impl Fn() -> u64,
+    ) {
         use std::os::unix::fs::MetadataExt;
         let (d, dv) = dev(1024);
         let path = d.path().join("s");
@@ -1413,15 +1417,28 @@ mod tests {
         t.add(dv, 0).unwrap();
         let s = t.get(0).unwrap();
         let mut buf = crate::device::AlignedPages::new(1).unwrap();
-        buf.page_mut(0).fill(9);
-        let blocks = || std::fs::metadata(&path).unwrap().blocks() * 512;
-        let mut slots = Vec::new();
-        for _ in 0..512 {
-            let e = t.alloc().unwrap();
-            s.write(e.slot, buf.page(0)).unwrap();
-            slots.push(e);
-        }
+        buf.page_mut(0).fill(7);
+        let slots: Vec<_> = (0..512)
+            .map(|_| {
+                let e = t.alloc().unwrap();
+                s.write(e.slot, buf.page(0)).unwrap();
+                e
+            })
+            .collect();
         s.dev.flush().unwrap();
+        let blocks = move || std::fs::metadata(&path).unwrap().blocks() * 512;
+        (d, t, slots, blocks)
+    }
+
+    /// A slot freed while its page lives on (`put_live`: a stale copy, a page back
+    /// in memory) keeps its blocks; the same slots freed because their pages are
+    /// gone are punched.
+    #[test]
+    fn live_frees_keep_their_blocks_and_gone_frees_do_not() {
+        let (_d, t, slots, blocks) = half_written();
+        let s = t.get(0).unwrap();
+        let mut buf = crate::device::AlignedPages::new(1).unwrap();
+        buf.page_mut(0).fill(9);
         let before = blocks();
         for &e in &slots {
             t.put_live(e);
@@ -1450,27 +1467,16 @@ mod tests {
     /// rest. Each batch's runs are one slot long; the stretch must still be punched.
     #[test]
     fn interleaved_frees_are_punched() {
-        use std::os::unix::fs::MetadataExt;
-        let (d, dv) = dev(1024);
-        let path = d.path().join("s");
-        let t = SwapTable::default();
-        t.add(dv, 0).unwrap();
+        let (_d, t, _, blocks) = half_written();
         let s = t.get(0).unwrap();
-        let mut buf = crate::device::AlignedPages::new(1).unwrap();
-        buf.page_mut(0).fill(7);
-        for _ in 0..512 {
-            let e = t.alloc().unwrap();
-            s.write(e.slot, buf.page(0)).unwrap();
-        }
-        s.dev.flush().unwrap();
-        let before = std::fs::metadata(&path).unwrap().blocks() * 512;
+        let before = blocks();
         for parity in [1, 0] {
             for slot in (parity..512).step_by(2) {
                 t.put(SwapEntry { dev: 0, slot });
             }
             s.flush_discards();
         }
-        let after = std::fs::metadata(&path).unwrap().blocks() * 512;
+        let after = blocks();
         // The file is preallocated (1024 slots); the 512 written ones must be holes.
         assert!(before >= 1024 * 4096, "{before} bytes allocated");
         assert!(
