@@ -8,7 +8,7 @@ use common::USERMM;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// 2,048 blocks of 64 KiB (128 MiB) with a pattern per (block, byte, generation);
 /// it says how many blocks lie outside the largest mapping, usermm's heap (served
@@ -291,14 +291,12 @@ print('child', os.waitstatus_to_exitcode(st))
 print('parent', big[len(big) // 2] == 7 and big[4096] == 1 and big[-4096] == 7)
 ";
     let t = Instant::now();
-    let out = Command::new(USERMM)
-        .args(["exec", "--budget", "32M", "--", py.unwrap(), "-c", prog])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let mut cmd = Command::new(USERMM);
+    cmd.args(["exec", "--budget", "32M", "--", py.unwrap(), "-c", prog]);
+    // Bounded: a hang fails with each thread's state instead of stalling CI.
+    let (stdout, stderr, status, _) = common::run_sampled(cmd, Duration::from_secs(240));
     eprintln!("{stdout}{stderr}took {:?}", t.elapsed());
-    assert!(out.status.success(), "stdout: {stdout}\nstderr: {stderr}");
+    assert_eq!(status, 0, "stdout: {stdout}\nstderr: {stderr}");
     assert!(stdout.contains("child 0"), "{stdout}\n{stderr}");
     assert!(stdout.contains("parent True"), "{stdout}\n{stderr}");
 }

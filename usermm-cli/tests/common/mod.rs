@@ -78,12 +78,50 @@ pub fn run_sampled(mut cmd: Command, limit: Duration) -> (String, String, i32, u
             break;
         }
         if t.elapsed() > limit {
+            // What each thread was doing, for the report (a hang must say where).
+            let threads = threads_of(pid);
             let _ = child.kill();
             let _ = child.wait();
-            panic!("the program did not finish within {limit:?}");
+            panic!("the program did not finish within {limit:?}; its threads:\n{threads}");
         }
         std::thread::sleep(Duration::from_millis(20));
     }
     let status = child.wait().unwrap().code().unwrap_or(-1);
     (to.join().unwrap(), te.join().unwrap(), status, peak)
+}
+
+/// One line per thread of process `pid`: name, state, user and system ticks,
+/// wait channel, and the top of its kernel stack where readable (root).
+pub fn threads_of(pid: u32) -> String {
+    let mut out = String::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return "(gone)".into();
+    };
+    for t in tasks.flatten() {
+        let dir = t.path();
+        let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap_or_default();
+        let stat = read("stat");
+        // The fields after the name, which is in parentheses.
+        let rest: Vec<&str> = stat
+            .rsplit_once(')')
+            .map(|(_, r)| r.split_whitespace().collect())
+            .unwrap_or_default();
+        let field = |i: usize| rest.get(i).copied().unwrap_or("?");
+        let stack: Vec<String> = read("stack")
+            .lines()
+            .take(4)
+            .map(|l| l.split_whitespace().last().unwrap_or("").to_string())
+            .collect();
+        out += &format!(
+            "  {} {} state {} utime {} stime {} wchan {} stack [{}]\n",
+            t.file_name().to_string_lossy(),
+            read("comm").trim(),
+            field(0),
+            field(11),
+            field(12),
+            read("wchan").trim(),
+            stack.join(" < ")
+        );
+    }
+    out
 }
