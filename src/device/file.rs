@@ -340,14 +340,11 @@ impl BlockDevice for FileDevice {
                 // A run the ring did not write whole (an error, a short write, an
                 // operation the kernel refuses) gets one `pwritev` more, which
                 // finishes a short write page by page, as on the path below.
-                let mut at = 0;
-                for (&(first, n), o) in runs.iter().zip(ok.iter_mut()) {
-                    let b = &bufs[at..at + n as usize];
+                super::each_run(runs, bufs, ok, |first, b, o| {
                     if !*o {
                         *o = self.write_pages(first, b).is_ok();
                     }
-                    at += n as usize;
-                }
+                });
                 return;
             }
         }

@@ -138,22 +138,27 @@ pub(crate) fn write_runs_in_turn<D: BlockDevice + ?Sized>(
     bufs: &[&[u8]],
     ok: &mut [bool],
 ) {
-    each_run(runs, bufs, ok, |first, b| dev.write_pages(first, b).is_ok())
+    each_run(runs, bufs, ok, |first, b, o| {
+        *o = dev.write_pages(first, b).is_ok()
+    })
 }
 
-/// Calls `write(first, pages)` for each run `runs[k] = (first, count)`, its pages
-/// taken from `bufs` in order, and stores in `ok[k]` whether it wrote them (false
-/// for a run `bufs` is too short for).
+/// Calls `f(first, pages, &mut ok[k])` for each run `runs[k] = (first, count)`,
+/// its pages taken from `bufs` in order; a run `bufs` is too short for gets
+/// `ok[k] = false` and no call.
 pub(crate) fn each_run(
     runs: &[(u64, u32)],
     bufs: &[&[u8]],
     ok: &mut [bool],
-    mut write: impl FnMut(u64, &[&[u8]]) -> bool,
+    mut f: impl FnMut(u64, &[&[u8]], &mut bool),
 ) {
     let mut at = 0;
     for (&(first, count), o) in runs.iter().zip(ok.iter_mut()) {
         let n = count as usize;
-        *o = bufs.get(at..at + n).is_some_and(|b| write(first, b));
+        match bufs.get(at..at + n) {
+            Some(b) => f(first, b, o),
+            None => *o = false,
+        }
         at += n;
     }
 }

@@ -899,8 +899,12 @@ fn complete_batch(eng: &Engine, i: u32, zap: &mut ZapBatch) {
                 batch[n] = (f.slot, j);
                 n += 1;
             }
-            // Another device: on its own.
-            _ => complete_one(eng, j, zap),
+            // Another device: on its own, written now, so what is queued is
+            // the next thread's meanwhile.
+            _ => {
+                eng.io.kick();
+                complete_one(eng, j, zap)
+            }
         }
     }
     // What this thread did not take is the next one's.

@@ -901,21 +901,19 @@ impl SwapDevice {
         if self.front().is_none() {
             self.dev.write_runs(runs, bufs, ok);
         } else {
-            crate::device::each_run(runs, bufs, ok, |first, b| {
-                self.write_run_fronted(first, b).is_ok()
+            crate::device::each_run(runs, bufs, ok, |first, b, o| {
+                *o = self.write_run_fronted(first, b).is_ok()
             });
         }
-        let mut at = 0;
-        for (&(first, n), &o) in runs.iter().zip(ok.iter()) {
-            let n = n as usize;
-            if let Some(written) = bufs.get(at..at + n).filter(|_| o) {
-                for (i, b) in written.iter().enumerate() {
+        // The checksums of the runs written.
+        crate::device::each_run(runs, bufs, ok, |first, b, o| {
+            if *o {
+                for (i, b) in b.iter().enumerate() {
                     let sum = crc32c::crc32c(b);
                     self.csum[(first + i as u64) as usize].store(sum, Ordering::Release);
                 }
             }
-            at += n;
-        }
+        });
     }
 
     /// Writes one run where a pool fronts the device: pages the pool takes leave
