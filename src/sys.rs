@@ -45,6 +45,25 @@ pub unsafe fn madvise(addr: *mut c_void, len: usize, advice: i32) -> i32 {
     unsafe { libc::syscall(libc::SYS_madvise, addr, len, advice) as i32 }
 }
 
+/// Whether the page at `addr` (page-aligned, in a mapping of this process) is in
+/// the page table now (`mincore(2)`: for an anonymous page, mapped or in the swap
+/// cache). A missing or unmapped page, or a failed call, is not resident. Never
+/// faults; allocates nothing.
+pub fn resident(addr: u64) -> bool {
+    let mut vec = 0u8;
+    // SAFETY: `mincore` writes one byte for one page into `vec`, on our stack; it
+    // only looks at the page table.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_mincore,
+            addr as *mut c_void,
+            crate::addr::PAGE_SIZE,
+            &raw mut vec,
+        )
+    };
+    r == 0 && vec & 1 != 0
+}
+
 /// `pidfd` sentinel for the calling process (Linux 6.14).
 const PIDFD_SELF_THREAD_GROUP: i32 = -10001;
 

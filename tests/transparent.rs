@@ -15,18 +15,52 @@ use usermm_testkit::workload::Rng;
 const PS: usize = PAGE_SIZE;
 
 /// Re-runs this test binary's test `name` alone with `env` set (its child half),
-/// asserts it died of SIGBUS, and returns its stderr.
+/// asserts it died of SIGBUS within two minutes (a hang fails, the child killed),
+/// and returns its stderr.
 fn child_dies_of_sigbus(name: &str, env: &str) -> String {
+    use std::io::Read;
     use std::os::unix::process::ExitStatusExt;
     // The child dies of the signal without running destructors: its temporary
     // directories (a 16 MiB swap file) go in one of ours, removed when we return.
     let tmp = tempfile::tempdir().unwrap();
-    let out = std::process::Command::new(std::env::current_exe().unwrap())
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
         .args(["--exact", name, "--nocapture"])
         .env(env, "1")
         .env("TMPDIR", tmp.path())
-        .output()
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .unwrap();
+    // Both pipes drained by threads, so a chatty child never blocks on them.
+    let drain = |mut p: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut v = Vec::new();
+            let _ = p.read_to_end(&mut v);
+            v
+        })
+    };
+    let (so, se) = (
+        drain(Box::new(child.stdout.take().unwrap())),
+        drain(Box::new(child.stderr.take().unwrap())),
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            let err = String::from_utf8_lossy(&se.join().unwrap()).into_owned();
+            panic!("the child did not end within 120 s (killed); stderr: {err}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let out = std::process::Output {
+        status,
+        stdout: so.join().unwrap(),
+        stderr: se.join().unwrap(),
+    };
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert_eq!(
         out.status.signal(),
@@ -203,6 +237,48 @@ fn no_frame_and_no_swap_is_sigbus_not_zeros() {
     assert!(
         stderr.contains("usermm: transparent page fault failed"),
         "no line on stderr: {stderr}"
+    );
+}
+
+/// A page dropped from the mapping behind usermm's back (here a raw
+/// `MADV_DONTNEED`; a broken invariant in real life) while its entry says it is
+/// mapped fails loudly — a line on stderr naming the page, then SIGBUS for the
+/// thread that touches it — instead of hanging: the reclaimer, which would copy it
+/// out, checks that it is there first (its copy would fault to a handler waiting
+/// for the entry lock the reclaimer holds), and the handler, which would wake the
+/// thread to fault again forever, checks too. In a child process.
+#[test]
+fn a_page_dropped_behind_usermms_back_is_sigbus_not_a_hang() {
+    if std::env::var("USERMM_LOST_CHILD").is_ok() {
+        let (_d, vm) = setup(1 << 20, 64 << 20).unwrap();
+        let r = vm.map_transparent(8 << 20).unwrap();
+        word(&r, 0).store(7, Ordering::Relaxed);
+        // SAFETY: our own region's first page; the point is to lose it.
+        unsafe { libc::madvise(r.as_ptr().cast(), PS, libc::MADV_DONTNEED) };
+        // Pressure: the reclaimer comes to page 0 (dirty, so it would copy it).
+        for round in 0..3 {
+            for p in 1..(8 << 20) / PS {
+                word(&r, p * PS / 8).store(round, Ordering::Relaxed);
+            }
+        }
+        let v = word(&r, 0).load(Ordering::Relaxed);
+        println!("CHILD: the lost page read {v} (should not happen)");
+        return;
+    }
+    if setup(1 << 20, 16 << 20).is_none() {
+        return;
+    }
+    let stderr = child_dies_of_sigbus(
+        "a_page_dropped_behind_usermms_back_is_sigbus_not_a_hang",
+        "USERMM_LOST_CHILD",
+    );
+    assert!(
+        stderr.contains("is missing from its mapping but its entry is mapped (missing-page fault"),
+        "no line from the fault handler: {stderr}"
+    );
+    assert!(
+        stderr.contains("(page-out copy"),
+        "the reclaimer did not notice (did it come to the page?): {stderr}"
     );
 }
 

@@ -777,6 +777,14 @@ impl TRegion {
                     return self.unstage(pte, v, page, write);
                 }
                 Pte::Present(_) => {
+                    if v & P_LOCK == 0 && !crate::sys::resident(page) {
+                        // Mapped by its entry, missing from the mapping, nobody
+                        // holding it: waking the thread would fault again forever.
+                        // (Locked: a short holder — a write-protect fault, a
+                        // page-out copy, an eviction — and the retry looks again.)
+                        crate::reclaim::say_lost("missing-page fault", page, v, eng);
+                        return Err(Error::Io(std::io::ErrorKind::InvalidData.into()));
+                    }
                     // Served already (two threads faulted the same page).
                     let _ = self.uffd.wake(page, PS);
                     return Ok(());

@@ -417,6 +417,9 @@ fn reclaim_frame(eng: &Engine, pfn: Pfn, small: bool, r: &mut ScanResult, zap: &
     }
     if transparent && !staged && stage(eng, d, pfn) {
         unlock_mappings(eng, d, pfn, 0, P_STAGED);
+        // The staging counts as an eviction until its entry says `P_STAGED`
+        // (`stage`).
+        eng.transparent_evicting.fetch_sub(1, Ordering::SeqCst);
         d.unlock();
         r.staged += 1;
         return;
@@ -461,6 +464,27 @@ fn reclaim_frame(eng: &Engine, pfn: Pfn, small: bool, r: &mut ScanResult, zap: &
     } else {
         eng.frames.frame_ptr(pfn).cast_const()
     };
+    if (staged || transparent) && !crate::sys::resident(src as u64) {
+        // The page is not where its entry says (a broken invariant): copying it
+        // would fault, and the fault's handler waits for the entry lock we hold.
+        // Leave it; the program's next touch of it fails loudly
+        // (`mm::transparent`, `say_lost`).
+        // The reclaimer comes back to such a page on every pass: the first few
+        // reports are enough.
+        static SAID: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        if SAID.fetch_add(1, Ordering::Relaxed) < 4 {
+            say_lost(
+                "page-out copy",
+                src as u64,
+                entry_bits(eng, d, pfn) & !P_LOCK,
+                eng,
+            );
+        }
+        unlock_mappings(eng, d, pfn, 0, 0);
+        d.unlock();
+        r.busy += 1;
+        return;
+    }
     let Some(req) = eng.io.take() else {
         unlock_mappings(eng, d, pfn, 0, 0);
         d.unlock();
@@ -628,7 +652,11 @@ fn entry_bits(eng: &Engine, d: &PageDesc, pfn: Pfn) -> u64 {
 /// handler moves it back. False (nothing changed) without a staging area, while
 /// evictions are frozen for a fork, or when the kernel refuses the move (a page
 /// shared with a forked child, for one); the caller then treats the page as before.
-/// Frame lock and the entry lock held.
+/// True: moved, and still counted in `transparent_evicting` — the caller marks the
+/// entry `P_STAGED` and only then lets the count go, so a fork's freeze, which
+/// waits for that count to reach 0 before it brings staged pages back
+/// (`Vm::freeze_transparent_eviction`), never misses a page moved but not yet
+/// marked. Frame lock and the entry lock held.
 fn stage(eng: &Engine, d: &PageDesc, pfn: Pfn) -> bool {
     let (Some(st), Some(u)) = (eng.staging_addr(pfn), eng.uffd.get()) else {
         return false;
@@ -651,11 +679,12 @@ fn stage(eng: &Engine, d: &PageDesc, pfn: Pfn) -> bool {
         // SAFETY: as above.
         moved = unsafe { u.move_pages(st, addr, PAGE_SIZE as u64, MOVE_DONTWAKE) };
     }
-    eng.transparent_evicting.fetch_sub(1, Ordering::SeqCst);
-    if moved.is_ok() {
-        Counters::inc(&eng.cnt.staged);
+    if moved.is_err() {
+        eng.transparent_evicting.fetch_sub(1, Ordering::SeqCst);
+        return false;
     }
-    moved.is_ok()
+    Counters::inc(&eng.cnt.staged);
+    true
 }
 
 /// Drops frame `pfn`'s staging page (the staged page goes with its frame).
@@ -738,7 +767,8 @@ fn evict_locked(
         return None;
     }
     let mut release = Release::Now;
-    if d.flags.load(Ordering::Relaxed) & F_TRANSPARENT != 0 {
+    let transparent = d.flags.load(Ordering::Relaxed) & F_TRANSPARENT != 0;
+    if transparent {
         // Announce the eviction, then look at the freeze (the freezer sets it, then
         // waits for announced evictions to finish): either it sees us or we see it.
         eng.transparent_evicting.fetch_add(1, Ordering::SeqCst);
@@ -767,13 +797,11 @@ fn evict_locked(
             // us, and a region releases its entries before it is unmapped).
             unsafe { crate::sys::madvise(addr, PAGE_SIZE, libc::MADV_DONTNEED) == 0 }
         };
-        if zapped {
-            eng.transparent_out.fetch_add(1, Ordering::Relaxed);
-        }
-        eng.transparent_evicting.fetch_sub(1, Ordering::SeqCst);
         if !zapped {
+            eng.transparent_evicting.fetch_sub(1, Ordering::SeqCst);
             return None;
         }
+        eng.transparent_out.fetch_add(1, Ordering::Relaxed);
     }
     eng.rmap.for_each(d, pfn, |pte| {
         debug_assert_eq!(
@@ -786,8 +814,46 @@ fn evict_locked(
     });
     eng.rmap.clear(d, pfn);
     d.swap.store(0, Ordering::Relaxed);
+    if transparent {
+        // Only now, with the entry saying `Swapped`, is the eviction over for a
+        // fork's freeze: its scan must find the slot, not a mapped entry whose
+        // page is gone.
+        eng.transparent_evicting.fetch_sub(1, Ordering::SeqCst);
+    }
     Counters::inc(&eng.cnt.pgsteal);
     Some(release)
+}
+
+/// Says on stderr that a transparent page is missing from its mapping although its
+/// entry says it is mapped: a broken invariant (something dropped the page behind
+/// usermm's back), reported with what usermm knows of the page instead of serving
+/// it (the program would otherwise fault on it forever). No allocation: the line is
+/// built on the stack.
+pub(crate) fn say_lost(who: &str, page: u64, entry: u64, eng: &Engine) {
+    use std::io::Write;
+    let mut buf = [0u8; 320];
+    let mut c = std::io::Cursor::new(&mut buf[..]);
+    let pfn = Pte::pfn(entry);
+    let staging = eng.staging_addr(pfn);
+    let d = eng.frames.desc(pfn);
+    let _ = writeln!(
+        c,
+        "usermm: BUG: transparent page {page:#x} is missing from its mapping but its entry \
+         is mapped ({who}; entry {entry:#x}, frame {} flags {:#x} owner {:#x} slot {:#x}, \
+         staging page resident: {})",
+        pfn.0,
+        d.flags.load(Ordering::Relaxed),
+        d.owner2.load(Ordering::Relaxed) as u64,
+        d.swap.load(Ordering::Relaxed),
+        staging.map_or("none", |st| if crate::sys::resident(st) {
+            "yes"
+        } else {
+            "no"
+        }),
+    );
+    let n = c.position() as usize;
+    // SAFETY: writing our stack buffer to stderr.
+    unsafe { libc::write(2, buf.as_ptr().cast(), n) };
 }
 
 /// Who frees an evicted frame (see `evict_locked`).
