@@ -777,7 +777,7 @@ impl TRegion {
                     return self.unstage(pte, v, page, write);
                 }
                 Pte::Present(_) => {
-                    if v & P_LOCK == 0 && !crate::sys::resident(page) {
+                    if v & P_LOCK == 0 && !crate::sys::page_there(page) {
                         // Mapped by its entry, missing from the mapping, nobody
                         // holding it: waking the thread would fault again forever.
                         // (Locked: a short holder — a write-protect fault, a

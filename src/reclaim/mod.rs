@@ -464,7 +464,7 @@ fn reclaim_frame(eng: &Engine, pfn: Pfn, small: bool, r: &mut ScanResult, zap: &
     } else {
         eng.frames.frame_ptr(pfn).cast_const()
     };
-    if (staged || transparent) && !crate::sys::resident(src as u64) {
+    if (staged || transparent) && !crate::sys::page_there(src as u64) {
         // The page is not where its entry says (a broken invariant): copying it
         // would fault, and the fault's handler waits for the entry lock we hold.
         // Leave it; the program's next touch of it fails loudly
@@ -845,7 +845,7 @@ pub(crate) fn say_lost(who: &str, page: u64, entry: u64, eng: &Engine) {
         d.flags.load(Ordering::Relaxed),
         d.owner2.load(Ordering::Relaxed) as u64,
         d.swap.load(Ordering::Relaxed),
-        staging.map_or("none", |st| if crate::sys::resident(st) {
+        staging.map_or("none", |st| if crate::sys::page_there(st) {
             "yes"
         } else {
             "no"
