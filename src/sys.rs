@@ -54,7 +54,10 @@ pub unsafe fn madvise(addr: *mut c_void, len: usize, advice: i32) -> i32 {
 /// `mincore(2)` first (a mapped page: done); a page it does not report resident
 /// is looked up in `/proc/self/pagemap` (bit 63 present, bit 62 swapped), since
 /// `mincore` does not count a page the kernel swapped out. If that file cannot be
-/// read, `mincore`'s answer stands.
+/// read the page counts as there: the callers report a page that is *not* there
+/// as a broken invariant and fail the program's access, which must never happen
+/// because of a file we could not open. Raw system calls, as the rest of this
+/// module (nothing of the C library's that a preload could serve).
 pub fn page_there(addr: u64) -> bool {
     let mut vec = 0u8;
     // SAFETY: `mincore` writes one byte for one page into `vec`, on our stack; it
@@ -70,7 +73,7 @@ pub fn page_there(addr: u64) -> bool {
     if r == 0 && vec & 1 != 0 {
         return true;
     }
-    in_pagemap(addr).unwrap_or(false)
+    in_pagemap(addr).unwrap_or(true)
 }
 
 /// Whether `/proc/self/pagemap` shows the page at `addr` present or swapped;
@@ -78,7 +81,9 @@ pub fn page_there(addr: u64) -> bool {
 fn in_pagemap(addr: u64) -> Option<bool> {
     // SAFETY: opening a static NUL-terminated path read-only, close-on-exec.
     let fd = unsafe {
-        libc::open(
+        libc::syscall(
+            libc::SYS_openat,
+            libc::AT_FDCWD,
             c"/proc/self/pagemap".as_ptr(),
             libc::O_RDONLY | libc::O_CLOEXEC,
         )
@@ -87,12 +92,18 @@ fn in_pagemap(addr: u64) -> Option<bool> {
         return None;
     }
     let mut e = 0u64;
-    let off = (addr / crate::addr::PAGE_SIZE as u64 * 8) as libc::off_t;
+    let off = addr / crate::addr::PAGE_SIZE as u64 * 8;
     // SAFETY: reading 8 bytes into `e`, on our stack, from our descriptor, which
     // we close right after.
     let n = unsafe {
-        let n = libc::pread(fd, (&raw mut e).cast(), 8, off);
-        libc::close(fd);
+        let n = libc::syscall(
+            libc::SYS_pread64,
+            fd,
+            (&raw mut e).cast::<c_void>(),
+            8usize,
+            off,
+        );
+        libc::syscall(libc::SYS_close, fd);
         n
     };
     (n == 8).then_some(e & (3 << 62) != 0)
@@ -200,6 +211,9 @@ mod tests {
             )
         };
         assert_ne!(p, libc::MAP_FAILED);
+        // No transparent huge page (which would make the untouched page resident).
+        // SAFETY: advice on our own mapping.
+        unsafe { madvise(p, 3 * PS, libc::MADV_NOHUGEPAGE) };
         let a = p as u64;
         // SAFETY: inside our mapping.
         unsafe {
