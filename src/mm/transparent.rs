@@ -77,6 +77,7 @@ use crate::pte::{
     lock_present, try_lock_present, unlock_entry, Pte, BUSY, EMPTY, P_ACCESSED, P_DIRTY, P_HEAT,
     P_HEAT_ONE, P_LOCK, P_STAGED,
 };
+use crate::reclaim::{say_lost, Lost};
 use crate::stats::Counters;
 use crate::sync::raw::AtomicU8;
 use crate::sync::EngineSpawn;
@@ -720,18 +721,37 @@ impl TRegion {
             .staging_addr(Pte::pfn(v))
             .expect("a staged page implies a staging area");
         let dirty = write || v & P_DIRTY != 0;
+        if !dirty && !crate::sys::page_there(st) {
+            // Copying from a missing staging page would fault inside the copy, in
+            // the staging area, which no handler serves: the copy would never end.
+            // (A move of a missing page fails by itself, `ENOENT`.)
+            say_lost(Lost::FromStaging, "unstage", page, v, eng);
+            unlock_entry(pte, 0, 0);
+            return Err(Error::Io(std::io::ErrorKind::InvalidData.into()));
+        }
         let done = if dirty {
             // SAFETY: the staged page is ours (entry locked, `P_STAGED`) and the
             // program's page is missing (that is why it faulted).
             unsafe { self.uffd.move_pages(page, st, PS, 0) }
         } else {
-            // SAFETY: as above; the staged page is readable for PS bytes.
-            unsafe { self.uffd.copy(page, st as *const u8, PS, uffd::COPY_WP) }.map(|_| {
-                // SAFETY: the staging page of a frame whose entry we hold locked.
-                unsafe {
-                    crate::sys::madvise(st as *mut libc::c_void, PAGE_SIZE, libc::MADV_DONTNEED)
-                };
-            })
+            // SAFETY: as above; the staged page is readable for PS bytes (checked
+            // just above, and only the holder of the entry lock drops it).
+            match unsafe { self.uffd.copy(page, st as *const u8, PS, uffd::COPY_WP) } {
+                Ok(true) => {
+                    // SAFETY: the staging page of a frame whose entry we hold
+                    // locked.
+                    unsafe {
+                        crate::sys::madvise(st as *mut libc::c_void, PAGE_SIZE, libc::MADV_DONTNEED)
+                    };
+                    Ok(())
+                }
+                // Something is mapped there although the entry says staged: the
+                // staged page stays where it is, the entry as it was.
+                other => {
+                    unlock_entry(pte, 0, 0);
+                    return Err(not_mapped(other, "unstage", page, v, eng));
+                }
+            }
         };
         if let Err(e) = done {
             unlock_entry(pte, 0, 0);
@@ -776,14 +796,29 @@ impl TRegion {
                     }
                     return self.unstage(pte, v, page, write);
                 }
-                Pte::Present(_) => {
-                    if v & P_LOCK == 0 && !crate::sys::page_there(page) {
-                        // Mapped by its entry, missing from the mapping, nobody
-                        // holding it: waking the thread would fault again forever.
-                        // (Locked: a short holder — a write-protect fault, a
-                        // page-out copy, an eviction — and the retry looks again.)
-                        crate::reclaim::say_lost("missing-page fault", page, v, eng);
-                        return Err(Error::Io(std::io::ErrorKind::InvalidData.into()));
+                Pte::Present(pfn) => {
+                    if !crate::sys::page_there(page) {
+                        // Mapped by its entry, missing from the mapping. Looked at
+                        // again under the entry lock: a holder (an eviction or a
+                        // staging, which take the page out before the entry says
+                        // so; a write-protect fault; a page-out copy) may be
+                        // moving it; then the entry changes or the page is there.
+                        let Some(lv) = try_lock_present(pte, 0) else {
+                            wait_until(|| pte.load(Ordering::Acquire) & P_LOCK == 0);
+                            continue;
+                        };
+                        if lv & P_STAGED != 0 || Pte::pfn(lv) != pfn {
+                            unlock_entry(pte, 0, 0);
+                            continue;
+                        }
+                        if !crate::sys::page_there(page) {
+                            // Nobody is moving it: it is lost. Waking the thread
+                            // would make it fault again forever.
+                            say_lost(Lost::FromMapping, "missing-page fault", page, lv, eng);
+                            unlock_entry(pte, 0, 0);
+                            return Err(Error::Io(std::io::ErrorKind::InvalidData.into()));
+                        }
+                        unlock_entry(pte, 0, 0);
                     }
                     // Served already (two threads faulted the same page).
                     let _ = self.uffd.wake(page, PS);
@@ -818,10 +853,10 @@ impl TRegion {
                     // SAFETY: the zero page and the bounce page are ours and
                     // PAGE_SIZE long.
                     let mapped = unsafe { self.uffd.copy(page, src.ptr(0), PS, 0) };
-                    if let Err(e) = mapped {
+                    if !matches!(mapped, Ok(true)) {
                         eng.frames.free(pfn);
                         pte.store(EMPTY, Ordering::Release);
-                        return Err(Error::Io(e));
+                        return Err(not_mapped(mapped, "zero-fill fault", page, v, eng));
                     }
                     eng.install_transparent(pte, pfn, page, 0, true);
                     super::transparent_foreign::filled(self.foreign.as_deref(), eng, foreign);
@@ -910,11 +945,11 @@ impl TRegion {
                     let mode = if keep { uffd::COPY_WP } else { 0 };
                     // SAFETY: the bounce page is ours and PAGE_SIZE long.
                     let mapped = unsafe { self.uffd.copy(page, bounce.ptr(gather[0]), PS, mode) };
-                    if let Err(err) = mapped {
+                    if !matches!(mapped, Ok(true)) {
                         eng.frames.free(pfn);
                         pte.store(v, Ordering::Release);
                         self.unclaim_around(&ra[..nra], 0);
-                        return Err(Error::Io(err));
+                        return Err(not_mapped(mapped, "swap-in fault", page, v, eng));
                     }
                     eng.transparent_out.fetch_sub(1, Ordering::Relaxed);
                     if keep {
@@ -953,6 +988,21 @@ pub(super) fn claim_empty(eng: &Engine, pte: &AtomicU64) -> Result<Option<crate:
     };
     token_only(eng, pfn);
     Ok(Some(pfn))
+}
+
+/// The error for a `UFFDIO_COPY` that did not map the page: its own error, or
+/// `EEXIST` (`Ok(false)`): a page is already in the mapping although the entry
+/// (`entry`, as it was before the fault claimed it) says none is — a broken
+/// invariant, said on stderr (`reclaim::say_lost`); the page there is left alone
+/// (it is not what the entry describes, and mapping over it is impossible).
+fn not_mapped(r: std::io::Result<bool>, who: &str, page: u64, entry: u64, eng: &Engine) -> Error {
+    match r {
+        Err(e) => Error::Io(e),
+        Ok(_) => {
+            say_lost(Lost::AlreadyMapped, who, page, entry, eng);
+            Error::Io(std::io::ErrorKind::AlreadyExists.into())
+        }
+    }
 }
 
 /// A frame that only stands for a transparent page in the budget: its own memory is
@@ -1147,5 +1197,127 @@ impl TransparentRegion {
         self.region
             .discard(self.region.base + offset as u64, len as u64);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The fault path's answers to a broken invariant (a page the page tables hold
+    //! and the entry does not describe, or the reverse): an error and a line on
+    //! stderr, never a page installed over another, never a copy that cannot end.
+    //! The fault functions are called directly (not through a touch, whose SIGBUS
+    //! would end this test process).
+    use super::*;
+    use crate::{Config, SwapSpec, Vm};
+
+    /// A Vm with a 16 MiB swap file and `cfg`, or `None` (SKIP on stderr) where
+    /// transparent memory is unavailable; a failure if CI requires it.
+    fn setup(cfg: Config) -> Option<(tempfile::TempDir, Vm)> {
+        let dir = tempfile::tempdir().unwrap();
+        let vm = Vm::new(cfg).unwrap();
+        vm.swapon(SwapSpec::file(dir.path().join("swap"), 16 << 20))
+            .unwrap();
+        let required = std::env::var("USERMM_REQUIRE_UFFD").as_deref() == Ok("1");
+        let Err(e) = vm.map_transparent(PAGE_SIZE) else {
+            return Some((dir, vm));
+        };
+        assert!(!required, "userfaultfd required but unavailable: {e}");
+        eprintln!("SKIP: transparent memory unavailable here: {e}");
+        None
+    }
+
+    /// A page put into the mapping behind usermm's back (here a `UFFDIO_COPY` of
+    /// the test's own) under an entry that says the page was never touched: a fault
+    /// on it fails (`EEXIST` from the copy) and leaves both as they were — the
+    /// entry empty, no frame taken, the bytes there not overwritten with zeros.
+    #[test]
+    fn a_page_mapped_behind_an_unmapped_entry_is_not_installed_over() {
+        let Some((_d, vm)) = setup(Config::default().memory_budget(16 << 20)) else {
+            return;
+        };
+        let r = vm.map_transparent(16 * PAGE_SIZE).unwrap();
+        let t = &r.region;
+        let page = t.base + 3 * PS;
+        let mut src = AlignedPages::new(1).unwrap();
+        src.page_mut(0).fill(0xab);
+        // SAFETY: a page of our region that nothing has touched; the source is
+        // ours, PAGE_SIZE long.
+        let placed = unsafe { t.uffd.copy(page, src.ptr(0), PS, 0) };
+        assert!(matches!(placed, Ok(true)), "{placed:?}");
+        assert_eq!(t.entry(page).load(Ordering::Acquire), EMPTY);
+        let used = vm.stats().total_frames - vm.stats().free_frames;
+        let zero = AlignedPages::new(1).unwrap();
+        let mut bounce = AlignedPages::new(1 + READ_AROUND).unwrap();
+        let res = t.missing_fault(page, false, &zero, &mut bounce);
+        assert!(res.is_err(), "a fault over a page already there succeeded");
+        assert_eq!(
+            t.entry(page).load(Ordering::Acquire),
+            EMPTY,
+            "entry changed"
+        );
+        assert_eq!(
+            vm.stats().total_frames - vm.stats().free_frames,
+            used,
+            "the failed fault kept a frame"
+        );
+        // SAFETY: inside our region, mapped (placed above).
+        let b = unsafe { std::ptr::read_volatile((page + 100) as *const u8) };
+        assert_eq!(b, 0xab, "the page there was overwritten");
+    }
+
+    /// A staged page whose staging page vanished (dropped behind usermm's back)
+    /// and that is clean, so it would be copied back: the fault fails at once with
+    /// the entry unlocked, instead of a copy whose source faults in the staging
+    /// area, which no handler serves (the copy would never end). On a thread of its
+    /// own, bounded: a regression fails after 20 s instead of hanging.
+    #[test]
+    fn a_staged_page_whose_staging_page_vanished_fails_instead_of_hanging() {
+        let cfg = Config::default().memory_budget(1 << 20).stage_every(1);
+        let Some((_d, vm)) = setup(cfg) else {
+            return;
+        };
+        let r = vm.map_transparent(8 << 20).unwrap();
+        let t = r.region.clone();
+        // Pressure: reclaim stages pages (every visit, `stage_every(1)`).
+        let found = (0..50).find_map(|round| {
+            for p in 0..t.npages {
+                // SAFETY: inside our region.
+                unsafe { ((t.base + p as u64 * PS) as *mut u64).write_volatile(round + 1) };
+            }
+            (0..t.npages).find_map(|p| {
+                let page = t.base + p as u64 * PS;
+                let pte = t.entry(page);
+                let v = try_lock_present(pte, 0)?;
+                if v & P_STAGED != 0 {
+                    return Some((page, v));
+                }
+                unlock_entry(pte, 0, 0);
+                None
+            })
+        });
+        let Some((page, v)) = found else {
+            panic!("no page was staged under pressure with stage_every(1)");
+        };
+        // Entry locked by us: drop the staged page from its staging page.
+        let st = t.eng.staging_addr(Pte::pfn(v)).unwrap();
+        // SAFETY: the staging page of a frame whose entry we hold locked.
+        unsafe { crate::sys::madvise(st as *mut libc::c_void, PAGE_SIZE, libc::MADV_DONTNEED) };
+        assert!(!crate::sys::page_there(st));
+        // As if clean (a clean page is copied back; a dirty one moved, and a move
+        // of a missing page fails by itself).
+        let (tx, rx) = std::sync::mpsc::channel();
+        let t2 = t.clone();
+        std::thread::spawn(move || {
+            let pte = t2.entry(page);
+            let res = t2.unstage(pte, v & !P_DIRTY, page, false);
+            let _ = tx.send(res.is_err());
+        });
+        let failed = rx
+            .recv_timeout(std::time::Duration::from_secs(20))
+            .expect("bringing back a staged page whose staging page is missing hung");
+        assert!(failed, "a page with no bytes behind it was brought back");
+        let after = t.entry(page).load(Ordering::Acquire);
+        assert_eq!(after & P_LOCK, 0, "the entry stayed locked");
+        assert_ne!(after & P_STAGED, 0, "the entry no longer says staged");
     }
 }

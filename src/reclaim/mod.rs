@@ -474,8 +474,13 @@ fn reclaim_frame(eng: &Engine, pfn: Pfn, small: bool, r: &mut ScanResult, zap: &
         static SAID: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         if SAID.fetch_add(1, Ordering::Relaxed) < 4 {
             say_lost(
+                if staged {
+                    Lost::FromStaging
+                } else {
+                    Lost::FromMapping
+                },
                 "page-out copy",
-                src as u64,
+                d.owner2.load(Ordering::Relaxed) as u64,
                 entry_bits(eng, d, pfn) & !P_LOCK,
                 eng,
             );
@@ -824,33 +829,59 @@ fn evict_locked(
     Some(release)
 }
 
-/// Says on stderr that a transparent page is missing from its mapping although its
-/// entry says it is mapped: a broken invariant (something dropped the page behind
-/// usermm's back), reported with what usermm knows of the page instead of serving
-/// it (the program would otherwise fault on it forever). No allocation: the line is
-/// built on the stack.
-pub(crate) fn say_lost(who: &str, page: u64, entry: u64, eng: &Engine) {
+/// What a transparent page's entry and the page tables disagree on (see
+/// `say_bug`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Lost {
+    /// The entry says mapped; the mapping has no page there.
+    FromMapping,
+    /// The entry says staged; the frame's staging page is missing.
+    FromStaging,
+    /// The entry says not mapped (empty or on swap); the mapping has a page there,
+    /// so mapping ours would fail (`EEXIST`) and the page there is not what the
+    /// entry describes.
+    AlreadyMapped,
+}
+
+/// Says on stderr that a transparent page's entry and the page tables disagree (a
+/// broken invariant: something dropped or placed the page behind usermm's back),
+/// with what usermm knows of the page, instead of serving it (the program would
+/// otherwise fault on it forever, or read bytes that are not its own). `who` is
+/// the path that noticed; the line carries this process's id (a fork child and
+/// its parent share stderr). No allocation: the line is built on the stack.
+pub(crate) fn say_lost(what: Lost, who: &str, page: u64, entry: u64, eng: &Engine) {
     use std::io::Write;
-    let mut buf = [0u8; 320];
+    let mut buf = [0u8; 400];
     let mut c = std::io::Cursor::new(&mut buf[..]);
-    let pfn = Pte::pfn(entry);
-    let staging = eng.staging_addr(pfn);
-    let d = eng.frames.desc(pfn);
-    let _ = writeln!(
+    let what = match what {
+        Lost::FromMapping => "is missing from its mapping but its entry is mapped",
+        Lost::FromStaging => "is missing from its staging page but its entry says it is staged",
+        Lost::AlreadyMapped => "is in its mapping but its entry says it is not",
+    };
+    // SAFETY: getpid has no preconditions.
+    let pid = unsafe { libc::getpid() };
+    let _ = write!(
         c,
-        "usermm: BUG: transparent page {page:#x} is missing from its mapping but its entry \
-         is mapped ({who}; entry {entry:#x}, frame {} flags {:#x} owner {:#x} slot {:#x}, \
-         staging page resident: {})",
-        pfn.0,
-        d.flags.load(Ordering::Relaxed),
-        d.owner2.load(Ordering::Relaxed) as u64,
-        d.swap.load(Ordering::Relaxed),
-        staging.map_or("none", |st| if crate::sys::page_there(st) {
-            "yes"
-        } else {
-            "no"
-        }),
+        "usermm: BUG: transparent page {page:#x} {what} ({who}; pid {pid}, entry {entry:#x}"
     );
+    if let Pte::Present(pfn) = Pte::decode(entry) {
+        let d = eng.frames.desc(pfn);
+        let staging = eng.staging_addr(pfn);
+        let _ = write!(
+            c,
+            ", frame {} flags {:#x} owner {:#x} slot {:#x}, staging page resident: {}",
+            pfn.0,
+            d.flags.load(Ordering::Relaxed),
+            d.owner2.load(Ordering::Relaxed) as u64,
+            d.swap.load(Ordering::Relaxed),
+            staging.map_or("none", |st| if crate::sys::page_there(st) {
+                "yes"
+            } else {
+                "no"
+            }),
+        );
+    }
+    let _ = writeln!(c, ")");
     let n = c.position() as usize;
     // SAFETY: writing our stack buffer to stderr.
     unsafe { libc::write(2, buf.as_ptr().cast(), n) };
