@@ -15,8 +15,12 @@
 //! fails with EFAULT), so `open` refuses it and says how to grant the device.
 //!
 //! ## Hazards, handled where they arise
-//! - `EEXIST` from COPY/ZEROPAGE: the page is already there (another resolution won);
-//!   harmless, the faulting thread is woken anyway (`copy` returns `Ok(false)`).
+//! - `EEXIST` from COPY: a page is already there. Transparent memory resolves each
+//!   page once, under its entry's claim or lock, so there it is a broken invariant
+//!   (the caller says so and fails the fault): `copy` returns `Ok(false)` and does
+//!   *not* wake the range, so a thread waiting on that page stays blocked until the
+//!   handler's SIGBUS reaches it instead of running on with bytes that are not its
+//!   own. From ZEROPAGE (unused by the library): `Ok(false)`, the range woken.
 //! - `EAGAIN` from COPY/ZEROPAGE/WRITEPROTECT: the address space is changing (a remove
 //!   or unmap event is pending); the caller retries after reading its events.
 //! - `ENOENT`/`ESRCH`: the range is no longer registered or the process is exiting;
@@ -294,7 +298,8 @@ impl Uffd {
 
     /// Copies `len` bytes from `src` into the missing page(s) at `dst`, mapping them
     /// (write-protected with `COPY_WP`) and waking the faulting threads (unless
-    /// `COPY_DONTWAKE`). `Ok(false)` if the page was already there (EEXIST).
+    /// `COPY_DONTWAKE`). `Ok(false)` if a page was already there (EEXIST); nobody is
+    /// woken then (see the module header).
     ///
     /// # Safety
     /// `src` must be readable for `len` bytes.
@@ -308,10 +313,7 @@ impl Uffd {
         };
         match ioctl(self.raw_fd(), UFFDIO_COPY, (&raw mut c).cast()) {
             Ok(()) => Ok(true),
-            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
-                self.wake(dst, len)?;
-                Ok(false)
-            }
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(false),
             Err(e) => Err(e),
         }
     }
