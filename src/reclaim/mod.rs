@@ -830,7 +830,7 @@ fn evict_locked(
 }
 
 /// What a transparent page's entry and the page tables disagree on (see
-/// `say_bug`).
+/// `say_lost`).
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Lost {
     /// The entry says mapped; the mapping has no page there.
