@@ -123,11 +123,17 @@ pub(crate) struct Engine {
     /// Transparent pages evicted (their entry `Swapped`, the page gone from the
     /// mapping); relaxed counter, see `Vm::transparent_pages_out`.
     pub transparent_out: AtomicU64,
-    /// Set while a process fork must see no transparent page leave its mapping
-    /// (`Vm::freeze_transparent_eviction`); `transparent_evicting` counts evictions
-    /// past that check, so the freezer can wait for them.
-    pub transparent_frozen: AtomicBool,
+    /// Non-zero while a process fork must see no transparent page leave its
+    /// mapping: how many freezes are held (`Vm::freeze_transparent_eviction`; two
+    /// threads may fork at once, and the first to finish must not lift the
+    /// second's freeze). `transparent_evicting` counts evictions past that check,
+    /// so the freezer can wait for them.
+    pub transparent_frozen: AtomicU64,
     pub transparent_evicting: AtomicU64,
+    /// Set while an allocation has found nothing to free but pages that look
+    /// pinned (`reclaim::stage`): reclaim then evicts those in place, as it did
+    /// before it told pinned pages apart, rather than fail the allocation.
+    pub evict_pinned: AtomicBool,
     /// Base of the staging area of transparent pages (one page per frame, at
     /// `staging + pfn * PAGE_SIZE`), or 0 without `UFFDIO_MOVE`. Set once, before
     /// the first transparent region exists.
@@ -235,7 +241,8 @@ impl Engine {
             last_write_error_file: crate::sync::AtomicI32::new(0),
             uffd: std::sync::OnceLock::new(),
             transparent_out: AtomicU64::new(0),
-            transparent_frozen: AtomicBool::new(false),
+            transparent_frozen: AtomicU64::new(0),
+            evict_pinned: AtomicBool::new(false),
             transparent_evicting: AtomicU64::new(0),
             staging: AtomicU64::new(0),
             arena_used: AtomicBool::new(false),
@@ -437,6 +444,7 @@ impl Engine {
             wp_faults: l(&c.wp_faults),
             staged: l(&c.staged),
             staged_refaults: l(&c.staged_refaults),
+            pinned_skips: l(&c.pinned_skips),
             read_around: l(&c.read_around),
             pswpin: l(&c.pswpin),
             pswpout: l(&c.pswpout),

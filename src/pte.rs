@@ -237,6 +237,21 @@ fn lockdep_acquire(pte: &AtomicU64, try_: bool) {
     acquire_at(PTE_LOCK, Kind::Spin, pte, try_);
 }
 
+/// Waits until `pte` is not a locked present entry: unlocked, or no longer
+/// present. Only a present entry has a lock bit; a swapped entry keeps its
+/// device number in those bits (bit 2 is `P_LOCK` of a present entry and bit 0
+/// of a swapped entry's device), so a wait for `P_LOCK` alone would never end on
+/// a page evicted to an odd-numbered device while it waited.
+pub(crate) fn wait_unlocked(pte: &AtomicU64) {
+    crate::sync::wait_until(|| unlocked_or_gone(pte.load(Ordering::Acquire)));
+}
+
+/// `wait_unlocked`'s condition on one value of an entry.
+#[inline]
+pub(crate) fn unlocked_or_gone(v: u64) -> bool {
+    v & TAG_MASK != TAG_PRESENT || v & P_LOCK == 0
+}
+
 /// Locks a present entry that maps `pfn`, waiting out short holders of `P_LOCK`.
 /// `None` if the entry does not map `pfn` (any more).
 #[cfg_attr(feature = "lockdep", track_caller)]
@@ -259,10 +274,7 @@ pub(crate) fn lock_present(pte: &AtomicU64, pfn: Pfn) -> Option<u64> {
             return None;
         }
         // Only a present entry has a lock bit; other kinds use those bits for data.
-        crate::sync::wait_until(|| {
-            let now = pte.load(Ordering::Relaxed);
-            now & TAG_MASK != TAG_PRESENT || now & P_LOCK == 0
-        });
+        crate::sync::wait_until(|| unlocked_or_gone(pte.load(Ordering::Relaxed)));
     }
 }
 

@@ -17,6 +17,7 @@ pub(crate) struct Counters {
     pub cow_faults: AtomicU64,
     pub wp_faults: AtomicU64,
     pub staged_refaults: AtomicU64,
+    pub pinned_skips: AtomicU64,
     pub staged: AtomicU64,
     pub read_around: AtomicU64,
     pub write_errors: AtomicU64,
@@ -103,6 +104,10 @@ pub struct Stats {
     pub staged: u64,
     /// Faults on staged pages (used again: moved back, no I/O).
     pub staged_refaults: u64,
+    /// Reclaim's visits that left a transparent page where it was because the
+    /// kernel refused to move it while it is pinned (an `O_DIRECT` read or an
+    /// io_uring buffer a device may be writing into); see `reclaim`.
+    pub pinned_skips: u64,
     /// Transparent pages read in the same request as a faulting neighbour (their
     /// slots followed its slot), counted in `pswpin`.
     pub read_around: u64,

@@ -79,6 +79,82 @@ pub fn page_there(addr: u64) -> bool {
 /// Whether `/proc/self/pagemap` shows the page at `addr` present or swapped;
 /// `None` if it cannot be read. No allocation.
 fn in_pagemap(addr: u64) -> Option<bool> {
+    pagemap_entry(addr).map(|e| e & (PM_PRESENT | PM_SWAPPED) != 0)
+}
+
+/// `/proc/self/pagemap`: the page is present.
+const PM_PRESENT: u64 = 1 << 63;
+/// `/proc/self/pagemap`: the page is on the kernel's swap.
+const PM_SWAPPED: u64 = 1 << 62;
+/// `/proc/self/pagemap`: the page is mapped exactly once (not shared with a fork
+/// child copy-on-write).
+const PM_MMAP_EXCLUSIVE: u64 = 1 << 56;
+
+/// Whether the page at `addr` is present and mapped exactly once, by this
+/// mapping (`/proc/self/pagemap` bit 56): not shared copy-on-write with a fork
+/// child. `None` if it cannot be read. No allocation, never faults.
+///
+/// `UFFDIO_MOVE` refuses (`EBUSY`) a page that is shared *or* pinned (for DMA, by
+/// `O_DIRECT` or io_uring); a page pinned for a device to write into it is always
+/// exclusive (the pin breaks copy-on-write first), so an exclusive page the move
+/// refused may be being written behind the page tables, and a shared one cannot.
+pub(crate) fn page_exclusive(addr: u64) -> Option<bool> {
+    pagemap_entry(addr)
+        .map(|e| e & (PM_PRESENT | PM_MMAP_EXCLUSIVE) == PM_PRESENT | PM_MMAP_EXCLUSIVE)
+}
+
+/// Which of the `out.len()` pages from `addr` (page-aligned) the kernel's own swap
+/// holds (`/proc/self/pagemap` bit 62): `out[i]` is set for page `i`. Pages
+/// `mincore` does not count as resident but whose contents exist. False for all if
+/// the file cannot be read. One read; no allocation.
+pub(crate) fn kernel_swapped(addr: u64, out: &mut [bool]) -> bool {
+    const CHUNK: usize = 512;
+    let mut buf = [0u64; CHUNK];
+    // SAFETY: opening a static NUL-terminated path read-only, close-on-exec.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat,
+            libc::AT_FDCWD,
+            c"/proc/self/pagemap".as_ptr(),
+            libc::O_RDONLY | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        out.fill(false);
+        return false;
+    }
+    let mut ok = true;
+    for (k, part) in out.chunks_mut(CHUNK).enumerate() {
+        let first = addr / crate::addr::PAGE_SIZE as u64 + (k * CHUNK) as u64;
+        let want = part.len() * 8;
+        // SAFETY: reading at most `want` bytes into `buf`, on our stack, which has
+        // room for `CHUNK` entries.
+        let n = unsafe {
+            libc::syscall(
+                libc::SYS_pread64,
+                fd,
+                buf.as_mut_ptr().cast::<c_void>(),
+                want,
+                first * 8,
+            )
+        };
+        if n != want as i64 {
+            part.fill(false);
+            ok = false;
+            continue;
+        }
+        for (o, &e) in part.iter_mut().zip(buf.iter()) {
+            *o = e & PM_SWAPPED != 0;
+        }
+    }
+    // SAFETY: our descriptor, closed once.
+    unsafe { libc::syscall(libc::SYS_close, fd) };
+    ok
+}
+
+/// The page's 64-bit entry in `/proc/self/pagemap`; `None` if it cannot be read.
+/// No allocation.
+fn pagemap_entry(addr: u64) -> Option<u64> {
     // SAFETY: opening a static NUL-terminated path read-only, close-on-exec.
     let fd = unsafe {
         libc::syscall(
@@ -106,7 +182,7 @@ fn in_pagemap(addr: u64) -> Option<bool> {
         libc::syscall(libc::SYS_close, fd);
         n
     };
-    (n == 8).then_some(e & (3 << 62) != 0)
+    (n == 8).then_some(e)
 }
 
 /// `pidfd` sentinel for the calling process (Linux 6.14).

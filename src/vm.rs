@@ -286,6 +286,7 @@ impl Vm {
         &self,
         c: crate::mm::transparent_fork::ForkChild,
     ) -> Result<Vec<crate::TransparentRegion>> {
+        crate::mm::transparent::note_fork();
         crate::mm::transparent_fork::adopt(&self.host()?, c, self.inner.clone())
     }
 
@@ -320,8 +321,9 @@ impl Vm {
     #[doc(hidden)]
     pub fn freeze_transparent_eviction(&self) -> TransparentFreeze<'_> {
         let eng = self.eng();
+        crate::mm::transparent::note_fork();
         eng.transparent_frozen
-            .store(true, crate::sync::Ordering::SeqCst);
+            .fetch_add(1, crate::sync::Ordering::SeqCst);
         crate::sync::wait_until(|| {
             eng.transparent_evicting.load(crate::sync::Ordering::SeqCst) == 0
         });
@@ -386,7 +388,10 @@ impl Vm {
     /// device then stays in service with every page intact); `Device` if the device
     /// fails a read (likewise).
     pub fn swapoff(&self, id: SwapId) -> Result<()> {
-        crate::swap::swapoff::swapoff(self.eng(), id)
+        let host = self.inner.transparent.lock().clone();
+        crate::swap::swapoff::swapoff(self.eng(), id, &|dev| {
+            host.as_ref().map_or(Ok(()), |h| h.drain_device(dev))
+        })
     }
 
     /// Memory pressure, as `/proc/pressure/memory`: the share of wall time threads
@@ -526,7 +531,7 @@ impl Drop for TransparentFreeze<'_> {
         self.vm
             .eng()
             .transparent_frozen
-            .store(false, crate::sync::Ordering::SeqCst);
+            .fetch_sub(1, crate::sync::Ordering::SeqCst);
     }
 }
 

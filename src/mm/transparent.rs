@@ -74,8 +74,8 @@ use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::frame::AllocCtx;
 use crate::pte::{
-    lock_present, try_lock_present, unlock_entry, Pte, BUSY, EMPTY, P_ACCESSED, P_DIRTY, P_HEAT,
-    P_HEAT_ONE, P_LOCK, P_STAGED,
+    lock_present, try_lock_present, unlock_entry, wait_unlocked, Pte, BUSY, EMPTY, P_ACCESSED,
+    P_DIRTY, P_HEAT, P_HEAT_ONE, P_STAGED,
 };
 use crate::reclaim::{say_lost, Lost};
 use crate::stats::Counters;
@@ -203,6 +203,7 @@ impl Host {
     /// Opens the descriptor and starts the handler threads (one per CPU this process
     /// may run on, each pinned to its CPU; see "Who serves faults").
     pub fn start(eng: Arc<Engine>) -> Result<Arc<Host>> {
+        watch_forks();
         let want = uffd::FEATURE_PAGEFAULT_FLAG_WP | uffd::FEATURE_THREAD_ID | uffd::FEATURE_MOVE;
         let u = Uffd::open(want).map_err(Error::Io)?;
         if u.features() & uffd::FEATURE_PAGEFAULT_FLAG_WP == 0 {
@@ -365,6 +366,35 @@ impl Host {
         }
     }
 
+    /// Brings every page of the transparent regions that is on swap device `dev`
+    /// back into its mapping, for swapoff (`swap::swapoff`): each as a missing-page
+    /// fault would (so a fault of the program's on the same page meanwhile is
+    /// arbitrated as between two faulting threads), and, the device being drained,
+    /// without keeping its copy: mapped dirty, its slot freed. Reclaim may write
+    /// other pages to the other devices meanwhile. Only chunks ever filled are
+    /// looked at. The first error ends the pass (the device stays in service).
+    pub fn drain_device(&self, dev: u8) -> Result<()> {
+        let list = self.regions.lock().clone();
+        if list.is_empty() {
+            return Ok(());
+        }
+        let zero = AlignedPages::new(1)?;
+        let mut bounce = AlignedPages::new(1 + READ_AROUND)?;
+        for r in list {
+            for i in super::transparent_fork::touched_ranges(&r)
+                .into_iter()
+                .flatten()
+            {
+                let pte = &r.entries()[i];
+                if matches!(Pte::decode(pte.load(Ordering::Acquire)), Pte::Swapped(e) if e.dev == dev)
+                {
+                    r.missing_fault(r.base + i as u64 * PS, false, &zero, &mut bounce)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn find(&self, addr: u64) -> Option<Arc<TRegion>> {
         let list = self.regions.lock();
         let i = list.partition_point(|x| x.base <= addr);
@@ -432,12 +462,48 @@ fn map_registered(u: &Uffd, len: u64, mode: u64) -> std::io::Result<*mut libc::c
     }
     // SAFETY: advice on the mapping just made.
     unsafe { crate::sys::madvise(p, len as usize, libc::MADV_NOHUGEPAGE) };
+    // Never merged by KSM (a process-wide `PR_SET_MEMORY_MERGE`): a merged page is
+    // shared, which `UFFDIO_MOVE` refuses as it refuses a pinned one (see
+    // `reclaim::stage`). Advisory; a kernel without KSM says EINVAL.
+    // SAFETY: advice on the mapping just made.
+    unsafe { crate::sys::madvise(p, len as usize, libc::MADV_UNMERGEABLE) };
     if let Err(e) = u.register(p as u64, len, mode) {
         // SAFETY: unmapping what we mapped above; nothing refers to it.
         unsafe { crate::sys::munmap(p, len as usize) };
         return Err(e);
     }
     Ok(p)
+}
+
+/// Set once this process has forked since its first transparent memory: its pages
+/// may then be, or have been, shared copy-on-write with another process, which
+/// `UFFDIO_MOVE` refuses as it refuses a pinned page (`reclaim::stage`). Set by a
+/// `pthread_atfork` prepare handler, so every fork through the C library counts
+/// (`usermm exec`'s wrapper, `libc::fork`, `std::process::Command`'s fallback,
+/// `daemon`); a raw `clone` without `CLONE_VM` does not. A fork child inherits it.
+static FORKED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether this process has forked since its first transparent memory (`FORKED`).
+pub(crate) fn process_forked() -> bool {
+    FORKED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Marks this process as forked (`FORKED`); also what the atfork handler does.
+pub(crate) fn note_fork() {
+    FORKED.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Registers the atfork handler that sets `FORKED`, once per process.
+fn watch_forks() {
+    extern "C" fn prepare() {
+        note_fork();
+    }
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: registers a handler that only stores to an atomic
+        // (async-signal-safe); nothing is unregistered, ever.
+        unsafe { libc::pthread_atfork(Some(prepare), None, None) };
+    });
 }
 
 /// The CPUs to serve faults on: those this thread may run on (a cpuset or `taskset`
@@ -542,10 +608,14 @@ impl TRegion {
                 Pte::Present(_) => {
                     let Some(_) = try_lock_present(pte, 0) else {
                         // Reclaim holds it for a moment (a copy or an eviction).
-                        wait_until(|| pte.load(Ordering::Acquire) & P_LOCK == 0);
+                        wait_unlocked(pte);
                         continue;
                     };
-                    let _ = self.uffd.writeprotect(page, PS, 0);
+                    // Lifting the protection also wakes the thread; if it failed,
+                    // wake it anyway: its retry faults again and comes back here.
+                    if self.uffd.writeprotect(page, PS, 0).is_err() {
+                        let _ = self.uffd.wake(page, PS);
+                    }
                     unlock_entry(pte, 0, P_DIRTY);
                     self.hint(page).store(WRITE_HINT, Ordering::Relaxed);
                     Counters::inc(&self.eng.cnt.wp_faults);
@@ -697,7 +767,7 @@ impl TRegion {
                 return Ok(());
             }
             let Some(v) = try_lock_present(pte, 0) else {
-                wait_until(|| pte.load(Ordering::Acquire) & P_LOCK == 0);
+                wait_unlocked(pte);
                 continue;
             };
             if v & P_STAGED == 0 {
@@ -787,7 +857,7 @@ impl TRegion {
             match Pte::decode(v) {
                 Pte::Present(pfn) if v & P_STAGED != 0 => {
                     let Some(v) = try_lock_present(pte, 0) else {
-                        wait_until(|| pte.load(Ordering::Acquire) & P_LOCK == 0);
+                        wait_unlocked(pte);
                         continue;
                     };
                     if v & P_STAGED == 0 || Pte::pfn(v) != pfn {
@@ -804,7 +874,7 @@ impl TRegion {
                         // so; a write-protect fault; a page-out copy) may be
                         // moving it; then the entry changes or the page is there.
                         let Some(lv) = try_lock_present(pte, 0) else {
-                            wait_until(|| pte.load(Ordering::Acquire) & P_LOCK == 0);
+                            wait_unlocked(pte);
                             continue;
                         };
                         if lv & P_STAGED != 0 || Pte::pfn(lv) != pfn {
@@ -1208,6 +1278,7 @@ mod tests {
     //! The fault functions are called directly (not through a touch, whose SIGBUS
     //! would end this test process).
     use super::*;
+    use crate::pte::P_LOCK;
     use crate::{Config, SwapSpec, Vm};
 
     /// A Vm with a 16 MiB swap file and `cfg`, or `None` (SKIP on stderr) where
@@ -1333,5 +1404,198 @@ mod tests {
             Pte::Swapped(_) => {}
             other => panic!("the entry became {other:?} ({after:#x})"),
         }
+    }
+
+    /// A handler waiting for reclaim's entry lock while reclaim evicts the page:
+    /// the wait ends when the entry stops being a locked present entry. A swapped
+    /// entry keeps its device number where a present one has `P_LOCK` (bit 2 is bit
+    /// 0 of the device), so a wait on that bit alone never ended for a page evicted
+    /// to an odd-numbered device (the second device swapped on), and the faulting
+    /// thread was never woken. The eviction is played by the test: it holds the
+    /// entry lock as reclaim does, then stores a swapped entry on device 1.
+    #[test]
+    fn a_wait_for_reclaims_lock_ends_when_the_page_goes_to_an_odd_device() {
+        let Some((_d, vm)) = setup(Config::default().memory_budget(16 << 20)) else {
+            return;
+        };
+        let r = vm.map_transparent(16 * PAGE_SIZE).unwrap();
+        let t = r.region.clone();
+        let page = t.base + 2 * PS;
+        // SAFETY: inside our region.
+        unsafe { (page as *mut u64).write_volatile(7) };
+        let pte = t.entry(page);
+        // The fault's copy wakes us before its handler installs the entry: wait
+        // for the entry (bounded).
+        let t0 = std::time::Instant::now();
+        let v = loop {
+            if let Some(v) = try_lock_present(pte, 0) {
+                break v;
+            }
+            assert!(
+                t0.elapsed() < std::time::Duration::from_secs(10),
+                "a touched page never became present and unlocked"
+            );
+            std::thread::yield_now();
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        let t2 = t.clone();
+        std::thread::spawn(move || {
+            t2.write_fault(page);
+            let _ = tx.send(());
+        });
+        // The handler is waiting for the lock (or about to).
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let swapped = Pte::swapped(crate::addr::SwapEntry { dev: 1, slot: 5 });
+        assert_ne!(
+            swapped & P_LOCK,
+            0,
+            "the test needs a swapped entry with bit 2 set"
+        );
+        pte.store(swapped, Ordering::Release);
+        let ended = rx.recv_timeout(std::time::Duration::from_secs(10));
+        // Put the page back as it was (locked by us), then unlock it.
+        pte.store(v, Ordering::Release);
+        unlock_entry(pte, 0, 0);
+        assert!(
+            ended.is_ok(),
+            "the write-protect handler still waits for a lock on an entry that is swapped"
+        );
+        // SAFETY: inside our region, present again.
+        assert_eq!(unsafe { (page as *const u64).read_volatile() }, 7);
+    }
+
+    /// A page a device may write into behind the page tables (pinned: here an
+    /// io_uring fixed buffer, which the kernel pins for as long as it is
+    /// registered) is never copied out and dropped by reclaim: `UFFDIO_MOVE`
+    /// refuses it (`EBUSY`), and evicting it in place instead (write-protect, copy,
+    /// drop) would leave the device's later write in a page the program no longer
+    /// maps — the program would read the old copy back from swap. Under pressure
+    /// the page stays mapped; a read from a file into the buffer is then what the
+    /// program reads.
+    ///
+    /// Run in a child process (this test binary, re-run with this test alone): a
+    /// fork anywhere in a process turns the distinction off for good
+    /// (`process_forked`), and other tests of this binary fork.
+    #[test]
+    fn a_pinned_page_stays_mapped_and_keeps_what_a_device_writes_into_it() {
+        const NAME: &str =
+            "mm::transparent::tests::a_pinned_page_stays_mapped_and_keeps_what_a_device_writes_into_it";
+        if std::env::var("USERMM_PINNED_CHILD").as_deref() != Ok("1") {
+            let out = std::process::Command::new(std::env::current_exe().unwrap())
+                .args(["--exact", NAME, "--nocapture", "--test-threads=1"])
+                .env("USERMM_PINNED_CHILD", "1")
+                .output()
+                .unwrap();
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(out.status.success(), "the child failed: {text}");
+            assert!(
+                text.contains("1 passed") || text.contains("SKIP"),
+                "the child ran no test: {text}"
+            );
+            if text.contains("SKIP") {
+                eprintln!("SKIP (in the child): {text}");
+            }
+            return;
+        }
+        assert!(!process_forked(), "the child process has forked already");
+        let cfg = Config::default().memory_budget(1 << 20).stage_every(1);
+        let Some((d, vm)) = setup(cfg) else {
+            return;
+        };
+        let r = vm.map_transparent(8 << 20).unwrap();
+        let t = r.region.clone();
+        let page = t.base;
+        // SAFETY: the first page of our region.
+        unsafe { std::ptr::write_bytes(page as *mut u8, 0x11, PAGE_SIZE) };
+        let mut ring = io_uring::IoUring::new(4).unwrap();
+        let iov = libc::iovec {
+            iov_base: page as *mut libc::c_void,
+            iov_len: PAGE_SIZE,
+        };
+        // SAFETY: the buffer is a page of our region, which outlives the
+        // registration (unregistered below, before the region goes).
+        if let Err(e) = unsafe { ring.submitter().register_buffers(&[iov]) } {
+            let required = std::env::var("USERMM_REQUIRE_URING").as_deref() == Ok("1");
+            assert!(
+                !required,
+                "io_uring fixed buffers required but refused: {e}"
+            );
+            eprintln!("SKIP: io_uring fixed buffers refused here: {e}");
+            return;
+        }
+        let pinned_at_start = vm.stats().pinned_skips;
+        for round in 0..20u64 {
+            for p in 1..t.npages {
+                // SAFETY: inside our region.
+                unsafe { ((t.base + p as u64 * PS) as *mut u64).write_volatile(round + 1) };
+            }
+            let v = t.entry(page).load(Ordering::Acquire);
+            assert!(
+                matches!(Pte::decode(v), Pte::Present(_)) && v & P_STAGED == 0,
+                "a pinned page left its mapping in round {round}: entry {v:#x}"
+            );
+        }
+        assert!(
+            vm.stats().pinned_skips > pinned_at_start,
+            "reclaim never came to the pinned page (the test proves nothing)"
+        );
+        // The device writes into the pinned page: a read from a file of 0x22s.
+        let path = d.path().join("twos");
+        std::fs::write(&path, vec![0x22u8; PAGE_SIZE]).unwrap();
+        let f = std::fs::File::open(&path).unwrap();
+        use std::os::fd::AsRawFd;
+        let e = io_uring::opcode::ReadFixed::new(
+            io_uring::types::Fd(f.as_raw_fd()),
+            page as *mut u8,
+            PAGE_SIZE as u32,
+            0,
+        )
+        .offset(0)
+        .build();
+        // SAFETY: the fixed buffer 0 is the registered page, live until the
+        // completion is reaped just below.
+        unsafe { ring.submission().push(&e).unwrap() };
+        ring.submit_and_wait(1).unwrap();
+        let res = ring.completion().next().unwrap().result();
+        assert_eq!(res, PAGE_SIZE as i32, "the fixed read failed: {res}");
+        ring.submitter().unregister_buffers().unwrap();
+        drop(ring);
+        // SAFETY: the first page of our region.
+        let got = unsafe { std::slice::from_raw_parts(page as *const u8, PAGE_SIZE) };
+        assert!(
+            got.iter().all(|&b| b == 0x22),
+            "the program does not see what the device wrote into its pinned page \
+             (first byte {:#x})",
+            got[0]
+        );
+    }
+
+    /// Two forks at once (two threads of a program): each holds a freeze, and the
+    /// first to finish must not lift the second's (the freeze is a count).
+    #[test]
+    fn a_freeze_lasts_until_the_last_fork_lets_go() {
+        let Some((_d, vm)) = setup(Config::default().memory_budget(16 << 20)) else {
+            return;
+        };
+        let r = vm.map_transparent(PAGE_SIZE).unwrap();
+        let frozen = || r.region.eng.transparent_frozen.load(Ordering::SeqCst);
+        let first = vm.freeze_transparent_eviction();
+        let second = vm.freeze_transparent_eviction();
+        drop(first);
+        assert_ne!(
+            frozen(),
+            0,
+            "the first fork's end lifted the second fork's freeze"
+        );
+        drop(second);
+        assert_eq!(
+            frozen(),
+            0,
+            "no fork holds a freeze, yet evictions stay frozen"
+        );
     }
 }

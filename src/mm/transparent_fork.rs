@@ -93,7 +93,7 @@ use std::os::fd::RawFd;
 
 const PS: u64 = PAGE_SIZE as u64;
 /// The chunks of `r` with a page ever filled, as page ranges.
-fn touched_ranges(r: &TRegion) -> Vec<std::ops::Range<usize>> {
+pub(super) fn touched_ranges(r: &TRegion) -> Vec<std::ops::Range<usize>> {
     let mut out: Vec<std::ops::Range<usize>> = Vec::new();
     for (wi, w) in r.touched.iter().enumerate() {
         let mut bits = w.load(Ordering::SeqCst);
@@ -260,11 +260,13 @@ pub(crate) fn prepare(
                         if !ok {
                             return Err(Error::OutOfSwap);
                         }
+                        // Counted with the reference it holds (the release of
+                        // `prep.dups` subtracts one for each, even if we fail next).
                         prep.dups.push(se);
+                        eng.fork_held.fetch_add(1, Ordering::Relaxed);
                         // The child reads the file itself: a page the zpool holds
                         // goes to its slot first.
                         d.unpool(se.slot)?;
-                        eng.fork_held.fetch_add(1, Ordering::Relaxed);
                         recs.push(Rec {
                             idx: i as u64,
                             fd,
@@ -445,6 +447,7 @@ pub(crate) fn adopt(
         let r = t.region.clone();
         let mut buf = AlignedPages::new(2)?;
         let mut resident = Vec::new();
+        let mut swapped = Vec::new();
         for range in &cr.ranges {
             resident.clear();
             resident.resize(range.len(), 0u8);
@@ -460,9 +463,14 @@ pub(crate) fn adopt(
             if rc != 0 {
                 return Err(Error::Io(std::io::Error::last_os_error()));
             }
+            // Pages the kernel's own swap holds (a memory cgroup's limit, DAMON's
+            // page-out) have contents too, which `mincore` does not count.
+            swapped.clear();
+            swapped.resize(range.len(), false);
+            crate::sys::kernel_swapped(cr.base + range.start as u64 * PS, &mut swapped);
             for i in range.clone() {
                 touch(&r.touched, i as u64);
-                if resident[i - range.start] & 1 != 0 {
+                if resident[i - range.start] & 1 != 0 || swapped[i - range.start] {
                     adopt_resident(&eng, &r, old, cr.base, i, &mut buf, &mut patched)?;
                 }
             }
@@ -529,12 +537,14 @@ fn repair(
     patched: &mut u64,
 ) -> Result<()> {
     let at_fork = old.entries().get(i).map(|e| e.load(Ordering::Acquire));
-    if matches!(
-        at_fork.map(Pte::decode),
-        Some(Pte::Present(_)) | Some(Pte::Busy) | None
-    ) {
-        // In the parent's mapping at the fork (or being filled): the child's copy is
-        // the page.
+    // `Busy` at the fork with a record: the page was on swap at the scan and was
+    // being brought in when the fork came (a read-around neighbour of a page the
+    // forking thread faulted on after the scan); its `UFFDIO_COPY` may have landed
+    // after the fork, so the child's page may be the kernel's zeros. Repaired as a
+    // swapped one: if the copy had landed, the child's page is the record's bytes
+    // (and any the parent wrote since, which the merge keeps unless they are zeros).
+    if matches!(at_fork.map(Pte::decode), Some(Pte::Present(_)) | None) {
+        // In the parent's mapping at the fork: the child's copy is the page.
         return Ok(());
     }
     read_rec(rec, buf.page_mut(0))?;

@@ -123,6 +123,10 @@ const GIVE_UP_AFTER: Duration = Duration::from_secs(2);
 const BUSY_WAIT: Duration = Duration::from_millis(200);
 #[cfg(usermm_shuttle)]
 const BUSY_WAIT: Duration = Duration::ZERO;
+/// How long an allocation that finds nothing to free waits for a process fork's
+/// freeze of transparent evictions to end (a fork takes milliseconds; one that
+/// holds it longer fails the allocation instead of hanging it).
+const FROZEN_WAIT: Duration = Duration::from_secs(10);
 
 /// What one scan did.
 #[derive(Debug, Default, Clone, Copy)]
@@ -415,14 +419,30 @@ fn reclaim_frame(eng: &Engine, pfn: Pfn, small: bool, r: &mut ScanResult, zap: &
         r.staged += 1;
         return;
     }
-    if transparent && !staged && stage(eng, d, pfn) {
-        unlock_mappings(eng, d, pfn, 0, P_STAGED);
-        // The staging counts as an eviction until its entry says `P_STAGED`
-        // (`stage`).
-        eng.transparent_evicting.fetch_sub(1, Ordering::SeqCst);
-        d.unlock();
-        r.staged += 1;
-        return;
+    if transparent && !staged {
+        match stage(eng, d, pfn) {
+            Staging::Staged => {
+                unlock_mappings(eng, d, pfn, 0, P_STAGED);
+                // The staging counts as an eviction until its entry says `P_STAGED`
+                // (`stage`).
+                eng.transparent_evicting.fetch_sub(1, Ordering::SeqCst);
+                d.unlock();
+                r.staged += 1;
+                return;
+            }
+            Staging::Pinned => {
+                // A device may be writing into it behind the page tables: a copy
+                // taken now could miss those bytes, and the page, dropped as clean
+                // after, would lose them. Left where it is, as the kernel leaves a
+                // pinned page; tried again at the hand's next visit.
+                unlock_mappings(eng, d, pfn, 0, 0);
+                d.unlock();
+                Counters::inc(&eng.cnt.pinned_skips);
+                r.busy += 1;
+                return;
+            }
+            Staging::Refused => {}
+        }
     }
     let sw = d.swap.load(Ordering::Relaxed);
     if !dirty && sw != 0 {
@@ -438,6 +458,14 @@ fn reclaim_frame(eng: &Engine, pfn: Pfn, small: bool, r: &mut ScanResult, zap: &
                 eng.frames.free(pfn);
             }
             r.evicted += 1;
+            return;
+        }
+        if transparent && eng.transparent_frozen.load(Ordering::SeqCst) != 0 {
+            // A fork's freeze keeps it in its mapping, and its copy is good: writing
+            // it again would only churn the device. Busy until the freeze ends.
+            unlock_mappings(eng, d, pfn, 0, 0);
+            d.unlock();
+            r.busy += 1;
             return;
         }
     }
@@ -652,26 +680,44 @@ fn entry_bits(eng: &Engine, d: &PageDesc, pfn: Pfn) -> u64 {
     bits
 }
 
+/// What `stage` did.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Staging {
+    /// The page is in its staging page now.
+    Staged,
+    /// Not moved (no staging area, a fork freeze, a page shared with a fork
+    /// child): the caller may evict it in place.
+    Refused,
+    /// The kernel refused the move (`EBUSY`) of a page mapped only here, in a
+    /// process that never forked since it has transparent memory
+    /// (`mm::transparent::process_forked`): the page is pinned (an `O_DIRECT`
+    /// read or an io_uring buffer a device may be writing into). It must not be
+    /// copied out and dropped now, unless an allocation can free nothing else
+    /// (`Engine::evict_pinned`).
+    Pinned,
+}
+
 /// Moves a transparent page out of the program's mapping into its frame's staging
 /// page (`UFFDIO_MOVE`, no copy), to see whether it is used: a touch faults and the
-/// handler moves it back. False (nothing changed) without a staging area, while
-/// evictions are frozen for a fork, or when the kernel refuses the move (a page
-/// shared with a forked child, for one); the caller then treats the page as before.
-/// True: moved, and still counted in `transparent_evicting` — the caller marks the
+/// handler moves it back. `Refused` (nothing changed) without a staging area, while
+/// evictions are frozen for a fork, or when the kernel refuses the move of a page
+/// shared with a forked child; the caller then treats the page as before.
+/// `Pinned`: refused, and the page must stay (see `Staging`).
+/// `Staged`: moved, and still counted in `transparent_evicting` — the caller marks the
 /// entry `P_STAGED` and only then lets the count go, so a fork's freeze, which
 /// waits for that count to reach 0 before it brings staged pages back
 /// (`Vm::freeze_transparent_eviction`), never misses a page moved but not yet
 /// marked. Frame lock and the entry lock held.
-fn stage(eng: &Engine, d: &PageDesc, pfn: Pfn) -> bool {
+fn stage(eng: &Engine, d: &PageDesc, pfn: Pfn) -> Staging {
     let (Some(st), Some(u)) = (eng.staging_addr(pfn), eng.uffd.get()) else {
-        return false;
+        return Staging::Refused;
     };
     // A staged page is out of the mapping, as an evicted one: the fork freeze
     // applies (see `evict_locked`).
     eng.transparent_evicting.fetch_add(1, Ordering::SeqCst);
-    if eng.transparent_frozen.load(Ordering::SeqCst) {
+    if eng.transparent_frozen.load(Ordering::SeqCst) != 0 {
         eng.transparent_evicting.fetch_sub(1, Ordering::SeqCst);
-        return false;
+        return Staging::Refused;
     }
     let addr = d.owner2.load(Ordering::Relaxed) as u64;
     // SAFETY: the page of a live transparent region whose entry we hold locked, and
@@ -684,12 +730,27 @@ fn stage(eng: &Engine, d: &PageDesc, pfn: Pfn) -> bool {
         // SAFETY: as above.
         moved = unsafe { u.move_pages(st, addr, PAGE_SIZE as u64, MOVE_DONTWAKE) };
     }
-    if moved.is_err() {
+    if let Err(e) = moved {
         eng.transparent_evicting.fetch_sub(1, Ordering::SeqCst);
-        return false;
+        // `EBUSY`: shared copy-on-write or pinned. A page a device writes into is
+        // pinned exclusive (the pin breaks the sharing first); after a fork a page
+        // may stay refused while mapped once (the kernel marks it exclusive again
+        // only at its next write), so then the page is evicted in place as before.
+        // An unreadable pagemap counts as exclusive: leaving a page costs a visit,
+        // dropping a pinned one loses data. But when an allocation finds nothing
+        // else to free (`evict_pinned`), the page goes as before: a budget full of
+        // pinned pages would otherwise fail every allocation.
+        if e.raw_os_error() == Some(libc::EBUSY)
+            && !crate::mm::transparent::process_forked()
+            && !eng.evict_pinned.load(Ordering::Relaxed)
+            && crate::sys::page_exclusive(addr) != Some(false)
+        {
+            return Staging::Pinned;
+        }
+        return Staging::Refused;
     }
     Counters::inc(&eng.cnt.staged);
-    true
+    Staging::Staged
 }
 
 /// Drops frame `pfn`'s staging page (the staged page goes with its frame).
@@ -777,7 +838,7 @@ fn evict_locked(
         // Announce the eviction, then look at the freeze (the freezer sets it, then
         // waits for announced evictions to finish): either it sees us or we see it.
         eng.transparent_evicting.fetch_add(1, Ordering::SeqCst);
-        if eng.transparent_frozen.load(Ordering::SeqCst) {
+        if eng.transparent_frozen.load(Ordering::SeqCst) != 0 {
             eng.transparent_evicting.fetch_sub(1, Ordering::SeqCst);
             return None;
         }
@@ -1305,11 +1366,16 @@ pub(crate) fn alloc_frame(eng: &Engine, ctx: AllocCtx) -> Result<Pfn> {
     let mut no_slot = None;
     let mut stall = None; // from the first failed allocation on (`crate::psi`)
     let mut busy_since: Option<Instant> = None;
+    let mut frozen_since: Option<Instant> = None;
+    let pinned0 = eng.cnt.pinned_skips.load(Ordering::Relaxed);
     loop {
         let seen = eng.frames.events();
         if let Some(p) = eng.frames.alloc(AllocCtx::Normal) {
             if eng.frames.free_count() < eng.frames.wmark[1] {
                 wake_kswapd(eng);
+            }
+            if eng.evict_pinned.load(Ordering::Relaxed) {
+                eng.evict_pinned.store(false, Ordering::Relaxed);
             }
             return Ok(p);
         }
@@ -1367,6 +1433,21 @@ pub(crate) fn alloc_frame(eng: &Engine, ctx: AllocCtx) -> Result<Pfn> {
                 ),
             });
         }
+        if eng.transparent_frozen.load(Ordering::SeqCst) != 0
+            && frozen_since.get_or_insert_with(Instant::now).elapsed() < FROZEN_WAIT
+        {
+            // A process fork holds transparent pages in their mappings for a moment
+            // (`Vm::freeze_transparent_eviction`); its own thread may fault in that
+            // time (the C library's fork touches memory), served by a handler that
+            // needs a frame here. The reserve below the min watermark serves
+            // faults while the freeze lasts; when it is gone too, they wait for the
+            // freeze to end, `FROZEN_WAIT` at most.
+            if let Some(p) = eng.frames.alloc(AllocCtx::Reserve) {
+                return Ok(p);
+            }
+            eng.frames.wait_event(seen, Duration::from_millis(1));
+            continue;
+        }
         if r.queued > 0 || eng.io.inflight() > 0 {
             // Page-out is under way: its completion frees a frame (or makes a
             // clean page to drop). Sleep until something happens.
@@ -1393,6 +1474,16 @@ pub(crate) fn alloc_frame(eng: &Engine, ctx: AllocCtx) -> Result<Pfn> {
             }
             if busy_since.get_or_insert_with(Instant::now).elapsed() < BUSY_WAIT {
                 eng.frames.wait_event(seen, Duration::from_millis(1));
+                continue;
+            }
+            if eng.cnt.pinned_skips.load(Ordering::Relaxed) != pinned0
+                && !eng.evict_pinned.swap(true, Ordering::Relaxed)
+            {
+                // Nothing to free but pages that look pinned: evict those in place
+                // too (as before pins were told apart) rather than fail. Until an
+                // allocation succeeds again.
+                fruitless = 0;
+                busy_since = None;
                 continue;
             }
         }

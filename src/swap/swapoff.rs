@@ -15,6 +15,10 @@
 //!      is left to the next pass) and put in a frame (direct reclaim may push other
 //!      pages to other devices), or, when no frame can be had, copied to another
 //!      device.
+//!    - the pages of the Vm's transparent regions on the device (not in any space:
+//!      their entries are the regions') are brought back into their mappings one by
+//!      one, each as a missing-page fault would (`Host::drain_device`), their copies
+//!      not kept; reclaim writes others to the remaining devices meanwhile;
 //!    - a fault that reads a page from the device meanwhile drops its slot there
 //!      (`fault_swapin`), so reclaim cannot put the page back on it.
 //!
@@ -47,8 +51,15 @@ use std::time::{Duration, Instant};
 /// Slots read per request while draining (1 MiB).
 const SPAN: usize = 256;
 
-/// Removes swap device `id`; see the module header.
-pub(crate) fn swapoff(eng: &Engine, id: SwapId) -> Result<()> {
+/// Removes swap device `id`; see the module header. `transparent` brings back the
+/// pages of the Vm's transparent regions that are on a device (by its number):
+/// their entries are not in a space, and their pages go into the program's
+/// mapping, not only into a frame (`mm::transparent::Host::drain_device`).
+pub(crate) fn swapoff(
+    eng: &Engine,
+    id: SwapId,
+    transparent: &dyn Fn(u8) -> Result<()>,
+) -> Result<()> {
     let dev = eng
         .swap
         .get(id.0)
@@ -78,7 +89,7 @@ pub(crate) fn swapoff(eng: &Engine, id: SwapId) -> Result<()> {
             }
         };
     }
-    match drain(eng, &dev) {
+    match drain(eng, &dev, transparent) {
         Ok(()) => {
             // The drain freed every slot, and their discards may be under way on the
             // maintenance thread: they end before the device goes (a file swapped on
@@ -94,7 +105,7 @@ pub(crate) fn swapoff(eng: &Engine, id: SwapId) -> Result<()> {
     }
 }
 
-fn drain(eng: &Engine, dev: &SwapDevice) -> Result<()> {
+fn drain(eng: &Engine, dev: &SwapDevice, transparent: &dyn Fn(u8) -> Result<()>) -> Result<()> {
     let mut bounce = AlignedPages::new(SPAN)?;
     let mut last_progress = Instant::now();
     let mut last_used = u64::MAX;
@@ -108,6 +119,7 @@ fn drain(eng: &Engine, dev: &SwapDevice) -> Result<()> {
             drain_space(eng, &**sp, dev, &mut bounce)?;
         }
         drop(spaces);
+        transparent(dev.id.0)?;
         forget_copies_on(eng, dev)?;
         let used = dev.used();
         if used == 0 {
