@@ -85,7 +85,7 @@ use crate::addr::{SwapEntry, PAGE_SIZE};
 use crate::device::AlignedPages;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
-use crate::pte::{Pte, BUSY};
+use crate::pte::{Pte, BUSY, EMPTY};
 use crate::swap::SwapDevice;
 use crate::sync::EngineSpawn;
 use crate::sync::{wait_until, wait_until_for, Arc, AtomicBool, AtomicUsize, Mutex, Ordering};
@@ -416,14 +416,33 @@ pub(crate) fn adopt(
     // serve it. So the threads run first.
     crate::sync::wait_until(|| crate::sync::engine_threads_starting() == 0);
     let eng = host.eng.clone();
-    let total = c.regions.iter().map(|r| r.recs.len()).sum();
+    // A record whose page the parent discarded between its scan and the fork (a
+    // large `free` or `calloc` on another thread, outside the heap's lock): the
+    // parent's entry at the fork is `EMPTY`, the page reads as zeros there, and so
+    // it must here — the record's bytes are stale. Taken from the start.
+    let stale: Vec<Vec<bool>> = c
+        .regions
+        .iter()
+        .map(|cr| {
+            cr.recs
+                .iter()
+                .map(|rec| {
+                    cr.old
+                        .entries()
+                        .get(rec.idx as usize)
+                        .is_some_and(|e| e.load(Ordering::Acquire) == EMPTY)
+                })
+                .collect()
+        })
+        .collect();
+    let total = stale.iter().flatten().filter(|&&st| !st).count();
     let keepers = Arc::new(Keepers {
         fds: Mutex::new(c.keepers),
         left: AtomicUsize::new(total),
     });
     let mut out = Vec::with_capacity(c.regions.len());
     let mut patched = 0u64;
-    for cr in c.regions {
+    for (cr, stale) in c.regions.into_iter().zip(stale) {
         let pages = (cr.len / PS) as usize;
         let entries = AlignedPages::new((pages * 8).div_ceil(PAGE_SIZE))?;
         host.uffd
@@ -435,7 +454,7 @@ pub(crate) fn adopt(
             .map_err(Error::Io)?;
         let foreign = (!cr.recs.is_empty()).then(|| {
             Box::new(Foreign {
-                taken: cr.recs.iter().map(|_| AtomicBool::new(false)).collect(),
+                taken: stale.iter().map(|&st| AtomicBool::new(st)).collect(),
                 recs: cr.recs.into_boxed_slice(),
                 keepers: keepers.clone(),
             })
