@@ -185,6 +185,37 @@ fn pagemap_entry(addr: u64) -> Option<u64> {
     (n == 8).then_some(e)
 }
 
+/// Set once this process has forked since its first transparent memory: its pages
+/// may then be, or have been, shared copy-on-write with another process, which
+/// `UFFDIO_MOVE` refuses as it refuses a pinned page (`reclaim::stage`; first transparent memory: `mm::transparent::Host::start`). Set by a
+/// `pthread_atfork` prepare handler, so every fork through the C library counts
+/// (`usermm exec`'s wrapper, `libc::fork`, `std::process::Command`'s fallback,
+/// `daemon`); a raw `clone` without `CLONE_VM` does not. A fork child inherits it.
+static FORKED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether this process has forked since its first transparent memory (`FORKED`).
+pub(crate) fn process_forked() -> bool {
+    FORKED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Marks this process as forked (`FORKED`); also what the atfork handler does.
+pub(crate) fn note_fork() {
+    FORKED.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Registers the atfork handler that sets `FORKED`, once per process.
+pub(crate) fn watch_forks() {
+    extern "C" fn prepare() {
+        note_fork();
+    }
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: registers a handler that only stores to an atomic
+        // (async-signal-safe); nothing is unregistered, ever.
+        unsafe { libc::pthread_atfork(Some(prepare), None, None) };
+    });
+}
+
 /// `pidfd` sentinel for the calling process (Linux 6.14).
 const PIDFD_SELF_THREAD_GROUP: i32 = -10001;
 

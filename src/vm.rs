@@ -286,7 +286,7 @@ impl Vm {
         &self,
         c: crate::mm::transparent_fork::ForkChild,
     ) -> Result<Vec<crate::TransparentRegion>> {
-        crate::mm::transparent::note_fork();
+        crate::sys::note_fork();
         crate::mm::transparent_fork::adopt(&self.host()?, c, self.inner.clone())
     }
 
@@ -321,7 +321,7 @@ impl Vm {
     #[doc(hidden)]
     pub fn freeze_transparent_eviction(&self) -> TransparentFreeze<'_> {
         let eng = self.eng();
-        crate::mm::transparent::note_fork();
+        crate::sys::note_fork();
         eng.transparent_frozen
             .fetch_add(1, crate::sync::Ordering::SeqCst);
         crate::sync::wait_until(|| {

@@ -203,7 +203,7 @@ impl Host {
     /// Opens the descriptor and starts the handler threads (one per CPU this process
     /// may run on, each pinned to its CPU; see "Who serves faults").
     pub fn start(eng: Arc<Engine>) -> Result<Arc<Host>> {
-        watch_forks();
+        crate::sys::watch_forks();
         let want = uffd::FEATURE_PAGEFAULT_FLAG_WP | uffd::FEATURE_THREAD_ID | uffd::FEATURE_MOVE;
         let u = Uffd::open(want).map_err(Error::Io)?;
         if u.features() & uffd::FEATURE_PAGEFAULT_FLAG_WP == 0 {
@@ -381,10 +381,7 @@ impl Host {
         let zero = AlignedPages::new(1)?;
         let mut bounce = AlignedPages::new(1 + READ_AROUND)?;
         for r in list {
-            for i in super::transparent_fork::touched_ranges(&r)
-                .into_iter()
-                .flatten()
-            {
+            for i in r.touched_ranges().into_iter().flatten() {
                 let pte = &r.entries()[i];
                 if matches!(Pte::decode(pte.load(Ordering::Acquire)), Pte::Swapped(e) if e.dev == dev)
                 {
@@ -475,37 +472,6 @@ fn map_registered(u: &Uffd, len: u64, mode: u64) -> std::io::Result<*mut libc::c
     Ok(p)
 }
 
-/// Set once this process has forked since its first transparent memory: its pages
-/// may then be, or have been, shared copy-on-write with another process, which
-/// `UFFDIO_MOVE` refuses as it refuses a pinned page (`reclaim::stage`). Set by a
-/// `pthread_atfork` prepare handler, so every fork through the C library counts
-/// (`usermm exec`'s wrapper, `libc::fork`, `std::process::Command`'s fallback,
-/// `daemon`); a raw `clone` without `CLONE_VM` does not. A fork child inherits it.
-static FORKED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-/// Whether this process has forked since its first transparent memory (`FORKED`).
-pub(crate) fn process_forked() -> bool {
-    FORKED.load(std::sync::atomic::Ordering::Relaxed)
-}
-
-/// Marks this process as forked (`FORKED`); also what the atfork handler does.
-pub(crate) fn note_fork() {
-    FORKED.store(true, std::sync::atomic::Ordering::Relaxed);
-}
-
-/// Registers the atfork handler that sets `FORKED`, once per process.
-fn watch_forks() {
-    extern "C" fn prepare() {
-        note_fork();
-    }
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        // SAFETY: registers a handler that only stores to an atomic
-        // (async-signal-safe); nothing is unregistered, ever.
-        unsafe { libc::pthread_atfork(Some(prepare), None, None) };
-    });
-}
-
 /// The CPUs to serve faults on: those this thread may run on (a cpuset or `taskset`
 /// narrows them), at most `MAX_HANDLERS`.
 fn handler_cpus() -> Vec<usize> {
@@ -580,6 +546,26 @@ impl TRegion {
         // kernel (a valid `AtomicU64` holding `EMPTY`), and lives as long as `self`;
         // it is only ever accessed atomically.
         unsafe { std::slice::from_raw_parts(self.entries.ptr(0).cast::<AtomicU64>(), self.npages) }
+    }
+
+    /// The chunks with a page ever filled (`touched`), as page ranges.
+    pub(super) fn touched_ranges(&self) -> Vec<std::ops::Range<usize>> {
+        use super::transparent_foreign::CHUNK;
+        let mut out: Vec<std::ops::Range<usize>> = Vec::new();
+        for (wi, w) in self.touched.iter().enumerate() {
+            let mut bits = w.load(Ordering::SeqCst);
+            while bits != 0 {
+                let c = wi as u64 * 64 + u64::from(bits.trailing_zeros());
+                bits &= bits - 1;
+                let first = (c * CHUNK) as usize;
+                let end = ((c + 1) * CHUNK).min(self.npages as u64) as usize;
+                match out.last_mut() {
+                    Some(last) if last.end == first => last.end = end,
+                    _ => out.push(first..end),
+                }
+            }
+        }
+        out
     }
 
     fn entry(&self, page: u64) -> &AtomicU64 {
@@ -1501,7 +1487,10 @@ mod tests {
             }
             return;
         }
-        assert!(!process_forked(), "the child process has forked already");
+        assert!(
+            !crate::sys::process_forked(),
+            "the child process has forked already"
+        );
         let cfg = Config::default().memory_budget(1 << 20).stage_every(1);
         let Some((d, vm)) = setup(cfg) else {
             return;

@@ -80,7 +80,7 @@
 //! (`SwapDevice::map`, a leaf), with an entry claimed `BUSY` at most.
 
 use super::transparent::{claim_empty, Host, TRegion, TransparentRegion};
-use super::transparent_foreign::{read_rec, touch, Foreign, Keepers, Rec, CHUNK};
+use super::transparent_foreign::{read_rec, touch, Foreign, Keepers, Rec};
 use crate::addr::{SwapEntry, PAGE_SIZE};
 use crate::device::AlignedPages;
 use crate::engine::Engine;
@@ -92,25 +92,6 @@ use crate::sync::{wait_until, wait_until_for, Arc, AtomicBool, AtomicUsize, Mute
 use std::os::fd::RawFd;
 
 const PS: u64 = PAGE_SIZE as u64;
-/// The chunks of `r` with a page ever filled, as page ranges.
-pub(super) fn touched_ranges(r: &TRegion) -> Vec<std::ops::Range<usize>> {
-    let mut out: Vec<std::ops::Range<usize>> = Vec::new();
-    for (wi, w) in r.touched.iter().enumerate() {
-        let mut bits = w.load(Ordering::SeqCst);
-        while bits != 0 {
-            let c = wi as u64 * 64 + u64::from(bits.trailing_zeros());
-            bits &= bits - 1;
-            let first = (c * CHUNK) as usize;
-            let end = ((c + 1) * CHUNK).min(r.npages as u64) as usize;
-            match out.last_mut() {
-                Some(last) if last.end == first => last.end = end,
-                _ => out.push(first..end),
-            }
-        }
-    }
-    out
-}
-
 /// How long `prepare` waits, evictions frozen, for a fault in flight.
 const BUSY_PATIENCE: std::time::Duration = std::time::Duration::from_millis(20);
 
@@ -201,7 +182,7 @@ pub(crate) fn prepare(
     for r in regions {
         let mut recs = Vec::new();
         let ents = r.entries();
-        for i in touched_ranges(&r).into_iter().flatten() {
+        for i in r.touched_ranges().into_iter().flatten() {
             let e = &ents[i];
             loop {
                 let v = e.load(Ordering::Acquire);
@@ -370,7 +351,7 @@ impl ForkPrep {
             out.regions.push(ChildRegion {
                 base: r.base,
                 len: r.len,
-                ranges: touched_ranges(&r),
+                ranges: r.touched_ranges(),
                 recs,
                 old: r,
             });

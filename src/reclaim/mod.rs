@@ -690,7 +690,7 @@ enum Staging {
     Refused,
     /// The kernel refused the move (`EBUSY`) of a page mapped only here, in a
     /// process that never forked since it has transparent memory
-    /// (`mm::transparent::process_forked`): the page is pinned (an `O_DIRECT`
+    /// (`sys::process_forked`): the page is pinned (an `O_DIRECT`
     /// read or an io_uring buffer a device may be writing into). It must not be
     /// copied out and dropped now, unless an allocation can free nothing else
     /// (`Engine::evict_pinned`).
@@ -741,7 +741,7 @@ fn stage(eng: &Engine, d: &PageDesc, pfn: Pfn) -> Staging {
         // else to free (`evict_pinned`), the page goes as before: a budget full of
         // pinned pages would otherwise fail every allocation.
         if e.raw_os_error() == Some(libc::EBUSY)
-            && !crate::mm::transparent::process_forked()
+            && !crate::sys::process_forked()
             && !eng.evict_pinned.load(Ordering::Relaxed)
             && crate::sys::page_exclusive(addr) != Some(false)
         {
