@@ -110,19 +110,10 @@ pub(crate) fn page_exclusive(addr: u64) -> Option<bool> {
 pub(crate) fn kernel_swapped(addr: u64, out: &mut [bool]) -> bool {
     const CHUNK: usize = 512;
     let mut buf = [0u64; CHUNK];
-    // SAFETY: opening a static NUL-terminated path read-only, close-on-exec.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_openat,
-            libc::AT_FDCWD,
-            c"/proc/self/pagemap".as_ptr(),
-            libc::O_RDONLY | libc::O_CLOEXEC,
-        )
-    };
-    if fd < 0 {
+    let Some(fd) = open_pagemap() else {
         out.fill(false);
         return false;
-    }
+    };
     let mut ok = true;
     for (k, part) in out.chunks_mut(CHUNK).enumerate() {
         let first = addr / crate::addr::PAGE_SIZE as u64 + (k * CHUNK) as u64;
@@ -152,9 +143,9 @@ pub(crate) fn kernel_swapped(addr: u64, out: &mut [bool]) -> bool {
     ok
 }
 
-/// The page's 64-bit entry in `/proc/self/pagemap`; `None` if it cannot be read.
-/// No allocation.
-fn pagemap_entry(addr: u64) -> Option<u64> {
+/// `/proc/self/pagemap` opened read-only (a raw descriptor the caller closes), or
+/// `None`. No allocation.
+fn open_pagemap() -> Option<i64> {
     // SAFETY: opening a static NUL-terminated path read-only, close-on-exec.
     let fd = unsafe {
         libc::syscall(
@@ -164,9 +155,13 @@ fn pagemap_entry(addr: u64) -> Option<u64> {
             libc::O_RDONLY | libc::O_CLOEXEC,
         )
     };
-    if fd < 0 {
-        return None;
-    }
+    (fd >= 0).then_some(fd)
+}
+
+/// The page's 64-bit entry in `/proc/self/pagemap`; `None` if it cannot be read.
+/// No allocation.
+fn pagemap_entry(addr: u64) -> Option<u64> {
+    let fd = open_pagemap()?;
     let mut e = 0u64;
     let off = addr / crate::addr::PAGE_SIZE as u64 * 8;
     // SAFETY: reading 8 bytes into `e`, on our stack, from our descriptor, which
@@ -339,5 +334,63 @@ mod tests {
         assert!(page_there(a));
         // SAFETY: our mapping, no longer used.
         unsafe { munmap(p, 3 * PS) };
+    }
+
+    /// The pagemap bits the pinned-page rule reads (`page_exclusive`): a written
+    /// private page is mapped once; while a fork child shares it, not. And a page
+    /// in memory is not on the kernel's swap (`kernel_swapped` reads it).
+    #[test]
+    fn pagemap_tells_a_page_mapped_once_from_one_shared_with_a_fork_child() {
+        const PS: usize = crate::addr::PAGE_SIZE;
+        // SAFETY: a fresh private anonymous page, checked below, unmapped at the end.
+        let p = unsafe {
+            mmap(
+                std::ptr::null_mut(),
+                PS,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED);
+        // SAFETY: inside our mapping.
+        unsafe { (p as *mut u8).write_volatile(1) };
+        let a = p as u64;
+        assert_eq!(page_exclusive(a), Some(true), "a written private page");
+        let mut swapped = [true; 1];
+        assert!(kernel_swapped(a, &mut swapped), "pagemap could not be read");
+        assert!(
+            !swapped[0],
+            "a page in memory counted as on the kernel's swap"
+        );
+        let mut fds = [0; 2];
+        // SAFETY: a pipe; two descriptors into our array.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        // SAFETY: the child only reads the pipe and leaves with `_exit`
+        // (async-signal-safe calls only).
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            let mut b = 0u8;
+            // SAFETY: our pipe's read end; one byte into `b`. Ends at EOF.
+            unsafe {
+                libc::close(fds[1]);
+                libc::read(fds[0], (&raw mut b).cast(), 1);
+                libc::_exit(0);
+            }
+        }
+        assert!(pid > 0);
+        let shared = page_exclusive(a);
+        // SAFETY: our descriptors; closing the write end lets the child go.
+        unsafe {
+            libc::close(fds[0]);
+            libc::close(fds[1]);
+        }
+        let mut st = 0;
+        // SAFETY: our own child.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut st, 0) }, pid);
+        assert_eq!(shared, Some(false), "a page shared with a fork child");
+        // SAFETY: our own mapping.
+        unsafe { munmap(p, PS) };
     }
 }
