@@ -574,3 +574,28 @@ fn out_of_swap() {
     assert_no_leak(&vm, std::time::Duration::from_secs(5), "out of swap");
     assert!(unreadable.is_empty(), "{report}");
 }
+
+/// An NBD timeout too long to add to a deadline (`Duration::MAX`, through the
+/// public `NbdOptions`) is refused with a clear error before any connection is
+/// tried; it used to overflow `Instant::now() + timeout` (a panic) at the first
+/// request or in the reconnecting thread.
+#[test]
+fn an_nbd_timeout_past_any_deadline_is_refused() {
+    use usermm::device::nbd::{NbdAddr, NbdDevice, NbdOptions, MAX_TIMEOUT};
+    let d = tempfile::tempdir().unwrap();
+    let addr = NbdAddr::Unix(d.path().join("no-server.sock"));
+    for timeout in [
+        std::time::Duration::MAX,
+        MAX_TIMEOUT + std::time::Duration::from_secs(1),
+    ] {
+        let opts = NbdOptions {
+            timeout,
+            ..NbdOptions::default()
+        };
+        match NbdDevice::connect(&addr, &opts, "nbd-test") {
+            Err(Error::Config(m)) => assert!(m.contains("timeout"), "{m}"),
+            Err(e) => panic!("not a configuration error: {e}"),
+            Ok(_) => panic!("a timeout of {timeout:?} was taken"),
+        }
+    }
+}

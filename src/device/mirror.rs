@@ -12,9 +12,11 @@
 //! `write_page` returns `Ok` exactly when **at least one leg acknowledged the
 //! write**. From then on the slot is readable from every leg that acknowledged it
 //! (its bit in the slot's state word). Writes go to each leg in service, one after
-//! the other. A leg that fails a write is marked *degraded* — unless it is the last
-//! leg in service, in which case only that write fails (the engine keeps the page
-//! dirty and retries). A degraded leg gets no writes and no reads; all its bits are
+//! the other. A leg that fails a write is marked *degraded* — unless the other leg
+//! is not healthy (degraded: this is the last leg in service; syncing: this is
+//! the only holder of the slots not copied back yet), in which case only that
+//! write fails (the engine keeps the page dirty and retries). Two legs failing at
+//! once are decided one after the other (`Shared::degrading`), so one stays. A degraded leg gets no writes and no reads; all its bits are
 //! cleared at that moment (a server that comes back may have lost everything, like
 //! an `nbdkit memory` restarted), so its content counts as stale.
 //!
@@ -23,7 +25,9 @@
 //! When the leg answers it becomes *syncing*: new writes go to it again, and the
 //! thread copies every slot held by the other leg only, one at a time (setting
 //! the slot's resync bit, so a concurrent write of that slot waits for the copy
-//! instead of racing it). After a full pass without failure the leg is *healthy*.
+//! instead of racing it). After a full pass that copied every such slot the leg
+//! is *healthy*; a slot the other leg could not read keeps it syncing for another
+//! pass (a slot whose bytes there fail the checksum is held by no leg any more).
 //! A slot is redundant again once both bits are set.
 //!
 //! ## Reads
@@ -36,7 +40,8 @@
 //! error — never wrong data.
 //!
 //! ## Locking
-//! None: slot state words and leg states are atomics. A write waits (polling) only
+//! `Shared::degrading` (a leaf, taken only when a leg fails); otherwise none: slot
+//! state words and leg states are atomics. A write waits (polling) only
 //! for the resync copy of the same slot, which is bounded by the legs' timeouts.
 
 use super::BlockDevice;
@@ -126,6 +131,8 @@ struct Shared {
     repair: AtomicBool,
     cnt: Counters,
     resync: crate::sync::Mutex<Option<std::thread::Thread>>,
+    /// Held by `degrade` (a leaf, rarely taken: only when a leg fails).
+    degrading: crate::sync::Mutex<()>,
 }
 
 /// Two devices holding the same pages.
@@ -160,6 +167,7 @@ impl MirrorDevice {
             repair: AtomicBool::new(false),
             cnt: Counters::default(),
             resync: crate::sync::Mutex::new(None),
+            degrading: crate::sync::Mutex::new(()),
         });
         let buf = AlignedPages::new(1)?;
         let s2 = sh.clone();
@@ -212,15 +220,22 @@ impl MirrorDevice {
 }
 
 impl Shared {
+    /// Takes `leg` out of service, unless the other leg is not healthy: a degraded
+    /// other leg makes this one the last in service, and a syncing one does not
+    /// hold yet every slot written while it was away — this leg is then the only
+    /// holder of those, and clearing its bits would lose them. Refused, only the
+    /// failing request fails. Under `degrading`, so that two legs failing at once
+    /// cannot both go. True if the leg is (now or already) degraded.
     fn degrade(&self, leg: usize) -> bool {
         let other = 1 - leg;
-        if self.health[other].load(Ordering::SeqCst) == DEGRADED {
-            return false; // the last leg in service stays in service
-        }
-        let prev = self.health[leg].swap(DEGRADED, Ordering::SeqCst);
-        if prev == DEGRADED {
+        let _one_at_a_time = self.degrading.lock();
+        if self.health[leg].load(Ordering::SeqCst) == DEGRADED {
             return true;
         }
+        if self.health[other].load(Ordering::SeqCst) != HEALTHY {
+            return false;
+        }
+        self.health[leg].store(DEGRADED, Ordering::SeqCst);
         self.cnt.degraded.fetch_add(1, Ordering::Relaxed);
         for w in self.state.iter() {
             w.fetch_and(!bit(leg), Ordering::SeqCst);
@@ -400,42 +415,96 @@ impl Drop for MirrorDevice {
     }
 }
 
+/// What `copy_slot` did.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Copied {
+    /// Copied: both legs hold the slot.
+    Yes,
+    /// Nothing to copy (not held by `src`, held by `dst` already, being written).
+    No,
+    /// The source could not be read now: the pass is not complete, and the
+    /// destination does not count as healthy after it.
+    SourceFailed,
+}
+
 /// Copies slot `s` from leg `src` to leg `dst` if `src` holds it and `dst` does
-/// not. Err when the destination failed (the leg goes back to degraded).
+/// not. Err when the destination failed (the leg goes back to degraded). A source
+/// whose bytes do not match the slot's checksum loses its bit for the slot (as a
+/// read finds it): no leg holds the slot's content, and no pass can copy it.
 fn copy_slot(
     sh: &Shared,
     s: usize,
     src: usize,
     dst: usize,
     buf: &mut [u8],
-) -> std::result::Result<bool, ()> {
+) -> std::result::Result<Copied, ()> {
     let w = sh.state[s].load(Ordering::SeqCst);
     if w & bit(src) == 0 || w & bit(dst) != 0 || w & RESYNC != 0 {
-        return Ok(false);
+        return Ok(Copied::No);
     }
     if sh.state[s]
         .compare_exchange(w, w | RESYNC, Ordering::SeqCst, Ordering::SeqCst)
         .is_err()
     {
-        return Ok(false); // written meanwhile: the writer takes care of both legs
+        return Ok(Copied::No); // written meanwhile: the writer takes care of both legs
     }
     let slot = s as u64;
-    let good = sh.legs[src].read_page(slot, buf).is_ok()
-        && crc32c::crc32c(buf) == sh.csum[s].load(Ordering::SeqCst);
-    let res = if good {
-        match sh.legs[dst].write_page(slot, buf) {
+    let res = match sh.legs[src].read_page(slot, buf) {
+        Err(_) => Ok(Copied::SourceFailed),
+        Ok(()) if crc32c::crc32c(buf) != sh.csum[s].load(Ordering::SeqCst) => {
+            sh.cnt.checksum_mismatches.fetch_add(1, Ordering::Relaxed);
+            sh.state[s].fetch_and(!bit(src), Ordering::SeqCst);
+            Ok(Copied::No)
+        }
+        Ok(()) => match sh.legs[dst].write_page(slot, buf) {
             Ok(()) => {
                 sh.state[s].fetch_or(bit(dst), Ordering::SeqCst);
                 sh.cnt.resynced_slots.fetch_add(1, Ordering::Relaxed);
-                Ok(true)
+                Ok(Copied::Yes)
             }
             Err(_) => Err(()),
-        }
-    } else {
-        Ok(false)
+        },
     };
     sh.state[s].fetch_and(!RESYNC, Ordering::SeqCst);
     res
+}
+
+/// How a resync pass over a syncing leg ended.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Pass {
+    /// Every slot the other leg held was copied: the leg is healthy now.
+    Done,
+    /// A slot could not be read from the other leg: the leg stays syncing.
+    Incomplete,
+    /// A write to the leg failed: it is degraded again.
+    DestinationFailed,
+    /// Shutdown, or the leg stopped syncing meanwhile.
+    Stopped,
+}
+
+/// One resync pass: copies to syncing leg `leg` every slot only the other leg
+/// holds, then marks `leg` healthy if nothing was left behind.
+fn sync_pass(sh: &Shared, leg: usize, buf: &mut [u8]) -> Pass {
+    let src = 1 - leg;
+    let mut incomplete = false;
+    for s in 0..sh.state.len() {
+        if sh.shutdown.load(Ordering::Relaxed) || sh.health[leg].load(Ordering::SeqCst) != SYNCING {
+            return Pass::Stopped;
+        }
+        match copy_slot(sh, s, src, leg, buf) {
+            Err(()) => {
+                sh.degrade(leg);
+                return Pass::DestinationFailed;
+            }
+            Ok(Copied::SourceFailed) => incomplete = true,
+            Ok(_) => {}
+        }
+    }
+    if incomplete {
+        return Pass::Incomplete;
+    }
+    let _ = sh.health[leg].compare_exchange(SYNCING, HEALTHY, Ordering::SeqCst, Ordering::SeqCst);
+    Pass::Done
 }
 
 fn resync_thread(sh: &Shared, mut buf: AlignedPages) {
@@ -463,31 +532,15 @@ fn resync_thread(sh: &Shared, mut buf: AlignedPages) {
                         wait = wait.min(backoff[leg]);
                     }
                 }
-                SYNCING => {
-                    let mut failed = false;
-                    for s in 0..sh.state.len() {
-                        if sh.shutdown.load(Ordering::Relaxed)
-                            || sh.health[leg].load(Ordering::SeqCst) != SYNCING
-                        {
-                            failed = true;
-                            break;
-                        }
-                        if copy_slot(sh, s, src, leg, buf.page_mut(0)).is_err() {
-                            sh.degrade(leg);
-                            next_probe[leg] = Instant::now() + backoff[leg];
-                            failed = true;
-                            break;
-                        }
+                SYNCING => match sync_pass(sh, leg, buf.page_mut(0)) {
+                    Pass::Done | Pass::Stopped => {}
+                    Pass::DestinationFailed => {
+                        next_probe[leg] = Instant::now() + backoff[leg];
                     }
-                    if !failed {
-                        let _ = sh.health[leg].compare_exchange(
-                            SYNCING,
-                            HEALTHY,
-                            Ordering::SeqCst,
-                            Ordering::SeqCst,
-                        );
-                    }
-                }
+                    // Another pass after a pause: the leg is not healthy while a
+                    // slot held only by the other leg is not on it.
+                    Pass::Incomplete => wait = wait.min(backoff[leg]),
+                },
                 _ if sh.repair.swap(false, Ordering::SeqCst) => {
                     // Healthy, but a read found a slot missing here.
                     sh.repair.store(leg == 0, Ordering::SeqCst); // leg 1 looks next
@@ -607,5 +660,82 @@ mod tests {
         assert!(m.read_page(1, buf.page_mut(0)).is_err());
         m.read_page(2, buf.page_mut(0)).unwrap();
         assert!(buf.page(0).iter().all(|&b| b == 8));
+    }
+
+    /// A mirror over two faulty file devices whose resync thread is stopped, so
+    /// the test moves the legs' states itself.
+    fn still_mirror(d: &std::path::Path) -> (MirrorDevice, Arc<FaultyDevice>, Arc<FaultyDevice>) {
+        let leg = |n: &str| {
+            Arc::new(FaultyDevice::new(Arc::new(
+                FileDevice::open(&d.join(n), Some(16 * 4096), n).unwrap(),
+            )))
+        };
+        let (fa, fb) = (leg("a"), leg("b"));
+        let mut m = MirrorDevice::new(fa.clone(), fb.clone(), "m").unwrap();
+        m.sh.shutdown.store(true, Ordering::SeqCst);
+        let t = m.thread.take().unwrap();
+        t.thread().unpark();
+        t.join().unwrap();
+        // The thread is gone; passes run by the test must not see a shutdown.
+        m.sh.shutdown.store(false, Ordering::SeqCst);
+        (m, fa, fb)
+    }
+
+    /// While B syncs back (holding only what was written since it returned), A is
+    /// the only holder of the rest: a failure of A then fails only its own request
+    /// and A stays in service with its slots. (Taking A out cleared its bits and
+    /// left those slots readable from no leg, for good.)
+    #[test]
+    fn a_complete_leg_stays_in_service_while_the_other_syncs() {
+        let d = tempfile::tempdir().unwrap();
+        let (m, fa, fb) = still_mirror(d.path());
+        for s in 0..8 {
+            m.write_page(s, page(s as u8 + 1).page(0)).unwrap();
+        }
+        fb.set_fail_writes(true);
+        m.write_page(3, page(33).page(0)).unwrap();
+        assert_eq!(m.leg_states(), [LegState::Healthy, LegState::Degraded]);
+        fb.set_fail_writes(false);
+        // B answers again: syncing, holding nothing yet (the resync thread is off).
+        m.sh.health[1].store(SYNCING, Ordering::SeqCst);
+        fa.set_fail_writes(true);
+        m.write_page(5, page(55).page(0)).unwrap();
+        fa.set_fail_writes(false);
+        assert_eq!(
+            m.leg_states(),
+            [LegState::Healthy, LegState::Syncing],
+            "the only leg holding most slots was taken out of service"
+        );
+        let mut buf = page(0);
+        for s in 0..8 {
+            m.read_page(s, buf.page_mut(0)).unwrap();
+            let want = match s {
+                3 => 33,
+                5 => 55,
+                _ => s as u8 + 1,
+            };
+            assert!(buf.page(0).iter().all(|&b| b == want), "slot {s}");
+        }
+    }
+
+    /// A resync pass that cannot read a slot from the complete leg leaves the
+    /// syncing leg syncing (it does not hold that slot); the next pass finishes.
+    #[test]
+    fn a_pass_that_could_not_read_a_slot_does_not_make_the_leg_healthy() {
+        let d = tempfile::tempdir().unwrap();
+        let (m, fa, fb) = still_mirror(d.path());
+        fb.set_fail_writes(true);
+        for s in 0..4 {
+            m.write_page(s, page(s as u8 + 1).page(0)).unwrap();
+        }
+        fb.set_fail_writes(false);
+        m.sh.health[1].store(SYNCING, Ordering::SeqCst);
+        let mut buf = page(0);
+        fa.fail_next_reads(1);
+        assert_eq!(sync_pass(&m.sh, 1, buf.page_mut(0)), Pass::Incomplete);
+        assert_eq!(m.leg_states()[1], LegState::Syncing);
+        assert_eq!(sync_pass(&m.sh, 1, buf.page_mut(0)), Pass::Done);
+        assert_eq!(m.leg_states(), [LegState::Healthy; 2]);
+        assert_eq!(m.held(1), (4, 4));
     }
 }

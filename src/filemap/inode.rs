@@ -135,6 +135,7 @@ impl FileTable {
                 table: Arc::downgrade(self),
                 pt: PageTable::new(leaves.clone()),
                 size: Mutex::new(()),
+                len_unsynced: std::sync::atomic::AtomicBool::new(false),
                 errors_seen: AtomicU64::new(0),
                 commit: Mutex::new(None),
             });
@@ -158,6 +159,8 @@ pub(crate) struct Inode {
     pt: PageTable,
     /// Serialises growing the file (`write_at` past its end).
     size: Mutex<()>,
+    /// The file grew since its length was last made durable (`grow`, `sync_len`).
+    len_unsynced: std::sync::atomic::AtomicBool,
     /// Write-back errors already reported by `sync` (the slot counts them all).
     errors_seen: AtomicU64,
     /// The journal of this file's `Share::Atomic` mappings, opened with the first
@@ -449,6 +452,21 @@ impl Inode {
         Ok(buf.len())
     }
 
+    /// Makes the file's length durable if it grew since it last was: an Atomic
+    /// commit calls it before its commit record, since recovery clips what it
+    /// replays to the length the file has after a crash — without this, a commit
+    /// that wrote past an extension not yet synced would come back in part.
+    pub(crate) fn sync_len(&self) -> Result<()> {
+        use std::sync::atomic::Ordering as O;
+        if self.len_unsynced.swap(false, O::AcqRel) {
+            if let Err(e) = self.file.sync_data() {
+                self.len_unsynced.store(true, O::Release);
+                return Err(with_path(&self.path, e));
+            }
+        }
+        Ok(())
+    }
+
     /// Grows the file to `end` bytes: sets its length, and zeroes the tail of the
     /// old last page in the cache (a mapping may have written past the old end;
     /// those bytes were never the file's).
@@ -461,6 +479,8 @@ impl Inode {
         self.file
             .set_len(end)
             .map_err(|e| with_path(&self.path, e))?;
+        self.len_unsynced
+            .store(true, std::sync::atomic::Ordering::Release);
         let tail = (old % PAGE_SIZE as u64) as usize;
         if tail != 0 {
             if let Some(pte) = self.pt.lookup(old / PAGE_SIZE as u64) {
@@ -594,10 +614,22 @@ impl Inode {
             let Pte::Present(pfn) = Pte::decode(v) else {
                 return None;
             };
+            let d = eng.frames.desc(pfn);
             if v & P_DIRTY == 0 {
+                // Clean — or cleaned by a write-back still in flight (reclaim sets
+                // `F_WRITEBACK` before it clears `P_DIRTY`): a durable sync must
+                // not return before that write lands. Waiting on the page itself,
+                // not on the file's count of write-backs, which completions out of
+                // order (16 page-I/O threads) could reach before this one is done.
+                if d.flags.load(Ordering::Acquire) & F_WRITEBACK != 0 {
+                    wait_until(|| {
+                        d.flags.load(Ordering::Acquire) & F_WRITEBACK == 0
+                            || pte.load(Ordering::Acquire) != v
+                    });
+                    continue;
+                }
                 return None;
             }
-            let d = eng.frames.desc(pfn);
             d.lock();
             if Pte::decode(pte.load(Ordering::Acquire)) != Pte::Present(pfn) {
                 d.unlock();

@@ -280,6 +280,8 @@ fn commit(sp: &SpaceInner, ino: &Inode, r: Region) -> Result<()> {
         copied.push((vpn, seen));
         txn.add(pg, &buf).map_err(io_err)?;
     }
+    // The file's length first: recovery clips what it replays to it.
+    ino.sync_len()?;
     txn.commit().map_err(io_err)?;
     let clip = Clipped {
         file: &ino.file,

@@ -639,8 +639,10 @@ fn reclaim_file(eng: &Engine, d: &PageDesc, pfn: Pfn, f: u32, dirty: bool, r: &m
             PAGE_SIZE,
         )
     };
+    // Under write-back before it looks clean: a durable sync that finds the page
+    // clean (`Inode::grab_dirty`) then sees the flag and waits for this write.
+    d.flags.store(f | F_WRITEBACK, Ordering::Release);
     unlock_mappings(eng, d, pfn, P_DIRTY, 0);
-    d.flags.store(f | F_WRITEBACK, Ordering::Relaxed);
     let index = d.index.load(Ordering::Relaxed);
     let rq = &eng.io.reqs[req as usize];
     rq.pfn.store(pfn.0, Ordering::Relaxed);

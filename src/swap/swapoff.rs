@@ -213,13 +213,15 @@ fn drain_space(
             j += 1;
         }
         let span = (todo[j - 1].0 - first + 1) as usize;
-        // One sequential read for the run, unless it is mostly holes.
-        let dense = span <= 4 * (j - i);
-        if dense {
+        // One sequential read for the run, unless it is mostly holes, or the span
+        // cannot be read whole: a device that reads page by page may refuse a hole
+        // (a mirror's never-written or discarded slot, ENODATA); then each page is
+        // read alone, and only a page still in its slot counts as an error.
+        let dense = span <= 4 * (j - i) && {
             // SAFETY: the bounce buffer is ours for the whole swapoff.
             let buf = unsafe { std::slice::from_raw_parts_mut(bounce.ptr(0), span * PAGE_SIZE) };
-            dev.read_span(first, buf)?;
-        }
+            dev.read_span(first, buf).is_ok()
+        };
         for &(slot, vpn) in &todo[i..j] {
             let k = if dense { (slot - first) as usize } else { 0 };
             let checked = if !dense {

@@ -87,6 +87,9 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_MULTI_CONNS: usize = 2;
 /// Most connections per device.
 pub const MAX_CONNS: usize = 16;
+/// The longest request timeout `connect` takes (`NbdOptions::timeout`; the spec's
+/// `timeout=` allows up to an hour): a day. Deadlines are `now + timeout`.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 
 const BACKOFF_MIN: Duration = Duration::from_millis(10);
 const BACKOFF_MAX: Duration = Duration::from_millis(500);
@@ -289,8 +292,12 @@ impl NbdDevice {
     /// (the message says which step and what the server sent); `Error::Config` when
     /// the export cannot hold swap (read-only, block size above a page, empty).
     pub fn connect(addr: &NbdAddr, opts: &NbdOptions, name: &str) -> Result<NbdDevice> {
-        if opts.timeout.is_zero() {
-            return Err(cfg_err(name, "timeout must be positive"));
+        // (A deadline is `Instant::now() + timeout`: an unbounded one would overflow.)
+        if opts.timeout.is_zero() || opts.timeout > MAX_TIMEOUT {
+            return Err(cfg_err(
+                name,
+                format_args!("timeout must be positive and at most {MAX_TIMEOUT:?}"),
+            ));
         }
         if opts.conns == Some(0) || opts.conns.is_some_and(|c| c > MAX_CONNS) {
             return Err(cfg_err(name, format_args!("conns must be 1..={MAX_CONNS}")));
