@@ -120,7 +120,7 @@
 //! sync::plant's session lock (a `std` Mutex; only with --cfg usermm_shuttle): held
 //!   by a model test for its whole run, outside any model execution; no engine lock
 //!   is taken under or over it                   sync::plant::session
-//! device internals (nbd send/parked/broke/reconnector, mirror resync): leaves under
+//! device internals (nbd send/parked/broke/reconnector, mirror resync, mirror degrading): leaves under
 //!   nothing of the engine's: a device is called with at most a BUSY claim held.
 //! ```
 //! Rules that keep the tree a tree:

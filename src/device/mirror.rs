@@ -131,7 +131,8 @@ struct Shared {
     repair: AtomicBool,
     cnt: Counters,
     resync: crate::sync::Mutex<Option<std::thread::Thread>>,
-    /// Held by `degrade` (a leaf, rarely taken: only when a leg fails).
+    /// Held by `degrade` while it decides (a leaf, rarely taken: only when a leg
+    /// fails).
     degrading: crate::sync::Mutex<()>,
 }
 
@@ -228,14 +229,16 @@ impl Shared {
     /// cannot both go. True if the leg is (now or already) degraded.
     fn degrade(&self, leg: usize) -> bool {
         let other = 1 - leg;
-        let _one_at_a_time = self.degrading.lock();
-        if self.health[leg].load(Ordering::SeqCst) == DEGRADED {
-            return true;
+        {
+            let _one_at_a_time = self.degrading.lock();
+            if self.health[leg].load(Ordering::SeqCst) == DEGRADED {
+                return true;
+            }
+            if self.health[other].load(Ordering::SeqCst) != HEALTHY {
+                return false;
+            }
+            self.health[leg].store(DEGRADED, Ordering::SeqCst);
         }
-        if self.health[other].load(Ordering::SeqCst) != HEALTHY {
-            return false;
-        }
-        self.health[leg].store(DEGRADED, Ordering::SeqCst);
         self.cnt.degraded.fetch_add(1, Ordering::Relaxed);
         for w in self.state.iter() {
             w.fetch_and(!bit(leg), Ordering::SeqCst);
