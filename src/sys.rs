@@ -160,7 +160,7 @@ fn open_pagemap() -> Option<i64> {
 
 /// The page's 64-bit entry in `/proc/self/pagemap`; `None` if it cannot be read.
 /// No allocation.
-fn pagemap_entry(addr: u64) -> Option<u64> {
+pub(crate) fn pagemap_entry(addr: u64) -> Option<u64> {
     let fd = open_pagemap()?;
     let mut e = 0u64;
     let off = addr / crate::addr::PAGE_SIZE as u64 * 8;
@@ -191,6 +191,27 @@ static FORKED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::ne
 /// Whether this process has forked since its first transparent memory (`FORKED`).
 pub(crate) fn process_forked() -> bool {
     FORKED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Set in a forked child of `usermm exec` once its Vm adopted its parent's
+/// transparent memory (`Vm::adopt_fork`); said in `reclaim::say_lost`'s line.
+static ADOPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Marks this process as a forked child that adopted its parent's memory.
+pub(crate) fn note_adopted() {
+    ADOPTED.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// What this process is as to forks, for a diagnostic line: "a forked child
+/// (adopted)", "forked", or "never forked".
+pub(crate) fn fork_role() -> &'static str {
+    if ADOPTED.load(std::sync::atomic::Ordering::Relaxed) {
+        "a forked child (adopted)"
+    } else if process_forked() {
+        "forked"
+    } else {
+        "never forked"
+    }
 }
 
 /// Marks this process as forked (`FORKED`); also what the atfork handler does.

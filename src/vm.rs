@@ -287,6 +287,7 @@ impl Vm {
         c: crate::mm::transparent_fork::ForkChild,
     ) -> Result<Vec<crate::TransparentRegion>> {
         crate::sys::note_fork();
+        crate::sys::note_adopted();
         crate::mm::transparent_fork::adopt(&self.host()?, c, self.inner.clone())
     }
 

@@ -925,8 +925,18 @@ pub(crate) fn say_lost(what: Lost, who: &str, page: u64, entry: u64, eng: &Engin
     let pid = unsafe { libc::getpid() };
     let _ = write!(
         c,
-        "usermm: BUG: transparent page {page:#x} {what} ({who}; pid {pid}, entry {entry:#x}"
+        "usermm: BUG: transparent page {page:#x} {what} ({who}; pid {pid}, {}, entry {entry:#x}",
+        crate::sys::fork_role()
     );
+    // The kernel's view of the page (present bit 63, swap 62, exclusive 56, …).
+    match crate::sys::pagemap_entry(page) {
+        Some(pm) => {
+            let _ = write!(c, ", pagemap {pm:#x}");
+        }
+        None => {
+            let _ = write!(c, ", pagemap unreadable");
+        }
+    }
     if let Pte::Present(pfn) = Pte::decode(entry) {
         let d = eng.frames.desc(pfn);
         let staging = eng.staging_addr(pfn);
