@@ -12,11 +12,14 @@
 //! `write_page` returns `Ok` exactly when **at least one leg acknowledged the
 //! write**. From then on the slot is readable from every leg that acknowledged it
 //! (its bit in the slot's state word). Writes go to each leg in service, one after
-//! the other. A leg that fails a write is marked *degraded* — unless the other leg
-//! is not healthy (degraded: this is the last leg in service; syncing: this is
-//! the only holder of the slots not copied back yet), in which case only that
-//! write fails (the engine keeps the page dirty and retries). Two legs failing at
-//! once are decided one after the other (`Shared::degrading`), so one stays. A degraded leg gets no writes and no reads; all its bits are
+//! the other. A leg that fails a write is marked *degraded* — unless that would
+//! leave a slot on no leg in service: the other leg is degraded (this is the last
+//! leg in service), or some slot is held by this leg alone (the other is syncing
+//! and has not got it back yet, or missed a write while a degrade of it was
+//! refused); then only that request fails (the engine keeps the page dirty and
+//! retries) and the resync thread is asked to copy such slots over. Two legs
+//! failing at once are decided one after the other (`Shared::degrading`), so one
+//! stays. A write counts only the legs still in service that hold it when it ends. A degraded leg gets no writes and no reads; all its bits are
 //! cleared at that moment (a server that comes back may have lost everything, like
 //! an `nbdkit memory` restarted), so its content counts as stale.
 //!
@@ -221,32 +224,47 @@ impl MirrorDevice {
 }
 
 impl Shared {
-    /// Takes `leg` out of service, unless the other leg is not healthy: a degraded
-    /// other leg makes this one the last in service, and a syncing one does not
-    /// hold yet every slot written while it was away — this leg is then the only
-    /// holder of those, and clearing its bits would lose them. Refused, only the
-    /// failing request fails. Under `degrading`, so that two legs failing at once
-    /// cannot both go. True if the leg is (now or already) degraded.
+    /// Takes `leg` out of service, unless that would leave a slot on no leg in
+    /// service: when the other leg is degraded (this is the last in service), or
+    /// when some slot is held by this leg alone (the other leg is syncing and has
+    /// not got it back yet, or missed a write this leg took while a degrade of it
+    /// was refused) — clearing this leg's bits would lose those for good. Refused,
+    /// only the failing request fails, and the resync thread is asked to copy the
+    /// slots over (`repair`). Decided, and the bits cleared, under `degrading`, so
+    /// that two legs failing at once cannot both go and a probe cannot put the leg
+    /// back to syncing while its bits are being cleared. True if the leg is (now or
+    /// already) degraded.
     fn degrade(&self, leg: usize) -> bool {
         let other = 1 - leg;
-        {
+        let degraded = {
             let _one_at_a_time = self.degrading.lock();
             if self.health[leg].load(Ordering::SeqCst) == DEGRADED {
                 return true;
             }
-            if self.health[other].load(Ordering::SeqCst) != HEALTHY {
-                return false;
+            let alone = |w: &AtomicU32| {
+                let w = w.load(Ordering::SeqCst);
+                w & bit(leg) != 0 && w & bit(other) == 0
+            };
+            if self.health[other].load(Ordering::SeqCst) == DEGRADED {
+                false
+            } else if self.state.iter().any(alone) {
+                self.repair.store(true, Ordering::SeqCst);
+                false
+            } else {
+                self.health[leg].store(DEGRADED, Ordering::SeqCst);
+                for w in self.state.iter() {
+                    w.fetch_and(!bit(leg), Ordering::SeqCst);
+                }
+                true
             }
-            self.health[leg].store(DEGRADED, Ordering::SeqCst);
-        }
-        self.cnt.degraded.fetch_add(1, Ordering::Relaxed);
-        for w in self.state.iter() {
-            w.fetch_and(!bit(leg), Ordering::SeqCst);
+        };
+        if degraded {
+            self.cnt.degraded.fetch_add(1, Ordering::Relaxed);
         }
         if let Some(t) = self.resync.lock().as_ref() {
             t.unpark();
         }
-        true
+        degraded
     }
 
     /// Sets `leg`'s bit on `slot` if its version is still `v`.
@@ -360,8 +378,20 @@ impl BlockDevice for MirrorDevice {
                 }
             }
         }
+        // Counted again as it stands now: an acknowledgement from a leg degraded
+        // meanwhile (its bit set after the degrade cleared them) holds nothing a
+        // read would use.
+        let w = sh.state[s].load(Ordering::SeqCst);
+        let ok = (0..2)
+            .filter(|&leg| {
+                w >> VSHIFT == v
+                    && w & bit(leg) != 0
+                    && sh.health[leg].load(Ordering::SeqCst) != DEGRADED
+            })
+            .count()
+            .min(ok);
         match ok {
-            0 => Err(last_err.unwrap_or_else(|| io::Error::from_raw_os_error(libc::ENOTCONN))),
+            0 => Err(last_err.unwrap_or_else(|| io::Error::from_raw_os_error(libc::EIO))),
             1 => {
                 sh.cnt.single_leg_writes.fetch_add(1, Ordering::Relaxed);
                 Ok(())
@@ -526,6 +556,8 @@ fn resync_thread(sh: &Shared, mut buf: AlignedPages) {
                     }
                     // Probe: a read of slot 0 (any answer but an error will do).
                     if sh.legs[leg].read_page(0, buf.page_mut(0)).is_ok() {
+                        // Not while a degrade of it is clearing its bits.
+                        let _g = sh.degrading.lock();
                         sh.health[leg].store(SYNCING, Ordering::SeqCst);
                         backoff[leg] = Duration::from_millis(50);
                         wait = Duration::ZERO;
@@ -710,15 +742,29 @@ mod tests {
             "the only leg holding most slots was taken out of service"
         );
         let mut buf = page(0);
-        for s in 0..8 {
-            m.read_page(s, buf.page_mut(0)).unwrap();
-            let want = match s {
-                3 => 33,
-                5 => 55,
-                _ => s as u8 + 1,
-            };
-            assert!(buf.page(0).iter().all(|&b| b == want), "slot {s}");
-        }
+        let check = |buf: &mut AlignedPages| {
+            for s in 0..8 {
+                m.read_page(s, buf.page_mut(0)).unwrap();
+                let want = match s {
+                    3 => 33,
+                    5 => 55,
+                    _ => s as u8 + 1,
+                };
+                assert!(buf.page(0).iter().all(|&b| b == want), "slot {s}");
+            }
+        };
+        check(&mut buf);
+        // Slot 5 is on B alone now (A refused it): B failing must not take B out
+        // either, though A is healthy.
+        fb.set_fail_writes(true);
+        m.write_page(6, page(7).page(0)).unwrap();
+        fb.set_fail_writes(false);
+        assert_eq!(
+            m.leg_states(),
+            [LegState::Healthy, LegState::Syncing],
+            "the only leg holding slot 5 was taken out of service"
+        );
+        check(&mut buf);
     }
 
     /// A resync pass that cannot read a slot from the complete leg leaves the
