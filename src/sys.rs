@@ -106,7 +106,7 @@ pub(crate) fn page_exclusive(addr: u64) -> Option<bool> {
 /// Which of the `out.len()` pages from `addr` (page-aligned) the kernel's own swap
 /// holds (`/proc/self/pagemap` bit 62): `out[i]` is set for page `i`. Pages
 /// `mincore` does not count as resident but whose contents exist. False for all if
-/// the file cannot be read. One read; no allocation.
+/// the file cannot be read. One read per 512 pages; no allocation.
 pub(crate) fn kernel_swapped(addr: u64, out: &mut [bool]) -> bool {
     const CHUNK: usize = 512;
     let mut buf = [0u64; CHUNK];
@@ -180,9 +180,10 @@ pub(crate) fn pagemap_entry(addr: u64) -> Option<u64> {
     (n == 8).then_some(e)
 }
 
-/// Set once this process has forked since its first transparent memory: its pages
-/// may then be, or have been, shared copy-on-write with another process, which
-/// `UFFDIO_MOVE` refuses as it refuses a pinned page (`reclaim::stage`; first transparent memory: `mm::transparent::Host::start`). Set by a
+/// Set once this process has forked since its first transparent memory
+/// (`mm::transparent::Host::start` registers the handler): its pages may then be,
+/// or have been, shared copy-on-write with another process, which `UFFDIO_MOVE`
+/// refuses as it refuses a pinned page (`reclaim::stage`). Set by a
 /// `pthread_atfork` prepare handler, so every fork through the C library counts
 /// (`usermm exec`'s wrapper, `libc::fork`, `std::process::Command`'s fallback,
 /// `daemon`); a raw `clone` without `CLONE_VM` does not. A fork child inherits it.
