@@ -49,6 +49,15 @@
 //! on the freeing path, and nothing is allocated. It also gives a pool's empty
 //! frames back to the budget. A device whose discard fails stops being asked.
 //!
+//! ## Held-back slots
+//! A write or discard that fails with its outcome unknown (`device::nbd::
+//! outcome_unknown`: an NBD request sent, then a timeout or a lost link) may
+//! still be carried out by the server later, after a newer write to the same
+//! slot on another or a later connection. Such a slot is held back
+//! (`SwapDevice::hold_back`, a bitmap under the map lock): once its references
+//! are gone it is free for swapoff's count but never handed out or discarded
+//! again while the device is in service, a bounded leak counted in `held_back`.
+//!
 //! ## Locking
 //! `SwapTable::devs` (RwLock): read on every slot operation, written by swapon and
 //! at the end of swapoff.
@@ -133,6 +142,22 @@ struct SlotMap {
     /// Where a scan for free slots in partly used clusters resumes.
     scan: u64,
     used: u64,
+    /// Slots held back (one bit per slot, sized at swapon): a write or discard of
+    /// theirs failed with its outcome unknown (`SwapDevice::hold_back`). Neither
+    /// handed out nor claimed for a discard again; a held slot is counted in
+    /// `used` only while references remain.
+    held: Box<[u64]>,
+}
+
+impl SlotMap {
+    fn is_held(&self, slot: u64) -> bool {
+        self.held[(slot / 64) as usize] & (1 << (slot % 64)) != 0
+    }
+
+    /// Whether `slot` may be handed out or claimed: no reference, not held back.
+    fn is_free(&self, slot: u64) -> bool {
+        self.count[slot as usize] == 0 && !self.is_held(slot)
+    }
 }
 
 /// One swap device in service.
@@ -180,6 +205,8 @@ pub(crate) struct SwapDevice {
     discard_pending: AtomicUsize,
     /// Slots given back to the device (discarded). Relaxed counter.
     pub discarded: AtomicU64,
+    /// Slots held back for good (`hold_back`). Relaxed counter.
+    held_back: AtomicU64,
     /// Cleared when the device refuses a discard (it is not asked again), and by
     /// `stop_discards` before the device leaves the table.
     discard_on: AtomicBool,
@@ -218,6 +245,7 @@ impl SwapDevice {
                 cur_end: 0,
                 scan: 0,
                 used: 0,
+                held: vec![0; pages.div_ceil(64) as usize].into_boxed_slice(),
             }),
             csum: (0..pages).map(|_| AtomicU32::new(0)).collect(),
             freq: (0..pages).map(|_| AtomicU8::new(0)).collect(),
@@ -234,6 +262,7 @@ impl SwapDevice {
             discards: (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
             discard_pending: AtomicUsize::new(0),
             discarded: AtomicU64::new(0),
+            held_back: AtomicU64::new(0),
             discard_on: AtomicBool::new(pool.is_none()),
             discard_gate: Mutex::new(()),
             pool,
@@ -246,6 +275,7 @@ impl SwapDevice {
         let n = self.pages as usize;
         n * 7
             + self.zloc.len() * 8
+            + self.discards.len() * 8 // and as much for the held-back bitmap
             + self.discards.len() * 8
             + n.div_ceil(CLUSTER as usize) * 7
             + self.pool.as_ref().map_or(0, |p| p.metadata_bytes())
@@ -574,7 +604,7 @@ impl SwapDevice {
             while m.cur < m.cur_end {
                 let s = m.cur;
                 m.cur += 1;
-                if m.count[s as usize] == 0 {
+                if m.is_free(s) {
                     break 'found s;
                 }
             }
@@ -588,7 +618,7 @@ impl SwapDevice {
             let start = m.scan;
             let mut s = start;
             let found = loop {
-                if m.count[s as usize] == 0 {
+                if m.is_free(s) {
                     break Some(s);
                 }
                 s = (s + 1) % self.pages;
@@ -688,7 +718,41 @@ impl SwapDevice {
             m.free_clusters.push(cl as u32);
         }
         self.used.store(m.used, Ordering::Relaxed);
-        on_device
+        // A held slot is free (not in `used`, so swapoff does not wait for it) but
+        // never handed out again: nothing to give back either.
+        on_device && !m.is_held(slot)
+    }
+
+    /// Holds back `n` slots from `first` for as long as the device is in service
+    /// (page-I/O threads and the maintenance thread, on a failed write or discard;
+    /// takes the map lock). Their write or discard failed with its outcome unknown
+    /// (`device::nbd::outcome_unknown`: sent, then a timeout or a lost link): the
+    /// server may still carry it out, after a newer write to the slot on another
+    /// or a later connection, and no NBD command orders the two. Handing the slot
+    /// out again would let that old request overwrite (or trim) a newer page's only
+    /// copy, which the checksum would then turn into a lost page. So the slot is
+    /// leaked instead, and counted (`held_back`): at most the requests in flight
+    /// when a link breaks (64 per connection), and one discard range (discards stop
+    /// on the first failure). swapoff does not wait for held slots; a device
+    /// swapped on again starts with none.
+    pub fn hold_back(&self, first: u64, n: u64) {
+        let end = first.saturating_add(n).min(self.pages);
+        let mut m = self.map.lock();
+        let mut new = 0;
+        for s in first..end {
+            let (w, b) = ((s / 64) as usize, 1u64 << (s % 64));
+            if m.held[w] & b == 0 {
+                m.held[w] |= b;
+                new += 1;
+            }
+        }
+        drop(m);
+        self.held_back.fetch_add(new, Ordering::Relaxed);
+    }
+
+    /// Slots held back since swapon (`hold_back`).
+    pub fn held_back(&self) -> u64 {
+        self.held_back.load(Ordering::Relaxed)
     }
 
     /// Takes a free slot for a discard: its count becomes 1, so `alloc` passes it
@@ -696,7 +760,7 @@ impl SwapDevice {
     /// discarder's, not a page's (`release_claim` gives it back). False if the slot
     /// is in use again.
     fn claim_free(&self, m: &mut SlotMap, slot: u64) -> bool {
-        if m.count[slot as usize] != 0 {
+        if !m.is_free(slot) {
             return false;
         }
         m.count[slot as usize] = 1;
@@ -816,7 +880,14 @@ impl SwapDevice {
                         Ok(()) => {
                             self.discarded.fetch_add(freed, Ordering::Relaxed);
                         }
-                        Err(_) => self.discard_on.store(false, Ordering::Relaxed),
+                        Err(e) => {
+                            // A trim that may still be carried out: its slots are
+                            // not handed out again (their claims go below).
+                            if crate::device::nbd::outcome_unknown(&e) {
+                                self.hold_back(lo, hi - lo);
+                            }
+                            self.discard_on.store(false, Ordering::Relaxed)
+                        }
                     }
                 }
                 if hi - lo > (j - i) as u64 {
@@ -847,7 +918,7 @@ impl SwapDevice {
     /// Claims the slots of `[a, b)` if every one is free; claims none otherwise.
     fn claim_range(&self, a: u64, b: u64) -> bool {
         let mut m = self.map.lock();
-        if (a..b).any(|s| m.count[s as usize] != 0) {
+        if (a..b).any(|s| !m.is_free(s)) {
             return false;
         }
         for s in a..b {
@@ -884,7 +955,12 @@ impl SwapDevice {
         crate::lockdep::might_block("device write");
         let sum = crc32c::crc32c(buf);
         if !self.pool_store(slot, buf) {
-            self.dev.write_page(slot, buf)?;
+            if let Err(e) = self.dev.write_page(slot, buf) {
+                if crate::device::nbd::outcome_unknown(&e) {
+                    self.hold_back(slot, 1);
+                }
+                return Err(e);
+            }
         }
         self.csum[slot as usize].store(sum, Ordering::Release);
         Ok(())
@@ -926,7 +1002,12 @@ impl SwapDevice {
                 j += 1;
             }
             if j > i {
-                self.dev.write_pages(first + i as u64, &bufs[i..j])?;
+                if let Err(e) = self.dev.write_pages(first + i as u64, &bufs[i..j]) {
+                    if crate::device::nbd::outcome_unknown(&e) {
+                        self.hold_back(first + i as u64, (j - i) as u64);
+                    }
+                    return Err(e);
+                }
             }
             i = j + 1; // page `j`, if any, is in the pool
         }
@@ -1134,7 +1215,7 @@ impl SwapTable {
             .iter()
             .flatten()
             .filter(|d| d.is_active() && d.pool.is_none())
-            .map(|d| d.pages - d.used())
+            .map(|d| (d.pages - d.used()).saturating_sub(d.held_back()))
             .sum()
     }
 
@@ -1292,6 +1373,11 @@ impl Lower for SwapTable {
             .ok_or_else(|| io::Error::other("the device is gone"))?;
         let r = d.dev.write_page(slot, page);
         d.note_write(r.is_ok());
+        if let Err(e) = &r {
+            if crate::device::nbd::outcome_unknown(e) {
+                d.hold_back(slot, 1);
+            }
+        }
         r
     }
 
@@ -1342,6 +1428,76 @@ mod tests {
         assert_eq!(t.alloc(), Err(NoSlot::Full));
         t.put(SwapEntry { dev: 0, slot: 7 });
         assert_eq!(t.alloc().unwrap().slot, 7);
+    }
+
+    /// A device whose writes to slot 0 and whose discards fail with their outcome
+    /// unknown (as an NBD timeout does).
+    #[derive(Debug)]
+    struct Unsure;
+
+    impl BlockDevice for Unsure {
+        fn name(&self) -> &str {
+            "unsure"
+        }
+        fn pages(&self) -> u64 {
+            256
+        }
+        fn read_page(&self, _: u64, _: &mut [u8]) -> io::Result<()> {
+            Ok(())
+        }
+        fn write_page(&self, slot: u64, _: &[u8]) -> io::Result<()> {
+            match slot {
+                0 => Err(io::Error::from_raw_os_error(libc::ETIMEDOUT)),
+                1 => Err(io::Error::from_raw_os_error(libc::EIO)),
+                _ => Ok(()),
+            }
+        }
+        fn flush(&self) -> io::Result<()> {
+            Ok(())
+        }
+        fn discard(&self, _: u64, _: u64) -> io::Result<()> {
+            Err(io::Error::from_raw_os_error(libc::ECONNRESET))
+        }
+    }
+
+    /// A slot whose write (or discard) may still land is never handed out again,
+    /// and does not count as used (swapoff does not wait for it); a plain failed
+    /// write gives its slot back.
+    #[test]
+    fn slots_of_uncertain_writes_and_discards_are_held_back() {
+        let t = SwapTable::default();
+        t.add(Arc::new(Unsure), 0).unwrap();
+        let s = t.get(0).unwrap();
+        let buf = [0u8; PAGE_SIZE];
+        let a = t.alloc().unwrap();
+        let b = t.alloc().unwrap();
+        assert_eq!((a.slot, b.slot), (0, 1));
+        assert!(s.write(0, &buf).is_err());
+        assert!(s.write(1, &buf).is_err());
+        t.put_live(a);
+        t.put_live(b);
+        assert_eq!(s.used(), 0);
+        assert_eq!(s.held_back(), 1);
+        // Slots 2..10 freed for good: their discard fails with its outcome unknown.
+        let gone: Vec<_> = (2..10).map(|_| t.alloc().unwrap()).collect();
+        for e in gone {
+            t.put(e);
+        }
+        s.flush_discards();
+        assert_eq!(s.held_back(), 9, "the discarded run is held back too");
+        assert_eq!(t.free_slots(), 256 - 9);
+        let mut got = Vec::new();
+        while let Ok(e) = t.alloc() {
+            got.push(e.slot);
+        }
+        assert_eq!(got.len(), 256 - 9);
+        assert!(got.contains(&1), "a plain failed write gives its slot back");
+        for held in [0, 2, 9] {
+            assert!(
+                !got.contains(&held),
+                "held-back slot {held} handed out again"
+            );
+        }
     }
 
     #[test]

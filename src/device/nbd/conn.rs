@@ -17,6 +17,15 @@
 //! reader role to a parked waiter. Waiters spin briefly, then park with a bounded
 //! timeout. A thread at depth 1 therefore never pays a cross-thread wake-up.
 //!
+//! ## Deadlines
+//! A request's deadline bounds all of it. The socket is used with non-blocking
+//! calls and `poll` bounded by the deadline: a send the server does not take in
+//! time, and bytes of a reply that do not come in time, fail with `ETIMEDOUT`
+//! (a message cut off leaves the stream out of sync, so the link is dropped).
+//! The reader checks its own deadline before every reply message, so replies
+//! that keep coming (chunks without DONE) do not hold it either. A request cut
+//! off by its deadline fails with `Fail::Timeout`.
+//!
 //! ## Slot states (`Slot::state` = `seq << 8 | state`)
 //! FREE → (owner) PENDING → (reader) CLAIMED while it writes the slot's buffer →
 //! PENDING again (more chunks) or DONE → (owner) FREE. The owner may cancel a
@@ -175,13 +184,42 @@ impl Link<'_> {
 }
 
 /// The socket as a byte source for the reply parser, through the receive buffer.
+/// Every read is bounded by `deadline` (the reader's request's): a server that
+/// trickles a reply one byte per almost-timeout cannot hold the reader past it.
 struct FdSource<'a> {
     fd: RawFd,
     rb: &'a mut RecvBuf,
+    deadline: Instant,
 }
 
 fn os_err(code: i32) -> io::Error {
     io::Error::from_raw_os_error(code)
+}
+
+/// Waits until `fd` is ready for `events` or `deadline` passes (then
+/// `ETIMEDOUT`). Readiness may be spurious; the caller retries its non-blocking
+/// call.
+fn wait_ready(fd: RawFd, events: libc::c_short, deadline: Instant) -> io::Result<()> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return Err(os_err(libc::ETIMEDOUT));
+    }
+    // Rounded up, so a wait never ends just short of the deadline and spins.
+    let ms = left.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
+    let mut p = libc::pollfd {
+        fd,
+        events,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd on the stack; the caller's `Link` keeps `fd` open.
+    let n = unsafe { libc::poll(&mut p, 1, ms) };
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINTR) {
+            return Err(e);
+        }
+    }
+    Ok(())
 }
 
 impl FdSource<'_> {
@@ -189,7 +227,7 @@ impl FdSource<'_> {
         loop {
             // SAFETY: `fd` is open (the caller holds a `Link`); `dst` is valid for
             // `cap` writable bytes (a slice or the receive buffer).
-            let n = unsafe { libc::read(self.fd, dst.cast(), cap) };
+            let n = unsafe { libc::recv(self.fd, dst.cast(), cap, libc::MSG_DONTWAIT) };
             if n > 0 {
                 return Ok(n as usize);
             }
@@ -199,7 +237,7 @@ impl FdSource<'_> {
             let e = io::Error::last_os_error();
             match e.raw_os_error() {
                 Some(libc::EINTR) => continue,
-                Some(libc::EAGAIN) => return Err(os_err(libc::ETIMEDOUT)),
+                Some(libc::EAGAIN) => wait_ready(self.fd, libc::POLLIN, self.deadline)?,
                 _ => return Err(e),
             }
         }
@@ -491,10 +529,14 @@ impl Conn {
         slot.state.store(pack(seq, PENDING), Ordering::SeqCst);
         let cookie = (u64::from(seq) << 32) | u64::from(idx);
         let hdr = proto::encode_request(cmd, flags, cookie, offset, len);
-        if self.send_all(l, &hdr, payload.unwrap_or(&[])).is_err() {
+        let mut timed_out = false;
+        if let Err(e) = self.send_all(l, &hdr, payload.unwrap_or(&[]), deadline) {
+            // A send the server did not take in time is a timeout like a reply
+            // that did not come (the link goes either way).
+            timed_out = e.raw_os_error() == Some(libc::ETIMEDOUT);
             self.break_link(l, None);
         }
-        let r = self.wait(l, idx, seq, deadline);
+        let r = self.wait(l, idx, seq, deadline, timed_out);
         self.pending.fetch_sub(1, Ordering::SeqCst);
         slot.state.store(pack(seq, FREE), Ordering::Release);
         let _ = self.free.push(idx);
@@ -519,8 +561,17 @@ impl Conn {
         }
     }
 
-    /// Writes header and payload as one message (partial writes continue).
-    fn send_all(&self, l: &Link<'_>, hdr: &[u8], payload: &[u8]) -> io::Result<()> {
+    /// Writes header and payload as one message (partial writes continue), by
+    /// `deadline` (`ETIMEDOUT` then: a server that stops reading, or reads a byte
+    /// at a time, holds neither this thread nor, through `send`, the others past
+    /// it; once the caller breaks the link theirs fail at once).
+    fn send_all(
+        &self,
+        l: &Link<'_>,
+        hdr: &[u8],
+        payload: &[u8],
+        deadline: Instant,
+    ) -> io::Result<()> {
         let _g = self.send.lock();
         let mut parts = [hdr, payload];
         let mut first = 0;
@@ -547,13 +598,17 @@ impl Conn {
             msg.msg_iovlen = n_iov as _;
             // SAFETY: `l` keeps the descriptor open; the iovecs point into live
             // slices that the kernel only reads. MSG_NOSIGNAL: no SIGPIPE.
-            let n = unsafe { libc::sendmsg(l.fd, &msg, libc::MSG_NOSIGNAL) };
+            let n = unsafe { libc::sendmsg(l.fd, &msg, libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT) };
             if n < 0 {
                 let e = io::Error::last_os_error();
-                if e.raw_os_error() == Some(libc::EINTR) {
-                    continue;
+                match e.raw_os_error() {
+                    Some(libc::EINTR) => continue,
+                    Some(libc::EAGAIN) => {
+                        wait_ready(l.fd, libc::POLLOUT, deadline)?;
+                        continue;
+                    }
+                    _ => return Err(e),
                 }
-                return Err(e);
             }
             let mut n = n as usize;
             while n > 0 && first < parts.len() {
@@ -568,10 +623,10 @@ impl Conn {
         Ok(())
     }
 
-    /// Sends a request that has no reply (`NBD_CMD_DISC`).
-    pub fn send_only(&self, l: &Link<'_>, cmd: u16) {
+    /// Sends a request that has no reply (`NBD_CMD_DISC`), by `deadline`.
+    pub fn send_only(&self, l: &Link<'_>, cmd: u16, deadline: Instant) {
         let hdr = proto::encode_request(cmd, 0, 0, 0, 0);
-        let _ = self.send_all(l, &hdr, &[]);
+        let _ = self.send_all(l, &hdr, &[], deadline);
     }
 
     /// Cancels a PENDING slot (true), or reports that a reader has it (false).
@@ -594,13 +649,26 @@ impl Conn {
         }
     }
 
-    fn wait(&self, l: &Link<'_>, idx: u32, seq: u32, deadline: Instant) -> Result<(), Fail> {
+    /// Waits for the reply of slot `idx` (reading replies as the reader when
+    /// nobody else is) until `deadline`. `timed_out`: the deadline already cut
+    /// this request off (its send); the link is then down and the request fails
+    /// as a timeout, as it does when the deadline passes while a reply of ours
+    /// (or another's, read by us as the reader) is still coming in.
+    fn wait(
+        &self,
+        l: &Link<'_>,
+        idx: u32,
+        seq: u32,
+        deadline: Instant,
+        mut timed_out: bool,
+    ) -> Result<(), Fail> {
         let slot = &self.slots[idx as usize];
         let mut round = 0u32;
         loop {
             if slot.state.load(Ordering::Acquire) == pack(seq, DONE) {
                 return match slot.err.load(Ordering::Relaxed) {
                     0 => Ok(()),
+                    proto::ERR_LINK | proto::ERR_PROTO if timed_out => Err(Fail::Timeout),
                     proto::ERR_LINK => Err(self.link_fail()),
                     proto::ERR_PROTO => Err(self.link_fail()),
                     // The server is shutting down: the protocol wants us to
@@ -614,7 +682,11 @@ impl Conn {
             }
             if !self.up.load(Ordering::SeqCst) {
                 if self.cancel(idx, seq) {
-                    return Err(self.link_fail());
+                    return Err(if timed_out {
+                        Fail::Timeout
+                    } else {
+                        self.link_fail()
+                    });
                 }
                 thread::yield_now(); // a reader holds the slot; it finishes soon
                 continue;
@@ -623,6 +695,7 @@ impl Conn {
                 // No reply in time: drop the link first (so no reader delivers
                 // into the slot or trips over its reply), then give the slot up.
                 self.break_link(l, None);
+                timed_out = true;
                 if self.cancel(idx, seq) {
                     return Err(Fail::Timeout);
                 }
@@ -639,7 +712,13 @@ impl Conn {
                 match r {
                     Ok(()) => {}
                     Err(ReplyError::Proto(p)) => self.break_link(l, Some(p)),
-                    Err(ReplyError::Io(_)) => self.break_link(l, None),
+                    Err(ReplyError::Io(e)) => {
+                        // The deadline passed in the middle of a message (a
+                        // trickling server): the stream is out of sync, the link
+                        // goes, and this request failed by its deadline.
+                        timed_out |= e.raw_os_error() == Some(libc::ETIMEDOUT);
+                        self.break_link(l, None)
+                    }
                 }
                 self.wake_next_reader();
                 round = SPINS + 1; // check the deadline before reading again
@@ -699,11 +778,14 @@ impl Conn {
             {
                 return Ok(());
             }
+            // Before every message, not only when the buffer is empty: a server
+            // that streams chunks without DONE (or keeps the buffer from draining)
+            // must not hold the reader past its deadline.
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(());
+            }
             if rb.start == rb.end {
-                let now = Instant::now();
-                if now >= deadline {
-                    return Ok(());
-                }
                 let ms = (deadline - now).as_millis().clamp(1, 100) as i32;
                 let mut p = libc::pollfd {
                     fd: l.fd,
@@ -723,7 +805,13 @@ impl Conn {
                     return Err(e.into());
                 }
             }
-            let mut src = FdSource { fd: l.fd, rb };
+            // Within a message the deadline bounds each wait for bytes (a message
+            // cut off by it leaves the stream out of sync: the caller drops the link).
+            let mut src = FdSource {
+                fd: l.fd,
+                rb,
+                deadline,
+            };
             proto::read_reply(&mut src, l.structured, &Slots(self), scratch)?;
         }
     }

@@ -23,9 +23,22 @@
 //! faster on loopback than spreading), under load requests spread over all.
 //!
 //! ## Faults
-//! - Every request has a deadline (`timeout=`, default 10 s). A request without a
-//!   reply by then fails with `ETIMEDOUT` and its connection is dropped (its
-//!   other requests fail too) and re-established in the background.
+//! - Every request has a deadline (`timeout=`, default 10 s). It bounds the whole
+//!   request: its send and its entire reply, not each read (a server trickling a
+//!   reply a byte per almost-timeout, or streaming chunks without DONE, is cut off
+//!   by it; see `conn`). A request without its whole reply by then fails with
+//!   `ETIMEDOUT` and its connection is dropped (its other requests fail too) and
+//!   re-established in the background. Connecting (socket and handshake) is
+//!   bounded by the timeout as a whole too.
+//! - A write or trim whose outcome is unknown (sent, then a timeout, a lost link
+//!   or a protocol violation; [`outcome_unknown`] says so of its error, and
+//!   `NbdStats::uncertain` counts them) may still be carried out by the server,
+//!   later than a newer request on another or a later connection: closing our
+//!   socket does not stop a request the server has read, and no NBD command
+//!   orders requests across connections (a FLUSH covers completed writes only).
+//!   So a trim is never sent again once sent, and the swap table never hands such
+//!   a slot out again while the device is in service (`swap::table`, held-back
+//!   slots): a bounded leak instead of a newer page overwritten by an old write.
 //! - While no connection is up, writes fail at once with `ENOTCONN` (the engine
 //!   keeps the page resident and dirty and retries later); a read waits for the
 //!   reconnector until its deadline and fails with `ENOTCONN`/`ETIMEDOUT` then.
@@ -43,7 +56,10 @@
 //! - The reconnector retries with exponential backoff (10 ms doubling to 500 ms;
 //!   immediately after a link that lived a second or more, so a restarted server
 //!   is found at once and a flapping one is not hammered); a new link must offer
-//!   the same export (at least the size first seen).
+//!   the same export (at least the size first seen) and the transmission flags the
+//!   device relies on since its first link (FLUSH, TRIM, WRITE_ZEROES, FUA with
+//!   `fua=1`, multi-conn with several connections): one that lost any is refused
+//!   (`last_connect_error` names the flags), as are extra connections at connect.
 //!
 //! ## Durability
 //! Writes carry FUA only with `fua=1`. Swap content need not outlive the client,
@@ -173,6 +189,11 @@ pub struct NbdStats {
     pub server_errors: u64,
     /// Writes refused at once because no connection was up.
     pub fast_failed_writes: u64,
+    /// Writes and trims whose outcome is unknown: sent, then no reply by the
+    /// deadline or the link lost under them. They fail with an error for which
+    /// [`outcome_unknown`] is true, and the swap table never hands their slots
+    /// out again while the device is swapped on.
+    pub uncertain: u64,
 }
 
 #[derive(Debug)]
@@ -188,6 +209,7 @@ struct Counters {
     protocol_errors: AtomicU64,
     server_errors: AtomicU64,
     fast_failed_writes: AtomicU64,
+    uncertain: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -215,14 +237,71 @@ fn cfg_err(name: &str, e: impl std::fmt::Display) -> Error {
     Error::Config(format!("NBD device {name}: {e}"))
 }
 
-/// Opens one socket and negotiates; returns the raw socket and what was agreed.
+/// A socket whose every read and write during the handshake ends by one deadline
+/// (the socket timeout is set to what is left before each), so a server that
+/// trickles its handshake a byte per almost-timeout cannot hold `connect` or the
+/// reconnector past `timeout`.
+struct Bounded<S> {
+    s: S,
+    deadline: Instant,
+}
+
+/// The socket timeouts of the two stream types.
+trait SetTimeouts {
+    fn set_timeouts(&self, t: Duration) -> io::Result<()>;
+}
+impl SetTimeouts for UnixStream {
+    fn set_timeouts(&self, t: Duration) -> io::Result<()> {
+        self.set_read_timeout(Some(t))?;
+        self.set_write_timeout(Some(t))
+    }
+}
+impl SetTimeouts for TcpStream {
+    fn set_timeouts(&self, t: Duration) -> io::Result<()> {
+        self.set_read_timeout(Some(t))?;
+        self.set_write_timeout(Some(t))
+    }
+}
+
+impl<S: SetTimeouts> Bounded<S> {
+    fn arm(&self) -> io::Result<()> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the handshake did not finish within the timeout",
+            ));
+        }
+        self.s.set_timeouts(left)
+    }
+}
+impl<S: Read + SetTimeouts> Read for Bounded<S> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.arm()?;
+        self.s.read(buf)
+    }
+}
+impl<S: Write + SetTimeouts> Write for Bounded<S> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.arm()?;
+        self.s.write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.s.flush()
+    }
+}
+
+/// Opens one socket and negotiates, all within `opts.timeout`; returns the raw
+/// socket and what was agreed.
 fn connect_once(target: &Target, opts: &NbdOptions) -> io::Result<(RawFd, Negotiated)> {
-    fn finish<S: Read + Write + IntoRawFd>(
-        mut s: S,
+    fn finish<S: Read + Write + IntoRawFd + SetTimeouts>(
+        s: S,
         opts: &NbdOptions,
+        deadline: Instant,
     ) -> io::Result<(RawFd, Negotiated)> {
-        let n = proto::handshake(&mut s, &opts.export, true)?;
-        let fd = s.into_raw_fd();
+        let mut b = Bounded { s, deadline };
+        let n = proto::handshake(&mut b, &opts.export, true)?;
+        let fd = b.s.into_raw_fd();
         // Anything the server sends before we ask is garbage after the handshake.
         let mut b = [0u8; 1];
         // SAFETY: `fd` is open and ours; the kernel writes at most one byte to `b`.
@@ -249,6 +328,7 @@ fn connect_once(target: &Target, opts: &NbdOptions) -> io::Result<(RawFd, Negoti
         Ok((fd, n))
     }
     let t = opts.timeout;
+    let deadline = Instant::now() + t;
     match target {
         Target::Unix(path) => {
             let s = UnixStream::connect(path).map_err(|e| {
@@ -257,19 +337,19 @@ fn connect_once(target: &Target, opts: &NbdOptions) -> io::Result<(RawFd, Negoti
                     format!("cannot connect to {}: {e}", path.display()),
                 )
             })?;
-            s.set_read_timeout(Some(t))?;
-            s.set_write_timeout(Some(t))?;
-            finish(s, opts)
+            finish(s, opts, deadline)
         }
         Target::Tcp(addrs) => {
             let mut last = None;
             for a in addrs {
-                match TcpStream::connect_timeout(a, t) {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                match TcpStream::connect_timeout(a, left) {
                     Ok(s) => {
                         s.set_nodelay(true)?;
-                        s.set_read_timeout(Some(t))?;
-                        s.set_write_timeout(Some(t))?;
-                        return finish(s, opts);
+                        return finish(s, opts, deadline);
                     }
                     Err(e) => {
                         last = Some(io::Error::new(
@@ -279,7 +359,9 @@ fn connect_once(target: &Target, opts: &NbdOptions) -> io::Result<(RawFd, Negoti
                     }
                 }
             }
-            Err(last.unwrap_or_else(|| io::Error::other("no address to connect to")))
+            Err(last.unwrap_or_else(|| {
+                io::Error::new(io::ErrorKind::TimedOut, "no address answered in time")
+            }))
         }
     }
 }
@@ -334,20 +416,6 @@ impl NbdDevice {
         } else {
             1
         };
-        let conns: Box<[Conn]> = (0..nconns).map(|_| Conn::new()).collect();
-        conns[0].install(fd0, n.structured, n.flags);
-        for c in conns.iter().skip(1) {
-            let (fd, m) = connect_once(&target, opts).map_err(ctx)?;
-            if m.size < n.size || m.check(PAGE_SIZE as u32).is_err() {
-                // SAFETY: the socket is ours and not shared yet.
-                unsafe { libc::close(fd) };
-                return Err(cfg_err(
-                    name,
-                    "a second connection negotiated a different export",
-                ));
-            }
-            c.install(fd, m.structured, m.flags);
-        }
         let info = NbdInfo {
             size: n.size,
             flags: n.flags,
@@ -356,6 +424,24 @@ impl NbdDevice {
             conns: nconns,
             block: (n.min_block, n.pref_block, n.max_block),
         };
+        let conns: Box<[Conn]> = (0..nconns).map(|_| Conn::new()).collect();
+        conns[0].install(fd0, n.structured, n.flags);
+        for c in conns.iter().skip(1) {
+            let (fd, m) = connect_once(&target, opts).map_err(ctx)?;
+            let lost = flags_lost(relied_on(&info, opts), m.flags);
+            if m.size < n.size || m.check(PAGE_SIZE as u32).is_err() || lost.is_some() {
+                // SAFETY: the socket is ours and not shared yet.
+                unsafe { libc::close(fd) };
+                return Err(cfg_err(
+                    name,
+                    format_args!(
+                        "a second connection negotiated a different export{}",
+                        lost.map(|w| format!(": {w}")).unwrap_or_default()
+                    ),
+                ));
+            }
+            c.install(fd, m.structured, m.flags);
+        }
         let sh = Arc::new(Shared {
             name: name.to_string(),
             target,
@@ -398,6 +484,7 @@ impl NbdDevice {
             protocol_errors: c.protocol_errors.load(Ordering::Relaxed),
             server_errors: c.server_errors.load(Ordering::Relaxed),
             fast_failed_writes: c.fast_failed_writes.load(Ordering::Relaxed),
+            uncertain: c.uncertain.load(Ordering::Relaxed),
         }
     }
 
@@ -472,14 +559,18 @@ impl Shared {
         Ok(slot * PAGE_SIZE as u64)
     }
 
-    /// A request that is retried on a new link until its deadline when the link
-    /// drops under it (reads, flush, trim). Not for writes: those fail fast.
+    /// A request that waits, until its deadline, for a link when none is up, and
+    /// with `retry_sent` is retried on a new link when the link drops under it
+    /// (reads, flush). Not for writes: those fail fast. A trim is not retried once
+    /// sent (`retry_sent` false): the first may still be carried out after the
+    /// retry succeeded, and then after the slots were handed out again.
     fn patient(
         &self,
         cmd: u16,
         offset: u64,
         len: u32,
         mut read_buf: Option<&mut [u8]>,
+        retry_sent: bool,
     ) -> io::Result<()> {
         let deadline = Instant::now() + self.opts.timeout;
         let mut round = 0u32;
@@ -494,6 +585,9 @@ impl Shared {
                 | Err(None)) => {
                     if let Err(Some(f)) = r {
                         last = Some(f);
+                    }
+                    if last.is_some() && !retry_sent {
+                        return Err(fail_to_io(last.unwrap_or(Fail::Link)));
                     }
                     if Instant::now() >= deadline || !self.opts.wait_for_reconnect {
                         return Err(match last {
@@ -535,6 +629,61 @@ fn fail_to_io(f: Fail) -> io::Error {
     }
 }
 
+/// Whether a failed write or discard may still be carried out by the server: it
+/// was sent, and then the reply did not come by the deadline (`ETIMEDOUT`), the
+/// link was lost (`ECONNRESET`), or the server broke the protocol (`InvalidData`).
+/// Closing our socket does not stop a server that has read the request already,
+/// and no NBD command orders it against a request on another (or a later)
+/// connection: a FLUSH covers only writes the server has *completed*. So the
+/// slot must not be written again (nor trimmed and reused) while the device is in
+/// service; the swap table holds such slots back for good (`swap::table`,
+/// `SwapDevice::hold_back`). Every other error of this device means the request
+/// was not sent (`ENOTCONN`, `EBUSY`, `EINVAL`) or was answered (a server error).
+pub fn outcome_unknown(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ETIMEDOUT | libc::ECONNRESET))
+        || e.kind() == io::ErrorKind::InvalidData
+}
+
+/// Transmission flags a later connection must offer because the device relies on
+/// them since its first: the commands it sends (FLUSH, TRIM, WRITE_ZEROES, FUA
+/// when `fua=1`) and multi-conn when it opened several connections.
+fn relied_on(info: &NbdInfo, opts: &NbdOptions) -> u16 {
+    let mut f = proto::TF_SEND_FLUSH | proto::TF_SEND_TRIM | proto::TF_SEND_WRITE_ZEROES;
+    if opts.fua {
+        f |= proto::TF_SEND_FUA;
+    }
+    if info.conns > 1 {
+        f |= proto::TF_CAN_MULTI_CONN;
+    }
+    info.flags & f
+}
+
+/// Why a connection offering `flags` cannot serve a device that relies on
+/// `need` (`relied_on`), if it cannot.
+fn flags_lost(need: u16, flags: u16) -> Option<String> {
+    let lost = need & !flags;
+    if lost == 0 {
+        return None;
+    }
+    let names = [
+        (proto::TF_SEND_FLUSH, "FLUSH"),
+        (proto::TF_SEND_FUA, "FUA"),
+        (proto::TF_SEND_TRIM, "TRIM"),
+        (proto::TF_SEND_WRITE_ZEROES, "WRITE_ZEROES"),
+        (proto::TF_CAN_MULTI_CONN, "CAN_MULTI_CONN"),
+    ];
+    let which: Vec<&str> = names
+        .iter()
+        .filter(|(f, _)| lost & f != 0)
+        .map(|(_, n)| *n)
+        .collect();
+    Some(format!(
+        "the server no longer offers {} (transmission flags {flags:#06x}, were {need:#06x} \
+         of those the device relies on); refused",
+        which.join(", ")
+    ))
+}
+
 fn is_zero(buf: &[u8]) -> bool {
     let (pre, mid, post) = {
         // SAFETY: any bit pattern is a valid u64; align_to only reinterprets.
@@ -559,7 +708,7 @@ impl BlockDevice for NbdDevice {
     fn read_page(&self, slot: u64, buf: &mut [u8]) -> io::Result<()> {
         let off = self.sh.check_slot(slot, buf.len())?;
         self.sh
-            .patient(proto::CMD_READ, off, PAGE_SIZE as u32, Some(buf))
+            .patient(proto::CMD_READ, off, PAGE_SIZE as u32, Some(buf), true)
     }
 
     fn write_page(&self, slot: u64, buf: &[u8]) -> io::Result<()> {
@@ -595,7 +744,13 @@ impl BlockDevice for NbdDevice {
                 sh.cnt.fast_failed_writes.fetch_add(1, Ordering::Relaxed);
                 Err(io::Error::from_raw_os_error(libc::ENOTCONN))
             }
-            Err(Some(f)) => Err(fail_to_io(f)),
+            Err(Some(f)) => {
+                let e = fail_to_io(f);
+                if outcome_unknown(&e) {
+                    sh.cnt.uncertain.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e)
+            }
         }
     }
 
@@ -605,7 +760,7 @@ impl BlockDevice for NbdDevice {
         }
         // With several connections the server has multi-conn: a flush on one
         // covers writes acknowledged on all.
-        self.sh.patient(proto::CMD_FLUSH, 0, 0, None)
+        self.sh.patient(proto::CMD_FLUSH, 0, 0, None, true)
     }
 
     fn discard(&self, first: u64, count: u64) -> io::Result<()> {
@@ -626,7 +781,13 @@ impl BlockDevice for NbdDevice {
                 page * PAGE_SIZE as u64,
                 (n * PAGE_SIZE as u64) as u32,
                 None,
-            )?;
+                false,
+            )
+            .inspect_err(|e| {
+                if outcome_unknown(e) {
+                    sh.cnt.uncertain.fetch_add(1, Ordering::Relaxed);
+                }
+            })?;
             page += n;
         }
         Ok(())
@@ -640,9 +801,10 @@ impl Drop for NbdDevice {
             h.thread().unpark();
             let _ = h.join();
         }
+        let deadline = Instant::now() + self.sh.opts.timeout;
         for c in self.sh.conns.iter() {
             if let Some(l) = c.enter() {
-                c.send_only(&l, proto::CMD_DISC);
+                c.send_only(&l, proto::CMD_DISC, deadline);
             }
         }
     }
@@ -684,20 +846,25 @@ fn reconnector(sh: &Shared) {
             }
             match connect_once(&sh.target, &sh.opts) {
                 Ok((fd, neg)) => {
-                    let compatible =
-                        neg.size >= sh.info.size && neg.check(PAGE_SIZE as u32).is_ok();
-                    if compatible {
+                    let why = if neg.size < sh.info.size {
+                        Some(format!(
+                            "the server now offers an export of {} bytes (was {})",
+                            neg.size, sh.info.size
+                        ))
+                    } else if let Err(e) = neg.check(PAGE_SIZE as u32) {
+                        Some(e)
+                    } else {
+                        flags_lost(relied_on(&sh.info, &sh.opts), neg.flags)
+                    };
+                    let Some(why) = why else {
                         c.install(fd, neg.structured, neg.flags);
                         sh.cnt.reconnects.fetch_add(1, Ordering::Relaxed);
                         up_since[i] = Some(Instant::now());
                         continue;
-                    }
+                    };
                     // SAFETY: the socket is ours and was never shared.
                     unsafe { libc::close(fd) };
-                    *sh.last_connect_error.lock() = Some(format!(
-                        "the server now offers an export of {} bytes (was {})",
-                        neg.size, sh.info.size
-                    ));
+                    *sh.last_connect_error.lock() = Some(why);
                 }
                 Err(e) => *sh.last_connect_error.lock() = Some(e.to_string()),
             }
