@@ -171,6 +171,7 @@ mod mm;
 #[doc(hidden)]
 pub mod model;
 mod pageio;
+mod pins;
 mod psi;
 mod pte;
 mod reclaim;

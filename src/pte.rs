@@ -83,6 +83,16 @@ pub(crate) const P_COW: u64 = 1 << 10;
 /// `P_COW` is free there): the page is out of the program's mapping, in its frame's
 /// slot of the staging area, to see whether it is used (see `mm::transparent`).
 pub(crate) const P_STAGED: u64 = P_COW;
+/// Cache entry (present): the file was written behind this copy (an Atomic
+/// commit's checkpoint, or a journal replayed) while a shared guard pinned it, so
+/// it could not be dropped and must not be written under the guard. Its bytes are
+/// the file's old ones: nothing reads it but the guards that pin it (others read
+/// the file, see `read`), no write or new guard uses it, and it is dropped as soon
+/// as no guard pins it (`filemap::inode`, `drop_stale`). Such a copy is clean (a dirty page is never
+/// marked, and no write reaches a marked one), so `sync` and reclaim never write it.
+/// The bit is `P_COW`'s: a cache entry is never shared copy-on-write (fork shares a
+/// space's leaves, never an inode's), as `P_STAGED` reuses it for transparent pages.
+pub(crate) const P_STALE: u64 = P_COW;
 /// Present entry of a transparent page: how many more visits of the reclaim hand
 /// the page is spared before it is staged again (0–3), raised each time a staged
 /// page is used again. Kept in the low bits of the version, which a transparent

@@ -438,3 +438,98 @@ fn small_atomic_commits_stay_in_the_journal_until_the_file_is_synced() {
         assert_eq!(&file_page(&p, i as u64), w, "page {i}");
     }
 }
+
+/// The version stamped in a page by `page` (for short failure messages).
+fn ver(b: &[u8]) -> u64 {
+    u64::from_le_bytes(b[8..16].try_into().unwrap())
+}
+
+/// An Atomic commit of pages whose cached copies a reader pins (shared guards
+/// through a Shared mapping, held across the `msync`), then partial writes of them
+/// (through the Shared mapping, and `File::write_at`) once the guards are gone:
+/// the commit must not be lost to the copies' pre-commit bytes.
+#[test]
+fn atomic_commit_is_not_lost_to_a_pinned_cached_page() {
+    let dir = tempfile::tempdir().unwrap();
+    let vm = vm(dir.path(), 4 << 20);
+    let p = make_file(dir.path(), "pinned", 4, 0);
+    let mm = vm.new_space();
+    let shared = mm.map_file(&p, Share::Shared).unwrap();
+    let atomic = mm.map_file(&p, Share::Atomic).unwrap();
+    let at = |r: &usermm::Region, pg: u64, off: u64| r.start() + pg * PS as u64 + off;
+    mm.write(at(&atomic, 1, 0), &page(7, 1)).unwrap();
+    mm.write(at(&atomic, 2, 0), &page(7, 2)).unwrap();
+    let g1 = mm.page(at(&shared, 1, 0)).unwrap();
+    let g2 = mm.page(at(&shared, 2, 0)).unwrap();
+    assert_eq!(ver(&g1), 0);
+    mm.msync(&atomic).unwrap();
+    // Nobody writes under a guard: they still show what they pinned.
+    assert_eq!((ver(&g1), ver(&g2)), (0, 0), "a guard's bytes changed");
+    drop((g1, g2));
+    mm.write(at(&shared, 1, 100), b"shared").unwrap();
+    let f = vm.open(&p).unwrap();
+    f.write_at(b"handle", 2 * PS as u64 + 200).unwrap();
+    f.sync().unwrap();
+    let mut want1 = page(7, 1);
+    want1[100..106].copy_from_slice(b"shared");
+    let mut want2 = page(7, 2);
+    want2[200..206].copy_from_slice(b"handle");
+    let (got1, got2) = (file_page(&p, 1), file_page(&p, 2));
+    assert!(
+        got1 == want1,
+        "page 1 is version {}: the commit was lost",
+        ver(&got1)
+    );
+    assert!(
+        got2 == want2,
+        "page 2 is version {}: the commit was lost",
+        ver(&got2)
+    );
+    drop((f, shared, atomic, mm, vm));
+    assert!(file_page(&p, 1) == want1, "page 1 after teardown");
+    assert!(file_page(&p, 2) == want2, "page 2 after teardown");
+}
+
+/// After an Atomic commit of a page whose cached copy a reader still pins, every
+/// other read shows the commit (the Atomic mapping, a `File`, a new guard once the
+/// reader's is gone) while the reader's guard keeps its bytes.
+#[test]
+fn atomic_commit_is_what_others_read_while_a_reader_pins_the_old_copy() {
+    let dir = tempfile::tempdir().unwrap();
+    let vm = vm(dir.path(), 4 << 20);
+    let p = make_file(dir.path(), "view", 4, 0);
+    let mm = vm.new_space();
+    let shared = mm.map_file(&p, Share::Shared).unwrap();
+    let atomic = mm.map_file(&p, Share::Atomic).unwrap();
+    let at = |r: &usermm::Region, pg: u64| r.start() + pg * PS as u64;
+    mm.write(at(&atomic, 1), &page(7, 1)).unwrap();
+    let g = mm.page(at(&shared, 1)).unwrap();
+    mm.msync(&atomic).unwrap();
+    let mut b = vec![0u8; PS];
+    mm.read(at(&atomic, 1), &mut b).unwrap();
+    assert!(
+        b == page(7, 1),
+        "the Atomic mapping reads version {}",
+        ver(&b)
+    );
+    mm.read(at(&shared, 1), &mut b).unwrap();
+    assert!(
+        b == page(7, 1),
+        "the Shared mapping reads version {}",
+        ver(&b)
+    );
+    let f = vm.open(&p).unwrap();
+    f.read_at(&mut b, PS as u64).unwrap();
+    assert!(b == page(7, 1), "a File reads version {}", ver(&b));
+    assert!(
+        g[..] == page(0, 1)[..],
+        "the guard's bytes changed under it"
+    );
+    drop(g);
+    let g = mm.page(at(&shared, 1)).unwrap();
+    assert!(
+        g[..] == page(7, 1)[..],
+        "a new guard shows version {}",
+        ver(&g)
+    );
+}

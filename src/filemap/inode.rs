@@ -5,7 +5,9 @@
 //! Owns: `Inode` (the descriptor, a page table of cache entries indexed by page
 //! number, the file's length), `FileTable` (path → inode, so a second open of the
 //! same file finds the same cache), and the page operations on a cache: reading,
-//! writing and pinning a page, `read_at`/`write_at`, write-back (`sync`).
+//! writing and pinning a page, `read_at`/`write_at`, write-back (`sync`), and the
+//! cache's coherence with writes made behind it by the journal (`Behind`,
+//! `invalidate`; a copy a guard pins then is marked `P_STALE`).
 //!
 //! A cache entry uses the encoding of a page-table entry (`crate::pte`): `EMPTY`
 //! means "not cached: the file has the bytes", `BUSY` a fault reading it in,
@@ -24,7 +26,10 @@
 //! allocation) → frame lock → `P_LOCK`. Write-back by `sync` marks each page
 //! `F_WRITEBACK` (as the page-I/O threads do) while it is being written, so reclaim
 //! neither drops it (a reader would then read the old bytes from the file) nor
-//! writes it again meanwhile. No lock is held across a file read or write.
+//! writes it again meanwhile. No lock is held across a file read or write; a
+//! checkpoint's `Behind` holds one entry's claim (`BUSY`, as a fault does) across
+//! the journal's write of that page, under the commit lock. `sync` settles the
+//! journal (`try_lock` of the commit lock) before it writes any page.
 //!
 //! ## Lifetime
 //! Mappings (`Backing::File`) and `File` handles hold the inode's `Arc`. The last
@@ -41,7 +46,7 @@ use crate::frame::{copy_in, copy_out, AllocCtx, F_FILE, F_INUSE, F_WRITEBACK};
 use crate::mm::pagetable::{LeafPool, PageTable};
 use crate::pte::{
     lock_present, try_lock_present, unlock_entry, Pte, BUSY, EMPTY, P_ACCESSED, P_DIRTY, P_EXCL,
-    P_LOCK, P_SHARED, P_SHARED_ONE, TAG_MASK, TAG_PRESENT,
+    P_LOCK, P_SHARED, P_SHARED_ONE, P_STALE, TAG_MASK, TAG_PRESENT,
 };
 use crate::stats::Counters;
 use crate::sync::{fence, wait_until, Arc, AtomicU64, Mutex, Ordering, Weak};
@@ -176,6 +181,78 @@ enum Fill<'a> {
     /// These bytes (a whole page): a write of the whole page, whose bytes are in
     /// the frame before the page is published (never a page of zeros meanwhile).
     Data(&'a [u8]),
+}
+
+/// What `Inode::behind_step` did.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Step {
+    /// Nothing cached: the next access reads the file.
+    Empty,
+    /// The entry is as it may stay: dirty (a Shared write, newer), or marked
+    /// `P_STALE`.
+    Done,
+    /// It changed, or was waited for: look again.
+    Again,
+}
+
+/// The cache's side of a checkpoint (`Journal::checkpoint`'s `on_page`, in
+/// `mm::msync`): before the journal writes committed page `pg` to the file,
+/// `page(pg)` waits out a write-back of the page in flight (older bytes, which
+/// must not land after the commit's), then drops a clean cached copy, or marks it
+/// `P_STALE` if a guard pins it (its bytes cannot change under the guard), and
+/// claims the empty entry (`BUSY`) until the journal's write of the page is done,
+/// so no read of the file can cache the old bytes meanwhile. A dirty copy (a
+/// Shared write racing with the commit) stays. `end` (or the drop) releases the
+/// claim; call it before anything that may read the page (the commit's pins).
+///
+/// Runs under the commit lock: every wait here ends without it (a fault's read, a
+/// write-back's I/O), and the claim is held across one file write only.
+pub(crate) struct Behind<'a> {
+    ino: &'a Inode,
+    /// The entry claimed for the page being written.
+    claim: Option<&'a AtomicU64>,
+}
+
+impl Behind<'_> {
+    /// Before the journal writes page `pg` (see the type).
+    pub fn page(&mut self, pg: u64) {
+        self.end();
+        // Beyond the file's end the write is clipped away, and nothing is cached.
+        if pg >= self.ino.pages() {
+            return;
+        }
+        let pte = self.ino.pt.entry(pg);
+        loop {
+            match self.ino.behind_step(pte) {
+                Step::Done => return,
+                Step::Again => {}
+                Step::Empty => {
+                    if pte
+                        .compare_exchange(EMPTY, BUSY, Ordering::AcqRel, Ordering::Relaxed)
+                        .is_ok()
+                    {
+                        crate::pte::claimed(pte);
+                        self.claim = Some(pte);
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Releases the claim of the last page (its write is done, or failed).
+    pub fn end(&mut self) {
+        if let Some(pte) = self.claim.take() {
+            pte.store(EMPTY, Ordering::Release);
+            crate::pte::released(pte);
+        }
+    }
+}
+
+impl Drop for Behind<'_> {
+    fn drop(&mut self) {
+        self.end();
+    }
 }
 
 impl Inode {
@@ -317,6 +394,15 @@ impl Inode {
         loop {
             if let Some(pte) = self.pt.lookup(pgoff) {
                 let v = pte.load(Ordering::Acquire);
+                if v & (TAG_MASK | P_LOCK | P_EXCL | P_STALE) == TAG_PRESENT | P_STALE {
+                    if !self.drop_stale(pte, Pte::pfn(v)) {
+                        // A guard still pins the old copy: the file has the bytes.
+                        return self.read_file_page(pgoff, |p| {
+                            dst.copy_from_slice(&p[off..off + dst.len()])
+                        });
+                    }
+                    continue;
+                }
                 if v & (TAG_MASK | P_LOCK | P_EXCL) == TAG_PRESENT {
                     // SAFETY: inside the frame the entry maps; atomic loads.
                     unsafe { copy_out(frames.frame_ptr(Pte::pfn(v)).add(off), dst) };
@@ -363,6 +449,12 @@ impl Inode {
         loop {
             let pte = self.pt.entry(pgoff);
             if let Some(v) = try_lock_present(pte, P_EXCL | P_SHARED) {
+                if v & P_STALE != 0 {
+                    // Unpinned now: dropped, and the write starts from the file.
+                    unlock_entry(pte, 0, 0);
+                    self.drop_stale(pte, Pte::pfn(v));
+                    continue;
+                }
                 // SAFETY: inside the frame; we hold the entry lock (sole writer).
                 unsafe { copy_in(frames.frame_ptr(Pte::pfn(v)).add(off), src) };
                 pte.store(Pte::bump(v) | P_DIRTY | P_ACCESSED, Ordering::Release);
@@ -388,6 +480,24 @@ impl Inode {
         loop {
             let pte = self.pt.entry(pgoff);
             if let Some(v) = try_lock_present(pte, forbid) {
+                if v & P_STALE != 0 {
+                    // A new guard must not show the old bytes: wait, as a writer
+                    // does, for the guards that pin them, then read the file.
+                    unlock_entry(pte, 0, 0);
+                    if self.drop_stale(pte, Pte::pfn(v)) {
+                        continue;
+                    }
+                    if crate::pins::holds_pin_key(self.key(), pgoff, pgoff + 1, false) {
+                        return Err(Error::WouldDeadlock(
+                            "a guard on a page that an Atomic msync rewrote while this thread held a guard on it",
+                        ));
+                    }
+                    wait_until(|| {
+                        let now = pte.load(Ordering::Acquire);
+                        now & P_SHARED == 0 || now & (TAG_MASK | P_STALE) != TAG_PRESENT | P_STALE
+                    });
+                    continue;
+                }
                 let new = if exclusive {
                     v | P_EXCL | P_DIRTY
                 } else if v & P_SHARED == P_SHARED {
@@ -496,6 +606,12 @@ impl Inode {
                     let Some(v) = lock_present(pte, pfn) else {
                         continue;
                     };
+                    if v & P_STALE != 0 {
+                        // Never used again (see `P_STALE`); the file's new bytes
+                        // past the old end are zeros already (`set_len`).
+                        unlock_entry(pte, 0, 0);
+                        break;
+                    }
                     let zeros = [0u8; PAGE_SIZE];
                     // SAFETY: inside the frame; entry lock held.
                     unsafe {
@@ -527,6 +643,29 @@ impl Inode {
     /// as `fsync` does); the pages that failed stay dirty and resident.
     pub fn sync(&self, first: u64, end: u64, durable: bool) -> Result<()> {
         let eng = &*self.eng;
+        if durable {
+            // Atomic commits still in the journal (unflushed, or emptied but not
+            // synced) must not be replayed over what this sync makes durable:
+            // `Journal::settle` syncs their pages and empties the log first —
+            // before the dirty pages are written, since after a failed flush it
+            // writes the whole run again (`recover`), which would put older
+            // committed bytes over a Shared write just written and marked clean.
+            // `try_lock`: a commit in progress holds it (and may wait for a guard
+            // of the thread that called us); then the journal's run stays until
+            // its next flush, and a crash before that replays it — over a page
+            // this sync made durable only if a Shared mapping or handle wrote a
+            // page that an Atomic commit of the same file also wrote (racing
+            // writers of one page: the order between them is not promised).
+            if let Some(mut c) = self.commit.try_lock() {
+                if let Some(j) = c.as_mut() {
+                    j.settle(&crate::filemap::journal::Clipped {
+                        file: &self.file,
+                        len: self.len(),
+                    })
+                    .map_err(|e| with_path(&self.path, e))?;
+                }
+            }
+        }
         let end = end.min(self.pages());
         let mut buf = vec![0u8; RUN * PAGE_SIZE];
         // (pfn, epoch) of the pages in `buf`, and the page number of its first one:
@@ -555,24 +694,6 @@ impl Inode {
         flush(&mut run, run_start, &buf);
         result?;
         if durable {
-            // Atomic commits still in the journal (unflushed, or emptied but not
-            // synced) must not be replayed over what this sync makes durable:
-            // `Journal::settle` syncs their pages and empties the log first.
-            // `try_lock`: a commit in progress holds it (and may wait for a guard
-            // of the thread that called us); then the journal's run stays until
-            // its next flush, and a crash before that replays it — over a page
-            // this sync made durable only if a Shared mapping or handle wrote a
-            // page that an Atomic commit of the same file also wrote (racing
-            // writers of one page: the order between them is not promised).
-            if let Some(mut c) = self.commit.try_lock() {
-                if let Some(j) = c.as_mut() {
-                    j.settle(&crate::filemap::journal::Clipped {
-                        file: &self.file,
-                        len: self.len(),
-                    })
-                    .map_err(|e| with_path(&self.path, e))?;
-                }
-            }
             // The page-I/O threads' write-backs of this file queued before now are
             // part of what must be durable (later ones are not ours to wait for).
             let slot = eng.files.get(self.slot);
@@ -709,46 +830,107 @@ impl Inode {
         eng.frames.notify_waiters();
     }
 
-    /// Drops the cached copy of page `pg` if it is clean: the file was written
-    /// behind the cache (an Atomic commit), so the next access must read it again.
-    /// A dirty copy stays (a shared mapping's write, newer than what it would read).
+    /// The file's page `pg` was written behind the cache (a journal replayed into
+    /// it): drops its cached copy if it is clean — or marks it `P_STALE` if a guard
+    /// pins it — so the next access reads the file. A dirty copy stays (a Shared
+    /// write, newer than what it would read). Waits out a write-back in flight.
     pub fn invalidate(&self, pg: u64) {
-        let Some(pte) = self.pt.lookup(pg) else {
-            return;
-        };
+        if let Some(pte) = self.pt.lookup(pg) {
+            while self.behind_step(pte) == Step::Again {}
+        }
+    }
+
+    /// One step of making the cache entry `pte` coherent with a write of its page
+    /// to the file behind the cache (`invalidate`, `Behind::page`).
+    fn behind_step(&self, pte: &AtomicU64) -> Step {
         let eng = &*self.eng;
-        loop {
-            let v = pte.load(Ordering::Acquire);
-            if v == BUSY {
+        let v = pte.load(Ordering::Acquire);
+        let pfn = match Pte::decode(v) {
+            Pte::Empty => return Step::Empty,
+            Pte::Busy => {
                 // A read of the file that may predate the write: wait for it.
+                crate::pte::wait_claim();
                 wait_until(|| pte.load(Ordering::Acquire) != BUSY);
-                continue;
+                return Step::Again;
             }
-            let Pte::Present(pfn) = Pte::decode(v) else {
-                return;
-            };
-            if v & P_DIRTY != 0 {
-                return;
-            }
-            let d = eng.frames.desc(pfn);
-            d.lock();
-            if d.flags.load(Ordering::Relaxed) & F_WRITEBACK != 0 {
-                d.unlock();
-                return;
-            }
-            let Some(v) = lock_present(pte, pfn) else {
-                d.unlock();
-                continue;
-            };
-            if v & (P_DIRTY | P_EXCL | P_SHARED) != 0 {
-                unlock_entry(pte, 0, 0);
-                d.unlock();
-                return;
-            }
-            crate::reclaim::evict_file_locked(eng, d, pfn);
+            Pte::Swapped(_) => return Step::Done,
+            Pte::Present(pfn) => pfn,
+        };
+        let d = eng.frames.desc(pfn);
+        if d.flags.load(Ordering::Acquire) & F_WRITEBACK != 0 {
+            // A write-back of older bytes in flight: it must land before the write
+            // behind the cache does, not after, and it ends without any of our locks
+            // (a page-I/O thread's completion, or `sync`'s `write_run`).
+            wait_until(|| {
+                d.flags.load(Ordering::Acquire) & F_WRITEBACK == 0
+                    || Pte::decode(pte.load(Ordering::Acquire)) != Pte::Present(pfn)
+            });
+            return Step::Again;
+        }
+        if v & (P_DIRTY | P_EXCL) != 0 {
+            return Step::Done;
+        }
+        d.lock();
+        if d.flags.load(Ordering::Relaxed) & F_WRITEBACK != 0 {
             d.unlock();
-            eng.frames.free(pfn);
-            return;
+            return Step::Again;
+        }
+        let Some(v) = lock_present(pte, pfn) else {
+            d.unlock();
+            return Step::Again;
+        };
+        if v & (P_DIRTY | P_EXCL) != 0 {
+            unlock_entry(pte, 0, 0);
+            d.unlock();
+            return Step::Done;
+        }
+        if v & P_SHARED != 0 {
+            // A guard shows these bytes: nobody writes under it (see `P_STALE`).
+            unlock_entry(pte, 0, P_STALE);
+            d.unlock();
+            return Step::Done;
+        }
+        crate::reclaim::evict_file_locked(eng, d, pfn);
+        d.unlock();
+        eng.frames.free(pfn);
+        Step::Again
+    }
+
+    /// Drops the `P_STALE` copy in frame `pfn` of entry `pte` if no guard pins it
+    /// any more. False if one still does (the caller reads the file, or waits);
+    /// true if it is gone (or was never there): retry.
+    fn drop_stale(&self, pte: &AtomicU64, pfn: Pfn) -> bool {
+        let eng = &*self.eng;
+        let d = eng.frames.desc(pfn);
+        d.lock();
+        let Some(v) = lock_present(pte, pfn) else {
+            d.unlock();
+            return true;
+        };
+        if v & P_STALE == 0 {
+            unlock_entry(pte, 0, 0);
+            d.unlock();
+            return true;
+        }
+        if v & (P_SHARED | P_EXCL) != 0 {
+            unlock_entry(pte, 0, 0);
+            d.unlock();
+            return false;
+        }
+        debug_assert_eq!(v & P_DIRTY, 0, "a stale copy was written");
+        debug_assert_eq!(d.flags.load(Ordering::Relaxed) & F_WRITEBACK, 0);
+        crate::reclaim::evict_file_locked(eng, d, pfn);
+        d.unlock();
+        eng.frames.free(pfn);
+        true
+    }
+
+    /// Keeps the cache coherent with a checkpoint of the journal, which writes
+    /// committed pages to the file behind it: its `on_page` is `Behind::page`.
+    pub(crate) fn behind(&self) -> Behind<'_> {
+        Behind {
+            ino: self,
+            claim: None,
         }
     }
 
@@ -795,7 +977,11 @@ impl Inode {
 
 impl Drop for Inode {
     fn drop(&mut self) {
-        let _ = self.sync(0, u64::MAX, true);
+        if self.sync(0, u64::MAX, true).is_err() {
+            // A failed settle returns before the dirty pages are written: they are
+            // written anyway (the frames go next), without the journal.
+            let _ = self.sync(0, u64::MAX, false);
+        }
         let eng = self.eng.clone();
         self.pt.clear(|pte| Inode::release(&eng, pte));
         // Write-backs through the slot still in flight (of frames freed above)
@@ -812,5 +998,53 @@ impl Drop for Inode {
                 map.remove(&self.key);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::addr::PAGE_SIZE;
+    use crate::filemap::journal::FAIL_FLUSH_SYNC;
+    use crate::{Config, Share, Vm};
+    use std::os::unix::fs::FileExt;
+
+    fn file_page(p: &std::path::Path, i: u64) -> Vec<u8> {
+        let mut b = vec![0u8; PAGE_SIZE];
+        std::fs::File::open(p)
+            .unwrap()
+            .read_exact_at(&mut b, i * PAGE_SIZE as u64)
+            .unwrap();
+        b
+    }
+
+    /// `Inode::sync` settles the journal before it writes the Shared pages: after a
+    /// flush whose data sync failed, settling writes the journal's whole run again,
+    /// which must not land over a Shared write of one of its pages made since.
+    #[test]
+    fn sync_settles_the_journal_before_it_writes_shared_pages() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("data");
+        std::fs::write(&p, vec![0u8; 4 * PAGE_SIZE]).unwrap();
+        let vm = Vm::new(Config::default().memory_budget(1 << 20)).unwrap();
+        let mm = vm.new_space();
+        let atomic = mm.map_file(&p, Share::Atomic).unwrap();
+        let f = vm.open(&p).unwrap();
+        // A commit: in the file, and still in the journal's run.
+        mm.write(atomic.start() + PAGE_SIZE as u64, &[1u8; PAGE_SIZE])
+            .unwrap();
+        mm.msync(&atomic).unwrap();
+        // The flush's data sync fails: the run must be written again from the log.
+        FAIL_FLUSH_SYNC.with(|x| x.set(true));
+        assert!(f.sync().is_err(), "the planted sync failure was not seen");
+        // A newer write of the committed page, then a sync that settles first.
+        f.write_at(&[2u8; PAGE_SIZE], PAGE_SIZE as u64).unwrap();
+        f.sync().unwrap();
+        assert!(
+            file_page(&p, 1) == [2u8; PAGE_SIZE],
+            "the journal's replay overwrote a newer write (page 1 holds {})",
+            file_page(&p, 1)[0]
+        );
+        drop((f, atomic, mm, vm));
+        assert!(file_page(&p, 1) == [2u8; PAGE_SIZE], "after teardown");
     }
 }

@@ -189,6 +189,13 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
+#[cfg(test)]
+thread_local! {
+    /// Tests outside this module: the next data sync of a flush on this thread
+    /// fails (`EIO`), as a failing disk's would.
+    pub(crate) static FAIL_FLUSH_SYNC: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 /// Where journal and data bytes go. Implemented for `std::fs::File` (positioned
 /// I/O, `sync` = fdatasync) and, in tests, by a crash-simulating store.
 pub(crate) trait Store: Send + Sync {
@@ -693,7 +700,15 @@ impl<S: Store> Journal<S> {
         {
             let _na = lockdep::no_alloc("journal data sync");
             lockdep::might_block("journal data sync");
-            if let Err(e) = data.sync() {
+            #[cfg(test)]
+            let synced = if FAIL_FLUSH_SYNC.with(|f| f.replace(false)) {
+                Err(io::Error::from_raw_os_error(libc::EIO))
+            } else {
+                data.sync()
+            };
+            #[cfg(not(test))]
+            let synced = data.sync();
+            if let Err(e) = synced {
                 // The kernel may have dropped the pages that failed: a later sync
                 // succeeding proves nothing. The run is written again from the
                 // log (`checkpoint` recovers) before the log may be emptied.

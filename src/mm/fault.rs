@@ -60,10 +60,6 @@ use std::cell::RefCell;
 use shuttle::thread_local;
 
 thread_local! {
-    /// The pins this thread's guards hold: (space, page number, exclusive). Guards
-    /// are `!Send`, so a pin belongs to the thread that took it, and an access that
-    /// would wait for one of them can tell it would wait for itself (issue 9 item 7).
-    static HELD: RefCell<Vec<(usize, u64, bool)>> = const { RefCell::new(Vec::new()) };
     /// A page-aligned buffer per faulting thread (`RA_MAX + 1` pages, for a read
     /// with readahead): swap-in reads the device into it
     /// and copies into the frame with atomic stores, so no non-atomic write ever
@@ -85,37 +81,12 @@ pub(crate) fn note_unpin(sp: &SpaceInner, vpn: u64, exclusive: bool) {
     note_unpin_key(space_key(sp), vpn, exclusive);
 }
 
-/// Records a pin under any key: a space and its page number, or a file's inode
-/// (`Inode::key`) and the file's page number (a page of a file can be reached
-/// through several mappings and `File` handles).
-pub(crate) fn note_pin_key(key: usize, page: u64, exclusive: bool) {
-    HELD.with(|h| h.borrow_mut().push((key, page, exclusive)));
-}
-
-/// Forgets a pin recorded by `note_pin_key`.
-pub(crate) fn note_unpin_key(key: usize, page: u64, exclusive: bool) {
-    let k = (key, page, exclusive);
-    HELD.with(|h| {
-        let mut h = h.borrow_mut();
-        if let Some(i) = h.iter().rposition(|&x| x == k) {
-            h.swap_remove(i);
-        }
-    });
-}
+pub(crate) use crate::pins::{holds_pin_key, note_pin_key, note_unpin_key};
 
 /// Whether this thread holds a pin in `sp` on a page in `[first, end)`: any pin, or
 /// only exclusive ones.
 pub(crate) fn holds_pin(sp: &SpaceInner, first: u64, end: u64, exclusive_only: bool) -> bool {
     holds_pin_key(space_key(sp), first, end, exclusive_only)
-}
-
-/// `holds_pin` under any key (see `note_pin_key`).
-pub(crate) fn holds_pin_key(key: usize, first: u64, end: u64, exclusive_only: bool) -> bool {
-    HELD.with(|h| {
-        h.borrow()
-            .iter()
-            .any(|&(s, v, x)| s == key && v >= first && v < end && (x || !exclusive_only))
-    })
 }
 
 /// How a page is wanted.

@@ -25,9 +25,13 @@
 //!    data alone). `File::sync`, `Share::Shared` msyncs and the file's teardown
 //!    flush first (`Inode::sync` → `Journal::settle`). So a small msync costs one
 //!    sync, the log's;
-//! 5. drops the file's clean page-cache copies of those pages (they were read
-//!    before step 4) and the private copies whose entry did not change since step 2
-//!    (a page written again meanwhile stays private: it belongs to the next commit).
+//! 5. keeps the page cache coherent with step 4: just before each page is written
+//!    (the checkpoint's `on_page`, `Inode::behind`) its write-back in flight is
+//!    waited for, a clean cached copy dropped (or marked stale, if a reader's guard
+//!    pins it: the guard keeps its bytes, others read the file) and the empty entry
+//!    claimed until the write is done; then drops the private copies whose entry did
+//!    not change since step 2 (a page written again meanwhile stays private: it
+//!    belongs to the next commit).
 //!
 //! A crash before 3 leaves the previous version (the log has no commit record); a
 //! crash after 3 is repaired by replaying the log — every committed transaction
@@ -37,8 +41,10 @@
 //!
 //! ## Locking and allocation (invariant 4)
 //! `Inode::commit` (Mutex) is taken first; under it the region's regions lock (read,
-//! briefly), the pins of step 2 (which may fault and allocate frames) and the
-//! journal's I/O. That is allowed because nothing reclaim does ever needs the
+//! briefly), the pins of step 2 (which may fault and allocate frames), the
+//! journal's I/O, and step 5's cache work (frame and entry locks, a claim held
+//! across one page's write, waits for a fault's read or a write-back's I/O, which
+//! end without the commit lock). That is allowed because nothing reclaim does ever needs the
 //! commit lock: an Atomic mapping's pages go to swap, never to the file, and the
 //! page-I/O threads write only `Share::Shared` cache pages. The journal's buffer is
 //! allocated when the first Atomic mapping of the file is made (`prepare_atomic`),
@@ -251,15 +257,19 @@ fn commit(sp: &SpaceInner, ino: &Inode, r: Region) -> Result<()> {
         return Ok(());
     }
     // A previous commit whose checkpoint failed (its data write or sync) is still
-    // in the log: finish it first (a no-op when the log is clean).
-    j.checkpoint(
+    // in the log: finish it first (a no-op when the log is clean). Its pages go to
+    // the file behind the cache too: `behind` keeps the cache coherent with them.
+    let mut behind = ino.behind();
+    let done = j.checkpoint(
         &Clipped {
             file: &ino.file,
             len: ino.len(),
         },
-        &mut |_, _| {},
-    )
-    .map_err(io_err)?;
+        &mut |pg, _| behind.page(pg),
+    );
+    // Before the pins below: one may read the page it claimed.
+    behind.end();
+    done.map_err(io_err)?;
     let file_pages = ino.pages();
     let mut buf = vec![0u8; PAGE_SIZE];
     // (page number, entry value after the copy) of each page committed.
@@ -287,11 +297,12 @@ fn commit(sp: &SpaceInner, ino: &Inode, r: Region) -> Result<()> {
         file: &ino.file,
         len: ino.len(),
     };
-    j.checkpoint(&clip, &mut |_, _| {}).map_err(io_err)?;
+    // Each page's cached copy is dropped (or marked stale under a reader's guard)
+    // just before the page is written behind it (`Inode::behind`).
+    let done = j.checkpoint(&clip, &mut |pg, _| behind.page(pg));
+    drop(behind);
+    done.map_err(io_err)?;
     drop(guard);
-    for &(vpn, _) in &copied {
-        ino.invalidate(vpn - first);
-    }
     // Private copies equal to the commit go; those reclaim sent to swap meanwhile
     // are compared with the file afterwards, without the regions lock.
     let mut swapped = Vec::new();
