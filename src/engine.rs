@@ -204,6 +204,7 @@ impl Engine {
 
     pub fn new(cfg: &Config) -> Result<Engine> {
         cfg.check()?;
+        crate::trail::init();
         let n = cfg.frames()?;
         let wm = cfg.resolved_watermarks(n)?;
         let small_cap = match cfg.policy {
@@ -420,7 +421,11 @@ impl Engine {
         self.rmap.add(d, pfn, pte);
         let bits = P_ACCESSED | if dirty { P_DIRTY } else { 0 };
         let epoch = d.epoch.load(Ordering::Relaxed);
-        pte.store(Pte::present(pfn, epoch, bits), Ordering::Release);
+        let v = Pte::present(pfn, epoch, bits);
+        pte.store(v, Ordering::Release);
+        if let Kind::Transparent(addr) = kind {
+            crate::trail::note(crate::trail::Op::Install, addr, pfn.0, v);
+        }
         // That store ends the claim, or the entry lock of a copy-on-write break.
         crate::pte::released(pte);
         d.unlock();

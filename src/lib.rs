@@ -180,6 +180,7 @@ mod swap;
 pub mod sync;
 #[doc(hidden)]
 pub mod sys;
+mod trail;
 pub mod uffd;
 mod vm;
 

@@ -459,7 +459,7 @@ impl Vm {
         // stage it, and more while it is hot, a turn coming on one visit in
         // `config::DEFAULT_STAGE_EVERY`), so this is plenty unless pages cannot go
         // (pinned, swap full, or page-out failing).
-        let limit = 16 * (n + pages);
+        let limit = n.saturating_add(pages).saturating_mul(16);
         let mut scanned = 0;
         let mut idle = 0;
         let mut progress = 0;

@@ -30,7 +30,8 @@
 //! the slot's resync bit, so a concurrent write of that slot waits for the copy
 //! instead of racing it). After a full pass that copied every such slot the leg
 //! is *healthy*; a slot the other leg could not read keeps it syncing for another
-//! pass (a slot whose bytes there fail the checksum is held by no leg any more).
+//! pass, after a pause that doubles from 50 ms to 1 s while passes keep failing
+//! (a slot whose bytes there fail the checksum is held by no leg any more).
 //! A slot is redundant again once both bits are set.
 //!
 //! ## Reads
@@ -540,6 +541,19 @@ fn sync_pass(sh: &Shared, leg: usize, buf: &mut [u8]) -> Pass {
     Pass::Done
 }
 
+/// The pause before the next attempt on a leg after a resync pass that ended
+/// `pass`, the pause having been `cur`: a pass that could not finish (a slot the
+/// complete leg cannot read, which may never become readable) waits twice as long
+/// each time, up to 1 s, as a failed probe does, instead of reading every slot
+/// again every 50 ms; a finished pass starts over from 50 ms.
+fn next_backoff(pass: Pass, cur: Duration) -> Duration {
+    match pass {
+        Pass::Done => Duration::from_millis(50),
+        Pass::Incomplete => (cur * 2).min(Duration::from_secs(1)),
+        Pass::DestinationFailed | Pass::Stopped => cur,
+    }
+}
+
 fn resync_thread(sh: &Shared, mut buf: AlignedPages) {
     let mut backoff = [Duration::from_millis(50); 2];
     let mut next_probe = [Instant::now(); 2];
@@ -567,15 +581,19 @@ fn resync_thread(sh: &Shared, mut buf: AlignedPages) {
                         wait = wait.min(backoff[leg]);
                     }
                 }
-                SYNCING => match sync_pass(sh, leg, buf.page_mut(0)) {
-                    Pass::Done | Pass::Stopped => {}
-                    Pass::DestinationFailed => {
-                        next_probe[leg] = Instant::now() + backoff[leg];
+                SYNCING => {
+                    let pass = sync_pass(sh, leg, buf.page_mut(0));
+                    backoff[leg] = next_backoff(pass, backoff[leg]);
+                    match pass {
+                        Pass::Done | Pass::Stopped => {}
+                        Pass::DestinationFailed => {
+                            next_probe[leg] = Instant::now() + backoff[leg];
+                        }
+                        // Another pass after a pause: the leg is not healthy while a
+                        // slot held only by the other leg is not on it.
+                        Pass::Incomplete => wait = wait.min(backoff[leg]),
                     }
-                    // Another pass after a pause: the leg is not healthy while a
-                    // slot held only by the other leg is not on it.
-                    Pass::Incomplete => wait = wait.min(backoff[leg]),
-                },
+                }
                 _ if sh.repair.swap(false, Ordering::SeqCst) => {
                     // Healthy, but a read found a slot missing here.
                     sh.repair.store(leg == 0, Ordering::SeqCst); // leg 1 looks next
@@ -786,5 +804,21 @@ mod tests {
         assert_eq!(sync_pass(&m.sh, 1, buf.page_mut(0)), Pass::Done);
         assert_eq!(m.leg_states(), [LegState::Healthy; 2]);
         assert_eq!(m.held(1), (4, 4));
+    }
+
+    /// Passes that cannot finish are retried less and less often (up to once a
+    /// second), and a finished pass starts the pause over.
+    #[test]
+    fn an_unfinished_pass_backs_off() {
+        let ms = Duration::from_millis;
+        let mut b = ms(50);
+        let mut seen = Vec::new();
+        for _ in 0..7 {
+            b = next_backoff(Pass::Incomplete, b);
+            seen.push(b.as_millis());
+        }
+        assert_eq!(seen, [100, 200, 400, 800, 1000, 1000, 1000]);
+        assert_eq!(next_backoff(Pass::Done, b), ms(50));
+        assert_eq!(next_backoff(Pass::Stopped, ms(400)), ms(400));
     }
 }

@@ -592,11 +592,12 @@ impl TRegion {
             let v = pte.load(Ordering::Acquire);
             match Pte::decode(v) {
                 Pte::Present(_) => {
-                    let Some(_) = try_lock_present(pte, 0) else {
+                    let Some(lv) = try_lock_present(pte, 0) else {
                         // Reclaim holds it for a moment (a copy or an eviction).
                         wait_unlocked(pte);
                         continue;
                     };
+                    crate::trail::note(crate::trail::Op::Unprotect, page, Pte::pfn(lv).0, lv);
                     // Lifting the protection also wakes the thread; if it failed,
                     // wake it anyway: its retry faults again and comes back here.
                     if self.uffd.writeprotect(page, PS, 0).is_err() {
@@ -813,6 +814,12 @@ impl TRegion {
             unlock_entry(pte, 0, 0);
             return Err(Error::Io(e));
         }
+        let op = if dirty {
+            crate::trail::Op::UnstageMove
+        } else {
+            crate::trail::Op::UnstageCopy
+        };
+        crate::trail::note(op, page, Pte::pfn(v).0, v);
         let heat = ((v & P_HEAT) + P_HEAT_ONE).min(P_HEAT);
         let set = P_ACCESSED | heat | if write { P_DIRTY } else { 0 };
         unlock_entry(pte, P_STAGED | P_HEAT, set);
@@ -870,6 +877,7 @@ impl TRegion {
                         if !crate::sys::page_there(page) {
                             // Nobody is moving it: it is lost. Waking the thread
                             // would make it fault again forever.
+                            crate::trail::note(crate::trail::Op::Lost, page, pfn.0, lv);
                             say_lost(Lost::FromMapping, "missing-page fault", page, lv, eng);
                             unlock_entry(pte, 0, 0);
                             return Err(Error::Io(std::io::ErrorKind::InvalidData.into()));
@@ -1189,6 +1197,7 @@ impl TRegion {
                     {
                         eng.transparent_out.fetch_sub(1, Ordering::Relaxed);
                         eng.swap.put(e);
+                        crate::trail::note(crate::trail::Op::DiscardSwapped, page, 0, v);
                         return;
                     }
                 }
@@ -1219,6 +1228,7 @@ impl TRegion {
                     };
                     pte.store(EMPTY, Ordering::Release);
                     crate::pte::released(pte);
+                    crate::trail::note(crate::trail::Op::Discard, page, pfn.0, v);
                     let left = eng.rmap.remove(d, pfn, pte);
                     debug_assert_eq!(left, 0, "a transparent frame has one mapping");
                     eng.swap.put_encoded(d.swap.swap(0, Ordering::Relaxed));

@@ -488,6 +488,7 @@ fn reclaim_frame(eng: &Engine, pfn: Pfn, small: bool, r: &mut ScanResult, zap: &
             r.busy += 1;
             return;
         }
+        crate::trail::note(crate::trail::Op::Protect, addr, pfn.0, bits);
         addr as *const u8
     } else {
         eng.frames.frame_ptr(pfn).cast_const()
@@ -728,12 +729,15 @@ fn stage(eng: &Engine, d: &PageDesc, pfn: Pfn) -> Staging {
     if matches!(&moved, Err(e) if e.raw_os_error() == Some(libc::EEXIST)) {
         // A page left in the staging slot (its frame was freed by a path that
         // raced with staging): drop it and try once more.
+        crate::trail::note(crate::trail::Op::StageEexist, addr, pfn.0, 0);
         drop_staged(eng, pfn);
         // SAFETY: as above.
         moved = unsafe { u.move_pages(st, addr, PAGE_SIZE as u64, MOVE_DONTWAKE) };
     }
     if let Err(e) = moved {
         eng.transparent_evicting.fetch_sub(1, Ordering::SeqCst);
+        let errno = e.raw_os_error().unwrap_or(0) as u64;
+        crate::trail::note(crate::trail::Op::StageRefused, addr, pfn.0, errno);
         // `EBUSY`: shared copy-on-write or pinned. A page a device writes into is
         // pinned exclusive (the pin breaks the sharing first); after a fork a page
         // may stay refused while mapped once (the kernel marks it exclusive again
@@ -752,6 +756,7 @@ fn stage(eng: &Engine, d: &PageDesc, pfn: Pfn) -> Staging {
         return Staging::Refused;
     }
     Counters::inc(&eng.cnt.staged);
+    crate::trail::note(crate::trail::Op::Stage, addr, pfn.0, 0);
     Staging::Staged
 }
 
@@ -770,6 +775,16 @@ fn try_lock_mappings(eng: &Engine, d: &PageDesc, pfn: Pfn) -> Option<bool> {
     let mut dirty = false;
     let all = eng.rmap.for_each(d, pfn, |pte| {
         match try_lock_present(pte, P_EXCL | P_SHARED) {
+            Some(v) if Pte::pfn(v) != pfn => {
+                // The reverse map names an entry that maps another frame (a broken
+                // invariant): leave both alone, and say so (a few times).
+                unlock_entry(pte, 0, 0);
+                static SAID: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+                if SAID.fetch_add(1, Ordering::Relaxed) < 4 {
+                    say_stale_rmap(d, pfn, v);
+                }
+                false
+            }
             Some(v) => {
                 locked += 1;
                 dirty |= v & P_DIRTY != 0;
@@ -851,6 +866,12 @@ fn evict_locked(
             let st = eng
                 .staging_addr(pfn)
                 .expect("a staged page implies a staging area");
+            crate::trail::note(
+                crate::trail::Op::EvictStaged,
+                d.owner2.load(Ordering::Relaxed) as u64,
+                pfn.0,
+                sw,
+            );
             if zap.push(st, pfn) {
                 release = Release::Batched;
             } else {
@@ -861,6 +882,7 @@ fn evict_locked(
             // The page leaves the program's mapping before its entry says so: a
             // fault on it meanwhile waits for the entry lock, then finds it swapped.
             let addr = d.owner2.load(Ordering::Relaxed).cast();
+            crate::trail::note(crate::trail::Op::EvictInPlace, addr as u64, pfn.0, sw);
             // SAFETY: the page of a live transparent region (its entry is locked by
             // us, and a region releases its entries before it is unmapped).
             unsafe { crate::sys::madvise(addr, PAGE_SIZE, libc::MADV_DONTNEED) == 0 }
@@ -958,6 +980,35 @@ pub(crate) fn say_lost(what: Lost, who: &str, page: u64, entry: u64, eng: &Engin
     let n = c.position() as usize;
     // SAFETY: writing our stack buffer to stderr.
     unsafe { libc::write(2, buf.as_ptr().cast(), n) };
+    // What was done to the page and its frame lately (`USERMM_TRAIL=1`).
+    let pfn = match Pte::decode(entry) {
+        Pte::Present(pfn) => Some(pfn.0),
+        _ => None,
+    };
+    crate::trail::dump(page, pfn);
+}
+
+/// Says on stderr that frame `pfn`'s reverse map holds an entry (value `v`) that
+/// maps another frame. No allocation.
+fn say_stale_rmap(d: &PageDesc, pfn: Pfn, v: u64) {
+    use std::io::Write;
+    let mut buf = [0u8; 300];
+    let mut c = std::io::Cursor::new(&mut buf[..]);
+    let owner = d.owner2.load(Ordering::Relaxed) as u64;
+    let _ = writeln!(
+        c,
+        "usermm: BUG: frame {} (flags {:#x}, owner {owner:#x}) is reverse-mapped from an entry that maps frame {} (entry {v:#x}; pid {}, {})",
+        pfn.0,
+        d.flags.load(Ordering::Relaxed),
+        Pte::pfn(v).0,
+        // SAFETY: getpid has no preconditions.
+        unsafe { libc::getpid() },
+        crate::sys::fork_role(),
+    );
+    let n = c.position() as usize;
+    // SAFETY: writing our stack buffer to stderr.
+    unsafe { libc::write(2, buf.as_ptr().cast(), n) };
+    crate::trail::dump(owner, Some(pfn.0));
 }
 
 /// Who frees an evicted frame (see `evict_locked`).
