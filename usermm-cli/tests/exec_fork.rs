@@ -159,7 +159,10 @@ fn pid_of(stdout: &str, who: &str) -> String {
 /// arguments; checks that every process of it passed (exit 0, no SIGBUS, the exec'd
 /// child ran) and returns its stdout and stderr.
 fn run_ok(bin: &Path, swap: &[&str]) -> (String, String) {
+    // The trail of page operations after any `usermm: BUG` line (seen on a busy
+    // machine in these tests, not root-caused), so a failure says what happened.
     let out = Command::new(USERMM)
+        .env("USERMM_TRAIL", "1")
         .args(["exec", "--stats", "--budget", "16M"])
         .args(swap)
         .arg("--")
@@ -292,6 +295,7 @@ print('parent', big[len(big) // 2] == 7 and big[4096] == 1 and big[-4096] == 7)
 ";
     let t = Instant::now();
     let mut cmd = Command::new(USERMM);
+    cmd.env("USERMM_TRAIL", "1");
     cmd.args(["exec", "--budget", "32M", "--", py.unwrap(), "-c", prog]);
     // Bounded: a hang fails with each thread's state instead of stalling CI.
     let (stdout, stderr, status, _) = common::run_sampled(cmd, Duration::from_secs(240));
