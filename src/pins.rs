@@ -36,6 +36,11 @@ pub(crate) fn note_unpin_key(key: usize, page: u64, exclusive: bool) {
     });
 }
 
+/// Whether this thread holds any exclusive pin.
+pub(crate) fn holds_exclusive() -> bool {
+    HELD.with(|h| h.borrow().iter().any(|&(_, _, x)| x))
+}
+
 /// Whether this thread holds a pin under `key` on a page in `[first, end)`: any
 /// pin, or only exclusive ones.
 pub(crate) fn holds_pin_key(key: usize, first: u64, end: u64, exclusive_only: bool) -> bool {

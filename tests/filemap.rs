@@ -533,3 +533,37 @@ fn atomic_commit_is_what_others_read_while_a_reader_pins_the_old_copy() {
         ver(&g)
     );
 }
+
+/// A thread holding a mutable guard in one Atomic mapping calls `msync` of another
+/// Atomic mapping of the same file while a commit of the first waits for that guard
+/// (holding the file's commit lock): it gets `WouldDeadlock` instead of waiting for
+/// ever; once the guard goes, the first commit lands, and the second succeeds.
+#[test]
+fn msync_while_a_commit_waits_for_this_threads_guard_is_refused() {
+    usermm_testkit::watchdog::watched("cross_mapping_msync", Duration::from_secs(30), |_| {
+        let dir = tempfile::tempdir().unwrap();
+        let vm = vm(dir.path(), 4 << 20);
+        let p = make_file(dir.path(), "cross", 4, 0);
+        let mm = vm.new_space();
+        let a = mm.map_file(&p, Share::Atomic).unwrap();
+        let b = mm.map_file(&p, Share::Atomic).unwrap();
+        mm.write(b.start() + 2 * PS as u64, &page(7, 2)).unwrap();
+        std::thread::scope(|s| {
+            let mut g = mm.page_mut(a.start() + PS as u64).unwrap();
+            g.copy_from_slice(&page(5, 1));
+            let committer = s.spawn(|| mm.msync(&a));
+            // The commit of `a` takes the lock and waits for the guard meanwhile.
+            std::thread::sleep(Duration::from_millis(500));
+            let r = mm.msync(&b);
+            assert!(
+                matches!(r, Err(Error::WouldDeadlock(_))),
+                "msync of the other mapping: {r:?}"
+            );
+            drop(g);
+            committer.join().unwrap().unwrap();
+        });
+        assert_eq!(file_page(&p, 1), page(5, 1), "the first commit");
+        mm.msync(&b).unwrap();
+        assert_eq!(file_page(&p, 2), page(7, 2), "the second commit");
+    });
+}

@@ -143,6 +143,7 @@ impl FileTable {
                 len_unsynced: std::sync::atomic::AtomicBool::new(false),
                 errors_seen: AtomicU64::new(0),
                 commit: Mutex::new(None),
+                commit_waits: [AtomicU64::new(0), AtomicU64::new(0)],
             });
             map.insert(key, Arc::downgrade(&ino));
             return Ok(ino);
@@ -171,6 +172,12 @@ pub(crate) struct Inode {
     /// The journal of this file's `Share::Atomic` mappings, opened with the first
     /// one; the mutex is the commit lock (see `mm::msync`).
     pub commit: Mutex<Option<crate::filemap::journal::Journal<std::fs::File>>>,
+    /// The page the commit in progress waits to pin, if it waits (`mm::msync`):
+    /// the space's key (`mm::fault::space_key`; 0: none) and the page number. A
+    /// thread that wants the commit lock while it holds a guard there would wait
+    /// for itself. Set by the holder of the commit lock; the key is stored last
+    /// and cleared first.
+    pub commit_waits: [AtomicU64; 2],
 }
 
 /// Where a file page's fault gets its bytes.

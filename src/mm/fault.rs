@@ -67,7 +67,7 @@ thread_local! {
     static BOUNCE: RefCell<Option<AlignedPages>> = const { RefCell::new(None) };
 }
 
-fn space_key(sp: &SpaceInner) -> usize {
+pub(crate) fn space_key(sp: &SpaceInner) -> usize {
     sp as *const SpaceInner as usize
 }
 

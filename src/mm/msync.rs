@@ -40,7 +40,9 @@
 //! are written but not durable; the log is what makes them so.
 //!
 //! ## Locking and allocation (invariant 4)
-//! `Inode::commit` (Mutex) is taken first; under it the region's regions lock (read,
+//! `Inode::commit` (Mutex) is taken first — by a thread holding a mutable guard,
+//! with `try_lock` and polling, so that it can see the holder wait for one of its
+//! guards (`Inode::commit_waits`) and fail instead of waiting for ever; under it the region's regions lock (read,
 //! briefly), the pins of step 2 (which may fault and allocate frames), the
 //! journal's I/O, and step 5's cache work (frame and entry locks, a claim held
 //! across one page's write, waits for a fault's read or a write-back's I/O, which
@@ -226,6 +228,34 @@ pub(crate) fn msync(sp: &SpaceInner, r: Region) -> Result<()> {
     }
 }
 
+/// Takes `ino`'s commit lock. A thread holding a mutable guard may be what the
+/// holder waits for: a commit of another Atomic mapping of the file, whose page
+/// this thread pinned, holds the lock while it waits for the guard. Such a thread
+/// polls instead of blocking, and gets `WouldDeadlock` once the holder is seen
+/// waiting for one of its own guards (`Inode::commit_waits`); otherwise it gets
+/// the lock when the holder lets go (the holder waits for nobody who waits for
+/// us, so it does).
+fn lock_commit(
+    ino: &Inode,
+) -> Result<crate::sync::MutexGuard<'_, Option<crate::filemap::journal::Journal<std::fs::File>>>> {
+    if !crate::pins::holds_exclusive() {
+        return Ok(ino.commit.lock());
+    }
+    loop {
+        if let Some(g) = ino.commit.try_lock() {
+            return Ok(g);
+        }
+        let key = ino.commit_waits[0].load(Ordering::Acquire);
+        let vpn = ino.commit_waits[1].load(Ordering::Relaxed);
+        if key != 0 && crate::pins::holds_pin_key(key as usize, vpn, vpn + 1, true) {
+            return Err(Error::WouldDeadlock(
+                "msync of an Atomic mapping while a commit of the same file waits for a guard of this thread",
+            ));
+        }
+        std::thread::sleep(std::time::Duration::from_micros(200));
+    }
+}
+
 /// The commit of an Atomic mapping (see the module header).
 fn commit(sp: &SpaceInner, ino: &Inode, r: Region) -> Result<()> {
     let jp = journal_path(&ino.path);
@@ -235,7 +265,7 @@ fn commit(sp: &SpaceInner, ino: &Inode, r: Region) -> Result<()> {
     if crate::mm::fault::holds_pin(sp, r.start.vpn(), r.end().vpn(), true) {
         return Err(Error::WouldDeadlock("msync of an Atomic mapping"));
     }
-    let mut guard = ino.commit.lock();
+    let mut guard = lock_commit(ino)?;
     let j = guard
         .as_mut()
         .ok_or_else(|| Error::InvalidArgument("msync: the file has no journal".into()))?;
@@ -280,7 +310,12 @@ fn commit(sp: &SpaceInner, ino: &Inode, r: Region) -> Result<()> {
         if pg >= file_pages {
             continue;
         }
-        let p = pin(sp, VAddr(vpn * PAGE_SIZE as u64), Want::Shared)?;
+        // Said while it waits (a writer's guard), for `lock_commit`.
+        ino.commit_waits[1].store(vpn, Ordering::Relaxed);
+        ino.commit_waits[0].store(crate::mm::fault::space_key(sp) as u64, Ordering::Release);
+        let p = pin(sp, VAddr(vpn * PAGE_SIZE as u64), Want::Shared);
+        ino.commit_waits[0].store(0, Ordering::Release);
+        let p = p?;
         // SAFETY: the frame is pinned shared: nobody writes it while we copy.
         unsafe { copy_out(sp.eng.frames.frame_ptr(p.pfn), &mut buf) };
         // The entry as it is while pinned (no write can move it meanwhile), less
