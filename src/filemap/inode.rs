@@ -663,12 +663,18 @@ impl Inode {
             // this sync made durable only if a Shared mapping or handle wrote a
             // page that an Atomic commit of the same file also wrote (racing
             // writers of one page: the order between them is not promised).
+            // A commit whose checkpoint failed is checkpointed by `settle` first,
+            // with the cache kept coherent as `msync`'s checkpoint keeps it.
             if let Some(mut c) = self.commit.try_lock() {
                 if let Some(j) = c.as_mut() {
-                    j.settle(&crate::filemap::journal::Clipped {
-                        file: &self.file,
-                        len: self.len(),
-                    })
+                    let mut behind = self.behind();
+                    j.settle(
+                        &crate::filemap::journal::Clipped {
+                            file: &self.file,
+                            len: self.len(),
+                        },
+                        &mut |pg, _| behind.page(pg),
+                    )
                     .map_err(|e| with_path(&self.path, e))?;
                 }
             }

@@ -786,8 +786,18 @@ impl<S: Store> Journal<S> {
     /// log — and makes the emptied log durable (see "Deferred flush" and step 5);
     /// after a failed flush, recovers instead (see "Errors").
     /// Call it before making other writes to the data store durable; nothing to do
-    /// otherwise. An open or failed transaction is left as it is.
-    pub fn settle(&mut self, data: &dyn Store) -> io::Result<()> {
+    /// otherwise. A committed transaction whose checkpoint failed (a data write's
+    /// error: its pages may be in the store only in part) is checkpointed first
+    /// (`on_page` before each of its pages), since emptying the log would lose its
+    /// only whole copy. An open or failed transaction is left as it is.
+    pub fn settle(
+        &mut self,
+        data: &dyn Store,
+        on_page: &mut dyn FnMut(u64, &[u8]),
+    ) -> io::Result<()> {
+        if let State::Committed(_) = self.state {
+            self.checkpoint(data, on_page)?;
+        }
         if self.state == State::Unknown {
             // A failed flush (or a log not recovered yet): write it all again.
             return self.recover(data, &mut |_, _| {}).map(|_| ());
@@ -1415,7 +1425,7 @@ mod tests {
             }
         }
         // Flush what is left unflushed, as `Inode::sync` does before its data sync.
-        let _ = j.settle(data);
+        let _ = j.settle(data, &mut |_, _| {});
         out
     }
 
@@ -2035,7 +2045,7 @@ mod tests {
         assert_eq!(data.counts().1, 1);
         assert!(emptied(&log.current()) && !emptied(&log.durable()));
         // `settle` makes the emptied log durable; with nothing unflushed, no data sync.
-        j.settle(&*data).unwrap();
+        j.settle(&*data, &mut |_, _| {}).unwrap();
         assert!(emptied(&log.durable()));
         assert_eq!(data.counts().1, 1);
         // A transaction left unflushed, then `settle`: data synced, log emptied.
@@ -2044,7 +2054,7 @@ mod tests {
         t.commit().unwrap();
         j.checkpoint(&*data, &mut |_, _| {}).unwrap();
         assert!(j.pending_bytes() > 0);
-        j.settle(&*data).unwrap();
+        j.settle(&*data, &mut |_, _| {}).unwrap();
         assert_eq!(j.pending_bytes(), 0);
         assert_eq!(data.counts().1, 2);
         assert!(emptied(&log.durable()));
@@ -2111,7 +2121,7 @@ mod tests {
         };
         txn(&mut j, 1, &[1, 2]);
         txn(&mut j, 2, &[1]);
-        j.settle(&*data).unwrap();
+        j.settle(&*data, &mut |_, _| {}).unwrap();
         assert_eq!(sc_versions(&data.durable()), [0, 2, 1, 0, 0, 0, 0, 0]);
         // The new run's first transaction ends where the stale second one starts.
         let seq = txn(&mut j, 3, &[1, 2]);
@@ -2152,6 +2162,68 @@ mod tests {
         }
     }
 
+    /// A data store whose next page write fails (EIO).
+    struct FailWrite {
+        mem: Arc<MemStore>,
+        fail: AtomicBool,
+    }
+
+    impl Store for FailWrite {
+        fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<usize> {
+            self.mem.read_at(buf, off)
+        }
+        fn write_all_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
+            if self.fail.swap(false, Ordering::SeqCst) {
+                return Err(io::Error::from_raw_os_error(libc::EIO));
+            }
+            self.mem.write_all_at(buf, off)
+        }
+        fn sync(&self) -> io::Result<()> {
+            self.mem.sync()
+        }
+        fn len(&self) -> io::Result<u64> {
+            self.mem.len()
+        }
+        fn set_len(&self, len: u64) -> io::Result<()> {
+            self.mem.set_len(len)
+        }
+    }
+
+    /// A committed transaction whose checkpoint failed at a data write (its pages
+    /// in the store in part, or not at all) is applied by `settle` before the log
+    /// is emptied: the log is its only whole copy.
+    #[test]
+    fn settle_applies_a_commit_whose_checkpoint_failed() {
+        let log = Arc::new(MemStore::default());
+        let mem = Arc::new(MemStore::with_image(Scenario::base()));
+        let data = FailWrite {
+            mem: mem.clone(),
+            fail: AtomicBool::new(false),
+        };
+        let mut j = Journal::with_capacity(log.clone(), 2).unwrap();
+        j.reserve(9 * REC as u64).unwrap();
+        // One transaction checkpointed and not flushed (settle has a flush to do).
+        let mut t = j.begin().unwrap();
+        t.add(1, &image(1, 1)).unwrap();
+        t.commit().unwrap();
+        j.checkpoint(&data, &mut |_, _| {}).unwrap();
+        // Then one committed whose checkpoint fails at its first data write.
+        let mut t = j.begin().unwrap();
+        t.add(2, &image(2, 2)).unwrap();
+        t.add(3, &image(2, 3)).unwrap();
+        t.commit().unwrap();
+        data.fail.store(true, Ordering::SeqCst);
+        assert!(j.checkpoint(&data, &mut |_, _| {}).is_err());
+        let mut seen = Vec::new();
+        j.settle(&data, &mut |pg, _| seen.push(pg)).unwrap();
+        assert_eq!(
+            sc_versions(&mem.durable()),
+            [0, 1, 2, 2, 0, 0, 0, 0],
+            "the commit whose checkpoint failed is not in the store"
+        );
+        assert_eq!(seen, [2, 3], "the cache was not told of its pages");
+    }
+
     /// A flush whose data sync fails is not retried as a bare sync (the kernel may
     /// have dropped the failed pages): `begin` refuses, and the next `checkpoint`
     /// (or `settle`) writes the whole run again from the log before emptying it.
@@ -2173,13 +2245,16 @@ mod tests {
                 j.checkpoint(&data, &mut |_, _| {}).unwrap();
             }
             data.fail.store(true, Ordering::SeqCst);
-            assert_eq!(j.settle(&data).unwrap_err().raw_os_error(), Some(libc::EIO));
+            assert_eq!(
+                j.settle(&data, &mut |_, _| {}).unwrap_err().raw_os_error(),
+                Some(libc::EIO)
+            );
             // The pages the failed sync lost.
             mem.restore(Scenario::base());
             assert_eq!(j.begin().unwrap_err().kind(), io::ErrorKind::InvalidInput);
             let mut seen = Vec::new();
             if via_settle {
-                j.settle(&data).unwrap();
+                j.settle(&data, &mut |_, _| {}).unwrap();
             } else {
                 let r = j.checkpoint(&data, &mut |i, _| seen.push(i)).unwrap();
                 assert_eq!(r.replayed_pages, 2);
