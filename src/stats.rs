@@ -57,6 +57,11 @@ pub struct SwapInfo {
     /// punched in a file, NBD trims); for a zpool, pages dropped from it because
     /// their slots were freed.
     pub discarded: u64,
+    /// Bytes of slots held back for good since swapon: a write or trim of theirs
+    /// failed with its outcome unknown (an NBD timeout or lost link), so the
+    /// server may still carry it out later; they are never handed out again while
+    /// the device is in service (a bounded leak, see `device::nbd`).
+    pub held_back: u64,
     /// Bytes of budget frames the device holds: a zpool's compressed pages (so
     /// `used / memory` is its compression ratio); 0 for other devices.
     pub memory: u64,

@@ -351,6 +351,7 @@ impl Vm {
                 size: d.pages * PAGE_SIZE as u64,
                 used: d.used_bytes(),
                 discarded: d.discarded_bytes(),
+                held_back: d.held_back() * PAGE_SIZE as u64,
                 memory: d.memory_bytes(),
                 prio: d.prio,
                 state: d.state_name(),

@@ -764,6 +764,11 @@ fn a_slot_whose_write_went_unanswered_is_never_written_again() {
                 dev.stats()
             );
             assert!(dev.stats().uncertain >= 1, "{:?}", dev.stats());
+            let info = &vm.swaps()[0];
+            assert!(
+                info.held_back >= 4096,
+                "the held-back slot is not reported: {info:?}"
+            );
             let again = st.rewritten.lock().unwrap().clone();
             assert!(
                 again.is_empty(),

@@ -27,7 +27,7 @@ pub fn print_table(vm: &Vm) {
     );
     for d in vm.swaps() {
         println!(
-            "{:<48} {:>10} {:>10} {:>13} {:>11} {:>6}  {}{}{}{}",
+            "{:<48} {:>10} {:>10} {:>13} {:>11} {:>6}  {}{}{}{}{}",
             d.name,
             d.size >> 10,
             d.used >> 10,
@@ -35,6 +35,11 @@ pub fn print_table(vm: &Vm) {
             d.memory >> 10,
             d.prio,
             d.state,
+            if d.held_back > 0 {
+                format!(", {} KiB held back (uncertain writes)", d.held_back >> 10)
+            } else {
+                String::new()
+            },
             if SwapSpec::parse(&d.name).is_ok_and(|s| s.buffered()) {
                 ", buffered"
             } else {
