@@ -738,7 +738,7 @@ mod on {
     fn report(kind: u8, fill: impl FnOnce(&ReportRec)) {
         let idx = NREPORTS.fetch_add(1, Relaxed);
         let mut expected = EXPECT.try_with(|e| e.get()).unwrap_or(false);
-        let mut buf = StackBuf::new();
+        let mut buf = crate::trail::StackBuf::<2048>::new();
         if idx < MAX_REPORTS {
             let r = &REPORTS[idx];
             fill(r);
@@ -892,33 +892,6 @@ mod on {
             r.site1.store(held as *mut _, Relaxed);
             r.site2.store(now as *const _ as *mut _, Relaxed);
         });
-    }
-
-    /// Text formatted on the stack and written with one `write(2)`: no allocation,
-    /// no lock (stderr's own lock is not taken).
-    struct StackBuf {
-        buf: [u8; 2048],
-        len: usize,
-    }
-    impl StackBuf {
-        fn new() -> StackBuf {
-            StackBuf {
-                buf: [0; 2048],
-                len: 0,
-            }
-        }
-        fn flush(&self) {
-            // SAFETY: writing our own initialised bytes to stderr.
-            unsafe { libc::write(2, self.buf.as_ptr().cast(), self.len) };
-        }
-    }
-    impl std::fmt::Write for StackBuf {
-        fn write_str(&mut self, s: &str) -> std::fmt::Result {
-            let n = s.len().min(self.buf.len() - self.len);
-            self.buf[self.len..self.len + n].copy_from_slice(&s.as_bytes()[..n]);
-            self.len += n;
-            Ok(())
-        }
     }
 
     // ---- the allocation check ----

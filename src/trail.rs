@@ -2,6 +2,10 @@
 //! a diagnostic for a broken invariant (`reclaim::say_lost`), which prints the
 //! trail's records of the page and of its frame next to its line.
 //!
+//! Also `StackBuf`, the one way usermm formats a diagnostic line without
+//! allocating (this trail, `reclaim::say_lost`, the frame and lock validator
+//! reports); this module imports nothing of the crate, so any module may use it.
+//!
 //! Owns: one process-wide ring of `N` records (a static: no allocation, nothing
 //! touched while it is off). Off unless the environment says `USERMM_TRAIL=1` when
 //! the first Vm is made (`init`); off, a record costs one relaxed load.
@@ -113,7 +117,7 @@ pub(crate) fn note(op: Op, page: u64, pfn: u32, entry: u64) {
 /// Writes to stderr the trail's last records (at most 32, oldest first) of the
 /// page at `page` or of frame `pfn`. Nothing if the trail is off. No allocation.
 pub(crate) fn dump(page: u64, pfn: Option<u32>) {
-    use std::io::Write;
+    use std::fmt::Write;
     if !ON.load(Ordering::Relaxed) {
         return;
     }
@@ -140,8 +144,7 @@ pub(crate) fn dump(page: u64, pfn: Option<u32>) {
         let r = &RECS[s as usize % N];
         let op = r.seq_op.load(Ordering::Acquire) & 0xff;
         let pt = r.pfn_tid.load(Ordering::Relaxed);
-        let mut buf = [0u8; 200];
-        let mut c = std::io::Cursor::new(&mut buf[..]);
+        let mut c = StackBuf::<200>::new();
         let _ = writeln!(
             c,
             "usermm: trail #{s} (of {end}): {} page {:#x} frame {} tid {} entry {:#x}",
@@ -151,9 +154,7 @@ pub(crate) fn dump(page: u64, pfn: Option<u32>) {
             pt as u32,
             r.entry.load(Ordering::Relaxed),
         );
-        let k = c.position() as usize;
-        // SAFETY: writing our stack buffer to stderr.
-        unsafe { libc::write(2, buf.as_ptr().cast(), k) };
+        c.flush();
     }
 }
 
@@ -175,4 +176,36 @@ fn name(op: u64) -> &'static str {
         "lost",
     ];
     NAMES.get(op as usize).copied().unwrap_or("?")
+}
+
+/// Text formatted on the stack (`N` bytes, the rest cut off) and written to stderr
+/// with one `write(2)`: no allocation, no lock (stderr's own lock is not taken), so
+/// a fault handler, a page-I/O thread or the lock validator can report with it.
+pub(crate) struct StackBuf<const N: usize> {
+    buf: [u8; N],
+    len: usize,
+}
+
+impl<const N: usize> StackBuf<N> {
+    pub(crate) fn new() -> Self {
+        StackBuf {
+            buf: [0; N],
+            len: 0,
+        }
+    }
+
+    /// Writes what was formatted to stderr.
+    pub(crate) fn flush(&self) {
+        // SAFETY: writing our own initialised bytes to stderr.
+        unsafe { libc::write(2, self.buf.as_ptr().cast(), self.len) };
+    }
+}
+
+impl<const N: usize> std::fmt::Write for StackBuf<N> {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        let n = s.len().min(N - self.len);
+        self.buf[self.len..self.len + n].copy_from_slice(&s.as_bytes()[..n]);
+        self.len += n;
+        Ok(())
+    }
 }

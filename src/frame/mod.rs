@@ -213,19 +213,16 @@ unsafe impl Sync for FrameArena {}
 /// with the trail of the frame (`USERMM_TRAIL=1`). No allocation.
 #[cold]
 fn double_free(pfn: Pfn) {
-    use std::io::Write;
+    use std::fmt::Write;
     static SAID: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     if SAID.fetch_add(1, std::sync::atomic::Ordering::Relaxed) >= 4 {
         return;
     }
-    let mut buf = [0u8; 160];
-    let mut c = std::io::Cursor::new(&mut buf[..]);
+    let mut c = crate::trail::StackBuf::<160>::new();
     // SAFETY: getpid has no preconditions.
     let pid = unsafe { libc::getpid() };
     let _ = writeln!(c, "usermm: BUG: frame {} freed twice (pid {pid})", pfn.0);
-    let n = c.position() as usize;
-    // SAFETY: writing our stack buffer to stderr.
-    unsafe { libc::write(2, buf.as_ptr().cast(), n) };
+    c.flush();
     crate::trail::dump(u64::MAX, Some(pfn.0));
 }
 

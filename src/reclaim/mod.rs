@@ -935,9 +935,8 @@ pub(crate) enum Lost {
 /// the path that noticed; the line carries this process's id (a fork child and
 /// its parent share stderr). No allocation: the line is built on the stack.
 pub(crate) fn say_lost(what: Lost, who: &str, page: u64, entry: u64, eng: &Engine) {
-    use std::io::Write;
-    let mut buf = [0u8; 400];
-    let mut c = std::io::Cursor::new(&mut buf[..]);
+    use std::fmt::Write;
+    let mut c = crate::trail::StackBuf::<400>::new();
     let what = match what {
         Lost::FromMapping => "is missing from its mapping but its entry is mapped",
         Lost::FromStaging => "is missing from its staging page but its entry says it is staged",
@@ -977,9 +976,7 @@ pub(crate) fn say_lost(what: Lost, who: &str, page: u64, entry: u64, eng: &Engin
         );
     }
     let _ = writeln!(c, ")");
-    let n = c.position() as usize;
-    // SAFETY: writing our stack buffer to stderr.
-    unsafe { libc::write(2, buf.as_ptr().cast(), n) };
+    c.flush();
     // What was done to the page and its frame lately (`USERMM_TRAIL=1`).
     let pfn = match Pte::decode(entry) {
         Pte::Present(pfn) => Some(pfn.0),
@@ -991,9 +988,8 @@ pub(crate) fn say_lost(what: Lost, who: &str, page: u64, entry: u64, eng: &Engin
 /// Says on stderr that frame `pfn`'s reverse map holds an entry (value `v`) that
 /// maps another frame. No allocation.
 fn say_stale_rmap(d: &PageDesc, pfn: Pfn, v: u64) {
-    use std::io::Write;
-    let mut buf = [0u8; 300];
-    let mut c = std::io::Cursor::new(&mut buf[..]);
+    use std::fmt::Write;
+    let mut c = crate::trail::StackBuf::<300>::new();
     let owner = d.owner2.load(Ordering::Relaxed) as u64;
     let _ = writeln!(
         c,
@@ -1005,9 +1001,7 @@ fn say_stale_rmap(d: &PageDesc, pfn: Pfn, v: u64) {
         unsafe { libc::getpid() },
         crate::sys::fork_role(),
     );
-    let n = c.position() as usize;
-    // SAFETY: writing our stack buffer to stderr.
-    unsafe { libc::write(2, buf.as_ptr().cast(), n) };
+    c.flush();
     crate::trail::dump(owner, Some(pfn.0));
 }
 
